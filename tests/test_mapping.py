@@ -1,0 +1,422 @@
+"""Whole-scan pigment maps: streaming, masking, dask, I/O and resume.
+
+The model here is a small deterministic test double (``LinearTestModel``) with the same interface as
+:class:`xrfnb.PigmentModel`: each class answers to the fraction of counts in a window around a real
+fluorescence line of its key element (xraylib energies), so the maps are predictable from the physics of
+the synthetic scan and the streaming, masking, dask and I/O logic is tested for real.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+import xrfnb
+from xrfnb import EnergyCalibration, Scan
+from xrfnb._mapping import MASK_DEAD, MASK_INVALID, MASK_SATURATED, PigmentMaps, map_pigments
+
+CAL = EnergyCalibration(0.0, 0.01)  # 10 eV per channel
+N_CH = 2048
+#: class -> (element, line) whose window drives it
+CLASS_LINES = {"lead white": ("Pb", "La"), "vermilion": ("Hg", "La"), "zinc white": ("Zn", "Ka")}
+COLORS = ("#f0f0e8", "#e34234", "#1040c0")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Batch:
+    probability: np.ndarray
+    buried_probability: np.ndarray
+    ood_score: np.ndarray
+    classes: tuple[str, ...]
+
+
+class LinearTestModel:
+    """Deterministic stand-in for PigmentModel (same attributes and identify_batch signature).
+
+    probability = fraction of counts within +/- 80 eV of the class's line, scaled and clipped to [0, 1];
+    buried = probability x fraction of counts of the line's higher-energy partner window (arbitrary but
+    deterministic); ood = fraction of counts outside all windows.
+    """
+
+    name = "linear-test-double"
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.classes = tuple(CLASS_LINES)
+        self.colors = COLORS
+        self.thresholds = np.array([0.5, 0.5, 0.5], dtype=np.float32)
+        self.ood_threshold = 0.9
+        self.delay_s = delay_s
+        self.energies_keV = np.array([xrfnb.line_energy_keV(el, ln) for el, ln in CLASS_LINES.values()])
+        self.calls = 0
+
+    def identify_batch(self, counts, calibration, live_time_s=None):
+        counts = np.asarray(counts, dtype=np.float64)
+        assert counts.ndim == 2
+        assert np.isfinite(counts).all() and (counts >= 0).all(), "masked pixels must never reach the model"
+        self.calls += 1
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        e = calibration.energies_keV(counts.shape[1])
+        total = counts.sum(axis=1, keepdims=True)
+        frac = np.stack([counts[:, np.abs(e - el) < 0.08].sum(axis=1) for el in self.energies_keV], axis=1)
+        frac = frac / np.maximum(total, 1)
+        prob = np.clip(frac * 3.0, 0, 1).astype(np.float32)
+        buried = (prob * np.clip(frac[:, ::-1] * 2.0, 0, 1)).astype(np.float32)
+        ood = (1.0 - frac.sum(axis=1)).astype(np.float32)
+        return _Batch(prob, buried, ood, self.classes)
+
+
+def _gauss(e, center, fwhm=0.15):
+    sigma = fwhm / 2.3548
+    return np.exp(-0.5 * ((e - center) / sigma) ** 2)
+
+
+def make_counts(rows=24, cols=20, seed=0, dtype=np.uint16):
+    """A scan with lead white on the left half, vermilion on the right, zinc white in the top third."""
+    rng = np.random.default_rng(seed)
+    e = CAL.energies_keV(N_CH)
+    bg = 0.02 * np.exp(-e / 8.0)
+    lines = {c: _gauss(e, xrfnb.line_energy_keV(el, ln)) for c, (el, ln) in CLASS_LINES.items()}
+    truth = np.zeros((rows, cols, 3), dtype=bool)
+    truth[:, : cols // 2, 0] = True
+    truth[:, cols // 2 :, 1] = True
+    truth[: rows // 3, :, 2] = True
+    lam = np.empty((rows, cols, N_CH))
+    for r in range(rows):
+        for c in range(cols):
+            s = bg.copy()
+            for k, name in enumerate(CLASS_LINES):
+                if truth[r, c, k]:
+                    s = s + lines[name]
+            lam[r, c] = 2000 * s / s.sum()
+    return rng.poisson(lam).astype(dtype), truth
+
+
+@pytest.fixture(scope="module")
+def counts_truth():
+    return make_counts()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return LinearTestModel()
+
+
+def _write_h5(path, counts, chunks=(4, 5, N_CH)):
+    with h5py.File(path, "w") as f:
+        f.create_dataset("counts", data=counts, chunks=chunks, compression="gzip", compression_opts=1)
+    return path
+
+
+def _h5_scan(path, **kw):
+    f = h5py.File(path, "r")
+    return Scan(f["counts"], CAL, metadata={"source": str(path)}, **kw)
+
+
+def test_maps_follow_the_physics_of_the_scan(counts_truth, model):
+    counts, truth = counts_truth
+    maps = map_pigments(Scan(counts, CAL), model, progress=False)
+    assert maps.classes == model.classes
+    assert maps.probability.shape == (*counts.shape[:2], 3)
+    assert maps.probability.dtype == np.float32
+    assert not maps.mask.any()
+    np.testing.assert_array_equal(maps.binary(), truth)
+    # area fractions are the fractions of the painted regions
+    s = maps.summary()
+    assert s["lead white"] == pytest.approx(truth[..., 0].mean())
+    assert s["zinc white"] == pytest.approx(truth[..., 2].mean())
+    assert s.n_masked == 0
+    assert set(s) == set(model.classes)
+
+
+def test_streaming_equals_one_batch_per_pixel(tmp_path, counts_truth, model):
+    counts, _ = counts_truth
+    ref = model.identify_batch(counts.reshape(-1, N_CH), CAL)
+    scan = _h5_scan(_write_h5(tmp_path / "scan.h5", counts))
+    maps = map_pigments(scan, model, chunk_pixels=40, batch_pixels=7, progress=False)
+    np.testing.assert_allclose(maps.probability.reshape(-1, 3), ref.probability, atol=1e-6)
+    np.testing.assert_allclose(maps.buried_probability.reshape(-1, 3), ref.buried_probability, atol=1e-6)
+    np.testing.assert_allclose(maps.ood_score.reshape(-1), ref.ood_score, atol=1e-6)
+    assert scan.counts.file.mode == "r"
+
+
+def test_bad_pixels_are_masked_and_counted(counts_truth, model):
+    counts, truth = counts_truth
+    bad = counts.astype(np.float32)
+    bad[0, 0] = 0  # dead
+    bad[1, 1] = 0
+    bad[2, 2, 100] = np.nan
+    bad[3, 3, 5] = -4
+    bad[4, 4, 7] = np.inf
+    bad[5, 5, 300] = 1e6  # saturated with an explicit saturation level
+    maps = map_pigments(Scan(bad, CAL), model, progress=False, saturation_counts=65535)
+    reason = maps.mask_reason
+    assert reason[0, 0] == reason[1, 1] == MASK_DEAD
+    assert reason[2, 2] == reason[3, 3] == reason[4, 4] == MASK_INVALID
+    assert reason[5, 5] == MASK_SATURATED
+    assert maps.mask.sum() == 6
+    assert np.isnan(maps.probability[maps.mask]).all()
+    assert not maps.binary()[maps.mask].any()
+    s = maps.summary()
+    assert s.masked_by_reason == {"dead": 2, "saturated": 1, "invalid": 3}
+    assert s.n_masked == 6
+    valid = ~maps.mask
+    assert s["lead white"] == pytest.approx(truth[..., 0][valid].mean())
+    assert maps.metadata["masked"] == {"dead": 2, "saturated": 1, "invalid": 3}
+    # masked pixels are grey in the composite
+    rgb = maps.composite_rgb()
+    assert tuple(rgb[0, 0]) == (128, 128, 128)
+
+
+def test_integer_scan_clipped_at_dtype_max_is_saturated(counts_truth, model):
+    counts = counts_truth[0].copy()
+    counts[7, 3, 1000] = np.iinfo(np.uint16).max
+    maps = map_pigments(Scan(counts, CAL), model, progress=False)
+    assert maps.mask_reason[7, 3] == MASK_SATURATED
+    assert maps.mask.sum() == 1
+
+
+def test_all_pixels_masked_gives_empty_maps(model):
+    maps = map_pigments(Scan(np.zeros((3, 4, 64), np.uint16), CAL), model, progress=False)
+    assert maps.mask.all()
+    s = maps.summary()
+    assert s.masked_by_reason["dead"] == 12
+    assert all(v == 0 for v in s.values())
+
+
+def test_composite_uses_display_colours(counts_truth, model):
+    counts, _ = counts_truth
+    maps = map_pigments(Scan(counts, CAL), model, progress=False)
+    rgb = maps.composite_rgb()
+    assert rgb.shape == (*counts.shape[:2], 3) and rgb.dtype == np.uint8
+    # bottom-right: vermilion only -> exactly its colour
+    assert tuple(rgb[-1, -1]) == (0xE3, 0x42, 0x34)
+    # top-left: lead white and zinc white -> between the two colours, channel by channel
+    lo = np.minimum([0xF0, 0xF0, 0xE8], [0x10, 0x40, 0xC0])
+    hi = np.maximum([0xF0, 0xF0, 0xE8], [0x10, 0x40, 0xC0])
+    assert np.all(rgb[0, 0] >= lo) and np.all(rgb[0, 0] <= hi)
+    # nothing present anywhere with threshold 1.1 -> black
+    assert not maps.composite_rgb(thresholds=1.1).any()
+
+
+def test_thresholds_by_name_and_scalar(counts_truth, model):
+    maps = map_pigments(Scan(counts_truth[0], CAL), model, progress=False)
+    assert not maps.binary({"Vermilion": 1.5})[..., 1].any()
+    assert maps.binary({"Vermilion": 1.5})[..., 0].any()
+    assert maps.binary(0.0)[~maps.mask].all()
+    with pytest.raises(xrfnb.DataError, match="unknown pigment class"):
+        maps.binary({"smalt": 0.3})
+
+
+def test_hdf5_round_trip_is_exact_and_atomic(tmp_path, counts_truth, model):
+    counts = counts_truth[0].astype(np.float32)
+    counts[0, 0] = np.nan
+    maps = map_pigments(Scan(counts, CAL, pixel_size_um=50.0), model, progress=False)
+    path = maps.to_hdf5(tmp_path / "maps.h5")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["maps.h5"]  # no temporary left behind
+    back = PigmentMaps.from_hdf5(path)
+    assert back.classes == maps.classes and back.colors == maps.colors
+    np.testing.assert_array_equal(back.probability, maps.probability)
+    np.testing.assert_array_equal(back.buried_probability, maps.buried_probability)
+    np.testing.assert_array_equal(back.ood_score, maps.ood_score)
+    np.testing.assert_array_equal(back.mask, maps.mask)
+    np.testing.assert_array_equal(back.mask_reason, maps.mask_reason)
+    np.testing.assert_array_equal(back.thresholds, maps.thresholds)
+    assert back.summary() == maps.summary()
+    lazy = PigmentMaps.from_hdf5(path, lazy=True)
+    assert lazy.is_lazy
+    np.testing.assert_array_equal(lazy.binary(), maps.binary())
+    np.testing.assert_array_equal(lazy.composite_rgb(), maps.composite_rgb())
+
+
+def test_failed_write_leaves_previous_file_intact(tmp_path, counts_truth, model, monkeypatch):
+    maps = map_pigments(Scan(counts_truth[0], CAL), model, progress=False)
+    path = maps.to_hdf5(tmp_path / "maps.h5")
+    before = path.read_bytes()
+
+    import xrfnb._mapping as mapping
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(mapping, "_write_element_maps", boom)
+    broken = dataclasses.replace(maps, element_maps=object())
+    with pytest.raises(RuntimeError, match="disk full"):
+        broken.to_hdf5(path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["maps.h5"]
+
+
+def test_from_hdf5_rejects_other_files(tmp_path):
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as f:
+        f["x"] = 1
+    with pytest.raises(xrfnb.FormatError, match="not an xrfnb pigment-maps file"):
+        PigmentMaps.from_hdf5(other)
+    garbage = tmp_path / "garbage.h5"
+    garbage.write_bytes(b"\x89HDF\r\n\x1a\nnot really")
+    with pytest.raises(xrfnb.FormatError, match="not a readable HDF5 file"):
+        PigmentMaps.from_hdf5(garbage)
+
+
+def test_tiff_one_float32_imagej_file_per_class(tmp_path, counts_truth, model):
+    tifffile = pytest.importorskip("tifffile")
+    maps = map_pigments(Scan(counts_truth[0], CAL, pixel_size_um=25.0), model, progress=False)
+    paths = maps.to_tiff(tmp_path / "tiff")
+    names = sorted(p.name for p in paths)
+    assert names == sorted(["lead_white.tif", "vermilion.tif", "zinc_white.tif", "ood_score.tif", "mask.tif"])
+    for i, cls in enumerate(maps.classes):
+        with tifffile.TiffFile(tmp_path / "tiff" / f"{cls.replace(' ', '_')}.tif") as tf:
+            assert tf.is_imagej
+            assert tf.imagej_metadata is not None
+            page = tf.pages[0]
+            assert page.dtype == np.float32 and page.bitspersample == 32
+            np.testing.assert_array_equal(page.asarray(), maps.probability[..., i])
+            x_res = page.tags["XResolution"].value
+            assert x_res[0] / x_res[1] == pytest.approx(1 / 25.0)
+            assert tf.imagej_metadata.get("unit") == "um"
+
+
+def test_out_writes_partial_then_final_file(tmp_path, counts_truth, model):
+    counts, truth = counts_truth
+    scan = _h5_scan(_write_h5(tmp_path / "scan.h5", counts))
+    out = tmp_path / "maps.h5"
+    maps = map_pigments(scan, model, chunk_pixels=40, progress=False, out=out)
+    assert maps.is_lazy
+    assert not (tmp_path / "maps.h5.partial").exists()
+    np.testing.assert_array_equal(maps.binary(), truth)
+    mem = map_pigments(scan, model, chunk_pixels=40, progress=False)
+    np.testing.assert_array_equal(PigmentMaps.from_hdf5(out).probability, mem.probability)
+
+
+def test_resume_skips_completed_blocks(tmp_path, counts_truth):
+    counts, _ = counts_truth
+    scan = _h5_scan(_write_h5(tmp_path / "scan.h5", counts))
+    out = tmp_path / "maps.h5"
+
+    class Interrupting(LinearTestModel):
+        def identify_batch(self, counts, calibration, live_time_s=None):
+            if self.calls >= 3:
+                raise KeyboardInterrupt
+            return super().identify_batch(counts, calibration, live_time_s)
+
+    # 24 rows x 20 cols, chunk rows 4 -> blocks of 4 rows (80 px); 1 model call per block
+    with pytest.raises(KeyboardInterrupt):
+        map_pigments(scan, Interrupting(), chunk_pixels=80, batch_pixels=80, progress=False, out=out)
+    assert not out.exists()
+    partial = tmp_path / "maps.h5.partial"
+    assert len(list(partial.glob("rows_*.npz"))) == 3
+    counting = LinearTestModel()
+    maps = map_pigments(
+        scan, counting, chunk_pixels=80, batch_pixels=80, progress=False, out=out, resume=True
+    )
+    assert counting.calls == 3  # the 3 remaining blocks only
+    assert out.exists() and not partial.exists()
+    ref = map_pigments(Scan(counts, CAL), LinearTestModel(), progress=False)
+    np.testing.assert_allclose(maps.probability[()], ref.probability, atol=1e-6)
+
+
+def test_resume_refuses_partial_from_another_input(tmp_path, counts_truth):
+    counts, _ = counts_truth
+    scan = _h5_scan(_write_h5(tmp_path / "scan.h5", counts))
+    out = tmp_path / "maps.h5"
+    partial = tmp_path / "maps.h5.partial"
+    partial.mkdir()
+    (partial / "manifest.json").write_text(
+        json.dumps({"format": "xrfnb-pigment-maps-partial", "shape": [1, 1]})
+    )
+    with pytest.raises(xrfnb.DataError, match="cannot resume"):
+        map_pigments(scan, LinearTestModel(), progress=False, out=out, resume=True)
+    # without --resume the stale partial results are discarded
+    map_pigments(scan, LinearTestModel(), progress=False, out=out)
+    assert out.exists() and not partial.exists()
+
+
+def test_refuses_to_overwrite_the_input(tmp_path, counts_truth, model):
+    path = _write_h5(tmp_path / "scan.h5", counts_truth[0])
+    before = path.read_bytes()
+    with pytest.raises(xrfnb.FormatError, match="refusing to overwrite the input"):
+        map_pigments(_h5_scan(path), model, progress=False, out=path)
+    assert path.read_bytes() == before
+
+
+def test_per_pixel_live_time_reaches_the_model(counts_truth):
+    counts, _ = counts_truth
+    seen = []
+
+    class Recording(LinearTestModel):
+        def identify_batch(self, counts, calibration, live_time_s=None):
+            seen.append(np.array(live_time_s))
+            return super().identify_batch(counts, calibration, live_time_s)
+
+    lt = np.arange(counts.shape[0] * counts.shape[1], dtype=float).reshape(counts.shape[:2]) / 100
+    map_pigments(Scan(counts, CAL, live_time_s=lt), Recording(), batch_pixels=33, progress=False)
+    np.testing.assert_array_equal(np.concatenate(seen), lt.reshape(-1))
+
+
+def test_dask_local_cluster_equals_streaming(tmp_path, counts_truth, model):
+    da = pytest.importorskip("dask.array")
+    distributed = pytest.importorskip("distributed")
+    counts, _ = counts_truth
+    bad = counts.astype(np.float32)
+    bad[3, 4] = 0
+    bad[5, 6, 10] = np.nan
+    lt = np.full(counts.shape[:2], 0.05)
+    ref = map_pigments(Scan(bad, CAL, live_time_s=lt), model, progress=False)
+    # channel axis deliberately split: map_pigments must rechunk it into one piece
+    lazy = Scan(da.from_array(bad, chunks=(7, 9, 512)), CAL, live_time_s=lt)
+    with (
+        distributed.LocalCluster(
+            n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster),
+    ):
+        maps = map_pigments(lazy, model, progress=False)
+    np.testing.assert_allclose(maps.probability, ref.probability, atol=1e-6)
+    np.testing.assert_allclose(maps.buried_probability, ref.buried_probability, atol=1e-6)
+    np.testing.assert_allclose(maps.ood_score, ref.ood_score, atol=1e-6)
+    np.testing.assert_array_equal(maps.mask_reason, ref.mask_reason)
+    assert maps.summary() == ref.summary()
+
+
+def test_dask_local_scheduler(counts_truth, model):
+    da = pytest.importorskip("dask.array")
+    counts, _ = counts_truth
+    ref = map_pigments(Scan(counts, CAL), model, progress=False)
+    maps = map_pigments(Scan(da.from_array(counts, chunks=(10, 10, N_CH)), CAL), model, progress=False)
+    np.testing.assert_allclose(maps.probability, ref.probability, atol=1e-6)
+    np.testing.assert_array_equal(maps.mask, ref.mask)
+
+
+def test_single_spectrum_gives_one_pixel_map(counts_truth, model):
+    spectrum = xrfnb.Spectrum(counts_truth[0][0, 0], CAL)
+    maps = map_pigments(spectrum, model, progress=False)
+    assert maps.shape == (1, 1)
+    assert maps.binary()[0, 0].tolist() == counts_truth[1][0, 0].tolist()
+
+
+def test_bad_arguments_are_clear_errors(counts_truth, model):
+    scan = Scan(counts_truth[0], CAL)
+    with pytest.raises(xrfnb.DataError, match="chunk_pixels"):
+        map_pigments(scan, model, chunk_pixels=0, progress=False)
+    with pytest.raises(xrfnb.ModelError, match=r"has no .classes.: pass a PigmentModel"):
+        map_pigments(scan, object(), progress=False)
+    with pytest.raises(xrfnb.DataError, match="needs a Scan"):
+        map_pigments(np.zeros((2, 2, 8)), model, progress=False)
+    with pytest.raises(xrfnb.FormatError, match="does not exist"):
+        map_pigments(scan, model, progress=False, out="/nonexistent-folder/maps.h5")
+
+
+def test_wrong_model_output_shape_is_model_error(counts_truth):
+    class Broken(LinearTestModel):
+        def identify_batch(self, counts, calibration, live_time_s=None):
+            r = super().identify_batch(counts, calibration, live_time_s)
+            return dataclasses.replace(r, probability=r.probability[:, :2])
+
+    with pytest.raises(xrfnb.ModelError, match="model returned probability"):
+        map_pigments(Scan(counts_truth[0], CAL), Broken(), progress=False)

@@ -1,0 +1,358 @@
+"""The ``xrfnb`` command line: identify, info, train, evaluate, serve.
+
+Every error a user can cause is reported as one line ``xrfnb: error: ...`` on stderr with exit status 2;
+an interruption (Ctrl-C, SIGTERM) exits with status 130 and leaves no corrupt output. Heavy modules
+(torch, panel) are imported only by the subcommands that need them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import os
+import signal
+import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ._errors import DataError, XRFNBError
+
+__all__ = ["main"]
+
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+class _NotAvailable(XRFNBError):
+    """A subcommand's backend module is not part of this build yet."""
+
+
+def _backend(module: str, what: str) -> Any:
+    """Import ``xrfnb.<module>`` or explain that ``what`` is not available yet."""
+    try:
+        return importlib.import_module(f"xrfnb.{module}")
+    except ModuleNotFoundError as exc:
+        if exc.name and (exc.name == f"xrfnb.{module}" or exc.name.startswith("xrfnb.")):
+            raise _NotAvailable(
+                f"{what} is not available yet in this version of xrfnb (module xrfnb.{module} is missing)"
+            ) from None
+        raise
+
+
+def _function(module: str, names: Sequence[str], what: str) -> Any:
+    mod = _backend(module, what)
+    for name in names:
+        fn = getattr(mod, name, None)
+        if callable(fn):
+            return fn
+    raise _NotAvailable(
+        f"{what} is not available yet in this version of xrfnb (xrfnb.{module} has no {' or '.join(names)})"
+    )
+
+
+# -- loading (module-level so tests can substitute them) -----------------------------------------------
+def _load_input(path: str) -> Any:
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"{path}: no such file")
+    load = _function("_io", ["load"], "reading files")
+    return load(p)
+
+
+def _load_model(name: str | None) -> Any:
+    load_model = _function("_model", ["load_model"], "pigment identification (the trained model)")
+    return load_model(name or "default")
+
+
+# -- subcommands ----------------------------------------------------------------------------------
+def _cmd_identify(args: argparse.Namespace) -> int:
+    from ._mapping import map_pigments
+    from ._spectrum import Scan, Spectrum
+
+    data = _load_input(args.input)
+    if isinstance(data, Spectrum):
+        data = Scan(
+            data.counts[None, None, :], data.calibration, live_time_s=data.live_time_s, metadata=data.metadata
+        )
+    if not isinstance(data, Scan):
+        raise DataError(f"{args.input}: expected a scan or a spectrum, got {type(data).__name__}")
+    out = Path(args.output)
+    if out.suffix.lower() not in (".h5", ".hdf5", ".nxs"):
+        raise DataError(f"output {out} should be an HDF5 file ending in .h5")
+    model = _load_model(args.model)
+    rows, cols, ch = data.shape
+    _info(f"{args.input}: {rows} x {cols} pixels x {ch} channels -> {out}")
+    maps = map_pigments(
+        data,
+        model,
+        chunk_pixels=args.chunk_pixels,
+        progress=not args.quiet,
+        element_maps=args.elements,
+        instrument=args.instrument,
+        out=out,
+        resume=args.resume,
+    )
+    if args.tiff:
+        paths = maps.to_tiff(args.tiff)
+        _info(f"wrote {len(paths)} TIFF files to {args.tiff}")
+    print(maps.summary().to_text())
+    _info(f"wrote {out} ({maps.metadata.get('spectra_per_s', 0):.0f} spectra/s)")
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from ._spectrum import Scan, Spectrum
+
+    path = Path(args.file)
+    if path.suffix.lower() in (".h5", ".hdf5") and _is_pigment_maps(path):
+        from ._mapping import PigmentMaps
+
+        maps = PigmentMaps.from_hdf5(path, lazy=True)
+        print(f"file:        {path}")
+        print("format:      xrfnb pigment maps")
+        print(f"shape:       {maps.shape[0]} x {maps.shape[1]} pixels, {len(maps.classes)} classes")
+        print(f"model:       {maps.metadata.get('model', '?')}")
+        print(maps.summary().to_text())
+        return 0
+    data = _load_input(args.file)
+    meta = dict(getattr(data, "metadata", {}) or {})
+    print(f"file:        {path}")
+    print(f"format:      {meta.get('format', '?')}")
+    if isinstance(data, Scan):
+        rows, cols, ch = data.shape
+        print(f"kind:        scan, {rows} x {cols} pixels x {ch} channels ({np.dtype(data.counts.dtype)})")
+        if data.pixel_size_um:
+            print(f"pixel size:  {data.pixel_size_um:g} um")
+        lt = data.live_time_s
+        if lt is None:
+            print("live time:   unknown")
+        elif isinstance(lt, np.ndarray):
+            print(f"live time:   {lt.mean():.4g} s per pixel (mean; {lt.min():.4g} .. {lt.max():.4g})")
+        else:
+            print(f"live time:   {lt:.4g} s per pixel")
+        spectrum = data.sum_spectrum()
+    elif isinstance(data, Spectrum):
+        print(f"kind:        spectrum, {data.n_channels} channels, {data.total_counts:.0f} counts")
+        print("live time:   " + ("unknown" if data.live_time_s is None else f"{data.live_time_s:.4g} s"))
+        if data.real_time_s is not None:
+            print(f"real time:   {data.real_time_s:.4g} s")
+        spectrum = data
+    else:
+        raise DataError(f"{path}: unexpected content {type(data).__name__}")
+    cal = data.calibration
+    e = cal.energies_keV(spectrum.n_channels)
+    quad = f" + {cal.quadratic_keV:.4g} keV ch^2" if cal.quadratic_keV else ""
+    print(
+        f"calibration: E = {cal.offset_keV:.5g} keV + {cal.gain_keV:.5g} keV/ch x ch{quad} "
+        f"({e[0]:.3f} .. {e[-1]:.3f} keV)"
+    )
+    if args.no_elements:
+        return 0
+    try:
+        detect = _function("_fit", ["detect_elements"], "element detection")
+        instrument = _instrument(args.instrument)
+    except _NotAvailable as exc:
+        print(f"elements:    ({exc})")
+        return 0
+    found = detect(spectrum, instrument)
+    if not found:
+        print("elements:    none detected")
+    else:
+        print("elements:    " + ", ".join(_describe_element(d) for d in found))
+    return 0
+
+
+def _describe_element(d: Any) -> str:
+    name = getattr(d, "element", None) or str(d)
+    family = getattr(d, "family", None) or getattr(d, "line", None)
+    return f"{name} {family}" if family else str(name)
+
+
+def _instrument(name: str | None) -> Any:
+    mod = _backend("_instrument", "instrument presets")
+    return mod.Instrument.preset(name or "bruker-m6")
+
+
+def _is_pigment_maps(path: Path) -> bool:
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            return f.attrs.get("format") == "xrfnb-pigment-maps"
+    except (OSError, ValueError):
+        return False
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    train_model = _function("_train", ["train_model"], "model training")
+    config = Path(args.config)
+    if not config.is_file():
+        raise DataError(f"training config {config} does not exist")
+    train_model(config, Path(args.out), resume=args.resume, progress=not args.quiet)
+    _info(f"model written to {args.out}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    evaluate = _function("_train", ["evaluate_model", "evaluate"], "model evaluation")
+    params = inspect.signature(evaluate).parameters
+    kwargs: dict[str, Any] = {}
+    model: Any = args.model or "default"
+    if "progress" in params:
+        kwargs["progress"] = not args.quiet
+    if args.out is not None and "out" in params:
+        kwargs["out"] = Path(args.out)
+    elif args.out is not None and "out_dir" in params:
+        kwargs["out_dir"] = Path(args.out)
+    if args.config is not None:
+        if "config" not in params:
+            raise DataError("this evaluate function does not take a --config")
+        kwargs["config"] = Path(args.config)
+    result = evaluate(model, **kwargs)
+    if result is not None:
+        to_text = getattr(result, "to_text", None) or getattr(result, "to_markdown", None)
+        print(to_text() if callable(to_text) else result)
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    serve = _function("_dashboard", ["serve"], "the dashboard")
+    path = args.path
+    if path is not None and not Path(path).exists():
+        raise DataError(f"{path}: no such file or folder")
+    serve(path, port=args.port, address=args.address, show=args.show)
+    return 0
+
+
+# -- parser ---------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``xrfnb`` (exposed for documentation and tests)."""
+    from . import __version__
+
+    p = argparse.ArgumentParser(
+        prog="xrfnb", description="Pigment maps from XRF spectra and scans of paintings."
+    )
+    p.add_argument("--version", action="version", version=f"xrfnb {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    s = sub.add_parser("identify", help="pigment maps of a scan (or one spectrum) into an HDF5 file")
+    s.add_argument("input", metavar="INPUT", help="scan or spectrum file (any format xrfnb.load reads)")
+    s.add_argument("-o", "--output", required=True, metavar="OUTPUT.h5", help="pigment maps (HDF5)")
+    s.add_argument("--model", default=None, help="model name or folder (default: the shipped model)")
+    s.add_argument("--tiff", metavar="DIR", help="also write one 32-bit ImageJ TIFF per pigment class")
+    s.add_argument("--elements", action="store_true", help="also fit element maps and store them alongside")
+    s.add_argument("--instrument", default=None, help="instrument preset for --elements (default bruker-m6)")
+    s.add_argument("--resume", action="store_true", help="continue an interrupted run from OUTPUT.h5.partial")
+    s.add_argument(
+        "--chunk-pixels",
+        type=_positive_int,
+        default=16384,
+        metavar="N",
+        help="pixels read per block (memory vs. speed; default 16384)",
+    )
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=_cmd_identify)
+
+    s = sub.add_parser("info", help="describe a spectrum, scan or pigment-maps file")
+    s.add_argument("file", metavar="FILE")
+    s.add_argument(
+        "--instrument", default=None, help="instrument preset for element detection (default bruker-m6)"
+    )
+    s.add_argument("--no-elements", action="store_true", help="skip element detection")
+    s.set_defaults(func=_cmd_info)
+
+    s = sub.add_parser("train", help="train a pigment model from a TOML config")
+    s.add_argument("--config", required=True, metavar="CONFIG")
+    s.add_argument("--out", required=True, metavar="DIR")
+    s.add_argument("--resume", action="store_true", help="continue from the last checkpoint in DIR")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=_cmd_train)
+
+    s = sub.add_parser("evaluate", help="evaluate a model on held-out synthetic test sets")
+    s.add_argument("--model", default=None, help="model name or folder (default: the shipped model)")
+    s.add_argument("--config", default=None, help="evaluation config")
+    s.add_argument("--out", default=None, metavar="DIR", help="where to write the evaluation tables")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=_cmd_evaluate)
+
+    s = sub.add_parser("serve", help="serve the dashboard in a browser")
+    s.add_argument("path", nargs="?", default=None, metavar="FILE_OR_DIR")
+    s.add_argument("--port", type=_port, default=5006)
+    s.add_argument(
+        "--address", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)"
+    )
+    s.add_argument("--show", action="store_true", help="open a browser tab")
+    s.set_defaults(func=_cmd_serve)
+    return p
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"port must be 1..65535, got {value}")
+    return value
+
+
+def _info(message: str) -> None:
+    print(f"xrfnb: {message}", file=sys.stderr)
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``xrfnb`` command line; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    previous = None
+    try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread
+        previous = None
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        msg = "interrupted"
+        if getattr(args, "command", None) == "identify":
+            msg += f"; completed blocks are kept in {args.output}.partial: rerun with --resume to continue"
+        print(f"xrfnb: {msg}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except XRFNBError as exc:
+        print(f"xrfnb: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except (OSError, MemoryError) as exc:
+        print(f"xrfnb: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as exc:  # a bug: still no traceback unless asked for
+        if os.environ.get("XRFNB_DEBUG"):
+            traceback.print_exc()
+        print(
+            f"xrfnb: internal error: {type(exc).__name__}: {exc} (please report it; set XRFNB_DEBUG=1 "
+            "for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1164 @@
+"""Whole-scan pigment maps: streaming and dask inference, masking of bad pixels, HDF5/TIFF output.
+
+Memory model
+------------
+:func:`map_pigments` never holds the scan's spectra in memory. It reads one block of whole rows at a time
+(aligned to the HDF5 chunks, about ``chunk_pixels`` pixels), converts at most ``batch_pixels`` spectra of it
+to float32 for the model, and writes the results:
+
+* without ``out``: into preallocated in-memory maps, ``rows x cols x (2 K + 1) x 4`` bytes of float32 plus
+  two bytes per pixel for the mask (a 1024 x 1024 scan with 30 classes: about 250 MB);
+* with ``out``: block by block into ``OUT.partial/`` on disk (one small file per completed block, each written
+  atomically), assembled into ``OUT`` at the end and opened *lazily* (h5py datasets, read row block by row
+  block), so peak memory is independent of the scan size.
+
+The dask path (a :class:`~xrfnb.Scan` whose counts are a :class:`dask.array.Array`) runs the same per-block
+function with :func:`dask.array.blockwise`, locally or on a ``dask.distributed`` cluster; the client receives
+only the maps.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import dataclasses
+import functools
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ._calibration import EnergyCalibration
+from ._errors import DataError, FormatError, ModelError, XRFNBError
+from ._spectrum import Scan, _is_dask
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ._fit import ElementMaps
+
+__all__ = ["MapSummary", "PigmentMaps", "map_pigments"]
+
+#: reasons a pixel is masked (values of :attr:`PigmentMaps.mask_reason`)
+MASK_OK, MASK_DEAD, MASK_SATURATED, MASK_INVALID = 0, 1, 2, 3
+MASK_REASONS: dict[int, str] = {MASK_DEAD: "dead", MASK_SATURATED: "saturated", MASK_INVALID: "invalid"}
+
+_FORMAT = "xrfnb-pigment-maps"
+_FORMAT_VERSION = 1
+_PARTIAL_FORMAT = "xrfnb-pigment-maps-partial"
+_MASKED_RGB = (128, 128, 128)
+_DEFAULT_CHUNK_PIXELS = 16384
+_DEFAULT_BATCH_PIXELS = 4096
+
+
+# ------------------------------------------------------------------------------------------------------
+# results
+# ------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class MapSummary(Mapping):
+    """Area fractions of a pigment map; behaves as a mapping ``class name -> area fraction``.
+
+    Attributes
+    ----------
+    area_fraction : dict
+        Class -> fraction of the *valid* (unmasked) pixels where the class is present (above threshold).
+    buried_fraction : dict
+        Class -> fraction of valid pixels where the class is present only below the surface layer.
+    n_pixels : int
+        All pixels of the scan.
+    n_masked : int
+        Masked pixels (dead, saturated or invalid); they are excluded from the fractions.
+    masked_by_reason : dict
+        ``{"dead": n, "saturated": n, "invalid": n}``.
+    ood_fraction : float
+        Fraction of valid pixels whose out-of-distribution score exceeds the model's threshold.
+    """
+
+    area_fraction: dict[str, float]
+    buried_fraction: dict[str, float]
+    n_pixels: int
+    n_masked: int
+    masked_by_reason: dict[str, int]
+    ood_fraction: float
+
+    def __getitem__(self, name: str) -> float:
+        return self.area_fraction[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.area_fraction)
+
+    def __len__(self) -> int:
+        return len(self.area_fraction)
+
+    @property
+    def n_valid(self) -> int:
+        """Pixels that were identified (not masked)."""
+        return self.n_pixels - self.n_masked
+
+    def to_text(self) -> str:
+        """A plain-text table, most abundant class first."""
+        lines = [f"{'pigment class':<32} {'area %':>8} {'buried %':>9}"]
+        for name in sorted(self.area_fraction, key=lambda k: -self.area_fraction[k]):
+            lines.append(
+                f"{name:<32} {100 * self.area_fraction[name]:8.2f} {100 * self.buried_fraction[name]:9.2f}"
+            )
+        reasons = ", ".join(f"{k} {v}" for k, v in self.masked_by_reason.items())
+        lines.append(f"pixels: {self.n_pixels}, masked: {self.n_masked} ({reasons})")
+        lines.append(f"out-of-distribution: {100 * self.ood_fraction:.2f} % of valid pixels")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.to_text()
+
+
+def _rows_of(arr: Any, sl: slice) -> np.ndarray:
+    return np.asarray(arr[sl])
+
+
+def _row_blocks(n_rows: int, n_cols: int, per_block: int = 262144) -> Iterator[slice]:
+    step = max(1, per_block // max(1, n_cols))
+    for r0 in range(0, n_rows, step):
+        yield slice(r0, min(n_rows, r0 + step))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PigmentMaps:
+    """Pigment maps of a scan.
+
+    The arrays are :class:`numpy.ndarray` or, for maps returned by ``map_pigments(..., out=...)`` and
+    ``PigmentMaps.from_hdf5(path, lazy=True)``, read-only :class:`h5py.Dataset` objects; every method
+    works on both, row block by row block.
+
+    Attributes
+    ----------
+    classes : tuple of str
+        Pigment classes (ambiguity groups of the pigment library), K of them.
+    probability : array, shape (rows, cols, K), float32
+        Calibrated probability that each class is present within the probed depth; NaN at masked pixels.
+    buried_probability : array, shape (rows, cols, K), float32
+        Probability that the class is present only below the surface layer; NaN at masked pixels.
+    ood_score : array, shape (rows, cols), float32
+        Out-of-distribution score (higher = less like the training data); NaN at masked pixels.
+    thresholds : numpy.ndarray, shape (K,)
+        Per-class decision thresholds on ``probability``.
+    ood_threshold : float
+        Pixels with ``ood_score > ood_threshold`` are flagged as unlike the training data.
+    mask : array, shape (rows, cols), bool
+        True where the pixel is invalid (dead, saturated, NaN/inf or negative counts) and was not identified.
+    colors : tuple of str
+        Display colour per class, ``"#rrggbb"``.
+    element_maps : ElementMaps or None
+        Element maps of the same scan, when computed.
+    metadata : dict
+        Source, model, timing and the masked-pixel counts.
+    mask_reason : array, shape (rows, cols), uint8, optional
+        0 valid, 1 dead (all channels zero), 2 saturated, 3 invalid (NaN, inf or negative counts).
+    """
+
+    classes: tuple[str, ...]
+    probability: Any
+    buried_probability: Any
+    ood_score: Any
+    thresholds: np.ndarray
+    ood_threshold: float
+    mask: Any
+    colors: tuple[str, ...]
+    element_maps: ElementMaps | None = None
+    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+    mask_reason: Any = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "classes", tuple(str(c) for c in self.classes))
+        object.__setattr__(self, "colors", tuple(str(c) for c in self.colors))
+        k = len(self.classes)
+        thr = np.asarray(self.thresholds, dtype=np.float32).reshape(-1)
+        if thr.shape != (k,):
+            raise DataError(f"thresholds must have one value per class ({k}), got shape {thr.shape}")
+        object.__setattr__(self, "thresholds", thr)
+        object.__setattr__(self, "ood_threshold", float(self.ood_threshold))
+        if len(self.colors) != k:
+            raise DataError(f"colors must have one entry per class ({k}), got {len(self.colors)}")
+        shape = tuple(self.probability.shape)
+        if len(shape) != 3 or shape[2] != k:
+            raise DataError(f"probability must have shape (rows, cols, {k}), got {shape}")
+        if tuple(self.buried_probability.shape) != shape:
+            raise DataError(f"buried_probability has shape {self.buried_probability.shape}, expected {shape}")
+        for name in ("ood_score", "mask"):
+            if tuple(getattr(self, name).shape) != shape[:2]:
+                raise DataError(f"{name} has shape {getattr(self, name).shape}, expected {shape[:2]}")
+        if self.mask_reason is None:
+            object.__setattr__(self, "mask_reason", None)
+        object.__setattr__(self, "metadata", dict(self.metadata))
+
+    # -- shape ---------------------------------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(rows, cols)."""
+        return tuple(int(s) for s in self.probability.shape[:2])  # type: ignore[return-value]
+
+    @property
+    def is_lazy(self) -> bool:
+        """True when the maps are read from an open HDF5 file on demand."""
+        return not isinstance(self.probability, np.ndarray)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        """``maps["lead white"]`` -> probability map of that class, shape (rows, cols), float32."""
+        return np.asarray(self.probability[..., self._class_index(name)])
+
+    def _class_index(self, name: str) -> int:
+        lower = [c.lower() for c in self.classes]
+        try:
+            return lower.index(str(name).lower())
+        except ValueError:
+            import difflib
+
+            close = difflib.get_close_matches(str(name).lower(), lower, n=3)
+            hint = (
+                f"; did you mean {', '.join(repr(self.classes[lower.index(c)]) for c in close)}?"
+                if close
+                else ""
+            )
+            raise DataError(
+                f"unknown pigment class {name!r}{hint} (classes: {', '.join(self.classes)})"
+            ) from None
+
+    def resolve_thresholds(
+        self, thresholds: float | np.ndarray | Mapping[str, float] | None = None
+    ) -> np.ndarray:
+        """Per-class thresholds, shape (K,): the model's, a scalar for all, an array, or overrides by name."""
+        k = len(self.classes)
+        if thresholds is None:
+            return self.thresholds.copy()
+        if isinstance(thresholds, Mapping):
+            thr = self.thresholds.copy()
+            for name, value in thresholds.items():
+                thr[self._class_index(name)] = float(value)
+            return thr
+        thr = np.asarray(thresholds, dtype=np.float32)
+        if thr.ndim == 0:
+            return np.full(k, float(thr), dtype=np.float32)
+        if thr.shape != (k,):
+            raise DataError(f"thresholds must be a scalar or have shape ({k},), got {thr.shape}")
+        return thr
+
+    # -- derived maps -------------------------------------------------------------------------------
+    def _blocks(self) -> Iterator[slice]:
+        rows, cols = self.shape
+        return _row_blocks(rows, cols, max(1, 262144 // max(1, len(self.classes))) * 8)
+
+    def binary(self, thresholds: float | np.ndarray | Mapping[str, float] | None = None) -> np.ndarray:
+        """Presence maps ``probability >= threshold``, False at masked pixels; (rows, cols, K), bool."""
+        thr = self.resolve_thresholds(thresholds)
+        out = np.zeros((*self.shape, len(self.classes)), dtype=bool)
+        for sl in self._blocks():
+            p = _rows_of(self.probability, sl)
+            with np.errstate(invalid="ignore"):
+                out[sl] = p >= thr  # NaN (masked) compares False
+            out[sl] &= ~_rows_of(self.mask, sl)[..., None]
+        return out
+
+    def buried(self, thresholds: float | np.ndarray | Mapping[str, float] | None = None) -> np.ndarray:
+        """Classes present only below the surface: present (see :meth:`binary`) and
+        ``buried_probability >= probability / 2`` (more likely buried than at the surface);
+        shape (rows, cols, K), bool."""
+        thr = self.resolve_thresholds(thresholds)
+        out = np.zeros((*self.shape, len(self.classes)), dtype=bool)
+        for sl in self._blocks():
+            p = _rows_of(self.probability, sl)
+            b = _rows_of(self.buried_probability, sl)
+            with np.errstate(invalid="ignore"):
+                out[sl] = (p >= thr) & (b >= 0.5 * p)
+            out[sl] &= ~_rows_of(self.mask, sl)[..., None]
+        return out
+
+    def ood(self) -> np.ndarray:
+        """Pixels unlike the training data (``ood_score > ood_threshold``), shape (rows, cols), bool."""
+        with np.errstate(invalid="ignore"):
+            return np.asarray(self.ood_score[...]) > self.ood_threshold
+
+    def composite_rgb(self, thresholds: float | np.ndarray | Mapping[str, float] | None = None) -> np.ndarray:
+        """One image in the classes' display colours, shape (rows, cols, 3), uint8.
+
+        Each pixel is the probability-weighted mean colour of the classes present there (above
+        threshold); black where no class is present; grey (128, 128, 128) at masked pixels.
+        """
+        thr = self.resolve_thresholds(thresholds)
+        palette = np.array([_hex_to_rgb(c) for c in self.colors], dtype=np.float32).reshape(-1, 3)
+        rgb = np.zeros((*self.shape, 3), dtype=np.uint8)
+        for sl in self._blocks():
+            p = np.nan_to_num(_rows_of(self.probability, sl).astype(np.float32), nan=0.0)
+            w = np.where(p >= thr, p, 0.0).astype(np.float32)
+            total = w.sum(axis=-1, keepdims=True)
+            mix = (w @ palette) / np.maximum(total, 1e-12)
+            block = np.clip(np.rint(mix), 0, 255).astype(np.uint8)
+            block[_rows_of(self.mask, sl)] = _MASKED_RGB
+            rgb[sl] = block
+        return rgb
+
+    def summary(self, thresholds: float | np.ndarray | Mapping[str, float] | None = None) -> MapSummary:
+        """Area fraction per class over the valid pixels, masked-pixel counts and the OOD fraction."""
+        thr = self.resolve_thresholds(thresholds)
+        k = len(self.classes)
+        present = np.zeros(k, dtype=np.int64)
+        buried = np.zeros(k, dtype=np.int64)
+        reasons = dict.fromkeys(MASK_REASONS.values(), 0)
+        n_masked = n_ood = 0
+        for sl in self._blocks():
+            m = _rows_of(self.mask, sl)
+            valid = ~m
+            p = _rows_of(self.probability, sl)[valid]
+            b = _rows_of(self.buried_probability, sl)[valid]
+            with np.errstate(invalid="ignore"):
+                pres = p >= thr
+                present += pres.sum(axis=0)
+                buried += (pres & (b >= 0.5 * p)).sum(axis=0)
+                n_ood += int((_rows_of(self.ood_score, sl)[valid] > self.ood_threshold).sum())
+            n_masked += int(m.sum())
+            if self.mask_reason is not None:
+                r = _rows_of(self.mask_reason, sl)
+                for code, name in MASK_REASONS.items():
+                    reasons[name] += int((r == code).sum())
+            else:
+                reasons["invalid"] += int(m.sum())
+        n_pixels = self.shape[0] * self.shape[1]
+        n_valid = max(n_pixels - n_masked, 1)
+        return MapSummary(
+            area_fraction={c: float(present[i]) / n_valid for i, c in enumerate(self.classes)},
+            buried_fraction={c: float(buried[i]) / n_valid for i, c in enumerate(self.classes)},
+            n_pixels=n_pixels,
+            n_masked=n_masked,
+            masked_by_reason=reasons,
+            ood_fraction=n_ood / n_valid,
+        )
+
+    # -- I/O ------------------------------------------------------------------------------------------
+    def to_hdf5(self, path: str | os.PathLike) -> Path:
+        """Write the maps (and element maps when present) to an HDF5 file, atomically.
+
+        The file is written under a temporary name in the same folder and renamed over ``path`` only
+        when complete, so an interrupted write never leaves a corrupt file. Returns the path.
+        """
+        path = Path(path)
+        with _atomic_output(path) as tmp:
+            rows, cols = self.shape
+            with _h5_create(tmp) as f:
+                _write_header(
+                    f, self.classes, self.colors, self.thresholds, self.ood_threshold, self.metadata
+                )
+                dsets = _create_map_datasets(f, rows, cols, len(self.classes))
+                for sl in self._blocks():
+                    dsets["probability"][sl] = _rows_of(self.probability, sl)
+                    dsets["buried_probability"][sl] = _rows_of(self.buried_probability, sl)
+                    dsets["ood_score"][sl] = _rows_of(self.ood_score, sl)
+                    dsets["mask"][sl] = _rows_of(self.mask, sl)
+                    if self.mask_reason is not None:
+                        dsets["mask_reason"][sl] = _rows_of(self.mask_reason, sl)
+                    else:
+                        dsets["mask_reason"][sl] = _rows_of(self.mask, sl).astype(np.uint8) * MASK_INVALID
+                if self.element_maps is not None:
+                    _write_element_maps(f, self.element_maps)
+        return path
+
+    @classmethod
+    def from_hdf5(cls, path: str | os.PathLike, *, lazy: bool = False) -> PigmentMaps:
+        """Read maps written by :meth:`to_hdf5` or :func:`map_pigments`.
+
+        Parameters
+        ----------
+        path : path-like
+            The HDF5 file (opened read-only).
+        lazy : bool
+            Keep the file open and return h5py datasets instead of loading the maps into memory.
+        """
+        import h5py
+
+        path = Path(path)
+        try:
+            f = h5py.File(path, "r")
+        except (OSError, ValueError) as exc:
+            raise FormatError(f"{path}: not a readable HDF5 file ({exc})") from None
+        try:
+            if f.attrs.get("format") != _FORMAT:
+                raise FormatError(
+                    f"{path}: not an xrfnb pigment-maps file (attribute 'format' is "
+                    f"{f.attrs.get('format')!r}; "
+                    f"expected {_FORMAT!r}); produce one with `xrfnb identify` or PigmentMaps.to_hdf5"
+                )
+            try:
+                classes = tuple(json.loads(f.attrs["classes"]))
+                colors = tuple(json.loads(f.attrs["colors"]))
+                metadata = json.loads(f.attrs.get("metadata", "{}"))
+                ood_threshold = float(f.attrs["ood_threshold"])
+                thresholds = np.asarray(f["thresholds"][()], dtype=np.float32)
+                arrays = {
+                    n: f[n] for n in ("probability", "buried_probability", "ood_score", "mask", "mask_reason")
+                }
+            except KeyError as exc:
+                raise FormatError(f"{path}: pigment-maps file is missing {exc.args[0]!r}") from None
+            if not lazy:
+                arrays = {n: d[()] for n, d in arrays.items()}
+            element_maps = _read_element_maps(f, path) if "element_maps" in f else None
+            maps = cls(
+                classes=classes,
+                probability=arrays["probability"],
+                buried_probability=arrays["buried_probability"],
+                ood_score=arrays["ood_score"],
+                thresholds=thresholds,
+                ood_threshold=ood_threshold,
+                mask=arrays["mask"],
+                colors=colors,
+                element_maps=element_maps,
+                metadata={**metadata, "file": str(path)},
+                mask_reason=arrays["mask_reason"],
+            )
+        except BaseException:
+            f.close()
+            raise
+        if not lazy:
+            f.close()
+        return maps
+
+    def load(self) -> PigmentMaps:
+        """The same maps held in memory (a no-op for in-memory maps)."""
+        if not self.is_lazy:
+            return self
+        return dataclasses.replace(
+            self,
+            probability=self.probability[()],
+            buried_probability=self.buried_probability[()],
+            ood_score=self.ood_score[()],
+            mask=self.mask[()],
+            mask_reason=None if self.mask_reason is None else self.mask_reason[()],
+        )
+
+    def to_tiff(self, folder: str | os.PathLike) -> list[Path]:
+        """Write one 32-bit float ImageJ TIFF per class (probability, NaN at masked pixels), plus
+        ``ood_score.tif`` and ``mask.tif`` (8-bit, 255 = masked). Returns the written paths.
+
+        File names are the class names with non-alphanumerics replaced by ``_``. When the pixel size is
+        known (``metadata["pixel_size_um"]``) it is stored as the TIFF resolution in micrometres.
+        """
+        import tifffile
+
+        folder = Path(folder)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise FormatError(f"cannot create TIFF folder {folder}: {exc}") from None
+        px = self.metadata.get("pixel_size_um")
+        kwargs: dict[str, Any] = {}
+        meta: dict[str, Any] = {"axes": "YX"}
+        if px:
+            kwargs["resolution"] = (1.0 / float(px), 1.0 / float(px))
+            meta["unit"] = "um"
+        written = []
+        names = _unique_file_stems(self.classes)
+        planes: list[tuple[str, Any, str]] = [
+            (stem, functools.partial(self._class_plane, i), name)
+            for i, (stem, name) in enumerate(zip(names, self.classes, strict=True))
+        ]
+        planes.append(("ood_score", lambda: np.asarray(self.ood_score[()], dtype=np.float32), "ood score"))
+        for stem, get, label in planes:
+            target = folder / f"{stem}.tif"
+            with _atomic_output(target) as tmp:
+                tifffile.imwrite(tmp, get(), imagej=True, metadata={**meta, "Labels": [label]}, **kwargs)
+            written.append(target)
+        target = folder / "mask.tif"
+        with _atomic_output(target) as tmp:
+            tifffile.imwrite(
+                tmp, np.asarray(self.mask[()], dtype=np.uint8) * 255, imagej=True, metadata=meta, **kwargs
+            )
+        written.append(target)
+        return written
+
+    def _class_plane(self, index: int) -> np.ndarray:
+        out = np.empty(self.shape, dtype=np.float32)
+        for sl in self._blocks():
+            out[sl] = _rows_of(self.probability, sl)[..., index]
+        return out
+
+    def __repr__(self) -> str:
+        rows, cols = self.shape
+        lazy = ", lazy" if self.is_lazy else ""
+        return f"PigmentMaps({rows} x {cols} pixels, {len(self.classes)} classes{lazy})"
+
+
+def _hex_to_rgb(color: str) -> tuple[int, int, int]:
+    c = str(color).lstrip("#")
+    if not re.fullmatch(r"[0-9a-fA-F]{6}", c):
+        raise DataError(f"display colour must be '#rrggbb', got {color!r}")
+    return int(c[0:2], 16), int(c[2:4], 16), int(c[4:6], 16)
+
+
+def _unique_file_stems(names: tuple[str, ...]) -> list[str]:
+    stems: list[str] = []
+    for name in names:
+        stem = re.sub(r"[^0-9A-Za-z]+", "_", name).strip("_") or "class"
+        base, i = stem, 2
+        while stem in stems:
+            stem, i = f"{base}_{i}", i + 1
+        stems.append(stem)
+    return stems
+
+
+# ------------------------------------------------------------------------------------------------------
+# HDF5 helpers
+# ------------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _atomic_output(path: Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it over ``path`` only on success."""
+    try:
+        from ._io import atomic_path  # engineer A's helper, when present
+    except ImportError:
+        atomic_path = None
+    if atomic_path is not None:
+        with atomic_path(path) as tmp:
+            yield Path(tmp)
+        return
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise FormatError(f"cannot write {path}: folder {path.parent} does not exist")
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def _h5_create(path: Path):
+    import h5py
+
+    try:
+        return h5py.File(path, "w")
+    except OSError as exc:
+        raise FormatError(f"cannot write {path}: {exc}") from None
+
+
+def _write_header(f, classes, colors, thresholds, ood_threshold, metadata) -> None:
+    f.attrs["format"] = _FORMAT
+    f.attrs["format_version"] = _FORMAT_VERSION
+    f.attrs["classes"] = json.dumps(list(classes))
+    f.attrs["colors"] = json.dumps(list(colors))
+    f.attrs["ood_threshold"] = float(ood_threshold)
+    f.attrs["metadata"] = json.dumps(_jsonable(metadata))
+    f.create_dataset("thresholds", data=np.asarray(thresholds, dtype=np.float32))
+
+
+def _create_map_datasets(f, rows: int, cols: int, k: int) -> dict[str, Any]:
+    cr, cc = min(rows, 64), min(cols, 64)
+    opts = {"compression": "gzip", "compression_opts": 1, "shuffle": True}
+    d = {
+        "probability": f.create_dataset(
+            "probability", (rows, cols, k), np.float32, chunks=(cr, cc, k), fillvalue=np.nan, **opts
+        ),
+        "buried_probability": f.create_dataset(
+            "buried_probability", (rows, cols, k), np.float32, chunks=(cr, cc, k), fillvalue=np.nan, **opts
+        ),
+        "ood_score": f.create_dataset(
+            "ood_score", (rows, cols), np.float32, chunks=(cr, cc), fillvalue=np.nan, **opts
+        ),
+        "mask": f.create_dataset("mask", (rows, cols), bool, chunks=(cr, cc), **opts),
+        "mask_reason": f.create_dataset("mask_reason", (rows, cols), np.uint8, chunks=(cr, cc), **opts),
+    }
+    d["probability"].attrs["long_name"] = "probability that the pigment class is present"
+    d["buried_probability"].attrs["long_name"] = (
+        "probability that the class is present only below the surface"
+    )
+    d["mask_reason"].attrs["codes"] = json.dumps({str(k): v for k, v in MASK_REASONS.items()})
+    return d
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist() if obj.size <= 4096 else f"<array {obj.shape}>"
+    if isinstance(obj, str | int | float | bool) or obj is None:
+        return obj
+    return str(obj)
+
+
+def _write_element_maps(f, em) -> None:
+    g = f.create_group("element_maps")
+    g.attrs["elements"] = json.dumps(list(em.elements))
+    g.attrs["families"] = json.dumps(list(getattr(em, "families", ())))
+    g.attrs["metadata"] = json.dumps(_jsonable(getattr(em, "metadata", {})))
+    for name in ("intensity", "sigma", "detection_limit", "chi2", "residual"):
+        value = getattr(em, name, None)
+        if value is not None:
+            g.create_dataset(name, data=np.asarray(value), compression="gzip", compression_opts=1)
+
+
+def _read_element_maps(f, path: Path):
+    g = f["element_maps"]
+    try:
+        from ._fit import ElementMaps
+    except ImportError:
+        return None
+    fields = {
+        name: g[name][()]
+        for name in ("intensity", "sigma", "detection_limit", "chi2", "residual")
+        if name in g
+    }
+    try:
+        return ElementMaps(
+            elements=tuple(json.loads(g.attrs["elements"])),
+            families=tuple(json.loads(g.attrs.get("families", "[]"))),
+            metadata=json.loads(g.attrs.get("metadata", "{}")),
+            **fields,
+        )
+    except (TypeError, ValueError, XRFNBError) as exc:
+        raise FormatError(f"{path}: element maps cannot be read ({exc})") from None
+
+
+# ------------------------------------------------------------------------------------------------------
+# per-block computation (shared by the streaming and the dask paths)
+# ------------------------------------------------------------------------------------------------------
+def classify_pixels(counts: np.ndarray, saturation_counts: float | None) -> np.ndarray:
+    """Mask reason per spectrum: 0 valid, 1 dead, 2 saturated, 3 invalid.
+
+    Parameters
+    ----------
+    counts : numpy.ndarray, shape (n, channels)
+        Raw counts in any numeric dtype.
+    saturation_counts : float or None
+        A channel at or above this value marks the pixel saturated (None: never).
+
+    Returns
+    -------
+    numpy.ndarray, shape (n,), uint8
+    """
+    kind = counts.dtype.kind
+    reason = np.zeros(counts.shape[0], dtype=np.uint8)
+    if counts.shape[0] == 0:
+        return reason
+    mx = counts.max(axis=1)
+    if kind == "u":
+        invalid = np.zeros(counts.shape[0], dtype=bool)
+    else:
+        mn = counts.min(axis=1)
+        with np.errstate(invalid="ignore"):
+            invalid = (mn < 0) if kind in "iu" else ~(np.isfinite(mx) & np.isfinite(mn)) | (mn < 0)
+    with np.errstate(invalid="ignore"):
+        dead = mx == 0
+        if saturation_counts is not None:
+            reason[mx >= saturation_counts] = MASK_SATURATED
+    reason[dead] = MASK_DEAD
+    reason[invalid] = MASK_INVALID
+    return reason
+
+
+def _default_saturation(dtype: np.dtype) -> float | None:
+    dtype = np.dtype(dtype)
+    if dtype.kind in "iu":
+        return float(np.iinfo(dtype).max)
+    return None
+
+
+def _process_block(
+    block: np.ndarray,
+    model: Any,
+    calibration: EnergyCalibration,
+    live_time_s: float | np.ndarray | None,
+    saturation_counts: float | None,
+    batch_pixels: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Identify one block of pixels.
+
+    Parameters
+    ----------
+    block : numpy.ndarray, shape (r, c, channels)
+    live_time_s : float, numpy.ndarray of shape (r, c), or None
+
+    Returns
+    -------
+    probability, buried_probability : (r, c, K) float32, NaN at masked pixels
+    ood_score : (r, c) float32
+    reason : (r, c) uint8 mask reasons
+    """
+    r, c, ch = block.shape
+    k = len(model.classes)
+    flat = block.reshape(r * c, ch)
+    reason = classify_pixels(flat, saturation_counts)
+    prob = np.full((r * c, k), np.nan, dtype=np.float32)
+    bur = np.full((r * c, k), np.nan, dtype=np.float32)
+    ood = np.full(r * c, np.nan, dtype=np.float32)
+    valid_idx = np.flatnonzero(reason == MASK_OK)
+    all_valid = valid_idx.size == r * c
+    lt_flat = (
+        None if live_time_s is None or np.ndim(live_time_s) == 0 else np.asarray(live_time_s).reshape(-1)
+    )
+    for s in range(0, valid_idx.size, batch_pixels):
+        if all_valid:
+            sel: Any = slice(s, min(s + batch_pixels, r * c))
+        else:
+            sel = valid_idx[s : s + batch_pixels]
+        x = (
+            flat[sel].astype(np.float32, copy=False)
+            if flat.dtype.kind == "f"
+            else flat[sel].astype(np.float32)
+        )
+        lt = live_time_s if lt_flat is None else lt_flat[sel]
+        res = model.identify_batch(x, calibration, live_time_s=lt)
+        n = x.shape[0]
+        p = np.asarray(res.probability, dtype=np.float32)
+        b = np.asarray(res.buried_probability, dtype=np.float32)
+        o = np.asarray(res.ood_score, dtype=np.float32).reshape(-1)
+        if p.shape != (n, k) or b.shape != (n, k) or o.shape != (n,):
+            raise ModelError(
+                f"model returned probability {p.shape}, buried {b.shape}, ood {o.shape} for {n} spectra "
+                f"and {k} classes"
+            )
+        prob[sel], bur[sel], ood[sel] = p, b, o
+    return prob.reshape(r, c, k), bur.reshape(r, c, k), ood.reshape(r, c), reason.reshape(r, c)
+
+
+def _dask_block(
+    counts: np.ndarray,
+    *maybe_lt: np.ndarray,
+    model: Any,
+    calibration: EnergyCalibration,
+    live_time_s: float | None,
+    saturation_counts: float | None,
+    batch_pixels: int,
+) -> np.ndarray:
+    """Per-chunk function of the dask path: (r, c, channels) -> (r, c, 2 K + 2) float32 packed results."""
+    lt = maybe_lt[0] if maybe_lt else live_time_s
+    prob, bur, ood, reason = _process_block(
+        np.asarray(counts), model, calibration, lt, saturation_counts, batch_pixels
+    )
+    return np.concatenate([prob, bur, ood[..., None], reason[..., None].astype(np.float32)], axis=-1)
+
+
+# ------------------------------------------------------------------------------------------------------
+# sinks: in memory, or completed blocks on disk with resume
+# ------------------------------------------------------------------------------------------------------
+class _MemorySink:
+    def __init__(self, rows: int, cols: int, k: int) -> None:
+        self.prob = np.full((rows, cols, k), np.nan, dtype=np.float32)
+        self.bur = np.full((rows, cols, k), np.nan, dtype=np.float32)
+        self.ood = np.full((rows, cols), np.nan, dtype=np.float32)
+        self.reason = np.zeros((rows, cols), dtype=np.uint8)
+
+    def done(self, sl: slice) -> bool:
+        return False
+
+    def write(self, sl: slice, prob, bur, ood, reason) -> None:
+        self.prob[sl], self.bur[sl], self.ood[sl], self.reason[sl] = prob, bur, ood, reason
+
+
+class _PartialSink:
+    """Completed blocks as ``OUT.partial/rows_<r0>_<r1>.npz`` files, each written atomically."""
+
+    def __init__(self, out: Path, manifest: dict[str, Any], resume: bool) -> None:
+        self.out = out
+        self.dir = out.with_name(out.name + ".partial")
+        self.manifest = manifest
+        self.completed: set[tuple[int, int]] = set()
+        if self.dir.exists() and resume:
+            self._load_existing()
+        else:
+            if self.dir.exists():
+                shutil.rmtree(self.dir)
+            try:
+                self.dir.mkdir()
+            except OSError as exc:
+                raise FormatError(f"cannot create {self.dir}: {exc}") from None
+            _write_json_atomic(self.dir / "manifest.json", manifest)
+
+    def _load_existing(self) -> None:
+        try:
+            old = json.loads((self.dir / "manifest.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise FormatError(
+                f"cannot resume: {self.dir / 'manifest.json'} is unreadable ({exc}); "
+                f"delete {self.dir} or run "
+                "without --resume to start over"
+            ) from None
+        for key in ("format", "input", "model", "shape", "block_rows"):
+            if old.get(key) != self.manifest.get(key):
+                raise DataError(
+                    f"cannot resume: the partial results in {self.dir} were made with a different {key} "
+                    f"({old.get(key)!r} != {self.manifest.get(key)!r}); run without --resume to start over"
+                )
+        for p in self.dir.glob("rows_*.npz"):
+            m = re.fullmatch(r"rows_(\d+)_(\d+)\.npz", p.name)
+            if m:
+                self.completed.add((int(m.group(1)), int(m.group(2))))
+
+    def done(self, sl: slice) -> bool:
+        return (sl.start, sl.stop) in self.completed
+
+    def write(self, sl: slice, prob, bur, ood, reason) -> None:
+        target = self.dir / f"rows_{sl.start:07d}_{sl.stop:07d}.npz"
+        tmp = self.dir / f".{target.name}.tmp"
+        with open(tmp, "wb") as fh:
+            np.savez(fh, probability=prob, buried_probability=bur, ood_score=ood, mask_reason=reason)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+        self.completed.add((sl.start, sl.stop))
+
+    def read(self, sl: slice) -> dict[str, np.ndarray]:
+        path = self.dir / f"rows_{sl.start:07d}_{sl.stop:07d}.npz"
+        with np.load(path) as z:
+            return {n: z[n] for n in z.files}
+
+    def assemble(
+        self, classes, colors, thresholds, ood_threshold, metadata, slices: list[slice], element_maps
+    ) -> None:
+        rows, cols = self.manifest["shape"]
+        with _atomic_output(self.out) as tmp:
+            with _h5_create(tmp) as f:
+                _write_header(f, classes, colors, thresholds, ood_threshold, metadata)
+                d = _create_map_datasets(f, rows, cols, len(classes))
+                for sl in slices:
+                    z = self.read(sl)
+                    d["probability"][sl] = z["probability"]
+                    d["buried_probability"][sl] = z["buried_probability"]
+                    d["ood_score"][sl] = z["ood_score"]
+                    d["mask_reason"][sl] = z["mask_reason"]
+                    d["mask"][sl] = z["mask_reason"] != MASK_OK
+                if element_maps is not None:
+                    _write_element_maps(f, element_maps)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------------
+# the public entry point
+# ------------------------------------------------------------------------------------------------------
+def _model_identity(model: Any) -> dict[str, Any]:
+    return {
+        "name": str(getattr(model, "name", type(model).__name__)),
+        "classes": list(model.classes),
+        "thresholds": [round(float(t), 6) for t in np.asarray(model.thresholds).reshape(-1)],
+        "ood_threshold": round(float(model.ood_threshold), 6),
+    }
+
+
+def _input_identity(scan: Scan) -> dict[str, Any]:
+    ident: dict[str, Any] = {
+        "shape": list(scan.shape),
+        "dtype": str(np.dtype(scan.counts.dtype)),
+        "calibration": scan.calibration.to_dict(),
+    }
+    source = scan.metadata.get("source") or getattr(getattr(scan.counts, "file", None), "filename", None)
+    if source:
+        ident["source"] = str(Path(str(source)).resolve())
+        with contextlib.suppress(OSError):
+            st = os.stat(str(source))
+            ident["size"] = st.st_size
+            ident["mtime_ns"] = st.st_mtime_ns
+    return ident
+
+
+def _resolve_model(model: Any) -> Any:
+    if model is None or isinstance(model, str | os.PathLike):
+        try:
+            from ._model import load_model
+        except ModuleNotFoundError as exc:
+            if exc.name and exc.name.startswith("xrfnb"):
+                raise ModelError("the pigment model is not available yet (xrfnb._model is missing)") from None
+            raise
+        return load_model("default" if model is None else model)
+    for attr in ("classes", "colors", "thresholds", "ood_threshold", "identify_batch"):
+        if not hasattr(model, attr):
+            raise ModelError(f"model {model!r} has no {attr!r}: pass a PigmentModel or a model name")
+    return model
+
+
+def _as_scan(scan: Any) -> Scan:
+    if isinstance(scan, Scan):
+        return scan
+    from ._spectrum import Spectrum
+
+    if isinstance(scan, Spectrum):
+        return Scan(
+            np.asarray(scan.counts)[None, None, :],
+            scan.calibration,
+            live_time_s=scan.live_time_s,
+            metadata=scan.metadata,
+        )
+    raise DataError(f"map_pigments needs a Scan (or a Spectrum), got {type(scan).__name__}")
+
+
+def map_pigments(
+    scan: Scan,
+    model: Any = None,
+    *,
+    chunk_pixels: int = _DEFAULT_CHUNK_PIXELS,
+    batch_pixels: int = _DEFAULT_BATCH_PIXELS,
+    progress: bool = True,
+    element_maps: bool = False,
+    instrument: Any = None,
+    out: str | os.PathLike | None = None,
+    resume: bool = False,
+    saturation_counts: float | None = None,
+) -> PigmentMaps:
+    """Pigment maps of a whole scan, streamed block by block with bounded memory.
+
+    Parameters
+    ----------
+    scan : Scan
+        The scan, shape (rows, cols, channels); counts may be in memory, an open HDF5 dataset, or a
+        :class:`dask.array.Array` (then the work runs with dask, on a ``dask.distributed`` cluster if a
+        client is active).
+    model : PigmentModel, str or path, optional
+        The model, or a name/path for :func:`xrfnb.load_model`; default ``"default"``.
+    chunk_pixels : int
+        Pixels read per block (whole rows, aligned to the HDF5 chunks). Peak memory is about
+        ``chunk_pixels x channels x (itemsize + 4 x batch_pixels / chunk_pixels)`` bytes for the spectra.
+    batch_pixels : int
+        Spectra converted to float32 and passed to the model at once.
+    progress : bool
+        Show a progress bar (tqdm) on stderr.
+    element_maps : bool
+        Also fit element maps (:func:`xrfnb.fit_elements`) and keep them alongside.
+    instrument : Instrument or str, optional
+        Instrument for the element fit (default: ``scan.metadata["instrument"]`` or ``"bruker-m6"``).
+    out : path-like, optional
+        Write the maps to this HDF5 file while mapping (completed blocks go to ``OUT.partial/`` first and
+        the file appears atomically at the end); the returned maps then read from it lazily.
+    resume : bool
+        With ``out``: continue from the completed blocks of an interrupted run.
+    saturation_counts : float, optional
+        A channel at or above this value marks the pixel saturated; default: the maximum of an integer
+        dtype (a clipped counter), none for float data.
+
+    Returns
+    -------
+    PigmentMaps
+        Probabilities (rows, cols, K); invalid pixels (all-zero, saturated, NaN/inf or negative counts) are
+        masked and counted in ``metadata["masked"]`` and :meth:`PigmentMaps.summary`.
+    """
+    scan = _as_scan(scan)
+    model = _resolve_model(model)
+    chunk_pixels = int(chunk_pixels)
+    batch_pixels = int(batch_pixels)
+    if chunk_pixels < 1 or batch_pixels < 1:
+        raise DataError(f"chunk_pixels and batch_pixels must be >= 1, got {chunk_pixels}, {batch_pixels}")
+    if saturation_counts is None:
+        saturation_counts = _default_saturation(scan.counts.dtype)
+    rows, cols, _ = scan.shape
+    classes = tuple(model.classes)
+    k = len(classes)
+    out_path = Path(out) if out is not None else None
+    if out_path is not None:
+        _check_output(out_path, scan)
+    t0 = time.perf_counter()
+    metadata: dict[str, Any] = {
+        "source": str(scan.metadata.get("source", "")),
+        "model": str(getattr(model, "name", type(model).__name__)),
+        "pixel_size_um": scan.pixel_size_um,
+        "calibration": scan.calibration.to_dict(),
+        "shape": [rows, cols],
+    }
+
+    if _is_dask(scan.counts):
+        prob, bur, ood, reason = _map_dask(scan, model, saturation_counts, batch_pixels, progress)
+        sink: Any = None
+    else:
+        step = scan.block_rows(chunk_pixels)
+        slices = [slice(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
+        if out_path is not None:
+            manifest = {
+                "format": _PARTIAL_FORMAT,
+                "input": _input_identity(scan),
+                "model": _model_identity(model),
+                "shape": [rows, cols],
+                "block_rows": step,
+            }
+            sink = _PartialSink(out_path, manifest, resume)
+        else:
+            sink = _MemorySink(rows, cols, k)
+        _stream(scan, model, sink, slices, saturation_counts, batch_pixels, progress)
+
+    elapsed = time.perf_counter() - t0
+    em = _element_maps(scan, instrument) if element_maps else None
+    metadata["elapsed_s"] = round(elapsed, 3)
+    metadata["spectra_per_s"] = round(rows * cols / max(elapsed, 1e-9), 1)
+
+    if isinstance(sink, _PartialSink):
+        masked = _count_reasons_blocks(sink, slices)
+        metadata["masked"] = masked
+        sink.assemble(classes, model.colors, model.thresholds, model.ood_threshold, metadata, slices, em)
+        maps = PigmentMaps.from_hdf5(out_path, lazy=True)
+        return dataclasses.replace(maps, element_maps=em) if em is not None else maps
+    if isinstance(sink, _MemorySink):
+        prob, bur, ood, reason = sink.prob, sink.bur, sink.ood, sink.reason
+    metadata["masked"] = {name: int((reason == code).sum()) for code, name in MASK_REASONS.items()}
+    maps = PigmentMaps(
+        classes=classes,
+        probability=prob,
+        buried_probability=bur,
+        ood_score=ood,
+        thresholds=np.asarray(model.thresholds, dtype=np.float32),
+        ood_threshold=float(model.ood_threshold),
+        mask=reason != MASK_OK,
+        colors=tuple(model.colors),
+        element_maps=em,
+        metadata=metadata,
+        mask_reason=reason,
+    )
+    if out_path is not None:
+        maps.to_hdf5(out_path)
+    return maps
+
+
+def _check_output(out: Path, scan: Scan) -> None:
+    if not out.parent.is_dir():
+        raise FormatError(f"cannot write {out}: folder {out.parent} does not exist")
+    source = scan.metadata.get("source")
+    if source and out.exists() and Path(str(source)).exists():
+        with contextlib.suppress(OSError):
+            if os.path.samefile(out, str(source)):
+                raise FormatError(f"refusing to overwrite the input file {source} with pigment maps")
+    if source and out.resolve() == Path(str(source)).resolve():
+        raise FormatError(f"refusing to overwrite the input file {source} with pigment maps")
+
+
+def _count_reasons_blocks(sink: _PartialSink, slices: list[slice]) -> dict[str, int]:
+    counts = dict.fromkeys(MASK_REASONS.values(), 0)
+    for sl in slices:
+        reason = sink.read(sl)["mask_reason"]
+        for code, name in MASK_REASONS.items():
+            counts[name] += int((reason == code).sum())
+    return counts
+
+
+def _stream(
+    scan: Scan,
+    model: Any,
+    sink: Any,
+    slices: list[slice],
+    saturation_counts: float | None,
+    batch_pixels: int,
+    progress: bool,
+) -> None:
+    from tqdm.auto import tqdm
+
+    rows, cols, _ = scan.shape
+    todo = [sl for sl in slices if not sink.done(sl)]
+    lt_all = scan.live_time_s
+
+    def read(sl: slice) -> np.ndarray:
+        return np.asarray(scan.counts[sl])
+
+    with (
+        tqdm(
+            total=rows * cols,
+            initial=(rows * cols - sum((s.stop - s.start) * cols for s in todo)),
+            unit="px",
+            unit_scale=True,
+            desc="pigment maps",
+            disable=not progress,
+            smoothing=0.1,
+        ) as bar,
+        concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="xrfnb-read") as pool,
+    ):
+        # read the next block in a background thread while the model works on this one
+        pending = pool.submit(read, todo[0]) if todo else None
+        for i, sl in enumerate(todo):
+            block = pending.result()
+            pending = pool.submit(read, todo[i + 1]) if i + 1 < len(todo) else None
+            lt = lt_all[sl] if isinstance(lt_all, np.ndarray) else lt_all
+            prob, bur, ood, reason = _process_block(
+                block, model, scan.calibration, lt, saturation_counts, batch_pixels
+            )
+            del block
+            sink.write(sl, prob, bur, ood, reason)
+            bar.update((sl.stop - sl.start) * cols)
+
+
+def _map_dask(
+    scan: Scan, model: Any, saturation_counts: float | None, batch_pixels: int, progress: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    import dask.array as da
+
+    k = len(model.classes)
+    counts = scan.counts.rechunk({2: -1})
+    lt = scan.live_time_s
+    fn = functools.partial(
+        _dask_block,
+        model=model,
+        calibration=scan.calibration,
+        live_time_s=None if isinstance(lt, np.ndarray) else lt,
+        saturation_counts=saturation_counts,
+        batch_pixels=batch_pixels,
+    )
+    args: list[Any] = [counts, "ijc"]
+    if isinstance(lt, np.ndarray):
+        args += [da.from_array(lt, chunks=(counts.chunks[0], counts.chunks[1])), "ij"]
+    packed = da.blockwise(
+        fn,
+        "ijz",
+        *args,
+        new_axes={"z": 2 * k + 2},
+        concatenate=True,
+        dtype=np.float32,
+        meta=np.empty((0, 0, 0), dtype=np.float32),
+    )
+    result = _compute(packed, progress)
+    prob = result[..., :k]
+    bur = result[..., k : 2 * k]
+    ood = np.ascontiguousarray(result[..., 2 * k])
+    reason = result[..., 2 * k + 1].astype(np.uint8)
+    return np.ascontiguousarray(prob), np.ascontiguousarray(bur), ood, reason
+
+
+def _compute(arr: Any, progress: bool) -> np.ndarray:
+    try:
+        from distributed import get_client
+
+        client = get_client()
+    except (ImportError, ValueError):
+        client = None
+    if client is not None:
+        if progress:
+            from distributed import progress as dprogress
+
+            fut = client.compute(arr)
+            with contextlib.suppress(Exception):
+                dprogress(fut, notebook=False)
+            return np.asarray(fut.result())
+        return np.asarray(client.compute(arr).result())
+    if progress:
+        from tqdm.dask import TqdmCallback
+
+        with TqdmCallback(desc="pigment maps"):
+            return np.asarray(arr.compute())
+    return np.asarray(arr.compute())
+
+
+def _element_maps(scan: Scan, instrument: Any) -> Any:
+    try:
+        from ._fit import fit_elements
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.startswith("xrfnb"):
+            raise XRFNBError("element maps are not available yet (xrfnb._fit is missing)") from None
+        raise
+    if instrument is None or isinstance(instrument, str):
+        from ._instrument import Instrument
+
+        instrument = Instrument.preset(instrument or scan.metadata.get("instrument") or "bruker-m6")
+    return fit_elements(scan, instrument)
