@@ -1,0 +1,256 @@
+"""Readers and writers: :func:`load` any supported spectrum or scan file, :func:`save` atomically.
+
+Formats are detected from the file content (see :mod:`xrfnb._io._detect`); the extension only
+breaks ties. Inputs are opened read-only and never modified. Writers write to a temporary file in
+the destination folder and rename it into place (:func:`atomic_path`), so a failed save leaves
+neither a partial file nor a damaged older one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from .._calibration import EnergyCalibration
+from .._errors import DataError, FormatError, XRFNBError
+from .._spectrum import Scan, Spectrum
+from ._detect import FORMATS, detect_format
+
+__all__ = ["FORMATS", "atomic_path", "detect_format", "load", "save"]
+
+#: extension (lower case) -> writer format for :func:`save`
+SAVE_FORMATS: dict[str, str] = {
+    ".h5": "hdf5",
+    ".hdf5": "hdf5",
+    ".hdf": "hdf5",
+    ".nxs": "hdf5",
+    ".nx5": "hdf5",
+    ".npy": "npy",
+    ".npz": "npz",
+    ".txt": "text",
+    ".dat": "text",
+    ".csv": "text",
+    ".mca": "epics_mca",
+    ".rpl": "rpl",
+}
+
+
+def load(
+    path: str | os.PathLike[str],
+    *,
+    element: int | str | None = None,
+    dataset: str | None = None,
+    calibration: EnergyCalibration | None = None,
+) -> Spectrum | Scan:
+    """Load a spectrum or a scan from a file, detecting its format from its content.
+
+    Supported: xrfnb HDF5 (and NeXus NXdata / plain HDF5 datasets), EPICS/XIA MCA (one or several
+    detector elements), Amptek ``.mca``, SPEC/ORTEC ``.spe``, plain-text columns, Bruker ``.spx`` and
+    ``.bcf``, Lispix/ripple ``.rpl`` + ``.raw``, NumPy ``.npy``/``.npz`` with a JSON side-car.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The file (for ripple data, the ``.rpl`` header or its ``.raw`` file).
+    element : int or "sum", optional
+        Multi-element EPICS/XIA files: the detector element to return, or ``"sum"`` (default): the
+        calibrated sum, each element rebinned onto element 0's energy axis; its ``live_time_s`` is the
+        mean of the elements' live times, which are all kept in ``metadata["element_live_time_s"]``.
+    dataset : str, optional
+        HDF5 files: path inside the file of the group or dataset to load (default: the NeXus
+        ``default`` entry, else the only spectrum or scan in the file).
+    calibration : EnergyCalibration, optional
+        Replace the file's calibration (needed for files that state none: those load with
+        ``energy_keV`` equal to the channel number and ``metadata["calibrated"] is False``).
+
+    Returns
+    -------
+    Spectrum or Scan
+        A :class:`Spectrum` (counts (channels,)) or a :class:`Scan` (counts (rows, cols, channels)).
+        Scans from HDF5, ``.npy``, ``.bcf`` and ripple files are lazy (h5py dataset, memory map or
+        dask array): nothing is read in full until asked. An HDF5 scan keeps its file open, read-only,
+        while ``scan.counts`` is referenced; ``scan.counts.file.close()`` closes it early.
+
+    Raises
+    ------
+    FormatError
+        Missing, empty, truncated, corrupted or unsupported file.
+    DataError
+        Negative or NaN counts, wrong shape, mismatched channel counts, bad ``element``.
+    CalibrationError
+        An invalid calibration in the file.
+    """
+    p = Path(os.fspath(path))
+    if not p.exists():
+        raise FormatError(f"{p}: no such file")
+    if p.is_dir():
+        raise FormatError(f"{p}: is a folder; give the path of a spectrum or scan file")
+    fmt = detect_format(p)
+    if element is not None and fmt != "epics_mca":
+        if not (element == 0 or element == "sum"):
+            raise DataError(f"{p}: element={element!r} applies only to multi-element EPICS/XIA MCA files")
+    if dataset is not None and fmt != "hdf5":
+        raise DataError(f"{p}: dataset={dataset!r} applies only to HDF5 files, this is {FORMATS[fmt]}")
+    if fmt == "hdf5":
+        from ._hdf5 import read_hdf5
+
+        return read_hdf5(p, dataset=dataset, calibration=calibration)
+    try:
+        obj = _read(fmt, p, element)
+    except RecursionError:
+        raise FormatError(f"{p}: nesting too deep to parse (corrupted file?)") from None
+    except MemoryError:
+        raise FormatError(
+            f"{p}: the file describes more data than fits in memory (corrupted header?)"
+        ) from None
+    if calibration is not None:
+        meta = {**obj.metadata, "calibrated": True, "calibration_source": "given to load()"}
+        if isinstance(obj, Scan):
+            obj = Scan(obj.counts, calibration, obj.pixel_size_um, obj.live_time_s, meta)
+        else:
+            obj = Spectrum(obj.counts, calibration, obj.live_time_s, obj.real_time_s, meta)
+    return obj
+
+
+def _read(fmt: str, p: Path, element: int | str | None) -> Spectrum | Scan:
+    if fmt == "epics_mca":
+        from ._mca import read_epics_mca
+
+        return read_epics_mca(p, element=element)
+    if fmt == "amptek_mca":
+        from ._mca import read_amptek_mca
+
+        return read_amptek_mca(p)
+    if fmt == "spe":
+        from ._spe import read_spe
+
+        return read_spe(p)
+    if fmt == "text":
+        from ._text import read_text_spectrum
+
+        return read_text_spectrum(p)
+    if fmt == "npy":
+        from ._npy import read_npy
+
+        return read_npy(p)
+    if fmt == "npz":
+        from ._npy import read_npz
+
+        return read_npz(p)
+    if fmt == "spx":
+        from ._bruker import read_spx
+
+        return read_spx(p)
+    if fmt == "bcf":
+        from ._bruker import read_bcf
+
+        return read_bcf(p)
+    if fmt == "rpl":
+        from ._bruker import read_rpl
+
+        return read_rpl(p)
+    raise FormatError(
+        f"{p}: no reader for format {fmt!r}"
+    )  # pragma: no cover - detect_format names only these
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path in ``path``'s folder; on success rename it to ``path`` atomically.
+
+    On an exception the temporary file is removed and ``path`` is left as it was (absent or the
+    previous version). The temporary name keeps ``path``'s suffix, so libraries that look at it
+    (``np.save``, h5py) behave.
+
+    Examples
+    --------
+    >>> with atomic_path("maps.h5") as tmp:          # doctest: +SKIP
+    ...     with h5py.File(tmp, "w") as f:
+    ...         write_scan(f.create_group("scan"), scan)
+    """
+    target = Path(os.fspath(path))
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.is_dir():
+        raise FormatError(f"{target}: the folder {folder} does not exist")
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{target.suffix}", dir=folder)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def save(obj: Spectrum | Scan, path: str | os.PathLike[str]) -> Path:
+    """Save a spectrum or scan atomically; the format follows the extension.
+
+    ``.h5``/``.hdf5``/``.nxs``: xrfnb HDF5 layout (lossless, recommended; ``docs/hdf5-layout.md``);
+    ``.npy`` (plus a ``.json`` side-car) or ``.npz``; ``.mca``: EPICS MCA text (spectra);
+    ``.txt``/``.dat``/``.csv``: two-column text (spectra); ``.rpl``: ripple header plus ``.raw``.
+
+    Parameters
+    ----------
+    obj : Spectrum or Scan
+        What to save. Lazy scans are written block by block.
+    path : str or os.PathLike
+        Destination file.
+
+    Returns
+    -------
+    pathlib.Path
+        The path written.
+    """
+    p = Path(os.fspath(path))
+    if not isinstance(obj, (Spectrum, Scan)):
+        raise DataError(f"{p}: save() takes a Spectrum or a Scan, got {type(obj).__name__}")
+    fmt = SAVE_FORMATS.get(p.suffix.lower())
+    if fmt is None:
+        raise FormatError(
+            f"{p}: cannot tell the format from the extension {p.suffix!r}; use one of "
+            f"{', '.join(sorted(SAVE_FORMATS))}"
+        )
+    if fmt in ("text", "epics_mca") and isinstance(obj, Scan):
+        raise DataError(f"{p}: {p.suffix} holds a single spectrum; save a scan as .h5, .npz, .npy or .rpl")
+    try:
+        if fmt == "hdf5":
+            from ._hdf5 import write_hdf5
+
+            with atomic_path(p) as tmp:
+                write_hdf5(obj, tmp)
+        elif fmt == "npz":
+            from ._npy import write_npz
+
+            with atomic_path(p) as tmp:
+                write_npz(obj, tmp)
+        elif fmt == "npy":
+            from ._npy import write_npy_sidecar
+
+            side = p.with_suffix(".json")
+            with atomic_path(p) as tmp, atomic_path(side) as tmp_side:
+                write_npy_sidecar(obj, tmp, tmp_side)
+        elif fmt == "rpl":
+            from ._bruker import write_rpl
+
+            with atomic_path(p) as tmp, atomic_path(p.with_suffix(".raw")) as tmp_raw:
+                write_rpl(obj, tmp, tmp_raw)
+        elif fmt == "text":
+            from ._text import write_text_spectrum
+
+            with atomic_path(p) as tmp:
+                write_text_spectrum(obj, tmp)
+        else:
+            from ._mca import write_epics_mca
+
+            with atomic_path(p) as tmp:
+                write_epics_mca(obj, tmp)
+    except XRFNBError:
+        raise
+    except OSError as exc:
+        raise FormatError(f"{p}: cannot write the file ({exc.strerror or exc})") from None
+    return p

@@ -1,0 +1,289 @@
+"""Bruker Esprit ``.spx`` / ``.bcf`` and Lispix/ripple ``.rpl`` + ``.raw``, read through rosettasciio.
+
+Any failure inside rosettasciio (a corrupted or unsupported file) becomes a :class:`FormatError`
+naming the file.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .._calibration import EnergyCalibration
+from .._errors import CalibrationError, DataError, FormatError, XRFNBError
+from .._spectrum import Scan, Spectrum
+from ._common import make_spectrum
+
+__all__ = ["read_bcf", "read_rpl", "read_spx"]
+
+_LENGTH_TO_UM = {"nm": 1e-3, "um": 1.0, "µm": 1.0, "μm": 1.0, "micron": 1.0, "mm": 1e3, "cm": 1e4, "m": 1e6}
+
+
+def _rsciio(func: Callable[..., Any], path: Path, what: str, **kwargs: Any) -> list[dict[str, Any]]:
+    """Call a rosettasciio reader, turning every failure into FormatError."""
+    logger = logging.getLogger("rsciio")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = func(str(path), **kwargs)
+    except XRFNBError:
+        raise
+    except MemoryError:
+        raise FormatError(
+            f"{path}: the {what} header asks for more memory than available (corrupted?)"
+        ) from None
+    except Exception as exc:  # rosettasciio raises anything from struct.error to KeyError on bad files
+        raise FormatError(f"{path}: not a readable {what} ({type(exc).__name__}: {exc})") from None
+    finally:
+        logger.setLevel(level)
+    if not isinstance(out, list) or not out or not isinstance(out[0], dict) or "data" not in out[0]:
+        raise FormatError(f"{path}: the {what} holds no spectrum data")
+    return out
+
+
+def _find(d: Any, key: str) -> Any:
+    """First value of ``key`` anywhere in a nested mapping."""
+    if isinstance(d, Mapping):
+        if key in d:
+            return d[key]
+        for v in d.values():
+            found = _find(v, key)
+            if found is not None:
+                return found
+    return None
+
+
+def _energy_calibration(axis: Mapping[str, Any], path: Path, n_channels: int) -> EnergyCalibration:
+    units = str(axis.get("units") or "keV").strip()
+    scale = {"ev": 1e-3, "kev": 1.0}.get(units.lower())
+    if scale is None:
+        raise CalibrationError(f"{path}: energy axis in unsupported units {units!r} (expected eV or keV)")
+    try:
+        cal = EnergyCalibration(float(axis.get("offset", 0.0)) * scale, float(axis.get("scale", 0.0)) * scale)
+        return cal.check_monotonic(n_channels)
+    except (TypeError, ValueError):
+        raise CalibrationError(f"{path}: energy axis offset/scale are not numbers: {axis!r}") from None
+    except CalibrationError as exc:
+        raise CalibrationError(f"{path}: {exc}") from None
+
+
+def _pixel_size_um(axis: Mapping[str, Any]) -> float | None:
+    factor = _LENGTH_TO_UM.get(str(axis.get("units") or "").strip())
+    try:
+        scale = float(axis.get("scale", 0.0))
+    except (TypeError, ValueError):
+        return None
+    if factor is None or not np.isfinite(scale) or scale <= 0:
+        return None
+    return scale * factor
+
+
+def read_spx(path: Path) -> Spectrum:
+    """Bruker ``.spx`` spectrum: counts, ``CalibAbs``/``CalibLin`` calibration, live/real time."""
+    from rsciio.bruker import file_reader
+
+    item = _rsciio(file_reader, path, "Bruker .spx spectrum")[0]
+    counts = np.asarray(item["data"])
+    if counts.ndim != 1:
+        raise DataError(f"{path}: .spx data has shape {counts.shape}, expected one spectrum")
+    cal = _energy_calibration(item["axes"][-1], path, counts.size)
+    eds = _find(item.get("metadata", {}), "EDS") or {}
+    live, real = eds.get("live_time"), eds.get("real_time")
+    meta = {"format": "spx", "rsciio_metadata": item.get("metadata", {})}
+    return make_spectrum(
+        counts.astype(np.int64, copy=False) if counts.dtype.kind == "u" else counts,
+        cal,
+        path,
+        live_time_s=live,
+        real_time_s=real,
+        metadata=meta,
+        calibration_source="file header (CalibAbs/CalibLin)",
+    )
+
+
+def read_bcf(path: Path) -> Scan:
+    """Bruker ``.bcf`` hypermap as a lazy (dask) :class:`Scan`.
+
+    The live time stored in a ``.bcf`` is that of the whole map's sum spectrum; the scan's per-pixel
+    ``live_time_s`` is that total divided by the number of pixels (the total is kept in
+    ``metadata["bcf_total_live_time_s"]``).
+    """
+    from rsciio.bruker import file_reader
+
+    items = _rsciio(file_reader, path, "Bruker .bcf hypermap", select_type="spectrum_image", lazy=True)
+    item = items[0]
+    data = item["data"]
+    if len(data.shape) != 3:
+        raise DataError(f"{path}: .bcf hypermap has shape {data.shape}, expected (rows, cols, channels)")
+    cal = _energy_calibration(item["axes"][-1], path, data.shape[2])
+    eds = _find(item.get("metadata", {}), "EDS") or {}
+    meta: dict[str, Any] = {
+        "format": "bcf",
+        "source": str(path),
+        "calibrated": True,
+        "calibration_source": "file header (hypermap sum spectrum)",
+    }
+    live = None
+    if eds.get("live_time") is not None:
+        meta["bcf_total_live_time_s"] = float(eds["live_time"])
+        live = float(eds["live_time"]) / (data.shape[0] * data.shape[1])
+    try:
+        return Scan(data, cal, pixel_size_um=_pixel_size_um(item["axes"][1]), live_time_s=live, metadata=meta)
+    except XRFNBError as exc:
+        raise type(exc)(f"{path}: {exc}") from None
+
+
+def _rpl_header(path: Path) -> dict[str, str]:
+    from ._common import read_text
+
+    info: dict[str, str] = {}
+    for line in read_text(path).splitlines():
+        s = line.strip()
+        if not s or s.startswith(";"):
+            continue
+        parts = s.split(None, 1)
+        if len(parts) == 2:
+            info[parts[0].lower()] = parts[1].strip()
+    return info
+
+
+def read_rpl(path: Path) -> Spectrum | Scan:
+    """Lispix/ripple ``.rpl`` header + ``.raw`` data as a lazy (dask, memory-mapped) :class:`Scan`.
+
+    Calibration from ``depth-origin``/``depth-scale``/``depth-units`` (HyperSpy, Bruker) or
+    ``ev-per-chan``; ``live-time`` (seconds) is taken as the live time of every pixel; the pixel size from
+    ``width-scale``/``width-units``. ``record-by image`` files are transposed (lazily) to
+    (rows, cols, channels). A 1 x 1 map loads as a :class:`Spectrum`.
+    """
+    from rsciio.ripple import file_reader
+
+    if path.suffix.lower() == ".raw":
+        path = next(p for p in (path.with_suffix(".rpl"), path.with_suffix(".RPL")) if p.exists())
+    head = _rpl_header(path)
+    try:
+        width, height, depth = (int(head[k]) for k in ("width", "height", "depth"))
+        offset, length = int(head.get("offset", "0")), int(head["data-length"])
+    except KeyError as exc:
+        raise FormatError(f"{path}: ripple header lacks the {exc.args[0]!r} key") from None
+    except ValueError:
+        raise FormatError(f"{path}: ripple width/height/depth/offset/data-length must be integers") from None
+    if min(width, height, depth, length) < 1 or offset < 0:
+        raise FormatError(f"{path}: ripple header has a non-positive size: {width} x {height} x {depth}")
+    raw = next((p for p in (path.with_suffix(".raw"), path.with_suffix(".RAW")) if p.is_file()), None)
+    if raw is None:
+        raise FormatError(
+            f"{path}: the data file {path.with_suffix('.raw').name} is missing next to the header"
+        )
+    need = offset + width * height * depth * length
+    have = raw.stat().st_size
+    if have < need:
+        raise FormatError(
+            f"{raw}: holds {have} bytes but {path.name} describes {width} x {height} x {depth} values of "
+            f"{length} bytes from offset {offset} ({need} bytes): truncated file or mismatched header"
+        )
+    item = _rsciio(file_reader, path, "ripple .rpl/.raw pair", lazy=True)[0]
+    data = item["data"]
+    record_by = head.get("record-by", "vector").lower()
+    if record_by == "image":
+        data = data.reshape(depth, height, width).transpose(1, 2, 0)
+    else:
+        data = data.reshape(height, width, depth)
+    if "depth-scale" in head or "ev-per-chan" in head:
+        key = "depth-scale" if "depth-scale" in head else "ev-per-chan"
+        units = head.get("depth-units", "eV" if key == "ev-per-chan" else "")
+        try:
+            scale, origin = float(head[key]), float(head.get("depth-origin", "0"))
+        except ValueError:
+            raise CalibrationError(f"{path}: {key}/depth-origin are not numbers") from None
+        if units.lower() not in ("ev", "kev"):
+            # no units: an XRF/EDS channel is never 0.5 keV wide, so a large scale means eV
+            units = "eV" if scale >= 0.5 else "keV"
+        cal = _energy_calibration({"offset": origin, "scale": scale, "units": units}, path, depth)
+        source = f"file header ({key}, {units})"
+    else:
+        cal, source = None, ""
+    live = None
+    if "live-time" in head:
+        try:
+            live = float(head["live-time"])
+        except ValueError:
+            raise FormatError(f"{path}: live-time is not a number: {head['live-time']!r}") from None
+    meta: dict[str, Any] = {"format": "rpl", "ripple_header": head}
+    if width == 1 and height == 1:
+        return make_spectrum(
+            np.asarray(data.compute()).reshape(depth),
+            cal,
+            path,
+            live_time_s=live,
+            metadata=meta,
+            calibration_source=source,
+        )
+    meta.update(source=str(path), calibrated=cal is not None, calibration_source=source or "none in file")
+    pixel = _pixel_size_um({"scale": head.get("width-scale", 0), "units": head.get("width-units", "")})
+    try:
+        return Scan(
+            data, cal or EnergyCalibration(0.0, 1.0), pixel_size_um=pixel, live_time_s=live, metadata=meta
+        )
+    except XRFNBError as exc:
+        raise type(exc)(f"{path}: {exc}") from None
+
+
+def write_rpl(obj: Spectrum | Scan, rpl_path: Path, raw_path: Path) -> None:
+    """Write a ripple header (``record-by vector``, little-endian) and its ``.raw`` data file.
+
+    Only linear calibrations fit the ripple format; a quadratic term raises :class:`CalibrationError`.
+    """
+    cal = obj.calibration
+    if cal.quadratic_keV != 0.0:
+        raise CalibrationError(
+            f"{rpl_path}: the ripple format cannot store a quadratic calibration; save as .h5"
+        )
+    if isinstance(obj, Spectrum):
+        rows, cols, depth = 1, 1, obj.n_channels
+        blocks = [np.asarray(obj.counts).reshape(1, 1, -1)]
+        dtype = np.dtype(obj.counts.dtype)
+    else:
+        rows, cols, depth = obj.shape
+        dtype = np.dtype(obj.counts.dtype)
+        blocks = (b for _, b in obj.iter_blocks())
+    kinds = {"i": "signed", "u": "unsigned", "f": "float"}
+    if (
+        dtype.kind not in kinds
+        or dtype.itemsize not in (1, 2, 4, 8)
+        or (dtype.kind == "f" and dtype.itemsize < 4)
+    ):
+        dtype = np.dtype(np.float64)
+    dtype = dtype.newbyteorder("<")
+    head = {
+        "width": cols,
+        "height": rows,
+        "depth": depth,
+        "offset": 0,
+        "data-length": dtype.itemsize,
+        "data-type": kinds[dtype.kind],
+        "byte-order": "little-endian",
+        "record-by": "vector",
+        "depth-origin": repr(cal.offset_keV),
+        "depth-scale": repr(cal.gain_keV),
+        "depth-units": "keV",
+        "depth-name": "Energy",
+        "signal": "EDS_SEM",
+    }
+    live = obj.live_time_s
+    if live is not None and np.ndim(live) == 0:
+        head["live-time"] = repr(float(live))
+    if isinstance(obj, Scan) and obj.pixel_size_um is not None:
+        for axis in ("width", "height"):
+            head[f"{axis}-scale"] = repr(obj.pixel_size_um)
+            head[f"{axis}-units"] = "um"
+    rpl_path.write_text("".join(f"{k}\t{v}\n" for k, v in head.items()), encoding="latin-1")
+    with open(raw_path, "wb") as fh:
+        for block in blocks:
+            fh.write(np.ascontiguousarray(block, dtype=dtype).tobytes())
