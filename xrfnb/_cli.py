@@ -72,6 +72,9 @@ def _cmd_identify(args: argparse.Namespace) -> int:
     from ._mapping import map_pigments
     from ._spectrum import Scan, Spectrum
 
+    out = Path(args.output)
+    if out.suffix.lower() not in (".h5", ".hdf5", ".nxs"):
+        raise DataError(f"output {out} should be an HDF5 file ending in .h5")
     data = _load_input(args.input)
     if isinstance(data, Spectrum):
         data = Scan(
@@ -79,9 +82,6 @@ def _cmd_identify(args: argparse.Namespace) -> int:
         )
     if not isinstance(data, Scan):
         raise DataError(f"{args.input}: expected a scan or a spectrum, got {type(data).__name__}")
-    out = Path(args.output)
-    if out.suffix.lower() not in (".h5", ".hdf5", ".nxs"):
-        raise DataError(f"output {out} should be an HDF5 file ending in .h5")
     model = _load_model(args.model)
     rows, cols, ch = data.shape
     _info(f"{args.input}: {rows} x {cols} pixels x {ch} channels -> {out}")

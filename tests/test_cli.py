@@ -1,0 +1,257 @@
+"""The ``xrfnb`` command line: identify, info, train, evaluate, serve; errors; interruption and --resume.
+
+``identify`` runs with the deterministic test double of ``test_mapping.py`` (substituted for the model
+loader) so these tests do not depend on a trained model; one test uses the shipped model when present.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import xrfnb
+import xrfnb._cli as cli
+from xrfnb._mapping import PigmentMaps, map_pigments
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_mapping import CAL, LinearTestModel, make_counts
+
+TESTS_DIR = Path(__file__).resolve().parent
+XRFNB = Path(sys.executable).with_name("xrfnb")
+
+
+def _save_scan(path: Path, rows=24, cols=20) -> tuple[Path, np.ndarray, np.ndarray]:
+    pytest.importorskip("xrfnb._io", reason="needs xrfnb.save/load (readers and writers)")
+    counts, truth = make_counts(rows, cols)
+    xrfnb.save(xrfnb.Scan(counts, CAL, pixel_size_um=100.0, live_time_s=0.05), path)
+    return path, counts, truth
+
+
+@pytest.fixture
+def test_model(monkeypatch):
+    model = LinearTestModel()
+    monkeypatch.setattr(cli, "_load_model", lambda name: model)
+    return model
+
+
+def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    exe = [str(XRFNB)] if XRFNB.exists() else [sys.executable, "-m", "xrfnb._cli"]
+    return subprocess.run([*exe, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_identify_writes_maps_tiffs_and_summary(tmp_path, test_model, capsys):
+    src, counts, truth = _save_scan(tmp_path / "scan.h5")
+    before = src.read_bytes()
+    out = tmp_path / "maps.h5"
+    rc = cli.main(
+        ["identify", str(src), "-o", str(out), "--tiff", str(tmp_path / "tif"), "--chunk-pixels", "60", "-q"]
+    )
+    assert rc == 0
+    assert src.read_bytes() == before  # input untouched
+    maps = PigmentMaps.from_hdf5(out)
+    np.testing.assert_array_equal(maps.binary(), truth)
+    ref = map_pigments(xrfnb.Scan(counts, CAL), LinearTestModel(), progress=False)
+    np.testing.assert_allclose(maps.probability, ref.probability, atol=1e-6)
+    assert maps.metadata["pixel_size_um"] == 100.0
+    tifs = sorted(p.name for p in (tmp_path / "tif").iterdir())
+    assert "lead_white.tif" in tifs and "vermilion.tif" in tifs
+    printed = capsys.readouterr().out
+    assert "lead white" in printed and "masked: 0" in printed
+    assert not (tmp_path / "maps.h5.partial").exists()
+
+
+def test_info_describes_a_scan(tmp_path, capsys):
+    src, _, _ = _save_scan(tmp_path / "scan.h5")
+    assert cli.main(["info", str(src), "--no-elements"]) == 0
+    out = capsys.readouterr().out
+    assert "24 x 20 pixels x 2048 channels" in out
+    assert "0.01 keV/ch" in out
+    assert "0.05 s per pixel" in out
+    assert "100 um" in out
+
+
+def test_info_on_a_real_spectrum_detects_iron(capsys):
+    real = TESTS_DIR.parents[1] / "shared" / "data" / "real"
+    if not (real / "Steel.spe").exists():
+        pytest.skip(f"real spectra not found in {real}")
+    pytest.importorskip("xrfnb._io", reason="needs the readers")
+    rc = cli.main(["info", str(real / "Steel.spe")])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "spectrum" in out and "calibration" in out
+    fit = pytest.importorskip("xrfnb._fit")
+    if not hasattr(fit, "detect_elements"):
+        assert "not available yet" in out
+    else:
+        elements_line = next(line for line in out.splitlines() if line.startswith("elements:"))
+        assert "Fe" in elements_line  # steel
+
+
+def test_info_on_pigment_maps(tmp_path, capsys, test_model):
+    maps = map_pigments(xrfnb.Scan(make_counts(6, 5)[0], CAL), test_model, progress=False)
+    path = maps.to_hdf5(tmp_path / "maps.h5")
+    assert cli.main(["info", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "pigment maps" in out and "6 x 5 pixels, 3 classes" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["identify", "{tmp}/missing.h5", "-o", "{tmp}/out.h5"], "no such file"),
+        (["identify", "{tmp}/garbage.h5", "-o", "{tmp}/out.h5"], "garbage.h5"),
+        (["info", "{tmp}/garbage.h5"], "garbage.h5"),
+        (["identify", "{tmp}/garbage.h5", "-o", "{tmp}/out.txt"], "should be an HDF5 file"),
+    ],
+)
+def test_errors_are_one_line_exit_2_no_traceback(tmp_path, args, message):
+    pytest.importorskip("xrfnb._io", reason="needs the readers")
+    (tmp_path / "garbage.h5").write_bytes(b"\x00\x01garbage" * 50)
+    proc = _run(*[a.format(tmp=tmp_path) for a in args])
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("xrfnb: error: ")
+    assert message in proc.stderr
+    assert not (tmp_path / "out.h5").exists()
+
+
+def test_unknown_model_is_a_clear_error(tmp_path):
+    pytest.importorskip("xrfnb._model", reason="needs the model module")
+    src, _, _ = _save_scan(tmp_path / "scan.h5", 4, 3)
+    proc = _run("identify", str(src), "-o", str(tmp_path / "o.h5"), "--model", "no-such-model", "-q")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "unknown model 'no-such-model'" in proc.stderr
+
+
+def test_bad_option_values_are_usage_errors():
+    proc = _run("identify", "x.h5", "-o", "y.h5", "--chunk-pixels", "0")
+    assert proc.returncode == 2 and "positive integer" in proc.stderr and "Traceback" not in proc.stderr
+    proc = _run("serve", "--port", "70000")
+    assert proc.returncode == 2 and "port must be" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "module", "expected"),
+    [
+        (
+            ["train", "--config", "{cfg}", "--out", "{tmp}/m", "--resume"],
+            "_train",
+            (("{cfg}", "{tmp}/m"), {"resume": True, "progress": True}),
+        ),
+        (
+            ["serve", "{tmp}", "--port", "5123", "--address", "0.0.0.0"],
+            "_dashboard",
+            (("{tmp}",), {"port": 5123, "address": "0.0.0.0", "show": False}),
+        ),
+    ],
+)
+def test_backends_receive_the_arguments(tmp_path, monkeypatch, argv, module, expected):
+    cfg = tmp_path / "train.toml"
+    cfg.write_text("[train]\n")
+    calls = []
+
+    def fake_function(mod, names, what):
+        assert mod == module
+        return lambda *a, **k: calls.append(([str(x) for x in a], k))
+
+    monkeypatch.setattr(cli, "_function", fake_function)
+    fmt = {"cfg": str(cfg), "tmp": str(tmp_path)}
+    assert cli.main([a.format(**fmt) for a in argv]) == 0
+    args, kwargs = expected
+    assert calls == [([a.format(**fmt) for a in args], kwargs)]
+
+
+def test_missing_backend_says_not_available(monkeypatch, capsys):
+    import importlib
+
+    real_import = importlib.import_module
+
+    def fake_import(name, *a, **k):
+        if name == "xrfnb._train":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(cli.importlib, "import_module", fake_import)
+    assert cli.main(["train", "--config", "c.toml", "--out", "d"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("xrfnb: error: model training is not available yet")
+
+
+# -- interruption and resume ---------------------------------------------------------------------------
+_RUNNER = textwrap.dedent(
+    """
+    import sys
+    sys.path.insert(0, {tests!r})
+    import xrfnb._cli as cli
+    from test_mapping import LinearTestModel
+    cli._load_model = lambda name: LinearTestModel(delay_s={delay})
+    sys.exit(cli.main({argv!r}))
+    """
+)
+
+
+def _start(src: Path, out: Path, delay: float) -> subprocess.Popen:
+    argv = ["identify", str(src), "-o", str(out), "--chunk-pixels", "20", "-q"]
+    code = _RUNNER.format(tests=str(TESTS_DIR), delay=delay, argv=argv)
+    return subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _wait_for_blocks(partial: Path, n: int, proc: subprocess.Popen, timeout_s: float = 60) -> None:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        if partial.is_dir() and len(list(partial.glob("rows_*.npz"))) >= n:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"runner ended early: {proc.communicate()}")
+        time.sleep(0.02)
+    raise AssertionError("no completed blocks appeared")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM])
+def test_killed_run_leaves_no_output_and_resume_completes(tmp_path, sig, test_model):
+    src, counts, _ = _save_scan(tmp_path / "scan.h5")  # 24 rows x 20 cols: 24 blocks of one row
+    out = tmp_path / "maps.h5"
+    partial = tmp_path / "maps.h5.partial"
+    proc = _start(src, out, delay=0.05)
+    _wait_for_blocks(partial, 3, proc)
+    os.kill(proc.pid, sig)
+    _, stderr = proc.communicate(timeout=60)
+    assert not out.exists()
+    if sig == signal.SIGKILL:
+        assert proc.returncode == -signal.SIGKILL
+    else:
+        assert proc.returncode == 130
+        assert "Traceback" not in stderr and "--resume" in stderr
+    done = len(list(partial.glob("rows_*.npz")))
+    assert 3 <= done < 24
+    # resume: only the missing rows are computed, and the result equals an uninterrupted run
+    rc = cli.main(["identify", str(src), "-o", str(out), "--chunk-pixels", "20", "--resume", "-q"])
+    assert rc == 0
+    assert test_model.calls == 24 - done
+    assert not partial.exists()
+    maps = PigmentMaps.from_hdf5(out)
+    ref = map_pigments(xrfnb.Scan(counts, CAL), LinearTestModel(), progress=False)
+    np.testing.assert_allclose(maps.probability, ref.probability, atol=1e-6)
+    np.testing.assert_array_equal(maps.mask, ref.mask)
+
+
+def test_shipped_model_through_the_cli(tmp_path, capsys):
+    model_mod = pytest.importorskip("xrfnb._model")
+    if "xrfnb-pigments-v1" not in model_mod.available_models():
+        pytest.skip("no shipped model yet")
+    src, _, _ = _save_scan(tmp_path / "scan.h5", 6, 5)
+    assert cli.main(["identify", str(src), "-o", str(tmp_path / "maps.h5"), "-q"]) == 0
+    maps = PigmentMaps.from_hdf5(tmp_path / "maps.h5")
+    model = xrfnb.load_model("default")
+    assert maps.classes == model.classes
+    assert np.all((maps.probability >= 0) & (maps.probability <= 1))
