@@ -82,12 +82,12 @@ def detect_format(path: Path, head: bytes | None = None) -> str:
             f"{path}: binary content of unknown format (no HDF5, NumPy, Bruker or text signature). "
             f"Supported formats: {', '.join(FORMATS.values())}"
         )
+    if text.startswith(b"<<PMCA SPECTRUM>>") or b"<<PMCA SPECTRUM>>" in head[:512]:
+        return "amptek_mca"
     if text.startswith(b"<?xml") or text.startswith(b"<"):
         if b"TRTSpectrum" in head or b"TRTSpectrumDatabase" in head or suffix == ".spx":
             return "spx"
         raise FormatError(f"{path}: an XML file that is not a Bruker .spx spectrum (no TRTSpectrum element)")
-    if text.startswith(b"<<PMCA SPECTRUM>>") or b"<<PMCA SPECTRUM>>" in head[:512]:
-        return "amptek_mca"
     if re.match(rb"VERSION\s*:", text) or (b"\nCHANNELS:" in head and b"\nDATA:" in head):
         return "epics_mca"
     if text.startswith(b"$SPEC_ID") or re.search(rb"(^|\n)\$DATA:", head):
