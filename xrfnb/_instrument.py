@@ -1,0 +1,746 @@
+"""XRF instruments: X-ray source, beam path, geometry and energy-dispersive detector.
+
+An :class:`Instrument` is a frozen description of everything between the X-ray source and the
+spectrum, except the sample: the tube (Ebel's spectrum, :mod:`xrfnb._tube`) or a monochromatic beam,
+windows and filters, optics, the atmosphere on both beam paths, the incidence and take-off angles, the
+silicon drift detector (window, thickness, resolution, line shape, pile-up) and the channel calibration.
+Presets ship as data in ``xrfnb/data/instruments.toml``; users define their own with
+``Instrument(...)``, :meth:`Instrument.with_` or :meth:`Instrument.from_toml`.
+
+Units are in the names. Angles are in degrees, measured from the sample (or anode) surface.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import tomllib
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import xraylib
+
+from ._calibration import EnergyCalibration
+from ._errors import CalibrationError, InstrumentError
+from ._tube import TubeSpectrum, tube_spectrum
+
+__all__ = ["Absorber", "Instrument", "instruments", "mass_attenuation_cm2_g"]
+
+#: 2 sqrt(2 ln 2): FWHM / sigma of a Gaussian
+FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
+#: Mn K-alpha energy (keV), the conventional energy at which detector resolution is quoted
+MN_KA_KEV = 5.8988
+
+#: named materials: name -> (xraylib NIST compound name or element symbol, density g/cm3)
+_NAMED_MATERIALS: dict[str, tuple[str, float | None]] = {
+    "air": ("Air, Dry (near sea level)", 0.001205),
+    # helium gas at 20 degC, 1 atm (ideal gas: 4.0026 g/mol / 24.04 L/mol)
+    "helium": ("He", 1.665e-4),
+    "he": ("He", 1.665e-4),
+    "kapton": ("Kapton Polyimide Film", None),
+    "mylar": ("Polyethylene Terephthalate (Mylar)", None),
+    "polypropylene": ("Polypropylene", None),
+}
+
+#: default channel calibration: 10 eV channels from -0.955 keV (Bruker M6 4096-channel spectra)
+_DEFAULT_CALIBRATION = EnergyCalibration(-0.955, 0.01)
+
+Atmosphere = Literal["air", "helium", "vacuum"]
+Optics = Literal["none", "polycapillary"]
+
+
+@functools.lru_cache(maxsize=256)
+def _composition(material: str, named: bool = True) -> tuple[np.ndarray, np.ndarray, float | None, str]:
+    """(Z (k,), weight fractions (k,), default density or None, canonical name) of a material.
+
+    Accepts named materials (``"air"``, ``"helium"``, ``"kapton"``, ``"mylar"``), element symbols,
+    xraylib NIST compound names and chemical formulas (xraylib ``CompoundParser``).
+    """
+    key = str(material).strip()
+    if not key:
+        raise InstrumentError("empty material name: give an element symbol, formula or 'air'")
+    alias = _NAMED_MATERIALS.get(key.lower()) if named else None
+    if alias is not None:
+        source, density = alias
+        z, w, d, _ = _composition(source, named=False)
+        return z, w, density if density is not None else d, key.lower()
+    try:
+        z = xraylib.SymbolToAtomicNumber(key)
+    except ValueError:
+        z = 0
+    if z > 0:
+        try:
+            density = xraylib.ElementDensity(z)
+        except ValueError:
+            density = None
+        return np.array([z]), np.array([1.0]), density, key
+    try:
+        nist = xraylib.GetCompoundDataNISTByName(key)
+    except ValueError:
+        nist = None
+    if nist is not None:
+        return np.array(nist["Elements"]), np.array(nist["massFractions"]), float(nist["density"]), key
+    try:
+        parsed = xraylib.CompoundParser(key)
+    except ValueError:
+        raise InstrumentError(
+            f"unknown material {material!r}: give an element symbol ('Be', 'Al'), a chemical formula "
+            "('Si3N4'), an xraylib NIST compound name, or one of " + ", ".join(sorted(_NAMED_MATERIALS))
+        ) from None
+    return np.array(parsed["Elements"]), np.array(parsed["massFractions"]), None, key
+
+
+def mass_attenuation_cm2_g(material: str, energy_keV: np.ndarray, *, kind: str = "total") -> np.ndarray:
+    """Mass attenuation coefficient of a material (xraylib), cm2/g.
+
+    Parameters
+    ----------
+    material : str
+        Element symbol, formula, NIST compound name or named material (``"air"``).
+    energy_keV : numpy.ndarray
+        Photon energies, keV, shape (n,); must be positive.
+    kind : {"total", "photo"}, optional
+        Total attenuation (photo-absorption + Rayleigh + Compton) or photo-absorption only.
+
+    Returns
+    -------
+    numpy.ndarray
+        cm2/g, shape (n,).
+    """
+    z, w, _, _ = _composition(material)
+    e = np.atleast_1d(np.asarray(energy_keV, dtype=float))
+    if e.size and not np.all(e > 0):
+        raise InstrumentError(f"photon energies must be > 0 keV, got minimum {e.min():g} keV")
+    fn = xraylib.CS_Total if kind == "total" else xraylib.CS_Photo
+    return _cross_section(fn, z, w, e)
+
+
+def _cross_section(fn: Any, z: np.ndarray, w: np.ndarray, e: np.ndarray) -> np.ndarray:
+    """Weighted sum over elements of an xraylib cross section, cm2/g, shape (n,).
+
+    A plain loop over xraylib's scalar functions: xraylib_np's OpenMP threads are tens of times
+    slower on a busy 2-core machine.
+    """
+    out = np.zeros(e.shape, dtype=float)
+    for zi, wi in zip(z.tolist(), w.tolist(), strict=True):
+        out += wi * np.fromiter((fn(zi, ei) for ei in e.tolist()), dtype=float, count=e.size)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Absorber:
+    """A homogeneous absorbing foil or gas path: window, filter or atmosphere.
+
+    Parameters
+    ----------
+    material : str
+        Element symbol (``"Be"``), chemical formula (``"Si3N4"``, needs ``density_g_cm3``), xraylib NIST
+        compound name, or ``"air"``, ``"helium"``, ``"kapton"``, ``"mylar"``, ``"polypropylene"``.
+    thickness_um : float
+        Thickness along the beam, micrometres (> 0).
+    density_g_cm3 : float, optional
+        Density, g/cm3; defaults to xraylib's element or NIST compound density.
+    """
+
+    material: str
+    thickness_um: float
+    density_g_cm3: float | None = None
+
+    def __post_init__(self) -> None:
+        _, _, default_density, _ = _composition(self.material)
+        try:
+            thickness = float(self.thickness_um)
+        except (TypeError, ValueError):
+            raise InstrumentError(
+                f"{self.material} thickness must be a number, got {self.thickness_um!r}"
+            ) from None
+        if not (math.isfinite(thickness) and thickness > 0):
+            raise InstrumentError(
+                f"{self.material} thickness must be > 0 um, got {self.thickness_um!r}: "
+                "leave the absorber out instead of giving zero thickness"
+            )
+        density = self.density_g_cm3 if self.density_g_cm3 is not None else default_density
+        if density is None:
+            raise InstrumentError(f"material {self.material!r} has no known density: pass density_g_cm3")
+        density = float(density)
+        if not (math.isfinite(density) and density > 0):
+            raise InstrumentError(f"{self.material} density must be > 0 g/cm3, got {density!r}")
+        object.__setattr__(self, "thickness_um", thickness)
+        object.__setattr__(self, "density_g_cm3", density)
+
+    @property
+    def mass_thickness_g_cm2(self) -> float:
+        """Areal density rho * t, g/cm2."""
+        return float(self.density_g_cm3) * self.thickness_um * 1e-4
+
+    def transmission(self, energy_keV: np.ndarray, *, path_factor: float = 1.0) -> np.ndarray:
+        """Beer-Lambert transmission ``exp(-mu/rho(E) * rho * t * path_factor)``, shape like ``energy_keV``.
+
+        ``path_factor`` is 1/sin(angle) for an oblique passage.
+        """
+        e = np.asarray(energy_keV, dtype=float)
+        mu = mass_attenuation_cm2_g(self.material, e.ravel()).reshape(e.shape)
+        return np.exp(-mu * self.mass_thickness_g_cm2 * path_factor)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dictionary (TOML/JSON/HDF5 attributes)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def coerce(cls, value: Absorber | Mapping[str, Any] | tuple | None, what: str) -> Absorber | None:
+        """Absorber from an Absorber, a mapping or a ``(material, thickness_um[, density])`` tuple."""
+        if value is None or isinstance(value, Absorber):
+            return value
+        try:
+            if isinstance(value, Mapping):
+                return cls(**value)
+            return cls(*value)
+        except TypeError as exc:
+            raise InstrumentError(
+                f"{what}: expected {{material=..., thickness_um=...[, density_g_cm3=...]}}, "
+                f"got {value!r} ({exc})"
+            ) from None
+
+
+def _atmosphere_absorber(atmosphere: str, path_mm: float) -> Absorber | None:
+    if atmosphere == "vacuum" or path_mm == 0:
+        return None
+    return Absorber(atmosphere, path_mm * 1000.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Instrument:
+    """An XRF spectrometer: source, beam path, geometry and silicon drift detector.
+
+    Parameters
+    ----------
+    name : str
+        Free name (presets: ``"bruker-m6"``, ``"lab-mo"``, ``"synchrotron"``).
+    anode : str or None
+        Tube anode element symbol; ``None`` for a monochromatic (synchrotron) source.
+    tube_voltage_kV : float
+        Tube high voltage, kV (5-100); the highest photon energy of a tube source.
+    tube_current_mA : float
+        Tube current, mA.
+    electron_incidence_deg, anode_takeoff_deg : float
+        Electron-beam incidence and X-ray take-off angles at the anode, degrees from the anode surface.
+    tube_window : Absorber or None
+        Tube exit window (typically Be, 50-125 um).
+    tube_filters : tuple of Absorber
+        Primary-beam filters.
+    optics : {"none", "polycapillary"}
+        Focusing optics; ``"polycapillary"`` applies :meth:`optics_transmission`.
+    polycapillary_cutoff_keV : float
+        Energy at which the (approximate) polycapillary transmission falls to half its low-energy value.
+    source_solid_angle_sr : float
+        Solid angle of tube emission that reaches the sample spot, sr (with polycapillary optics, its
+        capture solid angle).
+    monochromatic_keV : float or None
+        Energy of a monochromatic excitation beam, keV. With an anode it is a monochromatised tube and
+        must lie below the tube voltage.
+    flux_photons_s : float
+        Monochromatic beam flux on the sample, photons/s.
+    incidence_deg, takeoff_deg : float
+        Angles of the incident beam and of the detected beam, degrees from the sample surface.
+    atmosphere : {"air", "helium", "vacuum"}
+        Gas on the beam paths.
+    beam_path_mm, detector_path_mm : float
+        Gas path lengths source (window) -> sample and sample -> detector window, mm.
+    detector_area_mm2 : float
+        Active detector area, mm2 (with ``detector_path_mm``: the detection solid angle).
+    detector_thickness_um : float
+        Active silicon thickness, um.
+    detector_window : Absorber or None
+        Detector entrance window (typically 8-25 um Be).
+    detector_filters : tuple of Absorber
+        Further absorbers in front of the detector.
+    dead_layer_um : float
+        Inactive silicon at the detector entrance, um.
+    noise_keV : float
+        Electronic-noise contribution to the FWHM, keV.
+    fano : float
+        Fano factor of silicon (0.10-0.12).
+    pair_energy_eV : float
+        Mean energy per electron-hole pair in silicon, eV (3.64 at room temperature, 3.85 in PyMca).
+    icc_layer_um : float
+        Effective thickness of the incomplete-charge-collection layer below the entrance, um: the
+        fraction of photons absorbed in it forms the low-energy tail and shelf
+        (see :class:`xrfnb._detector.DetectorResponse`).
+    shelf_share : float
+        Share of the incomplete-charge-collection events in the flat shelf (the rest forms the
+        exponential tail).
+    tail_length_fwhm : float
+        Decay length of the exponential tail in units of the FWHM at the line energy.
+    escape : bool
+        Whether to model Si K escape peaks.
+    pileup_time_s : float
+        Pulse-pair resolving time of the pile-up rejector, s.
+    calibration : EnergyCalibration
+        Channel-to-energy relation of the spectra.
+    n_channels : int
+        Number of channels.
+    description : str
+        Free text.
+    """
+
+    name: str = "custom"
+    anode: str | None = "Rh"
+    tube_voltage_kV: float = 50.0
+    tube_current_mA: float = 0.6
+    electron_incidence_deg: float = 90.0
+    anode_takeoff_deg: float = 20.0
+    tube_window: Absorber | None = Absorber("Be", 100.0)
+    tube_filters: tuple[Absorber, ...] = ()
+    optics: Optics = "none"
+    polycapillary_cutoff_keV: float = 20.0
+    source_solid_angle_sr: float = 1e-3
+    monochromatic_keV: float | None = None
+    flux_photons_s: float = 1e10
+    incidence_deg: float = 45.0
+    takeoff_deg: float = 45.0
+    atmosphere: Atmosphere = "air"
+    beam_path_mm: float = 10.0
+    detector_path_mm: float = 10.0
+    detector_area_mm2: float = 30.0
+    detector_thickness_um: float = 450.0
+    detector_window: Absorber | None = Absorber("Be", 12.5)
+    detector_filters: tuple[Absorber, ...] = ()
+    dead_layer_um: float = 0.0
+    noise_keV: float = 0.0863
+    fano: float = 0.114
+    pair_energy_eV: float = 3.64
+    icc_layer_um: float = 0.2
+    shelf_share: float = 0.3
+    tail_length_fwhm: float = 1.0
+    escape: bool = True
+    pileup_time_s: float = 5e-7
+    calibration: EnergyCalibration = _DEFAULT_CALIBRATION
+    n_channels: int = 4096
+    description: str = ""
+
+    # ------------------------------------------------------------------ validation
+    def __post_init__(self) -> None:
+        put = functools.partial(object.__setattr__, self)
+        floats = (
+            "tube_voltage_kV", "tube_current_mA", "electron_incidence_deg", "anode_takeoff_deg",
+            "polycapillary_cutoff_keV", "source_solid_angle_sr", "flux_photons_s", "incidence_deg",
+            "takeoff_deg", "beam_path_mm", "detector_path_mm", "detector_area_mm2", "detector_thickness_um",
+            "dead_layer_um", "noise_keV", "fano", "pair_energy_eV", "icc_layer_um", "shelf_share",
+            "tail_length_fwhm", "pileup_time_s",
+        )  # fmt: skip
+        for field in floats:
+            value = getattr(self, field)
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                raise InstrumentError(
+                    f"instrument {self.name!r}: {field} must be a number, got {value!r}"
+                ) from None
+            if not math.isfinite(value):
+                raise InstrumentError(f"instrument {self.name!r}: {field} must be finite, got {value!r}")
+            put(field, value)
+
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise InstrumentError(f"instrument {self.name!r}: {msg}")
+
+        if self.anode is not None:
+            from ._tube import _anode_z
+
+            _anode_z(self.anode)
+            need(
+                5.0 <= self.tube_voltage_kV <= 100.0,
+                f"tube voltage must be 5-100 kV, got {self.tube_voltage_kV}",
+            )
+        if self.monochromatic_keV is not None:
+            mono = float(self.monochromatic_keV)
+            need(math.isfinite(mono) and mono > 0, f"monochromatic energy must be > 0 keV, got {mono!r}")
+            if self.anode is not None:
+                need(
+                    mono <= self.tube_voltage_kV,
+                    f"monochromatic energy {mono:g} keV lies above the tube voltage "
+                    f"{self.tube_voltage_kV:g} kV: a tube cannot emit photons above its voltage",
+                )
+            put("monochromatic_keV", mono)
+            need(self.flux_photons_s > 0, f"flux must be > 0 photons/s, got {self.flux_photons_s}")
+        elif self.anode is None:
+            raise InstrumentError(
+                f"instrument {self.name!r}: give an anode (tube source) or monochromatic_keV "
+                "(monochromatic beam)"
+            )
+        put("tube_window", Absorber.coerce(self.tube_window, "tube_window"))
+        put("detector_window", Absorber.coerce(self.detector_window, "detector_window"))
+        put("tube_filters", tuple(Absorber.coerce(f, "tube_filters") for f in self.tube_filters))
+        put("detector_filters", tuple(Absorber.coerce(f, "detector_filters") for f in self.detector_filters))
+        need(self.tube_current_mA > 0, f"tube current must be > 0 mA, got {self.tube_current_mA}")
+        for field in ("electron_incidence_deg", "anode_takeoff_deg", "incidence_deg", "takeoff_deg"):
+            need(
+                0.0 < getattr(self, field) <= 90.0,
+                f"{field} must be in (0, 90] degrees, got {getattr(self, field)}",
+            )
+        need(
+            self.optics in ("none", "polycapillary"),
+            f"optics must be 'none' or 'polycapillary', got {self.optics!r}",
+        )
+        need(self.polycapillary_cutoff_keV > 0, "polycapillary_cutoff_keV must be > 0")
+        need(0 < self.source_solid_angle_sr <= 2 * math.pi, "source_solid_angle_sr must be in (0, 2 pi]")
+        need(
+            self.atmosphere in ("air", "helium", "vacuum"),
+            f"atmosphere must be 'air', 'helium' or 'vacuum', got {self.atmosphere!r}",
+        )
+        for field in ("beam_path_mm", "detector_path_mm", "dead_layer_um", "icc_layer_um", "pileup_time_s"):
+            need(getattr(self, field) >= 0, f"{field} must be >= 0, got {getattr(self, field)}")
+        need(self.detector_area_mm2 > 0, f"detector area must be > 0 mm2, got {self.detector_area_mm2}")
+        need(
+            self.detector_thickness_um > 0,
+            f"detector thickness must be > 0 um, got {self.detector_thickness_um}",
+        )
+        need(
+            0.0 <= self.noise_keV <= 1.0, f"electronic noise (FWHM) must be 0-1 keV, got {self.noise_keV} keV"
+        )
+        need(0.01 <= self.fano <= 1.0, f"Fano factor must be 0.01-1 (silicon: ~0.114), got {self.fano}")
+        need(
+            2.0 <= self.pair_energy_eV <= 6.0,
+            f"pair energy must be 2-6 eV (Si: 3.64), got {self.pair_energy_eV}",
+        )
+        fwhm_mn = float(self.fwhm_keV(MN_KA_KEV))
+        need(
+            0.03 <= fwhm_mn <= 1.0,
+            f"FWHM at Mn Ka is {1000 * fwhm_mn:.0f} eV; an energy-dispersive detector has 30-1000 eV",
+        )
+        need(0.0 <= self.shelf_share <= 1.0, f"shelf_share must be in [0, 1], got {self.shelf_share}")
+        need(self.tail_length_fwhm > 0, f"tail_length_fwhm must be > 0, got {self.tail_length_fwhm}")
+        if not isinstance(self.calibration, EnergyCalibration):
+            try:
+                put("calibration", EnergyCalibration.from_dict(self.calibration))
+            except (CalibrationError, TypeError, AttributeError) as exc:
+                raise InstrumentError(f"instrument {self.name!r}: invalid calibration: {exc}") from None
+        try:
+            n_ch = int(self.n_channels)
+        except (TypeError, ValueError):
+            raise InstrumentError(f"instrument {self.name!r}: n_channels must be an integer") from None
+        need(
+            n_ch >= 16 and n_ch == self.n_channels,
+            f"n_channels must be an integer >= 16, got {self.n_channels!r}",
+        )
+        put("n_channels", n_ch)
+        try:
+            self.calibration.check_monotonic(n_ch)
+        except CalibrationError as exc:
+            raise InstrumentError(f"instrument {self.name!r}: {exc}") from None
+        put("escape", bool(self.escape))
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def preset(cls, name: str) -> Instrument:
+        """A shipped preset (see :func:`instruments`), e.g. ``Instrument.preset("bruker-m6")``."""
+        table = _presets()
+        key = str(name).strip().lower()
+        if key not in table:
+            raise InstrumentError(f"unknown instrument preset {name!r}; known presets: {', '.join(table)}")
+        return cls.from_dict(table[key], name=key)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], *, name: str | None = None) -> Instrument:
+        """Instrument from a plain mapping of field names (as in the TOML presets).
+
+        Besides the fields, ``fwhm_mnka_eV`` (FWHM at Mn K-alpha in eV) may replace ``noise_keV``, and
+        ``base`` names a preset whose values the others override.
+        """
+        d = dict(d)
+        base = d.pop("base", None)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - fields - {"fwhm_mnka_eV"})
+        if unknown:
+            raise InstrumentError(
+                f"instrument {name or d.get('name', '')!r}: unknown setting(s) {', '.join(unknown)}; "
+                f"known settings: {', '.join(sorted(fields))}, fwhm_mnka_eV, base"
+            )
+        if name is not None:
+            d.setdefault("name", name)
+        # TOML has no null: false (or "none") switches an optional part off
+        for key in ("anode", "tube_window", "detector_window", "monochromatic_keV"):
+            if key in d and (d[key] is False or (isinstance(d[key], str) and d[key].lower() == "none")):
+                d[key] = None
+        for key in ("tube_filters", "detector_filters"):
+            if key in d:
+                d[key] = tuple(d[key])
+        if base is not None:
+            return cls.preset(base).with_(**d)
+        fwhm = d.pop("fwhm_mnka_eV", None)
+        if fwhm is not None:
+            d["noise_keV"] = _noise_for_fwhm(
+                fwhm / 1000.0, d.get("fano", 0.114), d.get("pair_energy_eV", 3.64)
+            )
+        return cls(**d)
+
+    @classmethod
+    def from_toml(cls, path: str | Path, name: str | None = None) -> Instrument:
+        """Read an instrument from a TOML file.
+
+        The file holds either the settings at top level, or one table per instrument (``[my-scanner]``);
+        ``name`` picks a table. Keys are the :class:`Instrument` fields (absorbers as inline tables
+        ``{material = "Be", thickness_um = 12.5}``, calibration as ``{offset_keV = ..., gain_keV = ...}``),
+        plus ``fwhm_mnka_eV`` and ``base`` (a preset to start from).
+        """
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise InstrumentError(f"cannot read instrument file {path}: {exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise InstrumentError(f"{path} is not valid TOML: {exc}") from None
+        tables = {k: v for k, v in data.items() if isinstance(v, dict) and k not in ("calibration",)}
+        tables = {k: v for k, v in tables.items() if k not in ("tube_window", "detector_window")}
+        if name is None and (not tables or set(data) - set(tables)):
+            return cls.from_dict(data, name=data.get("name", path.stem))
+        if name is None:
+            if len(tables) != 1:
+                raise InstrumentError(f"{path} defines instruments {', '.join(tables)}: pass name=")
+            name = next(iter(tables))
+        if name not in tables:
+            raise InstrumentError(f"{path} has no instrument {name!r}; it defines {', '.join(tables)}")
+        return cls.from_dict(tables[name], name=name)
+
+    def with_(self, **changes: Any) -> Instrument:
+        """Copy with some settings changed, validated (cheap: used to randomise instruments in training).
+
+        Besides the fields, accepts ``fwhm_mnka_eV`` (sets ``noise_keV`` to give that FWHM at Mn Ka),
+        ``fwhm_scale`` (multiplies the FWHM at every energy by scaling noise and Fano factor), and
+        ``offset_keV`` / ``gain_keV`` (change the calibration).
+        """
+        if "fwhm_mnka_eV" in changes:
+            fwhm = changes.pop("fwhm_mnka_eV") / 1000.0
+            changes["noise_keV"] = _noise_for_fwhm(
+                fwhm, changes.get("fano", self.fano), changes.get("pair_energy_eV", self.pair_energy_eV)
+            )
+        if "fwhm_scale" in changes:
+            s = float(changes.pop("fwhm_scale"))
+            if not s > 0:
+                raise InstrumentError(f"fwhm_scale must be > 0, got {s}")
+            changes["noise_keV"] = changes.get("noise_keV", self.noise_keV) * s
+            changes["fano"] = changes.get("fano", self.fano) * s * s
+        if "offset_keV" in changes or "gain_keV" in changes:
+            cal = changes.get("calibration", self.calibration)
+            changes["calibration"] = EnergyCalibration(
+                changes.pop("offset_keV", cal.offset_keV),
+                changes.pop("gain_keV", cal.gain_keV),
+                cal.quadratic_keV,
+            )
+        for key in ("tube_filters", "detector_filters"):
+            if key in changes:
+                changes[key] = tuple(changes[key])
+        try:
+            return dataclasses.replace(self, **changes)
+        except TypeError as exc:
+            raise InstrumentError(f"cannot change instrument {self.name!r}: {exc}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dictionary of all settings (inverse: :meth:`from_dict`)."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for key in ("tube_window", "detector_window"):
+            d[key] = d[key].to_dict() if d[key] is not None else None
+        for key in ("tube_filters", "detector_filters"):
+            d[key] = [a.to_dict() for a in d[key]]
+        d["calibration"] = self.calibration.to_dict()
+        return d
+
+    # ------------------------------------------------------------------ derived quantities
+    @property
+    def max_energy_keV(self) -> float:
+        """Highest photon energy in the excitation beam, keV."""
+        return self.monochromatic_keV if self.monochromatic_keV is not None else self.tube_voltage_kV
+
+    @property
+    def channel_energy_keV(self) -> np.ndarray:
+        """Energy of every channel, keV, shape (n_channels,)."""
+        return self.calibration.energies_keV(self.n_channels)
+
+    @property
+    def detector_solid_angle_sr(self) -> float:
+        """Solid angle of a circular detector of ``detector_area_mm2`` on axis at ``detector_path_mm``, sr."""
+        r2 = self.detector_area_mm2 / math.pi
+        d = max(self.detector_path_mm, 1e-3)
+        return 2.0 * math.pi * (1.0 - d / math.sqrt(d * d + r2))
+
+    def fwhm_keV(self, energy_keV: np.ndarray | float) -> np.ndarray:
+        """Detector resolution (FWHM) at ``energy_keV``, keV.
+
+        ``FWHM = sqrt(noise^2 + 8 ln2 * fano * w * E)`` with the pair-creation energy ``w`` in keV: the
+        electronic noise and the Fano-limited statistics of charge creation add in quadrature
+        (Knoll, *Radiation detection and measurement*, 4th ed., ch. 13). Shape like ``energy_keV``.
+        """
+        e = np.maximum(np.asarray(energy_keV, dtype=float), 0.0)
+        return np.sqrt(self.noise_keV**2 + FWHM_PER_SIGMA**2 * self.fano * self.pair_energy_eV * 1e-3 * e)
+
+    def check_energy(self, energy_keV: np.ndarray | float, what: str = "energy") -> None:
+        """Raise :class:`InstrumentError` if any energy lies above what the source can emit."""
+        e = np.asarray(energy_keV, dtype=float)
+        if e.size and float(np.max(e)) > self.max_energy_keV * (1 + 1e-9):
+            raise InstrumentError(
+                f"{what} {float(np.max(e)):g} keV lies above the highest excitation energy of instrument "
+                f"{self.name!r} ({self.max_energy_keV:g} keV): raise the tube voltage or drop that energy"
+            )
+
+    def optics_transmission(self, energy_keV: np.ndarray) -> np.ndarray:
+        """Relative transmission of the focusing optics (1 without optics), shape like ``energy_keV``.
+
+        Polycapillary lenses guide X-rays by total external reflection below the critical angle
+        ``theta_c ~ 30 mrad / E[keV]`` of glass, so their transmission falls at high energy
+        (C.A. MacDonald, X-Ray Optics Instrum. 2010, 867049). This approximate, documented shape is used:
+        ``T(E) = 1 / (1 + (E / E_c)^4)`` with ``E_c = polycapillary_cutoff_keV`` (half transmission);
+        the absolute capture efficiency is part of ``source_solid_angle_sr``. It is not a measured curve.
+        """
+        e = np.asarray(energy_keV, dtype=float)
+        if self.optics == "none":
+            return np.ones_like(e)
+        return 1.0 / (1.0 + (e / self.polycapillary_cutoff_keV) ** 4)
+
+    def incident_transmission(self, energy_keV: np.ndarray) -> np.ndarray:
+        """Transmission from the anode to the sample: tube window, filters, optics and gas path."""
+        e = np.asarray(energy_keV, dtype=float)
+        t = self.optics_transmission(e)
+        absorbers = [
+            self.tube_window,
+            *self.tube_filters,
+            _atmosphere_absorber(self.atmosphere, self.beam_path_mm),
+        ]
+        for a in absorbers:
+            if a is not None:
+                t = t * a.transmission(e)
+        return t
+
+    def tube_spectrum(self, *, step_keV: float = 0.05, min_energy_keV: float = 0.5) -> TubeSpectrum:
+        """Spectrum leaving the anode (Ebel's model, :func:`xrfnb._tube.tube_spectrum`), before the window."""
+        if self.anode is None:
+            raise InstrumentError(f"instrument {self.name!r} has a monochromatic source, not a tube")
+        return tube_spectrum(
+            self.anode,
+            self.tube_voltage_kV,
+            electron_incidence_deg=self.electron_incidence_deg,
+            takeoff_deg=self.anode_takeoff_deg,
+            step_keV=step_keV,
+            min_energy_keV=min_energy_keV,
+        )
+
+    def excitation(
+        self, *, step_keV: float = 0.05, min_energy_keV: float = 0.5
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Photon spectrum incident on the sample, discretised.
+
+        For a tube: Ebel's continuum in bins of ``step_keV`` (centres) from ``min_energy_keV`` up to the
+        tube voltage, plus the anode lines at their own energies, times the tube current, the source solid
+        angle and the transmission of window, filters, optics and gas path. For a monochromatic source: one
+        energy with ``flux_photons_s``.
+
+        Parameters
+        ----------
+        step_keV : float, optional
+            Continuum bin width, keV.
+        min_energy_keV : float, optional
+            Lowest energy considered, keV.
+
+        Returns
+        -------
+        energy_keV : numpy.ndarray
+            Energies, keV, sorted, shape (n,). Read-only (cached).
+        photons : numpy.ndarray
+            Photons per second reaching the sample at each energy (continuum bins: in the bin), shape (n,).
+            Read-only.
+        """
+        return _excitation(self, float(step_keV), float(min_energy_keV))
+
+    def detector_efficiency(self, energy_keV: np.ndarray | float) -> np.ndarray:
+        """Probability that a photon leaving the sample towards the detector is photo-absorbed in active Si.
+
+        ``T_gas * T_window * T_filters * T_dead * (tau/mu)(E) * (1 - exp(-mu rho t))`` with Si attenuation
+        ``mu`` and photo-absorption ``tau`` from xraylib (photons Compton-scattered in the crystal are
+        counted as lost), at normal incidence on the detector.
+
+        Parameters
+        ----------
+        energy_keV : array_like
+            Photon energies, keV, shape (n,).
+
+        Returns
+        -------
+        numpy.ndarray
+            Efficiency in [0, 1], shape like ``energy_keV``.
+        """
+        e = np.asarray(energy_keV, dtype=float)
+        flat = np.atleast_1d(e).ravel()
+        out = np.zeros_like(flat)
+        ok = flat > 0
+        if ok.any():
+            eo = flat[ok]
+            t = np.ones_like(eo)
+            gas = _atmosphere_absorber(self.atmosphere, self.detector_path_mm)
+            for a in (gas, self.detector_window, *self.detector_filters):
+                if a is not None:
+                    t = t * a.transmission(eo)
+            mu = mass_attenuation_cm2_g("Si", eo)
+            tau = mass_attenuation_cm2_g("Si", eo, kind="photo")
+            rho = 2.33
+            if self.dead_layer_um > 0:
+                t = t * np.exp(-mu * rho * self.dead_layer_um * 1e-4)
+            out[ok] = t * (tau / mu) * -np.expm1(-mu * rho * self.detector_thickness_um * 1e-4)
+        return out.reshape(e.shape)
+
+    def detector_response(self, channel_energy_keV: np.ndarray | None = None) -> Any:
+        """The :class:`xrfnb._detector.DetectorResponse` of this instrument."""
+        from ._detector import DetectorResponse
+
+        return DetectorResponse(self, channel_energy_keV)
+
+
+def _noise_for_fwhm(fwhm_keV: float, fano: float, pair_energy_eV: float) -> float:
+    """Electronic noise (FWHM, keV) giving ``fwhm_keV`` at Mn K-alpha."""
+    fano_part = FWHM_PER_SIGMA**2 * float(fano) * float(pair_energy_eV) * 1e-3 * MN_KA_KEV
+    fwhm = float(fwhm_keV)
+    if not fwhm**2 > fano_part:
+        raise InstrumentError(
+            f"FWHM {1000 * fwhm:.0f} eV at Mn Ka is below the Fano limit {1000 * math.sqrt(fano_part):.0f} eV"
+        )
+    return math.sqrt(fwhm**2 - fano_part)
+
+
+@functools.lru_cache(maxsize=64)
+def _excitation(inst: Instrument, step_keV: float, min_energy_keV: float) -> tuple[np.ndarray, np.ndarray]:
+    if inst.monochromatic_keV is not None:
+        e = np.array([inst.monochromatic_keV])
+        # the flux is that of the monochromatic beam; beam filters and the gas path still attenuate it
+        photons = np.array([inst.flux_photons_s]) * _filters_and_gas(inst, e)
+    else:
+        ts = inst.tube_spectrum(step_keV=step_keV, min_energy_keV=min_energy_keV)
+        e = np.concatenate([ts.continuum_energy_keV, ts.line_energy_keV])
+        raw = np.concatenate([ts.continuum_photons, ts.line_photons])
+        order = np.argsort(e, kind="stable")
+        e, raw = e[order], raw[order]
+        photons = raw * inst.tube_current_mA * inst.source_solid_angle_sr * inst.incident_transmission(e)
+    e.setflags(write=False)
+    photons.setflags(write=False)
+    return e, photons
+
+
+def _filters_and_gas(inst: Instrument, e: np.ndarray) -> np.ndarray:
+    t = np.ones_like(e)
+    for a in (*inst.tube_filters, _atmosphere_absorber(inst.atmosphere, inst.beam_path_mm)):
+        if a is not None:
+            t = t * a.transmission(e)
+    return t
+
+
+@functools.cache
+def _presets() -> dict[str, dict[str, Any]]:
+    text = resources.files("xrfnb").joinpath("data/instruments.toml").read_text(encoding="utf-8")
+    data = tomllib.loads(text)
+    return {k.lower(): v for k, v in data.items()}
+
+
+def instruments() -> tuple[str, ...]:
+    """Names of the shipped instrument presets (use with :meth:`Instrument.preset`)."""
+    return tuple(_presets())
