@@ -220,3 +220,20 @@ def test_bad_input() -> None:
         xrfnb.assign_pigments_by_elements(maps, mask=np.zeros((3, 3), bool))
     with pytest.raises(FitError, match="PigmentLibrary"):
         xrfnb.assign_pigments_by_elements(maps, pigments=["lead white"])
+
+
+def test_mixture_alternatives_are_reported(lib) -> None:
+    res = xrfnb.assign_pigments_by_elements(make_maps({"Zn": 500.0, "Ba": 300.0}))
+    assert groups(res) == {"lithopone"}
+    assert ("zinc white", "barium white") in res.mixture_alternatives["lithopone"]
+    assert "mixture of zinc white + barium white" in res.explain(0, 0)
+    chrome = lib["chrome yellow"].group
+    assert (lib["lead white"].group, lib["viridian"].group) in res.mixture_alternatives[chrome]
+    assert "vermilion" not in res.mixture_alternatives
+
+
+def test_select_aligns_to_other_classes(lib) -> None:
+    res = xrfnb.assign_pigments_by_elements(make_maps({"Hg": 3000.0, "Pb": 4000.0}))
+    score, present = res.select(["XRF-silent", "vermilion", lib["lead white"].group])
+    assert present[0, 0].tolist() == [False, True, True]
+    assert score[0, 0, 0] == 0.0 and score[0, 0, 1] == pytest.approx(300.0)

@@ -78,6 +78,9 @@ class BaselineAssignment:
         Detected elements that no indicated group contains, shape (rows, cols, n_el), bool.
     unassessable : Mapping[str, tuple[str, ...]]
         Groups that could not be assessed -> key elements missing from the maps.
+    mixture_alternatives : Mapping[str, tuple[tuple[str, str], ...]]
+        Group -> pairs of smaller groups whose mixture gives the same key elements (lithopone: zinc white
+        with barium white). Element maps cannot exclude these mixtures either.
     silent : tuple of str
         Pigments XRF cannot see (never indicated), for the record.
     parameters : Mapping[str, Any]
@@ -94,6 +97,7 @@ class BaselineAssignment:
     detected: np.ndarray
     unexplained: np.ndarray
     unassessable: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    mixture_alternatives: Mapping[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
     silent: tuple[str, ...] = ()
     parameters: Mapping[str, Any] = field(default_factory=dict)
 
@@ -136,10 +140,37 @@ class BaselineAssignment:
             lines.append(
                 f"  {g} [{', '.join(self.group_elements[g])}]: {alt} (score {self.score[row, col, k]:.1f})"
             )
+            for a, b in self.mixture_alternatives.get(g, ()):
+                lines.append(f"    or a mixture of {a} + {b}")
         unexplained = self.unexplained_at(row, col)
         if unexplained:
             lines.append(f"  unexplained: {', '.join(unexplained)}")
         return "\n".join(lines)
+
+    def select(self, classes: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Score and present maps reordered to ``classes`` (e.g. a model's), zeros for classes not assessed.
+
+        Parameters
+        ----------
+        classes : sequence of str
+            Group names, K'.
+
+        Returns
+        -------
+        score : numpy.ndarray
+            Shape (rows, cols, K'), float32.
+        present : numpy.ndarray
+            Shape (rows, cols, K'), bool.
+        """
+        rows, cols = self.shape
+        score = np.zeros((rows, cols, len(classes)), dtype=np.float32)
+        present = np.zeros((rows, cols, len(classes)), dtype=bool)
+        for i, g in enumerate(classes):
+            if g in self.classes:
+                k = self.classes.index(g)
+                score[:, :, i] = self.score[:, :, k]
+                present[:, :, i] = self.present[:, :, k]
+        return score, present
 
     def summary(self) -> dict[str, float]:
         """Fraction of pixels where each group is indicated."""
@@ -406,6 +437,17 @@ def assign_pigments_by_elements(
             if el in explains[g]:
                 unexplained[:, :, j] &= ~present[:, :, k]
 
+    mixtures: dict[str, tuple[tuple[str, str], ...]] = {}
+    for g in classes:
+        pairs = [
+            (a, b)
+            for i, a in enumerate(classes)
+            for b in classes[i + 1 :]
+            if keysets[a] < keysets[g] and keysets[b] < keysets[g] and keysets[a] | keysets[b] == keysets[g]
+        ]
+        if pairs:
+            mixtures[g] = tuple(pairs)
+
     params = {
         "trace_elements": tuple(sorted(trace)),
         "trace_fraction": trace_fraction,
@@ -429,6 +471,7 @@ def assign_pigments_by_elements(
         detected=detected,
         unexplained=unexplained,
         unassessable=MappingProxyType(unassessable),
+        mixture_alternatives=MappingProxyType(mixtures),
         silent=silent,
         parameters=MappingProxyType(params),
     )
