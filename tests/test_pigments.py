@@ -234,6 +234,8 @@ def test_silent_group(lib) -> None:
     assert all(lib[n].xrf_silent for n in silent)
     assert "Al" in lib["madder lake"].composition  # alum substrate, not a key element
     assert lib.group_elements()[lib["lead white"].group] == ("Pb",)
+    assert lib.group_colors()["vermilion"] == lib["vermilion"].color
+    assert {p.name for p in lib.with_element("Cr")} >= {"chrome yellow", "viridian", "zinc yellow"}
 
 
 # ---------------------------------------------------------------- user files

@@ -555,6 +555,13 @@ class PigmentLibrary:
             out.setdefault(p.group, p.elements)
         return out
 
+    def group_colors(self) -> dict[str, str]:
+        """Display colour of each ambiguity group (that of its first pigment), ``"#rrggbb"``."""
+        out: dict[str, str] = {}
+        for p in self._pigments:
+            out.setdefault(p.group, p.color)
+        return out
+
     def with_element(self, element: str) -> tuple[Pigment, ...]:
         """Pigments whose key elements include ``element``."""
         return tuple(p for p in self._pigments if element in p.elements)
