@@ -1,0 +1,659 @@
+"""Simulated XRF spectra of layered paint stacks: line tables, single spectra and fast batches.
+
+The physics is in :mod:`xrfnb._fp` (fundamental parameters with xraylib); the detector response and
+the incident spectrum come from the :class:`~xrfnb.Instrument`. A spectrum is::
+
+    expected(channel) = F * [ sum_lines I_l * eff(E_l) * R(E_l, channel)
+                              + sum_bins S_k * eff(E_k) * R_scatter(k, channel) ]
+
+with ``I_l``, ``S_k`` the line and scatter intensities per incident photon and steradian, ``eff`` the
+detector efficiency (gas path, window, silicon), ``R`` the detector response (Gaussian, escape peaks,
+tailing) and ``F = flux * live time * detector solid angle``. Noise is Poisson. A batch of spectra is an
+(intensities (B, R)) x (response rows (R, channels)) product, or, for low counts, a direct draw of the
+detected photons (see :func:`simulate_batch`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, NamedTuple
+
+import numpy as np
+import xraylib
+
+from . import _fp
+from ._errors import InstrumentError, SimulationError
+from ._lines import element_symbol
+from ._spectrum import Spectrum
+from ._stack import Stack
+
+__all__ = ["LineRow", "LineTable", "StackArrays", "line_intensities", "simulate", "simulate_batch",
+           "stack_arrays"]
+
+#: Half-width (1 sigma) of the electron momentum distribution used for Compton (Doppler) broadening,
+#: atomic units. Compton profiles of C, N, O (the bulk of paint binders) have a FWHM of about 2-2.5 a.u.
+#: (Biggs, Mendelsohn and Mann, At. Data Nucl. Data Tables 16 (1975) 201); sigma ~ 1 a.u.
+COMPTON_PZ_SIGMA_AU = 1.0
+_FINE_STRUCTURE_INV = 137.035999
+
+
+class LineRow(NamedTuple):
+    """One row of a :class:`LineTable`."""
+
+    element: str
+    line: str
+    family: str
+    energy_keV: float
+    layer: int
+    intensity: float
+    primary: float
+    secondary: float
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LineTable:
+    """Fluorescence lines of a stack as the instrument detects them.
+
+    All array attributes have shape (n,), one entry per (line, layer) with a non-zero intensity.
+
+    Attributes
+    ----------
+    element : tuple of str
+        Element symbol.
+    line : tuple of str
+        IUPAC line name (lines of one shell closer than 5 eV merged, e.g. ``"KM3+KM2"``).
+    family : tuple of str
+        Siegbahn family (``"Ka"``, ``"Kb"``, ``"La"``, ``"Lb"``, ``"Lg"``, ``"Ma"`` ...).
+    energy_keV : numpy.ndarray
+        Line energy, keV.
+    layer : numpy.ndarray
+        Index into ``stack.all_layers`` (0 = top layer) of the emitting layer, int.
+    intensity : numpy.ndarray
+        Detected photons per second of live time (primary + secondary), using the instrument's incident
+        flux, detector solid angle and detector efficiency.
+    primary, secondary : numpy.ndarray
+        The primary and (within-layer) secondary parts of ``intensity``.
+    detector_efficiency : numpy.ndarray
+        Detector efficiency at the line energy (included in ``intensity``).
+    """
+
+    element: tuple[str, ...]
+    line: tuple[str, ...]
+    family: tuple[str, ...]
+    energy_keV: np.ndarray
+    layer: np.ndarray
+    intensity: np.ndarray
+    primary: np.ndarray
+    secondary: np.ndarray
+    detector_efficiency: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.element)
+
+    def rows(self) -> Iterator[LineRow]:
+        """Iterate over rows as :class:`LineRow` named tuples."""
+        for i in range(len(self)):
+            yield LineRow(self.element[i], self.line[i], self.family[i], float(self.energy_keV[i]),
+                          int(self.layer[i]), float(self.intensity[i]), float(self.primary[i]),
+                          float(self.secondary[i]))
+
+    def mask(self, element: str | None = None, family: str | None = None, layer: int | None = None,
+             line: str | None = None) -> np.ndarray:
+        """Boolean mask of rows matching all given criteria; ``family`` may be a prefix ("K", "L")."""
+        m = np.ones(len(self), dtype=bool)
+        if element is not None:
+            m &= np.array([e == element for e in self.element], dtype=bool)
+        if family is not None:
+            m &= np.array([f == family or (len(family) == 1 and f.startswith(family)) for f in self.family],
+                          dtype=bool)
+        if line is not None:
+            m &= np.array([line in x.split("+") for x in self.line], dtype=bool)
+        if layer is not None:
+            m &= self.layer == layer
+        return m
+
+    def select(self, **criteria: Any) -> LineTable:
+        """Rows matching ``element=``, ``family=``, ``layer=``, ``line=`` (see :meth:`mask`)."""
+        m = self.mask(**criteria)
+        idx = np.nonzero(m)[0]
+        return LineTable(
+            tuple(self.element[i] for i in idx), tuple(self.line[i] for i in idx),
+            tuple(self.family[i] for i in idx), self.energy_keV[idx], self.layer[idx], self.intensity[idx],
+            self.primary[idx], self.secondary[idx], self.detector_efficiency[idx])
+
+    def total(self, element: str | None = None, family: str | None = None, layer: int | None = None,
+              *, kind: str = "intensity") -> float:
+        """Sum of ``kind`` ("intensity", "primary" or "secondary") over matching rows."""
+        return float(getattr(self, kind)[self.mask(element, family, layer)].sum())
+
+    def __repr__(self) -> str:
+        return f"LineTable({len(self)} lines, elements {sorted(set(self.element))})"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class StackArrays:
+    """A batch of stacks as arrays (the fast input of :func:`simulate_batch`).
+
+    Parameters
+    ----------
+    elements : tuple of str
+        Element symbols, shape (Z,).
+    weight_fraction : numpy.ndarray
+        (B, N, Z) weight fractions per layer (top first); each used layer sums to 1.
+    mass_thickness_g_cm2 : numpy.ndarray
+        (B, N) areal density per layer, g/cm^2; ``inf`` for an infinitely thick bottom layer and ``0`` for
+        unused (padding) layers.
+    """
+
+    elements: tuple[str, ...]
+    weight_fraction: np.ndarray
+    mass_thickness_g_cm2: np.ndarray
+
+    def __post_init__(self) -> None:
+        w = np.asarray(self.weight_fraction, dtype=float)
+        mt = np.asarray(self.mass_thickness_g_cm2, dtype=float)
+        if w.ndim != 3 or mt.shape != w.shape[:2] or w.shape[2] != len(self.elements):
+            raise SimulationError(
+                f"StackArrays: weight_fraction must be (B, N, {len(self.elements)}) and mass thickness "
+                "(B, N); "
+                f"got {w.shape} and {mt.shape}")
+        if np.any(w < 0) or not np.all(np.isfinite(w)):
+            raise SimulationError("StackArrays: weight fractions must be finite and >= 0")
+        if np.any(mt < 0) or np.any(np.isnan(mt)):
+            raise SimulationError("StackArrays: mass thickness must be >= 0 (inf allowed)")
+        used = mt > 0
+        sums = w.sum(axis=2)
+        bad = used & (np.abs(sums - 1) > 1e-3)
+        if bad.any():
+            b, j = np.argwhere(bad)[0]
+            raise SimulationError(
+                f"StackArrays: weight fractions of stack {b} layer {j} sum to {sums[b, j]:.4g}, off 1 by "
+                f"{sums[b, j] - 1:+.4g}")
+        object.__setattr__(self, "weight_fraction", w)
+        object.__setattr__(self, "mass_thickness_g_cm2", mt)
+
+    def __len__(self) -> int:
+        return int(self.weight_fraction.shape[0])
+
+
+def stack_arrays(stacks: Sequence[Stack], elements: Sequence[str] | None = None) -> StackArrays:
+    """Convert stacks to :class:`StackArrays` (layers padded to the deepest stack)."""
+    stacks = list(stacks)
+    if not stacks:
+        raise SimulationError("no stacks given")
+    if not all(isinstance(s, Stack) for s in stacks):
+        raise SimulationError("stacks must be xrfnb.Stack objects (or pass a StackArrays)")
+    if elements is None:
+        found: set[str] = set()
+        for s in stacks:
+            for layer in s.all_layers:
+                found.update(layer.composition)
+        elements = sorted(found, key=xraylib.SymbolToAtomicNumber)
+    index = {e: i for i, e in enumerate(elements)}
+    n = max(len(s.all_layers) for s in stacks)
+    w = np.zeros((len(stacks), n, len(elements)))
+    mt = np.zeros((len(stacks), n))
+    for b, s in enumerate(stacks):
+        for j, layer in enumerate(s.all_layers):
+            for el, f in layer.composition.items():
+                w[b, j, index[el]] = f
+        mt[b, : len(s.all_layers)] = s.mass_thickness_g_cm2
+    return StackArrays(tuple(elements), w, mt)
+
+
+# --- instrument adapter ------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Setup:
+    """What the simulator needs from an instrument, computed once per instrument."""
+
+    exc: _fp.Excitation
+    incidence_deg: float
+    takeoff_deg: float
+    solid_angle_sr: float
+    response: Any
+    n_channels: int
+    rayleigh_rows: np.ndarray  # (n, C) float32
+    compton_rows: np.ndarray  # (n, C) float32
+    eff_rayleigh: np.ndarray  # (n,)
+    eff_compton: np.ndarray  # (n,)
+
+
+def _efficiency(instrument: Any, energy_keV: np.ndarray, what: str) -> np.ndarray:
+    eff = np.asarray(instrument.detector_efficiency(np.asarray(energy_keV, dtype=float)), dtype=float)
+    bad = ~np.isfinite(eff) | (eff < 0) | (eff > 1 + 1e-9)
+    if eff.shape != np.shape(energy_keV) or bad.any():
+        i = int(np.argmax(bad)) if bad.any() else 0
+        raise InstrumentError(
+            f"instrument {getattr(instrument, 'name', '?')!r} has no valid detector efficiency at "
+            f"{np.ravel(energy_keV)[i]:.3f} keV ({what}): got {np.ravel(eff)[i] if eff.size else eff!r}; "
+            "give an efficiency in [0, 1] for every energy the detector can see")
+    return eff
+
+
+def _setup_uncached(instrument: Any, max_bins: int) -> _Setup:
+    try:
+        energy, photons = instrument.excitation()
+        incidence = float(instrument.incidence_deg)
+        takeoff = float(instrument.takeoff_deg)
+    except AttributeError as exc:
+        raise InstrumentError(f"not an xrfnb.Instrument: {exc}") from None
+    max_e = getattr(instrument, "max_energy_keV", None)
+    exc = _fp.rebin_excitation(energy, photons, max_bins=max_bins, tube_voltage_kV=max_e)
+    response = instrument.detector_response()
+    theta = np.pi - np.radians(incidence) - np.radians(takeoff)
+    e_r = exc.render_energy_keV
+    n = exc.energy_keV.size
+    n_ch = int(instrument.n_channels)
+
+    def aggregate(rows: np.ndarray) -> np.ndarray:
+        out = np.zeros((n, rows.shape[1]))
+        np.add.at(out, exc.render_bin, rows * exc.render_weight[:, None])
+        return (out / exc.weight[:, None]).astype(np.float32)
+
+    ray = aggregate(response.matrix(e_r, dtype=np.float64))
+    # Compton: shifted energy, broadened by the electron momentum distribution (Gauss-Hermite nodes)
+    e_c = _fp.compton_energy_keV(e_r, theta)
+    q = np.sqrt(e_r**2 + e_c**2 - 2 * e_r * e_c * np.cos(theta))  # momentum transfer, keV
+    sigma = q / _FINE_STRUCTURE_INV * COMPTON_PZ_SIGMA_AU
+    x, w = np.polynomial.hermite_e.hermegauss(7)
+    w = w / w.sum()
+    comp = np.zeros((e_r.size, n_ch))
+    for xi, wi in zip(x, w, strict=True):
+        comp += wi * response.matrix(np.maximum(e_c + xi * sigma, 1e-3), dtype=np.float64)
+    comp = aggregate(comp)
+    eff_r = _efficiency(instrument, exc.energy_keV, "scattered radiation")
+    eff_c = _efficiency(instrument, _fp.compton_energy_keV(exc.energy_keV, theta), "Compton scatter")
+    solid = float(getattr(instrument, "detector_solid_angle_sr", 1.0))
+    return _Setup(exc, incidence, takeoff, solid, response, n_ch, ray, comp, eff_r, eff_c)
+
+
+@functools.lru_cache(maxsize=16)
+def _setup_cached(instrument: Any, max_bins: int) -> _Setup:
+    return _setup_uncached(instrument, max_bins)
+
+
+def _setup(instrument: Any, max_bins: int = 48) -> _Setup:
+    try:
+        hash(instrument)
+    except TypeError:
+        return _setup_uncached(instrument, max_bins)
+    return _setup_cached(instrument, max_bins)
+
+
+@functools.lru_cache(maxsize=64)
+def _line_rows(instrument: Any, line_energy_key: bytes) -> np.ndarray:
+    energy = np.frombuffer(line_energy_key, dtype=float)
+    return instrument.detector_response().matrix(energy, dtype=np.float32)
+
+
+def _rows_for_lines(setup: _Setup, instrument: Any, energy_keV: np.ndarray) -> np.ndarray:
+    try:
+        hash(instrument)
+    except TypeError:
+        return setup.response.matrix(energy_keV, dtype=np.float32)
+    return _line_rows(instrument, np.ascontiguousarray(energy_keV, dtype=float).tobytes())
+
+
+def _tables_for(elements: Sequence[str], setup: _Setup) -> _fp.Tables:
+    zs = tuple(int(xraylib.SymbolToAtomicNumber(e)) for e in elements)
+    return _fp.build_tables(zs, setup.exc, setup.incidence_deg, setup.takeoff_deg)
+
+
+# --- single stack --------------------------------------------------------------------------------------
+
+def _check_stack(stack: Any) -> Stack:
+    if not isinstance(stack, Stack):
+        raise SimulationError(f"expected an xrfnb.Stack, got {type(stack).__name__}")
+    return stack
+
+
+def line_intensities(stack: Stack, instrument: Any, *, secondary: bool = True) -> LineTable:
+    """Detected intensity of every fluorescence line of every layer of a stack.
+
+    Parameters
+    ----------
+    stack : Stack
+        The sample.
+    instrument : Instrument
+        Excitation, geometry, detector.
+    secondary : bool, optional
+        Include secondary fluorescence within each layer (see :mod:`xrfnb._fp`).
+
+    Returns
+    -------
+    LineTable
+        One row per (line, emitting layer), sorted by energy; ``intensity`` in detected photons per
+        second of live time.
+
+    Raises
+    ------
+    SimulationError
+        Invalid stack.
+    InstrumentError
+        Excitation above the tube voltage, or no valid detector efficiency at a line energy.
+
+    Examples
+    --------
+    >>> import xrfnb
+    >>> stack = xrfnb.Stack([xrfnb.Layer({"HgS": 1.0}, binder=None, thickness_um=10, density_g_cm3=8.1)])
+    >>> table = xrfnb.line_intensities(stack, xrfnb.Instrument.preset("bruker-m6"))
+    >>> table.total("Hg", "La") > table.total("Hg", "Lb") > 0
+    True
+    """
+    stack = _check_stack(stack)
+    setup = _setup(instrument)
+    arr = stack_arrays([stack])
+    T = _tables_for(arr.elements, setup)
+    W, mt = arr.weight_fraction, arr.mass_thickness_g_cm2
+    prim = _fp.primary(W, mt, T)[0]  # (N, L)
+    sec = _fp.secondary_within_layers(W, mt, T)[0] if secondary else np.zeros_like(prim)
+    eff = _efficiency(instrument, T.line_energy_keV, "fluorescence line") if T.n_lines else np.zeros(0)
+    scale = setup.exc.total_photons * setup.solid_angle_sr
+    prim = prim * eff * scale
+    sec = sec * eff * scale
+    tot = prim + sec
+    jj, ll = np.nonzero(tot > 0)
+    order = np.lexsort((jj, T.line_energy_keV[ll]))
+    jj, ll = jj[order], ll[order]
+    symbols = [element_symbol(T.elements[T.line_element[i]]) for i in ll]
+    return LineTable(
+        element=tuple(symbols), line=tuple(T.line_name[i] for i in ll),
+        family=tuple(_fp.line_family(T.line_name[i]) for i in ll), energy_keV=T.line_energy_keV[ll].copy(),
+        layer=jj.astype(int), intensity=tot[jj, ll], primary=prim[jj, ll], secondary=sec[jj, ll],
+        detector_efficiency=eff[ll].copy())
+
+
+def _scatter_expected(W: np.ndarray, mt: np.ndarray, T: _fp.Tables, setup: _Setup) -> np.ndarray:
+    ray, comp = _fp.scatter(W, mt, T)
+    return (ray * setup.eff_rayleigh) @ setup.rayleigh_rows + (comp * setup.eff_compton) @ setup.compton_rows
+
+
+def expected_spectrum(stack: Stack, instrument: Any, *, secondary: bool = True,
+                      scatter: bool = True) -> np.ndarray:
+    """Expected detected counts per channel per second of live time (no pile-up, no noise), (channels,)."""
+    stack = _check_stack(stack)
+    setup = _setup(instrument)
+    table = line_intensities(stack, instrument, secondary=secondary)
+    out = np.zeros(setup.n_channels)
+    if len(table):
+        out += table.intensity @ _rows_for_lines(setup, instrument, table.energy_keV)
+    if scatter:
+        arr = stack_arrays([stack])
+        T = _tables_for(arr.elements, setup)
+        out += _scatter_expected(arr.weight_fraction, arr.mass_thickness_g_cm2, T, setup)[0] \
+            * (setup.exc.total_photons * setup.solid_angle_sr)
+    return out
+
+
+def simulate(stack: Stack, instrument: Any, *, counts: float | None = None, live_time_s: float | None = None,
+             rng: np.random.Generator | int | None = None, noise: bool = True, secondary: bool = True,
+             scatter: bool = True, pileup: bool = True) -> Spectrum:
+    """Simulate the measured spectrum of a stack.
+
+    Parameters
+    ----------
+    stack : Stack
+        The sample.
+    instrument : Instrument
+        Source, geometry, detector and channel calibration.
+    counts : float, optional
+        Expected total counts of the spectrum (the spectrum is scaled to it before noise). Without it
+        the absolute scale comes from the instrument's flux and solid angle and ``live_time_s``.
+    live_time_s : float, optional
+        Live time, s (default 1 s). Sets the count rate for pile-up and the absolute scale.
+    rng : numpy.random.Generator or int, optional
+        Random generator or seed for the Poisson noise.
+    noise : bool, optional
+        Draw Poisson counts (default); ``False`` returns the expected spectrum.
+    secondary, scatter : bool, optional
+        Include within-layer secondary fluorescence and Rayleigh/Compton scatter (default both).
+    pileup : bool, optional
+        Add pile-up sum peaks for the count rate of this stack (default).
+
+    Returns
+    -------
+    Spectrum
+        Counts with the instrument's calibration; ``metadata`` holds ``"simulated": True``, the line
+        table under ``"lines"`` and the count rate.
+    """
+    if counts is not None:
+        counts = float(counts)
+        if not np.isfinite(counts) or counts < 0:
+            raise SimulationError(f"counts must be a finite number >= 0, got {counts!r}")
+    lt = 1.0 if live_time_s is None else float(live_time_s)
+    if not np.isfinite(lt) or lt <= 0:
+        raise SimulationError(f"live_time_s must be > 0, got {live_time_s!r}")
+    rate = expected_spectrum(stack, instrument, secondary=secondary, scatter=scatter)
+    count_rate = float(rate.sum())
+    expected = rate * lt
+    setup = _setup(instrument)
+    if pileup and count_rate > 0 and hasattr(setup.response, "pileup"):
+        expected = setup.response.pileup(expected, count_rate)
+    if counts is not None:
+        total = expected.sum()
+        if total <= 0:
+            raise SimulationError("the stack gives no detected photons with this instrument")
+        expected = expected * (counts / total)
+    gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+    data = gen.poisson(expected).astype(np.float64) if noise else expected
+    meta = {"simulated": True, "instrument": getattr(instrument, "name", None), "count_rate_cps": count_rate,
+            "stack": repr(stack), "lines": line_intensities(stack, instrument, secondary=secondary)}
+    return Spectrum(data, instrument.calibration, live_time_s=lt, metadata=meta)
+
+
+# --- batches -------------------------------------------------------------------------------------------
+
+class _GuideSampler:
+    """Exact sampling of channels from fixed discrete distributions (rows) by guide-table inversion.
+
+    For every row a guide table of about ``k_factor * channels`` entries gives, for ``u`` in
+    ``[q/K, (q+1)/K)``, the first channel whose cumulative probability exceeds ``q/K``; a short
+    forward search from there finds the exact inverse-CDF channel (Chen and Asau, 1974).
+    """
+
+    def __init__(self, rows: np.ndarray, k_factor: int = 4) -> None:
+        rows = np.asarray(rows, dtype=np.float64)
+        r, c = rows.shape
+        sums = rows.sum(axis=1, keepdims=True)
+        cdf = np.cumsum(rows / np.where(sums > 0, sums, 1.0), axis=1)
+        cdf[:, -1] = 2.0  # every u < 1 stops at the last channel at the latest
+        cdf = cdf.astype(np.float32)
+        self.k = 1 << int(np.ceil(np.log2(k_factor * c)))  # a power of 2: u * k is exact in float32
+        grid = (np.arange(self.k) / self.k).astype(np.float32)
+        guide = np.empty((r, self.k), dtype=np.int32)
+        for i in range(r):
+            guide[i] = np.searchsorted(cdf[i], grid, side="right")
+        np.minimum(guide, c - 1, out=guide)
+        guide += (np.arange(r, dtype=np.int32) * c)[:, None]  # flat index into cdf
+        self.guide = guide.ravel()
+        self.flat_cdf = cdf.ravel()
+        self.c = c
+        self.shape = rows.shape
+
+    def sample(self, row: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Channels (int32, shape like ``row``) drawn from the distributions of rows ``row`` (int32)."""
+        u = rng.random(row.size, dtype=np.float32)
+        q = (u * np.float32(self.k)).astype(np.int32)
+        np.minimum(q, self.k - 1, out=q)
+        q += row * np.int32(self.k)
+        flat = self.guide[q]
+        todo = np.nonzero(self.flat_cdf[flat] <= u)[0]
+        while todo.size:
+            flat[todo] += 1
+            todo = todo[self.flat_cdf[flat[todo]] <= u[todo]]
+        flat -= row * np.int32(self.c)
+        return flat
+
+
+def simulate_batch(
+    stacks: Sequence[Stack] | StackArrays,
+    instrument: Any,
+    *,
+    counts: float | np.ndarray | None = None,
+    live_time_s: float | np.ndarray | None = None,
+    rng: np.random.Generator | int | None = None,
+    noise: bool = True,
+    secondary: bool = False,
+    scatter: bool = True,
+    method: str = "auto",
+    dtype: type = np.float32,
+    threads: int | None = None,
+) -> np.ndarray:
+    """Simulate many spectra at once (the training-data path).
+
+    Parameters
+    ----------
+    stacks : sequence of Stack or StackArrays
+        B samples. :class:`StackArrays` (pre-sampled compositions as arrays) skips the per-stack Python
+        conversion.
+    instrument : Instrument
+    counts : float or numpy.ndarray, optional
+        Expected total counts per spectrum, scalar or (B,). Without it, the absolute scale comes from
+        the instrument flux, solid angle and ``live_time_s`` (default 1 s).
+    live_time_s : float or numpy.ndarray, optional
+        Live time per spectrum, s.
+    rng : numpy.random.Generator or int, optional
+    noise : bool, optional
+        Poisson counts (default) or expected spectra.
+    secondary : bool, optional
+        Within-layer secondary fluorescence (slow: a Python loop over stacks; default off).
+    scatter : bool, optional
+        Rayleigh and Compton scatter (continuum background; default on).
+    method : {"auto", "events", "poisson"}
+        How noisy spectra are drawn. ``"events"``: the number of detected photons of every line and
+        scatter bin is Poisson, and each photon's channel is drawn from that row's detector response
+        (exact; cost grows with the counts, fast for hundreds to thousands of counts).
+        ``"poisson"``: expected spectra ``inten_r @ R`` then independent Poisson counts per channel (cost
+        independent of counts). ``"auto"`` picks events below 2 counts per channel on average.
+        Pile-up is not simulated in batches.
+    dtype : numpy dtype
+        Dtype of the result.
+    threads : int, optional
+        Worker threads over blocks of 1024 spectra (default: the number of CPU cores). Each block
+        draws from its own generator spawned from ``rng``, so results do not depend on ``threads``.
+
+    Returns
+    -------
+    numpy.ndarray
+        (B, channels) counts (or expected counts with ``noise=False``).
+    """
+    if isinstance(stacks, StackArrays):
+        arr = stacks
+    else:
+        arr = stack_arrays(stacks)
+    if method not in ("auto", "events", "poisson"):
+        raise SimulationError(f"method must be 'auto', 'events' or 'poisson', got {method!r}")
+    B = len(arr)
+    setup = _setup(instrument)
+    T = _tables_for(arr.elements, setup)
+    eff = _efficiency(instrument, T.line_energy_keV, "fluorescence line") if T.n_lines else np.zeros(0)
+    row_blocks = [_rows_for_lines(setup, instrument, T.line_energy_keV)] if T.n_lines else []
+    if scatter:
+        row_blocks += [setup.rayleigh_rows, setup.compton_rows]
+    if not row_blocks:
+        raise SimulationError("nothing to simulate: no lines and scatter switched off")
+    rows = _concat_rows(row_blocks, (setup, T, scatter))
+    rowsum = rows.sum(axis=1, dtype=np.float64)
+    if counts is not None:
+        c = np.broadcast_to(np.asarray(counts, dtype=float), (B,))
+        if np.any(c < 0) or not np.all(np.isfinite(c)):
+            raise SimulationError("counts must be finite and >= 0")
+        scale = None
+    else:
+        lt = np.broadcast_to(np.asarray(1.0 if live_time_s is None else live_time_s, dtype=float), (B,))
+        if np.any(lt <= 0) or not np.all(np.isfinite(lt)):
+            raise SimulationError("live_time_s must be finite and > 0")
+        c = None
+        scale = lt * setup.exc.total_photons * setup.solid_angle_sr
+    gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+    C = setup.n_channels
+    out = np.empty((B, C), dtype=dtype)
+    step = 1024
+    starts = list(range(0, B, step))
+    children = gen.spawn(len(starts))
+    sampler = _sampler(rows, (setup, T, scatter)) if noise and method != "poisson" else None
+
+    def run(i: int) -> None:
+        b0 = starts[i]
+        b1 = min(B, b0 + step)
+        W = arr.weight_fraction[b0:b1]
+        mt = arr.mass_thickness_g_cm2[b0:b1]
+        inten = _fp.primary(W, mt, T).sum(axis=1)
+        if secondary:
+            inten += _fp.secondary_within_layers(W, mt, T).sum(axis=1)
+        parts = [inten * eff] if T.n_lines else []
+        if scatter:
+            ray, comp = _fp.scatter(W, mt, T)
+            parts += [ray * setup.eff_rayleigh, comp * setup.eff_compton]
+        inten_r = np.concatenate(parts, axis=1)  # (b, R) per incident photon per sr
+        in_range = inten_r @ rowsum
+        if c is not None:
+            cc = c[b0:b1]
+            sc = np.where(in_range > 0, cc / np.where(in_range > 0, in_range, 1.0), 0.0)
+        else:
+            sc = scale[b0:b1]
+        inten_r *= sc[:, None]
+        _render(inten_r, rows, rowsum, out[b0:b1], children[i], noise, method, sampler)
+
+    n_threads = max(1, min(int(threads if threads is not None else os.cpu_count() or 1), len(starts)))
+    if n_threads == 1:
+        for i in range(len(starts)):
+            run(i)
+    else:
+        with ThreadPoolExecutor(n_threads) as pool:
+            list(pool.map(run, range(len(starts))))
+    return out
+
+
+def _render(inten_r: np.ndarray, rows: np.ndarray, rowsum: np.ndarray, out: np.ndarray,
+            gen: np.random.Generator, noise: bool, method: str, sampler: _GuideSampler | None) -> None:
+    """Spectra (b, C) into ``out`` from row intensities inten_r (b, R) (expected photons per row)."""
+    C = rows.shape[1]
+    if not noise:
+        out[:] = inten_r.astype(np.float32) @ rows
+        return
+    mean_counts = float(np.mean(inten_r @ rowsum)) if inten_r.size else 0.0
+    if method == "poisson" or (method == "auto" and mean_counts > 2 * C) or sampler is None:
+        lam = (inten_r.astype(np.float32) @ rows).astype(np.float64)
+        out[:] = gen.poisson(np.maximum(lam, 0.0))
+        return
+    R = rows.shape[0]
+    n = gen.poisson(inten_r * rowsum).ravel()  # photons detected per (spectrum, row)
+    nz = np.nonzero(n)[0]
+    reps = n[nz]
+    r_idx = np.repeat((nz % R).astype(np.int32), reps)
+    ch = sampler.sample(r_idx, gen)
+    ch += np.repeat((nz // R).astype(np.int32) * np.int32(C), reps)
+    out[:] = np.bincount(ch, minlength=out.shape[0] * C).reshape(out.shape)
+
+
+_ROWS: dict[tuple, tuple[tuple, np.ndarray]] = {}
+
+
+def _concat_rows(blocks: list[np.ndarray], owners: tuple) -> np.ndarray:
+    key = tuple(id(o) for o in owners)
+    hit = _ROWS.get(key)
+    if hit is None:
+        if len(_ROWS) > 8:
+            _ROWS.clear()
+        hit = _ROWS[key] = (owners, np.concatenate(blocks, axis=0))
+    return hit[1]
+
+
+_SAMPLERS: dict[tuple, tuple[tuple, _GuideSampler]] = {}
+
+
+def _sampler(rows: np.ndarray, owners: tuple) -> _GuideSampler:
+    """Cached sampler of the response rows built for ``owners`` (setup, tables, scatter flag)."""
+    key = tuple(id(o) for o in owners)
+    hit = _SAMPLERS.get(key)
+    if hit is None or hit[1].shape != rows.shape:
+        if len(_SAMPLERS) > 8:
+            _SAMPLERS.clear()
+        hit = _SAMPLERS[key] = (owners, _GuideSampler(rows))  # owners kept alive: ids stay unique
+    return hit[1]
