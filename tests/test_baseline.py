@@ -237,3 +237,18 @@ def test_select_aligns_to_other_classes(lib) -> None:
     score, present = res.select(["XRF-silent", "vermilion", lib["lead white"].group])
     assert present[0, 0].tolist() == [False, True, True]
     assert score[0, 0, 0] == 0.0 and score[0, 0, 1] == pytest.approx(300.0)
+
+
+def test_reference_ratios_reveal_excess_on_a_single_spectrum(lib) -> None:
+    maps = make_maps({"Pb": 18000.0, "Cr": 1000.0})
+    chrome, lead = lib["chrome yellow"].group, lib["lead white"].group
+    assert groups(xrfnb.assign_pigments_by_elements(maps)) == {chrome}
+    ref = {"chrome yellow": {"Pb": 6.0, "Cr": 1.0}}
+    assert groups(xrfnb.assign_pigments_by_elements(maps, reference_ratios=ref)) == {chrome, lead}
+    # a ratio matching the spectrum leaves no excess
+    ref = {chrome: {"Pb": 17.0, "Cr": 1.0}}
+    assert groups(xrfnb.assign_pigments_by_elements(maps, reference_ratios=ref)) == {chrome}
+    with pytest.raises(FitError, match="positive intensity"):
+        xrfnb.assign_pigments_by_elements(maps, reference_ratios={"chrome yellow": {"Pb": 6.0}})
+    with pytest.raises(FitError, match="neither"):
+        xrfnb.assign_pigments_by_elements(maps, reference_ratios={"carbon black": {"C": 1.0}})

@@ -229,6 +229,7 @@ def assign_pigments_by_elements(
     ratio_coverage: float = 0.5,
     excess_fraction: float = 0.2,
     ignore_elements: Sequence[str] = DEFAULT_IGNORE_ELEMENTS,
+    reference_ratios: Mapping[str, Mapping[str, float]] | None = None,
     mask: np.ndarray | None = None,
 ) -> BaselineAssignment:
     """Indicate pigment groups from element maps, as an expert would.
@@ -263,6 +264,12 @@ def assign_pigments_by_elements(
     excess_fraction : float
         An explained-away group is indicated again only where the excess of each of its key elements
         exceeds both the element's threshold and this fraction of its intensity (default 0.2).
+    reference_ratios : mapping, optional
+        Known relative intensities of a group's key elements in the pure pigment on this instrument,
+        ``{"chrome yellow": {"Pb": 6.0, "Cr": 1.0}}`` (keys: group or pigment names; values: intensities in
+        any common unit). They replace the dominant-ratio estimate, so excess can be seen on a single
+        spectrum too. For a group whose members differ (chrome yellow / chrome orange), give the ratio of
+        the member richest in the shared element to stay conservative.
     ignore_elements : sequence of str
         Elements never reported as unexplained (default: Ar from the air path).
     mask : numpy.ndarray, optional
@@ -364,6 +371,22 @@ def assign_pigments_by_elements(
         if any(e not in col_of for e in group_keys[g])
     }
 
+    references: dict[str, dict[str, float]] = {}
+    for name, values in (reference_ratios or {}).items():
+        group = name if name in classes else (lib[name].group if name in lib else None)
+        if group not in classes:
+            raise FitError(f"reference_ratios: {name!r} is neither a pigment group nor a visible pigment")
+        if not isinstance(values, Mapping):
+            raise FitError(f"reference_ratios[{name!r}] must map elements to intensities, got {values!r}")
+        ref = {str(e): float(v) for e, v in values.items()}
+        missing = [e for e in group_keys[group] if not (ref.get(e, 0.0) > 0 and np.isfinite(ref[e]))]
+        if missing:
+            raise FitError(
+                f"reference_ratios[{name!r}] needs a positive intensity for each key element of {group!r}; "
+                f"missing or invalid: {missing}"
+            )
+        references[group] = ref
+
     K = len(classes)
     score = np.zeros((rows, cols, K), dtype=np.float32)
     present = np.zeros((rows, cols, K), dtype=bool)
@@ -375,6 +398,9 @@ def assign_pigments_by_elements(
     def pure_ratio(kb: int, e: str, f: str) -> float:
         """Dominant I_e / I_f over pixels where group kb is indicated."""
         key = (kb, e, f)
+        ref = references.get(classes[kb])
+        if ref is not None:
+            return ref[e] / ref[f]
         if key not in ratio_cache:
             where = present[:, :, kb]
             ie = inten[:, :, col_of[e]][where]
