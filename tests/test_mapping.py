@@ -420,3 +420,43 @@ def test_wrong_model_output_shape_is_model_error(counts_truth):
 
     with pytest.raises(xrfnb.ModelError, match="model returned probability"):
         map_pigments(Scan(counts_truth[0], CAL), Broken(), progress=False)
+
+
+def _untrained_pigment_model():
+    """A real PigmentModel (untrained weights, fixed seed): exercises the real rebinning and network."""
+    torch = pytest.importorskip("torch")
+    from xrfnb._model import PigmentModel
+    from xrfnb._nn import PigmentNet
+
+    torch.manual_seed(0)
+    classes = list(CLASS_LINES)
+    meta = {
+        "name": "untrained-test",
+        "classes": classes,
+        "colors": list(COLORS),
+        "class_pigments": {c: [c] for c in classes},
+        "class_elements": {c: [el] for c, (el, _) in CLASS_LINES.items()},
+        "energy_grid": {"n_bins": 64, "e_min_keV": 1.0, "e_max_keV": 20.0, "noise_keV": 0.08},
+        "thresholds": [0.5, 0.5, 0.5],
+        "ood": {"threshold": 1.0},
+    }
+    return PigmentModel(PigmentNet(64, len(classes), conv_channels=4, hidden=(16,)), meta, {})
+
+
+def test_real_pigment_model_streaming_and_dask_agree(tmp_path, counts_truth):
+    pytest.importorskip("xrfnb._model")
+    da = pytest.importorskip("dask.array")
+    model = _untrained_pigment_model()
+    counts = counts_truth[0].copy()
+    counts[2, 3] = 0
+    ref = model.identify_batch(counts.reshape(-1, N_CH), CAL)
+    scan = _h5_scan(_write_h5(tmp_path / "scan.h5", counts))
+    maps = map_pigments(scan, model, chunk_pixels=100, batch_pixels=64, progress=False, out=tmp_path / "m.h5")
+    prob = maps.probability[()].reshape(-1, 3)
+    valid = np.ones(counts.shape[:2], bool)
+    valid[2, 3] = False
+    np.testing.assert_allclose(prob[valid.reshape(-1)], ref.probability[valid.reshape(-1)], atol=1e-5)
+    assert maps.mask_reason[2, 3] == MASK_DEAD
+    lazy = map_pigments(Scan(da.from_array(counts, chunks=(8, 10, 512)), CAL), model, progress=False)
+    np.testing.assert_allclose(lazy.probability, maps.probability[()], atol=1e-5)
+    np.testing.assert_allclose(lazy.ood_score, maps.ood_score[()], atol=1e-5)

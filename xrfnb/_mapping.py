@@ -3,8 +3,8 @@
 Memory model
 ------------
 :func:`map_pigments` never holds the scan's spectra in memory. It reads one block of whole rows at a time
-(aligned to the HDF5 chunks, about ``chunk_pixels`` pixels), converts at most ``batch_pixels`` spectra of it
-to float32 for the model, and writes the results:
+(aligned to the HDF5 chunks, about ``chunk_pixels`` pixels; the next block is read in a background thread
+meanwhile), passes ``batch_pixels`` spectra at a time to the model, and writes the results:
 
 * without ``out``: into preallocated in-memory maps, ``rows x cols x (2 K + 1) x 4`` bytes of float32 plus
   two bytes per pixel for the mask (a 1024 x 1024 scan with 30 classes: about 250 MB);
@@ -707,11 +707,7 @@ def _process_block(
             sel: Any = slice(s, min(s + batch_pixels, r * c))
         else:
             sel = valid_idx[s : s + batch_pixels]
-        x = (
-            flat[sel].astype(np.float32, copy=False)
-            if flat.dtype.kind == "f"
-            else flat[sel].astype(np.float32)
-        )
+        x = flat[sel]  # raw dtype: the model rebins any numeric dtype (no float copy of the block)
         lt = live_time_s if lt_flat is None else lt_flat[sel]
         res = model.identify_batch(x, calibration, live_time_s=lt)
         n = x.shape[0]
@@ -927,9 +923,10 @@ def map_pigments(
         The model, or a name/path for :func:`xrfnb.load_model`; default ``"default"``.
     chunk_pixels : int
         Pixels read per block (whole rows, aligned to the HDF5 chunks). Peak memory is about
-        ``chunk_pixels x channels x (itemsize + 4 x batch_pixels / chunk_pixels)`` bytes for the spectra.
+        ``2 x chunk_pixels x channels x itemsize`` bytes for the spectra (one block in use, the next
+        being read in a background thread) plus the model's working memory for ``batch_pixels`` spectra.
     batch_pixels : int
-        Spectra converted to float32 and passed to the model at once.
+        Spectra passed to the model at once (in the scan's dtype; the model rebins them to its grid).
     progress : bool
         Show a progress bar (tqdm) on stderr.
     element_maps : bool
@@ -994,7 +991,7 @@ def map_pigments(
         _stream(scan, model, sink, slices, saturation_counts, batch_pixels, progress)
 
     elapsed = time.perf_counter() - t0
-    em = _element_maps(scan, instrument) if element_maps else None
+    em = _element_maps(scan, instrument, progress) if element_maps else None
     metadata["elapsed_s"] = round(elapsed, 3)
     metadata["spectra_per_s"] = round(rows * cols / max(elapsed, 1e-9), 1)
 
@@ -1150,7 +1147,7 @@ def _compute(arr: Any, progress: bool) -> np.ndarray:
     return np.asarray(arr.compute())
 
 
-def _element_maps(scan: Scan, instrument: Any) -> Any:
+def _element_maps(scan: Scan, instrument: Any, progress: bool) -> Any:
     try:
         from ._fit import fit_elements
     except ModuleNotFoundError as exc:
@@ -1161,4 +1158,4 @@ def _element_maps(scan: Scan, instrument: Any) -> Any:
         from ._instrument import Instrument
 
         instrument = Instrument.preset(instrument or scan.metadata.get("instrument") or "bruker-m6")
-    return fit_elements(scan, instrument)
+    return fit_elements(scan, instrument, progress=progress)
