@@ -409,8 +409,9 @@ class Instrument:
         )
         fwhm_mn = float(self.fwhm_keV(MN_KA_KEV))
         need(
-            0.03 <= fwhm_mn <= 1.0,
-            f"FWHM at Mn Ka is {1000 * fwhm_mn:.0f} eV; an energy-dispersive detector has 30-1000 eV",
+            0.06 <= fwhm_mn <= 1.0,
+            f"FWHM at Mn Ka is {1000 * fwhm_mn:.0f} eV; a silicon detector has 60-1000 eV "
+            "(the Fano limit of Si is ~115 eV): check noise_keV, fano and pair_energy_eV",
         )
         need(0.0 <= self.shelf_share <= 1.0, f"shelf_share must be in [0, 1], got {self.shelf_share}")
         need(self.tail_length_fwhm > 0, f"tail_length_fwhm must be > 0, got {self.tail_length_fwhm}")

@@ -1,0 +1,185 @@
+"""Instrument presets, user instruments, validation and derived quantities."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xraylib
+
+import xrfnb
+from xrfnb import EnergyCalibration, InstrumentError, XRFNBError
+from xrfnb._instrument import Absorber, Instrument, instruments
+
+
+def test_presets_are_listed_and_load() -> None:
+    names = instruments()
+    assert {"bruker-m6", "lab-mo", "synchrotron"} <= set(names)
+    assert xrfnb.instruments() == names
+    for name in names:
+        inst = Instrument.preset(name)
+        assert inst.name == name
+        assert inst.description
+        e, photons = inst.excitation()
+        assert e.shape == photons.shape and np.all(photons >= 0) and photons.sum() > 0
+        assert e.max() <= inst.max_energy_keV + 1e-9
+
+
+def test_bruker_m6_preset_matches_specification() -> None:
+    m6 = Instrument.preset("Bruker-M6")
+    assert m6.anode == "Rh" and m6.tube_voltage_kV == 50.0
+    assert m6.tube_window == Absorber("Be", 100.0)
+    assert m6.detector_window == Absorber("Be", 12.5)
+    assert m6.detector_thickness_um == 450.0
+    assert m6.atmosphere == "air" and m6.optics == "polycapillary"
+    assert m6.n_channels == 4096
+    assert m6.calibration.offset_keV == pytest.approx(-0.955)
+    assert m6.calibration.gain_keV == pytest.approx(0.01)
+    assert float(m6.fwhm_keV(5.8988)) == pytest.approx(0.145, abs=1e-4)
+
+
+def test_fwhm_formula_noise_plus_fano() -> None:
+    inst = Instrument(noise_keV=0.08, fano=0.12, pair_energy_eV=3.64)
+    e = np.array([1.0, 5.0, 20.0])
+    expected = np.sqrt(0.08**2 + (2.3548200450309493**2) * 0.12 * 3.64e-3 * e)
+    np.testing.assert_allclose(inst.fwhm_keV(e), expected, rtol=1e-12)
+
+
+def test_synchrotron_is_monochromatic() -> None:
+    syn = Instrument.preset("synchrotron")
+    assert syn.anode is None and syn.monochromatic_keV == 18.0
+    e, photons = syn.excitation()
+    assert e.tolist() == [18.0]
+    he = xraylib.CS_Total(2, 18.0) * 1.665e-4 * syn.beam_path_mm / 10
+    assert photons[0] == pytest.approx(syn.flux_photons_s * math.exp(-he), rel=1e-9)
+    syn.check_energy(17.0)
+    with pytest.raises(InstrumentError, match="above"):
+        syn.check_energy(20.0)
+
+
+def test_with_changes_and_validates() -> None:
+    m6 = Instrument.preset("bruker-m6")
+    wider = m6.with_(fwhm_scale=1.2)
+    e = np.array([2.0, 6.0, 15.0])
+    np.testing.assert_allclose(wider.fwhm_keV(e), 1.2 * m6.fwhm_keV(e), rtol=1e-12)
+    assert float(m6.with_(fwhm_mnka_eV=160).fwhm_keV(5.8988)) == pytest.approx(0.160, abs=1e-6)
+    shifted = m6.with_(offset_keV=-0.9, gain_keV=0.0101)
+    assert shifted.calibration == EnergyCalibration(-0.9, 0.0101)
+    lower = m6.with_(tube_voltage_kV=40.0, detector_path_mm=5.0)
+    assert lower.excitation()[0].max() <= 40.0
+    assert lower.detector_efficiency(2.0) > m6.detector_efficiency(2.0)  # less air to cross
+    assert m6.tube_voltage_kV == 50.0  # the original is unchanged
+    with pytest.raises(InstrumentError):
+        m6.with_(tube_voltage_kV=-5.0)
+    with pytest.raises(InstrumentError):
+        m6.with_(no_such_setting=1)
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"anode": "Xx"}, "anode"),
+        ({"tube_window": ("Unobtainium", 10.0)}, "unknown material"),
+        ({"tube_filters": [("Al", 0.0)]}, "thickness"),
+        ({"detector_window": {"material": "Be", "thickness_um": -3.0}}, "thickness"),
+        ({"detector_thickness_um": 0.0}, "thickness"),
+        ({"noise_keV": 5.0}, "noise"),
+        ({"fano": 0.0}, "Fano"),
+        ({"noise_keV": 0.0, "fano": 0.02}, "FWHM"),
+        ({"monochromatic_keV": 60.0}, "above the tube voltage"),
+        ({"incidence_deg": 95.0}, "incidence_deg"),
+        ({"atmosphere": "argon"}, "atmosphere"),
+        ({"tube_window": ("Si3N4", 1.0)}, "density"),
+        ({"n_channels": 4}, "n_channels"),
+        ({"calibration": EnergyCalibration(0.0, 0.01, -1e-4)}, "monotonic"),
+    ],
+)
+def test_bad_instruments_raise_instrument_error(changes: dict, match: str) -> None:
+    with pytest.raises(InstrumentError, match=match):
+        Instrument.preset("bruker-m6").with_(**changes)
+
+
+def test_unknown_preset_lists_known_ones() -> None:
+    with pytest.raises(XRFNBError, match="bruker-m6"):
+        Instrument.preset("bruker-m7")
+
+
+def test_user_instrument_from_toml(tmp_path: Path) -> None:
+    path = tmp_path / "scanner.toml"
+    path.write_text(
+        """
+[my-scanner]
+base = "bruker-m6"
+anode = "Cr"
+tube_voltage_kV = 30.0
+tube_filters = [{ material = "Al", thickness_um = 25.0 }]
+atmosphere = "helium"
+fwhm_mnka_eV = 130.0
+calibration = { offset_keV = -0.5, gain_keV = 0.005 }
+""",
+        encoding="utf-8",
+    )
+    inst = Instrument.from_toml(path)
+    assert inst.name == "my-scanner" and inst.anode == "Cr"
+    assert inst.tube_filters == (Absorber("Al", 25.0),)
+    assert inst.detector_thickness_um == 450.0  # from the base preset
+    assert float(inst.fwhm_keV(5.8988)) == pytest.approx(0.130, abs=1e-6)
+    assert inst.calibration.gain_keV == 0.005
+    names, _ = inst.tube_spectrum().line_names, None
+    assert any(n.startswith("Cr K") for n in names)
+    # round trip through a plain dictionary
+    assert Instrument.from_dict(inst.to_dict()) == inst
+    bad = tmp_path / "bad.toml"
+    bad.write_text("anode = 'Rh'\ntube_voltge_kV = 30\n", encoding="utf-8")
+    with pytest.raises(InstrumentError, match="tube_voltge_kV"):
+        Instrument.from_toml(bad)
+    with pytest.raises(InstrumentError, match="cannot read"):
+        Instrument.from_toml(tmp_path / "missing.toml")
+
+
+def test_instrument_is_frozen_and_hashable() -> None:
+    m6 = Instrument.preset("bruker-m6")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        m6.tube_voltage_kV = 40.0  # type: ignore[misc]
+    assert hash(m6) == hash(Instrument.preset("bruker-m6"))
+    _, p = m6.excitation()
+    with pytest.raises(ValueError):
+        p[0] = 0.0
+
+
+def test_polycapillary_transmission_falls_at_high_energy() -> None:
+    m6 = Instrument.preset("bruker-m6")
+    t = m6.optics_transmission(np.array([5.0, 10.0, 20.0, 30.0, 40.0]))
+    assert np.all(np.diff(t) < 0)
+    assert t[2] == pytest.approx(0.5)
+    np.testing.assert_allclose(m6.with_(optics="none").optics_transmission(np.array([5.0, 40.0])), 1.0)
+
+
+def test_vacuum_and_helium_paths_transmit_more_than_air() -> None:
+    m6 = Instrument.preset("bruker-m6")
+    e = np.array([1.5, 2.3, 3.0])  # Al, S, Ar-region fluorescence
+    air = m6.detector_efficiency(e)
+    he = m6.with_(atmosphere="helium").detector_efficiency(e)
+    vac = m6.with_(atmosphere="vacuum").detector_efficiency(e)
+    assert np.all(vac >= he) and np.all(he > air)
+    nist = xraylib.GetCompoundDataNISTByName("Air, Dry (near sea level)")
+    mu_air = np.array(
+        [
+            sum(
+                w * xraylib.CS_Total(z, float(x))
+                for z, w in zip(nist["Elements"], nist["massFractions"], strict=True)
+            )
+            for x in e
+        ]
+    )
+    np.testing.assert_allclose(
+        air / vac, np.exp(-mu_air * nist["density"] * m6.detector_path_mm / 10), rtol=1e-6
+    )
+
+
+def test_detector_solid_angle() -> None:
+    inst = Instrument(detector_area_mm2=math.pi * 25.0, detector_path_mm=5.0)  # r = 5 mm at 5 mm
+    assert inst.detector_solid_angle_sr == pytest.approx(2 * math.pi * (1 - 1 / math.sqrt(2)))
