@@ -16,11 +16,17 @@ linear fit, Bruker's element maps):
 from __future__ import annotations
 
 import dataclasses
+import functools
+import re
 from typing import Any
 
 import numpy as np
+import scipy.optimize
+import xraylib
+import xraylib_np
 
-from ._errors import FitError
+from ._errors import FitError, XRFNBError
+from ._lines import atomic_number, element_symbol
 
 __all__ = [
     "DetectedElement",
@@ -317,3 +323,1174 @@ def snip_background(
     bg = np.minimum(np.maximum(bg, 0.0), y)
     return bg.reshape(shape)
 
+
+
+# ------------------------------------------------------------------------------------------------
+# Line families and their templates
+# ------------------------------------------------------------------------------------------------
+_IUPAC_RE = re.compile(r"^(K|L[1-3]|M[1-5])([K-P][1-7]?)_LINE$")
+_EDGE = {"K": "K_SHELL", "L": "L3_SHELL", "M": "M5_SHELL"}
+#: elements never reported from a sample: noble gases other than argon, short-lived radioactive elements
+_NEVER = frozenset({2, 10, 36, 54, 86, 43, 61, 84, 85, 87, 88, 89, 91})
+#: main line group of each family
+_MAIN = {"K": "Ka", "L": "La", "M": "Ma"}
+#: second line group checked for consistency where it should be visible
+_SECOND = {"K": "Kb", "L": "Lb", "M": ""}
+#: 2 * Compton profile FWHM of light matrices in atomic units of momentum (C, O: ~1.3-1.6 a.u.)
+_COMPTON_PROFILE_FWHM_AU = 1.5
+_SI_ESCAPE_KEV = 1.74
+
+
+@functools.lru_cache(maxsize=1)
+def _iupac_macros() -> tuple[tuple[str, int], ...]:
+    out = []
+    for name in dir(xraylib):
+        m = _IUPAC_RE.match(name)
+        if m:
+            out.append((name[: -len("_LINE")], int(getattr(xraylib, name))))
+    return tuple(out)
+
+
+def _group_of(iupac: str) -> str:
+    """Spectroscopist's line group of an IUPAC line (``"KL3"`` -> ``"Ka"``, ``"L2M4"`` -> ``"Lb"``)."""
+    init, final = (iupac[0], iupac[1:]) if iupac[0] == "K" else (iupac[:2], iupac[2:])
+    if init == "K":
+        return "Ka" if final.startswith("L") else "Kb"
+    if init == "L3":
+        if final in ("M4", "M5"):
+            return "La"
+        return "Ll" if final == "M1" else "Lb"
+    if init == "L2":
+        if final == "M1":
+            return "Ln"
+        return "Lb" if final.startswith("M") else "Lg"
+    if init == "L1":
+        return "Lb" if final.startswith("M") else "Lg"
+    if init == "M5":
+        return "Ma" if final in ("N6", "N7") else "Mz"
+    if init == "M4":
+        return "Mb" if final == "N6" else "Mz"
+    return "Mg"
+
+
+@functools.lru_cache(maxsize=2048)
+def _family_lines(z: int, family: str) -> tuple[tuple[str, int, float], ...]:
+    """(iupac, xraylib macro, energy keV) of every radiative line of one family of element ``z``."""
+    out = []
+    for iupac, macro in _iupac_macros():
+        if not iupac.startswith(family):
+            continue
+        try:
+            energy = xraylib.LineEnergy(z, macro)
+            rate = xraylib.RadRate(z, macro)
+        except ValueError:
+            continue
+        if energy > 0.25 and rate > 0:  # below 0.25 keV nothing reaches an SDD
+            out.append((iupac, macro, float(energy)))
+    return tuple(out)
+
+
+def _edge_keV(z: int, family: str) -> float:
+    try:
+        return float(xraylib.EdgeEnergy(z, getattr(xraylib, _EDGE[family])))
+    except ValueError:
+        return np.inf
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _FamilyModel:
+    """Lines of one element family as seen by one instrument (thin-sample approximation)."""
+
+    element: str
+    z: int
+    family: str
+    energies_keV: np.ndarray  # (lines,)
+    weights: np.ndarray  # (lines,) sum 1: share of the family's detected photons
+    groups: tuple[str, ...]  # line group per line
+    relative_yield: float  # detected photons per unit areal mass, relative units (chooses main family)
+
+    def group_energy(self, group: str) -> tuple[float, float]:
+        """(weighted mean energy keV, share of the family) of one line group; (nan, 0) if absent."""
+        sel = np.array([g == group for g in self.groups])
+        share = float(self.weights[sel].sum()) if sel.any() else 0.0
+        if share <= 0:
+            return float("nan"), 0.0
+        return float(np.average(self.energies_keV[sel], weights=self.weights[sel])), share
+
+    @property
+    def main_energy_keV(self) -> float:
+        return self.group_energy(_MAIN[self.family])[0]
+
+
+def _max_excitation_keV(instrument: Any) -> float:
+    mono = getattr(instrument, "monochromatic_keV", None)
+    if mono:
+        return float(mono)
+    return float(instrument.tube_voltage_kV)
+
+
+def _excitation_grid(instrument: Any, max_points: int = 160) -> tuple[np.ndarray, np.ndarray]:
+    """Incident spectrum (energy keV, photons) rebinned to at most ``max_points`` points."""
+    mono = getattr(instrument, "monochromatic_keV", None)
+    if mono:
+        return np.array([float(mono)]), np.array([1.0])
+    energy, photons = instrument.excitation()
+    energy = np.asarray(energy, dtype=float).ravel()
+    photons = np.asarray(photons, dtype=float).ravel()
+    keep = (photons > 0) & np.isfinite(photons) & (energy > 0)
+    energy, photons = energy[keep], photons[keep]
+    if energy.size == 0:
+        raise FitError(f"instrument {getattr(instrument, 'name', '?')!r} has an empty excitation spectrum")
+    if energy.size > max_points:
+        # keep the strongest (line) points, rebin the rest into equal-energy bins
+        n_lines = max_points // 4
+        top = np.argsort(photons)[-n_lines:]
+        rest = np.setdiff1d(np.arange(energy.size), top)
+        edges = np.linspace(energy.min(), energy.max() + 1e-9, max_points - n_lines + 1)
+        idx = np.digitize(energy[rest], edges) - 1
+        ph_bins = np.bincount(idx, weights=photons[rest], minlength=edges.size - 1)
+        e_bins = np.bincount(idx, weights=photons[rest] * energy[rest], minlength=edges.size - 1)
+        ok = ph_bins > 0
+        energy = np.concatenate([energy[top], e_bins[ok] / ph_bins[ok]])
+        photons = np.concatenate([photons[top], ph_bins[ok]])
+    return energy, photons / photons.sum()
+
+
+def _instrument_key(instrument: Any) -> tuple:
+    try:
+        return ("h", hash(instrument))
+    except TypeError:
+        return ("id", id(instrument))
+
+
+_FAMILY_CACHE: dict[tuple, _FamilyModel | None] = {}
+
+
+def _family_model(element: str | int, family: str, instrument: Any) -> _FamilyModel | None:
+    """Template lines of one element family under ``instrument``; None when the family is not excited.
+
+    Line weights are the fluorescence cross sections (xraylib ``CS_FluorLine_Kissel_Cascade``:
+    photo-ionisation, Coster-Kronig and cascade effects, fluorescence yield, radiative rate) averaged
+    over the incident spectrum, times the detector efficiency at the line energy. Matrix absorption
+    is not included (thin-sample approximation): the fit's free intensity per family absorbs it.
+    """
+    z = atomic_number(element)
+    key = (z, family, _instrument_key(instrument))
+    if key in _FAMILY_CACHE:
+        return _FAMILY_CACHE[key]
+    result = None
+    e_max = _max_excitation_keV(instrument)
+    if _edge_keV(z, family) < e_max:
+        lines = _family_lines(z, family)
+        if lines:
+            exc_e, exc_ph = _excitation_grid(instrument)
+            macros = np.array([ln[1] for ln in lines], dtype=np.int64)
+            cs = xraylib_np.CS_FluorLine_Kissel_Cascade(
+                np.array([z], dtype=np.int64), macros, np.asarray(exc_e, dtype=np.float64)
+            )[0]  # (lines, energies); 0 below the edge
+            sigma = np.nan_to_num(cs, nan=0.0) @ exc_ph
+            energies = np.array([ln[2] for ln in lines])
+            eff = np.asarray(instrument.detector_efficiency(energies), dtype=float).reshape(-1)
+            w = sigma * eff
+            if w.sum() > 0:
+                keep = w >= 1e-4 * w.max()
+                w, energies = w[keep], energies[keep]
+                groups = tuple(_group_of(ln[0]) for ln, k in zip(lines, keep, strict=True) if k)
+                result = _FamilyModel(
+                    element_symbol(z), z, family, energies, w / w.sum(), groups, float(w.sum())
+                )
+    _FAMILY_CACHE[key] = result
+    return result
+
+
+def _compton_keV(energy_keV: np.ndarray | float, angle_deg: float) -> np.ndarray:
+    e = np.asarray(energy_keV, dtype=float)
+    return e / (1.0 + e / 510.998950 * (1.0 - np.cos(np.radians(angle_deg))))
+
+
+def _scatter_angle_deg(instrument: Any) -> float:
+    inc = float(getattr(instrument, "incidence_deg", 45.0))
+    out = float(getattr(instrument, "takeoff_deg", 45.0))
+    return 180.0 - inc - out
+
+
+# ------------------------------------------------------------------------------------------------
+# Design matrix: element templates, scatter, pile-up and background columns
+# ------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class _Column:
+    name: str
+    kind: str  # "element", "secondary", "scatter", "pileup", "background"
+    element: str | None = None
+    family: str | None = None
+
+
+def _response(instrument: Any, energy_axis_keV: np.ndarray) -> Any:
+    from ._detector import DetectorResponse
+
+    return DetectorResponse(instrument, channel_energy_keV=energy_axis_keV)
+
+
+def _family_template(fm: _FamilyModel, response: Any) -> np.ndarray:
+    return np.asarray(fm.weights, dtype=float) @ np.asarray(response.matrix(fm.energies_keV), dtype=float)
+
+
+def _doppler_template(
+    response: Any, energies_keV: np.ndarray, weights: np.ndarray, angle_deg: float, profile_fwhm_au: float
+) -> np.ndarray:
+    """Compton-scattered lines: each line shifted to its Compton energy and Doppler-broadened."""
+    shifted = _compton_keV(energies_keV, angle_deg)
+    theta = np.radians(angle_deg)
+    q_keV = np.sqrt(energies_keV**2 + shifted**2 - 2 * energies_keV * shifted * np.cos(theta))
+    sigma_keV = profile_fwhm_au * q_keV / 137.036 / 2.3548
+    offsets = np.linspace(-3.0, 3.0, 13)
+    g = np.exp(-0.5 * offsets**2)
+    g /= g.sum()
+    e_all = (shifted[:, None] + offsets[None, :] * sigma_keV[:, None]).ravel()
+    w_all = (weights[:, None] * g[None, :]).ravel()
+    keep = e_all > 0.1
+    return w_all[keep] @ np.asarray(response.matrix(e_all[keep]), dtype=float)
+
+
+def _scatter_columns(
+    instrument: Any, response: Any
+) -> list[tuple[_Column, np.ndarray]]:
+    """Rayleigh and Compton scatter of the incident line(s): tube anode lines or the monochromatic beam."""
+    angle = _scatter_angle_deg(instrument)
+    mono = getattr(instrument, "monochromatic_keV", None)
+    groups: list[tuple[str, np.ndarray, np.ndarray]] = []
+    if mono:
+        groups.append(("beam", np.array([float(mono)]), np.array([1.0])))
+    else:
+        anode = getattr(instrument, "anode", None)
+        if anode:
+            z = atomic_number(anode)
+            kv = float(instrument.tube_voltage_kV)
+            for family in ("K", "L"):
+                if _edge_keV(z, family) >= kv:
+                    continue
+                lines = _family_lines(z, family)
+                if not lines:
+                    continue
+                e = np.array([ln[2] for ln in lines])
+                w = np.array([xraylib.RadRate(z, ln[1]) for ln in lines])
+                eff = np.asarray(instrument.detector_efficiency(e), dtype=float).reshape(-1)
+                w = w * eff
+                if w.sum() <= 0:
+                    continue
+                if family == "K":
+                    # Ka and Kb apart: their scattered ratio depends on the sample's absorption
+                    ka = np.array([_group_of(ln[0]) == "Ka" for ln in lines])
+                    for label, sel in (("Ka", ka), ("Kb", ~ka)):
+                        if w[sel].sum() > 0:
+                            groups.append((f"{element_symbol(z)} {label}", e[sel], w[sel] / w[sel].sum()))
+                else:
+                    groups.append((f"{element_symbol(z)} {family}", e, w / w.sum()))
+    out = []
+    for name, e, w in groups:
+        rayleigh = w @ np.asarray(response.matrix(e), dtype=float)
+        out.append((_Column(f"{name} Rayleigh", "scatter"), rayleigh))
+        if e.max() > 5.0:  # Compton shift of low-energy lines is below the resolution: Rayleigh covers it
+            for label, fwhm_au in (("Compton", _COMPTON_PROFILE_FWHM_AU),
+                                   ("Compton broad", 3 * _COMPTON_PROFILE_FWHM_AU)):
+                template = _doppler_template(response, e, w, angle, fwhm_au)
+                out.append((_Column(f"{name} {label}", "scatter"), template))
+    return out
+
+
+def _pileup_column(sum_counts: np.ndarray, calibration: Any, lo: int) -> np.ndarray:
+    """Sum (pile-up) peaks: the self-convolution of the measured spectrum above the fit range start."""
+    y = np.where(np.arange(sum_counts.size) >= lo, sum_counts, 0.0)
+    if y.sum() <= 0:
+        return np.zeros_like(y)
+    conv = np.convolve(y, y)  # index k: channel sum ci + cj -> energy 2*offset + gain*k (linear part)
+    k = np.arange(conv.size)
+    shift = calibration.offset_keV / calibration.gain_keV
+    return np.interp(np.arange(y.size) - shift, k, conv, left=0.0, right=0.0)
+
+
+def _background_columns(
+    sum_counts: np.ndarray, lo: int, hi: int, width_keV: float, gain_keV: float, smooth_channels: int
+) -> list[tuple[_Column, np.ndarray]]:
+    # SNIP inside the fitted range only: empty channels below the detector threshold would drag it down
+    bg = np.zeros_like(sum_counts, dtype=float)
+    bg[lo:hi] = snip_background(
+        sum_counts[lo:hi], width_keV=width_keV, gain_keV=gain_keV, smooth_channels=smooth_channels
+    )
+    x = np.zeros_like(bg)
+    x[lo:hi] = np.linspace(0.0, 1.0, hi - lo)
+    return [
+        (_Column("background low", "background"), bg * (1.0 - x)),
+        (_Column("background high", "background"), bg * x),
+    ]
+
+
+@dataclasses.dataclass(eq=False)
+class _Design:
+    columns: list[_Column]
+    A: np.ndarray  # (n_range, k): columns normalised to unit sum over the whole spectrum
+    lo: int
+    hi: int
+
+    @property
+    def k(self) -> int:
+        return len(self.columns)
+
+    def subset(self, keep: np.ndarray) -> _Design:
+        idx = np.nonzero(keep)[0]
+        return _Design([self.columns[i] for i in idx], self.A[:, idx], self.lo, self.hi)
+
+
+def _build_design(
+    columns: list[tuple[_Column, np.ndarray]], lo: int, hi: int
+) -> _Design:
+    cols, mats = [], []
+    for col, t in columns:
+        t = np.asarray(t, dtype=float)
+        total = t.sum()
+        part = t[lo:hi]
+        if total <= 0 or part.sum() <= 1e-6 * total:
+            continue
+        cols.append(col)
+        mats.append(part / total)
+    return _Design(cols, np.stack(mats, axis=1) if mats else np.zeros((hi - lo, 0)), lo, hi)
+
+
+# ------------------------------------------------------------------------------------------------
+# Linear algebra: weighted NNLS for one spectrum, a shared projector for many
+# ------------------------------------------------------------------------------------------------
+def _moving_average(y: np.ndarray, k: int) -> np.ndarray:
+    if k <= 1:
+        return y
+    pad = k // 2
+    yp = np.pad(y, (pad, k - 1 - pad), mode="edge")
+    return np.convolve(yp, np.ones(k) / k, mode="valid")
+
+
+def _nnls_weighted(A: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
+    sw = np.sqrt(w)
+    scale = np.sqrt((A**2 * w[:, None]).sum(axis=0))
+    scale[scale <= 0] = 1.0
+    coef, _ = scipy.optimize.nnls(A * (sw / 1.0)[:, None] / scale[None, :], y * sw, maxiter=50 * A.shape[1])
+    return coef / scale
+
+
+def _fit_one(design: _Design, y: np.ndarray, passes: int = 3) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Poisson-weighted NNLS of one spectrum (range part): (coef (k,), model (n_range,), weights)."""
+    w = 1.0 / np.maximum(_moving_average(y, 5), 1.0)
+    coef = np.zeros(design.k)
+    model = np.zeros_like(y)
+    for _ in range(passes):
+        coef = _nnls_weighted(design.A, y, w)
+        model = design.A @ coef
+        w = 1.0 / np.maximum(model, max(1e-6 * float(model.max(initial=0.0)), 1e-3))
+    return coef, model, w
+
+
+@dataclasses.dataclass(eq=False)
+class _Projector:
+    """Weighted least-squares solution shared by all pixels: C = Y @ Aw @ Ninv (unconstrained)."""
+
+    Aw: np.ndarray  # (n_range, k) float32: A * weights
+    N: np.ndarray  # (k, k) normal matrix
+    Ninv: np.ndarray  # (k, k)
+    G: np.ndarray  # (k, k): var(C_j) = sum_a C_a G[a, j] (Poisson, model variance)
+
+    @classmethod
+    def build(cls, A: np.ndarray, w: np.ndarray) -> _Projector:
+        Aw = A * w[:, None]
+        AwT = np.ascontiguousarray(Aw.T)  # (k, n_range); C-contiguous products are much faster
+        N = AwT @ A
+        N = 0.5 * (N + N.T)
+        d = np.sqrt(np.clip(np.diag(N), 1e-300, None))
+        Ns = N / np.outer(d, d)
+        Ninv = np.linalg.pinv(Ns, rcond=1e-10, hermitian=True) / np.outer(d, d)
+        P = Ninv @ AwT  # (k, n_range)
+        G = ((P * P) @ A).T  # G[a, j] = sum_c A[c, a] P[j, c]^2
+        return cls(Aw.astype(np.float32), N, Ninv, G)
+
+
+def _nnls_batch(
+    C: np.ndarray, b: np.ndarray, N: np.ndarray, chunk: int = 2048, sweeps: int = 4
+) -> np.ndarray:
+    """Make per-pixel solutions non-negative: refit with negative terms removed, then polish.
+
+    ``C`` (n, k) unconstrained least-squares solutions of ``N c = b``; pixels with a negative term are
+    refitted with that term fixed at zero (batched, until none is negative), then a few
+    coordinate-descent sweeps of the exact NNLS problem release terms fixed too eagerly.
+    """
+    rows = np.nonzero((C < 0).any(axis=1))[0]
+    if rows.size == 0:
+        return C
+    k = N.shape[0]
+    d = np.sqrt(np.clip(np.diag(N), 1e-300, None))
+    Ns = N / np.outer(d, d)
+    eye = np.eye(k)
+    for start in range(0, rows.size, chunk):
+        r = rows[start : start + chunk]
+        c = C[r] * d  # scaled variables: Ns c' = b / d
+        bb = b[r] / d
+        clamped = c < 0
+        for _ in range(k):
+            free = ~clamped
+            M = Ns[None] * (free[:, :, None] & free[:, None, :]) + eye[None] * clamped[:, :, None]
+            M += 1e-10 * eye[None]
+            c = np.linalg.solve(M, np.where(free, bb, 0.0)[..., None])[..., 0]
+            newneg = (c < 0) & free
+            if not newneg.any():
+                break
+            clamped |= newneg
+        c = np.maximum(c, 0.0)
+        for _ in range(sweeps):
+            for j in range(k):
+                c[:, j] = np.maximum(0.0, c[:, j] + (bb[:, j] - c @ Ns[:, j]))
+        C[r] = c / d
+    return C
+
+
+# ------------------------------------------------------------------------------------------------
+# Inputs: spectra, scans, energy range, element lists
+# ------------------------------------------------------------------------------------------------
+def _fit_range(
+    calibration: Any, n_channels: int, instrument: Any, energy_range_keV: tuple[float, float] | None
+) -> tuple[int, int, float, float]:
+    """Channel slice [lo, hi) and energies of the fitted range; FitError when it holds too few channels."""
+    energy = calibration.energies_keV(n_channels)
+    if energy_range_keV is None:
+        e_lo = 0.9
+        e_hi = _max_excitation_keV(instrument) + 1.0
+    else:
+        e_lo, e_hi = (float(v) for v in energy_range_keV)
+        if not e_hi > e_lo:
+            raise FitError(f"energy_range_keV must be (low, high) with low < high, got {energy_range_keV}")
+    sel = np.nonzero((energy >= e_lo) & (energy <= e_hi))[0]
+    if sel.size < 20:
+        raise FitError(
+            f"the spectrum's calibration puts {sel.size} of its {n_channels} channels inside the fitted "
+            f"range {e_lo:.2f}-{e_hi:.2f} keV (channels span {energy[0]:.2f}-{energy[-1]:.2f} keV): "
+            "check the energy calibration (offset/gain) or pass energy_range_keV"
+        )
+    lo, hi = int(sel[0]), int(sel[-1]) + 1
+    return lo, hi, float(energy[lo]), float(energy[hi - 1])
+
+
+def _parse_element(entry: Any) -> tuple[str, str | None]:
+    if isinstance(entry, DetectedElement):
+        return entry.element, entry.family
+    text = str(entry).strip().replace("-", " ").replace("_", " ")
+    m = re.fullmatch(r"([A-Z][a-z]?)\s*([KLM])?", text)
+    if not m:
+        raise FitError(f"cannot read element {entry!r}: write 'Fe', 'Pb' or with a family 'Pb L', 'Ba K'")
+    try:
+        symbol = element_symbol(atomic_number(m.group(1)))
+    except XRFNBError as exc:
+        raise FitError(str(exc)) from None
+    return symbol, m.group(2)
+
+
+def _describe_families(z: int, instrument: Any) -> str:
+    parts = []
+    for fam in FAMILIES:
+        edge = _edge_keV(z, fam)
+        if np.isfinite(edge):
+            parts.append(f"{fam} edge {edge:.2f} keV")
+    return ", ".join(parts) or "no K/L/M lines in xraylib"
+
+
+def _choose_family(options: list[_FamilyModel], e_max: float) -> _FamilyModel:
+    """The family an expert maps: the highest-energy family that is well excited (overvoltage >= 1.25).
+
+    High-energy lines come from the whole paint depth and are not absorbed away by the matrix, which
+    the thin-sample yields of :func:`_family_model` ignore (they favour Pb M over Pb L). Families
+    excited only near their edge fall back to the largest yield.
+    """
+    order = {"K": 0, "L": 1, "M": 2}
+    well = [f for f in options if _edge_keV(f.z, f.family) * 1.25 <= e_max]
+    if well:
+        return min(well, key=lambda f: order[f.family])
+    return max(options, key=lambda f: f.relative_yield)
+
+
+def _resolve_elements(
+    elements: Any, instrument: Any, e_lo: float, e_hi: float
+) -> list[tuple[_FamilyModel, list[_FamilyModel], str]]:
+    """(main family, secondary families, origin) per requested element; FitError for bad requests."""
+    if isinstance(elements, str):
+        elements = [elements]
+    entries = list(elements)
+    if not entries:
+        raise FitError("the element list is empty: name at least one element (e.g. ['Fe', 'Pb']) or pass "
+                       "elements=None to detect them")
+    e_max = _max_excitation_keV(instrument)
+    out: list[tuple[_FamilyModel, list[_FamilyModel], str]] = []
+    seen: set[str] = set()
+    for entry in entries:
+        symbol, family = _parse_element(entry)
+        if symbol in seen:
+            raise FitError(f"element {symbol} is listed twice: give each element once (one family each)")
+        seen.add(symbol)
+        z = atomic_number(symbol)
+        usable = {}
+        for fam in FAMILIES:
+            fm = _family_model(z, fam, instrument)
+            if fm is not None and e_lo <= fm.main_energy_keV <= e_hi:
+                usable[fam] = fm
+        name = getattr(instrument, "name", "the instrument")
+        if family is not None:
+            if family not in usable:
+                fm = _family_model(z, family, instrument)
+                if fm is None:
+                    raise FitError(
+                        f"{symbol} {family} lines are not excited by {name!r}: the {symbol} {family} edge "
+                        f"({_edge_keV(z, family):.2f} keV) is above the excitation energy ({e_max:g} keV)"
+                    )
+                raise FitError(
+                    f"{symbol} {family} lines ({fm.main_energy_keV:.2f} keV) lie outside the fitted range "
+                    f"{e_lo:.2f}-{e_hi:.2f} keV"
+                )
+            main = usable[family]
+        else:
+            if not usable:
+                raise FitError(
+                    f"{symbol} cannot be measured with {name!r}: no line family is both excited by the "
+                    f"{e_max:g} keV excitation and inside the fitted range {e_lo:.2f}-{e_hi:.2f} keV "
+                    f"({_describe_families(z, instrument)})"
+                )
+            main = _choose_family(list(usable.values()), e_max)
+        secondary = [
+            f for f in usable.values() if f is not main and f.relative_yield > 1e-3 * main.relative_yield
+        ]
+        origin = "setup" if symbol == "Ar" else "sample"
+        if isinstance(entry, DetectedElement):
+            origin = entry.origin
+        out.append((main, secondary, origin))
+    return out
+
+
+def _counts_and_kind(data: Any) -> tuple[str, Any]:
+    from ._spectrum import Scan, Spectrum
+
+    if isinstance(data, Spectrum):
+        return "spectrum", data
+    if isinstance(data, Scan):
+        return "scan", data
+    raise FitError(
+        f"expected a Spectrum or a Scan, got {type(data).__name__}: wrap arrays with "
+        "xrfnb.Spectrum(counts, calibration) or xrfnb.Scan(counts, calibration)"
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# fit_elements
+# ------------------------------------------------------------------------------------------------
+def _make_design(
+    resolved: list[tuple[_FamilyModel, list[_FamilyModel], str]],
+    instrument: Any,
+    calibration: Any,
+    total: np.ndarray,
+    lo: int,
+    hi: int,
+    snip_width_keV: float | None,
+    pileup: bool,
+) -> _Design:
+    n_ch = total.size
+    energy = calibration.energies_keV(n_ch)
+    response = _response(instrument, energy)
+    cols: list[tuple[_Column, np.ndarray]] = []
+    for main, _, _ in resolved:
+        cols.append((_Column(f"{main.element} {main.family}", "element", main.element, main.family),
+                     _family_template(main, response)))
+    for _, secondary, _ in resolved:
+        for fm in secondary:
+            cols.append((_Column(f"{fm.element} {fm.family}", "secondary", fm.element, fm.family),
+                         _family_template(fm, response)))
+    cols.extend(_scatter_columns(instrument, response))
+    if pileup:
+        cols.append((_Column("pile-up", "pileup"), _pileup_column(total, calibration, lo)))
+    fwhm_mid = float(np.asarray(instrument.fwhm_keV(0.5 * (energy[lo] + energy[hi - 1]))))
+    width = snip_width_keV if snip_width_keV is not None else max(0.3, 3.0 * fwhm_mid)
+    smooth = max(1, round(0.5 * fwhm_mid / calibration.gain_keV)) if total.sum() < 1e6 else 0
+    cols.extend(_background_columns(total, lo, hi, width, calibration.gain_keV, smooth))
+    design = _build_design(cols, lo, hi)
+    lost = [c.name for c, _ in cols if c.kind == "element" and c not in design.columns]
+    if lost:
+        raise FitError(f"no detector response inside the fitted range for {', '.join(lost)}")
+    return design
+
+
+def _chi2_floor() -> float:
+    return 0.01
+
+
+def fit_elements(
+    spectrum_or_scan: Any,
+    instrument: Any,
+    elements: Any = None,
+    *,
+    energy_range_keV: tuple[float, float] | None = None,
+    snip_width_keV: float | None = None,
+    pileup: bool = True,
+    max_pixels: int | None = None,
+    progress: bool = True,
+) -> ElementMaps:
+    """Element maps by a fast linear fit (non-negative least squares over line-family templates).
+
+    Each element line family is one template: its lines (xraylib energies, weights from the
+    fluorescence cross sections averaged over the instrument's excitation spectrum, times detector
+    efficiency) drawn through the detector response (Gaussian of the instrument's FWHM, Si escape
+    peak, low-energy tail). Further terms: Rayleigh and Compton scatter of the tube's anode lines (or
+    of the monochromatic beam), a pile-up term (self-convolution of the sum spectrum), and the SNIP
+    background of the sum spectrum split into a low- and a high-energy ramp so each pixel can scale
+    and tilt it.
+
+    As in PyMca's fast linear fit, the sum spectrum is fitted first (Poisson-weighted NNLS); its
+    model sets the channel weights and the active set of non-element terms. Every pixel is then solved
+    with the same weighted least-squares projector (one matrix product per block of pixels), and
+    pixels with negative terms are refitted with those terms removed (batched active-set NNLS).
+
+    Parameters
+    ----------
+    spectrum_or_scan : Spectrum or Scan
+        One spectrum, or a scan (lazy HDF5/dask scans are read block by block).
+    instrument : Instrument
+        Measuring set-up: excitation, detector response, geometry. The data's own energy calibration
+        is used, not the instrument's.
+    elements : sequence of str or DetectedElement, optional
+        ``"Fe"`` (the family giving most counts is chosen) or ``"Pb L"``. Default: elements found by
+        :func:`detect_elements` on the (sum) spectrum.
+    energy_range_keV : (float, float), optional
+        Fitted range; default 0.9 keV to 1 keV above the excitation maximum (clipped to the spectrum).
+    snip_width_keV : float, optional
+        SNIP clipping window for the background (default 3 FWHM at mid-range, at least 0.3 keV).
+    pileup : bool, optional
+        Include the pile-up (sum peak) term.
+    max_pixels : int, optional
+        Pixels read per block (bounded memory); default ~32 M counts per block.
+    progress : bool, optional
+        Show a progress bar (tqdm) over the scan's blocks.
+
+    Returns
+    -------
+    ElementMaps
+        Family intensities (counts), 1-sigma uncertainties, 3-sigma detection limits, reduced
+        chi-square per pixel, and the residual of the summed spectrum. ``metadata`` holds the energy
+        range, the fitted terms, the sum spectrum and its model, secondary-family sum intensities and
+        the detection evidence when ``elements`` was None.
+
+    Raises
+    ------
+    FitError
+        Elements the instrument cannot excite, an empty element list, a calibration that puts no
+        channels in the fitted range, or nothing detected when ``elements`` is None.
+
+    Notes
+    -----
+    Uncertainties use Poisson statistics with the fitted model as variance: for the linear estimator
+    ``C = P y``, ``var(C_j) = sum_c P_jc^2 m_c`` (computed for all pixels at once as ``C @ G``). The
+    detection limit is 3 times the same standard deviation with the element's own counts removed
+    (the noise of a blank at that pixel).
+    """
+    from ._spectrum import Spectrum
+
+    kind, data = _counts_and_kind(spectrum_or_scan)
+    cal = data.calibration
+    n_ch = data.n_channels
+    lo, hi, e_lo, e_hi = _fit_range(cal, n_ch, instrument, energy_range_keV)
+    if kind == "scan":
+        rows, cols = data.shape[:2]
+        total = np.asarray(data.sum_spectrum(max_pixels or 65536).counts, dtype=float)
+    else:
+        rows = cols = 1
+        total = np.asarray(data.counts, dtype=float)
+    detected = None
+    if elements is None:
+        detected = detect_elements(Spectrum(total, cal), instrument, energy_range_keV=(e_lo, e_hi))
+        if not detected:
+            raise FitError(
+                "no element was detected in the (sum) spectrum: pass elements=[...] to fit chosen elements"
+            )
+        elements = detected
+    resolved = _resolve_elements(elements, instrument, e_lo, e_hi)
+    design = _make_design(resolved, instrument, cal, total, lo, hi, snip_width_keV, pileup)
+    coef_sum, model_sum, w = _fit_one(design, total[lo:hi])
+    keep = np.array([c.kind == "element" or coef_sum[i] > 0 for i, c in enumerate(design.columns)])
+    design = design.subset(keep)
+    coef_sum = coef_sum[keep]
+    proj = _Projector.build(design.A, w)
+    el_idx = np.array([i for i, c in enumerate(design.columns) if c.kind == "element"])
+    n_el = el_idx.size
+    n_pix = rows * cols
+    intensity = np.zeros((n_pix, n_el), np.float32)
+    sigma = np.zeros((n_pix, n_el), np.float32)
+    dl = np.zeros((n_pix, n_el), np.float32)
+    chi2 = np.zeros(n_pix, np.float32)
+    resid = np.zeros(hi - lo)
+    dof = max(1, (hi - lo) - design.k)
+    A32 = design.A.astype(np.float32)
+    Gdiag = np.diag(proj.G)
+
+    def solve(Y: np.ndarray, start: int, exact: np.ndarray | None = None) -> None:
+        Yf = Y.astype(np.float32, copy=False)
+        b = (Yf @ proj.Aw).astype(np.float64)
+        if exact is None:
+            C = _nnls_batch(b @ proj.Ninv, b, proj.N)
+        else:
+            C = exact[None, :].copy()
+        var = np.maximum(C, 0.0) @ proj.G
+        var_blank = np.maximum(var - C * Gdiag[None, :], 0.0)
+        sl = slice(start, start + Y.shape[0])
+        intensity[sl] = C[:, el_idx]
+        sigma[sl] = np.sqrt(np.maximum(var[:, el_idx], 0.0))
+        dl[sl] = 3.0 * np.sqrt(var_blank[:, el_idx])
+        M = C.astype(np.float32) @ A32.T
+        R = Yf - M
+        chi2[sl] = (R * R / np.maximum(M, _chi2_floor())).sum(axis=1) / dof
+        resid[:] += R.sum(axis=0, dtype=np.float64)
+
+    if kind == "spectrum":
+        solve(total[None, lo:hi], 0, exact=coef_sum)
+    else:
+        from tqdm.auto import tqdm
+
+        per = max_pixels or max(1024, 2**25 // n_ch)
+        sub = 4096
+        with tqdm(total=rows, unit="row", desc="fit_elements", disable=not progress) as bar:
+            for row_slice, block in data.iter_blocks(per):
+                flat = block.reshape(-1, n_ch)
+                base = row_slice.start * cols
+                for s in range(0, flat.shape[0], sub):
+                    solve(flat[s : s + sub, lo:hi], base + s)
+                bar.update(row_slice.stop - row_slice.start)
+    residual = np.zeros(n_ch)
+    residual[lo:hi] = resid
+    model_full = np.zeros(n_ch)
+    model_full[lo:hi] = model_sum
+    names = [c.name for c in design.columns]
+    metadata = {
+        "method": "fast linear fit (weighted NNLS, shared design matrix)",
+        "instrument": getattr(instrument, "name", None),
+        "energy_range_keV": (e_lo, e_hi),
+        "channels": (lo, hi),
+        "terms": names,
+        "sum_fit_counts": dict(zip(names, (float(v) for v in coef_sum), strict=True)),
+        "secondary_families": [c.name for c in design.columns if c.kind == "secondary"],
+        "setup_elements": [m.element for m, _, o in resolved if o == "setup"],
+        "sum_spectrum": total,
+        "sum_model": model_full,
+        "sum_chi2": float(((total[lo:hi] - model_sum) ** 2 / np.maximum(model_sum, 1.0)).sum() / dof),
+    }
+    if detected is not None:
+        metadata["detected"] = detected
+    cols_el = [design.columns[i] for i in el_idx]
+    return ElementMaps(
+        elements=tuple(c.element for c in cols_el),
+        families=tuple(c.family for c in cols_el),
+        intensity=intensity.reshape(rows, cols, n_el),
+        sigma=sigma.reshape(rows, cols, n_el),
+        detection_limit=dl.reshape(rows, cols, n_el),
+        chi2=chi2.reshape(rows, cols),
+        residual=residual,
+        metadata=metadata,
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Peak search and element detection
+# ------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class _Peak:
+    channel: float
+    energy_keV: float
+    significance: float
+    net_counts: float
+
+
+def _find_peaks(
+    y: np.ndarray, energy: np.ndarray, instrument: Any, lo: int, hi: int, threshold: float, bg: np.ndarray
+) -> list[_Peak]:
+    """Peaks by a zero-area top-hat filter matched to the local FWHM; significance in Poisson sigma.
+
+    The filter's central lobe is one FWHM wide (weight +1/w), flanked by lobes of half that width
+    (weights -1/w each), so a smooth background cancels; ``f / sqrt(sum k^2 y)`` is the peak's
+    significance.
+    """
+    gain = np.gradient(energy)
+    fwhm_ch = np.asarray(instrument.fwhm_keV(np.clip(energy, 0.1, None)), dtype=float) / gain
+    widths = np.clip(np.round(fwhm_ch).astype(int) | 1, 3, None)
+    sig = np.zeros_like(y)
+    filt = np.zeros_like(y)
+    for w in np.unique(widths[lo:hi]):
+        s = max(1, w // 2)
+        kernel = np.concatenate([np.full(s, -0.5 / s), np.full(w, 1.0 / w), np.full(s, -0.5 / s)])
+        f = np.convolve(y, kernel[::-1], mode="same")
+        v = np.convolve(y, (kernel**2)[::-1], mode="same")
+        sel = widths == w
+        filt[sel] = f[sel]
+        sig[sel] = f[sel] / np.sqrt(np.maximum(v[sel], 1e-12))
+    sig[:lo] = 0
+    sig[hi:] = 0
+    net = y - bg
+    peaks = []
+    for c in range(max(lo, 1), min(hi, y.size - 1)):
+        if sig[c] < threshold:
+            continue
+        half = max(1, int(widths[c]) // 2)
+        window = sig[max(lo, c - half) : c + half + 1]
+        first_max = max(lo, c - half) + int(np.argmax(window))
+        if sig[c] < window.max() or c != first_max:
+            continue
+        f0, f1, f2 = filt[c - 1], filt[c], filt[c + 1]
+        denom = f0 - 2 * f1 + f2
+        delta = float(np.clip(0.5 * (f0 - f2) / denom, -0.5, 0.5)) if denom < 0 else 0.0
+        ch = c + delta
+        e = float(np.interp(ch, np.arange(energy.size), energy))
+        w_ch = int(widths[c])
+        netc = float(net[max(0, c - w_ch) : c + w_ch + 1].sum())
+        peaks.append(_Peak(ch, e, float(sig[c]), netc))
+    return peaks
+
+
+def _candidate_energy_table(e_lo: float, e_hi: float, e_max: float) -> list[tuple[int, str, float]]:
+    """(z, family, main-line energy keV) for every element family excited below ``e_max`` in range."""
+    out = []
+    main_line = {"K": xraylib.KL3_LINE, "L": xraylib.L3M5_LINE, "M": xraylib.M5N7_LINE}
+    for z in range(11, 93):
+        if z in _NEVER:
+            continue
+        for fam in FAMILIES:
+            if _edge_keV(z, fam) >= e_max:
+                continue
+            try:
+                e = xraylib.LineEnergy(z, main_line[fam])
+            except ValueError:
+                continue
+            if e_lo <= e <= e_hi:
+                out.append((z, fam, float(e)))
+    return out
+
+
+def _window_sum(t: np.ndarray, energy: np.ndarray, center: float, half: float) -> np.ndarray:
+    sel = np.abs(energy - center) <= half
+    return t[sel].sum(axis=0)
+
+
+def detect_elements(
+    spectrum: Any,
+    instrument: Any,
+    *,
+    min_significance: float = 5.0,
+    peak_threshold: float = 4.0,
+    energy_range_keV: tuple[float, float] | None = None,
+    tolerance_keV: float | None = None,
+) -> list[DetectedElement]:
+    """Elements present in a spectrum (a sum or max-pixel spectrum of a scan, or one point).
+
+    1. Peaks: a top-hat filter matched to the detector FWHM finds peaks more than ``peak_threshold``
+       sigma above the background.
+    2. Candidates: every element family (K, L, M) excited by the instrument whose main line
+       (Ka, La, Ma; xraylib energies) lies within ``tolerance_keV`` of a peak.
+    3. Explanation: all candidates are fitted together with the Rayleigh and Compton scatter of the
+       tube's anode lines (or the monochromatic beam), Si escape peaks (in the detector response),
+       pile-up (sum) peaks and the SNIP background. Candidates are removed one at a time, least
+       significant first, until every remaining element is fitted at ``min_significance`` sigma or
+       more, has its main line at a peak, explains at least half of what it predicts there, and has
+       the second line of its family (Kb, Lb) where that line should be visible. A lone peak that
+       another element's line explains therefore does not make an element.
+    4. Argon (air between sample and detector) is reported with ``origin="setup"``.
+
+    Parameters
+    ----------
+    spectrum : Spectrum
+        The spectrum; its calibration is used.
+    instrument : Instrument
+        Excitation (which families are excited, scatter lines) and detector response (FWHM, escape).
+    min_significance : float, optional
+        Minimum fitted family intensity over its Poisson sigma.
+    peak_threshold : float, optional
+        Peak-search threshold in sigma.
+    energy_range_keV : (float, float), optional
+        Searched range (default as in :func:`fit_elements`).
+    tolerance_keV : float, optional
+        Largest distance of a main line from a peak (default half the FWHM plus 20 eV).
+
+    Returns
+    -------
+    list of DetectedElement
+        Sorted by decreasing score; each with the peaks that show it.
+    """
+    kind, data = _counts_and_kind(spectrum)
+    if kind != "spectrum":
+        data = data.sum_spectrum()
+    cal = data.calibration
+    y = np.asarray(data.counts, dtype=float)
+    n_ch = y.size
+    energy = cal.energies_keV(n_ch)
+    lo, hi, e_lo, e_hi = _fit_range(cal, n_ch, instrument, energy_range_keV)
+    fwhm_mid = float(np.asarray(instrument.fwhm_keV(0.5 * (e_lo + e_hi))))
+    smooth = max(1, round(0.5 * fwhm_mid / cal.gain_keV)) if y.sum() < 1e6 else 0
+    bg = np.zeros_like(y)
+    bg[lo:hi] = snip_background(
+        y[lo:hi], width_keV=max(0.3, 3.0 * fwhm_mid), gain_keV=cal.gain_keV, smooth_channels=smooth
+    )
+    peaks = _find_peaks(y, energy, instrument, lo, hi, peak_threshold, bg)
+    if not peaks:
+        return []
+    peak_e = np.array([p.energy_keV for p in peaks])
+
+    def tol(e: float) -> float:
+        if tolerance_keV is not None:
+            return float(tolerance_keV)
+        return 0.5 * float(np.asarray(instrument.fwhm_keV(e))) + 0.02
+
+    anode = getattr(instrument, "anode", None)
+    anode_z = atomic_number(anode) if anode and not getattr(instrument, "monochromatic_keV", None) else None
+    e_max = _max_excitation_keV(instrument)
+    cand: dict[int, set[str]] = {}
+    for z, fam, e in _candidate_energy_table(e_lo, e_hi, e_max):
+        if z == anode_z:
+            continue
+        if np.min(np.abs(peak_e - e)) <= tol(e):
+            cand.setdefault(z, set()).add(fam)
+    # element -> (main family model, secondaries)
+    models: dict[str, tuple[_FamilyModel, list[_FamilyModel]]] = {}
+    for z, fams in cand.items():
+        usable = {}
+        for fam in FAMILIES:
+            fm = _family_model(z, fam, instrument)
+            if fm is not None and e_lo <= fm.main_energy_keV <= e_hi:
+                usable[fam] = fm
+        matched = [usable[f] for f in fams if f in usable
+                   and np.min(np.abs(peak_e - usable[f].main_energy_keV)) <= tol(usable[f].main_energy_keV)]
+        if not matched:
+            continue
+        main = _choose_family(matched, e_max)
+        secondary = [
+            f for f in usable.values() if f is not main and f.relative_yield > 1e-3 * main.relative_yield
+        ]
+        models[main.element] = (main, secondary)
+    if not models:
+        return []
+    active = dict(models)
+    fwhm = lambda e: float(np.asarray(instrument.fwhm_keV(e)))  # noqa: E731
+    resolved_all = [(m, s, "setup" if el == "Ar" else "sample") for el, (m, s) in models.items()]
+    design_all = _make_design(resolved_all, instrument, cal, y, lo, hi, None, True)
+    while active:
+        keep = np.array([c.element is None or c.element in active for c in design_all.columns])
+        design = design_all.subset(keep)
+        coef, model, w = _fit_one(design, y[lo:hi])
+        proj = _Projector.build(design.A, w)
+        var = np.maximum(coef, 0.0) @ proj.G
+        e_rng = energy[lo:hi]
+        verdict: dict[str, float] = {}
+        for j, col in enumerate(design.columns):
+            if col.kind != "element":
+                continue
+            score = coef[j] / np.sqrt(var[j]) if var[j] > 0 else 0.0
+            fm = active[col.element][0]
+            t = design.A[:, j] * coef[j]
+            others = model - t
+            ok = score >= min_significance
+            for group, need in ((_MAIN[fm.family], 0.5), (_SECOND[fm.family], 0.3)):
+                if not ok or not group:
+                    continue
+                e_g, share = fm.group_energy(group)
+                if share <= 0 or not e_lo <= e_g <= e_hi:
+                    continue
+                half = 0.5 * fwhm(e_g)
+                pred = float(_window_sum(t, e_rng, e_g, half))
+                obs = float(_window_sum(y[lo:hi] - others, e_rng, e_g, half))
+                noise = float(np.sqrt(max(_window_sum(model, e_rng, e_g, half), 1.0)))
+                if group == _MAIN[fm.family]:
+                    if np.min(np.abs(peak_e - e_g)) > tol(e_g):
+                        ok = False  # no peak at the main line
+                    elif obs < need * pred - 3 * noise:
+                        ok = False
+                elif pred > 5 * noise and obs < need * pred - 3 * noise:
+                    ok = False  # second line should be visible but is not
+            verdict[col.element] = score if ok else -1.0 + min(score, 0.99) * 1e-3
+        worst = min(verdict, key=verdict.__getitem__)
+        if verdict[worst] >= min_significance:
+            break
+        zero = [c.element for j, c in enumerate(design.columns) if c.kind == "element" and coef[j] <= 0]
+        for el in zero if len(zero) < len(verdict) else [worst]:
+            del active[el]  # elements the fit gave nothing go together, the others one at a time
+        if worst not in zero:
+            del active[worst]
+    if not active:
+        return []
+    result = []
+    for el, score in verdict.items():
+        fm = active[el][0]
+        evidence = []
+        for group in dict.fromkeys(fm.groups):
+            e_g, share = fm.group_energy(group)
+            if share < 0.01:
+                continue
+            near = np.abs(peak_e - e_g) <= tol(e_g)
+            for i in np.nonzero(near)[0]:
+                p = peaks[i]
+                evidence.append(DetectedPeak(p.energy_keV, group, e_g, p.significance, p.net_counts))
+        evidence.sort(key=lambda p: (p.line != _MAIN[fm.family], -p.significance))
+        origin = "setup" if el == "Ar" else "sample"
+        note = "explained by setup: argon in the air path to the detector" if origin == "setup" else ""
+        result.append(DetectedElement(el, fm.family, tuple(evidence), float(score), origin, note))
+    result.sort(key=lambda d: -d.score)
+    return result
+
+
+# ------------------------------------------------------------------------------------------------
+# ROI maps
+# ------------------------------------------------------------------------------------------------
+def roi_maps(
+    scan_or_spectrum: Any,
+    instrument: Any,
+    elements: Any,
+    *,
+    width_fwhm: float = 2.0,
+    background: str = "snip",
+    side_fwhm: float = 0.5,
+    snip_width_keV: float | None = None,
+    max_pixels: int | None = None,
+    progress: bool = True,
+) -> ElementMaps:
+    """Element maps by region-of-interest integration with background subtraction.
+
+    Each element's ROI is centred on its main line group (Ka, La or Ma, xraylib energies) and is
+    ``width_fwhm`` detector FWHMs wide (2 FWHM hold 98 % of a Gaussian peak).
+
+    Parameters
+    ----------
+    scan_or_spectrum : Scan or Spectrum
+        The data; its calibration is used.
+    instrument : Instrument
+        Gives the FWHM and which line family is excited.
+    elements : sequence of str
+        ``"Fe"`` or ``"Pb L"`` (family chosen as in :func:`fit_elements`).
+    width_fwhm : float, optional
+        Full ROI width in units of the FWHM at the line.
+    background : {"snip", "linear", "none"}, optional
+        ``"snip"``: the SNIP background of the sum spectrum inside the ROI, scaled to each pixel's
+        counts in the fitted range (low noise, follows the continuum's shape). ``"linear"``: per
+        pixel, the mean of two side windows of ``side_fwhm`` FWHM each, interpolated under the ROI
+        (classic, but biased where a neighbouring peak falls into a side window). ``"none"``: gross
+        counts.
+    side_fwhm : float, optional
+        Width of each side window for ``background="linear"``, in FWHM.
+    snip_width_keV : float, optional
+        SNIP window for ``background="snip"`` (default as in :func:`fit_elements`).
+    max_pixels : int, optional
+        Pixels read per block.
+    progress : bool, optional
+        Show a progress bar over the scan's blocks.
+
+    Returns
+    -------
+    ElementMaps
+        ``intensity``: net ROI counts (not the whole family); ``sigma`` from Poisson statistics of
+        ROI and background estimate; ``detection_limit``: 3 sigma of the background alone; ``chi2``
+        is NaN (no model); ``residual`` is zero. ``metadata["rois_keV"]`` gives each ROI.
+
+    Notes
+    -----
+    Overlapping lines (Pb La / As Ka, Pb Ma / S Ka, Ti Ka / Ba La) are counted in every ROI they fall
+    in; use :func:`fit_elements` where lines overlap.
+    """
+    if background not in ("snip", "linear", "none"):
+        raise FitError(f"background must be 'snip', 'linear' or 'none', got {background!r}")
+    if not width_fwhm > 0 or not side_fwhm > 0:
+        raise FitError("width_fwhm and side_fwhm must be > 0")
+    kind, data = _counts_and_kind(scan_or_spectrum)
+    cal = data.calibration
+    n_ch = data.n_channels
+    energy = cal.energies_keV(n_ch)
+    lo, hi, e_lo, e_hi = _fit_range(cal, n_ch, instrument, None)
+    resolved = _resolve_elements(elements, instrument, e_lo, e_hi)
+    n_el = len(resolved)
+    # window matrix: for each element, columns ROI, left, right
+    W = np.zeros((n_ch, 3 * n_el), np.float32)
+    rois = {}
+    for i, (fm, _, _) in enumerate(resolved):
+        e0 = fm.main_energy_keV
+        f = float(np.asarray(instrument.fwhm_keV(e0)))
+        a, b = e0 - 0.5 * width_fwhm * f, e0 + 0.5 * width_fwhm * f
+        roi = (energy >= a) & (energy <= b)
+        if roi.sum() < 1:
+            raise FitError(f"the ROI of {fm.element} {fm.family} ({a:.3f}-{b:.3f} keV) holds no channel")
+        left = (energy >= a - side_fwhm * f) & (energy < a)
+        right = (energy > b) & (energy <= b + side_fwhm * f)
+        if background == "linear" and (left.sum() < 1 or right.sum() < 1):
+            raise FitError(f"the side windows of {fm.element} {fm.family} fall outside the spectrum")
+        W[:, 3 * i] = roi
+        W[:, 3 * i + 1] = left
+        W[:, 3 * i + 2] = right
+        rois[f"{fm.element} {fm.family}"] = (float(energy[roi][0]), float(energy[roi][-1]))
+    n_roi = W[:, 0::3].sum(axis=0).astype(float)
+    n_left = np.maximum(W[:, 1::3].sum(axis=0), 1).astype(float)
+    n_right = np.maximum(W[:, 2::3].sum(axis=0), 1).astype(float)
+    if kind == "scan":
+        rows, cols = data.shape[:2]
+        total = np.asarray(data.sum_spectrum(max_pixels or 65536).counts, dtype=float)
+    else:
+        rows = cols = 1
+        total = np.asarray(data.counts, dtype=float)
+    snip_frac = np.zeros(n_el)
+    if background == "snip":
+        fwhm_mid = float(np.asarray(instrument.fwhm_keV(0.5 * (e_lo + e_hi))))
+        width = snip_width_keV if snip_width_keV is not None else max(0.3, 3.0 * fwhm_mid)
+        bg = np.zeros(n_ch)
+        bg[lo:hi] = snip_background(total[lo:hi], width_keV=width, gain_keV=cal.gain_keV)
+        in_range = total[lo:hi].sum()
+        snip_frac = (bg @ W[:, 0::3]) / max(in_range, 1e-300)  # ROI background per count in range
+    rng_vec = np.zeros((n_ch, 1), np.float32)
+    rng_vec[lo:hi] = 1.0
+    Wall = np.concatenate([W, rng_vec], axis=1)
+    n_pix = rows * cols
+    out = np.zeros((n_pix, 3 * n_el + 1))
+
+    def add(Y: np.ndarray, start: int) -> None:
+        out[start : start + Y.shape[0]] = Y.astype(np.float32, copy=False) @ Wall
+
+    if kind == "spectrum":
+        add(total[None, :], 0)
+    else:
+        from tqdm.auto import tqdm
+
+        per = max_pixels or max(1024, 2**25 // n_ch)
+        with tqdm(total=rows, unit="row", desc="roi_maps", disable=not progress) as bar:
+            for row_slice, block in data.iter_blocks(per):
+                flat = block.reshape(-1, n_ch)
+                for s in range(0, flat.shape[0], 4096):
+                    add(flat[s : s + 4096], row_slice.start * cols + s)
+                bar.update(row_slice.stop - row_slice.start)
+    S = out[:, 0 : 3 * n_el : 3]
+    L = out[:, 1 : 3 * n_el : 3]
+    R = out[:, 2 : 3 * n_el : 3]
+    if background == "linear":
+        B = 0.5 * n_roi * (L / n_left + R / n_right)
+        var_b = (0.5 * n_roi) ** 2 * (L / n_left**2 + R / n_right**2)
+    elif background == "snip":
+        B = out[:, -1:] * snip_frac[None, :]
+        var_b = np.zeros_like(B)
+    else:
+        B = np.zeros_like(S)
+        var_b = np.zeros_like(S)
+    net = S - B
+    sigma = np.sqrt(np.maximum(S, 0.0) + var_b)
+    dl = 3.0 * np.sqrt(np.maximum(B, 0.0) + var_b)
+    return ElementMaps(
+        elements=tuple(fm.element for fm, _, _ in resolved),
+        families=tuple(fm.family for fm, _, _ in resolved),
+        intensity=net.reshape(rows, cols, n_el),
+        sigma=sigma.reshape(rows, cols, n_el),
+        detection_limit=dl.reshape(rows, cols, n_el),
+        chi2=np.full((rows, cols), np.nan, np.float32),
+        residual=np.zeros(n_ch),
+        metadata={
+            "method": f"ROI integration, background={background!r}",
+            "quantity": "net counts in the ROI of the main line group",
+            "instrument": getattr(instrument, "name", None),
+            "rois_keV": rois,
+            "width_fwhm": width_fwhm,
+            "sum_spectrum": total,
+        },
+    )
