@@ -31,9 +31,8 @@ _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 _NPY_MAGIC = b"\x93NUMPY"
 _ZIP_MAGIC = b"PK\x03\x04"
 _SFS_MAGIC = b"AAMVHFSS"
-_NUMBER_LINE = re.compile(
-    rb"^\s*[-+]?(\d+\.?\d*|\.\d+)([eEdD][-+]?\d+)?([\s,;]+[-+]?(\d+\.?\d*|\.\d+)([eEdD][-+]?\d+)?)*\s*$"
-)
+_NUM = rb"[-+]?(\d+(\.\d*)?|\.\d+|nan|inf(inity)?)([eEdD][-+]?\d+)?"
+_NUMBER_LINE = re.compile(rb"^\s*" + _NUM + rb"([\s,;]+" + _NUM + rb")*\s*$", re.IGNORECASE)
 _RPL_KEYS = (b"width", b"height", b"depth", b"data-type", b"data-length", b"record-by")
 
 

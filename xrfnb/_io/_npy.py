@@ -12,7 +12,6 @@ JSON as a string); a side-car file, if present, is used when ``xrfnb_json`` is a
 from __future__ import annotations
 
 import json
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ import numpy as np
 from .._calibration import EnergyCalibration
 from .._errors import CalibrationError, DataError, FormatError, XRFNBError
 from .._spectrum import Scan, Spectrum
-from ._common import make_spectrum
+from ._common import make_spectrum, read_text
 from ._hdf5 import _json_default
 
 __all__ = ["read_npy", "read_npz", "sidecar_json", "sidecar_path", "write_npy_sidecar", "write_npz"]
@@ -70,9 +69,13 @@ def _number(info: dict[str, Any], key: str, where: Path) -> float | None:
 
 
 def _build(
-    counts: np.ndarray, info: dict[str, Any], path: Path, live_array: np.ndarray | None
+    counts: np.ndarray,
+    info: dict[str, Any],
+    path: Path,
+    live_array: np.ndarray | None,
+    info_where: Path | None = None,
 ) -> Spectrum | Scan:
-    cal = _calibration(info, path)
+    cal = _calibration(info, info_where or path)
     meta = info.get("metadata", {})
     if not isinstance(meta, dict):
         raise FormatError(f"{path}: side-car 'metadata' must be a JSON object")
@@ -121,19 +124,19 @@ def read_npy(path: Path) -> Spectrum | Scan:
     """Load a ``.npy`` array (a 3-D scan stays memory-mapped, read-only) with its JSON side-car."""
     try:
         counts = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
+        if counts.ndim != 3:
+            counts = np.array(counts)
+    except Exception as exc:  # numpy raises ValueError, OSError, EOFError, SyntaxError ... on bad headers
         raise FormatError(f"{path}: not a readable .npy array (truncated or corrupted?): {exc}") from None
-    if counts.ndim != 3:
-        counts = np.array(counts)
     side = sidecar_path(path)
-    info = _parse_sidecar(side.read_text(encoding="utf-8"), side) if side else {}
-    return _build(counts, info, path, None)
+    info = _parse_sidecar(read_text(side), side) if side else {}
+    return _build(counts, info, path, None, side)
 
 
 def read_npz(path: Path) -> Spectrum | Scan:
     """Load a ``.npz`` archive holding ``counts`` (and optionally ``live_time_s``, ``xrfnb_json``)."""
     try:
-        with np.load(path, allow_pickle=False) as z:
+        with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as z:
             if "counts" not in z.files:
                 raise FormatError(f"{path}: the .npz archive has no 'counts' array (it has {z.files[:10]})")
             counts = np.asarray(z["counts"])
@@ -141,24 +144,17 @@ def read_npz(path: Path) -> Spectrum | Scan:
             embedded = str(z["xrfnb_json"]) if "xrfnb_json" in z.files else None
     except XRFNBError:
         raise
-    except (
-        ValueError,
-        OSError,
-        EOFError,
-        KeyError,
-        zipfile.BadZipFile,
-        NotImplementedError,
-        RuntimeError,
-    ) as exc:
+    except Exception as exc:  # zipfile, zlib and numpy raise many types on a corrupted archive
         raise FormatError(f"{path}: not a readable .npz archive (truncated or corrupted?): {exc}") from None
+    side = None
     if embedded is not None:
         info = _parse_sidecar(embedded, path)
     else:
         side = sidecar_path(path)
-        info = _parse_sidecar(side.read_text(encoding="utf-8"), side) if side else {}
+        info = _parse_sidecar(read_text(side), side) if side else {}
     if live is not None and live.ndim == 0:
         info["live_time_s"], live = float(live), None
-    return _build(counts, info, path, live)
+    return _build(counts, info, path, live, side)
 
 
 def sidecar_json(obj: Spectrum | Scan) -> str:
