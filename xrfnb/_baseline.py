@@ -8,7 +8,9 @@ pigment groups the elements indicate:
    Elements that come from grounds, dirt, clays and the air path at trace level (``trace_elements``: Ca,
    Fe, K, Si, ... by default) must in addition reach ``trace_fraction`` of the strongest element in the
    same pixel and ``map_fraction`` of their own high quantile over the map, so a thin film of dirt or a
-   deep chalk ground does not indicate a pigment on its own.
+   deep chalk ground does not indicate a pigment on its own. Every other element must reach
+   ``minor_fraction`` (0.5 %) of the strongest element: weaker fitted signals are more often fit cross-talk,
+   escape or sum-peak residues than a pigment an expert would name.
 2. **Co-location.** A group is a *candidate* where all its key elements have evidence in the same pixel.
 3. **Parsimony.** A candidate whose key elements are a strict subset of those of a group already indicated
    in that pixel is explained away (Pb + Cr -> chrome yellow, not also lead white and viridian), unless the
@@ -223,6 +225,7 @@ def assign_pigments_by_elements(
     *,
     trace_elements: Sequence[str] = DEFAULT_TRACE_ELEMENTS,
     trace_fraction: float = 0.02,
+    minor_fraction: float = 0.005,
     map_fraction: float = 0.05,
     map_quantile: float = 0.99,
     nonspecific_elements: Sequence[str] = DEFAULT_NONSPECIFIC_ELEMENTS,
@@ -247,6 +250,9 @@ def assign_pigments_by_elements(
         ``map_fraction`` of its own ``map_quantile`` over the map.
     trace_fraction : float
         See ``trace_elements`` (default 0.02).
+    minor_fraction : float
+        Any other element counts only where its intensity reaches this fraction of the pixel's strongest
+        element intensity (default 0.005; 0 disables).
     map_fraction : float
         See ``trace_elements`` (default 0.05). Has no effect on a single spectrum.
     map_quantile : float
@@ -287,15 +293,16 @@ def assign_pigments_by_elements(
 
     Notes
     -----
-    Intensities of different elements are compared only within ``trace_fraction`` (a deliberately low,
-    sensitivity-agnostic bar) and as ratios of the same pair of elements across pixels, so the result does
-    not depend on the overall count level: scaling all intensities and detection limits by one factor
-    changes nothing.
+    Intensities of different elements are compared only within ``trace_fraction`` and ``minor_fraction``
+    (deliberately low, sensitivity-agnostic bars) and as ratios of the same pair of elements across
+    pixels, so the result does not depend on the overall count level: scaling all intensities and
+    detection limits by one factor changes nothing.
     """
     lib = default_pigments() if pigments is None else pigments
     if not isinstance(lib, PigmentLibrary):
         raise FitError(f"pigments must be a PigmentLibrary (xrfnb.pigments()), got {type(lib).__name__}")
     trace_fraction = _check_fraction("trace_fraction", trace_fraction)
+    minor_fraction = _check_fraction("minor_fraction", minor_fraction)
     map_fraction = _check_fraction("map_fraction", map_fraction)
     ratio_coverage = float(ratio_coverage)
     if not 0.0 < ratio_coverage <= 1.0:
@@ -338,6 +345,7 @@ def assign_pigments_by_elements(
     strongest = inten[:, :, counted].max(axis=2) if counted else np.zeros((rows, cols))
     for j, el in enumerate(elements):
         if el not in trace:
+            thr[:, :, j] = np.maximum(thr[:, :, j], minor_fraction * strongest)
             continue
         t = np.maximum(thr[:, :, j], trace_fraction * strongest)
         ref_pixels = inten[:, :, j][valid & finite[:, :, j]]
@@ -477,6 +485,7 @@ def assign_pigments_by_elements(
     params = {
         "trace_elements": tuple(sorted(trace)),
         "trace_fraction": trace_fraction,
+        "minor_fraction": minor_fraction,
         "map_fraction": map_fraction,
         "map_quantile": map_quantile,
         "nonspecific_elements": tuple(sorted(nonspecific)),
