@@ -1,0 +1,426 @@
+"""Object tests of the Panel dashboard: construct it, set parameters, assert state and plot structure.
+
+The scene is synthetic and independent of the dashboard code: Poisson spectra drawn from Gaussian
+peaks placed at xraylib line energies, painted in known regions, and pigment/element maps derived
+from those regions. Expected values are computed here from the scene, never read back from the
+dashboard.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import zipfile
+from pathlib import Path
+
+import holoviews as hv
+import numpy as np
+import pytest
+
+import xrfnb
+from xrfnb import _dashboard
+from xrfnb._dashboard import Dashboard, resolve_inside
+
+ROWS, COLS, CHANNELS = 32, 32, 4096
+GAIN_KEV = 0.01
+CLASSES = ("lead white", "vermilion", "iron oxide red")
+COLORS = ("#f0f0f0", "#e34234", "#8b2500")
+# (element, line group) peaks of each pigment; energies from xraylib (line_energy_keV)
+PEAKS = {
+    "lead white": [("Pb", "La", 1.0), ("Pb", "Lb", 0.8), ("Pb", "Ma", 0.3)],
+    "vermilion": [("Hg", "La", 1.0), ("Hg", "Lb", 0.7), ("S", "Ka", 0.4)],
+    "iron oxide red": [("Fe", "Ka", 1.0), ("Fe", "Kb", 0.15)],
+}
+# published line energies (keV, X-ray Data Booklet) used to check the markers independently
+PUBLISHED_KEV = {"Pb La1": 10.5515, "Hg La1": 9.9888, "S Ka1": 2.3078, "Fe Ka1": 6.4038}
+DEAD = (0, COLS - 1)
+
+
+def regions(rows: int = ROWS, cols: int = COLS) -> dict[str, np.ndarray]:
+    """Where each pigment is: lead white left half, vermilion disc, iron oxide (buried) bottom band."""
+    r, c = np.mgrid[:rows, :cols]
+    return {
+        "lead white": c < cols // 2,
+        "vermilion": (r - rows / 2) ** 2 + (c - cols / 2) ** 2 < (rows / 4) ** 2,
+        "iron oxide red": r >= int(rows * 0.625),
+    }
+
+
+def make_scene(rows: int = ROWS, cols: int = COLS, channels: int = CHANNELS, seed: int = 0):
+    """(scan, maps, truth): a Poisson scan, PigmentMaps and ElementMaps of a known painted scene."""
+    rng = np.random.default_rng(seed)
+    cal = xrfnb.EnergyCalibration(0.0, GAIN_KEV)
+    energy = cal.energies_keV(channels)
+    truth = regions(rows, cols)
+    expected = np.full((rows, cols, channels), 0.02, dtype=np.float64)  # flat background, counts/channel
+    for name, peaks in PEAKS.items():
+        template = np.zeros(channels)
+        for el, line, rel in peaks:
+            e0 = xrfnb.line_energy_keV(el, line)
+            sigma = np.sqrt(0.06**2 + 0.0025 * e0) / 2.355
+            template += rel * np.exp(-0.5 * ((energy - e0) / sigma) ** 2)
+        template *= 60.0 / template.max()
+        expected += truth[name][..., None] * template
+    counts = rng.poisson(expected).astype(np.uint16)
+    counts[DEAD] = 0
+    scan = xrfnb.Scan(counts, cal, pixel_size_um=100.0, live_time_s=0.05, metadata={"source": "synthetic"})
+
+    k = len(CLASSES)
+    prob = np.empty((rows, cols, k), dtype=np.float32)
+    buried = np.empty((rows, cols, k), dtype=np.float32)
+    for i, name in enumerate(CLASSES):
+        noise = rng.uniform(-0.04, 0.04, size=(rows, cols))
+        prob[..., i] = np.where(truth[name], 0.9, 0.1) + noise
+        buried[..., i] = np.where(truth[name] & (name == "iron oxide red"), 0.8, 0.02) * prob[..., i]
+    mask = np.zeros((rows, cols), dtype=bool)
+    mask[DEAD] = True
+    prob[mask] = np.nan
+    buried[mask] = np.nan
+    ood = rng.uniform(0, 0.5, size=(rows, cols)).astype(np.float32)
+    ood[mask] = np.nan
+
+    elements = ("S", "Fe", "Hg", "Pb")
+    families = ("K", "K", "L", "L")
+    owner = {"S": "vermilion", "Fe": "iron oxide red", "Hg": "vermilion", "Pb": "lead white"}
+    intensity = np.stack([truth[owner[e]] * 500.0 + 1.0 for e in elements], axis=-1).astype(np.float32)
+    em = xrfnb.ElementMaps(
+        elements=elements,
+        families=families,
+        intensity=intensity,
+        sigma=np.sqrt(intensity),
+        detection_limit=np.full_like(intensity, 30.0),
+        chi2=np.ones((rows, cols), np.float32),
+        residual=np.zeros(channels),
+    )
+    maps = xrfnb.PigmentMaps(
+        classes=CLASSES,
+        probability=prob,
+        buried_probability=buried,
+        ood_score=ood,
+        thresholds=np.array([0.5, 0.5, 0.5]),
+        ood_threshold=0.4,
+        mask=mask,
+        colors=COLORS,
+        element_maps=em,
+        metadata={"source": "synthetic"},
+    )
+    return scan, maps, truth
+
+
+@pytest.fixture(scope="module")
+def scene():
+    return make_scene()
+
+
+@pytest.fixture
+def dash(scene):
+    scan, maps, _ = scene
+    return Dashboard(scan=scan, maps=maps)
+
+
+def render(obj):
+    """The Bokeh plot HoloViews makes of ``obj`` (plot structure, no browser)."""
+    return hv.renderer("bokeh").get_plot(obj)
+
+
+def elements_of(overlay, kind):
+    return [el for el in overlay.traverse(lambda x: x, [kind])]
+
+
+# --------------------------------------------------------------------------------------------------
+def test_construct_shows_scan_maps_and_controls(dash, scene):
+    assert dash.classes == CLASSES
+    assert dash.thresholds == dict.fromkeys(CLASSES, 0.5)
+    assert dash.view == "Composite"
+    assert dash.pixel == (ROWS // 2, COLS // 2)
+    assert dash.param.element.objects == ["S", "Fe", "Hg", "Pb"]
+    assert len(dash._gallery.objects) == len(CLASSES)
+    assert set(dash._class_sliders) == set(CLASSES)
+    assert "32 x 32" in dash.status_text
+    plot = render(dash._main_dmap)
+    tools = {type(t).__name__ for t in plot.state.tools}
+    assert {"TapTool", "BoxSelectTool", "LassoSelectTool", "HoverTool"} <= tools
+    assert type(plot.handles["glyph"]).__name__ == "ImageRGBA"
+    rgba = plot.handles["source"].data["image"][0]
+    assert rgba.shape == (ROWS, COLS)
+    # the layout renders to a Bokeh model without errors
+    assert dash.__panel__().get_root() is not None
+
+
+def test_composite_colours_follow_regions(dash, scene):
+    _, _, truth = scene
+    kind, rgb = dash.main_array()
+    assert kind == "rgb" and rgb.shape == (ROWS, COLS, 3)
+    only_lead = truth["lead white"] & ~truth["vermilion"] & ~truth["iron oxide red"]
+    r, c = np.argwhere(only_lead)[5]
+    assert tuple(rgb[r, c]) == (0xF0, 0xF0, 0xF0)
+    nothing = ~truth["lead white"] & ~truth["vermilion"] & ~truth["iron oxide red"]
+    r, c = np.argwhere(nothing)[3]
+    assert tuple(rgb[r, c]) == (0, 0, 0)
+
+
+def test_tap_shows_that_pixels_spectrum_with_line_markers(dash, scene):
+    scan, _, truth = scene
+    r, c = 16, 12  # lead white and vermilion, no iron
+    assert truth["lead white"][r, c] and truth["vermilion"][r, c] and not truth["iron oxide red"][r, c]
+    dash._tap.event(x=c + 0.5, y=r + 0.5)
+    assert dash.pixel == (r, c)
+    overlay = dash._spectrum_dmap[()]
+    curve = elements_of(overlay, hv.Curve)[0]
+    np.testing.assert_array_equal(curve.dimension_values("Counts"), np.asarray(scan.counts[r, c], float))
+    np.testing.assert_allclose(
+        curve.dimension_values("Energy (keV)")[[0, -1]], [0.0, (CHANNELS - 1) * GAIN_KEV]
+    )
+    lines = [v.data for v in elements_of(overlay, hv.VLine)]
+    for name in ("Pb La1", "Hg La1", "S Ka1"):
+        assert min(abs(np.array(lines) - PUBLISHED_KEV[name])) < 0.03, name
+    assert min(abs(np.array(lines) - PUBLISHED_KEV["Fe Ka1"])) > 0.2  # no iron here
+    labels = {t.text for t in elements_of(overlay, hv.Text)}
+    assert {"Pb La", "Hg La", "S Ka"} <= labels
+    assert f"row {r}, col {c}" in dash._info.object
+    # class probabilities as bars with the thresholds drawn
+    bars_overlay = dash._prob_dmap[()]
+    bars = elements_of(bars_overlay, hv.Bars)[0]
+    np.testing.assert_allclose(bars.dimension_values("probability"), scene[1].probability[r, c])
+    marks = elements_of(bars_overlay, hv.Scatter)[0]
+    np.testing.assert_allclose(marks.dimension_values("threshold"), [0.5, 0.5, 0.5])
+
+
+def test_log_scale_switches_the_spectrum_axis(dash):
+    dash.log_scale = True
+    plot = render(dash._spectrum_dmap)
+    assert type(plot.state.y_scale).__name__ == "LogScale"
+    dash.log_scale = False
+    plot = render(dash._spectrum_dmap)
+    assert type(plot.state.y_scale).__name__ == "LinearScale"
+
+
+def test_threshold_changes_maps_without_rerunning_model(dash, scene):
+    _, maps, truth = scene
+    k = CLASSES.index("vermilion")
+    before_lead = dash._thumb_pipes["lead white"].data.copy()
+    dash.focus = "vermilion"
+    dash.view = "Pigment"
+    _, img = dash.main_array()
+    valid = ~maps.mask
+    np.testing.assert_array_equal(np.isfinite(img), truth["vermilion"] & valid)
+    dash.set_threshold("vermilion", 0.95)  # above every probability (0.9 + at most 0.04)
+    _, img = dash.main_array()
+    assert not np.isfinite(img).any()
+    assert not dash.binary_maps()[..., k].any()
+    assert np.isnan(dash._thumb_pipes["vermilion"].data).all()
+    np.testing.assert_array_equal(dash._thumb_pipes["lead white"].data, before_lead)  # untouched
+    assert dash._class_sliders["vermilion"].value == 0.95
+    # the global slider sets every class
+    dash.global_threshold = 0.05
+    assert dash.thresholds == dict.fromkeys(CLASSES, 0.05)
+    expected = np.nan_to_num(maps.probability, nan=-1) >= 0.05
+    expected &= valid[..., None]
+    np.testing.assert_array_equal(dash.binary_maps(), expected)
+    assert all(s.value == 0.05 for s in dash._class_sliders.values())
+    dash.reset_thresholds()
+    assert dash.thresholds == dict.fromkeys(CLASSES, 0.5)
+
+
+def test_views_surface_buried_ood_elements_total(dash, scene):
+    scan, maps, truth = scene
+    dash.focus = "iron oxide red"
+    dash.view = "Surface vs buried"
+    _, cat = dash.main_array()
+    valid = ~maps.mask
+    np.testing.assert_array_equal(cat[truth["iron oxide red"] & valid], 2.0)
+    np.testing.assert_array_equal(cat[~truth["iron oxide red"] & valid], 0.0)
+    dash.focus = "lead white"
+    _, cat = dash.main_array()
+    np.testing.assert_array_equal(cat[truth["lead white"] & valid], 1.0)
+    dash.view = "OOD score"
+    _, ood = dash.main_array()
+    np.testing.assert_array_equal(ood[valid], maps.ood_score[valid])
+    dash.view = "Elements"
+    dash.element = "Pb"
+    _, pb = dash.main_array()
+    np.testing.assert_array_equal(pb > 100, truth["lead white"])
+    dash.view = "Total counts"
+    _, total = dash.main_array()
+    np.testing.assert_allclose(total, np.asarray(scan.counts).sum(axis=-1))
+    assert total[DEAD] == 0
+    dash.log_scale = True
+    _, logtotal = dash.main_array()
+    np.testing.assert_allclose(logtotal, np.log10(1 + np.asarray(scan.counts).sum(axis=-1)))
+    plot = render(dash._main_dmap)
+    assert type(plot.handles["glyph"]).__name__ == "Image"
+
+
+def test_thumbnail_tap_enlarges_that_pigment(dash):
+    assert dash._thumb_taps[CLASSES[2]].source is dash._gallery.objects[2].object
+    dash._thumb_taps[CLASSES[2]].event(x=3.0, y=4.0)
+    assert dash.focus == CLASSES[2] and dash.view == "Pigment"
+
+
+def test_box_and_lasso_selection_give_mean_spectrum_and_area_fractions(dash, scene):
+    scan, _, truth = scene
+    counts = np.asarray(scan.counts, dtype=float)
+    # box over the left half: lead white everywhere valid there
+    dash._box.event(bounds=(0.0, 0.0, COLS / 2, ROWS))
+    assert dash.pixel is None and dash.region.sum() == ROWS * COLS // 2
+    _, _, mean = dash.current_spectrum()
+    np.testing.assert_allclose(mean, counts[:, : COLS // 2].reshape(-1, CHANNELS).mean(axis=0))
+    fr = dash.area_fractions(dash.region)
+    assert fr["lead white"] == 1.0
+    left = np.zeros((ROWS, COLS), bool)
+    left[:, : COLS // 2] = True
+    assert fr["vermilion"] == pytest.approx(truth["vermilion"][left].mean())
+    assert "lead white | 100.0 %" in dash._fractions.object
+    # lasso: a triangle; pixel centres inside by construction (below the diagonal of the top-left square)
+    dash._lasso.event(geometry=np.array([[0.0, 0.0], [16.0, 16.0], [0.0, 16.0]]))
+    rr, cc = np.mgrid[:ROWS, :COLS] + 0.5
+    expected = (cc < rr) & (rr < 16) & (cc > 0)
+    np.testing.assert_array_equal(dash.region, expected)
+    _, _, mean = dash.current_spectrum()
+    np.testing.assert_allclose(mean, counts[expected].mean(axis=0))
+    # a tap goes back to single pixels
+    dash._tap.event(x=1.5, y=2.5)
+    assert dash.region is None and dash.pixel == (2, 1)
+
+
+def test_sessions_are_independent(scene):
+    scan, maps, _ = scene
+    a = Dashboard(scan=scan, maps=maps)
+    b = Dashboard(scan=scan, maps=maps)
+    a.set_threshold("vermilion", 0.95)
+    b.global_threshold = 0.05
+    k = CLASSES.index("vermilion")
+    assert not a.binary_maps()[..., k].any()
+    assert b.binary_maps()[..., k].sum() == (~maps.mask).sum()
+    assert a.thresholds["lead white"] == 0.5 and b.thresholds["vermilion"] == 0.05
+    b._tap.event(x=5.5, y=6.5)
+    assert a.pixel == (ROWS // 2, COLS // 2) and b.pixel == (6, 5)
+    np.testing.assert_array_equal(maps.thresholds, [0.5, 0.5, 0.5])  # shared result untouched
+
+
+def test_exports(dash, scene, tmp_path):
+    from PIL import Image
+
+    scan, maps, _ = scene
+    png = Image.open(io.BytesIO(dash.export_png()))
+    assert png.size == (256, 256)  # 32 x 32 upscaled by 8
+    arr = np.asarray(png.convert("RGB"))
+    np.testing.assert_array_equal(arr[::8, ::8], maps.composite_rgb(dash.threshold_array()))
+    dash.select_pixel(3, 4)
+    rows = list(csv.reader(io.StringIO(dash.export_spectrum_csv().decode())))
+    assert rows[1] == ["energy_keV", "counts"]
+    data = np.array(rows[2:], dtype=float)
+    np.testing.assert_allclose(data[:, 0], np.arange(CHANNELS) * GAIN_KEV, atol=1e-6)
+    np.testing.assert_array_equal(data[:, 1], np.asarray(scan.counts[3, 4], float))
+    dash.set_threshold("iron oxide red", 0.7)
+    path = tmp_path / "maps.h5"
+    path.write_bytes(dash.export_hdf5())
+    back = xrfnb.PigmentMaps.from_hdf5(path)
+    np.testing.assert_allclose(back.thresholds, [0.5, 0.5, 0.7])
+    np.testing.assert_array_equal(back.probability, maps.probability)
+    with zipfile.ZipFile(io.BytesIO(dash.export_tiff())) as zf:
+        names = zf.namelist()
+    assert names and all(n.endswith((".tif", ".tiff", ".json", ".txt", ".csv")) for n in names)
+    # the download buttons produce the same bytes
+    assert dash._dl_csv.callback().getvalue() == dash.export_spectrum_csv()
+
+
+def test_path_traversal_refused(tmp_path, scene):
+    root = tmp_path / "served"
+    root.mkdir()
+    (root / "sub").mkdir()
+    (root / "sub" / "inside.txt").write_text("1 2 3\n")
+    secret = tmp_path / "secret.h5"
+    secret.write_bytes(b"not for you")
+    (root / "link.h5").symlink_to(secret)
+    assert resolve_inside(root, "sub/inside.txt") == (root / "sub" / "inside.txt").resolve()
+    for bad in ("../secret.h5", str(secret), "link.h5", "sub/../../secret.h5", "/etc/passwd", "a\x00b"):
+        with pytest.raises(xrfnb.DataError, match=r"refused|invalid"):
+            resolve_inside(root, bad)
+    dash = Dashboard(root)
+    assert "link.h5" not in dash.param.source.objects
+    assert "sub/inside.txt" in dash.param.source.objects
+    with pytest.raises(xrfnb.DataError, match="refused"):
+        dash.open("../secret.h5")
+    with pytest.raises(ValueError):  # the selector accepts only listed files
+        dash.source = "../secret.h5"
+    assert dash.scan is None
+
+
+def test_bad_file_and_oversized_upload_become_notifications(tmp_path, monkeypatch):
+    monkeypatch.setattr(_dashboard, "available_models", list)
+    root = tmp_path / "served"
+    root.mkdir()
+    (root / "garbage.h5").write_bytes(os.urandom(2048))
+    dash = Dashboard(root, max_upload_mb=0.001)
+    dash.source = "garbage.h5"  # must not raise
+    level, message = dash.last_message
+    assert level == "error" and "garbage.h5" in message
+    assert dash.scan is None
+    dash._upload.value = {"big.h5": b"0" * 5000}
+    level, message = dash.last_message
+    assert level == "error" and "limit" in message and "big.h5" in message
+    assert dash.scan is None
+
+
+def test_upload_without_model_says_so(tmp_path, monkeypatch, scene):
+    monkeypatch.setattr(_dashboard, "available_models", list)
+    scan, _, _ = scene
+    path = xrfnb.save(scan, tmp_path / "scan.h5")
+    dash = Dashboard()
+    assert "No scan open" in dash.status_text and "No trained pigment model" in dash.status_text
+    dash._upload.value = {"../../evil/scan.h5": Path(path).read_bytes()}
+    assert dash.scan is not None and dash.scan.shape == scan.shape
+    assert [f.name for f in dash._upload_dir.iterdir()] == ["scan.h5"]  # folders stripped from the name
+    assert dash.maps is None
+    assert "No trained pigment model" in dash.status_text
+    kind = dash._main_dmap[()]
+    assert isinstance(kind, hv.Text) and "model" in kind.text  # composite needs a model: says so
+    dash.view = "Total counts"
+    _, total = dash.main_array()
+    np.testing.assert_allclose(total, np.asarray(scan.counts).sum(axis=-1))
+    assert "No trained model" in dash._gallery.objects[0].object
+    with pytest.raises(xrfnb.DataError, match="no pigment maps"):
+        dash.export_hdf5()
+
+
+def test_upload_written_inside_private_folder(tmp_path, scene):
+    scan, _, _ = scene
+    path = xrfnb.save(scan, tmp_path / "scan.h5")
+    dash = Dashboard(model=object())  # a given model object; mapping needs the real one, not tested here
+    dash._blocking = True
+    dash.load_upload("../../../../tmp/evil name.h5", Path(path).read_bytes())
+    files = list(dash._upload_dir.iterdir())
+    assert [f.name for f in files] == ["evil_name.h5"]
+    assert dash.scan.shape == scan.shape
+
+
+def test_serve_target_and_data_folder_checks(tmp_path):
+    f = tmp_path / "a.h5"
+    f.write_bytes(b"x")
+    assert _dashboard._serve_target(f) == (tmp_path.resolve(), "a.h5")
+    assert _dashboard._serve_target(tmp_path) == (tmp_path.resolve(), None)
+    assert _dashboard._serve_target(None) == (None, None)
+    with pytest.raises(xrfnb.DataError):
+        _dashboard._serve_target(tmp_path / "missing")
+    with pytest.raises(xrfnb.DataError):
+        Dashboard(tmp_path / "missing")
+
+
+def test_polygon_mask_matches_box():
+    m = _dashboard._polygon_mask(np.array([2.0, 6.0, 6.0, 2.0]), np.array([1.0, 1.0, 5.0, 5.0]), 8, 8)
+    expected = np.zeros((8, 8), bool)
+    expected[1:5, 2:6] = True
+    np.testing.assert_array_equal(m, expected)
+
+
+def test_invalid_pixel_and_outside_pixel(dash, scene):
+    dash.select_pixel(*DEAD)
+    overlay = dash._prob_dmap[()]
+    assert "invalid pixel" in overlay.opts.get().kwargs["title"]
+    assert "pigments: none above threshold" in dash._info.object
+    with pytest.raises(xrfnb.DataError, match="outside"):
+        dash.select_pixel(ROWS, 0)
+    dash._tap.event(x=COLS + 3.0, y=1.0)  # a tap outside the map is reported, not raised
+    assert dash.last_message[0] == "error" and "outside" in dash.last_message[1]

@@ -1,0 +1,1585 @@
+"""Panel dashboard: pigment maps linked to spectra, threshold tuning, evidence and export.
+
+The dashboard is a :class:`Dashboard` (a :class:`panel.viewable.Viewer`): every control is a ``param``
+parameter, so it can be driven from Python (tests, notebooks) exactly as a user drives it in the browser.
+:func:`serve` starts a Bokeh server with one independent :class:`Dashboard` per browser session.
+
+Security model: the server binds to ``127.0.0.1`` unless told otherwise; only files inside the served data
+folder can be opened (paths are resolved, symlinks followed, and anything outside refused); uploads are
+bounded in size and written to a private temporary folder per session; all resources (Bokeh, Panel,
+HoloViews JavaScript) are served by the server itself, never from a CDN.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import io
+import logging
+import math
+import os
+import re
+import shutil
+import tempfile
+import threading
+import zipfile
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import holoviews as hv
+import numpy as np
+import panel as pn
+import param
+from bokeh.palettes import Cividis256, Greys256, Inferno256, Magma256, Viridis256
+from holoviews import streams
+
+from ._errors import DataError, FormatError, ModelError, XRFNBError
+from ._lines import atomic_number, line_energy_keV
+from ._spectrum import Scan, Spectrum
+
+__all__ = ["Dashboard", "serve"]
+
+log = logging.getLogger(__name__)
+
+#: colour maps offered for continuous images (same palettes on screen and in PNG export)
+PALETTES: dict[str, tuple[str, ...]] = {
+    "viridis": tuple(Viridis256),
+    "magma": tuple(Magma256),
+    "inferno": tuple(Inferno256),
+    "cividis": tuple(Cividis256),
+    "gray": tuple(Greys256[::-1]),
+}
+
+VIEWS: tuple[str, ...] = (
+    "Composite",
+    "Pigment",
+    "Surface vs buried",
+    "OOD score",
+    "Elements",
+    "Total counts",
+)
+
+#: label of the built-in demo scene in the scan selector
+DEMO_LABEL = "demo: hidden-painting"
+_NO_SCAN = "(choose a scan)"
+_NO_MODEL = "(no trained model found)"
+
+#: colours of the surface-vs-buried categories: absent, surface, buried only
+_SURFACE_BURIED_COLORS = ("#f2f2f2", "#d95f02", "#1b9e77")
+_THUMB_PX = 128
+_MAIN_PX = 460
+_MAX_LISTED_FILES = 500
+
+
+# --------------------------------------------------------------------------------------------------
+# small helpers
+# --------------------------------------------------------------------------------------------------
+def _ensure_extensions() -> None:
+    """Load Panel and the HoloViews Bokeh backend with inline (local) resources, no CDN."""
+    if not getattr(_ensure_extensions, "_done", False):
+        pn.extension(inline=True, notifications=True)
+        hv.extension("bokeh", inline=True, logo=False)
+        _ensure_extensions._done = True  # type: ignore[attr-defined]
+    pn.config.inline = True
+    pn.config.notifications = True
+
+
+def resolve_inside(root: Path, name: str | os.PathLike[str]) -> Path:
+    """Resolve ``name`` relative to ``root`` and refuse anything outside ``root``.
+
+    Parameters
+    ----------
+    root : pathlib.Path
+        The served data folder.
+    name : str or path-like
+        A path relative to ``root`` (absolute paths are accepted only if they lie inside ``root``).
+
+    Returns
+    -------
+    pathlib.Path
+        The resolved path (symlinks followed), guaranteed to lie inside ``root``.
+
+    Raises
+    ------
+    DataError
+        If the path escapes the folder (``..``, absolute path elsewhere, symlink out) or is not a file.
+    """
+    root = Path(root).resolve()
+    text = os.fspath(name)
+    if "\x00" in text:
+        raise DataError(f"refused to open {text!r}: invalid character in the file name")
+    path = (root / text).resolve()
+    if not path.is_relative_to(root):
+        raise DataError(
+            f"refused to open {text!r}: only files inside the served data folder {root} can be opened"
+        )
+    if not path.is_file():
+        raise DataError(f"cannot open {text!r}: no such file in the served data folder {root}")
+    return path
+
+
+def list_data_files(root: Path, max_files: int = _MAX_LISTED_FILES) -> list[str]:
+    """Regular, non-hidden files under ``root`` (relative POSIX paths, sorted), staying inside ``root``."""
+    root = Path(root).resolve()
+    out: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith((".", "__")))
+        for fn in sorted(filenames):
+            if fn.startswith("."):
+                continue
+            p = Path(dirpath) / fn
+            try:
+                if not p.resolve().is_relative_to(root) or not p.is_file():
+                    continue
+            except OSError:
+                continue
+            out.append(p.relative_to(root).as_posix())
+            if len(out) >= max_files:
+                return out
+    return out
+
+
+def _safe_filename(name: str) -> str:
+    """A file name stripped of folders and unusual characters (keeps the suffix for format detection)."""
+    base = Path(str(name).replace("\\", "/")).name
+    base = re.sub(r"[^A-Za-z0-9._-]+", "_", base).lstrip(".")
+    return base[:120] or "upload.bin"
+
+
+def _parse_size_mb(value: float) -> int:
+    return int(float(value) * 1024 * 1024)
+
+
+def _to_scan(obj: Any, source: str) -> Scan:
+    """Accept what a reader returns (Scan, Spectrum, or a tuple starting with one) as a Scan."""
+    if isinstance(obj, tuple) and obj:
+        obj = obj[0]
+    if isinstance(obj, Scan):
+        return obj
+    if isinstance(obj, Spectrum):
+        return Scan(
+            np.asarray(obj.counts)[None, None, :],
+            obj.calibration,
+            live_time_s=obj.live_time_s,
+            metadata={**obj.metadata, "source": source},
+        )
+    raise FormatError(f"{source}: the reader returned {type(obj).__name__}, not a scan or spectrum")
+
+
+def _stride(rows: int, cols: int, max_px: int) -> int:
+    return max(1, math.ceil(max(rows, cols) / max_px))
+
+
+def _image(arr: np.ndarray, kdims_label: str = "value", **opts: Any) -> hv.Image:
+    """An hv.Image whose pixel (row r, col c) covers x in [c, c+1), y in [r, r+1); row 0 at the top."""
+    rows, cols = arr.shape[:2]
+    img = hv.Image(np.flipud(arr), bounds=(0, 0, cols, rows), kdims=["col", "row"], vdims=[kdims_label])
+    return img.opts(invert_yaxis=True, **opts)
+
+
+def _rgb(arr: np.ndarray) -> hv.RGB:
+    rows, cols = arr.shape[:2]
+    return hv.RGB(np.flipud(arr), bounds=(0, 0, cols, rows), kdims=["col", "row"]).opts(invert_yaxis=True)
+
+
+def _message(text: str, width: int = _MAIN_PX, height: int = 200) -> hv.Text:
+    """A plot that shows a sentence instead of data (no model, no scan ...)."""
+    return hv.Text(0.5, 0.5, text, fontsize=11).opts(
+        xaxis=None,
+        yaxis=None,
+        width=width,
+        height=height,
+        toolbar=None,
+        show_frame=False,
+        xlim=(0, 1),
+        ylim=(0, 1),
+    )
+
+
+def _colorize(values: np.ndarray, palette: Sequence[str], lo: float, hi: float) -> np.ndarray:
+    """Map a float image to RGBA uint8 with ``palette``; NaN -> transparent. Shape (rows, cols, 4)."""
+    lut = np.array([[int(c[i : i + 2], 16) for i in (1, 3, 5)] for c in palette], dtype=np.uint8)
+    finite = np.isfinite(values)
+    span = hi - lo if hi > lo else 1.0
+    idx = np.clip(((np.where(finite, values, lo) - lo) / span * (len(lut) - 1)).round(), 0, len(lut) - 1)
+    rgba = np.zeros((*values.shape, 4), dtype=np.uint8)
+    rgba[..., :3] = lut[idx.astype(int)]
+    rgba[..., 3] = np.where(finite, 255, 0)
+    return rgba
+
+
+def _png_bytes(rgb_or_rgba: np.ndarray, scale: int = 1) -> bytes:
+    from PIL import Image
+
+    arr = np.asarray(rgb_or_rgba, dtype=np.uint8)
+    if scale > 1:
+        arr = np.repeat(np.repeat(arr, scale, axis=0), scale, axis=1)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _polygon_mask(xs: np.ndarray, ys: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """Pixels whose centres lie inside the polygon (even-odd rule), shape (rows, cols) bool."""
+    xs = np.asarray(xs, dtype=float)
+    ys = np.asarray(ys, dtype=float)
+    mask = np.zeros((rows, cols), dtype=bool)
+    if xs.size < 3:
+        return mask
+    r0 = max(0, int(np.floor(ys.min())))
+    r1 = min(rows, int(np.ceil(ys.max())) + 1)
+    c0 = max(0, int(np.floor(xs.min())))
+    c1 = min(cols, int(np.ceil(xs.max())) + 1)
+    if r0 >= r1 or c0 >= c1:
+        return mask
+    py, px = np.mgrid[r0:r1, c0:c1] + 0.5
+    inside = np.zeros(py.shape, dtype=bool)
+    xj, yj = xs[-1], ys[-1]
+    for xi, yi in zip(xs, ys, strict=True):
+        cond = (yi > py) != (yj > py)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            xcross = (xj - xi) * (py - yi) / (yj - yi) + xi
+        inside ^= cond & (px < xcross)
+        xj, yj = xi, yi
+    mask[r0:r1, c0:c1] = inside
+    return mask
+
+
+def _family_lines(element: str, family: str | None, max_keV: float) -> list[tuple[str, float]]:
+    """Named line groups of ``element`` (K: Ka, Kb; L: La, Lb, Lg; M: Ma) inside (0.9, max_keV] keV."""
+    groups = {"K": ("Ka", "Kb"), "L": ("La", "Lb", "Lg"), "M": ("Ma",)}
+    if family is None:
+        z = atomic_number(element)
+        families = ["K"]
+        if z >= 45:
+            families.append("L")
+        if z >= 72:
+            families.append("M")
+    else:
+        families = [family[0].upper()]
+    out = []
+    for fam in families:
+        for g in groups.get(fam, ()):
+            try:
+                e = line_energy_keV(element, g)
+            except XRFNBError:
+                continue
+            if 0.9 < e <= max_keV:
+                out.append((f"{element} {g}", e))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# caches shared by sessions (read-only data only; per-session state lives on the Dashboard)
+# --------------------------------------------------------------------------------------------------
+class _LRU:
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._d: OrderedDict[Any, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Any) -> Any:
+        with self._lock:
+            if key in self._d:
+                self._d.move_to_end(key)
+                return self._d[key]
+        return None
+
+    def put(self, key: Any, value: Any) -> None:
+        with self._lock:
+            self._d[key] = value
+            self._d.move_to_end(key)
+            while len(self._d) > self.size:
+                self._d.popitem(last=False)
+
+
+_SCANS = _LRU(4)
+_MAPS = _LRU(8)
+_MODELS = _LRU(3)
+
+
+def _xrfnb_attr(name: str) -> Any | None:
+    """A lazily imported public xrfnb symbol, or None while the module providing it does not exist."""
+    import xrfnb
+
+    module = xrfnb._LAZY.get(name)
+    if module is None:
+        return None
+    try:
+        importlib.import_module(module, "xrfnb")
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.startswith("xrfnb."):
+            return None
+        raise
+    return getattr(xrfnb, name, None)
+
+
+def available_models() -> list[str]:
+    """Names of the trained models that can be chosen (``"default"`` first when it exists).
+
+    The models shipped with the package (``xrfnb._model.available_models``) and the model folders under
+    the folders listed in ``$XRFNB_MODELS``; an empty list means no model has been trained or shipped.
+    """
+    try:
+        mod = importlib.import_module("._model", "xrfnb")
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.startswith("xrfnb"):
+            return []
+        raise
+    names = list(mod.available_models())
+    for root in filter(None, os.environ.get("XRFNB_MODELS", "").split(os.pathsep)):
+        folder = Path(root)
+        if folder.is_dir():
+            names += [d.name for d in sorted(folder.iterdir()) if (d / "model.json").is_file()]
+    names = list(dict.fromkeys(names))
+    default = getattr(mod, "DEFAULT_MODEL", None)
+    if default in names:
+        names.remove(default)
+        names.insert(0, "default")
+    return names
+
+
+def _load_model_cached(name: str) -> Any:
+    model = _MODELS.get(name)
+    if model is None:
+        load_model = _xrfnb_attr("load_model")
+        if load_model is None:
+            raise ModelError("the pigment model code is not available in this installation of xrfnb")
+        model = load_model(name)
+        _MODELS.put(name, model)
+    return model
+
+
+# --------------------------------------------------------------------------------------------------
+# the dashboard
+# --------------------------------------------------------------------------------------------------
+def _guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a UI callback; turn any exception into a notification instead of a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(self: Dashboard, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(self, *args, **kwargs)
+        except XRFNBError as exc:
+            self.notify(str(exc), "error")
+        except MemoryError:
+            self.notify("not enough memory for this request: try a smaller scan or region", "error")
+        except Exception as exc:  # never let one session's bug surface as a traceback
+            log.exception("dashboard callback %s failed", fn.__name__)
+            self.notify(
+                f"internal error in {fn.__name__} ({type(exc).__name__}: {exc}); see the server log", "error"
+            )
+        return None
+
+    return wrapper
+
+
+class Dashboard(pn.viewable.Viewer):
+    """Interactive pigment-map explorer.
+
+    Parameters
+    ----------
+    data_dir : path-like, optional
+        The served data folder: scans can be opened only from inside it. None: no folder browsing
+        (demo scene and uploads only).
+    scan : Scan, optional
+        A scan to show at start-up (e.g. from a notebook).
+    maps : PigmentMaps, optional
+        Pigment maps of ``scan`` (skips running the model).
+    model : PigmentModel, optional
+        A model object to use instead of choosing one by name.
+    max_upload_mb : float, optional
+        Largest accepted upload in MiB.
+    blocking : bool, optional
+        Run mapping synchronously (default when no server session is active, e.g. in tests).
+    **params
+        Initial values of the parameters below.
+    """
+
+    source = param.Selector(default=_NO_SCAN, objects=[_NO_SCAN], doc="Scan to open (served folder or demo)")
+    model_name = param.Selector(default=_NO_MODEL, objects=[_NO_MODEL], doc="Trained model")
+    view = param.Selector(default="Composite", objects=list(VIEWS), doc="What the main map shows")
+    focus = param.Selector(default=None, objects=[], allow_None=True, doc="Pigment class shown enlarged")
+    element = param.Selector(default=None, objects=[], allow_None=True, doc="Element map shown")
+    global_threshold = param.Number(
+        default=0.5, bounds=(0.0, 1.0), step=0.01, doc="Moving it sets every pigment threshold to this value"
+    )
+    thresholds = param.Dict(default={}, doc="Decision threshold per pigment class, in [0, 1]")
+    cmap = param.Selector(default="viridis", objects=list(PALETTES), doc="Colour map of continuous images")
+    log_scale = param.Boolean(default=False, doc="Logarithmic counts (spectra, total counts, elements)")
+    pixel = param.Parameter(default=None, doc="(row, col) of the tapped pixel, or None")
+    region = param.Parameter(default=None, doc="Selected region: bool mask (rows, cols), or None")
+    data_version = param.Integer(default=0, precedence=-1, doc="Bumped whenever scan or maps change")
+    busy = param.Boolean(default=False, precedence=-1)
+    progress = param.Integer(default=0, bounds=(0, 100), precedence=-1)
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike[str] | None = None,
+        *,
+        scan: Scan | None = None,
+        maps: Any = None,
+        model: Any = None,
+        max_upload_mb: float = 256.0,
+        blocking: bool | None = None,
+        **params: Any,
+    ) -> None:
+        _ensure_extensions()
+        self._data_dir = Path(data_dir).resolve() if data_dir is not None else None
+        if self._data_dir is not None and not self._data_dir.is_dir():
+            raise DataError(f"the served data folder {data_dir} does not exist or is not a folder")
+        self.max_upload_bytes = _parse_size_mb(max_upload_mb)
+        self._blocking = blocking
+        self._model_obj = model
+        self._scan: Scan | None = None
+        self._maps: Any = None
+        self._total: np.ndarray | None = None
+        self._energy_keV: np.ndarray | None = None
+        self._label = ""
+        self._upload_dir: Path | None = None
+        self._job: dict[str, Any] | None = None
+        self._job_cb: Any = None
+        self._syncing = False
+        self._loading = False
+        self._last_curve: dict[str, np.ndarray] = {}
+        super().__init__(**params)
+        self._refresh_choices()
+        self._build_widgets()
+        self._build_plots()
+        self._layout = self._build_layout()
+        self.param.watch(self._on_source, "source")
+        self.param.watch(self._on_model, "model_name")
+        self.param.watch(self._on_global_threshold, "global_threshold")
+        self.param.watch(self._on_thresholds, "thresholds")
+        self.param.watch(self._on_cmap, "cmap")
+        self.param.watch(self._on_data_version, "data_version")
+        if scan is not None:
+            self.set_scan(scan, maps=maps, label=str(scan.metadata.get("source", "scan")))
+        elif maps is not None:
+            raise DataError("pigment maps need the scan they were computed from: pass scan= too")
+        self._update_status()
+
+    @classmethod
+    def from_cli_args(cls, argv: Sequence[str] | None = None) -> Dashboard:
+        """A dashboard for ``panel serve dashboards/xrfnb_app.py [--args FILE_OR_DIR]``.
+
+        The data folder (or file) is the first argument after ``--args``, else ``$XRFNB_DATA``; with
+        neither, the demo scene opens when it is available.
+        """
+        import sys
+
+        args = list(sys.argv[1:] if argv is None else argv)
+        target = args[0] if args else os.environ.get("XRFNB_DATA") or None
+        data_dir, initial = _serve_target(target)
+        return make_app(data_dir, initial)
+
+    # -- public state ------------------------------------------------------------------------------
+    @property
+    def scan(self) -> Scan | None:
+        """The scan shown, or None."""
+        return self._scan
+
+    @property
+    def maps(self) -> Any:
+        """The pigment maps shown (PigmentMaps), or None when no model result exists."""
+        return self._maps
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """Pigment classes of the maps shown (empty without maps)."""
+        return tuple(self._maps.classes) if self._maps is not None else ()
+
+    def threshold_array(self) -> np.ndarray:
+        """Current per-class thresholds as an array (K,) in the order of :attr:`classes`."""
+        return np.array([float(self.thresholds[c]) for c in self.classes], dtype=float)
+
+    def binary_maps(self) -> np.ndarray:
+        """Present/absent maps at the current thresholds, shape (rows, cols, K) bool."""
+        if self._maps is None:
+            raise DataError("no pigment maps: open a scan and choose a trained model first")
+        return np.asarray(self._maps.binary(self.threshold_array()), dtype=bool)
+
+    def area_fractions(self, mask: np.ndarray | None = None) -> dict[str, float]:
+        """Fraction of valid pixels (inside ``mask`` if given) where each class is present."""
+        if self._maps is None:
+            return {}
+        valid = ~np.asarray(self._maps.mask, dtype=bool)
+        if mask is not None:
+            valid &= mask
+        n = int(valid.sum())
+        binary = self.binary_maps()
+        return {c: (float(binary[..., k][valid].mean()) if n else 0.0) for k, c in enumerate(self.classes)}
+
+    def notify(self, message: str, level: str = "error") -> None:
+        """Show ``message`` in the status line and as a notification (level: info, warning, error)."""
+        self.last_message = (level, message)
+        alert = {"error": "danger", "warning": "warning", "success": "success"}.get(level, "info")
+        self._status.object = message
+        self._status.alert_type = alert
+        self._status.visible = True
+        notifications = getattr(pn.state, "notifications", None)
+        if notifications is not None:
+            try:
+                getattr(notifications, level if level in ("info", "warning", "error", "success") else "info")(
+                    message, duration=10000
+                )
+            except Exception:  # pragma: no cover - notification area not attached to this document
+                log.debug("notification failed", exc_info=True)
+
+    # -- choices ----------------------------------------------------------------------------------
+    def _refresh_choices(self) -> None:
+        sources = [_NO_SCAN]
+        if _xrfnb_attr("render_scan") is not None:
+            sources.append(DEMO_LABEL)
+        if self._data_dir is not None:
+            sources.extend(list_data_files(self._data_dir))
+        self.param.source.objects = sources
+        if self.source not in sources:
+            self.source = _NO_SCAN
+        models = available_models() if self._model_obj is None else ["(given model)"]
+        self.param.model_name.objects = models or [_NO_MODEL]
+        if self.model_name not in self.param.model_name.objects:
+            with param.parameterized.discard_events(self):
+                self.model_name = self.param.model_name.objects[0]
+
+    def _model_available(self) -> bool:
+        return self._model_obj is not None or self.model_name != _NO_MODEL
+
+    # -- loading ----------------------------------------------------------------------------------
+    @_guarded
+    def _on_source(self, event: param.parameterized.Event) -> None:
+        if event.new == _NO_SCAN:
+            return
+        self.open(event.new)
+
+    def open(self, name: str) -> None:
+        """Open a scan: a path inside the served folder, or :data:`DEMO_LABEL`; then map it."""
+        if name == DEMO_LABEL:
+            scan = self._demo_scan()
+            self.set_scan(scan, label=DEMO_LABEL)
+            self._map_current(cache_key=("demo",))
+            return
+        if self._data_dir is None:
+            raise DataError(
+                "no data folder is served: start the dashboard with a folder to open files from it"
+            )
+        path = resolve_inside(self._data_dir, name)
+        self._open_path(path, label=name)
+
+    def _open_path(self, path: Path, label: str, cache: bool = True) -> None:
+        load = _xrfnb_attr("load")
+        if load is None:
+            raise FormatError("the file readers are not available in this installation of xrfnb")
+        stat = path.stat()
+        key = (str(path), stat.st_mtime_ns, stat.st_size)
+        scan = _SCANS.get(key) if cache else None
+        if scan is None:
+            scan = _to_scan(load(path), label)
+            if cache:
+                _SCANS.put(key, scan)
+        self.set_scan(scan, label=label)
+        self._map_current(cache_key=key if cache else None)
+
+    def _demo_scan(self) -> Scan:
+        scan = _SCANS.get(("demo",))
+        if scan is None:
+            render_scan = _xrfnb_attr("render_scan")
+            if render_scan is None:
+                raise DataError("the demo scene is not available in this installation of xrfnb")
+            scan = _to_scan(render_scan("hidden-painting"), DEMO_LABEL)
+            _SCANS.put(("demo",), scan)
+        return scan
+
+    @_guarded
+    def _on_upload(self, event: param.parameterized.Event) -> None:
+        value = event.new or {}
+        if not value:
+            return
+        name, data = next(iter(value.items()))
+        self.load_upload(name, data)
+
+    def load_upload(self, filename: str, data: bytes | str) -> None:
+        """Open an uploaded file (bytes) after checking its size; it is kept in a private temp folder."""
+        if isinstance(data, str):
+            data = data.encode()
+        if len(data) > self.max_upload_bytes:
+            raise DataError(
+                f"upload {filename!r} is {len(data) / 2**20:.1f} MiB, larger than the "
+                f"{self.max_upload_bytes / 2**20:.0f} MiB limit: copy it into the served data folder instead"
+            )
+        if not data:
+            raise DataError(f"upload {filename!r} is empty")
+        if self._upload_dir is None:
+            self._upload_dir = Path(tempfile.mkdtemp(prefix="xrfnb-upload-"))
+            try:
+                pn.state.on_session_destroyed(lambda ctx: shutil.rmtree(self._upload_dir, ignore_errors=True))
+            except Exception:  # no session (tests): removed by __del__
+                pass
+        path = self._upload_dir / _safe_filename(filename)
+        path.write_bytes(data)
+        self._open_path(path, label=f"upload: {_safe_filename(filename)}", cache=False)
+
+    def set_scan(self, scan: Scan, maps: Any = None, label: str = "scan") -> None:
+        """Show ``scan`` (and its pigment maps, if given) and reset selections."""
+        if not isinstance(scan, Scan):
+            raise DataError(f"expected a Scan, got {type(scan).__name__}")
+        if maps is not None:
+            shape = tuple(np.shape(maps.probability))
+            if shape[:2] != scan.shape[:2]:
+                raise DataError(f"pigment maps of shape {shape[:2]} do not match the {scan.shape[:2]} scan")
+        self._scan = scan
+        self._label = label
+        self._energy_keV = scan.energy_keV
+        self._total = scan.total_counts_image()
+        self._set_maps(maps, bump=False)
+        rows, cols = scan.shape[:2]
+        with param.parameterized.batch_call_watchers(self):
+            self.region = None
+            self.pixel = (rows // 2, cols // 2)
+            self.data_version += 1
+
+    def _set_maps(self, maps: Any, bump: bool = True) -> None:
+        self._maps = maps
+        classes = self.classes
+        self.param.focus.objects = list(classes)
+        em = getattr(maps, "element_maps", None) if maps is not None else None
+        elements = list(em.elements) if em is not None else []
+        self.param.element.objects = elements
+        self._loading = True
+        try:
+            self.focus = classes[0] if classes else None
+            self.element = elements[0] if elements else None
+            if maps is not None:
+                defaults = np.asarray(maps.thresholds, dtype=float)
+                self.thresholds = {c: float(defaults[k]) for k, c in enumerate(classes)}
+                self.global_threshold = float(np.round(np.median(defaults), 2)) if len(defaults) else 0.5
+            else:
+                self.thresholds = {}
+        finally:
+            self._loading = False
+        self._build_threshold_sliders()
+        if bump:
+            self.data_version += 1
+
+    def _map_current(self, cache_key: Any = None) -> None:
+        """Run the model on the current scan (background thread in a server session) with progress."""
+        if self._scan is None or self._maps is not None:
+            return
+        if not self._model_available() and self._maps is None:
+            self._update_status()
+            return
+        model = self._model_obj if self._model_obj is not None else _load_model_cached(self.model_name)
+        key = (
+            None
+            if cache_key is None
+            else (cache_key, self.model_name if self._model_obj is None else id(model))
+        )
+        cached = _MAPS.get(key) if key is not None else None
+        if cached is not None:
+            self._set_maps(cached)
+            self._update_status()
+            return
+        scan = self._scan
+        job: dict[str, Any] = {
+            "done": 0,
+            "total": 1,
+            "result": None,
+            "error": None,
+            "finished": False,
+            "scan": scan,
+            "key": key,
+        }
+
+        def work() -> None:
+            try:
+                job["result"] = _map_with_progress(scan, model, job)
+            except BaseException as exc:  # reported to the session by _poll_job
+                job["error"] = exc
+            finally:
+                job["finished"] = True
+
+        blocking = self._blocking if self._blocking is not None else pn.state.curdoc is None
+        self.busy = True
+        self.progress = 0
+        self._progress_bar.visible = True
+        self._status.object = f"Mapping pigments in {self._label} ..."
+        self._status.alert_type = "info"
+        if blocking:
+            work()
+            self._finish_job(job)
+            return
+        self._job = job
+        threading.Thread(target=work, name="xrfnb-map", daemon=True).start()
+        self._job_cb = pn.state.add_periodic_callback(self._poll_job, period=250)
+
+    def _poll_job(self) -> None:
+        job = self._job
+        if job is None:
+            return
+        self.progress = int(100 * job["done"] / max(job["total"], 1))
+        if job["finished"]:
+            if self._job_cb is not None:
+                self._job_cb.stop()
+                self._job_cb = None
+            self._job = None
+            self._finish_job(job)
+
+    @_guarded
+    def _finish_job(self, job: dict[str, Any]) -> None:
+        self.busy = False
+        self._progress_bar.visible = False
+        self.progress = 100
+        if job["error"] is not None:
+            exc = job["error"]
+            if isinstance(exc, XRFNBError):
+                raise exc
+            if isinstance(exc, MemoryError):
+                raise MemoryError
+            log.error("pigment mapping failed", exc_info=exc)
+            raise XRFNBError(f"pigment mapping failed ({type(exc).__name__}: {exc})")
+        if job["scan"] is not self._scan:  # the user opened something else meanwhile
+            return
+        if job["key"] is not None:
+            _MAPS.put(job["key"], job["result"])
+        self._set_maps(job["result"])
+        self._update_status()
+        if job.get("warning"):
+            self.notify(job["warning"], "warning")
+
+    @_guarded
+    def _on_model(self, event: param.parameterized.Event) -> None:
+        if self._scan is None or event.new == _NO_MODEL:
+            return
+        self._set_maps(None)
+        self._map_current(cache_key=None)
+
+    # -- thresholds -------------------------------------------------------------------------------
+    def _build_threshold_sliders(self) -> None:
+        sliders = []
+        for c in self.classes:
+            s = pn.widgets.FloatSlider(
+                label=c, start=0.0, end=1.0, step=0.01, value=float(self.thresholds[c]), width=250
+            )
+            s.param.watch(functools.partial(self._on_class_slider, c), "value_throttled")
+            sliders.append(s)
+        self._class_sliders = dict(zip(self.classes, sliders, strict=True))
+        self._slider_box.objects = sliders or [pn.pane.Markdown("No pigment classes (no maps yet).")]
+
+    def _on_class_slider(self, cls: str, event: param.parameterized.Event) -> None:
+        if self._syncing or event.new is None:
+            return
+        self.set_threshold(cls, float(event.new))
+
+    def set_threshold(self, cls: str, value: float) -> None:
+        """Set the threshold of one pigment class (maps update without re-running the model)."""
+        if cls not in self.thresholds:
+            raise DataError(f"unknown pigment class {cls!r}; classes are {', '.join(self.classes)}")
+        if not 0.0 <= value <= 1.0:
+            raise DataError(f"threshold must lie in [0, 1], got {value}")
+        self.thresholds = {**self.thresholds, cls: float(value)}
+
+    def _on_global_threshold(self, event: param.parameterized.Event) -> None:
+        if self._syncing or self._loading or not self.classes:
+            return
+        self.thresholds = dict.fromkeys(self.classes, float(event.new))
+
+    @_guarded
+    def reset_thresholds(self, event: Any = None) -> None:
+        """Back to the model's calibrated thresholds."""
+        if self._maps is not None:
+            defaults = np.asarray(self._maps.thresholds, dtype=float)
+            self.thresholds = {c: float(defaults[k]) for k, c in enumerate(self.classes)}
+
+    def _on_thresholds(self, event: param.parameterized.Event) -> None:
+        old = event.old or {}
+        self._syncing = True
+        try:
+            for c, s in getattr(self, "_class_sliders", {}).items():
+                if c in self.thresholds and s.value != self.thresholds[c]:
+                    s.value = self.thresholds[c]
+        finally:
+            self._syncing = False
+        changed = [c for c in self.classes if old.get(c) != self.thresholds.get(c)]
+        self._update_thumbnails(changed)
+
+    def _on_cmap(self, event: param.parameterized.Event) -> None:
+        self._update_thumbnails(list(self.classes))
+
+    def _on_data_version(self, event: param.parameterized.Event) -> None:
+        self._rebuild_gallery()
+        self._update_status()
+
+    # -- widgets and layout -----------------------------------------------------------------------
+    def _build_widgets(self) -> None:
+        self._status = pn.pane.Alert("", alert_type="info", visible=False, sizing_mode="stretch_width")
+        self._progress_bar = pn.indicators.Progress(
+            value=0, max=100, width=280, visible=False, bar_color="info"
+        )
+        self._progress_bar.value = 0
+        self.param.watch(lambda e: setattr(self._progress_bar, "value", e.new), "progress")
+        self._source_w = pn.widgets.Select.from_param(
+            self.param.source, label="Scan (served folder)", width=280
+        )
+        self._upload = pn.widgets.FileDropper(
+            max_file_size=f"{max(1, int(self.max_upload_bytes / 2**20))}MB",
+            multiple=False,
+            width=280,
+            height=90,
+        )
+        self._upload.param.watch(self._on_upload, "value")
+        self._model_w = pn.widgets.Select.from_param(self.param.model_name, label="Model", width=280)
+        self._view_w = pn.widgets.RadioButtonGroup.from_param(
+            self.param.view, orientation="vertical", width=280
+        )
+        self._focus_w = pn.widgets.Select.from_param(self.param.focus, label="Pigment", width=280)
+        self._element_w = pn.widgets.Select.from_param(self.param.element, label="Element", width=280)
+        self._cmap_w = pn.widgets.Select.from_param(self.param.cmap, label="Colour map", width=135)
+        self._log_w = pn.widgets.Checkbox.from_param(self.param.log_scale, label="log counts", width=135)
+        self._global_w = pn.widgets.FloatSlider.from_param(
+            self.param.global_threshold,
+            label="Global threshold",
+            width=280,
+            css_classes=["xrfnb-global-threshold"],
+        )
+        self._reset_w = pn.widgets.Button(label="Reset to model thresholds", width=280)
+        self._reset_w.on_click(self.reset_thresholds)
+        self._slider_box = pn.Column(sizing_mode="stretch_width")
+        self._dl_png = pn.widgets.FileDownload(
+            callback=self._guard_export(self.export_png), filename="map.png", label="Map as PNG", width=135
+        )
+        self._dl_tiff = pn.widgets.FileDownload(
+            callback=self._guard_export(self.export_tiff),
+            filename="pigment_maps_tiff.zip",
+            label="Maps as TIFF",
+            width=135,
+        )
+        self._dl_h5 = pn.widgets.FileDownload(
+            callback=self._guard_export(self.export_hdf5),
+            filename="pigment_maps.h5",
+            label="Maps as HDF5",
+            width=135,
+        )
+        self._dl_csv = pn.widgets.FileDownload(
+            callback=self._guard_export(self.export_spectrum_csv),
+            filename="spectrum.csv",
+            label="Spectrum as CSV",
+            width=135,
+        )
+        self._info = pn.pane.Markdown("", sizing_mode="stretch_width", css_classes=["xrfnb-info"])
+        self._fractions = pn.pane.Markdown("", sizing_mode="stretch_width")
+
+    def _guard_export(self, fn: Callable[[], bytes]) -> Callable[[], io.BytesIO | None]:
+        def callback() -> io.BytesIO | None:
+            try:
+                return io.BytesIO(fn())
+            except XRFNBError as exc:
+                self.notify(str(exc), "error")
+            except Exception as exc:
+                log.exception("export failed")
+                self.notify(f"export failed ({type(exc).__name__}: {exc})", "error")
+            return None
+
+        return callback
+
+    def _build_plots(self) -> None:
+        main_stream = streams.Params(
+            self, ["view", "focus", "element", "thresholds", "cmap", "log_scale", "data_version"]
+        )
+        self._main_dmap = hv.DynamicMap(self._main_element, streams=[main_stream])
+        self._tap = streams.Tap(source=self._main_dmap, x=None, y=None)
+        self._box = streams.BoundsXY(source=self._main_dmap, bounds=None)
+        self._lasso = streams.Lasso(source=self._main_dmap, geometry=None)
+        self._tap.add_subscriber(self._on_tap)
+        self._box.add_subscriber(self._on_box)
+        self._lasso.add_subscriber(self._on_lasso)
+        self._spectrum_dmap = self._make_spectrum_dmap()
+        prob_stream = streams.Params(self, ["pixel", "region", "thresholds", "data_version"])
+        self._prob_dmap = hv.DynamicMap(self._probability_element, streams=[prob_stream])
+        self._main_pane = pn.pane.HoloViews(
+            self._main_dmap, css_classes=["xrfnb-main-map"], linked_axes=False
+        )
+        self._spectrum_pane = pn.pane.HoloViews(
+            self._spectrum_dmap, css_classes=["xrfnb-spectrum"], linked_axes=False
+        )
+        self._prob_pane = pn.pane.HoloViews(self._prob_dmap, linked_axes=False)
+        self._gallery = pn.GridBox(ncols=5)
+        self._thumb_pipes: dict[str, streams.Pipe] = {}
+        self.param.watch(self._on_pixel_region, ["pixel", "region", "thresholds"])
+        self.param.watch(self._on_log_scale, "log_scale")
+
+    def _make_spectrum_dmap(self) -> hv.DynamicMap:
+        spec_stream = streams.Params(self, ["pixel", "region", "thresholds", "data_version"])
+        return hv.DynamicMap(self._spectrum_element, streams=[spec_stream])
+
+    def _on_log_scale(self, event: param.parameterized.Event) -> None:
+        # a Bokeh axis cannot switch between linear and log in place: make a new spectrum plot
+        self._spectrum_dmap = self._make_spectrum_dmap()
+        self._spectrum_pane.object = self._spectrum_dmap
+
+    def _build_layout(self) -> pn.viewable.Viewable:
+        sidebar = pn.Column(
+            pn.pane.Markdown("### Data"),
+            self._source_w,
+            pn.pane.Markdown(f"or upload a scan (max {self.max_upload_bytes / 2**20:.0f} MiB):"),
+            self._upload,
+            self._model_w,
+            self._progress_bar,
+            pn.pane.Markdown("### View"),
+            self._view_w,
+            self._focus_w,
+            self._element_w,
+            pn.Row(self._cmap_w, self._log_w),
+            pn.pane.Markdown("### Thresholds"),
+            self._global_w,
+            self._reset_w,
+            pn.Card(self._slider_box, title="Per-pigment thresholds", collapsed=False, width=290),
+            pn.pane.Markdown("### Export"),
+            pn.Row(self._dl_png, self._dl_tiff),
+            pn.Row(self._dl_h5, self._dl_csv),
+            width=300,
+        )
+        main = pn.Column(
+            self._status,
+            pn.Row(
+                pn.Column(self._main_pane, self._info),
+                pn.Column(self._spectrum_pane, self._prob_pane, self._fractions),
+            ),
+            pn.pane.Markdown("### Pigment map gallery (click a map to enlarge it)"),
+            self._gallery,
+            sizing_mode="stretch_width",
+        )
+        header = pn.pane.Markdown("## xrfnb: pigment maps from XRF scans", sizing_mode="stretch_width")
+        return pn.Column(
+            header, pn.Row(sidebar, main, sizing_mode="stretch_width"), sizing_mode="stretch_width"
+        )
+
+    def __panel__(self) -> pn.viewable.Viewable:
+        return self._layout
+
+    # -- status -----------------------------------------------------------------------------------
+    def _update_status(self) -> None:
+        parts = []
+        if self._scan is None:
+            parts.append(
+                "No scan open: choose one from the served folder"
+                + (" or the demo" if DEMO_LABEL in self.param.source.objects else "")
+                + ", or upload a file."
+            )
+            if DEMO_LABEL not in self.param.source.objects:
+                parts.append("The demo scene is not available in this installation.")
+        if not self._model_available() and self._maps is None:
+            parts.append(
+                "No trained pigment model is available (none shipped with the package or in "
+                "$XRFNB_MODELS): pigment maps cannot be computed. Train one with `xrfnb train`; "
+                "total counts and spectra still work."
+            )
+        elif self._scan is not None and self._maps is None and not self.busy:
+            parts.append("No pigment maps for this scan yet.")
+        if parts:
+            self._status.object = " ".join(parts)
+            self._status.alert_type = "warning"
+            self._status.visible = True
+        elif not self.busy:
+            self._status.object = (
+                f"Showing {self._label}: {self._scan.shape[0]} x {self._scan.shape[1]} pixels."
+            )
+            self._status.alert_type = "success"
+            self._status.visible = True
+        self.status_text = self._status.object
+
+    # -- main map ---------------------------------------------------------------------------------
+    def _valid(self) -> np.ndarray:
+        return ~np.asarray(self._maps.mask, dtype=bool)
+
+    def main_array(self) -> tuple[str, np.ndarray]:
+        """The main view's image: ``(kind, array)`` with kind "rgb" (rows, cols, 3) uint8 or "value"."""
+        view = self.view
+        if self._scan is None:
+            raise DataError("no scan open")
+        if view == "Total counts":
+            img = self._total.copy()
+            return "value", (np.log10(1.0 + img) if self.log_scale else img)
+        if view == "Elements":
+            em = getattr(self._maps, "element_maps", None) if self._maps is not None else None
+            if em is None or self.element is None:
+                raise DataError("no element maps for this scan (they come with the pigment maps)")
+            img = np.asarray(em[self.element], dtype=float)
+            return "value", (np.log10(1.0 + np.maximum(img, 0)) if self.log_scale else img)
+        if self._maps is None:
+            raise DataError(
+                "no pigment maps: "
+                + ("a trained model is needed" if not self._model_available() else "mapping has not finished")
+            )
+        valid = self._valid()
+        if view == "Composite":
+            rgb = np.array(self._maps.composite_rgb(self.threshold_array()), dtype=np.uint8)
+            return "rgb", rgb
+        k = self.classes.index(self.focus)
+        prob = np.asarray(self._maps.probability[..., k], dtype=float)
+        thr = self.thresholds[self.focus]
+        if view == "Pigment":
+            return "value", np.where(valid & (prob >= thr), prob, np.nan)
+        if view == "Surface vs buried":
+            buried = np.asarray(self._maps.buried_probability[..., k], dtype=float)
+            with np.errstate(invalid="ignore"):
+                present = prob >= thr
+                # the same rule as PigmentMaps.buried: more likely buried than at the surface
+                cat = np.where(present, np.where(buried >= 0.5 * prob, 2.0, 1.0), 0.0)
+            return "value", np.where(valid, cat, np.nan)
+        if view == "OOD score":
+            return "value", np.where(valid, np.asarray(self._maps.ood_score, dtype=float), np.nan)
+        raise DataError(f"unknown view {view!r}")
+
+    def _main_title(self) -> str:
+        v = self.view
+        if v == "Pigment":
+            return f"{self.focus}: probability where >= {self.thresholds.get(self.focus, 0):.2f}"
+        if v == "Surface vs buried":
+            return f"{self.focus}: surface (orange) vs buried only (green)"
+        if v == "OOD score":
+            return f"OOD score (unfamiliar spectra above {float(self._maps.ood_threshold):.2f})"
+        if v == "Elements":
+            return f"{self.element} element map" + (" (log10 counts)" if self.log_scale else " (counts)")
+        if v == "Total counts":
+            return "Total counts" + (" (log10)" if self.log_scale else "")
+        return "Composite pigment map"
+
+    def _main_element(self, **kwargs: Any) -> hv.Element:
+        try:
+            kind, arr = self.main_array()
+        except XRFNBError as exc:
+            return _message(str(exc), height=_MAIN_PX)
+        rows, cols = arr.shape[:2]
+        scale = _MAIN_PX / max(rows, cols)
+        size = {"frame_width": max(60, round(cols * scale)), "frame_height": max(60, round(rows * scale))}
+        tools = ["hover", "tap", "box_select", "lasso_select"]
+        common = {
+            "title": self._main_title(),
+            "tools": tools,
+            "active_tools": ["tap"],
+            "xlabel": "column",
+            "ylabel": "row",
+            "toolbar": "above",
+            "hooks": [_name_hook("xrfnb-main")],
+            **size,
+        }
+        if kind == "rgb":
+            return _rgb(arr).opts(**common)
+        if self.view == "Surface vs buried":
+            return _image(arr, "category").opts(
+                cmap=list(_SURFACE_BURIED_COLORS),
+                clim=(-0.5, 2.5),
+                colorbar=True,
+                clipping_colors={"NaN": "#bbbbbb"},
+                **common,
+            )
+        label = {
+            "Pigment": "probability",
+            "OOD score": "ood_score",
+            "Elements": "counts",
+            "Total counts": "counts",
+        }[self.view]
+        clim = (0.0, 1.0) if self.view == "Pigment" else (None, None)
+        if self.view == "OOD score":
+            finite = arr[np.isfinite(arr)]
+            clim = (
+                0.0,
+                float(max(finite.max() if finite.size else 1.0, float(self._maps.ood_threshold) * 1.5)),
+            )
+        return _image(arr, label).opts(
+            cmap=list(PALETTES[self.cmap]),
+            colorbar=True,
+            clim=clim,
+            clipping_colors={"NaN": "#e6e6e6"},
+            **common,
+        )
+
+    # -- gallery ----------------------------------------------------------------------------------
+    def _thumb_data(self, cls: str) -> np.ndarray:
+        k = self.classes.index(cls)
+        s = _stride(*self._maps.probability.shape[:2], _THUMB_PX)
+        prob = np.asarray(self._maps.probability[::s, ::s, k], dtype=float)
+        valid = self._valid()[::s, ::s]
+        return np.where(valid & (prob >= self.thresholds[cls]), prob, np.nan)
+
+    def _thumb_element(self, cls: str, data: np.ndarray | None = None) -> hv.Element:
+        if data is None:
+            return _message("", width=170, height=170)
+        frac = float(np.isfinite(data).mean()) if data.size else 0.0
+        img = _image(data, "probability")
+        rows, cols = self._maps.probability.shape[:2]
+        img = hv.Image(img.data, bounds=(0, 0, cols, rows), kdims=["col", "row"], vdims=["probability"])
+        return img.opts(
+            invert_yaxis=True,
+            cmap=list(PALETTES[self.cmap]),
+            clim=(0.0, 1.0),
+            colorbar=True,
+            width=240,
+            height=max(60, round(140 * rows / max(cols, 1))) + 40,
+            xaxis=None,
+            yaxis=None,
+            toolbar=None,
+            tools=["hover", "tap"],
+            title=f"{cls} ({100 * frac:.0f}% of area)",
+            fontsize={"title": 9},
+            clipping_colors={"NaN": "#e6e6e6"},
+        )
+
+    def _rebuild_gallery(self) -> None:
+        self._thumb_pipes = {}
+        self._thumb_taps: dict[str, streams.Tap] = {}
+        if self._maps is None:
+            self._gallery.objects = [
+                pn.pane.Markdown(
+                    "No pigment maps to show."
+                    + (
+                        ""
+                        if self._model_available()
+                        else " No trained model is available, so pigments cannot be mapped."
+                    )
+                )
+            ]
+            return
+        panes = []
+        for cls in self.classes:
+            pipe = streams.Pipe(data=self._thumb_data(cls))
+            dmap = hv.DynamicMap(functools.partial(self._thumb_element, cls), streams=[pipe])
+            tap = streams.Tap(source=dmap)
+            tap.add_subscriber(functools.partial(self._on_thumb_tap, cls))
+            self._thumb_pipes[cls] = pipe
+            self._thumb_taps[cls] = tap
+            panes.append(pn.pane.HoloViews(dmap, linked_axes=False))
+        self._gallery.objects = panes
+
+    def _update_thumbnails(self, classes: Sequence[str]) -> None:
+        if self._maps is None:
+            return
+        for cls in classes:
+            pipe = self._thumb_pipes.get(cls)
+            if pipe is not None:
+                pipe.send(self._thumb_data(cls))
+
+    def _on_thumb_tap(self, cls: str, **kwargs: Any) -> None:
+        if kwargs.get("x") is None:
+            return
+        with param.parameterized.batch_call_watchers(self):
+            self.focus = cls
+            self.view = "Pigment"
+
+    # -- selection --------------------------------------------------------------------------------
+    @_guarded
+    def _on_tap(self, x: float | None = None, y: float | None = None, **kwargs: Any) -> None:
+        if x is None or y is None or self._scan is None:
+            return
+        self.select_pixel(math.floor(y), math.floor(x))
+
+    def select_pixel(self, row: int, col: int) -> None:
+        """Show the spectrum and class probabilities of pixel (row, col)."""
+        if self._scan is None:
+            raise DataError("no scan open")
+        rows, cols = self._scan.shape[:2]
+        if not (0 <= row < rows and 0 <= col < cols):
+            raise DataError(f"pixel ({row}, {col}) is outside the {rows} x {cols} scan")
+        with param.parameterized.batch_call_watchers(self):
+            self.region = None
+            self.pixel = (row, col)
+
+    @_guarded
+    def _on_box(self, bounds: tuple[float, float, float, float] | None = None, **kwargs: Any) -> None:
+        if bounds is None or self._scan is None:
+            return
+        x0, y0, x1, y1 = bounds
+        rows, cols = self._scan.shape[:2]
+        mask = np.zeros((rows, cols), dtype=bool)
+        r0, r1 = sorted((y0, y1))
+        c0, c1 = sorted((x0, x1))
+        rr = np.arange(rows) + 0.5
+        cc = np.arange(cols) + 0.5
+        mask[np.ix_((rr >= r0) & (rr <= r1), (cc >= c0) & (cc <= c1))] = True
+        self.select_region(mask)
+
+    @_guarded
+    def _on_lasso(self, geometry: np.ndarray | None = None, **kwargs: Any) -> None:
+        if geometry is None or self._scan is None or len(geometry) < 3:
+            return
+        g = np.asarray(geometry, dtype=float)
+        self.select_region(_polygon_mask(g[:, 0], g[:, 1], *self._scan.shape[:2]))
+
+    def select_region(self, mask: np.ndarray) -> None:
+        """Show the mean spectrum and pigment area fractions of a region (bool mask (rows, cols))."""
+        if self._scan is None:
+            raise DataError("no scan open")
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != self._scan.shape[:2]:
+            raise DataError(f"region mask has shape {mask.shape}, expected {self._scan.shape[:2]}")
+        if not mask.any():
+            raise DataError("the selected region contains no pixel centre: select a larger area")
+        with param.parameterized.batch_call_watchers(self):
+            self.pixel = None
+            self.region = mask
+
+    def current_spectrum(self) -> tuple[str, np.ndarray, np.ndarray]:
+        """``(label, energy_keV (channels,), counts (channels,))`` of the tapped pixel or region mean."""
+        if self._scan is None:
+            raise DataError("no scan open")
+        energy = self._energy_keV
+        if self.region is not None:
+            mask = self.region
+            rr = np.flatnonzero(mask.any(axis=1))
+            cc = np.flatnonzero(mask.any(axis=0))
+            block = np.asarray(self._scan.counts[rr[0] : rr[-1] + 1, cc[0] : cc[-1] + 1])
+            sub = mask[rr[0] : rr[-1] + 1, cc[0] : cc[-1] + 1]
+            counts = block[sub].astype(np.float64).mean(axis=0)
+            return f"mean of {int(mask.sum())} selected pixels", energy, counts
+        if self.pixel is None:
+            raise DataError("tap a pixel on the map to see its spectrum")
+        r, c = self.pixel
+        spec = self._scan[r, c]
+        return f"pixel (row {r}, col {c})", energy, np.asarray(spec.counts, dtype=np.float64)
+
+    def _present_elements(self) -> list[tuple[str, str | None]]:
+        """(element, family) of the elements detected at the pixel/region (element maps), for markers."""
+        em = getattr(self._maps, "element_maps", None) if self._maps is not None else None
+        if em is None:
+            return []
+        present = np.asarray(em.present(), dtype=bool)
+        if self.region is not None:
+            here = present[self.region].mean(axis=0) >= 0.5
+        elif self.pixel is not None:
+            here = present[self.pixel[0], self.pixel[1]]
+        else:
+            return []
+        fams = list(getattr(em, "families", [None] * len(em.elements)))
+        return [(el, fams[i]) for i, el in enumerate(em.elements) if here[i]]
+
+    def _spectrum_element(self, **kwargs: Any) -> hv.Element:
+        try:
+            label, energy, counts = self.current_spectrum()
+        except XRFNBError as exc:
+            return _message(str(exc), width=520, height=300)
+        self._last_curve = {"energy_keV": energy, "counts": counts}
+        y = np.maximum(counts, 0.5) if self.log_scale else counts
+        curve = hv.Curve((energy, y), "Energy (keV)", "Counts", label="measured").opts(
+            color="#222222", line_width=1
+        )
+        total = float(counts.sum())
+        overlay = curve
+        ymax = float(y.max()) if y.size else 1.0
+        for el, fam in self._present_elements():
+            for name, e in _family_lines(el, fam, float(energy[-1])):
+                overlay = overlay * hv.VLine(e).opts(
+                    color="#1f77b4", line_dash="dashed", line_width=1, alpha=0.7
+                )
+                ytxt = ymax * (1.3 if self.log_scale else 1.02)
+                overlay = overlay * hv.Text(e, ytxt, name, fontsize=8).opts(color="#1f77b4", angle=90)
+        return overlay.opts(
+            hv.opts.Overlay(
+                title=f"Spectrum of {label}: {total:.0f} counts",
+                width=560,
+                height=300,
+                logy=self.log_scale,
+                show_legend=False,
+                tools=["hover"],
+                hooks=[_name_hook("xrfnb-spectrum")],
+            )
+        )
+
+    def _probability_element(self, **kwargs: Any) -> hv.Element:
+        if self._maps is None or (self.pixel is None and self.region is None):
+            msg = "No class probabilities: " + (
+                "no trained model"
+                if not self._model_available()
+                else "no pigment maps yet"
+                if self._maps is None
+                else "tap a pixel"
+            )
+            return _message(msg, width=560, height=220)
+        if self.region is not None:
+            prob = np.asarray(self._maps.probability, dtype=float)[self.region].mean(axis=0)
+            title = "Mean class probability in the region"
+        else:
+            r, c = self.pixel
+            prob = np.asarray(self._maps.probability[r, c], dtype=float)
+            title = f"Class probabilities at pixel (row {r}, col {c})"
+            if bool(np.asarray(self._maps.mask)[r, c]):
+                title += " (invalid pixel)"
+        thr = self.threshold_array()
+        colors = list(getattr(self._maps, "colors", None) or ["#888888"] * len(self.classes))
+        table = {
+            "class": list(self.classes),
+            "probability": prob,
+            "threshold": thr,
+            "color": [colors[k] if prob[k] >= thr[k] else "#cccccc" for k in range(len(prob))],
+        }
+        bars = hv.Bars(table, "class", ["probability", "threshold", "color"]).opts(
+            color="color", ylim=(0, 1.05), xrotation=45, tools=["hover"], line_color=None
+        )
+        marks = hv.Scatter(table, "class", "threshold").opts(
+            marker="dash", size=22, color="black", line_width=2
+        )
+        return (bars * marks).opts(hv.opts.Overlay(title=title, width=560, height=240, show_legend=False))
+
+    def _on_pixel_region(self, *events: Any) -> None:
+        if self._maps is None or self.region is None:
+            self._fractions.object = ""
+        else:
+            fr = self.area_fractions(self.region)
+            lines = ["| pigment | area fraction |", "|---|---|"]
+            lines += [f"| {c} | {100 * v:.1f} % |" for c, v in sorted(fr.items(), key=lambda kv: -kv[1])]
+            self._fractions.object = "**Pigment area fractions in the selected region**\n\n" + "\n".join(
+                lines
+            )
+        if self.pixel is not None and self._scan is not None:
+            r, c = self.pixel
+            text = f"Selected: pixel (row {r}, col {c}), {self._total[r, c]:.0f} counts"
+            if self._maps is not None:
+                present = [
+                    cl
+                    for k, cl in enumerate(self.classes)
+                    if self._maps.probability[r, c, k] >= self.thresholds[cl]
+                ]
+                text += "; pigments: " + (", ".join(present) if present else "none above threshold")
+                text += f"; OOD score {float(self._maps.ood_score[r, c]):.2f}"
+            self._info.object = text
+        elif self.region is not None:
+            self._info.object = f"Selected: region of {int(self.region.sum())} pixels"
+
+    # -- export -----------------------------------------------------------------------------------
+    def export_png(self) -> bytes:
+        """The main map as PNG bytes (colour map applied, NaN transparent, small maps upscaled)."""
+        kind, arr = self.main_array()
+        if kind == "rgb":
+            rgba = arr
+        elif self.view == "Surface vs buried":
+            rgba = _colorize(arr, _SURFACE_BURIED_COLORS, 0.0, 2.0)
+        else:
+            finite = arr[np.isfinite(arr)]
+            lo, hi = (
+                (0.0, 1.0)
+                if self.view == "Pigment"
+                else ((float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0))
+            )
+            rgba = _colorize(arr, PALETTES[self.cmap], lo, hi)
+        scale = max(1, 256 // max(arr.shape[:2]))
+        return _png_bytes(rgba, scale=scale)
+
+    def _require_maps(self) -> Any:
+        if self._maps is None:
+            raise DataError("no pigment maps to export: open a scan with a trained model first")
+        return self._maps
+
+    def export_hdf5(self) -> bytes:
+        """The pigment maps (with the current thresholds) as HDF5 bytes (``PigmentMaps.to_hdf5``)."""
+        maps = self._with_current_thresholds(self._require_maps())
+        with tempfile.TemporaryDirectory(prefix="xrfnb-export-") as tmp:
+            path = Path(tmp) / "pigment_maps.h5"
+            maps.to_hdf5(path)
+            return path.read_bytes()
+
+    def export_tiff(self) -> bytes:
+        """The pigment maps as TIFF files (``PigmentMaps.to_tiff``) in a zip archive."""
+        maps = self._with_current_thresholds(self._require_maps())
+        with tempfile.TemporaryDirectory(prefix="xrfnb-export-") as tmp:
+            folder = Path(tmp) / "tiff"
+            folder.mkdir()
+            maps.to_tiff(folder)
+            buf = io.BytesIO()
+            with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+                for f in sorted(folder.rglob("*")):
+                    if f.is_file():
+                        zf.write(f, f.relative_to(folder).as_posix())
+            return buf.getvalue()
+
+    def _with_current_thresholds(self, maps: Any) -> Any:
+        import dataclasses
+
+        if dataclasses.is_dataclass(maps) and any(f.name == "thresholds" for f in dataclasses.fields(maps)):
+            return dataclasses.replace(maps, thresholds=self.threshold_array().astype(np.float32))
+        return maps
+
+    def export_spectrum_csv(self) -> bytes:
+        """The shown spectrum (pixel or region mean) as CSV: energy_keV, counts."""
+        label, energy, counts = self.current_spectrum()
+        buf = io.StringIO()
+        buf.write(f"# xrfnb spectrum of {label} from {self._label}\n")
+        buf.write("energy_keV,counts\n")
+        for e, c in zip(energy, counts, strict=True):
+            buf.write(f"{e:.6f},{c:.6g}\n")
+        return buf.getvalue().encode()
+
+    def __del__(self) -> None:
+        if getattr(self, "_upload_dir", None) is not None:
+            shutil.rmtree(self._upload_dir, ignore_errors=True)
+
+
+def _name_hook(name: str) -> Callable[[Any, Any], None]:
+    def hook(plot: Any, element: Any) -> None:
+        plot.state.name = name
+
+    return hook
+
+
+def _map_with_progress(
+    scan: Scan, model: Any, job: dict[str, Any], *, chunk_pixels: int = 16384, element_maps: bool = True
+) -> Any:
+    """Pigment maps of ``scan`` row block by row block, reporting progress in ``job`` (pixels done/total).
+
+    Each block is mapped with :func:`xrfnb.map_pigments` and the blocks are stacked into one
+    :class:`~xrfnb.PigmentMaps`; element maps (:func:`xrfnb.fit_elements`) follow as a second stage. A
+    failing element fit is reported in ``job["warning"]`` and leaves ``element_maps`` None.
+    """
+    map_pigments = _xrfnb_attr("map_pigments")
+    pigment_maps_cls = _xrfnb_attr("PigmentMaps")
+    if map_pigments is None or pigment_maps_cls is None:
+        raise ModelError("pigment mapping is not available in this installation of xrfnb")
+    rows, cols, _ = scan.shape
+    job["total"] = rows * cols
+    step = max(1, scan.block_rows(chunk_pixels))
+    lt = scan.live_time_s
+    parts = []
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        counts = scan.counts[r0:r1]
+        sub = Scan(
+            counts,
+            scan.calibration,
+            scan.pixel_size_um,
+            live_time_s=lt[r0:r1] if isinstance(lt, np.ndarray) else lt,
+            metadata=scan.metadata,
+        )
+        parts.append(map_pigments(sub, model, progress=False))
+        job["done"] = r1 * cols
+        if job.get("cancel"):
+            raise XRFNBError("mapping cancelled")
+    first = parts[0]
+
+    def cat(name: str) -> np.ndarray:
+        return np.concatenate([np.asarray(getattr(p, name)) for p in parts], axis=0)
+
+    em = None
+    fit_elements = _xrfnb_attr("fit_elements") if element_maps else None
+    if fit_elements is not None:
+        job["stage"] = "element maps"
+        try:
+            instrument_cls = _xrfnb_attr("Instrument")
+            inst = instrument_cls.preset(str(scan.metadata.get("instrument") or "bruker-m6"))
+            em = fit_elements(scan, inst)
+        except XRFNBError as exc:
+            job["warning"] = f"element maps could not be fitted: {exc}"
+    return pigment_maps_cls(
+        classes=first.classes,
+        probability=cat("probability"),
+        buried_probability=cat("buried_probability"),
+        ood_score=cat("ood_score"),
+        thresholds=first.thresholds,
+        ood_threshold=first.ood_threshold,
+        mask=cat("mask"),
+        colors=first.colors,
+        element_maps=em,
+        metadata={**first.metadata, "shape": [rows, cols], "source": str(scan.metadata.get("source", ""))},
+        mask_reason=cat("mask_reason") if first.mask_reason is not None else None,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# serving
+# --------------------------------------------------------------------------------------------------
+def _serve_target(path: str | os.PathLike[str] | None) -> tuple[Path | None, str | None]:
+    """(served data folder, file to open first) for ``xrfnb serve [FILE_OR_DIR]``."""
+    if path is None:
+        return None, None
+    p = Path(path).expanduser().resolve()
+    if p.is_dir():
+        return p, None
+    if p.is_file():
+        return p.parent, p.name
+    raise DataError(f"cannot serve {path}: no such file or folder")
+
+
+def make_app(
+    data_dir: Path | None = None, initial: str | None = None, max_upload_mb: float = 256.0
+) -> Dashboard:
+    """A new :class:`Dashboard` for one browser session (opens ``initial`` or the demo scene)."""
+    dash = Dashboard(data_dir, max_upload_mb=max_upload_mb)
+    if initial is not None:
+        dash.source = initial
+    elif data_dir is None and DEMO_LABEL in dash.param.source.objects:
+        dash.source = DEMO_LABEL
+    return dash
+
+
+def _exception_handler(exc: Exception) -> None:
+    log.error("unhandled dashboard error", exc_info=exc)
+    notifications = getattr(pn.state, "notifications", None)
+    if notifications is not None:
+        msg = str(exc) if isinstance(exc, XRFNBError) else f"internal error ({type(exc).__name__}: {exc})"
+        notifications.error(msg, duration=10000)
+
+
+def serve(
+    path: str | os.PathLike[str] | None = None,
+    port: int = 5006,
+    address: str = "127.0.0.1",
+    show: bool = False,
+    *,
+    max_upload_mb: float = 256.0,
+    threaded: bool = False,
+) -> Any:
+    """Serve the dashboard with Bokeh/Panel, one independent :class:`Dashboard` per browser session.
+
+    Parameters
+    ----------
+    path : path-like, optional
+        A scan file (its folder is served and it opens first) or a data folder. None: the demo scene.
+    port : int, optional
+        TCP port.
+    address : str, optional
+        Interface to bind; loopback unless told otherwise.
+    show : bool, optional
+        Open a browser tab.
+    max_upload_mb : float, optional
+        Largest accepted upload in MiB.
+    threaded : bool, optional
+        Run the server in a background thread and return it (``.stop()`` ends it); otherwise block.
+
+    Returns
+    -------
+    object
+        The Panel server (or its thread when ``threaded``).
+    """
+    data_dir, initial = _serve_target(path)
+    log.info("xrfnb dashboard on http://%s:%s (data folder: %s)", address, port, data_dir)
+    return serve_app(
+        functools.partial(make_app, data_dir, initial, max_upload_mb),
+        port=port,
+        address=address,
+        show=show,
+        threaded=threaded,
+    )
+
+
+def serve_app(
+    factory: Callable[[], Any],
+    *,
+    port: int,
+    address: str = "127.0.0.1",
+    show: bool = False,
+    threaded: bool = False,
+) -> Any:
+    """Serve ``factory()`` (called once per browser session) with local resources and error notifications."""
+    _ensure_extensions()
+    pn.config.exception_handler = _exception_handler
+    origins = sorted({f"{address}:{port}", f"localhost:{port}", f"127.0.0.1:{port}"})
+    return pn.serve(
+        factory,
+        port=port,
+        address=address,
+        show=show,
+        threaded=threaded,
+        title="xrfnb",
+        websocket_origin=origins,
+        websocket_max_message_size=16 * 2**20,
+        start=True,
+    )
