@@ -257,3 +257,34 @@ def test_reference_ratios_reveal_excess_on_a_single_spectrum(lib) -> None:
         xrfnb.assign_pigments_by_elements(maps, reference_ratios={"chrome yellow": {"Pb": 6.0}})
     with pytest.raises(FitError, match="neither"):
         xrfnb.assign_pigments_by_elements(maps, reference_ratios={"carbon black": {"C": 1.0}})
+
+
+# ---------------------------------------------------------------- end to end: simulator -> fit -> baseline
+@pytest.fixture(scope="module")
+def m6():
+    return xrfnb.Instrument.preset("bruker-m6")
+
+
+@pytest.mark.parametrize(
+    ("layers", "expected", "explained_away"),
+    [
+        ([{"chrome yellow": 1.0}], ["chrome yellow"], ["lead white", "viridian"]),
+        ([{"lead white": 0.8, "emerald green": 0.2}], ["emerald green"], ["azurite", "orpiment"]),
+        ([{"vermilion": 1.0}, {"lead white": 1.0}], ["vermilion", "lead white"], []),
+        ([{"yellow ochre": 1.0}], ["prussian blue"], ["raw umber"]),
+    ],
+)
+def test_simulated_spectra_through_the_element_fit(lib, m6, layers, expected, explained_away) -> None:
+    """Expert route on simulated spectra: 30 um paint (or two 15 um layers) on chalk, 1e5 counts."""
+    stack = xrfnb.Stack(
+        layers=[xrfnb.Layer(pigments=p, thickness_um=15 if len(layers) > 1 else 30) for p in layers],
+        ground="chalk",
+    )
+    spectrum = xrfnb.simulate(stack, m6, counts=1e5, rng=3)
+    maps = xrfnb.fit_elements(spectrum, m6)
+    res = xrfnb.assign_pigments_by_elements(maps)
+    found = groups(res)
+    for name in expected:
+        assert lib[name].group in found, res.explain()
+    for name in explained_away:
+        assert lib[name].group not in found, res.explain()
