@@ -52,6 +52,14 @@ def test_matrix_shape_dtype_and_normalisation(response: DetectorResponse) -> Non
         response.matrix([-1.0])
 
 
+def test_batched_rows_equal_single_line_rows(response: DetectorResponse) -> None:
+    rng = np.random.default_rng(0)
+    e = np.concatenate([rng.uniform(0.5, 45.0, 97), [2.0, 2.0, 5.9]])  # repeated energies too
+    m = response.matrix(e)
+    for k in (0, 13, 50, 96, 97, 98, 99):
+        np.testing.assert_allclose(m[k], response.matrix(e[k : k + 1])[0], atol=1e-7)
+
+
 @pytest.mark.parametrize(
     ("element", "line"), [("Mn", "Ka"), ("Fe", "Ka"), ("Cu", "Ka"), ("Pb", "La"), ("Sn", "Ka")]
 )
@@ -97,6 +105,7 @@ def test_escape_peak_position_and_fraction(response: DetectorResponse, m6: Instr
     mu, _ = _fit_gaussian(x, row, esc_energy, 0.15)
     assert abs(mu - esc_energy) < 0.5 * m6.calibration.gain_keV + 0.001
     area = row[near].sum() - row[(x > esc_energy + 0.4) & (x < esc_energy + 1.0)].mean() * near.sum()
+    # the window holds the Ka escape peak and the Kb one 0.1 keV below it
     assert area == pytest.approx(escape_fraction(energy), rel=0.05)
     assert si_ka_keV() == pytest.approx(SI_KA_KEV, abs=0.002)
 
@@ -118,7 +127,10 @@ def test_escape_fraction_agrees_with_pymca() -> None:
     for energy in (2.5, 4.0, 5.8988, 8.0, 12.0):
         theirs = elements.getEscape(["Si1", 2.33, 0.045], energy, ethreshold=0.001, ithreshold=1e-9)
         ka = sum(i for _, i, label in theirs if label.startswith("Si KL"))
-        assert escape_fraction(energy) == pytest.approx(ka, rel=0.05)
+        kb = sum(i for _, i, label in theirs if label.startswith("Si KM"))
+        assert escape_fraction(energy, "Ka") == pytest.approx(ka, rel=0.05)
+        assert escape_fraction(energy, "Kb") == pytest.approx(kb, rel=0.1)
+        assert escape_fraction(energy) == pytest.approx(ka + kb, rel=0.05)
 
 
 def test_no_escape_below_si_k_edge(response: DetectorResponse, m6: Instrument) -> None:

@@ -5,13 +5,13 @@ each channel:
 
 * a Gaussian photopeak whose FWHM adds electronic noise and Fano statistics in quadrature
   (:meth:`xrfnb.Instrument.fwhm_keV`);
-* a Si K escape peak at ``E - E(Si Ka)`` for ``E`` above the Si K edge, with the escape probability of
-  Reed and Ware [1]_ for normal incidence on a thick detector::
+* Si K escape peaks at ``E - E(Si Ka)`` and (30 times weaker) ``E - E(Si Kb)`` for ``E`` above the Si K
+  edge, with the escape probability of Reed and Ware [1]_ for normal incidence on a thick detector::
 
-      eta(E) = 1/2 * omega_K * (1 - 1/r_K) * p_Ka * [1 - (mu_Ka / mu_E) ln(1 + mu_E / mu_Ka)]
+      eta(E) = 1/2 * omega_K * (1 - 1/r_K) * p_line * [1 - (mu_line / mu_E) ln(1 + mu_E / mu_line)]
 
-  (``omega_K`` Si K fluorescence yield, ``r_K`` K jump ratio, ``p_Ka`` K-alpha share of K emission,
-  ``mu`` Si attenuation coefficients at ``E`` and at the Si Ka energy; all from xraylib);
+  (``omega_K`` Si K fluorescence yield, ``r_K`` K jump ratio, ``p_line`` share of K emission in the
+  line, ``mu`` Si attenuation coefficients at ``E`` and at the line energy; all from xraylib);
 * incomplete charge collection (ICC) near the entrance, after Campbell et al. [2]_: photons absorbed in
   an effective layer of thickness ``icc_layer_um`` below the entrance lose part of their charge. Their
   share ``P_icc(E) = (1 - exp(-mu rho d)) / (1 - exp(-mu rho T))`` is split between a flat shelf from 0
@@ -39,6 +39,7 @@ References
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -48,7 +49,7 @@ import xraylib
 from ._errors import DataError, InstrumentError
 from ._instrument import FWHM_PER_SIGMA, Instrument, mass_attenuation_cm2_g
 
-__all__ = ["DetectorResponse", "escape_fraction", "icc_fraction", "poisson_counts", "si_ka_keV"]
+__all__ = ["DetectorResponse", "escape_fraction", "icc_fraction", "poisson_counts", "si_ka_keV", "si_kb_keV"]
 
 _SI_DENSITY_G_CM3 = 2.33
 _SQRT2 = math.sqrt(2.0)
@@ -60,54 +61,85 @@ _N_BETA = 14.0
 _CHUNK_LINES = 32
 
 
+@dataclasses.dataclass(frozen=True)
+class _SiK:
+    """Si K-shell data (xraylib): line energies (rate-weighted), shares of K emission, edge, yield, jump."""
+
+    ka_keV: float
+    kb_keV: float
+    p_ka: float
+    p_kb: float
+    edge_keV: float
+    omega_k: float
+    jump_k: float
+
+
 @functools.cache
-def _si_constants() -> tuple[float, float, float, float, float]:
-    """(Si Ka energy keV, K edge keV, omega_K, jump ratio r_K, Ka share of K emission), from xraylib."""
+def _si_k() -> _SiK:
     z = 14
-    rates = {m: xraylib.RadRate(z, getattr(xraylib, f"{m}_LINE")) for m in ("KL2", "KL3")}
-    ka = sum(rates[m] * xraylib.LineEnergy(z, getattr(xraylib, f"{m}_LINE")) for m in rates) / sum(
-        rates.values()
-    )
-    return (
-        ka,
-        xraylib.EdgeEnergy(z, xraylib.K_SHELL),
-        xraylib.FluorYield(z, xraylib.K_SHELL),
+
+    def group(members: tuple[str, ...]) -> tuple[float, float]:
+        rates, energies = [], []
+        for m in members:
+            try:
+                rates.append(xraylib.RadRate(z, getattr(xraylib, f"{m}_LINE")))
+                energies.append(xraylib.LineEnergy(z, getattr(xraylib, f"{m}_LINE")))
+            except ValueError:
+                continue
+        total = sum(rates)
+        return sum(r * e for r, e in zip(rates, energies, strict=True)) / total, total
+
+    ka, p_ka = group(("KL2", "KL3"))
+    kb, p_kb = group(("KM2", "KM3"))
+    return _SiK(
+        ka, kb, p_ka, p_kb, xraylib.EdgeEnergy(z, xraylib.K_SHELL), xraylib.FluorYield(z, xraylib.K_SHELL),
         xraylib.JumpFactor(z, xraylib.K_SHELL),
-        sum(rates.values()),
-    )
+    )  # fmt: skip
 
 
 def si_ka_keV() -> float:
-    """Energy of Si K-alpha (rate-weighted KL2/KL3), keV: the energy an escape peak is shifted by."""
-    return _si_constants()[0]
+    """Energy of Si K-alpha (rate-weighted KL2/KL3), keV: the energy the main escape peak is shifted by."""
+    return _si_k().ka_keV
 
 
-def escape_fraction(energy_keV: np.ndarray | float) -> np.ndarray:
-    """Probability that a photon absorbed in a Si detector loses a Si Ka photon (escape peak).
+def si_kb_keV() -> float:
+    """Energy of Si K-beta (rate-weighted KM2/KM3), keV: the shift of the weak K-beta escape peak."""
+    return _si_k().kb_keV
 
-    Reed and Ware (1972) for normal incidence on a thick detector (see the module docstring); zero
-    at and below the Si K edge (1.839 keV).
+
+def escape_fraction(energy_keV: np.ndarray | float, line: str = "all") -> np.ndarray:
+    """Probability that a photon absorbed in a Si detector loses a Si K photon (escape peak).
+
+    Reed and Ware (1972) for normal incidence on a thick detector (see the module docstring), applied
+    to Si Ka and Si Kb with their shares of K emission; zero at and below the Si K edge (1.839 keV).
 
     Parameters
     ----------
     energy_keV : array_like
         Photon energies, keV, shape (n,).
+    line : {"all", "Ka", "Kb"}, optional
+        Which escaping Si line (``"all"``: their sum).
 
     Returns
     -------
     numpy.ndarray
         Escape probability per absorbed photon, shape like ``energy_keV``.
     """
+    if line not in ("all", "Ka", "Kb"):
+        raise InstrumentError(f"escape line must be 'all', 'Ka' or 'Kb', got {line!r}")
     e = np.asarray(energy_keV, dtype=float)
     flat = np.atleast_1d(e).ravel()
-    e_ka, edge, omega, jump, p_ka = _si_constants()
+    si = _si_k()
     out = np.zeros_like(flat)
-    above = flat > edge
+    above = flat > si.edge_keV
     if above.any():
         mu_e = mass_attenuation_cm2_g("Si", flat[above])
-        mu_k = float(mass_attenuation_cm2_g("Si", np.array([e_ka]))[0])
-        ratio = mu_k / mu_e
-        out[above] = 0.5 * omega * (1.0 - 1.0 / jump) * p_ka * (1.0 - ratio * np.log1p(1.0 / ratio))
+        for name, e_line, share in (("Ka", si.ka_keV, si.p_ka), ("Kb", si.kb_keV, si.p_kb)):
+            if line in ("all", name):
+                ratio = float(mass_attenuation_cm2_g("Si", np.array([e_line]))[0]) / mu_e
+                out[above] += (
+                    0.5 * si.omega_k * (1.0 - 1.0 / si.jump_k) * share * (1.0 - ratio * np.log1p(1.0 / ratio))
+                )
     return out.reshape(e.shape)
 
 
@@ -205,21 +237,26 @@ class DetectorResponse:
     def components(self, line_energy_keV: np.ndarray) -> dict[str, np.ndarray]:
         """Per-line areas of the response parts (each shape (L,)), summing to 1.
 
-        Keys: ``"peak"``, ``"escape"``, ``"tail"``, ``"shelf"``; and ``"fwhm_keV"``, ``"escape_keV"``.
+        Keys: ``"peak"``, ``"escape"`` (= ``"escape_ka"`` + ``"escape_kb"``), ``"tail"``, ``"shelf"``;
+        and ``"fwhm_keV"``, ``"escape_ka_keV"``, ``"escape_kb_keV"`` (escape-peak energies).
         """
         inst = self.instrument
         e = np.atleast_1d(np.asarray(line_energy_keV, dtype=float))
-        esc = escape_fraction(e) if inst.escape else np.zeros_like(e)
+        esc_ka = escape_fraction(e, "Ka") if inst.escape else np.zeros_like(e)
+        esc_kb = escape_fraction(e, "Kb") if inst.escape else np.zeros_like(e)
         icc = icc_fraction(e, inst.icc_layer_um, inst.detector_thickness_um)
         shelf = icc * inst.shelf_share
         tail = icc - shelf
         return {
-            "peak": 1.0 - esc - icc,
-            "escape": esc,
+            "peak": 1.0 - esc_ka - esc_kb - icc,
+            "escape": esc_ka + esc_kb,
+            "escape_ka": esc_ka,
+            "escape_kb": esc_kb,
             "tail": tail,
             "shelf": shelf,
             "fwhm_keV": inst.fwhm_keV(e),
-            "escape_keV": e - si_ka_keV(),
+            "escape_ka_keV": e - si_ka_keV(),
+            "escape_kb_keV": e - si_kb_keV(),
         }
 
     # ------------------------------------------------------------------ response matrix
@@ -272,10 +309,19 @@ class DetectorResponse:
             )
             for c in chunks
         ]
-        esc_idx = np.nonzero(parts["escape"] > 0)[0]
-        e_esc = parts["escape_keV"][esc_idx]
+        # escape peaks as extra Gaussians: (row, energy, area) for Si Ka and Si Kb escape
+        has_esc = np.nonzero(parts["escape"] > 0)[0]
+        esc_idx = np.concatenate([has_esc, has_esc])
+        e_esc = np.concatenate([parts["escape_ka_keV"][has_esc], parts["escape_kb_keV"][has_esc]])
+        a_esc = np.concatenate([parts["escape_ka"][has_esc], parts["escape_kb"][has_esc]])
         s_esc = np.maximum(self.instrument.fwhm_keV(np.maximum(e_esc, 0.0)) / FWHM_PER_SIGMA, 1e-3)
-        esc_chunks = np.array_split(np.arange(esc_idx.size), max(1, math.ceil(esc_idx.size / _CHUNK_LINES)))
+        # chunks never mix the Ka and Kb halves: a row must appear once per scatter-add (flat[idx] += ...)
+        n_e = has_esc.size
+        n_split = max(1, math.ceil(n_e / _CHUNK_LINES))
+        esc_chunks = [
+            *np.array_split(np.arange(n_e), n_split),
+            *np.array_split(np.arange(n_e, 2 * n_e), n_split),
+        ]
         esc_halves = [math.ceil(_N_SIGMA * s_esc[c].max() / w_min) + 1 if c.size else 0 for c in esc_chunks]
         pad_lo = max(max(h[0] for h in halves), max(esc_halves)) + 1
         pad_hi = max(max(h[1] for h in halves), max(esc_halves)) + 1
@@ -329,7 +375,7 @@ class DetectorResponse:
                 if s0 > first_positive and shelf_density[r] > 0:
                     out[r, first_positive:s0] += shelf_density[r] * w_pad[first_positive:s0]
 
-        # --- escape peak: Gaussian at E - E(Si Ka) with the resolution of the escaped energy -----------
+        # --- escape peaks: Gaussians at E - E(Si Ka), E - E(Si Kb), resolution of the remaining energy --
         c_esc = self._fractional_channel(e_esc)
         for chunk, half in zip(esc_chunks, esc_halves, strict=True):
             if not chunk.size:
@@ -337,7 +383,7 @@ class DetectorResponse:
             rows = esc_idx[chunk]
             _, idx, x, wcol = window(rows, c_esc[chunk], half, half)
             u = ((x - e_esc[chunk, None]) / s_esc[chunk, None]).astype(f32)
-            amp = (parts["escape"][rows] / (_SQRT2PI * s_esc[chunk]))[:, None].astype(f32)
+            amp = (a_esc[chunk] / (_SQRT2PI * s_esc[chunk]))[:, None].astype(f32)
             flat[idx] += (amp * np.exp(f32(-0.5) * u * u) * wcol).astype(dtype, copy=False)
         return np.ascontiguousarray(out[:, pad_lo : pad_lo + n_ch])
 
