@@ -460,3 +460,40 @@ def test_real_pigment_model_streaming_and_dask_agree(tmp_path, counts_truth):
     lazy = map_pigments(Scan(da.from_array(counts, chunks=(8, 10, 512)), CAL), model, progress=False)
     np.testing.assert_allclose(lazy.probability, maps.probability[()], atol=1e-5)
     np.testing.assert_allclose(lazy.ood_score, maps.ood_score[()], atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        {"compression": "gzip", "compression_opts": 4, "shuffle": True},
+        {"compression": "gzip", "compression_opts": 1},
+        {"shuffle": True},
+        {},
+        {"compression": "lzf"},  # not handled by the parallel reader: h5py fallback
+        {"compression": "gzip", "fletcher32": True},  # idem
+    ],
+)
+@pytest.mark.parametrize("dtype", [np.uint16, np.float32, np.int32])
+def test_parallel_chunk_reader_equals_h5py(tmp_path, opts, dtype):
+    from xrfnb._mapping import _ChunkReader
+
+    rng = np.random.default_rng(1)
+    data = rng.poisson(2.0, size=(11, 13, 70)).astype(dtype)
+    path = tmp_path / "c.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("counts", data=data, chunks=(3, 5, 32), **opts)
+        e = f.create_dataset("sparse", shape=(11, 13, 70), dtype=dtype, chunks=(3, 5, 32), fillvalue=7)
+        e[0:3, 0:5, 0:32] = data[0:3, 0:5, 0:32]  # other chunks never written -> fill value
+    with h5py.File(path, "r") as f:
+        for name in ("counts", "sparse"):
+            dset = f[name]
+            reader = _ChunkReader.maybe(dset, threads=2)
+            handled = not (
+                {"lzf", "fletcher32"} & {opts.get("compression"), *(k for k in opts if opts[k] is True)}
+            )
+            assert (reader is not None) == (handled or name == "sparse")
+            if reader is None:
+                continue
+            for r0, r1 in [(0, 3), (3, 9), (9, 11), (0, 11)]:
+                np.testing.assert_array_equal(reader.read_rows(r0, r1), dset[r0:r1])
+            reader.close()

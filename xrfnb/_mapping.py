@@ -1043,6 +1043,103 @@ def _count_reasons_blocks(sink: _PartialSink, slices: list[slice]) -> dict[str, 
     return counts
 
 
+class _ChunkReader:
+    """Read whole-row blocks of a chunked HDF5 dataset, decompressing its chunks in parallel threads.
+
+    h5py serialises all HDF5 calls under one lock and keeps the GIL while the library inflates chunks,
+    so a plain ``dset[rows]`` decompresses on one core and blocks the model meanwhile. Here the raw
+    (compressed) chunks are fetched with ``read_direct_chunk`` and inflated with :mod:`zlib` (which releases
+    the GIL) and un-shuffled with NumPy in a small thread pool. Only the common filter pipelines are
+    handled (none, shuffle, deflate, shuffle + deflate, native byte order); anything else falls back to h5py.
+    """
+
+    def __init__(self, dset: Any, filters: list[int], threads: int) -> None:
+        self.dset = dset
+        self.filters = filters  # write order
+        self.pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=threads, thread_name_prefix="xrfnb-inflate"
+        )
+        self.dtype = np.dtype(dset.dtype)
+        self.chunk = tuple(int(c) for c in dset.chunks)
+        self.nbytes = int(np.prod(self.chunk)) * self.dtype.itemsize
+
+    @classmethod
+    def maybe(cls, dset: Any, threads: int | None = None) -> _ChunkReader | None:
+        try:
+            import h5py
+            from h5py import h5z
+        except ImportError:  # pragma: no cover
+            return None
+        if not isinstance(dset, h5py.Dataset) or dset.chunks is None or dset.ndim != 3:
+            return None
+        dtype = np.dtype(dset.dtype)
+        if dtype.kind not in "iuf" or not dtype.isnative or not hasattr(dset.id, "read_direct_chunk"):
+            return None
+        plist = dset.id.get_create_plist()
+        filters = [plist.get_filter(i)[0] for i in range(plist.get_nfilters())]
+        if filters not in (
+            [],
+            [h5z.FILTER_DEFLATE],
+            [h5z.FILTER_SHUFFLE],
+            [h5z.FILTER_SHUFFLE, h5z.FILTER_DEFLATE],
+        ):
+            return None
+        return cls(dset, filters, threads or min(4, os.cpu_count() or 1))
+
+    def _decode(self, raw: bytes, filter_mask: int) -> np.ndarray:
+        import zlib
+
+        from h5py import h5z
+
+        data: bytes | np.ndarray = raw
+        for i in reversed(range(len(self.filters))):
+            if filter_mask & (1 << i):
+                continue  # this filter was skipped for this chunk
+            if self.filters[i] == h5z.FILTER_DEFLATE:
+                data = zlib.decompress(data, bufsize=self.nbytes)
+            elif self.filters[i] == h5z.FILTER_SHUFFLE and self.dtype.itemsize > 1:
+                k = self.dtype.itemsize
+                planes = np.frombuffer(data, dtype=np.uint8).reshape(k, -1)
+                unshuffled = np.empty((planes.shape[1], k), dtype=np.uint8)
+                for j in range(k):
+                    unshuffled[:, j] = planes[j]
+                data = unshuffled
+        return np.frombuffer(data, dtype=self.dtype).reshape(self.chunk)
+
+    def read_rows(self, r0: int, r1: int) -> np.ndarray:
+        """Rows ``r0:r1`` (r0 a multiple of the chunk rows), shape (r1 - r0, cols, channels)."""
+        _rows, cols, n_ch = (int(s) for s in self.dset.shape)
+        cr, cc, cch = self.chunk
+        if r0 % cr:
+            return np.asarray(self.dset[r0:r1])
+        out = np.empty((r1 - r0, cols, n_ch), dtype=self.dtype)
+
+        def place(offset: tuple[int, int, int], raw: bytes | None, mask: int) -> None:
+            a0, b0, c0 = offset
+            a1, b1, c1 = min(a0 + cr, r1), min(b0 + cc, cols), min(c0 + cch, n_ch)
+            if raw is None:  # chunk never written: HDF5 returns the fill value
+                out[a0 - r0 : a1 - r0, b0:b1, c0:c1] = self.dset[a0:a1, b0:b1, c0:c1]
+                return
+            chunk = self._decode(raw, mask)
+            out[a0 - r0 : a1 - r0, b0:b1, c0:c1] = chunk[: a1 - a0, : b1 - b0, : c1 - c0]
+
+        futures = []
+        for a0 in range(r0, r1, cr):
+            for b0 in range(0, cols, cc):
+                for c0 in range(0, n_ch, cch):
+                    try:
+                        mask, raw = self.dset.id.read_direct_chunk((a0, b0, c0))
+                    except (KeyError, OSError, ValueError, RuntimeError):  # chunk not allocated
+                        mask, raw = 0, None
+                    futures.append(self.pool.submit(place, (a0, b0, c0), raw, mask))
+        for f in futures:
+            f.result()
+        return out
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+
 def _stream(
     scan: Scan,
     model: Any,
@@ -1058,7 +1155,11 @@ def _stream(
     todo = [sl for sl in slices if not sink.done(sl)]
     lt_all = scan.live_time_s
 
+    fast = _ChunkReader.maybe(scan.counts)
+
     def read(sl: slice) -> np.ndarray:
+        if fast is not None:
+            return fast.read_rows(sl.start, sl.stop)
         return np.asarray(scan.counts[sl])
 
     with (
@@ -1072,6 +1173,7 @@ def _stream(
             smoothing=0.1,
         ) as bar,
         concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="xrfnb-read") as pool,
+        contextlib.closing(fast) if fast is not None else contextlib.nullcontext(),
     ):
         # read the next block in a background thread while the model works on this one
         pending = pool.submit(read, todo[0]) if todo else None
