@@ -183,3 +183,61 @@ def test_vacuum_and_helium_paths_transmit_more_than_air() -> None:
 def test_detector_solid_angle() -> None:
     inst = Instrument(detector_area_mm2=math.pi * 25.0, detector_path_mm=5.0)  # r = 5 mm at 5 mm
     assert inst.detector_solid_angle_sr == pytest.approx(2 * math.pi * (1 - 1 / math.sqrt(2)))
+
+
+REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
+
+
+def test_from_pymca_reads_the_steel_configuration() -> None:
+    path = REAL / "Steel.cfg"
+    if not path.exists():
+        pytest.skip(f"real data not available at {REAL}")
+    inst = Instrument.from_pymca(path, n_channels=2048)
+    # values as written in Steel.cfg (PyMca example data): 16 keV, Al 0.11 cm beam filter, 5 cm air,
+    # Be 0.002 cm window, Si 0.035 cm, 45/45 degrees, noise 0.127439 keV, Fano 0.101156
+    assert inst.anode is None and inst.monochromatic_keV == 16.0
+    assert inst.tube_filters == (Absorber("Al1", 1100.0, 2.72),)
+    assert inst.atmosphere == "air" and inst.detector_path_mm == pytest.approx(50.0)
+    assert inst.detector_window == Absorber("Be1", 20.0, 1.848)
+    assert inst.detector_thickness_um == pytest.approx(350.0)
+    assert (inst.incidence_deg, inst.takeoff_deg) == (45.0, 45.0)
+    assert inst.noise_keV == pytest.approx(0.127439) and inst.fano == pytest.approx(0.101156)
+    assert inst.calibration.gain_keV == pytest.approx(0.0119281593146)
+    assert inst.flux_photons_s == pytest.approx(2.024e8)
+    # PyMca's FWHM convention: sqrt(noise^2 + 2.3548^2 * 0.00385 * fano * E)
+    expected = math.sqrt(0.127439**2 + 2.3548**2 * 0.00385 * 0.101156 * 6.4)
+    assert float(inst.fwhm_keV(6.4)) == pytest.approx(expected, rel=1e-4)
+    # 1.1 mm Al attenuates the 16 keV beam as exp(-mu rho t)
+    _, photons = inst.excitation()
+    al = xraylib.CS_Total(13, 16.0) * 2.72 * 0.11
+    assert photons[0] == pytest.approx(2.024e8 * math.exp(-al), rel=1e-6)
+
+
+def test_from_pymca_errors(tmp_path: Path) -> None:
+    cfg = tmp_path / "ge.cfg"
+    cfg.write_text(
+        "[attenuators]\nDetector = 1, Ge1, 5.32, 0.5, 1.0\n[fit]\nenergy = 20.0\nenergyflag = 1\n"
+        "energyweight = 1.0\n[detector]\nnoise = 0.1\nfano = 0.11\nzero = 0.0\ngain = 0.01\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(InstrumentError, match="silicon"):
+        Instrument.from_pymca(cfg)
+    cfg.write_text("[fit]\nenergy = 20.0, 25.0\nenergyflag = 1, 1\n", encoding="utf-8")
+    with pytest.raises(InstrumentError, match="tube"):
+        Instrument.from_pymca(cfg)
+    with pytest.raises(InstrumentError, match="cannot read"):
+        Instrument.from_pymca(tmp_path / "missing.cfg")
+
+
+def test_mixture_materials() -> None:
+    # PyMca's Kapton: C 62.88 %, N 6.67 %, O 30.46 % by mass, 1.42 g/cm3
+    mix = Absorber("C1:0.628772, N1:0.066659, O1:0.304569", 25.0, 1.42)
+    e = np.array([2.0, 5.0])
+    mu = [
+        sum(w * xraylib.CS_Total(z, x) for z, w in ((6, 0.628772), (7, 0.066659), (8, 0.304569))) for x in e
+    ]
+    np.testing.assert_allclose(mix.transmission(e), np.exp(-np.array(mu) * 1.42 * 25e-4), rtol=1e-6)
+    with pytest.raises(InstrumentError, match="mixture"):
+        Absorber("C1:abc", 10.0, 1.0)
+    with pytest.raises(InstrumentError, match="density"):
+        Absorber("C1:0.5, O1:0.5", 10.0)

@@ -68,6 +68,8 @@ def _composition(material: str, named: bool = True) -> tuple[np.ndarray, np.ndar
         source, density = alias
         z, w, d, _ = _composition(source, named=False)
         return z, w, density if density is not None else d, key.lower()
+    if ":" in key:
+        return _mixture(key)
     try:
         z = xraylib.SymbolToAtomicNumber(key)
     except ValueError:
@@ -92,6 +94,28 @@ def _composition(material: str, named: bool = True) -> tuple[np.ndarray, np.ndar
             "('Si3N4'), an xraylib NIST compound name, or one of " + ", ".join(sorted(_NAMED_MATERIALS))
         ) from None
     return np.array(parsed["Elements"]), np.array(parsed["massFractions"]), None, key
+
+
+def _mixture(key: str) -> tuple[np.ndarray, np.ndarray, None, str]:
+    """Mass fractions of a mixture written ``"formula:fraction, formula:fraction, ..."``."""
+    totals: dict[int, float] = {}
+    for part in key.split(","):
+        formula, _, frac = part.partition(":")
+        try:
+            fraction = float(frac)
+            parsed = xraylib.CompoundParser(formula.strip())
+        except ValueError:
+            raise InstrumentError(
+                f"cannot read mixture {key!r}: write it as 'formula:mass_fraction, ...', "
+                "e.g. 'C22H10N2O5:0.9, Al2O3:0.1'"
+            ) from None
+        if not (math.isfinite(fraction) and fraction > 0):
+            raise InstrumentError(f"mixture {key!r}: mass fraction of {formula.strip()!r} must be > 0")
+        for z, w in zip(parsed["Elements"], parsed["massFractions"], strict=True):
+            totals[z] = totals.get(z, 0.0) + fraction * w
+    z = np.array(sorted(totals))
+    w = np.array([totals[k] for k in sorted(totals)])
+    return z, w / w.sum(), None, key
 
 
 def mass_attenuation_cm2_g(material: str, energy_keV: np.ndarray, *, kind: str = "total") -> np.ndarray:
@@ -139,7 +163,8 @@ class Absorber:
     ----------
     material : str
         Element symbol (``"Be"``), chemical formula (``"Si3N4"``, needs ``density_g_cm3``), xraylib NIST
-        compound name, or ``"air"``, ``"helium"``, ``"kapton"``, ``"mylar"``, ``"polypropylene"``.
+        compound name, ``"air"``, ``"helium"``, ``"kapton"``, ``"mylar"``, ``"polypropylene"``, or a
+        mixture by mass ``"formula:fraction, formula:fraction"`` (normalised; needs ``density_g_cm3``).
     thickness_um : float
         Thickness along the beam, micrometres (> 0).
     density_g_cm3 : float, optional
@@ -251,7 +276,9 @@ class Instrument:
     beam_path_mm, detector_path_mm : float
         Gas path lengths source (window) -> sample and sample -> detector window, mm.
     detector_area_mm2 : float
-        Active detector area, mm2 (with ``detector_path_mm``: the detection solid angle).
+        Active detector area, mm2 (with the distance: the detection solid angle).
+    detector_distance_mm : float or None
+        Sample-to-detector distance for the solid angle, mm; ``None``: ``detector_path_mm``.
     detector_thickness_um : float
         Active silicon thickness, um.
     detector_window : Absorber or None
@@ -306,6 +333,7 @@ class Instrument:
     beam_path_mm: float = 10.0
     detector_path_mm: float = 10.0
     detector_area_mm2: float = 30.0
+    detector_distance_mm: float | None = None
     detector_thickness_um: float = 450.0
     detector_window: Absorber | None = Absorber("Be", 12.5)
     detector_filters: tuple[Absorber, ...] = ()
@@ -394,6 +422,10 @@ class Instrument:
         )
         for field in ("beam_path_mm", "detector_path_mm", "dead_layer_um", "icc_layer_um", "pileup_time_s"):
             need(getattr(self, field) >= 0, f"{field} must be >= 0, got {getattr(self, field)}")
+        if self.detector_distance_mm is not None:
+            dist = float(self.detector_distance_mm)
+            need(math.isfinite(dist) and dist > 0, f"detector distance must be > 0 mm, got {dist!r}")
+            put("detector_distance_mm", dist)
         need(self.detector_area_mm2 > 0, f"detector area must be > 0 mm2, got {self.detector_area_mm2}")
         need(
             self.detector_thickness_um > 0,
@@ -464,7 +496,7 @@ class Instrument:
         if name is not None:
             d.setdefault("name", name)
         # TOML has no null: false (or "none") switches an optional part off
-        for key in ("anode", "tube_window", "detector_window", "monochromatic_keV"):
+        for key in ("anode", "tube_window", "detector_window", "monochromatic_keV", "detector_distance_mm"):
             if key in d and (d[key] is False or (isinstance(d[key], str) and d[key].lower() == "none")):
                 d[key] = None
         for key in ("tube_filters", "detector_filters"):
@@ -506,6 +538,178 @@ class Instrument:
         if name not in tables:
             raise InstrumentError(f"{path} has no instrument {name!r}; it defines {', '.join(tables)}")
         return cls.from_dict(tables[name], name=name)
+
+    @classmethod
+    def from_pymca(cls, path: str | Path, *, n_channels: int = 4096, name: str | None = None) -> Instrument:
+        """Instrument from a PyMca fit configuration (``.cfg``), so PyMca users can reuse their set-up.
+
+        Read: the excitation (one monochromatic energy from ``[fit] energy``; several energies mean a
+        tube spectrum, taken from the ``[tube]`` section), beam filters, the atmosphere between sample and
+        detector, detector window, dead layer and further absorbers, the Si detector thickness, the
+        incidence and take-off angles (``Matrix``), noise, Fano factor and calibration (``[detector]``,
+        with PyMca's 3.85 eV per electron-hole pair), flux, detector area and distance
+        (``[concentrations]``) and the escape flag. PyMca's hypermet tail parameters describe a different
+        line-shape model and are not converted (xrfnb's defaults are kept).
+
+        Parameters
+        ----------
+        path : str or Path
+            PyMca configuration file.
+        n_channels : int, optional
+            Channels of the spectra (a PyMca configuration does not store it).
+        name : str, optional
+            Instrument name (default: the file's stem).
+
+        Raises
+        ------
+        InstrumentError
+            Unreadable file, a non-Si detector, or settings xrfnb cannot represent.
+        """
+        import configparser
+
+        path = Path(path)
+        cfg = configparser.ConfigParser(interpolation=None, strict=False)
+        cfg.optionxform = str  # type: ignore[assignment,method-assign]
+        try:
+            with path.open(encoding="utf-8", errors="replace") as fh:
+                cfg.read_file(fh)
+        except (OSError, configparser.Error) as exc:
+            raise InstrumentError(f"cannot read PyMca configuration {path}: {exc}") from None
+        where = f"PyMca configuration {path.name}"
+
+        def items(section: str) -> Mapping[str, str]:
+            return cfg[section] if cfg.has_section(section) else {}
+
+        def floats(text: str) -> list[float | None]:
+            out: list[float | None] = []
+            for tok in text.split(","):
+                try:
+                    out.append(float(tok))
+                except ValueError:
+                    out.append(None)
+            return out
+
+        def absorber(material: str, density: float, thickness_cm: float, what: str) -> Absorber:
+            section = f"materials.{material}"
+            if cfg.has_section(section) and "CompoundList" in cfg[section]:
+                formulas = [f.strip() for f in cfg[section]["CompoundList"].split(",")]
+                fractions = [f.strip() for f in cfg[section]["CompoundFraction"].split(",")]
+                material = ", ".join(f"{f}:{x}" for f, x in zip(formulas, fractions, strict=False))
+            try:
+                return Absorber(material, round(thickness_cm * 1e4, 9), density)
+            except InstrumentError as exc:
+                raise InstrumentError(f"{where}: {what}: {exc}") from None
+
+        settings: dict[str, Any] = {"name": name or path.stem, "n_channels": n_channels, "optics": "none"}
+        settings["description"] = f"read from PyMca configuration {path.name}"
+        settings["atmosphere"] = "vacuum"
+        settings["beam_path_mm"] = 0.0
+        settings["detector_window"] = None
+        tube_filters: list[Absorber] = []
+        det_filters: list[Absorber] = []
+        for key, value in items("attenuators").items():
+            parts = [p.strip() for p in value.split(",")]
+            if len(parts) < 4 or floats(parts[0])[0] != 1 or parts[1] in ("-", ""):
+                continue
+            material = parts[1]
+            density, thickness = [*floats(",".join(parts[2:4])), None, None][:2]
+            if key == "Matrix":
+                angles = floats(",".join(parts[4:6]))
+                if len(angles) == 2 and None not in angles:
+                    settings["incidence_deg"], settings["takeoff_deg"] = angles
+                continue
+            if density is None or thickness is None or thickness <= 0:
+                continue
+            funny = floats(parts[4])[0] if len(parts) > 4 else 1.0
+            if funny is not None and abs(funny - 1.0) > 1e-9:
+                raise InstrumentError(
+                    f"{where}: attenuator {key!r} has a 'funny factor' {funny:g} (a partially covering "
+                    "filter), which xrfnb does not model: set it to 1 in PyMca or adjust the thickness"
+                )
+            if key == "atmosphere":
+                kind = material.lower()
+                if kind.startswith("air"):
+                    settings["atmosphere"] = "air"
+                elif kind.startswith("he"):
+                    settings["atmosphere"] = "helium"
+                else:
+                    det_filters.append(absorber(material, density, thickness, key))
+                    continue
+                settings["detector_path_mm"] = thickness * 10.0
+            elif key.startswith("BeamFilter"):
+                tube_filters.append(absorber(material, density, thickness, key))
+            elif key == "Detector":
+                if not material.startswith("Si") or material.rstrip("1") != "Si":
+                    raise InstrumentError(
+                        f"{where}: detector material {material!r}: xrfnb models silicon detectors only"
+                    )
+                settings["detector_thickness_um"] = round(thickness * 1e4, 9)
+            elif key == "window":
+                settings["detector_window"] = absorber(material, density, thickness, key)
+            elif key == "deadlayer" and material.rstrip("1") == "Si":
+                settings["dead_layer_um"] = round(thickness * 1e4, 9)
+            else:
+                det_filters.append(absorber(material, density, thickness, key))
+        settings["tube_filters"] = tuple(tube_filters)
+        settings["detector_filters"] = tuple(det_filters)
+
+        fit = items("fit")
+        energies = floats(fit.get("energy", ""))
+        flags = floats(fit.get("energyflag", ""))
+        weights = floats(fit.get("energyweight", ""))
+        used = [
+            (e, w)
+            for e, f, w in zip(
+                energies, flags + [None] * len(energies), weights + [1.0] * len(energies), strict=False
+            )
+            if e is not None and f == 1 and (w is None or w > 0)
+        ]
+        tube = items("tube")
+        if len(used) == 1:
+            settings["anode"] = None
+            settings["monochromatic_keV"] = used[0][0]
+        elif tube:
+            try:
+                settings["anode"] = tube["anode"].strip()
+                settings["tube_voltage_kV"] = float(tube["voltage"])
+                settings["electron_incidence_deg"] = float(tube.get("alphae", 90.0))
+                settings["anode_takeoff_deg"] = float(tube.get("alphax", 90.0))
+                win_t = float(tube.get("windowthickness", 0.0))
+                settings["tube_window"] = (
+                    absorber(tube["window"].strip(), float(tube["windowdensity"]), win_t, "tube window")
+                    if win_t > 0
+                    else None
+                )
+            except (KeyError, ValueError) as exc:
+                raise InstrumentError(f"{where}: incomplete [tube] section ({exc})") from None
+        else:
+            raise InstrumentError(
+                f"{where}: {len(used)} excitation energies and no [tube] section: xrfnb needs one "
+                "monochromatic energy or a tube (anode and voltage)"
+            )
+        if "escapeflag" in fit:
+            settings["escape"] = floats(fit["escapeflag"])[0] == 1
+
+        det = items("detector")
+        try:
+            settings["noise_keV"] = float(det["noise"])
+            settings["fano"] = float(det["fano"])
+            settings["calibration"] = EnergyCalibration(float(det["zero"]), float(det["gain"]))
+        except (KeyError, ValueError) as exc:
+            raise InstrumentError(f"{where}: incomplete [detector] section ({exc})") from None
+        except CalibrationError as exc:
+            raise InstrumentError(f"{where}: {exc}") from None
+        settings["pair_energy_eV"] = 3.85  # PyMca's FWHM convention
+        conc = items("concentrations")
+        flux = floats(conc.get("flux", ""))[0] if conc else None
+        if flux and flux > 0:
+            settings["flux_photons_s"] = flux
+        area = floats(conc.get("area", ""))[0] if conc else None
+        distance = floats(conc.get("distance", ""))[0] if conc else None
+        if area and area > 0 and distance and distance > 0:
+            settings["detector_area_mm2"] = area * 100.0
+            settings["detector_distance_mm"] = distance * 10.0
+        return cls(**settings)
 
     def with_(self, **changes: Any) -> Instrument:
         """Copy with some settings changed, validated (cheap: used to randomise instruments in training).
@@ -563,9 +767,10 @@ class Instrument:
 
     @property
     def detector_solid_angle_sr(self) -> float:
-        """Solid angle of a circular detector of ``detector_area_mm2`` on axis at ``detector_path_mm``, sr."""
+        """Solid angle of a circular detector of ``detector_area_mm2`` on axis at its distance, sr."""
         r2 = self.detector_area_mm2 / math.pi
-        d = max(self.detector_path_mm, 1e-3)
+        d = self.detector_path_mm if self.detector_distance_mm is None else self.detector_distance_mm
+        d = max(d, 1e-3)
         return 2.0 * math.pi * (1.0 - d / math.sqrt(d * d + r2))
 
     def fwhm_keV(self, energy_keV: np.ndarray | float) -> np.ndarray:
@@ -602,8 +807,13 @@ class Instrument:
         return 1.0 / (1.0 + (e / self.polycapillary_cutoff_keV) ** 4)
 
     def incident_transmission(self, energy_keV: np.ndarray) -> np.ndarray:
-        """Transmission from the anode to the sample: tube window, filters, optics and gas path."""
+        """Transmission from the anode to the sample: tube window, filters, optics and gas path.
+
+        For a monochromatic source (whose flux is given) only the beam filters and the gas path apply.
+        """
         e = np.asarray(energy_keV, dtype=float)
+        if self.monochromatic_keV is not None:
+            return _filters_and_gas(self, e)
         t = self.optics_transmission(e)
         absorbers = [
             self.tube_window,
@@ -714,7 +924,7 @@ def _excitation(inst: Instrument, step_keV: float, min_energy_keV: float) -> tup
     if inst.monochromatic_keV is not None:
         e = np.array([inst.monochromatic_keV])
         # the flux is that of the monochromatic beam; beam filters and the gas path still attenuate it
-        photons = np.array([inst.flux_photons_s]) * _filters_and_gas(inst, e)
+        photons = np.array([inst.flux_photons_s]) * inst.incident_transmission(e)
     else:
         ts = inst.tube_spectrum(step_keV=step_keV, min_energy_keV=min_energy_keV)
         e = np.concatenate([ts.continuum_energy_keV, ts.line_energy_keV])
