@@ -95,6 +95,15 @@ def test_info_on_a_real_spectrum_detects_iron(capsys):
         assert "Fe" in elements_line  # steel
 
 
+def test_info_unknown_instrument_fails_before_output(tmp_path):
+    pytest.importorskip("xrfnb._instrument")
+    src, _, _ = _save_scan(tmp_path / "scan.h5", 3, 2)
+    proc = _run("info", str(src), "--instrument", "no-such-instrument")
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.startswith("xrfnb: error: ") and "no-such-instrument" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_info_on_pigment_maps(tmp_path, capsys, test_model):
     maps = map_pigments(xrfnb.Scan(make_counts(6, 5)[0], CAL), test_model, progress=False)
     path = maps.to_hdf5(tmp_path / "maps.h5")

@@ -497,3 +497,17 @@ def test_parallel_chunk_reader_equals_h5py(tmp_path, opts, dtype):
             for r0, r1 in [(0, 3), (3, 9), (9, 11), (0, 11)]:
                 np.testing.assert_array_equal(reader.read_rows(r0, r1), dset[r0:r1])
             reader.close()
+
+
+def test_element_maps_are_stored_alongside(tmp_path, model):
+    fit = pytest.importorskip("xrfnb._fit")
+    if not hasattr(fit, "fit_elements"):
+        pytest.skip("element fit not available")
+    counts = make_counts(6, 5)[0]
+    maps = map_pigments(Scan(counts, CAL), model, element_maps=True, progress=False)
+    em = maps.element_maps
+    assert em is not None and em.intensity.shape[:2] == (6, 5)
+    back = PigmentMaps.from_hdf5(maps.to_hdf5(tmp_path / "m.h5")).element_maps
+    assert back.elements == em.elements and back.families == em.families
+    for name in ("intensity", "sigma", "detection_limit", "chi2", "residual"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(em, name))

@@ -119,6 +119,13 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print(f"model:       {maps.metadata.get('model', '?')}")
         print(maps.summary().to_text())
         return 0
+    detect = instrument = unavailable = None
+    if not args.no_elements:  # resolve the instrument first: a bad name fails before any output
+        try:
+            detect = _function("_fit", ["detect_elements"], "element detection")
+            instrument = _instrument(args.instrument)
+        except _NotAvailable as exc:
+            unavailable = str(exc)
     data = _load_input(args.file)
     meta = dict(getattr(data, "metadata", {}) or {})
     print(f"file:        {path}")
@@ -153,24 +160,25 @@ def _cmd_info(args: argparse.Namespace) -> int:
     )
     if args.no_elements:
         return 0
-    try:
-        detect = _function("_fit", ["detect_elements"], "element detection")
-        instrument = _instrument(args.instrument)
-    except _NotAvailable as exc:
-        print(f"elements:    ({exc})")
+    if unavailable is not None:
+        print(f"elements:    ({unavailable})")
         return 0
     found = detect(spectrum, instrument)
-    if not found:
-        print("elements:    none detected")
-    else:
-        print("elements:    " + ", ".join(_describe_element(d) for d in found))
+    sample = [d for d in found if getattr(d, "origin", "sample") != "setup"]
+    setup = [d for d in found if getattr(d, "origin", "sample") == "setup"]
+    print(f"instrument:  {getattr(instrument, 'name', instrument)} (for element detection)")
+    print("elements:    " + (", ".join(_describe_element(d) for d in sample) or "none detected"))
+    if setup:
+        print("setup lines: " + ", ".join(_describe_element(d) for d in setup))
     return 0
 
 
 def _describe_element(d: Any) -> str:
     name = getattr(d, "element", None) or str(d)
     family = getattr(d, "family", None) or getattr(d, "line", None)
-    return f"{name} {family}" if family else str(name)
+    text = f"{name} {family}" if family else str(name)
+    score = getattr(d, "score", None)
+    return f"{text} ({score:.0f} sigma)" if isinstance(score, int | float) else text
 
 
 def _instrument(name: str | None) -> Any:
