@@ -241,3 +241,13 @@ def test_mixture_materials() -> None:
         Absorber("C1:abc", 10.0, 1.0)
     with pytest.raises(InstrumentError, match="density"):
         Absorber("C1:0.5, O1:0.5", 10.0)
+
+
+@pytest.mark.parametrize("preset", ["bruker-m6", "lab-mo", "synchrotron"])
+def test_to_toml_round_trip(tmp_path: Path, preset: str) -> None:
+    inst = Instrument.preset(preset).with_(
+        description='a "quoted"\nmulti-line note', tube_filters=[("C1:0.6, O1:0.4", 12.0, 1.3)]
+    )
+    path = tmp_path / "inst.toml"
+    inst.to_toml(path)
+    assert Instrument.from_toml(path) == inst

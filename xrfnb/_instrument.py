@@ -754,6 +754,45 @@ class Instrument:
         d["calibration"] = self.calibration.to_dict()
         return d
 
+    def to_toml(self, path: str | Path | None = None) -> str:
+        """The settings as a TOML table ``[name]`` (read back with :meth:`from_toml`).
+
+        Parameters
+        ----------
+        path : str or Path, optional
+            If given, the text is also written there (atomically: a temporary file, then renamed).
+
+        Returns
+        -------
+        str
+            TOML text.
+        """
+
+        def value(v: Any) -> str:
+            if v is None:
+                return "false"
+            if isinstance(v, bool):
+                return "true" if v else "false"
+            if isinstance(v, (int, float)):
+                return repr(float(v)) if isinstance(v, float) else str(v)
+            if isinstance(v, str):
+                return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+            if isinstance(v, Mapping):
+                return "{ " + ", ".join(f"{k} = {value(x)}" for k, x in v.items() if x is not None) + " }"
+            return "[" + ", ".join(value(x) for x in v) + "]"
+
+        lines = [f'["{self.name}"]'] + [f"{k} = {value(v)}" for k, v in self.to_dict().items() if k != "name"]
+        text = "\n".join(lines) + "\n"
+        if path is not None:
+            path = Path(path)
+            tmp = path.with_name(path.name + ".tmp")
+            try:
+                tmp.write_text(text, encoding="utf-8")
+                tmp.replace(path)
+            except OSError as exc:
+                raise InstrumentError(f"cannot write instrument file {path}: {exc}") from None
+        return text
+
     # ------------------------------------------------------------------ derived quantities
     @property
     def max_energy_keV(self) -> float:
