@@ -251,3 +251,9 @@ def test_to_toml_round_trip(tmp_path: Path, preset: str) -> None:
     path = tmp_path / "inst.toml"
     inst.to_toml(path)
     assert Instrument.from_toml(path) == inst
+
+
+def test_describe_summarises_the_instrument() -> None:
+    text = Instrument.preset("bruker-m6").describe()
+    assert "Rh tube 50 kV" in text and "145 eV at Mn Ka" in text and "4096 x 10 eV" in text
+    assert "<pre>" in Instrument.preset("synchrotron")._repr_html_()

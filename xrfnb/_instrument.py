@@ -793,6 +793,39 @@ class Instrument:
                 raise InstrumentError(f"cannot write instrument file {path}: {exc}") from None
         return text
 
+    def describe(self) -> str:
+        """A short human-readable summary (source, geometry, detector, channels)."""
+
+        def absorbers(items: tuple[Absorber | None, ...]) -> str:
+            parts = [f"{a.thickness_um:g} um {a.material}" for a in items if a is not None]
+            return ", ".join(parts) if parts else "none"
+
+        if self.monochromatic_keV is not None:
+            source = f"monochromatic {self.monochromatic_keV:g} keV, {self.flux_photons_s:.3g} photons/s"
+        else:
+            source = (
+                f"{self.anode} tube {self.tube_voltage_kV:g} kV / {self.tube_current_mA:g} mA, "
+                f"window {absorbers((self.tube_window,))}, optics {self.optics}"
+            )
+        cal = self.calibration
+        return "\n".join(
+            [
+                f"Instrument {self.name!r}",
+                f"  source:    {source}; filters {absorbers(self.tube_filters)}",
+                f"  geometry:  incidence {self.incidence_deg:g} deg, take-off {self.takeoff_deg:g} deg, "
+                f"{self.atmosphere} {self.beam_path_mm:g} mm + {self.detector_path_mm:g} mm",
+                f"  detector:  Si {self.detector_thickness_um:g} um, {self.detector_area_mm2:g} mm2, window "
+                f"{absorbers((self.detector_window, *self.detector_filters))}, FWHM "
+                f"{1000 * float(self.fwhm_keV(MN_KA_KEV)):.0f} eV at Mn Ka",
+                f"  channels:  {self.n_channels} x {1000 * cal.gain_keV:g} eV from {cal.offset_keV:g} keV",
+            ]
+        )
+
+    def _repr_html_(self) -> str:
+        import html
+
+        return f"<pre>{html.escape(self.describe())}</pre>"
+
     # ------------------------------------------------------------------ derived quantities
     @property
     def max_energy_keV(self) -> float:
