@@ -511,3 +511,29 @@ def test_element_maps_are_stored_alongside(tmp_path, model):
     assert back.elements == em.elements and back.families == em.families
     for name in ("intensity", "sigma", "detection_limit", "chi2", "residual"):
         np.testing.assert_array_equal(getattr(back, name), getattr(em, name))
+
+
+def test_use_dask_on_an_hdf5_scan_reads_by_path(tmp_path, counts_truth, model):
+    import pickle
+
+    distributed = pytest.importorskip("distributed")
+    from xrfnb._mapping import dask_scan
+
+    counts, _ = counts_truth
+    scan = _h5_scan(_write_h5(tmp_path / "scan.h5", counts))
+    lazy = dask_scan(scan, rows_per_chunk=8)
+    assert lazy.counts.chunks[0] == (8, 8, 8)
+    # the graph pickles (an open h5py dataset would not), so cluster workers can run it
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(lazy.counts)).compute(), counts)
+    ref = map_pigments(scan, model, progress=False)
+    with (
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None
+        ) as c,
+        distributed.Client(c),
+    ):
+        maps = map_pigments(scan, model, progress=False, use_dask=True, out=tmp_path / "maps.h5")
+    np.testing.assert_allclose(maps.probability, ref.probability, atol=1e-6)
+    np.testing.assert_allclose(
+        PigmentMaps.from_hdf5(tmp_path / "maps.h5").probability, ref.probability, atol=1e-6
+    )

@@ -42,7 +42,7 @@ from ._spectrum import Scan, _is_dask
 if TYPE_CHECKING:  # pragma: no cover
     from ._fit import ElementMaps
 
-__all__ = ["MapSummary", "PigmentMaps", "map_pigments"]
+__all__ = ["MapSummary", "PigmentMaps", "dask_scan", "map_pigments"]
 
 #: reasons a pixel is masked (values of :attr:`PigmentMaps.mask_reason`)
 MASK_OK, MASK_DEAD, MASK_SATURATED, MASK_INVALID = 0, 1, 2, 3
@@ -910,6 +910,7 @@ def map_pigments(
     out: str | os.PathLike | None = None,
     resume: bool = False,
     saturation_counts: float | None = None,
+    use_dask: bool | None = None,
 ) -> PigmentMaps:
     """Pigment maps of a whole scan, streamed block by block with bounded memory.
 
@@ -941,6 +942,12 @@ def map_pigments(
     saturation_counts : float, optional
         A channel at or above this value marks the pixel saturated; default: the maximum of an integer
         dtype (a clipped counter), none for float data.
+    use_dask : bool, optional
+        Run with dask on the active scheduler (a ``dask.distributed`` client if one exists, else local
+        threads). Default: only when the counts already are a dask array. With True, an HDF5-backed scan
+        is wrapped in a dask array whose tasks open the file by path (see :func:`dask_scan`), so workers of
+        a cluster that share the file system can read it. The dask path ignores ``resume``; with ``out``
+        the maps are written (atomically) when the computation ends.
 
     Returns
     -------
@@ -971,7 +978,8 @@ def map_pigments(
         "shape": [rows, cols],
     }
 
-    if _is_dask(scan.counts):
+    if use_dask or (use_dask is None and _is_dask(scan.counts)):
+        scan = dask_scan(scan, rows_per_chunk=scan.block_rows(chunk_pixels))
         prob, bur, ood, reason = _map_dask(scan, model, saturation_counts, batch_pixels, progress)
         sink: Any = None
     else:
@@ -1187,6 +1195,58 @@ def _stream(
             del block
             sink.write(sl, prob, bur, ood, reason)
             bar.update((sl.stop - sl.start) * cols)
+
+
+def _read_rows_by_path(path: str, dataset: str, r0: int, r1: int) -> np.ndarray:
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return np.asarray(f[dataset][r0:r1])
+
+
+def dask_scan(scan: Scan, rows_per_chunk: int | None = None) -> Scan:
+    """The same scan with its counts as a :class:`dask.array.Array` of whole-row blocks.
+
+    An HDF5-backed scan becomes tasks that open the file read-only *by path* (they pickle, so they run on
+    ``dask.distributed`` workers that see the same file system); an in-memory scan is wrapped with
+    :func:`dask.array.from_array`; a dask scan is returned unchanged.
+
+    Parameters
+    ----------
+    scan : Scan
+        Shape (rows, cols, channels).
+    rows_per_chunk : int, optional
+        Rows per dask chunk (default: :meth:`Scan.block_rows`, aligned to the HDF5 chunks).
+    """
+    import dask
+    import dask.array as da
+
+    if _is_dask(scan.counts):
+        return scan
+    rows, cols, n_ch = scan.shape
+    step = int(rows_per_chunk or scan.block_rows())
+    counts = scan.counts
+    try:
+        import h5py
+
+        is_h5 = isinstance(counts, h5py.Dataset)
+    except ImportError:  # pragma: no cover
+        is_h5 = False
+    if is_h5:
+        path, name = str(counts.file.filename), str(counts.name)
+        read = dask.delayed(_read_rows_by_path, pure=True)
+        blocks = [
+            da.from_delayed(
+                read(path, name, r0, min(rows, r0 + step)),
+                shape=(min(rows, r0 + step) - r0, cols, n_ch),
+                dtype=counts.dtype,
+            )
+            for r0 in range(0, rows, step)
+        ]
+        arr = da.concatenate(blocks, axis=0)
+    else:
+        arr = da.from_array(counts, chunks=(step, cols, n_ch))
+    return dataclasses.replace(scan, counts=arr)
 
 
 def _map_dask(
