@@ -48,19 +48,22 @@ STACKS = {
     "vermilion": [_layer({"HgS": 1.0}, 15, 8.1)],
     "lead white (thick)": [_layer({"PbCO3": 0.8, OIL: 0.2}, 200, 4.0)],
     "red ochre (thin)": [_layer({"Fe2O3": 0.5, "SiO2": 0.3, OIL: 0.2}, 3, 2.5)],
-    "vermilion/lead white": [_layer({"HgS": 0.6, OIL: 0.4}, 10, 3.0), _layer({"PbCO3": 0.85, OIL: 0.15}, 40, 4.5)],
+    "vermilion/lead white": [_layer({"HgS": 0.6, OIL: 0.4}, 10, 3.0),
+                             _layer({"PbCO3": 0.85, OIL: 0.15}, 40, 4.5)],
     "azurite/chalk": [_layer({"Cu3C2H2O8": 0.7, OIL: 0.3}, 20, 2.2), _layer({"CaCO3": 1.0}, 300, 2.0)],
     "chrome yellow/smalt": [_layer({"PbCrO4": 0.7, OIL: 0.3}, 8, 3.5),
                             _layer({"SiO2": 0.65, "K2O": 0.15, "CoO": 0.15, "As2O3": 0.05}, 25, 2.4)],
     "zinc white/umber/gypsum": [_layer({"ZnO": 0.6, OIL: 0.4}, 5, 2.5),
                                 _layer({"Fe2O3": 0.4, "MnO2": 0.2, OIL: 0.4}, 10, 2.2),
                                 _layer({"CaSO4H4O2": 1.0}, 200, 2.3)],
-    "titanium white/cadmium": [_layer({"TiO2": 0.5, OIL: 0.5}, 12, 1.8), _layer({"CdS": 0.6, OIL: 0.4}, 15, 2.6)],
+    "titanium white/cadmium": [_layer({"TiO2": 0.5, OIL: 0.5}, 12, 1.8),
+                               _layer({"CdS": 0.6, OIL: 0.4}, 15, 2.6)],
     "emerald green/lead-tin": [_layer({"CuAs2O4": 0.5, OIL: 0.5}, 10, 2.0),
                                _layer({"Pb2SnO4": 0.7, OIL: 0.3}, 20, 4.5)],
     "ultramarine/barium": [_layer({"Na8Al6Si6O24S3": 0.6, OIL: 0.4}, 10, 1.8),
                            _layer({"BaSO4": 0.8, OIL: 0.2}, 50, 3.0)],
-    "cobalt blue/strontium": [_layer({"CoAl2O4": 0.5, OIL: 0.5}, 15, 1.9), _layer({"SrCrO4": 0.7, OIL: 0.3}, 30, 2.8)],
+    "cobalt blue/strontium": [_layer({"CoAl2O4": 0.5, OIL: 0.5}, 15, 1.9),
+                              _layer({"SrCrO4": 0.7, OIL: 0.3}, 30, 2.8)],
 }
 
 
@@ -97,7 +100,7 @@ def _compare(name: str, layers: list[Layer], elements, secondary: int) -> list[t
     xrf.setBeam(list(ENERGIES), list(WEIGHTS))
     xrf.setGeometry(PSI_IN, PSI_OUT)
     sample = []
-    for j, layer in enumerate(layers):
+    for layer in layers:
         mname = f"xrfnb_{next(_COUNTER)}"
         mat = fisx.Material(mname, layer.density_g_cm3, layer.thickness_um * 1e-4)
         mat.setComposition(dict(layer.composition))
@@ -145,7 +148,8 @@ def test_primary_line_intensities_agree_with_fisx(primary_rows) -> None:
     assert sum(1 for name in stacks if len(STACKS[name]) > 1) >= 7
     ratio = np.array([r[3] / r[4] for r in rows])
     rel = ratio / np.median(ratio)
-    bad = [(r[0], r[1], r[2], round(float(x), 4)) for r, x in zip(rows, rel, strict=True) if abs(x - 1) > 0.05]
+    bad = [(r[0], r[1], r[2], round(float(x), 4))
+           for r, x in zip(rows, rel, strict=True) if abs(x - 1) > 0.05]
     assert not bad, f"lines off fisx by more than 5 %: {bad}"
     # most agree far better than the 5 % bound
     assert np.median(np.abs(rel - 1)) < 0.01
