@@ -172,6 +172,7 @@ def worker_map(path: Path, out: Path, chunk_pixels: int) -> dict:
         "peak_rss_mb": _rss_mb(),
         "masked": s.n_masked,
         "torch_threads": __import__("torch").get_num_threads(),
+        "timing_s": maps.metadata.get("timing_s", {}),
     }
 
 
@@ -261,6 +262,7 @@ def main() -> int:
                 print(f"  map_pigments failed: {m['error']}")
                 return 1
             print(f"  model: {m['model']}")
+            print(f"  stage seconds: {m['timing_s']} (read: background thread; wait: main thread idle)")
             print(
                 f"  map_pigments: {m['spectra_per_s']:,.0f} spectra/s ({m['elapsed_s']:.1f} s), peak RSS "
                 f"{m['peak_rss_mb']:.0f} MB (after imports and model load {m['baseline_rss_mb']:.0f} MB), "

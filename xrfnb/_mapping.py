@@ -996,7 +996,7 @@ def map_pigments(
             sink = _PartialSink(out_path, manifest, resume)
         else:
             sink = _MemorySink(rows, cols, k)
-        _stream(scan, model, sink, slices, saturation_counts, batch_pixels, progress)
+        metadata["timing_s"] = _stream(scan, model, sink, slices, saturation_counts, batch_pixels, progress)
 
     elapsed = time.perf_counter() - t0
     em = _element_maps(scan, instrument, progress) if element_maps else None
@@ -1156,9 +1156,15 @@ def _stream(
     saturation_counts: float | None,
     batch_pixels: int,
     progress: bool,
-) -> None:
+) -> dict[str, float]:
+    """Read -> identify -> write over the row blocks; returns seconds spent per stage.
+
+    ``read`` is the time spent reading blocks (in the background thread), ``wait`` the part of it the
+    main thread waited for, ``identify`` masking plus the model, ``write`` the sink.
+    """
     from tqdm.auto import tqdm
 
+    timing = {"read": 0.0, "wait": 0.0, "identify": 0.0, "write": 0.0}
     rows, cols, _ = scan.shape
     todo = [sl for sl in slices if not sink.done(sl)]
     lt_all = scan.live_time_s
@@ -1166,9 +1172,10 @@ def _stream(
     fast = _ChunkReader.maybe(scan.counts)
 
     def read(sl: slice) -> np.ndarray:
-        if fast is not None:
-            return fast.read_rows(sl.start, sl.stop)
-        return np.asarray(scan.counts[sl])
+        t = time.perf_counter()
+        block = fast.read_rows(sl.start, sl.stop) if fast is not None else np.asarray(scan.counts[sl])
+        timing["read"] += time.perf_counter() - t
+        return block
 
     with (
         tqdm(
@@ -1186,15 +1193,23 @@ def _stream(
         # read the next block in a background thread while the model works on this one
         pending = pool.submit(read, todo[0]) if todo else None
         for i, sl in enumerate(todo):
+            t0 = time.perf_counter()
             block = pending.result()
+            t1 = time.perf_counter()
             pending = pool.submit(read, todo[i + 1]) if i + 1 < len(todo) else None
             lt = lt_all[sl] if isinstance(lt_all, np.ndarray) else lt_all
             prob, bur, ood, reason = _process_block(
                 block, model, scan.calibration, lt, saturation_counts, batch_pixels
             )
             del block
+            t2 = time.perf_counter()
             sink.write(sl, prob, bur, ood, reason)
+            t3 = time.perf_counter()
+            timing["wait"] += t1 - t0
+            timing["identify"] += t2 - t1
+            timing["write"] += t3 - t2
             bar.update((sl.stop - sl.start) * cols)
+    return {k: round(v, 3) for k, v in timing.items()}
 
 
 def _read_rows_by_path(path: str, dataset: str, r0: int, r1: int) -> np.ndarray:
