@@ -58,7 +58,7 @@ _SQRT2PI = math.sqrt(2.0 * math.pi)
 _N_SIGMA = 7.0
 _N_BETA = 14.0
 #: lines per window-size group in DetectorResponse.matrix
-_CHUNK_LINES = 32
+_CHUNK_LINES = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -341,20 +341,33 @@ class DetectorResponse:
         out = np.zeros((n_lines, n_pad), dtype=dtype)
         flat = out.reshape(-1)
 
-        def window(rows: np.ndarray, centre_ch: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, ...]:
-            """Padded start column, flat indices, energies and widths of windows [c - lo, c + hi]."""
-            c0 = np.clip(np.rint(centre_ch).astype(np.int64), lo - pad_lo, n_ch - 1 + pad_hi - hi)
+        def window(rows: np.ndarray, c0: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, ...]:
+            """Padded start column, flat indices, energies and widths of windows [c0 - lo, c0 + hi]."""
             start = c0 - lo + pad_lo
             cols = start[:, None] + np.arange(lo + hi + 1)[None, :]
             return start, cols + (rows * n_pad)[:, None], e_pad[cols], w_pad[cols]
 
+        def centre_channel(centre_ch: np.ndarray, lo: int, hi: int) -> np.ndarray:
+            """Nearest channel, clipped so that [c - lo, c + hi] stays inside the padded range."""
+            return np.clip(np.rint(centre_ch).astype(np.int64), lo - pad_lo, n_ch - 1 + pad_hi - hi)
+
         # --- photopeak, exponential tail and the shelf's edge -----------------------------------------
+        # The window of a chunk is split: a core of +/- ~7 sigma around the line, where the hypermet
+        # functions are evaluated in full, and the far low-energy side, where the Gaussian and the
+        # complementary error functions have reached their limits (0 and 2 to < 1e-10), leaving the pure
+        # exponential tail and the flat shelf. This keeps the cost of long tails low.
         for chunk, (lo, hi) in zip(chunks, halves, strict=True):
             s_c, b_c = sigma[chunk], beta[chunk]
-            start, idx, x, wcol = window(chunk, centre[chunk], lo, hi)
+            lo_core = min(lo, math.ceil(float(np.max(_N_SIGMA * s_c + s_c * s_c / b_c)) / w_min) + 1)
+            c0 = centre_channel(centre[chunk], lo, hi)
+            k = (s_c / b_c)[:, None].astype(f32)
+            amp_peak = (parts["peak"][chunk] / (_SQRT2PI * s_c))[:, None].astype(f32)
+            amp_tail = (parts["tail"][chunk] / (2.0 * b_c))[:, None].astype(f32)
+            amp_shelf = (0.5 * shelf_density[chunk])[:, None].astype(f32)
+            # core
+            _, idx, x, wcol = window(chunk, c0, lo_core, hi)
             u = ((x - e[chunk, None]) / s_c[:, None]).astype(f32)
             g0 = np.exp(f32(-0.5) * u * u)
-            k = (s_c / b_c)[:, None].astype(f32)
             b = (u + k) * f32(1.0 / _SQRT2)
             # tail density exp(u k + k^2/2) erfc(b) / (2 beta), evaluated stably through erfcx
             with np.errstate(over="ignore", under="ignore"):
@@ -364,12 +377,17 @@ class DetectorResponse:
                     np.exp(np.minimum(u * k + f32(0.5) * k * k, f32(50.0))) * _erfc(np.minimum(b, f32(0))),
                 )
             step = _erfc(u * f32(1.0 / _SQRT2)) * (x > 0)  # the shelf's edge, smoothed by the resolution
-            amp_peak = (parts["peak"][chunk] / (_SQRT2PI * s_c))[:, None].astype(f32)
-            amp_tail = (parts["tail"][chunk] / (2.0 * b_c))[:, None].astype(f32)
-            amp_shelf = (0.5 * shelf_density[chunk])[:, None].astype(f32)
             flat[idx] += ((amp_peak * g0 + amp_tail * tail + amp_shelf * step) * wcol).astype(
                 dtype, copy=False
             )
+            # far low-energy side: 2 exp(u k + k^2/2) tail and the full shelf
+            start = c0 - lo_core + pad_lo
+            if lo > lo_core:
+                start, idx, x, wcol = window(chunk, c0, lo, -lo_core - 1)
+                u = ((x - e[chunk, None]) / s_c[:, None]).astype(f32)
+                with np.errstate(under="ignore"):
+                    far = f32(2.0) * amp_tail * np.exp(u * k + f32(0.5) * k * k)
+                flat[idx] += ((far + f32(2.0) * amp_shelf * (x > 0)) * wcol).astype(dtype, copy=False)
             # the flat shelf below the window, from 0 keV up to the window's first column
             for r, s0 in zip(chunk.tolist(), start.tolist(), strict=True):
                 if s0 > first_positive and shelf_density[r] > 0:
@@ -381,7 +399,7 @@ class DetectorResponse:
             if not chunk.size:
                 continue
             rows = esc_idx[chunk]
-            _, idx, x, wcol = window(rows, c_esc[chunk], half, half)
+            _, idx, x, wcol = window(rows, centre_channel(c_esc[chunk], half, half), half, half)
             u = ((x - e_esc[chunk, None]) / s_esc[chunk, None]).astype(f32)
             amp = (a_esc[chunk] / (_SQRT2PI * s_esc[chunk]))[:, None].astype(f32)
             flat[idx] += (amp * np.exp(f32(-0.5) * u * u) * wcol).astype(dtype, copy=False)
