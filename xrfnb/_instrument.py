@@ -5,7 +5,17 @@ spectrum, except the sample: the tube (Ebel's spectrum, :mod:`xrfnb._tube`) or a
 windows and filters, optics, the atmosphere on both beam paths, the incidence and take-off angles, the
 silicon drift detector (window, thickness, resolution, line shape, pile-up) and the channel calibration.
 Presets ship as data in ``xrfnb/data/instruments.toml``; users define their own with
-``Instrument(...)``, :meth:`Instrument.with_` or :meth:`Instrument.from_toml`.
+``Instrument(...)``, :meth:`Instrument.with_`, :meth:`Instrument.from_toml` (and save them with
+:meth:`Instrument.to_toml`), or import a PyMca fit configuration with :meth:`Instrument.from_pymca`.
+
+Example
+-------
+>>> import xrfnb
+>>> m6 = xrfnb.Instrument.preset("bruker-m6")
+>>> round(float(m6.fwhm_keV(5.8988)), 3)
+0.145
+>>> energy_keV, photons = m6.excitation()          # photons/s on the sample per bin or line
+>>> wider = m6.with_(fwhm_scale=1.2, tube_voltage_kV=40.0)
 
 Units are in the names. Angles are in degrees, measured from the sample (or anode) surface.
 """

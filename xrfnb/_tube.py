@@ -25,8 +25,11 @@ The model is the semi-empirical description of thick-target (reflection) X-ray t
   photo-absorption coefficient of the anode (Ebel uses the photo-absorption coefficient).
 
 All atomic data (fluorescence yields, radiative rates, edge and line energies, atomic weights,
-photo-absorption cross sections) come from xraylib. Ebel validated the model for 5-50 kV, electron
-incidence 50-90 deg and take-off 5-90 deg; it is used here up to 100 kV.
+photo-absorption cross sections) come from xraylib. Ebel (2003) multiplies the L constants by a mean
+L-shell fluorescence yield; here each subshell's own yield (xraylib ``FluorYield``) is used. Ebel's
+conclusion also quotes a single constant 6.0e13 for all lines (used by PyMca's implementation); the
+shell-specific constants above are used here, so K lines are 5/6 of PyMca's. Ebel validated the model
+for 5-50 kV, electron incidence 50-90 deg and take-off 5-90 deg; it is used here up to 100 kV.
 
 References
 ----------
