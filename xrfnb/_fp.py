@@ -168,7 +168,7 @@ def _merge_bins(energy: np.ndarray, photons: np.ndarray, n_max: int) -> tuple[np
 
 
 def rebin_excitation(
-    energy_keV: np.ndarray, photons: np.ndarray, *, max_bins: int = 64, max_render_bins: int = 512,
+    energy_keV: np.ndarray, photons: np.ndarray, *, max_bins: int = 64, max_render_bins: int = 2048,
     tube_voltage_kV: float | None = None,
 ) -> Excitation:
     """Discretise an incident photon spectrum for the FP computation.

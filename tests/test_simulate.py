@@ -1,0 +1,199 @@
+"""simulate(), simulate_batch() and line_intensities() with real instruments."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import xraylib
+
+import xrfnb
+from xrfnb import InstrumentError, Layer, SimulationError, Stack
+from xrfnb._fp import compton_energy_keV
+from xrfnb._simulate import StackArrays, expected_spectrum, stack_arrays
+
+
+@pytest.fixture(scope="module")
+def m6() -> xrfnb.Instrument:
+    return xrfnb.Instrument.preset("bruker-m6")
+
+
+@pytest.fixture(scope="module")
+def painting() -> Stack:
+    return Stack([Layer({"vermilion": 0.4}, thickness_um=15),
+                  Layer({"lead white": 0.7, "red ochre": 0.1}, thickness_um=40)], ground="chalk")
+
+
+def test_line_table(m6, painting) -> None:
+    table = xrfnb.line_intensities(painting, m6)
+    assert len(table) > 20
+    assert set(table.element) >= {"Hg", "Pb", "Fe", "S"}
+    # Hg is only in layer 0, Pb and Fe only in layer 1
+    assert set(table.layer[table.mask(element="Hg")]) == {0}
+    assert set(table.layer[table.mask(element="Pb")]) == {1}
+    np.testing.assert_allclose(table.intensity, table.primary + table.secondary)
+    assert np.all(np.diff(table.energy_keV) >= 0)
+    # energies of named families agree with xraylib (group means) within 30 eV
+    for el, fam in (("Hg", "La"), ("Pb", "Lb"), ("Fe", "Ka")):
+        t = table.select(element=el, family=fam)
+        mean_e = np.sum(t.energy_keV * t.intensity) / t.intensity.sum()
+        assert mean_e == pytest.approx(xrfnb.line_energy_keV(el, fam), abs=0.03 if fam != "Lb" else 0.15)
+    row = next(table.rows())
+    assert row.intensity > 0 and isinstance(row.element, str)
+    assert 0 < table.detector_efficiency.min() and table.detector_efficiency.max() <= 1
+
+
+def test_overpaint_reduces_buried_lines(m6) -> None:
+    lead = Layer({"lead white": 0.8}, thickness_um=30)
+    bare = xrfnb.line_intensities(Stack([lead]), m6).total("Pb", "La")
+    covered = [xrfnb.line_intensities(Stack([Layer({"titanium white": 0.5}, thickness_um=t), lead]), m6)
+               .total("Pb", "La") for t in (5, 10, 20, 40)]
+    assert bare > covered[0] > covered[1] > covered[2] > covered[3] > 0
+
+
+def test_simulate_spectrum_peaks_where_lines_are(m6, painting) -> None:
+    spec = xrfnb.simulate(painting, m6, counts=200_000, rng=3)
+    assert isinstance(spec, xrfnb.Spectrum)
+    assert spec.n_channels == m6.n_channels
+    assert spec.calibration == m6.calibration
+    assert spec.total_counts == pytest.approx(200_000, rel=0.01)
+    assert spec.metadata["simulated"] is True
+    e = spec.energy_keV
+    for el, fam in (("Hg", "La"), ("Pb", "Lb")):
+        e0 = xrfnb.line_energy_keV(el, fam)
+        win = np.abs(e - e0) < 0.1
+        assert e[win][np.argmax(spec.counts[win])] == pytest.approx(e0, abs=0.03)
+
+
+def test_rayleigh_and_compton_peaks_of_the_anode_line(m6) -> None:
+    from xrfnb import _fp
+    from xrfnb._simulate import _setup, _tables_for
+
+    stack = Stack([Layer({"C57H98O6": 1.0}, binder=None, thickness_um=2000, density_g_cm3=1.0)])
+    setup = _setup(m6)
+    arr = stack_arrays([stack])
+    T = _tables_for(arr.elements, setup)
+    ray, comp = _fp.scatter(arr.weight_fraction, arr.mass_thickness_g_cm2, T)
+    ray_spec = ((ray * setup.eff_rayleigh) @ setup.rayleigh_rows)[0]
+    comp_spec = ((comp * setup.eff_compton) @ setup.compton_rows)[0]
+    e = m6.channel_energy_keV
+    rh_ka = xrfnb.line_energy_keV("Rh", "Ka")
+    theta = np.pi - np.radians(m6.incidence_deg) - np.radians(m6.takeoff_deg)
+    # Compton shift: E' = E / (1 + E/mc^2 (1 - cos theta)), written out independently
+    e_c = rh_ka / (1 + rh_ka / 510.99895 * (1 - np.cos(theta)))
+    assert compton_energy_keV(rh_ka, theta) == pytest.approx(e_c)
+    win = np.abs(e - rh_ka) < 0.3
+    assert e[win][np.argmax(ray_spec[win])] == pytest.approx(rh_ka, abs=0.03)
+    win_c = np.abs(e - e_c) < 0.3
+    assert e[win_c][np.argmax(comp_spec[win_c])] == pytest.approx(e_c, abs=0.05)
+    # organic matter scatters mostly incoherently: the Compton peak dominates the Rayleigh peak
+    assert comp_spec[win_c].sum() > 2 * ray_spec[win].sum()
+
+    # the Compton peak is broader than the Rayleigh peak (Doppler broadening): width at half maximum
+    def fwhm(y, centre):
+        m = np.abs(e - centre) < 0.8
+        x, y = e[m], y[m] - y[m].min()
+        above = x[y >= 0.5 * y.max()]
+        return above.max() - above.min()
+
+    assert fwhm(comp_spec, e_c) > 1.25 * fwhm(ray_spec, rh_ka)
+    # and both are in the full expected spectrum
+    full = expected_spectrum(stack, m6)
+    np.testing.assert_allclose(full, (ray_spec + comp_spec) * setup.exc.total_photons * setup.solid_angle_sr,
+                               rtol=1e-6, atol=1e-9 * full.max())
+
+
+def test_batch_matches_single_expected(m6, painting) -> None:
+    other = Stack([Layer({"smalt": 0.5}, thickness_um=25)], ground="gypsum")
+    batch = xrfnb.simulate_batch([painting, other], m6, noise=False, live_time_s=1.0)
+    for i, st in enumerate((painting, other)):
+        single = expected_spectrum(st, m6, secondary=False)
+        np.testing.assert_allclose(batch[i], single, rtol=2e-3, atol=1e-3 * single.max())
+
+
+@pytest.mark.parametrize("method", ["events", "poisson"])
+def test_batch_noise_is_poisson_around_the_expectation(m6, painting, method) -> None:
+    n = 400
+    stacks = [painting] * n
+    counts = xrfnb.simulate_batch(stacks, m6, counts=2000, rng=7, method=method)
+    assert counts.shape == (n, m6.n_channels)
+    assert np.all(counts == np.round(counts)) and counts.min() >= 0
+    totals = counts.sum(axis=1)
+    assert totals.mean() == pytest.approx(2000, rel=0.01)
+    assert totals.var() == pytest.approx(2000, rel=0.25)  # Poisson: variance = mean
+    expected = xrfnb.simulate_batch([painting], m6, counts=2000, noise=False)[0]
+    mean = counts.mean(axis=0)
+    # pooled over 50-channel bins the mean spectrum matches the expectation within 5 sigma
+    b_mean = mean.reshape(-1, 64).sum(axis=1)
+    b_exp = expected.reshape(-1, 64).sum(axis=1)
+    sigma = np.sqrt(b_exp / n) + 1e-9
+    assert np.all(np.abs(b_mean - b_exp) < 5 * sigma + 1e-3 * b_exp.max())
+
+
+def test_batch_is_reproducible_and_thread_independent(m6, painting) -> None:
+    stacks = [painting] * 1500
+    a = xrfnb.simulate_batch(stacks, m6, counts=500, rng=11, threads=1)
+    b = xrfnb.simulate_batch(stacks, m6, counts=500, rng=11, threads=2)
+    np.testing.assert_array_equal(a, b)
+    c = xrfnb.simulate_batch(stacks, m6, counts=500, rng=12, threads=2)
+    assert not np.array_equal(a, c)
+
+
+def test_stack_arrays_input(m6, painting) -> None:
+    arr = stack_arrays([painting])
+    again = StackArrays(arr.elements, arr.weight_fraction, arr.mass_thickness_g_cm2)
+    x = xrfnb.simulate_batch(again, m6, noise=False)
+    y = xrfnb.simulate_batch([painting], m6, noise=False)
+    np.testing.assert_allclose(x, y)
+    bad = arr.weight_fraction.copy()
+    bad[0, 0] *= 0.5
+    with pytest.raises(SimulationError, match="off 1 by"):
+        StackArrays(arr.elements, bad, arr.mass_thickness_g_cm2)
+
+
+def test_live_time_scales_counts(m6) -> None:
+    st = Stack([Layer({"chrome yellow": 0.6}, thickness_um=10)])
+    short = xrfnb.simulate(st, m6, live_time_s=0.01, noise=False, pileup=False)
+    long = xrfnb.simulate(st, m6, live_time_s=0.1, noise=False, pileup=False)
+    np.testing.assert_allclose(long.counts, 10 * short.counts, rtol=1e-9)
+    assert long.live_time_s == pytest.approx(0.1)
+
+
+def test_bad_input(m6, painting) -> None:
+    with pytest.raises(SimulationError):
+        xrfnb.simulate("lead white", m6)  # type: ignore[arg-type]
+    with pytest.raises(SimulationError, match="counts"):
+        xrfnb.simulate(painting, m6, counts=-5)
+    with pytest.raises(SimulationError, match="live_time_s"):
+        xrfnb.simulate(painting, m6, live_time_s=0)
+    with pytest.raises(SimulationError, match="method"):
+        xrfnb.simulate_batch([painting], m6, method="magic")
+
+
+@dataclasses.dataclass(frozen=True)
+class _HalfBlindInstrument(xrfnb.Instrument):
+    """An instrument whose efficiency table stops at 8 keV (NaN above): a user-defined detector."""
+
+    def detector_efficiency(self, energy_keV):
+        eff = super().detector_efficiency(energy_keV)
+        return np.where(np.asarray(energy_keV) > 8.0, np.nan, eff)
+
+
+def test_missing_detector_efficiency_is_a_clear_error(m6, painting) -> None:
+    inst = _HalfBlindInstrument(**{f.name: getattr(m6, f.name) for f in dataclasses.fields(m6)})
+    with pytest.raises(InstrumentError, match="no valid detector efficiency at"):
+        xrfnb.line_intensities(painting, inst)
+
+
+def test_monochromatic_source_excites_only_edges_below_it() -> None:
+    sync = xrfnb.Instrument.preset("synchrotron")
+    e0 = sync.monochromatic_keV
+    st = Stack([Layer({"lead white": 0.5, "zinc white": 0.3}, thickness_um=10)])
+    table = xrfnb.line_intensities(st, sync)
+    for el in set(table.element):
+        z = xraylib.SymbolToAtomicNumber(el)
+        rows = table.select(element=el)
+        for fam in set(rows.family):
+            shell = {"K": xraylib.K_SHELL, "L": xraylib.L3_SHELL, "M": xraylib.M5_SHELL}[fam[0]]
+            assert xraylib.EdgeEnergy(z, shell) < e0
