@@ -219,7 +219,7 @@ def main() -> int:
     ap.add_argument("--small", action="store_true", help="128^2 and 256^2 pixels (quick check)")
     ap.add_argument("--tmpdir", default=None, help="where to write the scans (default: system temp)")
     ap.add_argument("--no-fit", action="store_true", help="skip the element fit")
-    ap.add_argument("--chunk-pixels", type=int, default=16384)
+    ap.add_argument("--chunk-pixels", type=int, default=None, help="default 8192 (2048 with --small)")
     ap.add_argument("--fit-timeout", type=float, default=1800.0, help="seconds allowed for each element fit")
     ap.add_argument("--worker", choices=["generate", "map", "fit"], help=argparse.SUPPRESS)
     ap.add_argument("--path", help=argparse.SUPPRESS)
@@ -238,6 +238,8 @@ def main() -> int:
         return 0
 
     sizes = (128, 256) if args.small else (512, 1024)
+    if args.chunk_pixels is None:  # several blocks even at the smaller size, so the two sizes compare
+        args.chunk_pixels = 2048 if args.small else 8192
     work = Path(tempfile.mkdtemp(prefix="xrfnb-bench-", dir=args.tmpdir))
     print(f"bench_mapping: scans in {work} (deleted afterwards); {os.cpu_count()} CPUs")
     results = []

@@ -260,9 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--chunk-pixels",
         type=_positive_int,
-        default=16384,
+        default=8192,
         metavar="N",
-        help="pixels read per block (memory vs. speed; default 16384)",
+        help="pixels read per block (memory vs. speed; default 8192)",
     )
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_cmd_identify)
