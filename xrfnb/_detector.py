@@ -45,6 +45,7 @@ import math
 
 import numpy as np
 import xraylib
+from scipy import fft as sp_fft
 
 from ._errors import DataError, InstrumentError
 from ._instrument import FWHM_PER_SIGMA, Instrument, mass_attenuation_cm2_g
@@ -459,34 +460,38 @@ class DetectorResponse:
     def _self_convolve(self, s: np.ndarray) -> np.ndarray:
         """Distribution of the sum energy of two photons drawn from ``s`` (B, C), on the channel grid."""
         n = self.n_channels
-        nfft = 1 << math.ceil(math.log2(2 * n))
-        f = np.fft.rfft(s, nfft, axis=1)
-        conv = np.fft.irfft(f * f, nfft, axis=1)[:, : 2 * n - 1]
-        conv = np.maximum(conv, 0.0)
+        nfft = sp_fft.next_fast_len(2 * n - 1, real=True)
+        f = sp_fft.rfft(s, nfft, axis=1)  # scipy keeps float32 in float32
+        conv = sp_fft.irfft(f * f, nfft, axis=1)[:, : 2 * n - 1]
+        np.maximum(conv, 0.0, out=conv)  # FFT round-off
         # sum bin m = i + j holds pairs of channels i, j. On a linear grid its energy is exactly
-        # E_i + E_j = 2 E_0 + g m; on a curved grid 2 E(m / 2) is used (error q (i - j)^2 / 2).
+        # E_i + E_j = 2 E_0 + g m, i.e. channel m + E_0 / g: a constant shift, done with two slices.
         e = self.channel_energy_keV
-        m = np.arange(2 * n - 1)
         if self._linear:
-            g = e[1] - e[0]
-            ch = m + e[0] / g  # fractional channel of each sum bin
-        else:
-            half = 0.5 * m
-            e_half = np.interp(half, self._index, e)
-            over = half > n - 1
-            e_half[over] = e[-1] + (half[over] - (n - 1)) * (e[-1] - e[-2])
-            ch = self._fractional_channel(2.0 * e_half)
+            shift = e[0] / (e[1] - e[0])
+            whole = math.floor(shift)
+            frac = shift - whole
+            res = np.zeros_like(s)
+            for sh, wgt in ((whole, 1.0 - frac), (whole + 1, frac)):
+                # res[:, k] += wgt * conv[:, k - sh] for valid k
+                k0, k1 = max(0, sh), min(n, 2 * n - 1 + sh)
+                if k1 > k0 and wgt > 0:
+                    res[:, k0:k1] += wgt * conv[:, k0 - sh : k1 - sh]
+            return res
+        # on a curved grid the sum bin is placed at 2 E(m / 2) (error q (i - j)^2 / 2)
+        m = np.arange(2 * n - 1)
+        half = 0.5 * m
+        e_half = np.interp(half, self._index, e)
+        over = half > n - 1
+        e_half[over] = e[-1] + (half[over] - (n - 1)) * (e[-1] - e[-2])
+        ch = self._fractional_channel(2.0 * e_half)
         lo = np.floor(ch).astype(np.int64)
-        frac = ch - lo
+        fr = ch - lo
         res = np.zeros_like(s)
-        for off, wgt in ((0, 1.0 - frac), (1, frac)):
+        for off, wgt in ((0, 1.0 - fr), (1, fr)):
             idx = lo + off
             ok = (idx >= 0) & (idx < n)
-            if self._linear:
-                # idx is strictly increasing: plain fancy-index addition is safe
-                res[:, idx[ok]] += conv[:, ok] * wgt[ok]
-            else:
-                np.add.at(res.T, idx[ok], (conv[:, ok] * wgt[ok]).T)
+            np.add.at(res.T, idx[ok], (conv[:, ok] * wgt[ok]).T)
         return res
 
 
