@@ -435,7 +435,8 @@ class DetectorResponse:
         Returns
         -------
         numpy.ndarray
-            Expected counts with pile-up, same shape as ``expected`` (float64 or input float dtype).
+            Expected counts with pile-up, same shape as ``expected``: float32 for float32 input (about
+            3 times faster: the self-convolution is an FFT per spectrum), float64 otherwise.
         """
         y = np.asarray(expected)
         if y.shape[-1] != self.n_channels:
