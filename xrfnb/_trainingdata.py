@@ -66,7 +66,8 @@ class DataConfig:
     Attributes
     ----------
     instruments, instrument_weights
-        Instrument presets and their sampling weights.
+        Instrument presets and their sampling weights; an entry may also be a mapping of
+        :class:`~xrfnb.Instrument` settings (``Instrument.to_dict()``, e.g. a user's calibrated instrument).
     n_instrument_variants : int
         Randomised instruments (tube voltage, air path, FWHM) prepared in all, presets in proportion to
         their weights; each training batch is split over ``variants_per_batch`` of them. Keep it <= 8:
@@ -138,6 +139,17 @@ class DataConfig:
         lo, hi = self.counts
         if not 0 < lo <= hi:
             raise ModelError(f"[data] counts range must be positive and increasing, got {self.counts}")
+
+
+def _instrument_of(entry: Any) -> Any:
+    """An instrument of ``DataConfig.instruments``: a preset name or a mapping of Instrument settings."""
+    from collections.abc import Mapping
+
+    from ._instrument import Instrument
+
+    if isinstance(entry, Mapping):
+        return Instrument.from_dict(entry)
+    return Instrument.preset(entry)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -521,9 +533,7 @@ class TrainingData:
 
     def default_input(self) -> dict[str, Any]:
         """Calibration and channel count assumed for bare arrays (the first instrument preset)."""
-        from ._instrument import Instrument
-
-        inst = Instrument.preset(self.cfg.instruments[0])
+        inst = _instrument_of(self.cfg.instruments[0])
         return {
             "instrument": inst.name,
             "calibration": inst.calibration.to_dict(),
@@ -610,7 +620,7 @@ class TrainingData:
             # the spectrum was simulated with `cal`; the user believes `true_cal` (a calibration error)
             binned[idx] = rebin_counts(raw, true_cal, self.edges_keV)
             labels[idx] = lab
-            raws.append((idx, raw, true_cal))
+            raws.append((idx, raw, true_cal, inst))
         return binned, labels, raws, stacks
 
     # -- instruments ------------------------------------------------------------------------------------
@@ -639,9 +649,7 @@ class TrainingData:
         return variants[int(rng.integers(len(variants)))]
 
     def _make_variant(self, preset: str, rng: np.random.Generator, wider: bool) -> Any:
-        from ._instrument import Instrument
-
-        inst = Instrument.preset(preset)
+        inst = _instrument_of(preset)
         cfg = self.cfg
         lo, hi = (0.8, 1.3) if wider else cfg.fwhm_scale
         fwhm_mnka = float(inst.fwhm_keV(5.8988)) * rng.uniform(lo, hi)

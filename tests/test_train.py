@@ -1,0 +1,242 @@
+"""Training data, labels, the training loop (tiny runs), checkpoints/resume and evaluation."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import xraylib
+
+from xrfnb import ModelError
+from xrfnb._model import PigmentModel
+from xrfnb._train import _BatchStream, best_f1_thresholds, fit_temperature, load_config, prf, train_model
+from xrfnb._trainingdata import (
+    MAX_PAINT_LAYERS,
+    N_LAYERS,
+    DataConfig,
+    StackBatch,
+    TrainingData,
+    pigment_table,
+    sample_stacks,
+)
+
+TINY = {
+    "name": "tiny-test",
+    "model": {"hidden": [32, 16], "conv_channels": 2},
+    "data": {"instruments": ["bruker-m6"], "instrument_weights": [1.0], "n_instrument_variants": 1,
+             "variants_per_batch": 1},
+    "optim": {"batch_size": 32, "max_steps": 12, "time_budget_min": 10.0, "n_val": 192, "workers": 0,
+              "checkpoint_every": 3, "threads": 1, "seed": 5},
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny")
+    model = train_model(TINY, out, progress=False)
+    return out, model
+
+
+# -- sampling and labels ------------------------------------------------------------------------------
+def test_sampled_stacks_are_valid_mixtures():
+    rng = np.random.default_rng(0)
+    sb = sample_stacks(200, rng, DataConfig())
+    used = sb.mt > 0
+    np.testing.assert_allclose(sb.W.sum(axis=2)[used], 1.0, atol=1e-9)
+    assert np.all(sb.W >= 0) and np.all(sb.pigment_wt >= 0)
+    # every sample has a top layer, layer counts follow the configured 1-3
+    assert used[:, 0].all() and set(np.unique(sb.n_paint)) <= {1, 2, 3}
+    # top layers 2-60 um of paint with densities between oil (0.93) and lead white (6.8 g/cm3)
+    assert sb.mt[:, 0].min() >= 2e-4 * 0.93 and sb.mt[:, 0].max() <= 60e-4 * 6.8
+    # pigments of a layer never exceed its weight; minor pigments reach down to ~1 wt%
+    tab = pigment_table()
+    pig_total = sb.pigment_wt.sum(axis=2)
+    assert np.all(pig_total <= 1 + 1e-9)
+    nz = sb.pigment_wt[:, :MAX_PAINT_LAYERS][sb.pigment_wt[:, :MAX_PAINT_LAYERS] > 0]
+    assert nz.min() < 0.03
+    # element mass balance of a pigment-only row: pigment weights x compositions <= element weights
+    np.testing.assert_array_less(
+        np.einsum("bnp,pe->bne", sb.pigment_wt, tab.composition) - 1e-9, sb.W + 1e-12
+    )
+
+
+def test_xrf_silent_group_is_not_a_class_and_classes_are_library_groups():
+    import xrfnb
+
+    lib = xrfnb.pigments()
+    tab = pigment_table()
+    groups = lib.groups()
+    silent = [g for g, names in groups.items() if all(lib[n].xrf_silent for n in names)]
+    assert silent and not set(silent) & set(tab.classes)
+    assert set(tab.classes) == set(groups) - set(silent)
+
+
+def _stack(tab, layers, ground=None):
+    """One StackBatch from [(pigment, weight fraction, thickness_um), ...] in linseed oil."""
+    n_el, n_pig = len(tab.elements), len(tab.names)
+    W = np.zeros((1, N_LAYERS, n_el))
+    mt = np.zeros((1, N_LAYERS))
+    pw = np.zeros((1, N_LAYERS, n_pig))
+    for j, (name, w, t_um) in enumerate(layers):
+        p = tab.index(name)
+        comp = w * tab.composition[p] + (1 - w) * tab.binder_composition[0]
+        W[0, j] = comp
+        pw[0, j, p] = w
+        rho = 1.0 / (w / tab.density[p] + (1 - w) / tab.binder_density[0])
+        mt[0, j] = rho * t_um * 1e-4
+    return StackBatch(W, mt, pw, np.array([len(layers)]))
+
+
+def test_visibility_label_follows_attenuation_by_overlayers():
+    """Vermilion (Hg L lines ~10 keV) is visible on top, 'buried' under a thin layer of a light pigment and
+    absent (invisible) under 200 um of lead white, whose transmission at Hg La alone is < 1e-3 (xraylib)."""
+    tab = pigment_table()
+    data = TrainingData(DataConfig(instruments=("bruker-m6",), instrument_weights=(1.0,),
+                                   n_instrument_variants=1, variants_per_batch=1))
+    k = tab.classes.index("vermilion")
+    cases = {
+        "top": [("vermilion", 0.6, 20.0)],
+        "under thin ultramarine": [("ultramarine", 0.5, 5.0), ("vermilion", 0.6, 20.0)],
+        "under thick lead white": [("lead white", 0.8, 200.0), ("vermilion", 0.6, 20.0)],
+    }
+    # independent check of the premise with xraylib: Hg La through 200 um of 80 % lead white in oil
+    rho_lw = 1.0 / (0.8 / 6.8 + 0.2 / 0.93)
+    mu = 0.8 * xraylib.CS_Total_CP("Pb3C2O8H2", 9.99) + 0.2 * xraylib.CS_Total_CP("C18H32O2", 9.99)
+    assert math.exp(-mu * rho_lw * 200e-4 / math.sin(math.radians(40))) < 1e-3
+    got = {}
+    for name, layers in cases.items():
+        sb = _stack(tab, layers)
+        inst = data._make_variant("bruker-m6", np.random.default_rng(0), False)
+        _, labels = data._simulate_group(sb, inst, np.array([20000.0]), np.random.default_rng(1))
+        got[name] = int(labels[0, k])
+    assert got == {"top": 1, "under thin ultramarine": 2, "under thick lead white": 0}
+
+
+def test_low_counts_hide_a_trace_pigment():
+    """The same 2 wt% cobalt blue in lead white is visible at 50,000 counts and not at 100."""
+    tab = pigment_table()
+    data = TrainingData(DataConfig(instruments=("bruker-m6",), instrument_weights=(1.0,),
+                                   n_instrument_variants=1, variants_per_batch=1))
+    n_el, n_pig = len(tab.elements), len(tab.names)
+    W = np.zeros((2, N_LAYERS, n_el))
+    pw = np.zeros((2, N_LAYERS, n_pig))
+    lw, cb = tab.index("lead white"), tab.index("cobalt blue")
+    comp = 0.6 * tab.composition[lw] + 0.02 * tab.composition[cb] + 0.38 * tab.binder_composition[0]
+    W[:, 0] = comp
+    pw[:, 0, lw], pw[:, 0, cb] = 0.6, 0.02
+    mt = np.zeros((2, N_LAYERS))
+    mt[:, 0] = 2.5 * 30e-4
+    sb = StackBatch(W, mt, pw, np.array([1, 1]))
+    inst = data._make_variant("bruker-m6", np.random.default_rng(0), False)
+    _, labels = data._simulate_group(sb, inst, np.array([50000.0, 100.0]), np.random.default_rng(2))
+    k = tab.classes.index("cobalt pigments (Co)")
+    assert labels[0, k] == 1 and labels[1, k] == 0
+    assert labels[0, tab.classes.index("lead pigments (Pb)")] == 1
+
+
+# -- calibration helpers -----------------------------------------------------------------------------
+def test_fit_temperature_recovers_the_scale_of_overconfident_logits():
+    import torch
+
+    rng = np.random.default_rng(0)
+    n, k = 4000, 3
+    true_logits = torch.from_numpy(rng.normal(0, 1.5, (n, k, 3)))
+    p = torch.softmax(true_logits, dim=2).numpy()
+    cum = p.cumsum(axis=2)
+    u = rng.random((n, k, 1))
+    labels = torch.from_numpy((u > cum).sum(axis=2).clip(0, 2))
+    t = fit_temperature(true_logits * 2.0, labels)  # logits twice too sharp -> T ~ 2
+    assert 1.6 < t < 2.5
+
+
+def test_thresholds_and_prf_against_hand_counts():
+    truth = np.array([[1, 0], [1, 0], [0, 0], [0, 1]], bool)
+    prob = np.array([[0.9, 0.1], [0.4, 0.2], [0.3, 0.1], [0.2, 0.8]])
+    thr = best_f1_thresholds(prob, truth)
+    assert 0.3 < thr[0] <= 0.4 and 0.2 < thr[1] <= 0.8
+    pc = prf(prob >= 0.5, truth)
+    # class 0: tp 1, fn 1 -> P 1, R 0.5, F1 2/3; class 1: tp 1 -> 1, 1, 1
+    np.testing.assert_allclose(pc["precision"], [1, 1])
+    np.testing.assert_allclose(pc["recall"], [0.5, 1])
+    np.testing.assert_allclose(pc["f1"], [2 / 3, 1])
+
+
+def test_load_config_rejects_unknown_keys_and_reads_the_default():
+    cfg = load_config(None)
+    assert cfg.name == "xrfnb-pigments-v1" and cfg.optim.time_budget_min <= 60
+    with pytest.raises(ModelError, match="unknown keys"):
+        load_config({"optim": {"learning_rate": 1}})
+    with pytest.raises(ModelError, match="unknown sections"):
+        load_config({"trainer": {}})
+    with pytest.raises(ModelError, match="does not exist"):
+        load_config("/nonexistent/config.toml")
+
+
+# -- tiny end-to-end run ------------------------------------------------------------------------------
+def test_tiny_training_run_end_to_end(tiny_run):
+    out, model = tiny_run
+    assert (out / "model.safetensors").is_file() and (out / "model.json").is_file()
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["classes"] == list(pigment_table().classes)
+    assert meta["training"]["steps"] == 12 and meta["training"]["optim"]["seed"] == 5
+    assert len(meta["thresholds"]) == len(meta["classes"]) and meta["temperature"] > 0
+    assert math.isfinite(meta["ood"]["threshold"])
+    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == 12
+    reloaded = PigmentModel.from_dir(out)
+    data = TrainingData(load_config(TINY).data)
+    _, _, raws, _ = data.batch_raw(8, np.random.default_rng(9), counts=2000.0)
+    idx, raw, cal, _ = raws[0]
+    a = model.identify_batch(raw, cal)
+    b = reloaded.identify_batch(raw, cal)
+    np.testing.assert_array_equal(a.probability, b.probability)
+    np.testing.assert_array_equal(a.ood_score, b.ood_score)
+    ident = reloaded.identify(raw[0], cal)
+    assert ident.probability.shape == (len(model.classes),)
+
+
+def test_existing_run_needs_resume(tiny_run):
+    out, _ = tiny_run
+    with pytest.raises(ModelError, match="resume"):
+        train_model(TINY, out, progress=False)
+
+
+def test_interrupted_run_resumes_to_the_same_weights(tiny_run, tmp_path, monkeypatch):
+    out_a, model_a = tiny_run
+    original = _BatchStream.get
+    calls = {"n": 0}
+
+    def interrupt_once(self, step):
+        if step == 7 and calls["n"] == 0:
+            calls["n"] += 1
+            raise KeyboardInterrupt
+        return original(self, step)
+
+    monkeypatch.setattr(_BatchStream, "get", interrupt_once)
+    with pytest.raises(KeyboardInterrupt):
+        train_model(TINY, tmp_path, progress=False)
+    state = json.loads((tmp_path / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 7
+    model_b = train_model(TINY, tmp_path, resume=True, progress=False)
+    for (ka, va), (kb, vb) in zip(model_a.net.state_dict().items(), model_b.net.state_dict().items(),
+                                  strict=True):
+        assert ka == kb
+        np.testing.assert_allclose(va.numpy(), vb.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_evaluate_runs_on_a_tiny_model(tiny_run):
+    from xrfnb._train import evaluate_model
+
+    _, model = tiny_run
+    rep = evaluate_model(model, n_per_cell=16, counts=(1000,), sets=("single", "buried"), baseline=False,
+                         progress=False)
+    rows = rep.table("model")
+    assert [(r["set"], r["counts"]) for r in rows] == [("single", 1000), ("buried", 1000)]
+    for r in rows:
+        assert 0 <= r["macro_f1"] <= 1 and r["n"] == 16
+    md = rep.to_markdown()
+    assert "| single | 1,000 |" in md
+    with pytest.raises(ModelError, match="unknown evaluation sets"):
+        evaluate_model(model, sets=("everything",), baseline=False, progress=False)
