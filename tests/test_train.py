@@ -188,7 +188,7 @@ def test_tiny_training_run_end_to_end(tiny_run):
     reloaded = PigmentModel.from_dir(out)
     data = TrainingData(load_config(TINY).data)
     _, _, raws, _ = data.batch_raw(8, np.random.default_rng(9), counts=2000.0)
-    idx, raw, cal, _ = raws[0]
+    _, raw, cal, _ = raws[0]
     a = model.identify_batch(raw, cal)
     b = reloaded.identify_batch(raw, cal)
     np.testing.assert_array_equal(a.probability, b.probability)
@@ -204,7 +204,7 @@ def test_existing_run_needs_resume(tiny_run):
 
 
 def test_interrupted_run_resumes_to_the_same_weights(tiny_run, tmp_path, monkeypatch):
-    out_a, model_a = tiny_run
+    _, model_a = tiny_run
     original = _BatchStream.get
     calls = {"n": 0}
 
