@@ -264,3 +264,91 @@ def test_shipped_model_through_the_cli(tmp_path, capsys):
     model = xrfnb.load_model("default")
     assert maps.classes == model.classes
     assert np.all((maps.probability >= 0) & (maps.probability <= 1))
+
+
+# -- with a real tiny model trained through the CLI ----------------------------------------------------
+_TINY_TOML = """
+name = "tiny-cli-test"
+[model]
+hidden = [32, 16]
+conv_channels = 2
+[data]
+instruments = ["bruker-m6"]
+instrument_weights = [1.0]
+n_instrument_variants = 1
+variants_per_batch = 1
+[optim]
+batch_size = 32
+max_steps = 6
+time_budget_min = 10.0
+n_val = 128
+workers = 0
+checkpoint_every = 3
+threads = 1
+seed = 5
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    pytest.importorskip("xrfnb._train", reason="needs the training module")
+    pytest.importorskip("xrfnb._trainingdata", reason="needs the training data module")
+    folder = tmp_path_factory.mktemp("tiny-cli")
+    config = folder / "tiny.toml"
+    config.write_text(_TINY_TOML)
+    rc = cli.main(["train", "--config", str(config), "--out", str(folder / "model"), "-q"])
+    assert rc == 0
+    return folder / "model"
+
+
+def test_train_identify_with_a_real_tiny_model(tiny_model_dir, tmp_path):
+    from xrfnb._model import PigmentModel
+
+    assert (tiny_model_dir / "model.safetensors").is_file() and (tiny_model_dir / "model.json").is_file()
+    src, counts, _ = _save_scan(tmp_path / "scan.h5", 6, 5)
+    out = tmp_path / "maps.h5"
+    rc = cli.main(["identify", str(src), "-o", str(out), "--model", str(tiny_model_dir), "-q"])
+    assert rc == 0
+    model = PigmentModel.from_dir(tiny_model_dir)
+    maps = PigmentMaps.from_hdf5(out)
+    assert maps.classes == model.classes and maps.colors == model.colors
+    ref = model.identify_batch(counts.reshape(-1, counts.shape[-1]), CAL)
+    np.testing.assert_allclose(maps.probability.reshape(ref.probability.shape), ref.probability, atol=1e-5)
+    np.testing.assert_allclose(maps.ood_score.reshape(-1), ref.ood_score, atol=1e-5)
+    np.testing.assert_array_equal(maps.thresholds, model.thresholds)
+
+
+def test_train_refuses_an_existing_run_without_resume(tiny_model_dir, tmp_path, capsys):
+    config = tmp_path / "tiny.toml"
+    config.write_text(_TINY_TOML)
+    assert cli.main(["train", "--config", str(config), "--out", str(tiny_model_dir), "-q"]) == 2
+    assert capsys.readouterr().err.startswith("xrfnb: error: ")
+
+
+def test_evaluate_writes_tables(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "eval"
+    rc = cli.main(
+        [
+            "evaluate",
+            "--model",
+            str(tiny_model_dir),
+            "--n-per-cell",
+            "8",
+            "--counts",
+            "1000",
+            "--sets",
+            "single",
+            "--no-baseline",
+            "--out",
+            str(out),
+            "-q",
+        ]
+    )
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "| single | 1,000 |" in printed
+    assert (out / "evaluation.md").read_text().strip() == printed.strip()
+    import json
+
+    rows = json.loads((out / "evaluation.json").read_text())["rows"]
+    assert [(r["set"], r["counts"], r["n"]) for r in rows] == [("single", 1000, 8)]

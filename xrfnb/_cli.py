@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import inspect
 import os
 import signal
 import sys
@@ -207,24 +206,39 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    evaluate = _function("_train", ["evaluate_model", "evaluate"], "model evaluation")
-    params = inspect.signature(evaluate).parameters
-    kwargs: dict[str, Any] = {}
-    model: Any = args.model or "default"
-    if "progress" in params:
-        kwargs["progress"] = not args.quiet
-    if args.out is not None and "out" in params:
-        kwargs["out"] = Path(args.out)
-    elif args.out is not None and "out_dir" in params:
-        kwargs["out_dir"] = Path(args.out)
-    if args.config is not None:
-        if "config" not in params:
-            raise DataError("this evaluate function does not take a --config")
-        kwargs["config"] = Path(args.config)
-    result = evaluate(model, **kwargs)
-    if result is not None:
-        to_text = getattr(result, "to_text", None) or getattr(result, "to_markdown", None)
-        print(to_text() if callable(to_text) else result)
+    import json
+
+    evaluate = _function("_train", ["evaluate_model"], "model evaluation")
+    kwargs: dict[str, Any] = {"baseline": not args.no_baseline, "progress": not args.quiet}
+    if args.n_per_cell is not None:
+        kwargs["n_per_cell"] = args.n_per_cell
+    if args.counts is not None:
+        kwargs["counts"] = args.counts
+    if args.sets is not None:
+        kwargs["sets"] = args.sets
+    if args.seed is not None:
+        kwargs["seed"] = args.seed
+    out = Path(args.out) if args.out else None
+    if out is not None and out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} exists and is not a folder")
+    model = _load_model(args.model)
+    report = evaluate(model, **kwargs)
+    text = report.to_markdown()
+    per_class = getattr(report, "per_class_markdown", None)
+    counts = kwargs.get("counts", (1000,))
+    if callable(per_class):
+        level = 1000 if 1000 in counts else counts[0]
+        text += "\n\n" + per_class(level)
+    print(text)
+    if out is not None:
+        from ._mapping import _atomic_output
+
+        out.mkdir(parents=True, exist_ok=True)
+        with _atomic_output(out / "evaluation.md") as tmp:
+            tmp.write_text(text + "\n", encoding="utf-8")
+        with _atomic_output(out / "evaluation.json") as tmp:
+            tmp.write_text(json.dumps(report.to_dict(), indent=1, default=str), encoding="utf-8")
+        _info(f"wrote {out / 'evaluation.md'} and {out / 'evaluation.json'}")
     return 0
 
 
@@ -282,10 +296,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_cmd_train)
 
-    s = sub.add_parser("evaluate", help="evaluate a model on held-out synthetic test sets")
+    s = sub.add_parser(
+        "evaluate", help="evaluate a model on held-out synthetic test sets beside the baseline"
+    )
     s.add_argument("--model", default=None, help="model name or folder (default: the shipped model)")
-    s.add_argument("--config", default=None, help="evaluation config")
-    s.add_argument("--out", default=None, metavar="DIR", help="where to write the evaluation tables")
+    s.add_argument(
+        "--n-per-cell", type=_positive_int, default=None, metavar="N", help="spectra per (set, count level)"
+    )
+    s.add_argument(
+        "--counts",
+        type=_int_list,
+        default=None,
+        metavar="N,N,...",
+        help="total counts per spectrum, e.g. 300,1000,3000,10000",
+    )
+    s.add_argument(
+        "--sets", type=_str_list, default=None, metavar="SET,...", help="subset of single,mixture,buried,low"
+    )
+    s.add_argument("--seed", type=int, default=None, help="seed of the test spectra")
+    s.add_argument("--no-baseline", action="store_true", help="skip the expert element-map baseline")
+    s.add_argument("--out", default=None, metavar="DIR", help="also write evaluation.md and evaluation.json")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_cmd_evaluate)
 
@@ -308,6 +338,23 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return values
+
+
+def _str_list(text: str) -> tuple[str, ...]:
+    values = tuple(v.strip() for v in text.split(",") if v.strip())
+    if not values:
+        raise argparse.ArgumentTypeError("expected a comma-separated list")
+    return values
 
 
 def _port(text: str) -> int:
