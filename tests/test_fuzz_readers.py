@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _bruker_files import write_ripple, write_spx
+from _bruker_files import write_bcf, write_ripple, write_spx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -65,6 +65,11 @@ def _generated() -> dict[str, tuple[bytes, dict[str, bytes]]]:
             ).read_bytes(),
             {},
         )
+        cube = rng.poisson(2, (3, 4, 64)).astype(np.uint16)
+        bcf = write_bcf(
+            t / "m.bcf", cube, offset_keV=-0.4, gain_keV=0.01, pixel_um=20.0, live_time_s=1.0, real_time_s=1.2
+        )
+        out["map.bcf"] = (bcf.read_bytes(), {})
         rpl = write_ripple(t / "m.rpl", rng.poisson(2, (2, 3, 16)).astype(np.uint16), {"ev-per-chan": 10})
         out["m.rpl"] = (rpl.read_bytes(), {"m.raw": rpl.with_suffix(".raw").read_bytes()})
         out["m.raw"] = (rpl.with_suffix(".raw").read_bytes(), {"m.rpl": rpl.read_bytes()})

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xraylib
-from _bruker_files import write_ripple, write_spx
+from _bruker_files import write_bcf, write_ripple, write_spx
 
 import xrfnb
 from xrfnb._io import detect_format
@@ -272,20 +272,50 @@ def test_ripple_truncated_raw_and_writer_round_trip(tmp_path):
     assert back.pixel_size_um == 25.0 and back.live_time_s == 0.1
 
 
-def _sfs_header(chunksize: int = 0x1000) -> bytes:
-    head = bytearray(0x148 + 12)
-    head[0:8] = b"AAMVHFSS"
-    head[0x124:0x12C] = struct.pack("<fI", 2.6, chunksize)
-    head[0x140:0x14C] = struct.pack("<III", 1, 1, 2)
-    return bytes(head)
+def test_bruker_bcf_hypermap(tmp_path):
+    cube = np.random.default_rng(3).poisson(2.0, (5, 6, 256)).astype(np.uint16)
+    cube[2, 3, 40] = 900  # one hot channel: must not wrap around in a too-small integer type
+    path = write_bcf(
+        tmp_path / "map.bcf",
+        cube,
+        offset_keV=-0.476,
+        gain_keV=0.01,
+        pixel_um=25.0,
+        live_time_s=2.7,
+        real_time_s=3.0,
+    )
+    scan = xrfnb.load(path)
+    assert isinstance(scan, xrfnb.Scan)
+    np.testing.assert_array_equal(np.asarray(scan.counts), cube)
+    assert scan.calibration == xrfnb.EnergyCalibration(-0.476, 0.01)
+    assert scan.pixel_size_um == 25.0
+    assert scan.metadata["bcf_total_live_time_s"] == pytest.approx(2.7)
+    assert scan.live_time_s == pytest.approx(2.7 / 30)
 
 
 def test_bcf_damaged_container_is_format_error(tmp_path):
-    """Writing a valid .bcf hypermap by hand is out of reach (see report); its error path is tested."""
+    cube = np.ones((2, 3, 64), np.uint16)
+    good = write_bcf(
+        tmp_path / "good.bcf",
+        cube,
+        offset_keV=0.0,
+        gain_keV=0.01,
+        pixel_um=10.0,
+        live_time_s=1,
+        real_time_s=1,
+    ).read_bytes()
     path = tmp_path / "map.bcf"
-    path.write_bytes(_sfs_header())
+    path.write_bytes(good[:0x400])
     assert detect_format(path) == "bcf"
-    with pytest.raises(xrfnb.FormatError, match=r"map\.bcf: not a readable Bruker \.bcf hypermap"):
+    with pytest.raises(xrfnb.FormatError, match=r"map\.bcf.*(truncated|corrupted)"):
+        xrfnb.load(path)
+    # a pixel that claims a column outside the map: refused before the compiled decoder sees it
+    stream_at = good.index(struct.pack("<ii", 2, 3))
+    first_pixel = stream_at + 0x1A0 + 4
+    bad = bytearray(good)
+    bad[first_pixel : first_pixel + 4] = struct.pack("<I", 77)
+    path.write_bytes(bytes(bad))
+    with pytest.raises(xrfnb.FormatError, match="pixel x=77 outside the 3 columns"):
         xrfnb.load(path)
 
 

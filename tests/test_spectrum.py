@@ -131,3 +131,21 @@ def test_scan_repr_and_energy_axis():
     assert "7 x 5 pixels x 64 channels" in repr(scan)
     np.testing.assert_allclose(scan.energy_keV, CAL.energies_keV(64))
     assert isinstance(scan.sum_spectrum(), xrfnb.Spectrum)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "pattern"),
+    [
+        ({"pixel_size_um": "wide"}, "pixel_size_um must be a number"),
+        ({"pixel_size_um": 0.0}, "pixel_size_um must be finite and > 0"),
+        ({"live_time_s": "1 s"}, "live_time_s must be a number"),
+    ],
+)
+def test_scan_rejects_non_numeric_metadata_values(kwargs, pattern):
+    with pytest.raises(DataError, match=pattern):
+        Scan(np.ones((2, 2, 8)), CAL, **kwargs)
+
+
+def test_spectrum_rejects_non_numeric_times():
+    with pytest.raises(DataError, match="live_time_s must be a number"):
+        Spectrum(np.ones(8), CAL, live_time_s="120¶")

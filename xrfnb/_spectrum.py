@@ -70,7 +70,10 @@ class Spectrum:
         for name in ("live_time_s", "real_time_s"):
             value = getattr(self, name)
             if value is not None:
-                value = float(value)
+                try:
+                    value = float(value)
+                except (TypeError, ValueError):
+                    raise DataError(f"{where}: {name} must be a number, got {value!r}") from None
                 if not np.isfinite(value) or value < 0:
                     raise DataError(f"{where}: {name} must be a finite non-negative number, got {value!r}")
                 object.__setattr__(self, name, value)
@@ -151,7 +154,10 @@ class Scan:
         self.calibration.check_monotonic(counts.shape[2])
         lt = self.live_time_s
         if lt is not None:
-            lt_arr = np.asarray(lt, dtype=float)
+            try:
+                lt_arr = np.asarray(lt, dtype=float)
+            except (TypeError, ValueError):
+                raise DataError(f"{where}: live_time_s must be a number or a (rows, cols) array") from None
             if lt_arr.ndim == 0:
                 lt = float(lt_arr)
             elif lt_arr.shape != tuple(counts.shape[:2]):
@@ -164,7 +170,13 @@ class Scan:
                 raise DataError(f"{where}: live_time_s must be finite and non-negative")
             object.__setattr__(self, "live_time_s", lt)
         if self.pixel_size_um is not None:
-            object.__setattr__(self, "pixel_size_um", float(self.pixel_size_um))
+            try:
+                pixel = float(self.pixel_size_um)
+            except (TypeError, ValueError):
+                raise DataError(f"{where}: pixel_size_um must be a number: {self.pixel_size_um!r}") from None
+            if not np.isfinite(pixel) or pixel <= 0:
+                raise DataError(f"{where}: pixel_size_um must be finite and > 0, got {pixel!r}")
+            object.__setattr__(self, "pixel_size_um", pixel)
         object.__setattr__(self, "metadata", dict(self.metadata))
 
     # -- shape -------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ naming the file.
 from __future__ import annotations
 
 import logging
+import struct
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -108,34 +109,183 @@ def read_spx(path: Path) -> Spectrum:
     )
 
 
-def read_bcf(path: Path) -> Scan:
-    """Bruker ``.bcf`` hypermap as a lazy (dask) :class:`Scan`.
+def _check_sfs(path: Path) -> None:
+    """Check the SFS container header and file tree of a ``.bcf`` before rosettasciio follows them.
 
+    A corrupted chunk size, tree address or file size makes rosettasciio chase chunk chains without
+    end (unbounded memory); every value is checked against the container's own size here.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(0x14C)
+        if len(head) < 0x14C:
+            raise FormatError(f"{path}: the .bcf container header is truncated ({size} bytes)")
+        _, chunk = struct.unpack_from("<fI", head, 0x124)
+        tree_address, n_items, _ = struct.unpack_from("<III", head, 0x140)
+        if not 0x240 <= chunk <= max(size, 0x240) or chunk > 1 << 26:
+            raise FormatError(f"{path}: .bcf container chunk size {chunk} is invalid (corrupted header)")
+        if n_items < 1 or n_items * 0x200 > size or 0x118 + (tree_address + 1) * chunk > size + chunk:
+            raise FormatError(f"{path}: .bcf container file tree is invalid (corrupted header or truncated)")
+        usable = chunk - 32
+        if n_items * 0x200 > usable:
+            return  # a tree spanning several chunks: rosettasciio follows a chain bounded by n_items
+        fh.seek(chunk * tree_address + 0x138)
+        tree = fh.read(0x200 * n_items)
+    if len(tree) < 0x200 * n_items:
+        raise FormatError(f"{path}: .bcf container file tree is truncated")
+    for k in range(n_items):
+        pointer, item_size = struct.unpack_from("<iQ", tree, k * 0x200)
+        is_dir = tree[k * 0x200 + 0xDC]
+        if is_dir:
+            continue
+        if item_size > size or pointer < 0 or 0x138 + pointer * chunk > size:
+            raise FormatError(
+                f"{path}: .bcf container entry {k} claims {item_size} bytes at chunk {pointer} in a "
+                f"{size}-byte file (truncated or corrupted)"
+            )
+
+
+def _check_bcf_stream(data: bytes, rows: int, cols: int, block: int, path: Path) -> np.dtype:
+    """Walk a ``.bcf`` hypermap pulse stream and check every record stays inside it.
+
+    rosettasciio's compiled decoder trusts the stream (no bounds checks), so a corrupted file can crash
+    the process instead of raising; this pure-Python pass over the pixel and bunch headers makes sure
+    it only ever sees a consistent stream. Returns the dtype that holds any pixel's counts.
+    """
+    total = len(data)
+
+    def need(offset: int, length: int, what: str) -> None:
+        if length < 0 or offset + length > total:
+            raise FormatError(f"{path}: hypermap stream truncated or corrupted ({what} at byte {offset})")
+        if length > block:
+            raise FormatError(f"{path}: hypermap record of {length} bytes exceeds the container block size")
+
+    need(0, 0x1A0, "stream header")
+    height, width = struct.unpack_from("<ii", data, 0)
+    if height != rows or width != cols:
+        raise FormatError(
+            f"{path}: hypermap stream is {height} x {width} but the header says {rows} x {cols}"
+        )
+    wide = False
+    off = 0x1A0
+    for _ in range(height):
+        need(off, 4, "line header")
+        (n_pix,) = struct.unpack_from("<i", data, off)
+        off += 4
+        if not 0 <= n_pix <= cols:
+            raise FormatError(f"{path}: hypermap line holds {n_pix} pixels for {cols} columns (corrupted)")
+        for _ in range(n_pix):
+            need(off, 22, "pixel header")
+            x, _c1, _c2, _d, flag, _s1, n_pulses, size2 = struct.unpack_from("<IHHIHHHI", data, off)
+            off += 22
+            if x >= cols:
+                raise FormatError(f"{path}: hypermap pixel x={x} outside the {cols} columns (corrupted)")
+            if flag == 0:
+                need(off, max(size2, 2 * n_pulses), "16-bit pulses")
+                off += size2
+            elif flag == 1:
+                need(off, max(size2, 6 * ((n_pulses + 3) // 4)), "12-bit pulses")
+                off += size2
+            else:
+                if size2 < 4:
+                    raise FormatError(f"{path}: hypermap pixel record of {size2} bytes (corrupted)")
+                need(off, size2 - 4, "packed spectrum")
+                end = (size2 - 4) & 0xFFFF  # the decoder walks a uint16 length
+                o = 0
+                while o < end:
+                    need(off + o, 2, "bunch header")
+                    size_b, n_ch = data[off + o], data[off + o + 1]
+                    o += 2
+                    if size_b == 0:
+                        continue
+                    gain_bytes = size_b if size_b in (1, 2, 4) else 8
+                    if size_b == 1:
+                        length, reach = (n_ch + 1) // 2, (n_ch + 1) // 2
+                    elif size_b == 2:
+                        length, reach = n_ch, n_ch
+                    elif size_b == 4:
+                        length, reach = 2 * n_ch, 2 * n_ch
+                    else:
+                        length, reach = n_ch * size_b // 2, 2 * n_ch + 2
+                    wide = wide or size_b > 2
+                    need(off + o, max(gain_bytes, size_b + max(length, reach)), "bunch data")
+                    o += size_b + length
+                off += size2 - 4
+                if n_pulses > 0:
+                    need(off, 4 + 2 * n_pulses, "additional pulses")
+                    off += 4 + 2 * n_pulses
+                else:
+                    need(off, 4, "pixel trailer")
+                    off += 4
+    return np.dtype(np.uint32 if wide else np.uint16)
+
+
+def read_bcf(path: Path) -> Scan:
+    """Bruker ``.bcf`` hypermap (first map in the file) as an in-memory :class:`Scan`.
+
+    The packed pulse stream is checked record by record, then decoded by rosettasciio into
+    ``uint16`` counts (``uint32`` when the file packs wider values), so no pixel can overflow. For
+    maps larger than memory, export them from Esprit to ripple (``.rpl``/``.raw``), which loads lazily.
     The live time stored in a ``.bcf`` is that of the whole map's sum spectrum; the scan's per-pixel
     ``live_time_s`` is that total divided by the number of pixels (the total is kept in
     ``metadata["bcf_total_live_time_s"]``).
     """
-    from rsciio.bruker import file_reader
+    from rsciio.bruker import _api as bruker
 
-    items = _rsciio(file_reader, path, "Bruker .bcf hypermap", select_type="spectrum_image", lazy=True)
-    item = items[0]
+    def open_map(filename: str) -> list[dict[str, Any]]:
+        reader = bruker.BCF_reader(filename)
+        index = reader.def_index
+        eds = reader.header.get_spectra_metadata(index)
+        rows, cols = reader.header.image.height, reader.header.image.width
+        n_ch = int(eds.data.size)
+        vfile = reader.get_file(f"EDSDatabase/SpectrumData{index}")
+        _, block, _ = vfile.get_iter_and_properties()
+        stream = vfile.get_as_BytesIO_string().getvalue()
+        dtype = _check_bcf_stream(stream, rows, cols, int(block), path)
+        if rows < 1 or cols < 1 or n_ch < 2:
+            raise FormatError(f"{path}: hypermap of {rows} x {cols} pixels x {n_ch} channels")
+        if bruker.fast_unbcf:
+            cube = bruker.unbcf_fast.parse_to_numpy(vfile, (rows, cols, n_ch), dtype)
+        else:  # pragma: no cover - rosettasciio built without its compiled decoder
+            cube = bruker.py_parse_hypermap(vfile, (rows, cols, n_ch), np.dtype(f"i{dtype.itemsize}"))
+        hw = eds.hardware_metadata
+        return [
+            {
+                "data": np.asarray(cube),
+                "offset": eds.offset,
+                "scale": eds.scale,
+                "live_time": hw.get("LifeTime"),
+                "real_time": hw.get("RealTime"),
+                "pixel": {"scale": reader.header.x_res, "units": reader.header.units},
+                "name": reader.header.name,
+            }
+        ]
+
+    _check_sfs(path)
+    item = _rsciio(open_map, path, "Bruker .bcf hypermap")[0]
     data = item["data"]
-    if len(data.shape) != 3:
-        raise DataError(f"{path}: .bcf hypermap has shape {data.shape}, expected (rows, cols, channels)")
-    cal = _energy_calibration(item["axes"][-1], path, data.shape[2])
-    eds = _find(item.get("metadata", {}), "EDS") or {}
+    cal = _energy_calibration(
+        {"offset": item["offset"], "scale": item["scale"], "units": "keV"}, path, data.shape[2]
+    )
     meta: dict[str, Any] = {
         "format": "bcf",
         "source": str(path),
         "calibrated": True,
-        "calibration_source": "file header (hypermap sum spectrum)",
+        "name": item["name"],
+        "calibration_source": "file header (hypermap sum spectrum CalibAbs/CalibLin)",
     }
     live = None
-    if eds.get("live_time") is not None:
-        meta["bcf_total_live_time_s"] = float(eds["live_time"])
-        live = float(eds["live_time"]) / (data.shape[0] * data.shape[1])
     try:
-        return Scan(data, cal, pixel_size_um=_pixel_size_um(item["axes"][1]), live_time_s=live, metadata=meta)
+        if item["live_time"] is not None:
+            total_s = float(item["live_time"]) / 1000.0  # Esprit stores milliseconds
+            meta["bcf_total_live_time_s"] = total_s
+            live = total_s / (data.shape[0] * data.shape[1])
+        if item["real_time"] is not None:
+            meta["bcf_total_real_time_s"] = float(item["real_time"]) / 1000.0
+    except (TypeError, ValueError):
+        raise FormatError(f"{path}: LifeTime/RealTime in the .bcf header are not numbers") from None
+    try:
+        return Scan(data, cal, pixel_size_um=_pixel_size_um(item["pixel"]), live_time_s=live, metadata=meta)
     except XRFNBError as exc:
         raise type(exc)(f"{path}: {exc}") from None
 
