@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import re
 from typing import Any
 
@@ -36,6 +37,7 @@ __all__ = [
 ]
 
 FAMILIES = ("K", "L", "M")
+_log = logging.getLogger("xrfnb.fit")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1256,7 +1258,7 @@ def detect_elements(
     instrument: Any,
     *,
     min_significance: float = 5.0,
-    peak_threshold: float = 4.0,
+    peak_threshold: float = 3.0,
     energy_range_keV: tuple[float, float] | None = None,
     tolerance_keV: float | None = None,
 ) -> list[DetectedElement]:
@@ -1353,6 +1355,9 @@ def detect_elements(
             if not matched or matched[0].element in exclude or matched[0].element in models:
                 continue
             main = _choose_family(matched, e_max)
+            if _choose_family(list(usable.values()), e_max) is not main:
+                # e.g. Zn L at 1.0 keV while Zn K (excited, in range) shows no peak: not Zn
+                continue
             secondary = [
                 f for f in usable.values() if f is not main and f.relative_yield > 1e-3 * main.relative_yield
             ]
@@ -1373,6 +1378,8 @@ def detect_elements(
         GR, _ = proj.report(design.A, Rm)
         total_el = Rm @ np.maximum(coef, 0.0)
         var = np.maximum(coef, 0.0) @ GR
+        is_bg = np.array([c.kind == "background" for c in design.columns])
+        lines_model = model - design.A[:, is_bg] @ coef[is_bg]  # peaks only: what competes for a line
         verdict: dict[str, float] = {}
         for j, name in enumerate(names):
             score = total_el[j] / np.sqrt(var[j]) if var[j] > 0 else 0.0
@@ -1389,9 +1396,11 @@ def detect_elements(
                 half = 0.5 * fwhm(e_g)
                 mine = float(_window_sum(own, e_rng, e_g, half))
                 there = float(_window_sum(model, e_rng, e_g, half))
-                # a line group this element explains mostly by itself, clearly above the noise
-                if mine >= 0.3 * there and mine >= min_significance * (
-                    np.sqrt(max(there, 1.0)) + _SYSTEMATIC * max(there - mine, 0.0)
+                peaks_there = float(_window_sum(lines_model, e_rng, e_g, half))
+                # a line group this element explains mostly by itself (among the peaks there), clearly
+                # above the noise and above the systematic error of the other peaks
+                if mine >= 0.3 * peaks_there and mine >= min_significance * (
+                    np.sqrt(max(there, 1.0)) + _SYSTEMATIC * max(peaks_there - mine, 0.0)
                 ):
                     unique = True
                 need = {_MAIN[fm.family]: 0.5, _SECOND[fm.family]: 0.3}.get(group)
@@ -1401,7 +1410,7 @@ def detect_elements(
                 obs = float(_window_sum(y_rng - others, e_rng, e_g, half))
                 # Poisson noise plus a 5 % systematic share of the other terms there (peak-shape errors
                 # of a large neighbour must not veto a small line beneath it)
-                noise = float(np.sqrt(max(there, 1.0))) + 0.05 * max(there - mine, 0.0)
+                noise = float(np.sqrt(max(there, 1.0))) + 0.05 * max(peaks_there - mine, 0.0)
                 if group == _MAIN[fm.family]:
                     if np.min(np.abs(peak_e_all - e_g)) > tol(e_g):
                         ok = False  # no peak at the main line
@@ -1409,6 +1418,7 @@ def detect_elements(
                         ok = False
                 elif pred > 5 * noise and obs < need * pred - 3 * noise:
                     ok = False  # second line should be visible but is not
+            _log.debug("detect %s %s: %.1f sigma, checks %s, unique %s", name, fm.family, score, ok, unique)
             ok = ok and unique
             verdict[name] = score if ok else -1.0 + min(score, 0.99) * 1e-3
         zero = [e for j, e in enumerate(names) if total_el[j] <= 0]
