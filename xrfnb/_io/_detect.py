@@ -73,9 +73,8 @@ def detect_format(path: Path, head: bytes | None = None) -> str:
     if head.startswith(_SFS_MAGIC):
         return "bcf"
     text = head.lstrip(b"\xef\xbb\xbf").lstrip()
-    if b"\x00" in head[:2048] and suffix == ".raw":
-        if path.with_suffix(".rpl").exists() or path.with_suffix(".RPL").exists():
-            return "rpl"
+    if suffix == ".raw" and (path.with_suffix(".rpl").exists() or path.with_suffix(".RPL").exists()):
+        return "rpl"  # headerless binary: the ripple header next to it describes it
     if b"\x00" in head[:2048]:
         raise FormatError(
             f"{path}: binary content of unknown format (no HDF5, NumPy, Bruker or text signature). "

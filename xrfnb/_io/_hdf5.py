@@ -38,6 +38,7 @@ from ._common import UNCALIBRATED, calibration_from_axis, make_spectrum
 __all__ = [
     "LAYOUT_NAME",
     "LAYOUT_VERSION",
+    "CheckedDataset",
     "read_hdf5",
     "read_scan",
     "read_spectrum",
@@ -223,9 +224,24 @@ def _check_energy(group: h5py.Group, n_channels: int) -> None:
         )
 
 
+class CheckedDataset(h5py.Dataset):
+    """An :class:`h5py.Dataset` whose reads turn HDF5 errors (a corrupted chunk) into FormatError.
+
+    It is the same open dataset (same HDF5 identifier), so everything h5py offers still works.
+    """
+
+    def __getitem__(self, args, new_dtype=None):  # type: ignore[override]
+        try:
+            return super().__getitem__(args, new_dtype=new_dtype)
+        except (OSError, RuntimeError) as exc:
+            raise FormatError(
+                f"{self.file.filename}:{self.name}: cannot read {args!r} (corrupted chunk?): {exc}"
+            ) from None
+
+
 def read_scan(group: h5py.Group) -> Scan:
     """:class:`Scan` from a group written by :func:`write_scan`; counts stay the lazy h5py dataset."""
-    counts = _dataset(group, "counts")
+    counts = CheckedDataset(_dataset(group, "counts").id)
     if counts.ndim != 3:
         raise DataError(
             f"{_where(group)}: scan counts must be 3-D (rows, cols, channels), got shape {counts.shape}"
@@ -364,7 +380,7 @@ def _read_foreign(obj: h5py.HLObject, path: Path, calibration: EnergyCalibration
             calibration_source=source if calibration is not None else "none in file",
         )
         try:
-            return Scan(counts, calibration or UNCALIBRATED, metadata=meta)
+            return Scan(CheckedDataset(counts.id), calibration or UNCALIBRATED, metadata=meta)
         except XRFNBError as exc:
             raise type(exc)(f"{path}: {exc}") from None
     raise DataError(
