@@ -197,20 +197,32 @@ def test_log_scale_switches_the_spectrum_axis(dash):
 
 
 def test_threshold_changes_maps_without_rerunning_model(dash, scene):
+    from PIL import Image
+
     _, maps, truth = scene
     k = CLASSES.index("vermilion")
-    before_lead = dash._thumb_pipes["lead white"].data.copy()
+    valid = ~maps.mask
+    before_lead = dash._thumb_pipes["lead white"].data
     dash.focus = "vermilion"
     dash.view = "Pigment"
     _, img = dash.main_array()
-    valid = ~maps.mask
-    np.testing.assert_array_equal(np.isfinite(img), truth["vermilion"] & valid)
+    np.testing.assert_array_equal(np.isfinite(img), valid)  # NaN only at the invalid pixel
+    mapper = render(dash._main_dmap).handles["color_mapper"]
+    assert (mapper.low, mapper.high) == (0.5, 1.0)  # below the threshold: drawn as "absent"
+    png = np.asarray(Image.open(io.BytesIO(dash.export_png())).convert("RGB"))[::8, ::8]
+    absent = np.all(png == (0xE6, 0xE6, 0xE6), axis=-1)
+    np.testing.assert_array_equal(absent[valid], ~truth["vermilion"][valid])
+
     dash.set_threshold("vermilion", 0.95)  # above every probability (0.9 + at most 0.04)
-    _, img = dash.main_array()
-    assert not np.isfinite(img).any()
     assert not dash.binary_maps()[..., k].any()
-    assert np.isnan(dash._thumb_pipes["vermilion"].data).all()
-    np.testing.assert_array_equal(dash._thumb_pipes["lead white"].data, before_lead)  # untouched
+    mapper = render(dash._main_dmap).handles["color_mapper"]
+    assert mapper.low == 0.95
+    png = np.asarray(Image.open(io.BytesIO(dash.export_png())).convert("RGB"))[::8, ::8]
+    assert np.all(png[valid] == (0xE6, 0xE6, 0xE6))
+    assert dash._thumb_pipes["vermilion"].data["threshold"] == 0.95
+    thumb = render(dash._gallery.objects[k].object)
+    assert thumb.handles["color_mapper"].low == 0.95 and "(0% of area)" in thumb.state.title.text
+    assert dash._thumb_pipes["lead white"].data is before_lead  # untouched class: nothing re-sent
     assert dash._class_sliders["vermilion"].value == 0.95
     # the global slider sets every class
     dash.global_threshold = 0.05

@@ -69,6 +69,9 @@ _NO_MODEL = "(no trained model found)"
 #: colours of the surface-vs-buried categories: absent, surface, buried only
 _SURFACE_BURIED_COLORS = ("#f2f2f2", "#d95f02", "#1b9e77")
 _THUMB_PX = 128
+#: colour of pixels below a pigment's threshold, and of invalid (masked) pixels
+_ABSENT_COLOR = "#e6e6e6"
+_INVALID_COLOR = "#808080"
 _MAIN_PX = 460
 _MAX_LISTED_FILES = 500
 
@@ -198,15 +201,32 @@ def _message(text: str, width: int = _MAIN_PX, height: int = 200) -> hv.Text:
     )
 
 
-def _colorize(values: np.ndarray, palette: Sequence[str], lo: float, hi: float) -> np.ndarray:
-    """Map a float image to RGBA uint8 with ``palette``; NaN -> transparent. Shape (rows, cols, 4)."""
-    lut = np.array([[int(c[i : i + 2], 16) for i in (1, 3, 5)] for c in palette], dtype=np.uint8)
+def _pigment_clim(threshold: float) -> tuple[float, float]:
+    """Colour range of a pigment probability map: from its threshold (below: 'absent' colour) to 1."""
+    return float(threshold), max(1.0, float(threshold) + 1e-3)
+
+
+def _hex_rgb(color: str) -> tuple[int, int, int]:
+    return tuple(int(color[i : i + 2], 16) for i in (1, 3, 5))  # type: ignore[return-value]
+
+
+def _colorize(
+    values: np.ndarray, palette: Sequence[str], lo: float, hi: float, below: str | None = None
+) -> np.ndarray:
+    """Map a float image to RGBA uint8 with ``palette``; NaN -> transparent; values < lo -> ``below``.
+
+    Returns shape (rows, cols, 4).
+    """
+    lut = np.array([_hex_rgb(c) for c in palette], dtype=np.uint8)
     finite = np.isfinite(values)
     span = hi - lo if hi > lo else 1.0
     idx = np.clip(((np.where(finite, values, lo) - lo) / span * (len(lut) - 1)).round(), 0, len(lut) - 1)
     rgba = np.zeros((*values.shape, 4), dtype=np.uint8)
     rgba[..., :3] = lut[idx.astype(int)]
     rgba[..., 3] = np.where(finite, 255, 0)
+    if below is not None:
+        with np.errstate(invalid="ignore"):
+            rgba[finite & (values < lo), :3] = _hex_rgb(below)
     return rgba
 
 
@@ -1020,7 +1040,7 @@ class Dashboard(pn.viewable.Viewer):
         prob = np.asarray(self._maps.probability[..., k], dtype=float)
         thr = self.thresholds[self.focus]
         if view == "Pigment":
-            return "value", np.where(valid & (prob >= thr), prob, np.nan)
+            return "value", np.where(valid, prob, np.nan)
         if view == "Surface vs buried":
             buried = np.asarray(self._maps.buried_probability[..., k], dtype=float)
             with np.errstate(invalid="ignore"):
@@ -1081,7 +1101,7 @@ class Dashboard(pn.viewable.Viewer):
             "Elements": "counts",
             "Total counts": "counts",
         }[self.view]
-        clim = (0.0, 1.0) if self.view == "Pigment" else (None, None)
+        clim = _pigment_clim(self.thresholds[self.focus]) if self.view == "Pigment" else (None, None)
         if self.view == "OOD score":
             finite = arr[np.isfinite(arr)]
             clim = (
@@ -1092,29 +1112,37 @@ class Dashboard(pn.viewable.Viewer):
             cmap=list(PALETTES[self.cmap]),
             colorbar=True,
             clim=clim,
-            clipping_colors={"NaN": "#e6e6e6"},
+            clipping_colors={"NaN": _INVALID_COLOR, "min": _ABSENT_COLOR},
             **common,
         )
 
     # -- gallery ----------------------------------------------------------------------------------
-    def _thumb_data(self, cls: str) -> np.ndarray:
-        k = self.classes.index(cls)
-        s = _stride(*self._maps.probability.shape[:2], _THUMB_PX)
-        prob = np.asarray(self._maps.probability[::s, ::s, k], dtype=float)
-        valid = self._valid()[::s, ::s]
-        return np.where(valid & (prob >= self.thresholds[cls]), prob, np.nan)
+    def _thumb_data(self, cls: str) -> dict[str, Any]:
+        """Pipe payload of one gallery map: the downsampled probability (NaN = invalid) and threshold."""
+        prob = self._thumb_prob.get(cls)
+        if prob is None:
+            k = self.classes.index(cls)
+            s = _stride(*self._maps.probability.shape[:2], _THUMB_PX)
+            prob = np.asarray(self._maps.probability[::s, ::s, k], dtype=float)
+            prob[~self._valid()[::s, ::s]] = np.nan
+            self._thumb_prob[cls] = prob
+        return {"probability": prob, "threshold": float(self.thresholds[cls])}
 
-    def _thumb_element(self, cls: str, data: np.ndarray | None = None) -> hv.Element:
+    def _thumb_element(self, cls: str, data: dict[str, Any] | None = None) -> hv.Element:
         if data is None:
             return _message("", width=170, height=170)
-        frac = float(np.isfinite(data).mean()) if data.size else 0.0
-        img = _image(data, "probability")
+        prob, thr = data["probability"], data["threshold"]
+        finite = np.isfinite(prob)
+        with np.errstate(invalid="ignore"):
+            frac = float((prob[finite] >= thr).mean()) if finite.any() else 0.0
         rows, cols = self._maps.probability.shape[:2]
-        img = hv.Image(img.data, bounds=(0, 0, cols, rows), kdims=["col", "row"], vdims=["probability"])
+        img = hv.Image(
+            np.flipud(prob), bounds=(0, 0, cols, rows), kdims=["col", "row"], vdims=["probability"]
+        )
         return img.opts(
             invert_yaxis=True,
             cmap=list(PALETTES[self.cmap]),
-            clim=(0.0, 1.0),
+            clim=_pigment_clim(thr),
             colorbar=True,
             width=240,
             height=max(60, round(140 * rows / max(cols, 1))) + 40,
@@ -1124,12 +1152,13 @@ class Dashboard(pn.viewable.Viewer):
             tools=["hover", "tap"],
             title=f"{cls} ({100 * frac:.0f}% of area)",
             fontsize={"title": 9},
-            clipping_colors={"NaN": "#e6e6e6"},
+            clipping_colors={"NaN": _INVALID_COLOR, "min": _ABSENT_COLOR},
         )
 
     def _rebuild_gallery(self) -> None:
         self._thumb_pipes = {}
         self._thumb_taps: dict[str, streams.Tap] = {}
+        self._thumb_prob: dict[str, np.ndarray] = {}
         if self._maps is None:
             self._gallery.objects = [
                 pn.pane.Markdown(
@@ -1314,7 +1343,7 @@ class Dashboard(pn.viewable.Viewer):
             "color": [colors[k] if prob[k] >= thr[k] else "#cccccc" for k in range(len(prob))],
         }
         bars = hv.Bars(table, "class", ["probability", "threshold", "color"]).opts(
-            color="color", ylim=(0, 1.05), xrotation=45, tools=["hover"], line_color=None
+            color="color", ylim=(0, 1.05), xrotation=45, tools=["hover"], line_color="#555555"
         )
         marks = hv.Scatter(table, "class", "threshold").opts(
             marker="dash", size=22, color="black", line_width=2
@@ -1356,12 +1385,11 @@ class Dashboard(pn.viewable.Viewer):
             rgba = _colorize(arr, _SURFACE_BURIED_COLORS, 0.0, 2.0)
         else:
             finite = arr[np.isfinite(arr)]
-            lo, hi = (
-                (0.0, 1.0)
-                if self.view == "Pigment"
-                else ((float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0))
-            )
-            rgba = _colorize(arr, PALETTES[self.cmap], lo, hi)
+            if self.view == "Pigment":
+                lo, hi = _pigment_clim(self.thresholds[self.focus])
+            else:
+                lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+            rgba = _colorize(arr, PALETTES[self.cmap], lo, hi, below=_ABSENT_COLOR)
         scale = max(1, 256 // max(arr.shape[:2]))
         return _png_bytes(rgba, scale=scale)
 
