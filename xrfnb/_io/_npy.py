@@ -182,8 +182,15 @@ def _counts_array(obj: Spectrum | Scan) -> np.ndarray:
 
 def write_npy_sidecar(obj: Spectrum | Scan, npy_path: Path, json_path: Path) -> None:
     """Write counts to ``npy_path`` and the side-car JSON to ``json_path``."""
-    with open(npy_path, "wb") as fh:
-        np.save(fh, _counts_array(obj), allow_pickle=False)
+    if isinstance(obj, Scan):  # block by block through a memory map: a lazy scan is never loaded whole
+        out = np.lib.format.open_memmap(npy_path, mode="w+", dtype=obj.counts.dtype, shape=obj.shape)
+        for sl, block in obj.iter_blocks():
+            out[sl] = block
+        out.flush()
+        del out
+    else:
+        with open(npy_path, "wb") as fh:
+            np.save(fh, np.asarray(obj.counts), allow_pickle=False)
     json_path.write_text(sidecar_json(obj), encoding="utf-8")
 
 
