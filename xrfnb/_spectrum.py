@@ -65,7 +65,9 @@ class Spectrum:
             raise DataError(f"{where}: a spectrum needs at least 2 channels, got {counts.size}")
         _check_counts(counts, where)
         if not isinstance(self.calibration, EnergyCalibration):
-            raise DataError(f"{where}: calibration must be an EnergyCalibration, got {type(self.calibration)}")
+            raise DataError(
+                f"{where}: calibration must be an EnergyCalibration, got {type(self.calibration)}"
+            )
         self.calibration.check_monotonic(counts.size)
         for name in ("live_time_s", "real_time_s"):
             value = getattr(self, name)
@@ -146,7 +148,9 @@ class Scan:
             object.__setattr__(self, "counts", counts)
         where = str(self.metadata.get("source", "scan")) if self.metadata else "scan"
         if len(counts.shape) != 3:
-            raise DataError(f"{where}: scan counts must have shape (rows, cols, channels), got {counts.shape}")
+            raise DataError(
+                f"{where}: scan counts must have shape (rows, cols, channels), got {counts.shape}"
+            )
         if min(counts.shape) < 1 or counts.shape[2] < 2:
             raise DataError(f"{where}: scan has an empty axis or fewer than 2 channels: shape {counts.shape}")
         if np.dtype(counts.dtype).kind not in "iuf":
@@ -162,7 +166,8 @@ class Scan:
                 lt = float(lt_arr)
             elif lt_arr.shape != tuple(counts.shape[:2]):
                 raise DataError(
-                    f"{where}: live_time_s has shape {lt_arr.shape}, expected scalar or {tuple(counts.shape[:2])}"
+                    f"{where}: live_time_s has shape {lt_arr.shape}, "
+                    f"expected a scalar or {tuple(counts.shape[:2])}"
                 )
             else:
                 lt = lt_arr
@@ -260,10 +265,15 @@ class Scan:
             total += block.reshape(-1, block.shape[-1]).sum(axis=0, dtype=np.float64)
         lt = None
         if self.live_time_s is not None:
-            lt = float(np.sum(self.live_time_s) if isinstance(self.live_time_s, np.ndarray)
-                       else self.live_time_s * self.shape[0] * self.shape[1])
+            lt = float(
+                np.sum(self.live_time_s)
+                if isinstance(self.live_time_s, np.ndarray)
+                else self.live_time_s * self.shape[0] * self.shape[1]
+            )
         _check_counts(total, str(self.metadata.get("source", "scan")))
-        return Spectrum(total, self.calibration, live_time_s=lt, metadata={**self.metadata, "reduction": "sum"})
+        return Spectrum(
+            total, self.calibration, live_time_s=lt, metadata={**self.metadata, "reduction": "sum"}
+        )
 
     def max_pixel_spectrum(self, max_pixels: int = 65536) -> Spectrum:
         """Channel-wise maximum over all pixels (Bruker's "max pixel spectrum"), block by block."""
