@@ -98,18 +98,19 @@ def rebin_counts(counts: np.ndarray, calibration: EnergyCalibration, edges_keV: 
         Counts per target bin, shape (n, n_bins), float32.
     """
     counts = np.asarray(counts)
-    n, n_ch = counts.shape
+    n_ch = counts.shape[1]
     pos = _edge_positions(calibration, n_ch, edges_keV)
-    idx = np.minimum(np.floor(pos).astype(np.int64), n_ch - 1)
+    idx = np.minimum(np.floor(pos).astype(np.intp), n_ch - 1)
     frac = (pos - idx).astype(np.float32)
-    # float32 sums are exact below 2**24 counts per spectrum; larger (summed) spectra use float64
-    big = counts.size and float(counts.max()) * n_ch > 2**24
-    dtype = np.float64 if big else np.float32
-    cum = np.empty((n, n_ch + 1), dtype=dtype)
-    cum[:, 0] = 0
-    np.cumsum(counts, axis=1, dtype=dtype, out=cum[:, 1:])
-    at_edges = cum[:, idx] + frac * counts[:, idx]
-    return np.diff(at_edges, axis=1).astype(np.float32, copy=False)
+    # whole channels idx[i] .. idx[i+1]-1 (np.add.reduceat, one pass over the data), then the fractions of
+    # the channels cut by the edges: C(pos) = sum(counts[:idx]) + frac * counts[idx]
+    dtype = np.float64 if counts.dtype == np.float64 else np.float32
+    whole = np.add.reduceat(counts, idx, axis=1, dtype=dtype)[:, :-1]
+    empty = idx[:-1] >= idx[1:]
+    if empty.any():
+        whole[:, empty] = 0
+    cut = counts[:, idx] * frac
+    return (whole + cut[:, 1:] - cut[:, :-1]).astype(np.float32, copy=False)
 
 
 def features_from_binned(binned: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
