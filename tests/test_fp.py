@@ -189,3 +189,28 @@ def test_bin_averaged_cross_sections_handle_edges() -> None:
         T = _fp.build_tables((82,), exc, 45.0, 45.0)
         out.append(_fp.primary(arr.weight_fraction, arr.mass_thickness_g_cm2, T)[0, 0])
     np.testing.assert_allclose(out[1], out[0], rtol=2e-3)
+
+
+def test_splitting_a_layer_conserves_secondary_fluorescence() -> None:
+    # one 20 um layer == two 10 um layers of the same material: the within-layer secondary of the whole
+    # must equal within + between of the halves (checks the inter-layer term against the intra-layer one)
+    comp = {"Fe": 0.4, "Cr": 0.3, "Ni": 0.3}
+    one = Stack([Layer(comp, binder=None, thickness_um=20, density_g_cm3=7.9)])
+    two = Stack([Layer(comp, binder=None, thickness_um=10, density_g_cm3=7.9)] * 2)
+    results = []
+    for st in (one, two):
+        arr = stack_arrays([st])
+        exc = _fp.rebin_excitation(np.array([12.0, 20.0]), np.array([1.0, 0.5]))
+        zs = tuple(xraylib.SymbolToAtomicNumber(e) for e in arr.elements)
+        T = _fp.build_tables(zs, exc, PSI_IN, PSI_OUT)
+        W, mt = arr.weight_fraction, arr.mass_thickness_g_cm2
+        p = _fp.primary(W, mt, T)[0].sum(axis=0)
+        within = _fp.secondary_within_layers(W, mt, T)[0].sum(axis=0)
+        between = _fp.secondary_between_layers(W, mt, T)[0].sum(axis=0)
+        results.append((p, within, between, T))
+    (p1, w1, b1, T), (p2, w2, b2, _) = results
+    np.testing.assert_allclose(p2, p1, rtol=1e-5)
+    assert np.all(b1 == 0)
+    cr = _lines(T, stack_arrays([one]), "Cr", ("KL3",))
+    assert b2[cr].sum() > 0.05 * w2[cr].sum()  # the between-halves part is substantial
+    np.testing.assert_allclose((w2 + b2)[w1 > 0], w1[w1 > 0], rtol=2e-3)

@@ -24,8 +24,9 @@ attenuation coefficient (``CS_Total``) and ``tau_l(E)`` the line production cros
 ``CS_FluorLine_Kissel_Cascade`` (photo-ionisation of every subshell, fluorescence yield, radiative rate,
 Coster-Kronig transitions and radiative/non-radiative cascades from deeper shells [4]_).
 
-*Secondary fluorescence* (within each layer): line ``m`` photons produced in a layer excite line ``l``
-in the same layer. With ``a = mu(E_k)/sin(psi1)``, ``b = mu(E_l)/sin(psi2)``, ``c = mu(E_m)``::
+*Secondary fluorescence*: line ``m`` photons produced by the primary beam excite line ``l`` of another
+element (or a shallower shell of the same element). Within one layer, with ``a = mu(E_k)/sin(psi1)``,
+``b = mu(E_l)/sin(psi2)``, ``c = mu(E_m)``::
 
     S = 1/(4 pi) * 1/sin(psi1) * sum_k n_k A_in A_out w_z tau_l(E_m) w_z' tau_m(E_k) * 1/2 * D(a, b, c, m_j)
     D = int_0^T int_0^T exp(-a z) E1(c |z - z'|) exp(-b z') dz dz'
@@ -33,8 +34,11 @@ in the same layer. With ``a = mu(E_k)/sin(psi1)``, ``b = mu(E_l)/sin(psi2)``, ``
 ``D`` is evaluated exactly for finite ``T`` by writing ``E1(x) = int_0^1 exp(-x/u) du/u``, integrating
 the depth double integral in closed form and the angular variable by Gauss-Legendre quadrature; for
 ``T -> inf`` it reduces to the closed form of Shiraiwa and Fujino [5]_ (checked in the tests).
-Fluorescence excited in *another* layer (inter-layer secondary fluorescence, which fisx computes as
-well [6]_) and tertiary fluorescence are not included; in paint stacks they are a few per cent at most.
+Between layers (line ``m`` made in layer ``j``, absorbed in layer ``i``, through the layers in
+between) the same angular representation makes both depth integrals elementary
+(:func:`secondary_between_layers`). Tertiary fluorescence is not included (about +3 % on Cr K in
+stainless steel, less in paint). Against fisx [6]_ (which computes the same two secondary terms) the
+enhancement factors (P+S)/P agree to about 1-2 % (see ``tests/test_fisx.py``).
 
 *Scatter*: Rayleigh and Compton scattering of every excitation bin with the xraylib differential
 cross-sections ``DCS_Rayl`` and ``DCS_Compt`` (unpolarised beam, form factors and incoherent
@@ -452,23 +456,32 @@ def build_tables(elements: tuple[int, ...], exc: Excitation, incidence_deg: floa
 
 
 def _self_absorption(chi: np.ndarray, mt: np.ndarray) -> np.ndarray:
-    """``(1 - exp(-chi m)) / chi`` with its limits ``1/chi`` (``m = inf``) and ``m`` (``chi = 0``)."""
-    chi, mt = np.broadcast_arrays(chi, mt)
-    pos = chi > 0
-    safe = np.where(pos, chi, 1.0)
-    fin = np.isfinite(mt)
-    mt_f = np.where(fin, mt, 0.0)
-    out = np.where(pos, -np.expm1(-safe * mt_f) / safe, mt_f)
-    return np.where(fin, out, np.where(pos, 1.0 / safe, 0.0))
+    """``(1 - exp(-chi m)) / chi``; the limit ``1/chi`` for ``m = inf`` comes out of ``exp(-inf) = 0``.
+
+    ``chi`` is clipped at 1e-30 so that empty padding layers (``chi = 0``, ``m = 0``) give 0. Uses ``exp``
+    (vectorised, several times faster than ``expm1``) with the series ``m (1 - x/2 + x^2/6)`` for
+    ``x = chi m < 0.01``, where ``1 - exp(-x)`` would lose precision.
+    """
+    c = np.maximum(chi, 1e-30)
+    x = c * mt
+    f = np.exp(-x)
+    np.subtract(1.0, f, out=f)
+    f /= c
+    small = x < 1e-2
+    if small.any():
+        series = mt * (1.0 - x * (0.5 - x / 6.0))
+        f = np.where(small, series, f)
+    return f
 
 
 def _overlayer(mu: np.ndarray, mt: np.ndarray, sin_angle: float) -> np.ndarray:
     """Transmission through all layers above each layer: mu (B, N, X), mt (B, N) -> (B, N, X)."""
-    mt_f = np.where(np.isinf(mt), 0.0, mt) / sin_angle
-    out = np.empty(mu.shape)
+    mt_f = (np.where(np.isinf(mt), 0.0, mt) / sin_angle).astype(mu.dtype)
+    out = np.empty(mu.shape, dtype=mu.dtype)
     out[:, 0] = 0.0
     for j in range(1, mu.shape[1]):
-        out[:, j] = out[:, j - 1] + mu[:, j - 1] * mt_f[:, j - 1, None]
+        np.multiply(mu[:, j - 1], mt_f[:, j - 1, None], out=out[:, j])
+        out[:, j] += out[:, j - 1]
     return np.exp(-out, out=out)
 
 
@@ -508,12 +521,16 @@ def primary(W: np.ndarray, mt: np.ndarray, T: Tables, *, chunk: int = 512) -> np
 
 
 def _primary_chunk(W: np.ndarray, mt: np.ndarray, T: Tables, out: np.ndarray) -> None:
-    mu_e, mu_l, _ = layer_attenuation(W, T)
-    a_in = _overlayer(mu_e, mt, T.sin_in) * T.exc.weight  # (B, N, n): includes bin weight
+    # float32 is ample here: every result is a sum of positive terms of relative precision 1e-7
+    W32 = W.astype(np.float32)
+    mu_e = W32 @ T.mu_exc.astype(np.float32)
+    mu_l = W32 @ T.mu_line.astype(np.float32)
+    a_in = _overlayer(mu_e, mt, T.sin_in)
+    a_in *= T.exc.weight.astype(np.float32)  # (B, N, n): includes the bin weight
     a_out = _overlayer(mu_l, mt, T.sin_out)  # (B, N, L)
-    a32 = (mu_e / T.sin_in).astype(np.float32)
-    a_in32 = a_in.astype(np.float32)
+    a = mu_e / np.float32(T.sin_in)
     tau32 = T.tau.astype(np.float32)
+    mt32 = mt.astype(np.float32)
     pref = 1.0 / (FOUR_PI * T.sin_in)
     for zi, sl in enumerate(T.element_line_slices):
         if sl.stop == sl.start:
@@ -521,20 +538,9 @@ def _primary_chunk(W: np.ndarray, mt: np.ndarray, T: Tables, out: np.ndarray) ->
         bb, jj = np.nonzero(W[:, :, zi] > 0)
         if bb.size == 0:
             continue
-        # float32 is ample (a sum of positive terms); chi > 0 where the element is present
-        chi = a32[bb, jj, None, :] + (mu_l[bb, jj, sl] / T.sin_out).astype(np.float32)[:, :, None]
-        m = mt[bb, jj].astype(np.float32)
-        finite = np.isfinite(m)
-        f = np.empty_like(chi)
-        if finite.all():
-            np.multiply(chi, -m[:, None, None], out=f)
-            np.expm1(f, out=f)
-            np.divide(f, chi, out=f)
-            np.negative(f, out=f)
-        else:
-            f[finite] = -np.expm1(-chi[finite] * m[finite, None, None]) / chi[finite]
-            f[~finite] = 1.0 / chi[~finite]
-        s = np.einsum("pln,pn,ln->pl", f, a_in32[bb, jj], tau32[sl], optimize=True)
+        chi = a[bb, jj, None, :] + (mu_l[bb, jj, sl] / np.float32(T.sin_out))[:, :, None]  # (P, Lz, n)
+        f = _self_absorption(chi, mt32[bb, jj, None, None])
+        s = np.einsum("pln,pn,ln->pl", f, a_in[bb, jj], tau32[sl], optimize=True)
         out[bb, jj, sl] = s * (W[bb, jj, zi] * pref)[:, None] * a_out[bb, jj, sl]
 
 
@@ -633,6 +639,87 @@ def secondary_within_layers(W: np.ndarray, mt: np.ndarray, T: Tables) -> np.ndar
     return out
 
 
+def _diff_exp(x: np.ndarray, y: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """``(exp(-x t) - exp(-y t)) / (y - x)``; limits ``t exp(-x t)`` for ``y -> x`` and 0 for ``t = inf``."""
+    x, y, t = np.broadcast_arrays(x, y, t)
+    inf = np.isinf(t)
+    tf = np.where(inf, 0.0, t)
+    d = y - x
+    small = np.abs(d) * tf < 1e-7
+    with np.errstate(over="ignore", invalid="ignore"):
+        val = (np.exp(-x * tf) - np.exp(-y * tf)) / np.where(small, 1.0, d)
+    val = np.where(small, tf * np.exp(-x * tf), val)
+    return np.where(inf, 0.0, val)
+
+
+def _one_minus_exp_over(x: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """``(1 - exp(-x t)) / x`` for x > 0 (``1/x`` for ``t = inf``)."""
+    x, t = np.broadcast_arrays(x, t)
+    inf = np.isinf(t)
+    val = -np.expm1(-x * np.where(inf, 0.0, t)) / x
+    return np.where(inf, 1.0 / x, val)
+
+
+def secondary_between_layers(W: np.ndarray, mt: np.ndarray, T: Tables) -> np.ndarray:
+    """Secondary fluorescence excited in one layer by lines emitted in another, (B, N, L).
+
+    Line ``m`` photons made at depth ``z`` of layer ``j`` by the primary beam travel, in direction
+    cosine ``u``, through the rest of ``j``, the layers in between and into layer ``i`` where they are
+    absorbed by the shell of line ``l``. For each ``u`` the depth integrals over ``j`` and ``i`` are
+    exponentials in closed form; the ``u`` integral (``E1`` kernel, see
+    :func:`secondary_depth_integral`) uses the same Gauss-Legendre rule. Exact for homogeneous layers
+    (de Boer 1990 treats the same geometry).
+    """
+    W = np.asarray(W, dtype=float)
+    mt = np.asarray(mt, dtype=float)
+    B, N, _ = W.shape
+    out = np.zeros((B, N, T.n_lines))
+    if T.n_lines == 0 or N < 2:
+        return out
+    mu_e, mu_l, _ = layer_attenuation(W, T)
+    a_in = _overlayer(mu_e, mt, T.sin_in) * T.exc.weight
+    a_out = _overlayer(mu_l, mt, T.sin_out)
+    pref = 1.0 / (FOUR_PI * T.sin_in) * 0.5
+    pairs_l, pairs_m = np.nonzero(T.tau_at_line > 0)
+    if pairs_l.size == 0:
+        return out
+    u = _GL_T**2  # (G,)
+    gw = _GL_W * 2.0 * _GL_T / u  # weights of du/u with u = t^2
+    for b in range(B):
+        for j in range(N):  # emitting layer (line m)
+            if mt[b, j] <= 0:
+                continue
+            present_j = W[b, j, T.line_element] > 0
+            for i in range(N):  # absorbing layer (line l)
+                if i == j or mt[b, i] <= 0:
+                    continue
+                present_i = W[b, i, T.line_element] > 0
+                ok = present_i[pairs_l] & present_j[pairs_m]
+                if not ok.any():
+                    continue
+                pl, pm = pairs_l[ok], pairs_m[ok]
+                a = (mu_e[b, j] / T.sin_in)[None, :, None]  # (1, n, 1)
+                kj = (mu_l[b, j, pm][:, None, None]) / u  # (P, 1, G): line m in layer j per path
+                ki = (mu_l[b, i, pm][:, None, None]) / u
+                bl = (mu_l[b, i, pl] / T.sin_out)[:, None, None]
+                lo, hi = (j, i) if j < i else (i, j)
+                between = sum(mt[b, k] * mu_l[b, k, pm] for k in range(lo + 1, hi)) \
+                    if hi - lo > 1 else np.zeros(pm.size)
+                mid = np.exp(-between[:, None, None] / u)
+                if i > j:  # downwards: leave j through its bottom, enter i at its top
+                    j1 = _diff_exp(a, kj, mt[b, j])
+                    j2 = _one_minus_exp_over(bl + ki, mt[b, i])
+                else:  # upwards: leave j through its top, enter i at its bottom
+                    j1 = _one_minus_exp_over(a + kj, mt[b, j])
+                    j2 = _diff_exp(bl, ki, mt[b, i])
+                D = np.sum(j1 * j2 * mid * gw, axis=-1)  # (P, n)
+                prod_m = T.tau[pm] * W[b, j, T.line_element[pm], None]
+                val = np.sum(D * prod_m * a_in[b, j], axis=1) * T.tau_at_line[pl, pm] \
+                    * W[b, i, T.line_element[pl]] * pref
+                np.add.at(out[b, i], pl, val * a_out[b, i, pl])
+    return out
+
+
 def scatter(W: np.ndarray, mt: np.ndarray, T: Tables) -> tuple[np.ndarray, np.ndarray]:
     """Rayleigh and Compton scatter of every excitation bin, summed over layers.
 
@@ -642,16 +729,17 @@ def scatter(W: np.ndarray, mt: np.ndarray, T: Tables) -> tuple[np.ndarray, np.nd
         Each shape (B, n): photons per incident photon per steradian leaving the sample towards the
         detector at the bin energy (Rayleigh) or its Compton energy ``T.compton_energy_keV``.
     """
-    W = np.asarray(W, dtype=float)
+    W = np.asarray(W, dtype=np.float32)
     mt = np.asarray(mt, dtype=float)
-    mu_e = W @ T.mu_exc
-    mu_c = W @ T.mu_compton
-    a_in = _overlayer(mu_e, mt, T.sin_in) * T.exc.weight
-    a_out_r = _overlayer(mu_e, mt, T.sin_out)
-    a_out_c = _overlayer(mu_c, mt, T.sin_out)
-    mt3 = mt[..., None]
-    f_r = _self_absorption(mu_e / T.sin_in + mu_e / T.sin_out, mt3)
-    f_c = _self_absorption(mu_e / T.sin_in + mu_c / T.sin_out, mt3)
-    ray = np.sum((W @ T.dcs_rayleigh) * a_in * a_out_r * f_r, axis=1) / T.sin_in
-    comp = np.sum((W @ T.dcs_compton) * a_in * a_out_c * f_c, axis=1) / T.sin_in
+    mu_e = W @ T.mu_exc.astype(np.float32)
+    mu_c = W @ T.mu_compton.astype(np.float32)
+    # incident path and exit path combined: exp(-m (mu(E)/sin1 + mu(E')/sin2)) per overlying layer
+    chi_r = mu_e * np.float32(1.0 / T.sin_in + 1.0 / T.sin_out)
+    chi_c = mu_e / np.float32(T.sin_in) + mu_c / np.float32(T.sin_out)
+    mt3 = mt.astype(np.float32)[..., None]
+    weight = T.exc.weight.astype(np.float32) / np.float32(T.sin_in)
+    ray = np.sum((W @ T.dcs_rayleigh.astype(np.float32)) * _overlayer(chi_r, mt, 1.0)
+                 * _self_absorption(chi_r, mt3), axis=1) * weight
+    comp = np.sum((W @ T.dcs_compton.astype(np.float32)) * _overlayer(chi_c, mt, 1.0)
+                  * _self_absorption(chi_c, mt3), axis=1) * weight
     return ray, comp
