@@ -426,8 +426,9 @@ def simulate(stack: Stack, instrument: Any, *, counts: float | None = None, live
     Returns
     -------
     Spectrum
-        Counts with the instrument's calibration; ``metadata`` holds ``"simulated": True``, the line
-        table under ``"lines"`` and the count rate.
+        Counts with the instrument's calibration; ``metadata`` holds ``"simulated": True``, the
+        instrument name, the stack's repr and the detected count rate (``"count_rate_cps"``); all plain
+        values, so the spectrum can be saved. :func:`line_intensities` gives the line table.
     """
     if counts is not None:
         counts = float(counts)
@@ -450,7 +451,7 @@ def simulate(stack: Stack, instrument: Any, *, counts: float | None = None, live
     gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
     data = gen.poisson(expected).astype(np.float64) if noise else expected
     meta = {"simulated": True, "instrument": getattr(instrument, "name", None), "count_rate_cps": count_rate,
-            "stack": repr(stack), "lines": table}
+            "stack": repr(stack), "n_lines": len(table)}
     return Spectrum(data, instrument.calibration, live_time_s=lt, metadata=meta)
 
 
