@@ -342,6 +342,9 @@ def test_refuses_to_overwrite_the_input(tmp_path, counts_truth, model):
     before = path.read_bytes()
     with pytest.raises(xrfnb.FormatError, match="refusing to overwrite the input"):
         map_pigments(_h5_scan(path), model, progress=False, out=path)
+    with h5py.File(path, "r") as f:  # no "source" in the metadata: the open dataset still tells
+        with pytest.raises(xrfnb.FormatError, match="refusing to overwrite the input"):
+            map_pigments(Scan(f["counts"], CAL), model, progress=False, out=tmp_path / "." / "scan.h5")
     assert path.read_bytes() == before
 
 

@@ -1033,13 +1033,14 @@ def map_pigments(
 def _check_output(out: Path, scan: Scan) -> None:
     if not out.parent.is_dir():
         raise FormatError(f"cannot write {out}: folder {out.parent} does not exist")
-    source = scan.metadata.get("source")
-    if source and out.exists() and Path(str(source)).exists():
-        with contextlib.suppress(OSError):
-            if os.path.samefile(out, str(source)):
-                raise FormatError(f"refusing to overwrite the input file {source} with pigment maps")
-    if source and out.resolve() == Path(str(source)).resolve():
-        raise FormatError(f"refusing to overwrite the input file {source} with pigment maps")
+    sources = {scan.metadata.get("source"), getattr(getattr(scan.counts, "file", None), "filename", None)}
+    for source in filter(None, sources):
+        same = out.resolve() == Path(str(source)).resolve()
+        if not same and out.exists() and Path(str(source)).exists():
+            with contextlib.suppress(OSError):
+                same = os.path.samefile(out, str(source))
+        if same:
+            raise FormatError(f"refusing to overwrite the input file {source} with pigment maps")
 
 
 def _count_reasons_blocks(sink: _PartialSink, slices: list[slice]) -> dict[str, int]:
