@@ -334,6 +334,17 @@ _IUPAC_RE = re.compile(r"^(K|L[1-3]|M[1-5])([K-P][1-7]?)_LINE$")
 _EDGE = {"K": "K_SHELL", "L": "L3_SHELL", "M": "M5_SHELL"}
 #: elements never reported from a sample: noble gases other than argon, short-lived radioactive elements
 _NEVER = frozenset({2, 10, 36, 54, 86, 43, 61, 84, 85, 87, 88, 89, 91})
+#: elements detect_elements considers by default: those found in paintings, grounds, substrates, metal
+#: leaf, conservation materials and reference standards (pigments: Pb Hg Cd Se As Cr Co Cu Zn Ti Ba Sn Sb
+#: Fe Mn Ca K Sr Zr Bi ...; leaf and alloys: Au Ag Pt Pd Ni W Mo; fillers and glass: Na Mg Al Si P S Cl
+#: Rb Br I Ga Ge Y Nb In; setup: Ar). Rarer elements (lanthanides, Cs, Te, Th, U ...) have L lines on top of
+#: these elements' K lines (cerium, praseodymium and neodymium pigments included): pass
+#: ``candidates="all"`` to consider them too.
+COMMON_ELEMENTS = (
+    "Na", "Mg", "Al", "Si", "P", "S", "Cl", "Ar", "K", "Ca", "Ti", "V", "Cr", "Mn", "Fe", "Co", "Ni", "Cu",
+    "Zn", "Ga", "Ge", "As", "Se", "Br", "Rb", "Sr", "Y", "Zr", "Nb", "Mo", "Pd", "Ag", "Cd", "In", "Sn", "Sb",
+    "I", "Ba", "W", "Pt", "Au", "Hg", "Pb", "Bi",
+)
 #: main line group of each family
 _MAIN = {"K": "Ka", "L": "La", "M": "Ma"}
 #: second line group checked for consistency where it should be visible
@@ -341,6 +352,8 @@ _SECOND = {"K": "Kb", "L": "Lb", "M": ""}
 #: 2 * Compton profile FWHM of light matrices in atomic units of momentum (C, O: ~1.3-1.6 a.u.)
 _COMPTON_PROFILE_FWHM_AU = 1.5
 _SI_ESCAPE_KEV = 1.74
+#: parent-line energy separating the two free escape terms (the escape excess varies with energy)
+_ESCAPE_SPLIT_KEV = 5.0
 #: share of a model term treated as systematic error in detection (peak shape, tail and ratio errors)
 _SYSTEMATIC = 0.02
 
@@ -543,9 +556,9 @@ def _family_template(fm: _FamilyModel, response: Any) -> np.ndarray:
 
 
 def _family_parts(
-    fm: _FamilyModel, response: Any, free_kb: bool = False, split_l: bool = True
-) -> list[tuple[str, np.ndarray]]:
-    """Templates of the parts of a family fitted with free intensities: (part name, template).
+    fm: _FamilyModel, free_kb: bool = False, split_l: bool = True
+) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """Parts of a family fitted with free intensities: (part name, line energies keV, line weights).
 
     K and M families are one template with fixed line ratios. L families get one template per
     initial vacancy subshell (L3: La, Ll, Lb2,15; L2: Lb1, Lg1, Ln; L1: Lb3,4, Lg2,3), as PyMca's
@@ -555,13 +568,13 @@ def _family_parts(
     With ``free_kb`` K families get separate Ka and Kb templates (for buried layers, whose Kb/Ka ratio
     grows with the absorption above them).
     """
-    matrix = np.asarray(response.matrix(fm.energies_keV), dtype=float)
+    e = np.asarray(fm.energies_keV, dtype=float)
     w = np.asarray(fm.weights, dtype=float)
     if fm.family == "K" and free_kb:
         ka = np.array([g == "Ka" for g in fm.groups])
-        return [(g, w[s] @ matrix[s]) for g, s in (("Ka", ka), ("Kb", ~ka)) if s.any() and w[s].sum() > 0]
+        return [(g, e[s], w[s]) for g, s in (("Ka", ka), ("Kb", ~ka)) if s.any() and w[s].sum() > 0]
     if fm.family != "L" or not fm.subshells or not split_l:
-        return [(fm.family, w @ matrix)]
+        return [(fm.family, e, w)]
     sub = np.array(fm.subshells)
     shares = {s: float(w[sub == s].sum()) for s in ("L3", "L2", "L1")}
     for small, into in (("L1", "L2"), ("L2", "L3"), ("L1", "L3")):
@@ -572,8 +585,29 @@ def _family_parts(
     for s in ("L3", "L2", "L1"):
         sel = sub == s
         if sel.any() and w[sel].sum() > 0:
-            parts.append((s, w[sel] @ matrix[sel]))
+            parts.append((s, e[sel], w[sel]))
     return parts
+
+
+def _escape_template(
+    energies_keV: np.ndarray, weights: np.ndarray, instrument: Any, energy_axis_keV: np.ndarray
+) -> np.ndarray:
+    """The Si escape peaks alone of a set of lines, as the detector response models them."""
+    from ._detector import escape_fraction, si_ka_keV
+
+    e = np.asarray(energies_keV, dtype=float)
+    f = np.asarray(escape_fraction(e), dtype=float) * (e > 1.84)
+    out = np.zeros_like(energy_axis_keV)
+    width = np.gradient(energy_axis_keV)
+    for e_l, w_l, f_l in zip(e, weights, f, strict=True):
+        if w_l * f_l <= 0:
+            continue
+        e_esc = e_l - si_ka_keV()
+        s = max(float(np.asarray(instrument.fwhm_keV(e_esc))) / 2.3548, 1e-3)
+        u = (energy_axis_keV - e_esc) / s
+        near = np.abs(u) < 6
+        out[near] += w_l * f_l * np.exp(-0.5 * u[near] ** 2) / (np.sqrt(2 * np.pi) * s) * width[near]
+    return out
 
 
 def _doppler_template(
@@ -677,6 +711,7 @@ class _Design:
     A: np.ndarray  # (n_range, k): columns normalised to unit sum over the whole spectrum
     lo: int
     hi: int
+    E: np.ndarray | None = None  # (n_range, k, 2): Si escape part of each column, parents < / >= 5 keV
 
     @property
     def k(self) -> int:
@@ -684,14 +719,36 @@ class _Design:
 
     def subset(self, keep: np.ndarray) -> _Design:
         idx = np.nonzero(keep)[0]
-        return _Design([self.columns[i] for i in idx], self.A[:, idx], self.lo, self.hi)
+        E = None if self.E is None else self.E[:, idx, :]
+        return _Design([self.columns[i] for i in idx], self.A[:, idx], self.lo, self.hi, E)
+
+    def with_escape(self, coef: np.ndarray) -> _Design:
+        """This design plus one free term for escape peaks beyond the modelled escape fraction.
+
+        The term is the escape-peak spectrum of the fitted lines (``E @ coef``). Real detectors show
+        escape fractions up to twice the textbook value (geometry, detector edges); an unexplained
+        escape peak would otherwise be claimed by an element (Zr L for the escape of Ca Ka).
+        """
+        if self.E is None or any(c.kind == "escape" for c in self.columns):
+            return self
+        cols, A = list(self.columns), self.A
+        for i, label in enumerate(("below", "above")):
+            t = self.E[:, :, i] @ np.maximum(coef, 0.0)
+            if t.sum() > 0:
+                name = f"escape peaks (extra, parents {label} {_ESCAPE_SPLIT_KEV:g} keV)"
+                cols.append(_Column(name, "escape"))
+                A = np.concatenate([A, (t / t.sum())[:, None]], axis=1)
+        if len(cols) == len(self.columns):
+            return self
+        E = np.concatenate([self.E, np.zeros((self.E.shape[0], len(cols) - len(self.columns), 2))], axis=1)
+        return _Design(cols, A, self.lo, self.hi, E)
 
 
 def _build_design(
-    columns: list[tuple[_Column, np.ndarray]], lo: int, hi: int
+    columns: list[tuple[_Column, np.ndarray, np.ndarray | None]], lo: int, hi: int
 ) -> _Design:
-    cols, mats = [], []
-    for col, t in columns:
+    cols, mats, escs = [], [], []
+    for col, t, esc in columns:
         t = np.asarray(t, dtype=float)
         total = t.sum()
         part = t[lo:hi]
@@ -699,7 +756,10 @@ def _build_design(
             continue
         cols.append(col)
         mats.append(part / total)
-    return _Design(cols, np.stack(mats, axis=1) if mats else np.zeros((hi - lo, 0)), lo, hi)
+        escs.append(np.zeros((hi - lo, 2)) if esc is None else np.asarray(esc, dtype=float)[lo:hi] / total)
+    if not mats:
+        return _Design(cols, np.zeros((hi - lo, 0)), lo, hi, np.zeros((hi - lo, 0, 2)))
+    return _Design(cols, np.stack(mats, axis=1), lo, hi, np.stack(escs, axis=1))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -956,26 +1016,34 @@ def _make_design(
     n_ch = total.size
     energy = calibration.energies_keV(n_ch)
     response = _response(instrument, energy)
-    cols: list[tuple[_Column, np.ndarray]] = []
+    cols: list[tuple[_Column, np.ndarray, np.ndarray | None]] = []
+
+    def lines(e: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        t = w @ np.asarray(response.matrix(e), dtype=float)
+        low = e < _ESCAPE_SPLIT_KEV  # escape of low- and high-energy parents apart: (channels, 2)
+        esc = np.stack([_escape_template(e, w * sel, instrument, energy) for sel in (low, ~low)], axis=1)
+        return t, esc
+
     for main, _, _ in resolved:
-        for part, template in _family_parts(main, response, free_kb, split_l):
+        for part, e, w in _family_parts(main, free_kb, split_l):
             name = f"{main.element} {main.family}" + ("" if part == main.family else f" ({part})")
-            cols.append((_Column(name, "element", main.element, main.family), template))
+            cols.append((_Column(name, "element", main.element, main.family), *lines(e, w)))
     for _, secondary, _ in resolved:
         for fm in secondary:
-            cols.append((_Column(f"{fm.element} {fm.family}", "secondary", fm.element, fm.family),
-                         _family_template(fm, response)))
-    cols.extend(_scatter_columns(instrument, response))
+            col = _Column(f"{fm.element} {fm.family}", "secondary", fm.element, fm.family)
+            cols.append((col, *lines(fm.energies_keV, fm.weights)))
+    cols.extend((c, t, None) for c, t in _scatter_columns(instrument, response))
     if pileup:
-        cols.append((_Column("pile-up", "pileup"), _pileup_column(total, calibration, lo)))
+        cols.append((_Column("pile-up", "pileup"), _pileup_column(total, calibration, lo), None))
     fwhm_mid = float(np.asarray(instrument.fwhm_keV(0.5 * (energy[lo] + energy[hi - 1]))))
     width = snip_width_keV if snip_width_keV is not None else max(0.3, 3.0 * fwhm_mid)
     smooth = max(1, round(0.5 * fwhm_mid / calibration.gain_keV)) if total.sum() < 1e6 else 0
-    cols.extend(_background_columns(total, lo, hi, width, calibration.gain_keV, smooth))
+    background = _background_columns(total, lo, hi, width, calibration.gain_keV, smooth)
+    cols.extend((c, t, None) for c, t in background)
     design = _build_design(cols, lo, hi)
     have = {c.element for c in design.columns if c.kind == "element"}
     lost = sorted(
-        {f"{c.element} {c.family}" for c, _ in cols if c.kind == "element" and c.element not in have}
+        {f"{c.element} {c.family}" for c, _, _ in cols if c.kind == "element" and c.element not in have}
     )
     if lost:
         raise FitError(f"no detector response inside the fitted range for {', '.join(lost)}")
@@ -995,6 +1063,7 @@ def fit_elements(
     snip_width_keV: float | None = None,
     pileup: bool = True,
     free_kb: bool = False,
+    escape: bool = True,
     max_pixels: int | None = None,
     progress: bool = True,
 ) -> ElementMaps:
@@ -1034,6 +1103,9 @@ def fit_elements(
         buried layers, whose Kb/Ka ratio exceeds the thin-layer ratio because the paint above absorbs
         Ka more; the default fixed ratio separates overlaps better (Mn Ka under Cr Kb). L families are
         always fitted per subshell (L3, L2, L1).
+    escape : bool, optional
+        Add one free term for Si escape peaks beyond the detector model's escape fraction (the escape
+        spectrum of the sum fit's lines).
     max_pixels : int, optional
         Pixels read per block (bounded memory); default ~32 M counts per block.
     progress : bool, optional
@@ -1083,6 +1155,9 @@ def fit_elements(
     resolved = _resolve_elements(elements, instrument, e_lo, e_hi)
     design = _make_design(resolved, instrument, cal, total, lo, hi, snip_width_keV, pileup, free_kb)
     coef_sum, model_sum, w = _fit_one(design, total[lo:hi])
+    if escape:
+        design = design.with_escape(coef_sum)
+        coef_sum, model_sum, w = _fit_one(design, total[lo:hi])
     keep = np.array([c.kind == "element" or coef_sum[i] > 0 for i, c in enumerate(design.columns)])
     design = design.subset(keep)
     coef_sum = coef_sum[keep]
@@ -1261,6 +1336,7 @@ def detect_elements(
     peak_threshold: float = 3.0,
     energy_range_keV: tuple[float, float] | None = None,
     tolerance_keV: float | None = None,
+    candidates: Any = "common",
 ) -> list[DetectedElement]:
     """Elements present in a spectrum (a sum or max-pixel spectrum of a scan, or one point).
 
@@ -1291,6 +1367,9 @@ def detect_elements(
         Searched range (default as in :func:`fit_elements`).
     tolerance_keV : float, optional
         Largest distance of a main line from a peak (default half the FWHM plus 20 eV).
+    candidates : "common", "all" or sequence of str, optional
+        Elements considered: :data:`COMMON_ELEMENTS` (default; what paintings, their supports, metal
+        leaf and standards contain), every element from Na to U, or your own list.
 
     Returns
     -------
@@ -1327,7 +1406,18 @@ def detect_elements(
     anode = getattr(instrument, "anode", None)
     anode_z = atomic_number(anode) if anode and not getattr(instrument, "monochromatic_keV", None) else None
     e_max = _max_excitation_keV(instrument)
-    table = [(z, fam, e) for z, fam, e in _candidate_energy_table(e_lo, e_hi, e_max) if z != anode_z]
+    if isinstance(candidates, str) and candidates in ("common", "all"):
+        allowed = None if candidates == "all" else {atomic_number(s) for s in COMMON_ELEMENTS}
+    else:
+        names = [candidates] if isinstance(candidates, str) else list(candidates)
+        allowed = {atomic_number(_parse_element(s)[0]) for s in names}
+        if not allowed:
+            raise FitError("candidates is empty: give element symbols, 'common' or 'all'")
+    table = [
+        (z, fam, e)
+        for z, fam, e in _candidate_energy_table(e_lo, e_hi, e_max)
+        if z != anode_z and (allowed is None or z in allowed)
+    ]
     response = _response(instrument, energy)
     e_rng = energy[lo:hi]
     y_rng = y[lo:hi]
@@ -1369,6 +1459,8 @@ def detect_elements(
         """Fit the active candidates; (verdict per element, elements fitted to zero, model, weights)."""
         resolved = [(m, s, "setup" if el == "Ar" else "sample") for el, (m, s) in active.items()]
         design = _make_design(resolved, instrument, cal, y, lo, hi, None, True, split_l=False)
+        coef, model, w = _fit_one(design, y_rng)
+        design = design.with_escape(coef)
         coef, model, w = _fit_one(design, y_rng)
         proj = _Projector.build(design.A, w)
         names = list(dict.fromkeys(c.element for c in design.columns if c.kind == "element"))
