@@ -460,18 +460,20 @@ def simulate(stack: Stack, instrument: Any, *, counts: float | None = None, live
 class _GuideSampler:
     """Exact sampling of channels from fixed discrete distributions (rows) by guide-table inversion.
 
-    For every row a guide table of about ``k_factor * channels`` entries gives, for ``u`` in
+    For every row a guide table of about ``k_factor * channels`` entries (a power of 2) gives, for ``u`` in
     ``[q/K, (q+1)/K)``, the first channel whose cumulative probability exceeds ``q/K``; a short
     forward search from there finds the exact inverse-CDF channel (Chen and Asau, 1974).
     """
 
-    def __init__(self, rows: np.ndarray, k_factor: int = 4) -> None:
+    def __init__(self, rows: np.ndarray, k_factor: int = 1) -> None:
         rows = np.asarray(rows, dtype=np.float64)
         r, c = rows.shape
         sums = rows.sum(axis=1, keepdims=True)
-        cdf = np.cumsum(rows / np.where(sums > 0, sums, 1.0), axis=1)
-        cdf[:, -1] = 2.0  # every u < 1 stops at the last channel at the latest
-        cdf = cdf.astype(np.float32)
+        cdf = np.cumsum(rows / np.where(sums > 0, sums, 1.0), axis=1).astype(np.float32)
+        # every u < 1 stops at the last channel of non-zero probability at the latest (float32 sums
+        # may end just below 1)
+        last = c - 1 - np.argmax(rows[:, ::-1] > 0, axis=1)
+        cdf[np.arange(c)[None, :] >= last[:, None]] = 2.0
         self.k = 1 << int(np.ceil(np.log2(k_factor * c)))  # a power of 2: u * k is exact in float32
         grid = (np.arange(self.k) / self.k).astype(np.float32)
         guide = np.empty((r, self.k), dtype=np.int32)
@@ -492,9 +494,22 @@ class _GuideSampler:
         q += row * np.int32(self.k)
         flat = self.guide[q]
         todo = np.nonzero(self.flat_cdf[flat] <= u)[0]
-        while todo.size:
-            flat[todo] += 1
-            todo = todo[self.flat_cdf[flat[todo]] <= u[todo]]
+        if todo.size:
+            # the answer lies in (flat, guide[q + 1]]: vectorised bisection on the few that need it
+            lo = flat[todo]
+            qn = q[todo] + 1
+            last_cell = (qn % self.k) == 0
+            hi = np.where(last_cell, (row[todo] + 1) * self.c - 1, self.guide[np.where(last_cell, 0, qn)])
+            ut = u[todo]
+            while True:
+                gap = hi - lo > 1
+                if not gap.any():
+                    break
+                mid = (lo + hi) // 2
+                below = gap & (self.flat_cdf[mid] <= ut)
+                lo = np.where(below, mid, lo)
+                hi = np.where(gap & ~below, mid, hi)
+            flat[todo] = hi
         flat -= row * np.int32(self.c)
         return flat
 
