@@ -1445,6 +1445,9 @@ def detect_elements(
             if not matched or matched[0].element in exclude or matched[0].element in models:
                 continue
             main = _choose_family(matched, e_max)
+            eff = float(np.ravel(instrument.detector_efficiency(np.array([main.main_energy_keV])))[0])
+            if eff < 1e-3:
+                continue  # its line cannot reach the detector (air path, window): the peak is something else
             if _choose_family(list(usable.values()), e_max) is not main:
                 # e.g. Zn L at 1.0 keV while Zn K (excited, in range) shows no peak: not Zn
                 continue
