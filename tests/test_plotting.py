@@ -181,8 +181,13 @@ def test_probability_and_map_figures(bokeh):
     fig = _fig(img)
     assert fig.xaxis[0].axis_label == "x (mm)" and fig.yaxis[0].axis_label == "y (mm)"
     assert img.bounds.lbrt() == (0.0, 0.0, 2.0, 1.5)
-    # row 0 of the map is drawn at the top
+    # row 0 of the map is drawn at the top, and pixel_at inverts the plot coordinates
     assert img[0.25, 1.25] == 0.0
+    for r, c in [(0, 0), (2, 3), (1, 2)]:
+        x, y = (c + 0.5) * 0.5, (3 - r - 0.5) * 0.5
+        assert img[x, y] == 4 * r + c
+        assert P.pixel_at(x, y, (3, 4), 500) == (r, c)
+    assert P.pixel_at(-5, 99, (3, 4), 500) == (0, 0)
     cb = [r for r in fig.right if type(r).__name__ == "ColorBar"]
     assert cb and cb[0].title == "Pb (counts)"
     fig = _fig(P.rgb_image(np.zeros((3, 4, 3), np.uint8), title="rgb", legend={"lead white": "#eeeeee"}))

@@ -45,6 +45,7 @@ __all__ = [
     "fit_resolution",
     "line_markers",
     "map_image",
+    "pixel_at",
     "presence_scores",
     "probability_plot",
     "resolution_plot",
@@ -689,6 +690,33 @@ def _bounds(shape: tuple[int, int], pixel_size_um: float | None) -> tuple[tuple[
     return (0.0, 0.0, float(cols), float(rows)), "pixel"
 
 
+def pixel_at(
+    x: float, y: float, shape: tuple[int, int], pixel_size_um: float | None = None
+) -> tuple[int, int]:
+    """The (row, col) of the pixel under plot coordinates ``(x, y)`` of :func:`map_image` (e.g. a tap).
+
+    Parameters
+    ----------
+    x, y : float
+        Plot coordinates, mm when ``pixel_size_um`` is given, else pixels; y grows upwards and row 0 is
+        at the top of the image.
+    shape : (int, int)
+        (rows, cols) of the map.
+    pixel_size_um : float, optional
+        Pixel pitch, um.
+
+    Returns
+    -------
+    (int, int)
+        Row and column, clipped to the map.
+    """
+    rows, cols = (int(v) for v in shape)
+    step = pixel_size_um / 1000.0 if pixel_size_um else 1.0
+    col = int(np.clip(math.floor(float(x) / step), 0, cols - 1))
+    row = int(np.clip(math.floor(rows - float(y) / step), 0, rows - 1))
+    return row, col
+
+
 def map_image(
     values: Any,
     *,
@@ -887,10 +915,11 @@ def curves_plot(
     yunit: str,
     logx: bool = False,
     logy: bool = False,
+    markers: bool = True,
     width: int = 600,
     height: int = 340,
 ) -> Any:
-    """Several labelled curves (lines with points) over one x axis, with a legend.
+    """Several labelled curves (lines, with points unless ``markers=False``) over one x axis, with a legend.
 
     Parameters
     ----------
@@ -921,7 +950,8 @@ def curves_plot(
             raise DataError(f"curve {name!r} has {y.size} values for {xv.size} x values")
         color = palette[i % len(palette)]
         layers.append(hv.Curve((xv, y), xd, yd, label=str(name)).opts(color=color, line_width=2))
-        layers.append(hv.Scatter((xv, y), xd, yd, label=str(name)).opts(color=color, size=6))
+        if markers:
+            layers.append(hv.Scatter((xv, y), xd, yd, label=str(name)).opts(color=color, size=6))
     return hv.Overlay(layers).opts(
         title=title, width=width, height=height, logx=logx, logy=logy, legend_position="right",
         show_legend=True,
