@@ -434,6 +434,15 @@ def build_tables(elements: tuple[int, ...], exc: Excitation, incidence_deg: floa
             vals = xraylib_np.CS_FluorLine_Kissel_Cascade(
                 np.array([el.z]), np.array(ms, dtype=int), line_energy)[0].sum(axis=0)
             tau_at_line[slices[i].start + r] = vals
+    # Secondary fluorescence is computed for the major lines only (>= 1 % of their element's strongest
+    # line for this excitation), as exciting and as excited lines: the rest changes totals by < 0.3 %.
+    strength = tau @ exc.weight if start else np.zeros(0)
+    major = np.zeros(start, dtype=bool)
+    for sl in slices:
+        if sl.stop > sl.start:
+            major[sl] = strength[sl] >= 0.01 * strength[sl].max()
+    tau_at_line[~major, :] = 0.0
+    tau_at_line[:, ~major] = 0.0
     theta = np.pi - np.radians(incidence_deg) - np.radians(takeoff_deg)
     e_c_r = compton_energy_keV(e_r, theta)
     e_c = compton_energy_keV(exc.energy_keV, theta)
@@ -546,9 +555,19 @@ def _primary_chunk(W: np.ndarray, mt: np.ndarray, T: Tables, out: np.ndarray) ->
 
 # --- secondary fluorescence ----------------------------------------------------------------------------
 
-_GL_T, _GL_W = np.polynomial.legendre.leggauss(24)
+_GL_T, _GL_W = np.polynomial.legendre.leggauss(12)
 _GL_T = 0.5 * (_GL_T + 1.0)
 _GL_W = 0.5 * _GL_W
+
+
+def _diff_exp_scalar(x: np.ndarray, y: np.ndarray, e_x: np.ndarray, e_y: np.ndarray, t: float) -> np.ndarray:
+    """``(exp(-x t) - exp(-y t)) / (y - x)`` for finite scalar ``t``, given both exponentials."""
+    d = y - x
+    small = np.abs(d) * t < 1e-7
+    val = (e_x - e_y) / np.where(small, 1.0, d)
+    if small.any():
+        val = np.where(small, t * e_x, val)
+    return val
 
 
 def secondary_depth_integral(a: np.ndarray, b: np.ndarray, c: np.ndarray, mt: np.ndarray) -> np.ndarray:
@@ -571,16 +590,30 @@ def secondary_depth_integral(a: np.ndarray, b: np.ndarray, c: np.ndarray, mt: np
     Notes
     -----
     ``E1(x) = int_0^1 exp(-x/u) du/u``; for each direction cosine ``u`` the depth double integral of
-    exponentials is elementary. The ``u`` integral uses 24-point Gauss-Legendre in ``t`` with
-    ``u = t^2``. For ``T = inf`` the result equals the closed form
-    ``[ln(1 + a/c)/a + ln(1 + b/c)/b] / (a + b)`` of Shiraiwa and Fujino.
+    exponentials is elementary. The ``u`` integral uses 12-point Gauss-Legendre in ``t`` with
+    ``u = t^2`` (relative error < 2e-4 against the closed form). For ``T = inf`` the result equals the
+    closed form ``[ln(1 + a/c)/a + ln(1 + b/c)/b] / (a + b)`` of Shiraiwa and Fujino.
     """
-    a, b, c, mt = np.broadcast_arrays(*(np.asarray(x, dtype=float) for x in (a, b, c, mt)))
-    a, b, c, mt = (x[..., None] for x in (a, b, c, mt))
+    a, b, c = (np.asarray(x, dtype=float)[..., None] for x in (a, b, c))
+    mt_arr = np.asarray(mt, dtype=float)
+    if mt_arr.ndim == 0:  # one layer: no broadcasting of the thickness, fast path
+        t = float(mt_arr)
+        kappa = c / (_GL_T**2)
+        if np.isinf(t):
+            k1 = 1.0 / ((a + b) * (b + kappa))
+            k2 = 1.0 / ((a + b) * (a + kappa))
+        else:
+            e_a, e_b, e_k = np.exp(-a * t), np.exp(-b * t), np.exp(-kappa * t)
+            first = -np.expm1(-(a + b) * t) / (a + b)
+            k1 = (first - e_b * _diff_exp_scalar(a, kappa, e_a, e_k, t)) / (b + kappa)
+            k2 = (first - e_a * _diff_exp_scalar(b, kappa, e_b, e_k, t)) / (a + kappa)
+        integrand = (k1 + k2) * (2.0 / _GL_T)  # du/u = 2 dt / t
+        return np.sum(integrand * _GL_W, axis=-1)
+    mt_b = mt_arr[..., None]
     u = _GL_T**2
     kappa = c / u
-    inf = np.isinf(mt)
-    tf = np.where(inf, 0.0, mt)
+    inf = np.isinf(mt_b)
+    tf = np.where(inf, 0.0, mt_b)
     e_ab = np.where(inf, 0.0, np.exp(-(a + b) * tf))
     first = np.where(inf, 1.0 / (a + b), -np.expm1(-(a + b) * tf) / (a + b))
 
@@ -639,19 +672,6 @@ def secondary_within_layers(W: np.ndarray, mt: np.ndarray, T: Tables) -> np.ndar
     return out
 
 
-def _diff_exp(x: np.ndarray, y: np.ndarray, t: np.ndarray) -> np.ndarray:
-    """``(exp(-x t) - exp(-y t)) / (y - x)``; limits ``t exp(-x t)`` for ``y -> x`` and 0 for ``t = inf``."""
-    x, y, t = np.broadcast_arrays(x, y, t)
-    inf = np.isinf(t)
-    tf = np.where(inf, 0.0, t)
-    d = y - x
-    small = np.abs(d) * tf < 1e-7
-    with np.errstate(over="ignore", invalid="ignore"):
-        val = (np.exp(-x * tf) - np.exp(-y * tf)) / np.where(small, 1.0, d)
-    val = np.where(small, tf * np.exp(-x * tf), val)
-    return np.where(inf, 0.0, val)
-
-
 def _one_minus_exp_over(x: np.ndarray, t: np.ndarray) -> np.ndarray:
     """``(1 - exp(-x t)) / x`` for x > 0 (``1/x`` for ``t = inf``)."""
     x, t = np.broadcast_arrays(x, t)
@@ -706,12 +726,16 @@ def secondary_between_layers(W: np.ndarray, mt: np.ndarray, T: Tables) -> np.nda
                 between = sum(mt[b, k] * mu_l[b, k, pm] for k in range(lo + 1, hi)) \
                     if hi - lo > 1 else np.zeros(pm.size)
                 mid = np.exp(-between[:, None, None] / u)
-                if i > j:  # downwards: leave j through its bottom, enter i at its top
-                    j1 = _diff_exp(a, kj, mt[b, j])
-                    j2 = _one_minus_exp_over(bl + ki, mt[b, i])
-                else:  # upwards: leave j through its top, enter i at its bottom
-                    j1 = _one_minus_exp_over(a + kj, mt[b, j])
-                    j2 = _diff_exp(bl, ki, mt[b, i])
+                tj, ti = float(mt[b, j]), float(mt[b, i])
+                if i > j:  # downwards: leave j (finite) through its bottom, enter i at its top
+                    j1 = _diff_exp_scalar(a, kj, np.exp(-a * tj), np.exp(-kj * tj), tj)
+                    j2 = _one_minus_exp_over(bl + ki, ti)
+                else:  # upwards: leave j through its top, enter i (finite) at its bottom
+                    if np.isinf(tj):
+                        j1 = 1.0 / (a + kj)
+                    else:  # exp(-(a + kj) t) as a product of two small arrays
+                        j1 = (1.0 - np.exp(-a * tj) * np.exp(-kj * tj)) / (a + kj)
+                    j2 = _diff_exp_scalar(bl, ki, np.exp(-bl * ti), np.exp(-ki * ti), ti)
                 D = np.sum(j1 * j2 * mid * gw, axis=-1)  # (P, n)
                 prod_m = T.tau[pm] * W[b, j, T.line_element[pm], None]
                 val = np.sum(D * prod_m * a_in[b, j], axis=1) * T.tau_at_line[pl, pm] \
