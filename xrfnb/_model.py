@@ -20,15 +20,21 @@ Probabilities. The network gives, per class, a three-way softmax over (absent, p
 present only below the surface layer), divided by a temperature fitted on validation data. ``probability``
 is P(surface) + P(buried) (present within the probed depth) and ``buried_probability`` is P(buried).
 
-Out-of-distribution score. ``ood_score = max(u / u_ref, d / d_ref)`` where
+Out-of-distribution score, from three terms:
 
 * ``u`` is the fraction of the significant net peak area between ``e_min`` and ``ood.analysis_max_keV``
-  (17 keV, below the tube's scatter peaks) that lies outside the line windows of the elements of the
-  predicted classes and of the always-explained elements (air argon, impurities Si, K, Ca, Fe, tube anodes
-  Rh and Mo): peaks that the predicted pigments cannot explain;
+  (15 keV, below the tubes' Rayleigh and Compton peaks) that lies outside the line windows of the
+  elements of the possible classes and of the always-explained elements (air argon, impurities Si, K,
+  Ca, Fe, tube anodes Rh and Mo): peaks that the pigments the model considers cannot explain;
 * ``d`` is the Mahalanobis distance of the network's last hidden features from the training
   distribution (mean and covariance from validation spectra), divided by sqrt(feature dimension);
-* ``u_ref`` and ``d_ref`` are their 99th percentiles on validation spectra.
+* ``r`` is the reconstruction residual of the spectrum's shape outside the 64 principal components of
+  training spectra, in units of the Poisson noise (:meth:`PigmentModel._reconstruction`);
+* ``u_ref``, ``d_ref`` and ``r_ref`` are their 99th percentiles on validation spectra.
+
+The overall score is ``max(u / u_ref, d / d_ref, r / r_ref)``; classes with a probability of at least
+``explain_probability`` (0.1) count as explaining their elements' lines. Spectra with more counts than the
+training maximum (sum spectra) are scaled down to it first.
 
 A spectrum is flagged (``ood``) when ``ood_score > ood_threshold`` (the 99th percentile of the score on
 validation spectra, so about 1 % of in-distribution spectra are flagged).
@@ -293,8 +299,11 @@ class PigmentModel:
             self.ood_threshold = float(ood.get("threshold", math.inf))
             self._u_ref = float(ood.get("unexplained_ref", 1.0))
             self._d_ref = float(ood.get("mahalanobis_ref", math.inf))
-            self._analysis_max_keV = float(ood.get("analysis_max_keV", 17.0))
+            self._analysis_max_keV = float(ood.get("analysis_max_keV", 15.0))
+            self._r_ref = float(ood.get("reconstruction_ref", math.inf))
+            self._explain_p = float(ood.get("explain_probability", 0.1))
             self._always = tuple(ood.get("always_explained", ALWAYS_EXPLAINED))
+            self.max_counts = float(meta.get("max_counts", math.inf))
             default_input = meta.get("default_input")
             self.default_calibration = (
                 EnergyCalibration.from_dict(default_input["calibration"]) if default_input else None
@@ -313,6 +322,8 @@ class PigmentModel:
             raise ModelError(f"network expects {net.n_bins} bins but the energy grid has {self.n_bins}")
         self._feature_mean = ood_tensors.get("feature_mean")
         self._feature_whitening = ood_tensors.get("feature_whitening")
+        self._pca_mean = ood_tensors.get("pca_mean")
+        self._pca_basis = ood_tensors.get("pca_basis")
         self._build_masks()
 
     # -- basic properties --------------------------------------------------------------------------------
@@ -439,9 +450,10 @@ class PigmentModel:
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {f"net.{k}": v.detach().contiguous().cpu() for k, v in self.net.state_dict().items()}
-        if self._feature_mean is not None:
-            tensors["ood.feature_mean"] = self._feature_mean.contiguous()
-            tensors["ood.feature_whitening"] = self._feature_whitening.contiguous()
+        for key in ("feature_mean", "feature_whitening", "pca_mean", "pca_basis"):
+            value = getattr(self, f"_{key}")
+            if value is not None:
+                tensors[f"ood.{key}"] = value.contiguous()
         meta = dict(self.meta)
         meta.update(
             format=FORMAT,
@@ -458,9 +470,13 @@ class PigmentModel:
             "threshold": self.ood_threshold,
             "unexplained_ref": self._u_ref,
             "mahalanobis_ref": self._d_ref,
+            "reconstruction_ref": self._r_ref,
+            "explain_probability": self._explain_p,
             "analysis_max_keV": self._analysis_max_keV,
             "always_explained": list(self._always),
         }
+        if math.isfinite(self.max_counts):
+            meta["max_counts"] = self.max_counts
         self.meta = meta
         tmp_w = folder / (WEIGHTS_FILE + ".tmp")
         tmp_m = folder / (META_FILE + ".tmp")
@@ -486,6 +502,11 @@ class PigmentModel:
             raise ModelError(f"calibration must be an EnergyCalibration, got {type(calibration).__name__}")
         calibration.check_monotonic(n_channels)
         lo, hi = calibration.energy_keV(np.array([0, n_channels - 1]))
+        if not 1e-4 <= (hi - lo) / max(n_channels - 1, 1) <= 0.2:
+            raise ModelError(
+                f"calibration {calibration} gives {(hi - lo) / max(n_channels - 1, 1):.3g} keV per channel: "
+                "this spectrum looks uncalibrated; fit a calibration first (xrfnb.calibrate) or pass one"
+            )
         if hi < self.energy_edges_keV[0] or lo > self.energy_edges_keV[-1]:
             raise ModelError(
                 f"the spectra cover {lo:.2f}-{hi:.2f} keV, outside the model's "
@@ -506,20 +527,39 @@ class PigmentModel:
 
     @torch.inference_mode()
     def _infer_binned(self, binned: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if math.isfinite(self.max_counts):
+            # more counts than any training spectrum (a sum spectrum): scale down to the training maximum
+            total = binned.sum(dim=1, keepdim=True)
+            binned = binned * torch.clamp(self.max_counts / total.clamp_min(1.0), max=1.0)
         x, logc = features_from_binned(binned)
         logits, feats = self.net(x, logc)
         p3 = torch.softmax(logits / self.temperature, dim=2)
         prob = p3[..., 1] + p3[..., 2]
         buried = p3[..., 2]
-        present = (prob >= torch.from_numpy(self.thresholds)).float()
-        unexplained = self._unexplained_fraction(binned, present)
+        possible = (prob >= self._explain_p).float()
+        unexplained = self._unexplained_fraction(binned, possible)
         if self._feature_mean is not None:
             z = (feats - self._feature_mean) @ self._feature_whitening
             dist = torch.sqrt((z * z).mean(dim=1))
         else:
             dist = torch.zeros_like(unexplained)
+        recon = self._reconstruction(binned)
         score = torch.maximum(unexplained / self._u_ref, dist / self._d_ref)
-        return prob, buried, score, unexplained, dist
+        score = torch.maximum(score, recon / self._r_ref)
+        return prob, buried, score, unexplained, dist, recon
+
+    def _reconstruction(self, binned: torch.Tensor) -> torch.Tensor:
+        """Residual of the spectrum's shape outside the principal subspace of training spectra, in units
+        of Poisson noise: ``4 N |e|^2 / (bins with counts)``, ``e`` the part of ``sqrt(counts / N)`` (minus
+        the training mean) not in the span of the principal components; ~1 for a spectrum the subspace
+        explains up to counting noise (Anscombe: sqrt(counts) has variance 1/4)."""
+        if self._pca_basis is None:
+            return torch.zeros(binned.shape[0])
+        total = binned.sum(dim=1, keepdim=True).clamp_min(1.0)
+        u = torch.sqrt(binned / total) - self._pca_mean
+        e = u - (u @ self._pca_basis.T) @ self._pca_basis
+        nonzero = (binned > 0).sum(dim=1).clamp_min(1)
+        return 4.0 * total.squeeze(1) * (e * e).sum(dim=1) / nonzero
 
     @staticmethod
     def _background3(binned: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -603,7 +643,7 @@ class PigmentModel:
         for i0 in range(0, n, _INFER_CHUNK):
             sl = slice(i0, min(n, i0 + _INFER_CHUNK))
             b = torch.from_numpy(rebin_counts(counts[sl], cal, self.energy_edges_keV))
-            p, pb, s, u, _ = self._infer_binned(b)
+            p, pb, s, u, _, _ = self._infer_binned(b)
             prob[sl], buried[sl], score[sl], unexpl[sl] = p.numpy(), pb.numpy(), s.numpy(), u.numpy()
         return BatchIdentification(
             self.classes, prob, buried, score, self.thresholds.copy(), self.ood_threshold, unexpl

@@ -553,18 +553,31 @@ def calibrate_model(
         "label_definition": data.label_definition(),
         "temperature": temperature,
         "thresholds": [float(t) for t in thresholds],
+        "max_counts": float(cfg.data.counts[1]),
         "ood": {"threshold": math.inf, "unexplained_ref": 1.0, "mahalanobis_ref": 1.0},
         "training": cfg.to_dict(),
         "metrics": {},
     }
-    model = PigmentModel(net, meta, {"feature_mean": mean.float(), "feature_whitening": whitening})
-    _, _, _, unexpl, dist = model._infer_binned(torch.from_numpy(binned[half:]))
+    # principal subspace of the spectra's shapes (sqrt of the count-normalised spectrum), first half
+    max_counts = float(cfg.data.counts[1])
+    b_a = torch.from_numpy(binned[:half]).double()
+    b_a = b_a * torch.clamp(max_counts / b_a.sum(1, keepdim=True).clamp_min(1.0), max=1.0)
+    shape_a = torch.sqrt(b_a / b_a.sum(1, keepdim=True).clamp_min(1.0))
+    pca_mean = shape_a.mean(0)
+    _, _, vt = torch.linalg.svd(shape_a - pca_mean, full_matrices=False)
+    n_pc = min(64, vt.shape[0])
+    ood_tensors = {"feature_mean": mean.float(), "feature_whitening": whitening,
+                   "pca_mean": pca_mean.float(), "pca_basis": vt[:n_pc].float().contiguous()}
+    model = PigmentModel(net, meta, ood_tensors)
+    _, _, _, unexpl, dist, recon = model._infer_binned(torch.from_numpy(binned[half:]))
     u_ref = max(float(np.quantile(unexpl.numpy(), 0.99)), 0.05)
     d_ref = float(np.quantile(dist.numpy(), 0.99))
-    model._u_ref, model._d_ref = u_ref, d_ref
-    score = torch.maximum(unexpl / u_ref, dist / d_ref).numpy()
+    r_ref = float(np.quantile(recon.numpy(), 0.99))
+    model._u_ref, model._d_ref, model._r_ref = u_ref, d_ref, r_ref
+    score = torch.maximum(torch.maximum(unexpl / u_ref, dist / d_ref), recon / r_ref).numpy()
     model.ood_threshold = float(np.quantile(score, 0.99))
-    model.meta["ood"] = {"threshold": model.ood_threshold, "unexplained_ref": u_ref, "mahalanobis_ref": d_ref}
+    model.meta["ood"] = {"threshold": model.ood_threshold, "unexplained_ref": u_ref, "mahalanobis_ref": d_ref,
+                         "reconstruction_ref": r_ref, "n_principal_components": n_pc}
     model.meta["metrics"] = {
         "validation": {
             "n_spectra": int(binned.shape[0]),

@@ -1,0 +1,246 @@
+"""The shipped pigment model: loading, safety, input handling, golden values, real spectra."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import xrfnb
+from xrfnb import EnergyCalibration, ModelError
+from xrfnb._model import DEFAULT_MODEL, PigmentModel, available_models, load_model
+from xrfnb._nn import PigmentNet, energy_grid_edges_keV, rebin_counts
+
+REPO = Path(__file__).resolve().parents[1]
+REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
+SHIPPED_FILES = ("model.safetensors", "model.json", "README.md")
+
+
+@pytest.fixture(scope="module")
+def model() -> PigmentModel:
+    return load_model("default")
+
+
+# -- grid and rebinning (independent references) ------------------------------------------------------
+def test_grid_bins_follow_the_detector_resolution():
+    """Bin width / FWHM is constant over the grid, FWHM^2 = noise^2 + 8 ln2 F eps E (F 0.115, eps 3.65 eV)."""
+    edges = energy_grid_edges_keV(512, 1.0, 41.0, 0.08)
+    assert edges[0] == pytest.approx(1.0) and edges[-1] == pytest.approx(41.0)
+    centers = 0.5 * (edges[1:] + edges[:-1])
+    fwhm = np.sqrt(0.08**2 + 8 * math.log(2) * 0.115 * 3.65e-3 * centers)
+    ratio = np.diff(edges) / fwhm
+    assert ratio.std() / ratio.mean() < 0.01
+    assert 0.25 < ratio.mean() < 0.45  # about 3 bins per FWHM
+
+
+@pytest.mark.parametrize(
+    ("cal", "n_ch"),
+    [(EnergyCalibration(-0.955, 0.01), 4096), (EnergyCalibration(0.0, 0.02), 2048),
+     (EnergyCalibration(1.3, 0.0073), 3000)],
+)
+def test_rebinning_conserves_counts_against_a_brute_force_overlap(cal, n_ch):
+    rng = np.random.default_rng(3)
+    counts = rng.poisson(2.0, (4, n_ch)).astype(np.uint16)
+    edges = energy_grid_edges_keV()
+    got = rebin_counts(counts, cal, edges)
+    lo = cal.energy_keV(np.arange(n_ch) - 0.5)
+    hi = cal.energy_keV(np.arange(n_ch) + 0.5)
+    ref = np.zeros(got.shape)
+    for i in range(edges.size - 1):
+        overlap = np.clip(np.minimum(hi, edges[i + 1]) - np.maximum(lo, edges[i]), 0, None) / (hi - lo)
+        ref[:, i] = counts @ overlap
+    np.testing.assert_allclose(got, ref, atol=1e-3)
+    inside = (lo >= edges[0]) & (hi <= edges[-1])
+    assert np.all(got.sum(axis=1) >= counts[:, inside].sum(axis=1) - 1e-3)
+
+
+# -- loading and safety -------------------------------------------------------------------------------
+def test_default_model_is_shipped_in_the_package_and_in_models(model):
+    assert DEFAULT_MODEL in available_models()
+    assert model.name == DEFAULT_MODEL
+    pkg = Path(xrfnb.__file__).parent / "data" / "models" / DEFAULT_MODEL
+    src = REPO / "models" / DEFAULT_MODEL
+    for name in SHIPPED_FILES:
+        assert (pkg / name).is_file()
+        if src.is_dir():  # source tree: models/ holds a byte-identical copy
+            assert hashlib.sha256((pkg / name).read_bytes()).digest() == \
+                hashlib.sha256((src / name).read_bytes()).digest(), name
+    assert xrfnb.load_model(str(pkg)).classes == model.classes
+    assert PigmentModel.from_dir(pkg).thresholds.shape == (len(model.classes),)
+
+
+def test_model_metadata_is_complete(model):
+    k = len(model.classes)
+    assert k == len(model.colors) == len(model.thresholds) >= 20
+    assert all(c.startswith("#") and len(c) == 7 for c in model.colors)
+    assert set(model.classes) == set(xrfnb.pigments().groups()) - {"XRF-silent"}
+    assert np.all((model.thresholds > 0) & (model.thresholds < 1))
+    assert model.temperature > 0 and math.isfinite(model.ood_threshold)
+    for key in ("energy_grid", "instrument_envelope", "training", "metrics", "code_version",
+                "label_definition", "default_input"):
+        assert key in model.meta, key
+    assert model.meta["training"]["train_time_s"] < 60 * 60
+
+
+def test_unknown_model_name_lists_the_shipped_ones():
+    with pytest.raises(ModelError, match=DEFAULT_MODEL):
+        load_model("no-such-model")
+
+
+def test_loading_refuses_pickled_weights(tmp_path, model):
+    pkg = Path(xrfnb.__file__).parent / "data" / "models" / DEFAULT_MODEL
+    # a pickle (torch.save) under the safetensors name
+    d1 = tmp_path / "disguised"
+    d1.mkdir()
+    torch.save(model.net.state_dict(), d1 / "model.safetensors")
+    (d1 / "model.json").write_bytes((pkg / "model.json").read_bytes())
+    with pytest.raises(ModelError, match="pickle"):
+        PigmentModel.from_dir(d1)
+    # only a .pt file
+    d2 = tmp_path / "pt-only"
+    d2.mkdir()
+    torch.save(model.net.state_dict(), d2 / "model.pt")
+    (d2 / "model.json").write_bytes((pkg / "model.json").read_bytes())
+    with pytest.raises(ModelError, match="pickled weights"):
+        load_model(d2)
+    # garbage bytes
+    d3 = tmp_path / "garbage"
+    d3.mkdir()
+    (d3 / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    (d3 / "model.json").write_bytes((pkg / "model.json").read_bytes())
+    with pytest.raises(ModelError, match="safetensors"):
+        PigmentModel.from_dir(d3)
+
+
+def test_save_and_reload_round_trip(tmp_path, model):
+    model.save(tmp_path / "copy")
+    again = PigmentModel.from_dir(tmp_path / "copy")
+    counts = np.random.default_rng(0).poisson(1.0, (3, 4096))
+    a = model.identify_batch(counts)
+    b = again.identify_batch(counts)
+    np.testing.assert_array_equal(a.probability, b.probability)
+    np.testing.assert_array_equal(a.ood_score, b.ood_score)
+
+
+# -- input handling ---------------------------------------------------------------------------------
+def test_identify_rejects_wrong_length_without_calibration(model):
+    with pytest.raises(ModelError, match="no calibration was given"):
+        model.identify(np.ones(1000))
+    with pytest.raises(ModelError, match="no calibration was given"):
+        model.identify_batch(np.ones((2, 2048)))
+    # with a calibration any length works
+    res = model.identify_batch(np.ones((2, 2048)), EnergyCalibration(0.0, 0.02))
+    assert res.probability.shape == (2, len(model.classes))
+
+
+def test_identify_rejects_uncalibrated_and_bad_counts(model):
+    with pytest.raises(ModelError, match="uncalibrated"):
+        model.identify_batch(np.ones((1, 4096)), EnergyCalibration(0.0, 1.0))
+    with pytest.raises(ModelError, match="outside the model"):
+        model.identify_batch(np.ones((1, 100)), EnergyCalibration(100.0, 0.01))
+    with pytest.raises(xrfnb.DataError):
+        model.identify_batch(-np.ones((1, 4096)))
+    with pytest.raises(xrfnb.DataError):
+        model.identify_batch(np.full((1, 4096), np.nan))
+
+
+# -- behaviour on simulated spectra -------------------------------------------------------------------
+def _spectrum(layers, counts=3000.0, seed=11, instrument="bruker-m6"):
+    inst = xrfnb.Instrument.preset(instrument)
+    stack = xrfnb.Stack([xrfnb.Layer(p, thickness_um=t) for p, t in layers], ground="chalk")
+    return xrfnb.simulate(stack, inst, counts=counts, rng=np.random.default_rng(seed))
+
+
+def test_identifies_vermilion_on_lead_white(model):
+    spec = _spectrum([({"vermilion": 0.5}, 15.0), ({"lead white": 0.7}, 40.0)])
+    ident = model.identify(spec)
+    assert "vermilion" in ident.present and "lead pigments (Pb)" in ident.present
+    assert ident.layer["vermilion"] == "surface"
+    assert "Hg" in ident.evidence["vermilion"]
+    assert not ident.ood
+    assert "vermilion" in ident.summary()
+
+
+def test_same_spectrum_at_two_calibrations_gives_the_same_answer(model):
+    """Summing channel pairs (4096 x 10 eV -> 2048 x 20 eV) changes nothing physical."""
+    spec = _spectrum([({"emerald green": 0.4}, 20.0)], counts=5000.0)
+    c = np.asarray(spec.counts)
+    pairs = c.reshape(2048, 2).sum(axis=1)
+    cal2 = EnergyCalibration(spec.calibration.offset_keV + 0.5 * spec.calibration.gain_keV,
+                             2 * spec.calibration.gain_keV)
+    a = model.identify_batch(c[None], spec.calibration)
+    b = model.identify_batch(pairs[None], cal2)
+    np.testing.assert_allclose(a.probability, b.probability, atol=0.05)
+    k = model.classes.index("copper arsenite greens (Cu, As)")
+    assert a.present[0, k] and b.present[0, k]
+
+
+def test_batch_equals_single_and_buried_is_below_present(model):
+    specs = [_spectrum([({"cobalt blue": 0.5}, 10.0)], seed=s) for s in range(3)]
+    counts = np.stack([s.counts for s in specs])
+    batch = model.identify_batch(counts, specs[0].calibration)
+    for i, s in enumerate(specs):
+        np.testing.assert_allclose(model.identify(s).probability, batch.probability[i], rtol=1e-5)
+    assert np.all(batch.buried_probability <= batch.probability + 1e-6)
+    assert batch.probability.dtype == np.float32 and batch.ood_score.dtype == np.float32
+
+
+# -- golden values (pin the shipped weights) ---------------------------------------------------------
+GOLDEN_SEED = 20261125
+
+
+def _golden_counts() -> np.ndarray:
+    """A fixed input independent of the simulator: a smooth background plus Gaussian Pb L and Hg L peaks
+    at xraylib energies on the bruker-m6 calibration, then Poisson noise with a fixed seed."""
+    e = EnergyCalibration(-0.955, 0.01).energies_keV(4096)
+    lam = 2.0 * np.exp(-((e - 12.0) / 9.0) ** 2)
+    for el, line, area in (("Pb", "La", 900.0), ("Pb", "Lb", 700.0), ("Pb", "Ma", 300.0),
+                           ("Hg", "La", 600.0), ("Hg", "Lb", 450.0), ("Ca", "Ka", 120.0)):
+        mu = xrfnb.line_energy_keV(el, line)
+        sigma = math.sqrt(0.08**2 + 8 * math.log(2) * 0.115 * 3.65e-3 * mu) / 2.3548
+        lam += area * 0.01 / (sigma * math.sqrt(2 * math.pi)) * np.exp(-0.5 * ((e - mu) / sigma) ** 2)
+    return np.random.default_rng(GOLDEN_SEED).poisson(lam).astype(np.float64)
+
+
+GOLDEN: dict[str, float] = {}
+GOLDEN_OOD: float | None = None
+
+
+def test_golden_values_of_the_shipped_model(model):
+    counts = _golden_counts()
+    res = model.identify_batch(counts[None])
+    probs = dict(zip(model.classes, res.probability[0].tolist(), strict=True))
+    for name, value in GOLDEN.items():
+        assert probs[name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
+    if GOLDEN_OOD is not None:
+        assert float(res.ood_score[0]) == pytest.approx(GOLDEN_OOD, rel=1e-4)
+    # independent of the pinned numbers: the peaks put in are Pb and Hg lines
+    assert probs["lead pigments (Pb)"] > 0.5 and probs["vermilion"] > 0.5
+
+
+# -- real spectra (none is a painting) -----------------------------------------------------------------
+REAL_FILES = ("Steel.spe", "xrf_spectra.mca", "srm1832.mca", "axorf4_21kev_i050.xrf")
+
+
+@pytest.mark.parametrize("name", REAL_FILES)
+def test_real_non_painting_spectra_are_flagged_out_of_distribution(model, name):
+    path = REAL / name
+    if not path.is_file():
+        pytest.skip(f"real reference spectra not available at {REAL}")
+    spec = xrfnb.load(path)
+    ident = model.identify(spec)
+    assert ident.ood, f"{name}: {ident!r} (score {ident.ood_score:.2f} <= {ident.ood_threshold:.2f})"
+    assert "OUT OF DISTRIBUTION" in ident.summary()
+
+
+def test_untrained_network_is_consistent_with_the_grid():
+    net = PigmentNet(512, 5, conv_channels=4, hidden=(16,))
+    x = torch.zeros(2, 2, 512)
+    logits, feats = net(x, torch.zeros(2, 1))
+    assert logits.shape == (2, 5, 3) and feats.shape == (2, 16)
+    with pytest.raises(ModelError):
+        PigmentNet(512, 5, hidden=())
