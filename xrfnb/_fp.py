@@ -549,7 +549,8 @@ def _primary_chunk(W: np.ndarray, mt: np.ndarray, T: Tables, out: np.ndarray) ->
             continue
         chi = a[bb, jj, None, :] + (mu_l[bb, jj, sl] / np.float32(T.sin_out))[:, :, None]  # (P, Lz, n)
         f = _self_absorption(chi, mt32[bb, jj, None, None])
-        s = np.einsum("pln,pn,ln->pl", f, a_in[bb, jj], tau32[sl], optimize=True)
+        f *= a_in[bb, jj][:, None, :]
+        s = np.einsum("pln,ln->pl", f, tau32[sl])
         out[bb, jj, sl] = s * (W[bb, jj, zi] * pref)[:, None] * a_out[bb, jj, sl]
 
 
