@@ -108,6 +108,10 @@ def test_fit_peak_and_resolution_recover_known_detector():
     exact = P.fit_resolution(energies_keV=e, fwhm_keV=[fwhm(x) for x in e], pair_energy_eV=w)
     assert exact.noise_keV == pytest.approx(noise, rel=1e-6)
     assert exact.fano == pytest.approx(fano, rel=1e-6)
+    # with the Fano factor fixed, one peak gives the noise
+    one = P.fit_resolution(energies_keV=[6.4], fwhm_keV=[fwhm(6.4)], pair_energy_eV=w, fano=fano)
+    assert one.noise_keV == pytest.approx(noise, rel=1e-6)
+    assert float(one.fwhm_at(17.0)) == pytest.approx(fwhm(17.0), rel=1e-6)
 
 
 def test_fit_peak_and_resolution_errors():
@@ -132,7 +136,10 @@ def test_resolution_of_real_steel_spectrum_agrees_with_pymca():
     res = P.fit_resolution(peaks, pair_energy_eV=3.85)
     pymca = math.sqrt(0.127**2 + P.FWHM_PER_SIGMA**2 * 0.101 * 3.85e-3 * 6.4)
     assert float(res.fwhm_at(6.4)) == pytest.approx(pymca, rel=0.04)
-    assert 0.08 < res.fano < 0.14
+    assert 0.07 < res.fano < 0.14
+    # with PyMca's Fano factor fixed, the noise agrees with PyMca's
+    fixed = P.fit_resolution(peaks, pair_energy_eV=3.85, fano=0.101)
+    assert fixed.noise_keV == pytest.approx(0.127, rel=0.05)
     assert all(abs(p.shift_keV) < 0.01 for p in peaks)
 
 

@@ -346,16 +346,19 @@ def fit_peak(
     except (RuntimeError, ValueError) as exc:
         raise FitError(f"{line}: the peak fit did not converge ({exc})") from None
     area, shift, fwhm = float(popt[0]), float(popt[1]), abs(float(popt[2]))
+    err = np.sqrt(np.abs(np.diag(pcov))) if np.all(np.isfinite(pcov)) else np.full(len(popt), np.inf)
     at_bound = fwhm <= 0.0201 or fwhm >= 0.999 or abs(shift) >= 0.999 * half
-    if area < min_counts or at_bound:
+    # a real peak: significant area, a width known to 20 %, and where the calibration puts it
+    weak = area < min_counts or area < 5.0 * err[0] or err[2] > 0.2 * fwhm
+    misplaced = abs(shift) > 0.5 * fwhm_guess_keV
+    if at_bound or weak or misplaced:
         raise FitError(
             f"{line}: no usable peak near {ref:.3f} keV (area {area:.0f} counts, FWHM {1000 * fwhm:.0f} eV, "
             f"shift {1000 * shift:.0f} eV): check the calibration, or choose a stronger, isolated line"
         )
     resid = (y - model(x, *popt)) / sigma
     dof = max(1, x.size - len(popt))
-    err = float(np.sqrt(pcov[2, 2])) if np.all(np.isfinite(pcov)) else math.nan
-    return PeakFit(line, ref, shift, fwhm, err, area, float(np.sum(resid**2) / dof))
+    return PeakFit(line, ref, shift, fwhm, float(err[2]), area, float(np.sum(resid**2) / dof))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -402,12 +405,14 @@ def fit_resolution(
     fwhm_keV: Any = None,
     fwhm_sigma_keV: Any = None,
     pair_energy_eV: float = 3.64,
+    fano: float | None = None,
 ) -> ResolutionFit:
     """Fit electronic noise and Fano factor to peak widths measured at several energies.
 
     ``FWHM^2 = noise^2 + (8 ln 2) * fano * w * E`` is linear in ``(noise^2, fano)``, so this is a weighted
     linear least-squares fit (weights from the FWHM uncertainties), constrained to ``noise^2 >= 0`` and
-    ``fano > 0``.
+    ``fano > 0``. Over a narrow energy range (highest / lowest energy below ~2) the two parameters are
+    strongly correlated; then fix the Fano factor (silicon: 0.11-0.12) and fit only the noise.
 
     Parameters
     ----------
@@ -419,6 +424,8 @@ def fit_resolution(
         Uncertainties of ``fwhm_keV``; default equal weights.
     pair_energy_eV : float
         Mean energy per electron-hole pair in Si, eV (3.64 at room temperature; PyMca uses 3.85).
+    fano : float, optional
+        Keep the Fano factor at this value and fit only the noise (one peak is then enough).
 
     Returns
     -------
@@ -447,18 +454,26 @@ def fit_resolution(
         raise FitError(
             f"energies ({e.size}), widths ({f.size}) and uncertainties ({s.size}) differ in length"
         )
-    if np.unique(np.round(e, 3)).size < 2:
-        raise FitError("fit_resolution needs peaks at two or more distinct energies")
+    if np.unique(np.round(e, 3)).size < (1 if fano is not None else 2):
+        raise FitError("fit_resolution needs peaks at two or more distinct energies (or a fixed fano)")
     if not (np.all(np.isfinite(f)) and np.all(f > 0) and np.all(np.isfinite(e))):
         raise FitError("peak widths and energies must be finite and positive")
     ok = np.isfinite(s) & (s > 0)
     s = np.where(ok, s, float(np.median(s[ok])) if ok.any() else 1.0)
     # FWHM^2 = a + b E with a = noise^2, b = 8 ln2 fano w; sigma(FWHM^2) = 2 FWHM sigma(FWHM)
     w = 1.0 / (2.0 * f * s)
+    per_fano = FWHM_PER_SIGMA**2 * pair_energy_eV * 1e-3
+    if fano is not None:
+        fano = float(fano)
+        if not 0.01 <= fano <= 1.0:
+            raise FitError(f"fixed Fano factor must be 0.01-1 (silicon: ~0.114), got {fano}")
+        y = f**2 - per_fano * fano * e  # = noise^2
+        a = max(float(np.sum(w**2 * y) / np.sum(w**2)), 0.0)
+        return ResolutionFit(math.sqrt(a), fano, float(pair_energy_eV), e, f, s, lines)
     design = np.stack([np.ones_like(e), e], axis=1) * w[:, None]
     res = lsq_linear(design, f**2 * w, bounds=([0.0, 1e-12], [np.inf, np.inf]))
     a, b = (float(v) for v in res.x)
-    fano = b / (FWHM_PER_SIGMA**2 * pair_energy_eV * 1e-3)
+    fano = b / per_fano
     if not 0.01 <= fano <= 1.0:
         raise FitError(
             f"the peak widths give a Fano factor of {fano:.3g}, outside 0.01-1 (silicon: ~0.114): "
