@@ -30,9 +30,13 @@ from ._errors import FitError, XRFNBError
 from ._lines import atomic_number, element_symbol
 
 __all__ = [
+    "COMMON_ELEMENTS",
     "DetectedElement",
     "DetectedPeak",
     "ElementMaps",
+    "detect_elements",
+    "fit_elements",
+    "roi_maps",
     "snip_background",
 ]
 
@@ -1140,7 +1144,7 @@ def fit_elements(
     lo, hi, e_lo, e_hi = _fit_range(cal, n_ch, instrument, energy_range_keV)
     if kind == "scan":
         rows, cols = data.shape[:2]
-        total = np.asarray(data.sum_spectrum(max_pixels or 65536).counts, dtype=float)
+        total = np.asarray(data.sum_spectrum(max_pixels or max(1024, 2**25 // n_ch)).counts, dtype=float)
     else:
         rows = cols = 1
         total = np.asarray(data.counts, dtype=float)
@@ -1678,7 +1682,7 @@ def roi_maps(
     n_right = np.maximum(W[:, 2::3].sum(axis=0), 1).astype(float)
     if kind == "scan":
         rows, cols = data.shape[:2]
-        total = np.asarray(data.sum_spectrum(max_pixels or 65536).counts, dtype=float)
+        total = np.asarray(data.sum_spectrum(max_pixels or max(1024, 2**25 // n_ch)).counts, dtype=float)
     else:
         rows = cols = 1
         total = np.asarray(data.counts, dtype=float)
