@@ -121,12 +121,12 @@ def test_dashboard_in_headless_chromium(server):
                 "() => window.Bokeh && Bokeh.documents.length > 0 && Bokeh.documents[0].roots().length > 0",
                 timeout=40000,
             )
-            # maps: the main map and one thumbnail per class are drawn
+            # maps: the main map and the gallery mosaic are drawn
             page.wait_for_function(_MAIN_FRAME_JS, timeout=20000)
-            page.wait_for_function(f"() => ({_SOURCES_JS})().images >= {1 + len(CLASSES)}", timeout=20000)
+            page.wait_for_function(f"() => ({_SOURCES_JS})().images >= 2", timeout=20000)
             before = page.evaluate(_SOURCES_JS)
             r0, c0 = sessions[-1].pixel
-            assert before["counts"] == [pytest.approx(counts[r0, c0].sum())]
+            assert float(counts[r0, c0].sum()) in before["counts"]
 
             # click a pixel: its spectrum replaces the previous one
             r, c = 5, 8

@@ -24,13 +24,13 @@ from xrfnb._dashboard import Dashboard, resolve_inside
 
 ROWS, COLS, CHANNELS = 32, 32, 4096
 GAIN_KEV = 0.01
-CLASSES = ("lead white", "vermilion", "iron oxide red")
+CLASSES = ("lead white", "vermilion", "red ochre")
 COLORS = ("#f0f0f0", "#e34234", "#8b2500")
 # (element, line group) peaks of each pigment; energies from xraylib (line_energy_keV)
 PEAKS = {
     "lead white": [("Pb", "La", 1.0), ("Pb", "Lb", 0.8), ("Pb", "Ma", 0.3)],
     "vermilion": [("Hg", "La", 1.0), ("Hg", "Lb", 0.7), ("S", "Ka", 0.4)],
-    "iron oxide red": [("Fe", "Ka", 1.0), ("Fe", "Kb", 0.15)],
+    "red ochre": [("Fe", "Ka", 1.0), ("Fe", "Kb", 0.15)],
 }
 # published line energies (keV, X-ray Data Booklet) used to check the markers independently
 PUBLISHED_KEV = {"Pb La1": 10.5515, "Hg La1": 9.9888, "S Ka1": 2.3078, "Fe Ka1": 6.4038}
@@ -38,12 +38,12 @@ DEAD = (0, COLS - 1)
 
 
 def regions(rows: int = ROWS, cols: int = COLS) -> dict[str, np.ndarray]:
-    """Where each pigment is: lead white left half, vermilion disc, iron oxide (buried) bottom band."""
+    """Where each pigment is: lead white left half, vermilion disc, red ochre (buried) bottom band."""
     r, c = np.mgrid[:rows, :cols]
     return {
         "lead white": c < cols // 2,
         "vermilion": (r - rows / 2) ** 2 + (c - cols / 2) ** 2 < (rows / 4) ** 2,
-        "iron oxide red": r >= int(rows * 0.625),
+        "red ochre": r >= int(rows * 0.625),
     }
 
 
@@ -72,7 +72,7 @@ def make_scene(rows: int = ROWS, cols: int = COLS, channels: int = CHANNELS, see
     for i, name in enumerate(CLASSES):
         noise = rng.uniform(-0.04, 0.04, size=(rows, cols))
         prob[..., i] = np.where(truth[name], 0.9, 0.1) + noise
-        buried[..., i] = np.where(truth[name] & (name == "iron oxide red"), 0.8, 0.02) * prob[..., i]
+        buried[..., i] = np.where(truth[name] & (name == "red ochre"), 0.8, 0.02) * prob[..., i]
     mask = np.zeros((rows, cols), dtype=bool)
     mask[DEAD] = True
     prob[mask] = np.nan
@@ -82,7 +82,7 @@ def make_scene(rows: int = ROWS, cols: int = COLS, channels: int = CHANNELS, see
 
     elements = ("S", "Fe", "Hg", "Pb")
     families = ("K", "K", "L", "L")
-    owner = {"S": "vermilion", "Fe": "iron oxide red", "Hg": "vermilion", "Pb": "lead white"}
+    owner = {"S": "vermilion", "Fe": "red ochre", "Hg": "vermilion", "Pb": "lead white"}
     intensity = np.stack([truth[owner[e]] * 500.0 + 1.0 for e in elements], axis=-1).astype(np.float32)
     em = xrfnb.ElementMaps(
         elements=elements,
@@ -124,6 +124,14 @@ def render(obj):
     return hv.renderer("bokeh").get_plot(obj)
 
 
+def gallery_tile(dash, i):
+    """Tile ``i`` of the gallery mosaic, shape (ROWS, COLS, 3), located with the mosaic's cell geometry."""
+    data = dash.gallery_data()
+    cell_h, cell_w, band, ncols = data["cell"]
+    r0, c0 = (i // ncols) * cell_h + band, (i % ncols) * cell_w
+    return data["rgb"][r0 : r0 + ROWS, c0 : c0 + COLS]
+
+
 def elements_of(overlay, kind):
     return [el for el in overlay.traverse(lambda x: x, [kind])]
 
@@ -135,7 +143,11 @@ def test_construct_shows_scan_maps_and_controls(dash, scene):
     assert dash.view == "Composite"
     assert dash.pixel == (ROWS // 2, COLS // 2)
     assert dash.param.element.objects == ["S", "Fe", "Hg", "Pb"]
-    assert len(dash._gallery.objects) == len(CLASSES)
+    assert [t for *_, t in dash.gallery_data()["labels"]] == [
+        "lead white (50%)",
+        "vermilion (19%)",
+        "red ochre (38%)",
+    ]
     assert set(dash._class_sliders) == set(CLASSES)
     assert "32 x 32" in dash.status_text
     plot = render(dash._main_dmap)
@@ -152,10 +164,10 @@ def test_composite_colours_follow_regions(dash, scene):
     _, _, truth = scene
     kind, rgb = dash.main_array()
     assert kind == "rgb" and rgb.shape == (ROWS, COLS, 3)
-    only_lead = truth["lead white"] & ~truth["vermilion"] & ~truth["iron oxide red"]
+    only_lead = truth["lead white"] & ~truth["vermilion"] & ~truth["red ochre"]
     r, c = np.argwhere(only_lead)[5]
     assert tuple(rgb[r, c]) == (0xF0, 0xF0, 0xF0)
-    nothing = ~truth["lead white"] & ~truth["vermilion"] & ~truth["iron oxide red"]
+    nothing = ~truth["lead white"] & ~truth["vermilion"] & ~truth["red ochre"]
     r, c = np.argwhere(nothing)[3]
     assert tuple(rgb[r, c]) == (0, 0, 0)
 
@@ -163,7 +175,7 @@ def test_composite_colours_follow_regions(dash, scene):
 def test_tap_shows_that_pixels_spectrum_with_line_markers(dash, scene):
     scan, _, truth = scene
     r, c = 16, 12  # lead white and vermilion, no iron
-    assert truth["lead white"][r, c] and truth["vermilion"][r, c] and not truth["iron oxide red"][r, c]
+    assert truth["lead white"][r, c] and truth["vermilion"][r, c] and not truth["red ochre"][r, c]
     dash._tap.event(x=c + 0.5, y=r + 0.5)
     assert dash.pixel == (r, c)
     overlay = dash._spectrum_dmap[()]
@@ -172,12 +184,13 @@ def test_tap_shows_that_pixels_spectrum_with_line_markers(dash, scene):
     np.testing.assert_allclose(
         curve.dimension_values("Energy (keV)")[[0, -1]], [0.0, (CHANNELS - 1) * GAIN_KEV]
     )
-    lines = [v.data for v in elements_of(overlay, hv.VLine)]
+    lines = elements_of(overlay, hv.Segments)[0].dimension_values(0)
     for name in ("Pb La1", "Hg La1", "S Ka1"):
-        assert min(abs(np.array(lines) - PUBLISHED_KEV[name])) < 0.03, name
-    assert min(abs(np.array(lines) - PUBLISHED_KEV["Fe Ka1"])) > 0.2  # no iron here
-    labels = {t.text for t in elements_of(overlay, hv.Text)}
-    assert {"Pb La", "Hg La", "S Ka"} <= labels
+        assert min(abs(lines - PUBLISHED_KEV[name])) < 0.03, name
+    assert min(abs(lines - PUBLISHED_KEV["Fe Ka1"])) > 0.2  # no iron here
+    labels = elements_of(overlay, hv.Labels)[0]
+    assert {"Pb La", "Hg La", "S Ka"} <= set(labels.dimension_values("line"))
+    np.testing.assert_allclose(labels.dimension_values(0), lines)
     assert f"row {r}, col {c}" in dash._info.object
     # class probabilities as bars with the thresholds drawn
     bars_overlay = dash._prob_dmap[()]
@@ -202,7 +215,11 @@ def test_threshold_changes_maps_without_rerunning_model(dash, scene):
     _, maps, truth = scene
     k = CLASSES.index("vermilion")
     valid = ~maps.mask
-    before_lead = dash._thumb_pipes["lead white"].data
+    before_lead = dash._tiles["lead white"]
+    tile = gallery_tile(dash, k)
+    absent, invalid = np.all(tile == (0xE6, 0xE6, 0xE6), axis=-1), np.all(tile == (0x80, 0x80, 0x80), axis=-1)
+    np.testing.assert_array_equal(invalid, maps.mask)
+    np.testing.assert_array_equal(absent[valid], ~truth["vermilion"][valid])
     dash.focus = "vermilion"
     dash.view = "Pigment"
     _, img = dash.main_array()
@@ -219,10 +236,10 @@ def test_threshold_changes_maps_without_rerunning_model(dash, scene):
     assert mapper.low == 0.95
     png = np.asarray(Image.open(io.BytesIO(dash.export_png())).convert("RGB"))[::8, ::8]
     assert np.all(png[valid] == (0xE6, 0xE6, 0xE6))
-    assert dash._thumb_pipes["vermilion"].data["threshold"] == 0.95
-    thumb = render(dash._gallery.objects[k].object)
-    assert thumb.handles["color_mapper"].low == 0.95 and "(0% of area)" in thumb.state.title.text
-    assert dash._thumb_pipes["lead white"].data is before_lead  # untouched class: nothing re-sent
+    tile = gallery_tile(dash, k)
+    assert np.all(tile[valid] == (0xE6, 0xE6, 0xE6))
+    assert "vermilion (0%)" in [t for *_, t in dash._gallery_pipe.data["labels"]]
+    assert dash._tiles["lead white"] is before_lead  # untouched class: not recoloured
     assert dash._class_sliders["vermilion"].value == 0.95
     # the global slider sets every class
     dash.global_threshold = 0.05
@@ -237,12 +254,12 @@ def test_threshold_changes_maps_without_rerunning_model(dash, scene):
 
 def test_views_surface_buried_ood_elements_total(dash, scene):
     scan, maps, truth = scene
-    dash.focus = "iron oxide red"
+    dash.focus = "red ochre"
     dash.view = "Surface vs buried"
     _, cat = dash.main_array()
     valid = ~maps.mask
-    np.testing.assert_array_equal(cat[truth["iron oxide red"] & valid], 2.0)
-    np.testing.assert_array_equal(cat[~truth["iron oxide red"] & valid], 0.0)
+    np.testing.assert_array_equal(cat[truth["red ochre"] & valid], 2.0)
+    np.testing.assert_array_equal(cat[~truth["red ochre"] & valid], 0.0)
     dash.focus = "lead white"
     _, cat = dash.main_array()
     np.testing.assert_array_equal(cat[truth["lead white"] & valid], 1.0)
@@ -264,9 +281,11 @@ def test_views_surface_buried_ood_elements_total(dash, scene):
     assert type(plot.handles["glyph"]).__name__ == "Image"
 
 
-def test_thumbnail_tap_enlarges_that_pigment(dash):
-    assert dash._thumb_taps[CLASSES[2]].source is dash._gallery.objects[2].object
-    dash._thumb_taps[CLASSES[2]].event(x=3.0, y=4.0)
+def test_gallery_tap_enlarges_that_pigment(dash):
+    cell_h, cell_w, band, ncols = dash.gallery_data()["cell"]
+    assert dash._gallery_tap.source is dash._gallery.objects[0].object
+    i = 2
+    dash._gallery_tap.event(x=(i % ncols) * cell_w + 5.5, y=(i // ncols) * cell_h + band + 7.5)
     assert dash.focus == CLASSES[2] and dash.view == "Pigment"
 
 
@@ -325,7 +344,7 @@ def test_exports(dash, scene, tmp_path):
     data = np.array(rows[2:], dtype=float)
     np.testing.assert_allclose(data[:, 0], np.arange(CHANNELS) * GAIN_KEV, atol=1e-6)
     np.testing.assert_array_equal(data[:, 1], np.asarray(scan.counts[3, 4], float))
-    dash.set_threshold("iron oxide red", 0.7)
+    dash.set_threshold("red ochre", 0.7)
     path = tmp_path / "maps.h5"
     path.write_bytes(dash.export_hdf5())
     back = xrfnb.PigmentMaps.from_hdf5(path)
@@ -436,3 +455,62 @@ def test_invalid_pixel_and_outside_pixel(dash, scene):
         dash.select_pixel(ROWS, 0)
     dash._tap.event(x=COLS + 3.0, y=1.0)  # a tap outside the map is reported, not raised
     assert dash.last_message[0] == "error" and "outside" in dash.last_message[1]
+
+
+def test_live_document_follows_view_and_axis_changes(dash):
+    """In a live Bokeh document (what a browser session holds), every view and axis switch renders."""
+    from bokeh.document import Document
+    from bokeh.models import GlyphRenderer, Plot
+
+    doc = Document()
+    doc.add_root(dash.__panel__().get_root(doc))
+
+    def plot_named(name):
+        plots = [p for p in doc.select({"type": Plot}) if p.name == name]
+        assert len(plots) == 1
+        return plots[0]
+
+    glyph = {"Composite": "ImageRGBA"}
+    for view in (*_dashboard.VIEWS, "Composite", "Pigment"):
+        dash.view = view
+        renderers = plot_named("xrfnb-main").renderers
+        kinds = {type(r.glyph).__name__ for r in renderers if isinstance(r, GlyphRenderer)}
+        assert glyph.get(view, "Image") in kinds, view
+    for log in (True, False, True):
+        dash.log_scale = log
+        assert type(plot_named("xrfnb-spectrum").y_scale).__name__ == ("LogScale" if log else "LinearScale")
+    # taps still reach the dashboard after the main plot was rebuilt
+    dash._tap.event(x=7.5, y=9.5)
+    assert dash.pixel == (9, 7)
+
+
+def test_simulated_spectrum_of_the_predicted_stack(dash, scene):
+    """The predicted stack (lead white + vermilion at the surface) simulated with the physics simulator."""
+    scan, _, _ = scene
+    r, c = 16, 12
+    dash.select_pixel(r, c)
+    stack, desc = dash.predicted_stack()
+    assert "vermilion" in desc and "lead white" in desc
+    assert len(stack.layers) == 1  # nothing predicted as buried here
+    _, expected = dash.simulated_spectrum()
+    counts = np.asarray(scan.counts[r, c], float)
+    assert expected.shape == counts.shape
+    assert expected.sum() == pytest.approx(counts.sum())
+    energy = np.arange(CHANNELS) * GAIN_KEV
+    # the simulator's strongest fluorescence lines lie on the Hg/Pb L lines (published energies)
+    peak_keV = energy[np.argmax(np.where(energy > 3.0, expected, 0))]
+    assert min(abs(peak_keV - PUBLISHED_KEV["Pb La1"]), abs(peak_keV - PUBLISHED_KEV["Hg La1"])) < 0.1
+    residual = dash._residual.dmap[()]
+    assert isinstance(residual, hv.Overlay)
+    np.testing.assert_allclose(elements_of(residual, hv.Curve)[0].dimension_values(1), counts - expected)
+    overlay = dash._spectrum_dmap[()]
+    assert len(elements_of(overlay, hv.Curve)) == 2  # measured and simulated
+    # red ochre predicted as buried under lead white -> two layers
+    dash.select_pixel(28, 5)
+    stack, desc = dash.predicted_stack()
+    assert len(stack.layers) == 2 and desc == "lead white over red ochre"
+    dash.simulate_stack = False
+    assert dash.simulated_spectrum() is None
+    residual = dash._residual.dmap[()]
+    assert "No simulated spectrum: switched off" in residual.opts.get().kwargs["title"]
+    assert len(elements_of(residual, hv.Curve)[0]) == 0

@@ -69,6 +69,8 @@ _NO_MODEL = "(no trained model found)"
 #: colours of the surface-vs-buried categories: absent, surface, buried only
 _SURFACE_BURIED_COLORS = ("#f2f2f2", "#d95f02", "#1b9e77")
 _THUMB_PX = 128
+_GALLERY_COLUMNS = 6
+_GALLERY_WIDTH = 900
 #: colour of pixels below a pigment's threshold, and of invalid (masked) pixels
 _ABSENT_COLOR = "#e6e6e6"
 _INVALID_COLOR = "#808080"
@@ -318,6 +320,8 @@ class _LRU:
 _SCANS = _LRU(4)
 _MAPS = _LRU(8)
 _MODELS = _LRU(3)
+_INSTRUMENTS = _LRU(4)
+_SIMULATED = _LRU(256)
 
 
 def _xrfnb_attr(name: str) -> Any | None:
@@ -429,6 +433,9 @@ class Dashboard(pn.viewable.Viewer):
     thresholds = param.Dict(default={}, doc="Decision threshold per pigment class, in [0, 1]")
     cmap = param.Selector(default="viridis", objects=list(PALETTES), doc="Colour map of continuous images")
     log_scale = param.Boolean(default=False, doc="Logarithmic counts (spectra, total counts, elements)")
+    simulate_stack = param.Boolean(
+        default=True, doc="Overlay the simulated spectrum of the predicted paint stack and its residual"
+    )
     pixel = param.Parameter(default=None, doc="(row, col) of the tapped pixel, or None")
     region = param.Parameter(default=None, doc="Selected region: bool mask (rows, cols), or None")
     data_version = param.Integer(default=0, precedence=-1, doc="Bumped whenever scan or maps change")
@@ -857,6 +864,9 @@ class Dashboard(pn.viewable.Viewer):
         self._element_w = pn.widgets.Select.from_param(self.param.element, label="Element", width=280)
         self._cmap_w = pn.widgets.Select.from_param(self.param.cmap, label="Colour map", width=135)
         self._log_w = pn.widgets.Checkbox.from_param(self.param.log_scale, label="log counts", width=135)
+        self._sim_w = pn.widgets.Checkbox.from_param(
+            self.param.simulate_stack, label="simulate the predicted stack", width=280
+        )
         self._global_w = pn.widgets.FloatSlider.from_param(
             self.param.global_threshold,
             label="Global threshold",
@@ -904,39 +914,87 @@ class Dashboard(pn.viewable.Viewer):
         return callback
 
     def _build_plots(self) -> None:
-        main_stream = streams.Params(
-            self, ["view", "focus", "element", "thresholds", "cmap", "log_scale", "data_version"]
-        )
-        self._main_dmap = hv.DynamicMap(self._main_element, streams=[main_stream])
-        self._tap = streams.Tap(source=self._main_dmap, x=None, y=None)
-        self._box = streams.BoundsXY(source=self._main_dmap, bounds=None)
-        self._lasso = streams.Lasso(source=self._main_dmap, geometry=None)
+        self._tap = streams.Tap(x=None, y=None)
+        self._box = streams.BoundsXY(bounds=None)
+        self._lasso = streams.Lasso(geometry=None)
         self._tap.add_subscriber(self._on_tap)
         self._box.add_subscriber(self._on_box)
         self._lasso.add_subscriber(self._on_lasso)
-        self._spectrum_dmap = self._make_spectrum_dmap()
-        prob_stream = streams.Params(self, ["pixel", "region", "thresholds", "data_version"])
-        self._prob_dmap = hv.DynamicMap(self._probability_element, streams=[prob_stream])
-        self._main_pane = pn.pane.HoloViews(
-            self._main_dmap, css_classes=["xrfnb-main-map"], linked_axes=False
+        self._main = _SwitchingPlot(
+            self,
+            self._main_element,
+            self._main_kind,
+            ["view", "focus", "element", "thresholds", "cmap", "log_scale", "data_version"],
+            css_classes=["xrfnb-main-map"],
+            on_new=self._attach_selection_streams,
         )
-        self._spectrum_pane = pn.pane.HoloViews(
-            self._spectrum_dmap, css_classes=["xrfnb-spectrum"], linked_axes=False
+        self._spectrum = _SwitchingPlot(
+            self,
+            self._spectrum_element,
+            self._spectrum_kind,
+            ["pixel", "region", "thresholds", "log_scale", "simulate_stack", "data_version"],
+            css_classes=["xrfnb-spectrum"],
         )
-        self._prob_pane = pn.pane.HoloViews(self._prob_dmap, linked_axes=False)
-        self._gallery = pn.GridBox(ncols=5)
-        self._thumb_pipes: dict[str, streams.Pipe] = {}
+        self._prob = _SwitchingPlot(
+            self,
+            self._probability_element,
+            self._probability_kind,
+            ["pixel", "region", "thresholds", "data_version"],
+        )
+        self._residual = _SwitchingPlot(
+            self,
+            self._residual_element,
+            self._residual_kind,
+            ["pixel", "region", "thresholds", "simulate_stack", "data_version"],
+        )
+        self._main_pane, self._spectrum_pane, self._prob_pane = (
+            self._main.pane,
+            self._spectrum.pane,
+            self._prob.pane,
+        )
+        self._gallery = pn.Column()
         self.param.watch(self._on_pixel_region, ["pixel", "region", "thresholds"])
-        self.param.watch(self._on_log_scale, "log_scale")
 
-    def _make_spectrum_dmap(self) -> hv.DynamicMap:
-        spec_stream = streams.Params(self, ["pixel", "region", "thresholds", "data_version"])
-        return hv.DynamicMap(self._spectrum_element, streams=[spec_stream])
+    @property
+    def _main_dmap(self) -> hv.DynamicMap:
+        return self._main.dmap
 
-    def _on_log_scale(self, event: param.parameterized.Event) -> None:
-        # a Bokeh axis cannot switch between linear and log in place: make a new spectrum plot
-        self._spectrum_dmap = self._make_spectrum_dmap()
-        self._spectrum_pane.object = self._spectrum_dmap
+    @property
+    def _spectrum_dmap(self) -> hv.DynamicMap:
+        return self._spectrum.dmap
+
+    @property
+    def _prob_dmap(self) -> hv.DynamicMap:
+        return self._prob.dmap
+
+    def _attach_selection_streams(self, dmap: hv.DynamicMap) -> None:
+        for stream in (self._tap, self._box, self._lasso):
+            stream.source = dmap
+
+    def _main_kind(self) -> str:
+        """Element type the main map needs now (a new plot is made when it changes)."""
+        if self._scan is None:
+            return "Text"
+        v = self.view
+        if v == "Total counts":
+            return "Image"
+        if v == "Elements":
+            em = getattr(self._maps, "element_maps", None) if self._maps is not None else None
+            return "Image" if em is not None and self.element is not None else "Text"
+        if self._maps is None:
+            return "Text"
+        if v == "Composite":
+            return "RGB"
+        return "Image" if self.focus is not None else "Text"
+
+    def _spectrum_kind(self) -> str:
+        # one plot per axis type: Bokeh cannot switch a linear axis to log in place
+        if self._scan is None or (self.pixel is None and self.region is None):
+            return "Text"
+        return "Overlay-log" if self.log_scale else "Overlay"
+
+    def _probability_kind(self) -> str:
+        return "Text" if self._maps is None or (self.pixel is None and self.region is None) else "Overlay"
 
     def _build_layout(self) -> pn.viewable.Viewable:
         sidebar = pn.Column(
@@ -951,6 +1009,7 @@ class Dashboard(pn.viewable.Viewer):
             self._focus_w,
             self._element_w,
             pn.Row(self._cmap_w, self._log_w),
+            self._sim_w,
             pn.pane.Markdown("### Thresholds"),
             self._global_w,
             self._reset_w,
@@ -964,9 +1023,9 @@ class Dashboard(pn.viewable.Viewer):
             self._status,
             pn.Row(
                 pn.Column(self._main_pane, self._info),
-                pn.Column(self._spectrum_pane, self._prob_pane, self._fractions),
+                pn.Column(self._spectrum_pane, self._residual.pane, self._prob_pane, self._fractions),
             ),
-            pn.pane.Markdown("### Pigment map gallery (click a map to enlarge it)"),
+            pn.pane.Markdown("### Pigment maps (click one to enlarge it)"),
             self._gallery,
             sizing_mode="stretch_width",
         )
@@ -1036,6 +1095,8 @@ class Dashboard(pn.viewable.Viewer):
         if view == "Composite":
             rgb = np.array(self._maps.composite_rgb(self.threshold_array()), dtype=np.uint8)
             return "rgb", rgb
+        if self.focus not in self.classes:
+            raise DataError("choose a pigment to show")
         k = self.classes.index(self.focus)
         prob = np.asarray(self._maps.probability[..., k], dtype=float)
         thr = self.thresholds[self.focus]
@@ -1117,48 +1178,76 @@ class Dashboard(pn.viewable.Viewer):
         )
 
     # -- gallery ----------------------------------------------------------------------------------
-    def _thumb_data(self, cls: str) -> dict[str, Any]:
-        """Pipe payload of one gallery map: the downsampled probability (NaN = invalid) and threshold."""
+    # One Bokeh figure holds every pigment's map as a tile of an RGB mosaic: a figure per pigment would
+    # put thousands of models in the document, and Bokeh walks all of them after every update.
+    def _tile_geometry(self) -> tuple[int, int, int, int, int]:
+        """(tile_rows, tile_cols, stride, mosaic columns, label band height) of the gallery mosaic."""
+        rows, cols = self._maps.probability.shape[:2]
+        stride = _stride(rows, cols, _THUMB_PX)
+        th, tw = -(-rows // stride), -(-cols // stride)
+        return th, tw, stride, min(len(self.classes), _GALLERY_COLUMNS), max(4, th // 6)
+
+    def _tile_rgb(self, cls: str) -> np.ndarray:
+        """One gallery tile, shape (tile_rows, tile_cols, 3) uint8: colour from threshold to 1."""
         prob = self._thumb_prob.get(cls)
         if prob is None:
             k = self.classes.index(cls)
-            s = _stride(*self._maps.probability.shape[:2], _THUMB_PX)
-            prob = np.asarray(self._maps.probability[::s, ::s, k], dtype=float)
-            prob[~self._valid()[::s, ::s]] = np.nan
+            stride = self._tile_geometry()[2]
+            prob = np.asarray(self._maps.probability[::stride, ::stride, k], dtype=float)
+            prob[~self._valid()[::stride, ::stride]] = np.nan
             self._thumb_prob[cls] = prob
-        return {"probability": prob, "threshold": float(self.thresholds[cls])}
+        lo, hi = _pigment_clim(self.thresholds[cls])
+        rgba = _colorize(prob, PALETTES[self.cmap], lo, hi, below=_ABSENT_COLOR)
+        rgb = rgba[..., :3].copy()
+        rgb[rgba[..., 3] == 0] = _hex_rgb(_INVALID_COLOR)
+        return rgb
 
-    def _thumb_element(self, cls: str, data: dict[str, Any] | None = None) -> hv.Element:
-        if data is None:
-            return _message("", width=170, height=170)
-        prob, thr = data["probability"], data["threshold"]
-        finite = np.isfinite(prob)
-        with np.errstate(invalid="ignore"):
-            frac = float((prob[finite] >= thr).mean()) if finite.any() else 0.0
-        rows, cols = self._maps.probability.shape[:2]
-        img = hv.Image(
-            np.flipud(prob), bounds=(0, 0, cols, rows), kdims=["col", "row"], vdims=["probability"]
-        )
-        return img.opts(
+    def gallery_data(self) -> dict[str, Any]:
+        """The gallery mosaic: ``rgb`` (H, W, 3) uint8 and tile ``labels`` [(x, y, text)] in mosaic pixels."""
+        th, tw, _, ncols, band = self._tile_geometry()
+        gap = max(2, tw // 16)
+        nrows = -(-len(self.classes) // ncols)
+        cell_h, cell_w = th + band + gap, tw + gap
+        mosaic = np.full((nrows * cell_h, ncols * cell_w, 3), 255, dtype=np.uint8)
+        labels = []
+        for i, cls in enumerate(self.classes):
+            tile = self._tiles.get(cls)
+            if tile is None:
+                tile = self._tiles[cls] = self._tile_rgb(cls)
+            r0, c0 = (i // ncols) * cell_h + band, (i % ncols) * cell_w
+            mosaic[r0 : r0 + th, c0 : c0 + tw] = tile
+            prob = self._thumb_prob[cls]
+            finite = np.isfinite(prob)
+            with np.errstate(invalid="ignore"):
+                frac = float((prob[finite] >= self.thresholds[cls]).mean()) if finite.any() else 0.0
+            labels.append((c0 + tw / 2, r0 - band / 2, f"{cls} ({100 * frac:.0f}%)"))
+        return {"rgb": mosaic, "labels": labels, "cell": (cell_h, cell_w, band, ncols)}
+
+    def _gallery_element(self, data: dict[str, Any] | None = None) -> hv.Overlay:
+        data = data if data is not None else self.gallery_data()
+        rgb = data["rgb"]
+        h, w = rgb.shape[:2]
+        scale = min(_GALLERY_WIDTH / w, 3.0)
+        img = hv.RGB(np.flipud(rgb), bounds=(0, 0, w, h), kdims=["x", "y"]).opts(
             invert_yaxis=True,
-            cmap=list(PALETTES[self.cmap]),
-            clim=_pigment_clim(thr),
-            colorbar=True,
-            width=240,
-            height=max(60, round(140 * rows / max(cols, 1))) + 40,
             xaxis=None,
             yaxis=None,
             toolbar=None,
-            tools=["hover", "tap"],
-            title=f"{cls} ({100 * frac:.0f}% of area)",
-            fontsize={"title": 9},
-            clipping_colors={"NaN": _INVALID_COLOR, "min": _ABSENT_COLOR},
+            tools=["tap"],
+            default_tools=[],
+            frame_width=round(w * scale),
+            frame_height=round(h * scale),
+            show_frame=False,
         )
+        labels = hv.Labels(data["labels"], ["x", "y"], "text").opts(
+            text_font_size="9pt", text_color="#222222"
+        )
+        return (img * labels).opts(hv.opts.Overlay(title="", toolbar=None))
 
     def _rebuild_gallery(self) -> None:
-        self._thumb_pipes = {}
-        self._thumb_taps: dict[str, streams.Tap] = {}
+        self._tiles: dict[str, np.ndarray] = {}
         self._thumb_prob: dict[str, np.ndarray] = {}
+        self._gallery_pipe = None
         if self._maps is None:
             self._gallery.objects = [
                 pn.pane.Markdown(
@@ -1171,31 +1260,36 @@ class Dashboard(pn.viewable.Viewer):
                 )
             ]
             return
-        panes = []
-        for cls in self.classes:
-            pipe = streams.Pipe(data=self._thumb_data(cls))
-            dmap = hv.DynamicMap(functools.partial(self._thumb_element, cls), streams=[pipe])
-            tap = streams.Tap(source=dmap)
-            tap.add_subscriber(functools.partial(self._on_thumb_tap, cls))
-            self._thumb_pipes[cls] = pipe
-            self._thumb_taps[cls] = tap
-            panes.append(pn.pane.HoloViews(dmap, linked_axes=False))
-        self._gallery.objects = panes
+        self._gallery_pipe = streams.Pipe(data=self.gallery_data())
+        dmap = hv.DynamicMap(self._gallery_element, streams=[self._gallery_pipe])
+        self._gallery_tap = streams.Tap(source=dmap, x=None, y=None)
+        self._gallery_tap.add_subscriber(self._on_gallery_tap)
+        self._gallery.objects = [
+            pn.pane.HoloViews(dmap, linked_axes=False, css_classes=["xrfnb-gallery"]),
+            pn.pane.Markdown(
+                "Each map is coloured from its pigment's threshold (dark) to probability 1 (bright); light "
+                "grey: below the threshold; dark grey: invalid pixel. Click a map to enlarge it.",
+                styles={"font-size": "small"},
+            ),
+        ]
 
     def _update_thumbnails(self, classes: Sequence[str]) -> None:
-        if self._maps is None:
+        if self._maps is None or getattr(self, "_gallery_pipe", None) is None:
             return
         for cls in classes:
-            pipe = self._thumb_pipes.get(cls)
-            if pipe is not None:
-                pipe.send(self._thumb_data(cls))
+            self._tiles.pop(cls, None)
+        self._gallery_pipe.send(self.gallery_data())
 
-    def _on_thumb_tap(self, cls: str, **kwargs: Any) -> None:
-        if kwargs.get("x") is None:
+    def _on_gallery_tap(self, x: float | None = None, y: float | None = None, **kwargs: Any) -> None:
+        if x is None or y is None or self._maps is None:
             return
-        with param.parameterized.batch_call_watchers(self):
-            self.focus = cls
-            self.view = "Pigment"
+        cell_h, cell_w, _, ncols = self._gallery_pipe.data["cell"]
+        col, row = int(x // cell_w), int(y // cell_h)
+        i = row * ncols + col
+        if 0 <= col < ncols and 0 <= i < len(self.classes):
+            with param.parameterized.batch_call_watchers(self):
+                self.focus = self.classes[i]
+                self.view = "Pigment"
 
     # -- selection --------------------------------------------------------------------------------
     @_guarded
@@ -1287,22 +1381,34 @@ class Dashboard(pn.viewable.Viewer):
         try:
             label, energy, counts = self.current_spectrum()
         except XRFNBError as exc:
-            return _message(str(exc), width=520, height=300)
+            return _message(str(exc), width=560, height=300)
         self._last_curve = {"energy_keV": energy, "counts": counts}
         y = np.maximum(counts, 0.5) if self.log_scale else counts
         curve = hv.Curve((energy, y), "Energy (keV)", "Counts", label="measured").opts(
             color="#222222", line_width=1
         )
         total = float(counts.sum())
-        overlay = curve
         ymax = float(y.max()) if y.size else 1.0
-        for el, fam in self._present_elements():
-            for name, e in _family_lines(el, fam, float(energy[-1])):
-                overlay = overlay * hv.VLine(e).opts(
-                    color="#1f77b4", line_dash="dashed", line_width=1, alpha=0.7
-                )
-                ytxt = ymax * (1.3 if self.log_scale else 1.02)
-                overlay = overlay * hv.Text(e, ytxt, name, fontsize=8).opts(color="#1f77b4", angle=90)
+        y0 = 0.5 if self.log_scale else 0.0
+        ytxt = ymax * (1.6 if self.log_scale else 1.06)
+        lines = [
+            (name, e)
+            for el, fam in self._present_elements()
+            for name, e in _family_lines(el, fam, float(energy[-1]))
+        ]
+        seg = hv.Segments([(e, y0, e, ymax * 1.02) for _, e in lines], ["Energy (keV)", "Counts", "x1", "y1"])
+        labels = hv.Labels([(e, ytxt, name) for name, e in lines], ["Energy (keV)", "Counts"], "line")
+        sim = self.simulated_spectrum()
+        sim_y = np.zeros(0) if sim is None else (np.maximum(sim[1], 0.5) if self.log_scale else sim[1])
+        sim_curve = hv.Curve((energy[: sim_y.size], sim_y), "Energy (keV)", "Counts", label="simulated").opts(
+            color="#d62728", line_width=1, alpha=0.8
+        )
+        overlay = (
+            curve
+            * sim_curve
+            * seg.opts(color="#1f77b4", line_dash="dashed", line_width=1, alpha=0.7)
+            * labels.opts(text_font_size="8pt", text_color="#1f77b4", angle=90, text_align="left")
+        )
         return overlay.opts(
             hv.opts.Overlay(
                 title=f"Spectrum of {label}: {total:.0f} counts",
@@ -1314,6 +1420,142 @@ class Dashboard(pn.viewable.Viewer):
                 hooks=[_name_hook("xrfnb-spectrum")],
             )
         )
+
+    # -- simulated spectrum of the predicted stack ------------------------------------------------
+    def predicted_stack(self) -> tuple[Any, str]:
+        """The paint stack the maps predict at the pixel or region, and a readable description.
+
+        Classes above threshold are split into a surface layer (20 um) and, where the model says the
+        class is present only below the surface, a buried layer (40 um); each class is represented by
+        the first pigment of its ambiguity group, all sharing 60 % of the layer's weight (the rest is
+        linseed oil). Returns ``(None, reason)`` when there is nothing to simulate.
+        """
+        if self._maps is None:
+            return None, "no pigment maps"
+        if self.region is not None:
+            prob = np.nanmean(np.asarray(self._maps.probability, dtype=float)[self.region], axis=0)
+            bur = np.nanmean(np.asarray(self._maps.buried_probability, dtype=float)[self.region], axis=0)
+        elif self.pixel is not None:
+            r, c = self.pixel
+            prob = np.asarray(self._maps.probability[r, c], dtype=float)
+            bur = np.asarray(self._maps.buried_probability[r, c], dtype=float)
+        else:
+            return None, "no pixel selected"
+        thr = self.threshold_array()
+        with np.errstate(invalid="ignore"):
+            present = prob >= thr
+            buried = present & (bur >= 0.5 * prob)
+        pigments_fn = _xrfnb_attr("pigments")
+        layer_cls, stack_cls = _xrfnb_attr("Layer"), _xrfnb_attr("Stack")
+        if pigments_fn is None or layer_cls is None or stack_cls is None:
+            return None, "the simulator is not available"
+        library = pigments_fn()
+        groups = library.groups()
+        names: dict[bool, list[str]] = {True: [], False: []}
+        for k, cls in enumerate(self.classes):
+            if present[k]:
+                members = groups.get(cls)
+                if not members:  # a class named by a pigment rather than by its group
+                    try:
+                        members = (library[cls].name,)
+                    except XRFNBError:
+                        continue
+                names[bool(buried[k])].append(members[0])
+        if not names[True] and not names[False]:
+            return None, "no library pigment above threshold"
+        layers = [
+            layer_cls(
+                dict.fromkeys(names[False], 0.6 / len(names[False])) if names[False] else {},
+                thickness_um=20.0,
+            )
+        ]
+        if names[True]:
+            layers.append(layer_cls(dict.fromkeys(names[True], 0.6 / len(names[True])), thickness_um=40.0))
+        desc = " over ".join(", ".join(n) or "binder" for n in (names[False], names[True]) if n is not None)
+        if not names[True]:
+            desc = ", ".join(names[False])
+        return stack_cls(layers), desc
+
+    def _instrument(self) -> Any:
+        inst_cls = _xrfnb_attr("Instrument")
+        name = str(self._scan.metadata.get("instrument") or "bruker-m6")
+        key = (name, self._scan.calibration, self._scan.n_channels)
+        inst = _INSTRUMENTS.get(key)
+        if inst is None:
+            import dataclasses
+
+            try:
+                base = inst_cls.preset(name)
+            except XRFNBError:
+                base = inst_cls.preset("bruker-m6")
+            inst = dataclasses.replace(
+                base, calibration=self._scan.calibration, n_channels=self._scan.n_channels
+            )
+            _INSTRUMENTS.put(key, inst)
+        return inst
+
+    def simulated_spectrum(self) -> tuple[str, np.ndarray] | None:
+        """``(description, expected counts (channels,))`` of the predicted stack, scaled to the measured
+        total counts; None when switched off or nothing can be simulated (the reason is kept)."""
+        self._sim_reason = "switched off"
+        if not self.simulate_stack or self._scan is None:
+            return None
+        simulate = _xrfnb_attr("simulate")
+        if simulate is None:
+            self._sim_reason = "the simulator is not available"
+            return None
+        try:
+            stack, desc = self.predicted_stack()
+            if stack is None:
+                self._sim_reason = desc
+                return None
+            _, _, counts = self.current_spectrum()
+            inst = self._instrument()
+            key = (repr(stack), id(inst))
+            shape = _SIMULATED.get(key)
+            if shape is None:
+                expected = np.asarray(simulate(stack, inst, noise=False).counts, dtype=float)
+                shape = expected / max(expected.sum(), 1e-300)
+                _SIMULATED.put(key, shape)
+        except XRFNBError as exc:
+            self._sim_reason = f"simulation failed: {exc}"
+            return None
+        self._sim_reason = ""
+        return desc, shape * float(counts.sum())
+
+    def _residual_kind(self) -> str:
+        return "Overlay"  # always an overlay: an empty one with the reason when nothing is simulated
+
+    def _residual_element(self, **kwargs: Any) -> hv.Element:
+        sim = self.simulated_spectrum() if self._maps is not None else None
+        zero = hv.HLine(0.0).opts(color="#555555", line_width=1)
+        opts = {
+            "width": 560,
+            "height": 170,
+            "show_legend": False,
+            "tools": ["hover"],
+            "fontsize": {"title": 9},
+        }
+        if sim is None:
+            reason = self._sim_reason if self._maps is not None else "no pigment maps"
+            empty = hv.Curve([], "Energy (keV)", "Measured - simulated")
+            return (empty * zero).opts(hv.opts.Overlay(title=f"No simulated spectrum: {reason}", **opts))
+        desc, expected = sim
+        _, energy, counts = self.current_spectrum()
+        residual = counts - expected
+        chi2 = float(np.sum(residual**2 / np.maximum(expected, 1.0)) / max(residual.size, 1))
+        curve = hv.Curve((energy, residual), "Energy (keV)", "Measured - simulated").opts(
+            color="#d62728", line_width=1
+        )
+        title = f"Residual vs simulated stack: {desc} (chi2/channel {chi2:.2f})"
+        return (curve * zero).opts(hv.opts.Overlay(title=title, **opts))
+
+    def marker_lines(self) -> list[tuple[str, float]]:
+        """``(label, energy_keV)`` of the line markers drawn on the current spectrum."""
+        if self._energy_keV is None:
+            return []
+        top = float(self._energy_keV[-1])
+        return [(name, e) for el, fam in self._present_elements() for name, e in _family_lines(el, fam, top)]
 
     def _probability_element(self, **kwargs: Any) -> hv.Element:
         if self._maps is None or (self.pixel is None and self.region is None):
@@ -1440,6 +1682,57 @@ class Dashboard(pn.viewable.Viewer):
     def __del__(self) -> None:
         if getattr(self, "_upload_dir", None) is not None:
             shutil.rmtree(self._upload_dir, ignore_errors=True)
+
+
+class _SwitchingPlot:
+    """A HoloViews pane whose DynamicMap is replaced when the element type it must show changes.
+
+    A DynamicMap must return one element type, and a Bokeh axis cannot change between linear and log in
+    place; ``kind()`` names what is needed now and a new DynamicMap is made when that changes. Between
+    the parameter change and the swap, the old DynamicMap repeats its last element.
+    """
+
+    def __init__(
+        self,
+        owner: param.Parameterized,
+        element: Callable[[], hv.Element],
+        kind: Callable[[], str],
+        params: list[str],
+        css_classes: list[str] | None = None,
+        on_new: Callable[[hv.DynamicMap], None] | None = None,
+    ) -> None:
+        self._owner, self._element, self._kind_fn, self._params = owner, element, kind, params
+        self._on_new = on_new
+        self.kind: str | None = None
+        self.dmap: hv.DynamicMap | None = None
+        self._last: dict[int, hv.Element] = {}
+        self.pane = pn.pane.HoloViews(None, css_classes=css_classes or [], linked_axes=False)
+        owner.param.watch(self.sync, params)
+        self.sync()
+
+    def sync(self, *events: Any) -> None:
+        kind = self._kind_fn()
+        if kind == self.kind and self.dmap is not None:
+            return
+        self.kind = kind
+        dmap = hv.DynamicMap(
+            functools.partial(self._call, kind),
+            streams=[streams.Params(self._owner, self._params, rename={p: f"_{p}" for p in self._params})],
+        )
+        self.dmap = dmap
+        if self._on_new is not None:
+            self._on_new(dmap)
+        self.pane.object = dmap
+
+    def _call(self, kind: str, **kwargs: Any) -> hv.Element:
+        element = self._element()
+        key = kind
+        base = type(element).__name__
+        if base == kind.split("-")[0] and kind == self._kind_fn():
+            self._last[key] = element
+            return element
+        # a stale DynamicMap about to be replaced: repeat its last element (same type)
+        return self._last.get(key, element)
 
 
 def _name_hook(name: str) -> Callable[[Any, Any], None]:
