@@ -232,3 +232,5 @@ def test_bad_input_gives_clear_fit_errors(m6, one_layer_spectrum) -> None:
         fit_elements(np.zeros(4096), m6, ["Fe"], progress=False)
     with pytest.raises(FitError):
         roi_maps(spectrum, m6, ["Fe"], background="quadratic", progress=False)
+    with pytest.raises(FitError, match="matrix"):
+        fit_elements(spectrum, m6, ["Fe"], matrix="Qq3", progress=False)
