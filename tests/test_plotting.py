@@ -170,9 +170,11 @@ def test_spectrum_plot_structure(bokeh):
     assert fig.xaxis[0].axis_label == "Energy (keV)"
     assert "counts" in fig.yaxis[0].axis_label.lower()
     assert set(_legend(fig)) >= {"spectrum", "fit", "K lines", "L lines", "M lines"}
-    spikes = [el for el in ov if isinstance(el, hv.Spikes)]
-    k = next(s for s in spikes if s.label == "K lines")
+    markers = [el for el in ov if isinstance(el, hv.Segments)]
+    k = next(s for s in markers if s.label == "K lines")
     assert any(abs(x - 6.40) < 0.01 for x in k.dimension_values("energy"))
+    m = next(s for s in markers if s.label == "M lines")
+    assert any(abs(x - 2.346) < 0.01 for x in m.dimension_values("energy"))  # Pb Ma
     with pytest.raises(xrfnb.DataError):
         P.spectrum_plot(sp, model_counts=np.zeros(10))
 

@@ -569,7 +569,8 @@ def spectrum_plot(
     lines : sequence of str
         Line groups to mark.
     energy_range_keV : (float, float), optional
-        Energy range shown; default 0.5 keV to the end of the spectrum (at most 40 keV).
+        Energy range shown; default 1 keV (air absorbs lower energies) to the end of the spectrum (at most
+        40 keV).
     log_y : bool
         Logarithmic counts axis (counts + 1 are plotted so empty channels show).
     title : str, optional
@@ -590,7 +591,7 @@ def spectrum_plot(
     hv = _hv()
     counts = np.asarray(spectrum.counts, dtype=float)
     energy = np.asarray(spectrum.energy_keV, dtype=float)
-    lo, hi = energy_range_keV or (max(0.5, float(energy[0])), min(40.0, float(energy[-1])))
+    lo, hi = energy_range_keV or (max(1.0, float(energy[0])), min(40.0, float(energy[-1])))
     sel = (energy >= lo) & (energy <= hi)
     shift = 1.0 if log_y else 0.0
     kdim = hv.Dimension("energy", label="Energy", unit="keV")
@@ -616,25 +617,29 @@ def spectrum_plot(
     top = float(counts[sel].max() + shift) if sel.any() else 1.0
     bottom = 0.8 if log_y else 0.0
     markers = line_markers(elements, lo, hi, lines) if elements else []
+    # marker lines from the axis floor to above the highest peak; labels above them, one height per family
+    height_of = {"K": 2.2, "L": 1.6, "M": 1.25} if log_y else {"K": 1.12, "L": 1.07, "M": 1.02}
     for family in ("K", "L", "M"):
         fam = [m for m in markers if m.family == family]
         if not fam:
             continue
-        data = {
-            "energy": [m.energy_keV for m in fam],
-            "counts": [top * (1.6 if log_y else 1.05)] * len(fam),
-            "line": [m.label for m in fam],
-        }
-        spikes = hv.Spikes(data, kdim, [vdim, "line"], label=f"{family} lines").opts(
-            color=FAMILY_COLORS[family], line_width=1.2, line_dash="dashed", tools=["hover"], alpha=0.8
-        )
+        y_top = top * height_of[family]
+        seg = hv.Segments(
+            {"energy": [m.energy_keV for m in fam], "counts": [bottom] * len(fam),
+             "energy_end": [m.energy_keV for m in fam], "counts_end": [y_top] * len(fam),
+             "line": [m.label for m in fam]},
+            [kdim, vdim, "energy_end", "counts_end"], ["line"], label=f"{family} lines",
+        ).opts(color=FAMILY_COLORS[family], line_width=1.2, line_dash="dashed", alpha=0.7, tools=["hover"])
         text = hv.Labels(
-            {"energy": data["energy"], "counts": data["counts"], "line": data["line"]}, [kdim, vdim], "line"
-        ).opts(text_font_size="8pt", text_color=FAMILY_COLORS[family], angle=90, text_align="right")
-        layers += [spikes, text]
+            {"energy": [m.energy_keV for m in fam], "counts": [y_top] * len(fam),
+             "line": [m.label for m in fam]},
+            [kdim, vdim], "line",
+        ).opts(text_font_size="8pt", text_color=FAMILY_COLORS[family], angle=90, text_align="left",
+               text_baseline="middle")
+        layers += [seg, text]
     overlay = hv.Overlay(layers).opts(
         title=title, width=width, height=height, logy=log_y, legend_position="top_right", show_legend=True,
-        ylim=(bottom, top * (3.0 if log_y else 1.15)), xlim=(lo, hi),
+        ylim=(bottom, top * (12.0 if log_y else 1.35)), xlim=(lo, hi),
     )
     return overlay
 
@@ -647,8 +652,8 @@ def probability_plot(
     colors: Sequence[str] | None = None,
     top: int | None = 12,
     title: str = "Pigment class probabilities",
-    width: int = 520,
-    height: int = 360,
+    width: int = 640,
+    height: int = 380,
 ) -> Any:
     """Horizontal bars of class probabilities with each class's decision threshold marked.
 
@@ -777,8 +782,8 @@ def map_image(
         bounds=bounds,
     )
     opts: dict[str, Any] = {
-        "title": title, "cmap": cmap, "colorbar": True, "clabel": clabel, "width": width, "height": height,
-        "tools": ["hover"], "invert_yaxis": False, "data_aspect": 1 if arr.shape[0] > 1 else None,
+        "title": title, "cmap": cmap, "colorbar": True, "clabel": clabel, "tools": ["hover"],
+        "frame_width": int(0.7 * width), "aspect": arr.shape[1] / arr.shape[0],
     }
     if clim is not None:
         opts["clim"] = clim
@@ -817,20 +822,16 @@ def rgb_image(
         raise DataError(f"an RGB composite must have shape (rows, cols, 3), got {arr.shape}")
     bounds, unit = _bounds(arr.shape[:2], pixel_size_um)
     kd = [hv.Dimension("x", label="x", unit=unit), hv.Dimension("y", label="y", unit=unit)]
-    img = hv.RGB(arr, kdims=kd, bounds=bounds).opts(
-        title=title, width=width, height=height, data_aspect=1
-    )
+    frame = {"frame_width": int(0.75 * width), "aspect": arr.shape[1] / arr.shape[0]}
+    img = hv.RGB(arr, kdims=kd, bounds=bounds).opts(title=title, **frame)
     if not legend:
         return img
-    # invisible points carry the legend entries (one per colour)
-    x0, y0 = bounds[0], bounds[1]
+    # points at NaN (not drawn) carry the legend entries, one per colour
     keys = [
-        hv.Points([(x0, y0)], kd, label=name).opts(color=color, size=8, alpha=1.0)
+        hv.Points([(np.nan, np.nan)], kd, label=name).opts(color=color, size=10, line_color="black")
         for name, color in legend.items()
     ]
-    return hv.Overlay([img, *keys]).opts(
-        title=title, legend_position="right", show_legend=True, width=width + 220, height=height
-    )
+    return hv.Overlay([img, *keys]).opts(title=title, legend_position="right", show_legend=True, **frame)
 
 
 def confusion_plot(
