@@ -1416,7 +1416,7 @@ def detect_elements(
     """
     kind, data = _counts_and_kind(spectrum)
     if kind != "spectrum":
-        data = data.sum_spectrum()
+        data = data.sum_spectrum(max(1024, 2**25 // data.n_channels))  # bounded memory
     cal = data.calibration
     y = np.asarray(data.counts, dtype=float)
     n_ch = y.size
