@@ -215,3 +215,21 @@ def test_score_confusion_curves_resolution_figures(bokeh):
     fig = _fig(P.resolution_plot(res, reference={"preset": (0.09, 0.114, 3.64)}))
     assert fig.yaxis[0].axis_label == "FWHM (eV)"
     assert "preset" in _legend(fig) and "fitted peaks" in _legend(fig)
+
+
+# ------------------------------------------------------------------------------------------------ demo model
+@pytest.mark.slow
+def test_demo_model_trains_an_announced_stand_in_and_reuses_it(tmp_path):
+    model, note = P.demo_model(tmp_path, name="no-such-model")
+    assert "TINY stand-in" in note and "NOT representative" in note
+    assert (tmp_path / "xrfnb-tiny-demo" / "model.json").is_file()
+    # the stand-in is a complete model (weights, thresholds, OOD statistics) that runs on a spectrum;
+    # reloaded from its folder it gives the same probabilities
+    inst = xrfnb.Instrument.preset("bruker-m6")
+    stack = xrfnb.Stack([xrfnb.Layer({"lead white": 0.7}, thickness_um=30.0)])
+    sp = xrfnb.simulate(stack, inst, counts=20000, rng=0)
+    ident = model.identify(sp)
+    assert ident.classes == model.classes
+    again, note2 = P.demo_model(tmp_path, name="no-such-model")
+    assert note2 == note and again.classes == model.classes
+    np.testing.assert_allclose(again.identify(sp).probability, ident.probability, rtol=1e-5)
