@@ -80,7 +80,7 @@ _PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt")
 ALWAYS_EXPLAINED = ("Ar", "Si", "K", "Ca", "Fe", "Rh", "Mo")
 _LINES_FOR_MASK = ("Ka", "Kb", "La", "Lb", "Lb2", "Lg", "Ma")
 _SI_ESCAPE_keV = 1.74
-_INFER_CHUNK = 16384
+_INFER_CHUNK = 2048  # spectra per inference chunk: (2048, 512) float32 arrays stay in cache
 
 
 # ---------------------------------------------------------------------------------------------------------
