@@ -514,3 +514,21 @@ def test_simulated_spectrum_of_the_predicted_stack(dash, scene):
     residual = dash._residual.dmap[()]
     assert "No simulated spectrum: switched off" in residual.opts.get().kwargs["title"]
     assert len(elements_of(residual, hv.Curve)[0]) == 0
+
+
+def test_new_maps_arrive_in_a_live_document(dash):
+    """New maps with other classes (what mapping a new scan does) replace the old ones without errors."""
+    import dataclasses
+
+    from bokeh.document import Document
+    from bokeh.models import GlyphRenderer, Plot
+
+    doc = Document()
+    doc.add_root(dash.__panel__().get_root(doc))
+    other = dataclasses.replace(dash.maps, classes=("a", "b", "c"), thresholds=np.array([0.25, 0.5, 0.75]))
+    dash._set_maps(other)
+    assert dash.thresholds == {"a": 0.25, "b": 0.5, "c": 0.75} and dash.focus == "a"
+    assert not hasattr(dash, "last_message")  # no error was notified
+    (main,) = [p for p in doc.select({"type": Plot}) if p.name == "xrfnb-main"]
+    assert "ImageRGBA" in {type(r.glyph).__name__ for r in main.renderers if isinstance(r, GlyphRenderer)}
+    assert dash.gallery_data()["labels"][0][2].startswith("a (")

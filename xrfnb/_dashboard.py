@@ -668,27 +668,29 @@ class Dashboard(pn.viewable.Viewer):
             self.data_version += 1
 
     def _set_maps(self, maps: Any, bump: bool = True) -> None:
-        self._maps = maps
-        classes = self.classes
-        self.param.focus.objects = list(classes)
+        classes = tuple(maps.classes) if maps is not None else ()
         em = getattr(maps, "element_maps", None) if maps is not None else None
         elements = list(em.elements) if em is not None else []
-        self.param.element.objects = elements
         self._loading = True
         try:
-            self.focus = classes[0] if classes else None
-            self.element = elements[0] if elements else None
-            if maps is not None:
-                defaults = np.asarray(maps.thresholds, dtype=float)
-                self.thresholds = {c: float(defaults[k]) for k, c in enumerate(classes)}
-                self.global_threshold = float(np.round(np.median(defaults), 2)) if len(defaults) else 0.5
-            else:
-                self.thresholds = {}
+            # all values change together: plots must never see new maps with old thresholds
+            with param.parameterized.batch_call_watchers(self):
+                self._maps = maps
+                if maps is not None:
+                    defaults = np.asarray(maps.thresholds, dtype=float)
+                    self.thresholds = {c: float(defaults[k]) for k, c in enumerate(classes)}
+                    self.global_threshold = float(np.round(np.median(defaults), 2)) if len(defaults) else 0.5
+                else:
+                    self.thresholds = {}
+                self.param.focus.objects = list(classes)
+                self.param.element.objects = elements
+                self.focus = classes[0] if classes else None
+                self.element = elements[0] if elements else None
+                if bump:
+                    self.data_version += 1
         finally:
             self._loading = False
         self._build_threshold_sliders()
-        if bump:
-            self.data_version += 1
 
     def _map_current(self, cache_key: Any = None) -> None:
         """Run the model on the current scan (background thread in a server session) with progress."""
