@@ -502,18 +502,52 @@ def test_parallel_chunk_reader_equals_h5py(tmp_path, opts, dtype):
             reader.close()
 
 
+def _element_scan(rows=4, cols=3, seed=2):
+    """Realistic line families (xraylib energies): Pb L + Fe K everywhere, Zn K in the first row."""
+    cal = EnergyCalibration(0.0, 0.01)
+    e = cal.energies_keV(4096)
+    rng = np.random.default_rng(seed)
+
+    def family(el, lines):
+        return sum(h * _gauss(e, xrfnb.line_energy_keV(el, ln), 0.14) for ln, h in lines)
+
+    base = 0.02 * np.exp(-(((e - 12) / 8) ** 2)) * (e > 1) + 0.3 * _gauss(e, 20.2, 0.2)
+    pb = family("Pb", [("La", 1.0), ("Lb", 0.8), ("Lg", 0.12), ("Ma", 0.3)])
+    fe = family("Fe", [("Ka", 1.0), ("Kb", 0.13)])
+    zn = family("Zn", [("Ka", 1.0), ("Kb", 0.14)])
+    lam = np.empty((rows, cols, e.size))
+    for r in range(rows):
+        s = base + pb + 0.5 * fe + (zn if r == 0 else 0)
+        lam[r] = 20000 * s / s.sum()
+    return Scan(rng.poisson(lam).astype(np.uint16), cal)
+
+
 def test_element_maps_are_stored_alongside(tmp_path, model):
     fit = pytest.importorskip("xrfnb._fit")
     if not hasattr(fit, "fit_elements"):
         pytest.skip("element fit not available")
-    counts = make_counts(6, 5)[0]
-    maps = map_pigments(Scan(counts, CAL), model, element_maps=True, progress=False)
+    maps = map_pigments(_element_scan(), model, element_maps=True, progress=False)
     em = maps.element_maps
-    assert em is not None and em.intensity.shape[:2] == (6, 5)
+    assert em is not None, maps.metadata.get("element_maps_error")
+    assert {"Pb", "Fe", "Zn"} <= set(em.elements)
+    assert em["Zn"][0].min() > em["Zn"][1:].max()  # zinc only in the first row
     back = PigmentMaps.from_hdf5(maps.to_hdf5(tmp_path / "m.h5")).element_maps
     assert back.elements == em.elements and back.families == em.families
     for name in ("intensity", "sigma", "detection_limit", "chi2", "residual"):
         np.testing.assert_array_equal(getattr(back, name), getattr(em, name))
+
+
+def test_failed_element_fit_keeps_the_pigment_maps(model, counts_truth, monkeypatch):
+    import xrfnb._mapping as mapping
+
+    def no_elements(*a, **k):
+        raise xrfnb.FitError("no element was detected in the (sum) spectrum")
+
+    monkeypatch.setattr(mapping, "_element_maps", no_elements)
+    maps = map_pigments(Scan(counts_truth[0], CAL), model, element_maps=True, progress=False)
+    assert maps.element_maps is None
+    assert "no element was detected" in maps.metadata["element_maps_error"]
+    np.testing.assert_array_equal(maps.binary(), counts_truth[1])
 
 
 def test_use_dask_on_an_hdf5_scan_reads_by_path(tmp_path, counts_truth, model):

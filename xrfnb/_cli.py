@@ -94,6 +94,8 @@ def _cmd_identify(args: argparse.Namespace) -> int:
         out=out,
         resume=args.resume,
     )
+    if maps.metadata.get("element_maps_error"):
+        _info(f"no element maps: {maps.metadata['element_maps_error']}")
     if args.tiff:
         paths = maps.to_tiff(args.tiff)
         _info(f"wrote {len(paths)} TIFF files to {args.tiff}")

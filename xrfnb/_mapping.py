@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ._calibration import EnergyCalibration
-from ._errors import DataError, FormatError, ModelError, XRFNBError
+from ._errors import DataError, FitError, FormatError, ModelError, XRFNBError
 from ._spectrum import Scan, _is_dask
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -931,7 +931,9 @@ def map_pigments(
     progress : bool
         Show a progress bar (tqdm) on stderr.
     element_maps : bool
-        Also fit element maps (:func:`xrfnb.fit_elements`) and keep them alongside.
+        Also fit element maps (:func:`xrfnb.fit_elements`) and keep them alongside. If the fit is
+        impossible (e.g. no element detected) the pigment maps are still returned, without element maps,
+        and ``metadata["element_maps_error"]`` says why.
     instrument : Instrument or str, optional
         Instrument for the element fit (default: ``scan.metadata["instrument"]`` or ``"bruker-m6"``).
     out : path-like, optional
@@ -999,7 +1001,12 @@ def map_pigments(
         metadata["timing_s"] = _stream(scan, model, sink, slices, saturation_counts, batch_pixels, progress)
 
     elapsed = time.perf_counter() - t0
-    em = _element_maps(scan, instrument, progress) if element_maps else None
+    em = None
+    if element_maps:
+        try:
+            em = _element_maps(scan, instrument, progress)
+        except FitError as exc:  # the pigment maps stand on their own: keep them, say why
+            metadata["element_maps_error"] = str(exc)
     metadata["elapsed_s"] = round(elapsed, 3)
     metadata["spectra_per_s"] = round(rows * cols / max(elapsed, 1e-9), 1)
 
