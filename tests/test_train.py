@@ -226,6 +226,37 @@ def test_interrupted_run_resumes_to_the_same_weights(tiny_run, tmp_path, monkeyp
         np.testing.assert_allclose(va.numpy(), vb.numpy(), rtol=1e-5, atol=1e-6)
 
 
+def test_init_from_starts_a_new_run_from_trained_weights(tiny_run, tmp_path):
+    out, model_a = tiny_run
+    # lr = 0: AdamW (weight decay included) leaves the weights untouched, so the new run must end with
+    # exactly the source model's weights; a random initialisation would not
+    cfg = {**TINY, "optim": {**TINY["optim"], "max_steps": 3, "lr": 0.0, "seed": 6, "init_from": str(out)}}
+    model_b = train_model(cfg, tmp_path / "ft", progress=False)
+    for (ka, va), (kb, vb) in zip(model_a.net.state_dict().items(), model_b.net.state_dict().items(),
+                                  strict=True):
+        assert ka == kb
+        np.testing.assert_array_equal(va.numpy(), vb.numpy())
+    state = json.loads((tmp_path / "ft" / "checkpoint" / "state.json").read_text())
+    assert state["init_from"].endswith("model.safetensors") and state["step"] == 3
+    meta = json.loads((tmp_path / "ft" / "model.json").read_text())
+    assert meta["training"]["optim"]["init_from"] == str(out)
+    # a checkpoint folder works too (its weights are the final ones of the run)
+    from xrfnb._nn import PigmentNet
+    from xrfnb._train import _init_weights
+
+    net = PigmentNet(512, len(model_a.classes), conv_channels=2, hidden=(32, 16), dropout=0.1)
+    assert _init_weights(net, out / "checkpoint").name == "state.safetensors"
+    for va, vc in zip(model_a.net.state_dict().values(), net.state_dict().values(), strict=True):
+        np.testing.assert_array_equal(va.numpy(), vc.numpy())
+    # a different network shape or a missing source is refused
+    bigger = {**cfg, "model": {"hidden": [48, 16], "conv_channels": 2}}
+    with pytest.raises(ModelError, match="init_from: cannot load"):
+        train_model(bigger, tmp_path / "bad", progress=False)
+    with pytest.raises(ModelError, match="init_from: no model"):
+        train_model({**cfg, "optim": {**cfg["optim"], "init_from": str(tmp_path / "none")}}, tmp_path / "x",
+                    progress=False)
+
+
 def test_evaluate_runs_on_a_tiny_model(tiny_run):
     from xrfnb._train import evaluate_model
 

@@ -98,6 +98,12 @@ class OptimConfig:
         Processes simulating training batches ahead of the optimiser (0: simulate in the main process).
     reuse : int
         Optimisation steps per simulated batch (> 1 when simulation is the bottleneck).
+    init_from : str
+        Fine-tuning: a model folder (``model.safetensors``) or a training checkpoint folder
+        (``state.safetensors``) whose network weights initialise a new run (same ``[model]`` table
+        required); the optimiser and the learning-rate schedule start afresh. A relative path is taken
+        relative to the working directory. Empty (default): random initialisation. Ignored on resume
+        (the checkpoint holds the weights).
     """
 
     seed: int = 1
@@ -113,6 +119,7 @@ class OptimConfig:
     threads: int = 0
     workers: int = 1
     reuse: int = 1
+    init_from: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,6 +223,24 @@ def _save_checkpoint(folder: Path, net: PigmentNet, opt: torch.optim.Optimizer, 
     (folder / "state.json.tmp").write_text(json.dumps(state, indent=1), encoding="utf-8")
     os.replace(folder / "state.safetensors.tmp", folder / "state.safetensors")
     os.replace(folder / "state.json.tmp", folder / "state.json")
+
+
+def _init_weights(net: PigmentNet, source: str | os.PathLike) -> Path:
+    """Load the network weights of a model folder or checkpoint folder into ``net`` (strict)."""
+    from safetensors.torch import load_file
+
+    src = Path(source)
+    candidates = [src] if src.is_file() else [src / "model.safetensors", src / "state.safetensors",
+                                             src / "checkpoint" / "state.safetensors"]
+    path = next((c for c in candidates if c.is_file()), None)
+    if path is None:
+        raise ModelError(f"init_from: no model.safetensors or checkpoint/state.safetensors in {src}")
+    try:
+        tensors = load_file(str(path))
+        net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")}, strict=True)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ModelError(f"init_from: cannot load the weights of {path} into this [model] ({exc})") from None
+    return path
 
 
 def _load_checkpoint(folder: Path, net: PigmentNet, opt: torch.optim.Optimizer) -> dict:
@@ -431,6 +456,8 @@ def train_model(
                      dropout=mc.dropout)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     state: dict[str, Any] = {"step": 0, "planned_steps": None, "elapsed_s": 0.0, "config": cfg.to_dict()}
+    if cfg.optim.init_from and not resume:
+        state["init_from"] = str(_init_weights(net, cfg.optim.init_from))
     if resume:
         state = _load_checkpoint(ckpt_dir, net, opt)
         if state.get("config") != json.loads(json.dumps(cfg.to_dict())):
