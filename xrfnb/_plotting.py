@@ -841,8 +841,8 @@ def confusion_plot(
     *,
     title: str,
     clabel: str = "fraction of the pixels where the true class is present",
-    width: int = 640,
-    height: int = 520,
+    width: int | None = None,
+    height: int | None = None,
 ) -> Any:
     """A confusion matrix (e.g. from :func:`confusion_matrix`) as a heat map with a colour bar.
 
@@ -863,6 +863,9 @@ def confusion_plot(
     m = np.asarray(matrix, dtype=float)
     if m.shape != (len(true_classes), len(called_classes)):
         raise DataError(f"matrix {m.shape} does not match {len(true_classes)} x {len(called_classes)} names")
+    # room for the long class names: about 26 screen pixels per row and column
+    width = width or 420 + 26 * len(called_classes)
+    height = height or 260 + 26 * len(true_classes)
     rows = [
         (str(c), str(t), float(m[i, j]))
         for i, t in enumerate(true_classes)
