@@ -1146,6 +1146,7 @@ class Dashboard(pn.viewable.Viewer):
             "ylabel": "row",
             "toolbar": "above",
             "hooks": [_name_hook("xrfnb-main")],
+            "framewise": True,
             **size,
         }
         if kind == "rgb":
@@ -1420,6 +1421,7 @@ class Dashboard(pn.viewable.Viewer):
                 show_legend=False,
                 tools=["hover"],
                 hooks=[_name_hook("xrfnb-spectrum")],
+                framewise=True,
             )
         )
 
@@ -1526,7 +1528,14 @@ class Dashboard(pn.viewable.Viewer):
         return desc, shape * float(counts.sum())
 
     def _residual_kind(self) -> str:
-        return "Overlay"  # always an overlay: an empty one with the reason when nothing is simulated
+        # always an overlay (an empty one with the reason when nothing is simulated), but a fresh plot when
+        # switching between empty and data: an empty first frame leaves Bokeh's axes at (0, 1)
+        if not self.simulate_stack or self._maps is None or (self.pixel is None and self.region is None):
+            return "Overlay-empty"
+        try:
+            return "Overlay" if self.predicted_stack()[0] is not None else "Overlay-empty"
+        except XRFNBError:
+            return "Overlay-empty"
 
     def _residual_element(self, **kwargs: Any) -> hv.Element:
         sim = self.simulated_spectrum() if self._maps is not None else None
@@ -1534,6 +1543,7 @@ class Dashboard(pn.viewable.Viewer):
         opts = {
             "width": 560,
             "height": 170,
+            "framewise": True,
             "show_legend": False,
             "tools": ["hover"],
             "fontsize": {"title": 9},
@@ -1592,7 +1602,9 @@ class Dashboard(pn.viewable.Viewer):
         marks = hv.Scatter(table, "class", "threshold").opts(
             marker="dash", size=22, color="black", line_width=2
         )
-        return (bars * marks).opts(hv.opts.Overlay(title=title, width=560, height=240, show_legend=False))
+        return (bars * marks).opts(
+            hv.opts.Overlay(title=title, width=560, height=260, show_legend=False, framewise=True)
+        )
 
     def _on_pixel_region(self, *events: Any) -> None:
         if self._maps is None or self.region is None:
