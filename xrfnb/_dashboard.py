@@ -1453,18 +1453,12 @@ class Dashboard(pn.viewable.Viewer):
         layer_cls, stack_cls = _xrfnb_attr("Layer"), _xrfnb_attr("Stack")
         if pigments_fn is None or layer_cls is None or stack_cls is None:
             return None, "the simulator is not available"
-        library = pigments_fn()
-        groups = library.groups()
         names: dict[bool, list[str]] = {True: [], False: []}
         for k, cls in enumerate(self.classes):
             if present[k]:
-                members = groups.get(cls)
-                if not members:  # a class named by a pigment rather than by its group
-                    try:
-                        members = (library[cls].name,)
-                    except XRFNBError:
-                        continue
-                names[bool(buried[k])].append(members[0])
+                pigment = self._pigment_of(cls, pigments_fn)
+                if pigment is not None:
+                    names[bool(buried[k])].append(pigment)
         if not names[True] and not names[False]:
             return None, "no library pigment above threshold"
         layers = [
@@ -1479,6 +1473,21 @@ class Dashboard(pn.viewable.Viewer):
         if not names[True]:
             desc = ", ".join(names[False])
         return stack_cls(layers), desc
+
+    def _pigment_of(self, cls: str, pigments_fn: Callable[[], Any]) -> str | None:
+        """The library pigment standing for a class (first member of its group), cached per maps."""
+        cache = self.__dict__.setdefault("_pigment_cache", {})
+        key = (id(self._maps), cls)
+        if key not in cache:
+            library = pigments_fn()
+            members = library.groups().get(cls)
+            if not members:  # a class named by a pigment rather than by its group
+                try:
+                    members = (library[cls].name,)
+                except XRFNBError:
+                    members = (None,)
+            cache[key] = members[0]
+        return cache[key]
 
     def _instrument(self) -> Any:
         inst_cls = _xrfnb_attr("Instrument")
