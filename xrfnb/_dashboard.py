@@ -84,7 +84,7 @@ _MAX_LISTED_FILES = 500
 def _ensure_extensions() -> None:
     """Load Panel and the HoloViews Bokeh backend with inline (local) resources, no CDN."""
     if not getattr(_ensure_extensions, "_done", False):
-        pn.extension(inline=True, notifications=True)
+        pn.extension("filedropper", inline=True, notifications=True)
         hv.extension("bokeh", inline=True, logo=False)
         _ensure_extensions._done = True  # type: ignore[attr-defined]
     pn.config.inline = True
