@@ -59,6 +59,8 @@ def test_only_xrfnb_and_display_libraries_imported(name):
             words = line.split()
             if words[:1] in (["import"], ["from"]) and len(words) > 1:
                 assert words[1].split(".")[0] in allowed, f"{name}: {line.strip()!r}"
+                # the public API only: no private xrfnb modules
+                assert "xrfnb._" not in line and " _" not in line.split("import", 1)[-1], line
 
 
 @pytest.fixture(scope="module")

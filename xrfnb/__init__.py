@@ -89,11 +89,20 @@ __all__ = [
     "__version__",
     "calibrate",
     "line_energy_keV",
+    "plotting",
     *sorted(_LAZY),
 ]
 
 
+#: public submodules, imported on first attribute access
+_SUBMODULES = ("plotting",)
+
+
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        value = importlib.import_module(f".{name}", __name__)
+        globals()[name] = value
+        return value
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'xrfnb' has no attribute {name!r}")
