@@ -360,6 +360,11 @@ _SI_ESCAPE_KEV = 1.74
 _ESCAPE_SPLIT_KEV = 5.0
 #: share of a model term treated as systematic error in detection (peak shape, tail and ratio errors)
 _SYSTEMATIC = 0.02
+#: relative model error of the lines of other elements in the free-ratio test of detect_elements: peak
+#: shape (tail, shelf, FWHM) errors that freed line ratios cannot absorb
+_MODEL_ERROR = 0.02
+#: spacing, in detector FWHMs, of the triangular background terms of detect_elements
+_HATS_FWHM = 3.0
 
 
 @functools.lru_cache(maxsize=1)
@@ -584,7 +589,7 @@ def _family_template(fm: _FamilyModel, response: Any) -> np.ndarray:
 
 
 def _family_parts(
-    fm: _FamilyModel, free_kb: bool = False, split_l: bool = True
+    fm: _FamilyModel, free_kb: bool = False, split_l: bool = True, fine: bool = False
 ) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """Parts of a family fitted with free intensities: (part name, line energies keV, line weights).
 
@@ -595,9 +600,31 @@ def _family_parts(
     family total by 5-10 %. Subshells holding less than 3 % of the family join the nearest one.
     With ``free_kb`` K families get separate Ka and Kb templates (for buried layers, whose Kb/Ka ratio
     grows with the absorption above them).
+
+    ``fine`` frees every line ratio that matrix effects change (used by :func:`detect_elements` to test
+    whether another element is needed): K families split into Ka and Kb, L families into one part per
+    (vacancy subshell, line group) -- La, Lb2,15 and Ll of L3 apart, since an absorption edge of the
+    matrix between them (Hg L3 at 12.28 keV between Pb La and Pb Lb2) changes their ratio -- with
+    parts below 3 % of the family joined to the largest part of their subshell.
     """
     e = np.asarray(fm.energies_keV, dtype=float)
     w = np.asarray(fm.weights, dtype=float)
+    if fine and fm.family == "L" and fm.subshells:
+        key = np.array([f"{s} {g}" for s, g in zip(fm.subshells, fm.groups, strict=True)])
+        shares = {k: float(w[key == k].sum()) for k in dict.fromkeys(key)}
+        for k in sorted(shares, key=shares.__getitem__):
+            if shares[k] >= 0.03:
+                continue
+            rest = [o for o in shares if o != k]
+            same = [o for o in rest if o.split()[0] == k.split()[0]] or rest
+            if not same:
+                continue
+            into = max(same, key=shares.__getitem__)
+            key[key == k] = into
+            shares[into] += shares.pop(k)
+        return [(k, e[key == k], w[key == k]) for k in shares if w[key == k].sum() > 0]
+    if fine and fm.family == "K":
+        free_kb = True
     if fm.family == "K" and free_kb:
         ka = np.array([g == "Ka" for g in fm.groups])
         return [(g, e[s], w[s]) for g, s in (("Ka", ka), ("Kb", ~ka)) if s.any() and w[s].sum() > 0]
@@ -733,6 +760,28 @@ def _background_columns(
     ]
 
 
+def _hat_columns(
+    energy_keV: np.ndarray, lo: int, hi: int, instrument: Any, spacing_fwhm: float
+) -> list[tuple[_Column, np.ndarray]]:
+    """Triangular (linear B-spline) background terms, ``spacing_fwhm`` detector FWHMs apart.
+
+    Non-negative sums of them are smooth curves that follow broad excesses over the SNIP background
+    (continuum scatter structure, detector tails and shelves that differ from the model) but cannot
+    form a peak of one FWHM: a candidate line must then explain a peak, not a hump.
+    """
+    e = energy_keV[lo:hi]
+    fwhm = np.asarray(instrument.fwhm_keV(np.clip(e, 0.1, None)), dtype=float)
+    pos = np.concatenate([[0.0], np.cumsum(np.diff(e) / (spacing_fwhm * fwhm[1:]))])
+    n_knots = int(np.floor(pos[-1])) + 1
+    out = []
+    for k in range(n_knots + 1):
+        t = np.zeros(energy_keV.size)
+        t[lo:hi] = np.clip(1.0 - np.abs(pos - k), 0.0, None)
+        if t.sum() > 0:
+            out.append((_Column(f"background hat {k}", "background"), t))
+    return out
+
+
 @dataclasses.dataclass(eq=False)
 class _Design:
     columns: list[_Column]
@@ -854,6 +903,20 @@ class _Projector:
         PR = R @ self.P  # (n_el, n_range)
         GR = ((PR * PR) @ A).T
         return GR, GR * R.T
+
+
+def _sum_variance(A: np.ndarray, w: np.ndarray, R: np.ndarray) -> np.ndarray:
+    """Variance of sums ``R @ c`` (R: (m, k)) of weighted least-squares coefficients: ``r N^-1 r``.
+
+    ``A`` (n, k) design, ``w`` (n,) channel weights (inverse variances); ``N = A^T W A``, solved with
+    a tiny ridge on its unit-diagonal form (columns no channel constrains get no variance from it).
+    """
+    N = (A * w[:, None]).T @ A
+    d = np.sqrt(np.clip(np.diag(N), 1e-300, None))
+    Ns = N / np.outer(d, d) + 1e-9 * np.eye(N.shape[0])
+    Rs = R / d[None, :]
+    X = np.linalg.solve(Ns, Rs.T)
+    return np.einsum("mk,km->m", Rs, X)
 
 
 def _nnls_batch(
@@ -1040,34 +1103,51 @@ def _make_design(
     pileup: bool,
     free_kb: bool = False,
     split_l: bool = True,
+    fine: frozenset[str] = frozenset(),
+    hats_fwhm: float | None = None,
+    cache: dict | None = None,
 ) -> _Design:
     n_ch = total.size
     energy = calibration.energies_keV(n_ch)
-    response = _response(instrument, energy)
+    cache = {} if cache is None else cache
+    if "response" not in cache:
+        cache["response"] = _response(instrument, energy)
+    response = cache["response"]
     cols: list[tuple[_Column, np.ndarray, np.ndarray | None]] = []
 
     def lines(e: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        t = w @ np.asarray(response.matrix(e), dtype=float)
-        low = e < _ESCAPE_SPLIT_KEV  # escape of low- and high-energy parents apart: (channels, 2)
-        esc = np.stack([_escape_template(e, w * sel, instrument, energy) for sel in (low, ~low)], axis=1)
-        return t, esc
+        key = (e.tobytes(), w.tobytes())
+        if key not in cache:
+            t = w @ np.asarray(response.matrix(e), dtype=float)
+            low = e < _ESCAPE_SPLIT_KEV  # escape of low- and high-energy parents apart: (channels, 2)
+            esc = np.stack([_escape_template(e, w * sel, instrument, energy) for sel in (low, ~low)], axis=1)
+            cache[key] = (t, esc)
+        return cache[key]
 
     for main, _, _ in resolved:
-        for part, e, w in _family_parts(main, free_kb, split_l):
+        for part, e, w in _family_parts(main, free_kb, split_l, main.element in fine):
             name = f"{main.element} {main.family}" + ("" if part == main.family else f" ({part})")
             cols.append((_Column(name, "element", main.element, main.family), *lines(e, w)))
     for _, secondary, _ in resolved:
         for fm in secondary:
             col = _Column(f"{fm.element} {fm.family}", "secondary", fm.element, fm.family)
             cols.append((col, *lines(fm.energies_keV, fm.weights)))
-    cols.extend((c, t, None) for c, t in _scatter_columns(instrument, response))
+    if "scatter" not in cache:
+        cache["scatter"] = _scatter_columns(instrument, response)
+    cols.extend((c, t, None) for c, t in cache["scatter"])
     if pileup:
-        cols.append((_Column("pile-up", "pileup"), _pileup_column(total, calibration, lo), None))
-    fwhm_mid = float(np.asarray(instrument.fwhm_keV(0.5 * (energy[lo] + energy[hi - 1]))))
-    width = snip_width_keV if snip_width_keV is not None else max(0.3, 3.0 * fwhm_mid)
-    smooth = max(1, round(0.5 * fwhm_mid / calibration.gain_keV)) if total.sum() < 1e6 else 0
-    background = _background_columns(total, lo, hi, width, calibration.gain_keV, smooth)
-    cols.extend((c, t, None) for c, t in background)
+        if "pileup" not in cache:
+            cache["pileup"] = _pileup_column(total, calibration, lo)
+        cols.append((_Column("pile-up", "pileup"), cache["pileup"], None))
+    if "background" not in cache:
+        fwhm_mid = float(np.asarray(instrument.fwhm_keV(0.5 * (energy[lo] + energy[hi - 1]))))
+        width = snip_width_keV if snip_width_keV is not None else max(0.3, 3.0 * fwhm_mid)
+        smooth = max(1, round(0.5 * fwhm_mid / calibration.gain_keV)) if total.sum() < 1e6 else 0
+        background = _background_columns(total, lo, hi, width, calibration.gain_keV, smooth)
+        if hats_fwhm:
+            background = background + _hat_columns(energy, lo, hi, instrument, hats_fwhm)
+        cache["background"] = background
+    cols.extend((c, t, None) for c, t in cache["background"])
     design = _build_design(cols, lo, hi)
     have = {c.element for c in design.columns if c.kind == "element"}
     lost = sorted(
@@ -1499,18 +1579,18 @@ def detect_elements(
     def judge(active: dict[str, Any]) -> tuple[dict[str, float], list[str], np.ndarray, np.ndarray]:
         """Fit the active candidates; (verdict per element, elements fitted to zero, model, weights)."""
         resolved = [(m, s, "setup" if el == "Ar" else "sample") for el, (m, s) in active.items()]
-        design = _make_design(resolved, instrument, cal, y, lo, hi, None, True, split_l=False)
+        design = _make_design(
+            resolved, instrument, cal, y, lo, hi, None, True, split_l=False, hats_fwhm=_HATS_FWHM, cache=cache
+        )
         coef, model, w = _fit_one(design, y_rng)
         design = design.with_escape(coef)
         coef, model, w = _fit_one(design, y_rng)
-        proj = _Projector.build(design.A, w)
         names = list(dict.fromkeys(c.element for c in design.columns if c.kind == "element"))
         Rm = np.array(
             [[float(c.kind == "element" and c.element == e) for c in design.columns] for e in names]
         )
-        GR, _ = proj.report(design.A, Rm)
         total_el = Rm @ np.maximum(coef, 0.0)
-        var = np.maximum(coef, 0.0) @ GR
+        var = _sum_variance(design.A, w, Rm)
         is_bg = np.array([c.kind == "background" for c in design.columns])
         lines_model = model - design.A[:, is_bg] @ coef[is_bg]  # peaks only: what competes for a line
         verdict: dict[str, float] = {}
@@ -1571,6 +1651,43 @@ def detect_elements(
             active.pop(worst, None)
         return active, verdict, model
 
+    def free_score(active: dict[str, Any], name: str) -> float:
+        """Significance of ``name`` when every other element's line ratios are free (see Notes)."""
+        resolved = [(m, s, "setup" if el == "Ar" else "sample") for el, (m, s) in active.items()]
+        fine = frozenset(el for el in active if el != name)
+        design = _make_design(
+            resolved, instrument, cal, y, lo, hi, None, True, split_l=False, fine=fine,
+            hats_fwhm=_HATS_FWHM, cache=cache,
+        )
+        coef, _, _ = _fit_one(design, y_rng)
+        design = design.with_escape(coef)
+        coef, model, _ = _fit_one(design, y_rng)
+        own = np.array([c.kind == "element" and c.element == name for c in design.columns])
+        is_bg = np.array([c.kind == "background" for c in design.columns])
+        others = model - design.A[:, is_bg | own] @ coef[is_bg | own]  # peaks of everything else
+        var = np.maximum(model, 1.0) + (_MODEL_ERROR * np.maximum(others, 0.0)) ** 2
+        act = (coef > 0) | own
+        v = float(_sum_variance(design.A[:, act], 1.0 / var, own[act][None, :].astype(float))[0])
+        total = float(coef[own].sum())
+        return total / np.sqrt(v) if v > 0 else 0.0
+
+    def confirm(
+        active: dict[str, Any], verdict: dict[str, float], model: np.ndarray
+    ) -> tuple[dict[str, Any], dict[str, float], np.ndarray]:
+        """Drop, weakest first, elements that another family explains once its line ratios are free."""
+        while active:
+            scores = {el: free_score(active, el) for el in active if el != "Ar"}
+            _log.debug("detect, free-ratio significance: %s", scores)
+            bad = {el: sc for el, sc in scores.items() if sc < min_significance}
+            if not bad:
+                verdict = {el: min(verdict[el], scores.get(el, np.inf)) for el in active}
+                break
+            active = dict(active)
+            del active[min(bad, key=bad.__getitem__)]
+            active, verdict, model = eliminate(active)
+        return active, verdict, model
+
+    cache: dict = {}
     peak_e_all = peak_e
     add_candidates(peak_e, set())
     if not models:
@@ -1602,6 +1719,7 @@ def detect_elements(
             peak_e_all = np.concatenate([peak_e, new_e])
             peak_e = peak_e_all
             active, verdict, model = eliminate({**active, **{el: models[el] for el in added}})
+    active, verdict, model = confirm(active, verdict, model)
     if not active:
         return []
     result = []
