@@ -1139,15 +1139,16 @@ def _make_design(
         if "pileup" not in cache:
             cache["pileup"] = _pileup_column(total, calibration, lo)
         cols.append((_Column("pile-up", "pileup"), cache["pileup"], None))
-    if "background" not in cache:
+    bg_key = ("background", hats_fwhm)
+    if bg_key not in cache:
         fwhm_mid = float(np.asarray(instrument.fwhm_keV(0.5 * (energy[lo] + energy[hi - 1]))))
         width = snip_width_keV if snip_width_keV is not None else max(0.3, 3.0 * fwhm_mid)
         smooth = max(1, round(0.5 * fwhm_mid / calibration.gain_keV)) if total.sum() < 1e6 else 0
         background = _background_columns(total, lo, hi, width, calibration.gain_keV, smooth)
         if hats_fwhm:
             background = background + _hat_columns(energy, lo, hi, instrument, hats_fwhm)
-        cache["background"] = background
-    cols.extend((c, t, None) for c, t in cache["background"])
+        cache[bg_key] = background
+    cols.extend((c, t, None) for c, t in cache[bg_key])
     design = _build_design(cols, lo, hi)
     have = {c.element for c in design.columns if c.kind == "element"}
     lost = sorted(
@@ -1580,7 +1581,7 @@ def detect_elements(
         """Fit the active candidates; (verdict per element, elements fitted to zero, model, weights)."""
         resolved = [(m, s, "setup" if el == "Ar" else "sample") for el, (m, s) in active.items()]
         design = _make_design(
-            resolved, instrument, cal, y, lo, hi, None, True, split_l=False, hats_fwhm=_HATS_FWHM, cache=cache
+            resolved, instrument, cal, y, lo, hi, None, True, split_l=False, cache=cache
         )
         coef, model, w = _fit_one(design, y_rng)
         design = design.with_escape(coef)
