@@ -27,7 +27,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -37,6 +36,7 @@ import numpy as np
 
 from ._calibration import EnergyCalibration
 from ._errors import DataError, FitError, FormatError, ModelError, XRFNBError
+from ._io import atomic_path
 from ._spectrum import Scan, _is_dask
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -344,7 +344,7 @@ class PigmentMaps:
         when complete, so an interrupted write never leaves a corrupt file. Returns the path.
         """
         path = Path(path)
-        with _atomic_output(path) as tmp:
+        with atomic_path(path) as tmp:
             rows, cols = self.shape
             with _h5_create(tmp) as f:
                 _write_header(
@@ -465,11 +465,11 @@ class PigmentMaps:
         planes.append(("ood_score", lambda: np.asarray(self.ood_score[()], dtype=np.float32), "ood score"))
         for stem, get, label in planes:
             target = folder / f"{stem}.tif"
-            with _atomic_output(target) as tmp:
+            with atomic_path(target) as tmp:
                 tifffile.imwrite(tmp, get(), imagej=True, metadata={**meta, "Labels": [label]}, **kwargs)
             written.append(target)
         target = folder / "mask.tif"
-        with _atomic_output(target) as tmp:
+        with atomic_path(target) as tmp:
             tifffile.imwrite(
                 tmp, np.asarray(self.mask[()], dtype=np.uint8) * 255, imagej=True, metadata=meta, **kwargs
             )
@@ -509,32 +509,6 @@ def _unique_file_stems(names: tuple[str, ...]) -> list[str]:
 # ------------------------------------------------------------------------------------------------------
 # HDF5 helpers
 # ------------------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _atomic_output(path: Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it over ``path`` only on success."""
-    try:
-        from ._io import atomic_path  # engineer A's helper, when present
-    except ImportError:
-        atomic_path = None
-    if atomic_path is not None:
-        with atomic_path(path) as tmp:
-            yield Path(tmp)
-        return
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise FormatError(f"cannot write {path}: folder {path.parent} does not exist")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-
-
 def _h5_create(path: Path):
     import h5py
 
@@ -818,7 +792,7 @@ class _PartialSink:
         self, classes, colors, thresholds, ood_threshold, metadata, slices: list[slice], element_maps
     ) -> None:
         rows, cols = self.manifest["shape"]
-        with _atomic_output(self.out) as tmp:
+        with atomic_path(self.out) as tmp:
             with _h5_create(tmp) as f:
                 _write_header(f, classes, colors, thresholds, ood_threshold, metadata)
                 d = _create_map_datasets(f, rows, cols, len(classes))
