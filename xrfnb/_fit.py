@@ -365,6 +365,13 @@ _SYSTEMATIC = 0.02
 _MODEL_ERROR = 0.02
 #: spacing, in detector FWHMs, of the triangular background terms of detect_elements
 _HATS_FWHM = 3.0
+#: hats are used only for spectra with at least this many counts in the fitted range: below, Poisson noise
+#: covers the model's smooth errors, and the hats would only cost sensitivity (broad peaks of a poor
+#: detector look like humps to them)
+_HATS_MIN_COUNTS = 1e6
+#: free the L families by (subshell, line group) rather than by subshell in the free-ratio test; off:
+#: group-level freedom let the L lines of one element absorb a neighbour's K line (I Lg1 and V Ka)
+_FINE_L_GROUPS = False
 
 
 @functools.lru_cache(maxsize=1)
@@ -588,8 +595,48 @@ def _family_template(fm: _FamilyModel, response: Any) -> np.ndarray:
     return np.asarray(fm.weights, dtype=float) @ np.asarray(response.matrix(fm.energies_keV), dtype=float)
 
 
+#: thick paint matrices whose absorption sets the range of Kb/Ka ratios (see _kb_bounds): binder, chalk,
+#: gypsum, lead white, chrome yellow, vermilion, cadmium yellow, iron oxide, zinc white, smalt-like glass
+_RATIO_MATRICES = (
+    "C18H32O2", "CaCO3", "CaSO4H4O2", "Pb3C2O8H2", "PbCrO4", "HgS", "CdS", "Fe2O3", "ZnO", "SiO2",
+)
+#: margin on the Kb/Ka range for fundamental-parameter and detector-efficiency uncertainty
+_KB_MARGIN = 0.1
+
+
+def _kb_bounds(fm: _FamilyModel, instrument: Any) -> tuple[float, float]:
+    """Range of a K family's Kb/Ka ratio relative to its thin-sample value, over paint matrices.
+
+    Self-absorption in a thick paint changes Kb/Ka: a heavy matrix absorbs Ka more than Kb (ratio up,
+    Cr in chrome yellow ~ +20 %), an absorption edge between Ka and Kb absorbs Kb more (ratio down, Fe
+    beside Mn). The range is the min/max over :data:`_RATIO_MATRICES` and the element's own thick
+    oxide-free form, from xraylib cross sections as :func:`_family_model` computes them, widened by
+    :data:`_KB_MARGIN`.
+    """
+    key = ("kb-bounds", fm.z, _instrument_key(instrument))
+    if key in _FAMILY_CACHE:
+        return _FAMILY_CACHE[key]  # type: ignore[return-value]
+
+    def ratio(m: _FamilyModel | None) -> float:
+        if m is None:
+            return np.nan
+        ka = np.array([g == "Ka" for g in m.groups])
+        return float(m.weights[~ka].sum() / max(m.weights[ka].sum(), 1e-300))
+
+    thin = ratio(fm)
+    values = [1.0]
+    for matrix in (*_RATIO_MATRICES, fm.element):
+        r = ratio(_family_model(fm.z, "K", instrument, matrix)) / thin
+        if np.isfinite(r):
+            values.append(r)
+    bounds = (min(values) * (1 - _KB_MARGIN), max(values) * (1 + _KB_MARGIN))
+    _FAMILY_CACHE[key] = bounds  # type: ignore[assignment]
+    return bounds
+
+
 def _family_parts(
-    fm: _FamilyModel, free_kb: bool = False, split_l: bool = True, fine: bool = False
+    fm: _FamilyModel, free_kb: bool = False, split_l: bool = True, fine: bool = False,
+    instrument: Any = None,
 ) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """Parts of a family fitted with free intensities: (part name, line energies keV, line weights).
 
@@ -601,15 +648,17 @@ def _family_parts(
     With ``free_kb`` K families get separate Ka and Kb templates (for buried layers, whose Kb/Ka ratio
     grows with the absorption above them).
 
-    ``fine`` frees every line ratio that matrix effects change (used by :func:`detect_elements` to test
-    whether another element is needed): K families split into Ka and Kb, L families into one part per
+    ``fine`` frees the line ratios that matrix effects change (used by :func:`detect_elements` to test
+    whether another element is needed): K families get two templates, Kb/Ka at the low and at the high
+    end of the range paint matrices produce (:func:`_kb_bounds`; non-negative sums of the two span
+    exactly that range), L families one part per
     (vacancy subshell, line group) -- La, Lb2,15 and Ll of L3 apart, since an absorption edge of the
     matrix between them (Hg L3 at 12.28 keV between Pb La and Pb Lb2) changes their ratio -- with
     parts below 3 % of the family joined to the largest part of their subshell.
     """
     e = np.asarray(fm.energies_keV, dtype=float)
     w = np.asarray(fm.weights, dtype=float)
-    if fine and fm.family == "L" and fm.subshells:
+    if fine and fm.family == "L" and fm.subshells and _FINE_L_GROUPS:
         key = np.array([f"{s} {g}" for s, g in zip(fm.subshells, fm.groups, strict=True)])
         shares = {k: float(w[key == k].sum()) for k in dict.fromkeys(key)}
         for k in sorted(shares, key=shares.__getitem__):
@@ -623,12 +672,15 @@ def _family_parts(
             key[key == k] = into
             shares[into] += shares.pop(k)
         return [(k, e[key == k], w[key == k]) for k in shares if w[key == k].sum() > 0]
-    if fine and fm.family == "K":
-        free_kb = True
+    if fine and fm.family == "K" and instrument is not None:
+        ka = np.array([g == "Ka" for g in fm.groups])
+        if ka.any() and (~ka).any():
+            m_lo, m_hi = _kb_bounds(fm, instrument)
+            return [(f"Kb x{m:.2f}", e, w * np.where(ka, 1.0, m)) for m in (m_lo, m_hi)]
     if fm.family == "K" and free_kb:
         ka = np.array([g == "Ka" for g in fm.groups])
         return [(g, e[s], w[s]) for g, s in (("Ka", ka), ("Kb", ~ka)) if s.any() and w[s].sum() > 0]
-    if fm.family != "L" or not fm.subshells or not split_l:
+    if fm.family != "L" or not fm.subshells or not (split_l or fine):
         return [(fm.family, e, w)]
     sub = np.array(fm.subshells)
     shares = {s: float(w[sub == s].sum()) for s in ("L3", "L2", "L1")}
@@ -1125,7 +1177,7 @@ def _make_design(
         return cache[key]
 
     for main, _, _ in resolved:
-        for part, e, w in _family_parts(main, free_kb, split_l, main.element in fine):
+        for part, e, w in _family_parts(main, free_kb, split_l, main.element in fine, instrument):
             name = f"{main.element} {main.family}" + ("" if part == main.family else f" ({part})")
             cols.append((_Column(name, "element", main.element, main.family), *lines(e, w)))
     for _, secondary, _ in resolved:
@@ -1658,7 +1710,7 @@ def detect_elements(
         fine = frozenset(el for el in active if el != name)
         design = _make_design(
             resolved, instrument, cal, y, lo, hi, None, True, split_l=False, fine=fine,
-            hats_fwhm=_HATS_FWHM, cache=cache,
+            hats_fwhm=_HATS_FWHM if y_rng.sum() >= _HATS_MIN_COUNTS else None, cache=cache,
         )
         coef, _, _ = _fit_one(design, y_rng)
         design = design.with_escape(coef)
