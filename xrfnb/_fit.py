@@ -365,10 +365,10 @@ _SYSTEMATIC = 0.02
 _MODEL_ERROR = 0.02
 #: spacing, in detector FWHMs, of the triangular background terms of detect_elements
 _HATS_FWHM = 3.0
-#: hats are used only for spectra with at least this many counts in the fitted range: below, Poisson noise
-#: covers the model's smooth errors, and the hats would only cost sensitivity (broad peaks of a poor
-#: detector look like humps to them)
-_HATS_MIN_COUNTS = 1e6
+#: hats are used only for spectra with at least this many counts in the fitted range (an empirical
+#: threshold): below, Poisson noise covers the model's smooth errors and the hats would only cost
+#: sensitivity (the broad peaks of a 0.3 keV-FWHM detector at 4e5 counts look like humps to them)
+_HATS_MIN_COUNTS = 5e5
 #: free the L families by (subshell, line group) rather than by subshell in the free-ratio test; off:
 #: group-level freedom let the L lines of one element absorb a neighbour's K line (I Lg1 and V Ka)
 _FINE_L_GROUPS = False
@@ -1520,7 +1520,14 @@ def detect_elements(
        more, has its main line at a peak, explains at least half of what it predicts there, and has
        the second line of its family (Kb, Lb) where that line should be visible. A lone peak that
        another element's line explains therefore does not make an element.
-    4. Argon (air between sample and detector) is reported with ``origin="setup"``.
+    4. Confirmation against matrix effects: each element is refitted with the line ratios of all other
+       families freed within physical bounds (Kb/Ka between the values thick paint matrices give,
+       :func:`_kb_bounds`; L families per vacancy subshell), smooth triangular background terms that
+       absorb broad humps (sum spectra of 5e5 counts or more), and a 2 % model error of the other
+       families' peaks in the channel variances. An element whose fitted intensity is then below
+       ``min_significance`` sigma -- e.g. Mn Ka (5.90 keV) that is really the self-absorption excess
+       of Cr Kb (5.95 keV) in chrome yellow -- is removed (weakest first) and the rest re-judged.
+    5. Argon (air between sample and detector) is reported with ``origin="setup"``.
 
     Parameters
     ----------
