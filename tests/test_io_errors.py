@@ -164,3 +164,30 @@ def test_misused_options(tmp_path):
         xrfnb.load(path, element=2)
     with pytest.raises(xrfnb.DataError, match="only to HDF5"):
         xrfnb.load(path, dataset="/entry")
+
+
+def test_hdf5_that_crashes_the_hdf5_library_is_a_format_error(tmp_path, monkeypatch):
+    """A file whose metadata kills the reading process (as some corrupted HDF5 files do to libhdf5) is
+    refused with a FormatError, and this process survives: the metadata is walked in a child first."""
+    from xrfnb._io import _hdf5
+
+    path = tmp_path / "crash.h5"
+    xrfnb.save(xrfnb.Spectrum(np.ones(16), xrfnb.EnergyCalibration(0.0, 0.01)), path)
+    path.write_bytes(path.read_bytes())  # a copy: not a file this process wrote through save()
+    # stand-in for the crashing library: the child process dies from SIGSEGV
+    monkeypatch.setattr(_hdf5, "_PREFLIGHT_CHILD", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
+    with pytest.raises(xrfnb.FormatError, match=r"crash\.h5: the HDF5 library crashed \(SIGSEGV\)"):
+        xrfnb.load(path)
+
+
+def test_hdf5_preflight_passes_good_files_and_can_be_disabled(tmp_path, monkeypatch):
+    from xrfnb._io import _hdf5
+
+    path = tmp_path / "good.h5"
+    xrfnb.save(xrfnb.Spectrum(np.arange(16.0), xrfnb.EnergyCalibration(0.0, 0.01)), path)
+    path.write_bytes(path.read_bytes())
+    assert xrfnb.load(path).counts.sum() == 120  # checked in a child process, then read here
+    monkeypatch.setenv("XRFNB_HDF5_PREFLIGHT", "0")
+    monkeypatch.setattr(_hdf5, "_PREFLIGHT_CHILD", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
+    path.write_bytes(path.read_bytes() + b"")
+    assert xrfnb.load(path).n_channels == 16  # check off: trusted data is opened directly

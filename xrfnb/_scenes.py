@@ -537,9 +537,10 @@ def render_scan(
 
 def _save_scene(scan: Scan, truth: GroundTruth, path: Path) -> None:
     from ._io import atomic_path
-    from ._io._hdf5 import write_hdf5
+    from ._io._hdf5 import trust_written_file, write_hdf5
 
     with atomic_path(path) as tmp:
         write_hdf5(scan, tmp)
         with h5py.File(tmp, "a") as f:
             truth.write(f["entry"].create_group("ground_truth"))
+    trust_written_file(path)

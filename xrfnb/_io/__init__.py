@@ -219,10 +219,11 @@ def save(obj: Spectrum | Scan, path: str | os.PathLike[str]) -> Path:
         raise DataError(f"{p}: {p.suffix} holds a single spectrum; save a scan as .h5, .npz, .npy or .rpl")
     try:
         if fmt == "hdf5":
-            from ._hdf5 import write_hdf5
+            from ._hdf5 import trust_written_file, write_hdf5
 
             with atomic_path(p) as tmp:
                 write_hdf5(obj, tmp)
+            trust_written_file(p)
         elif fmt == "npz":
             from ._npy import write_npz
 

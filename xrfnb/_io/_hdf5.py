@@ -24,6 +24,10 @@ the scan (and every spectrum or dataset taken from it) is garbage collected.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +148,81 @@ def write_spectrum(group: h5py.Group, spectrum: Spectrum) -> None:
         if value is not None:
             d = group.create_dataset(name, data=float(value))
             d.attrs["units"] = "s"
+
+
+
+# -- crash isolation ------------------------------------------------------------------------------------
+#
+# libhdf5 is not hardened against corrupted metadata: some damaged files crash the process that opens them
+# (a segmentation fault, not an exception), which would kill a user's Jupyter kernel or the dashboard
+# server. Before a file is opened here, a child process walks its whole metadata (every group, dataset
+# and attribute, small datasets read, one element of large ones); if the child dies from a signal, the
+# file is refused with a FormatError and this process never touches it. Files are checked once per
+# (path, size, mtime); files this process wrote itself are trusted. XRFNB_HDF5_PREFLIGHT=0 turns the
+# check off for trusted data.
+
+_PREFLIGHT_CHILD = r"""
+import sys, h5py
+def visit(name, obj):
+    dict(obj.attrs)
+    if isinstance(obj, h5py.Dataset):
+        obj.shape, obj.dtype, obj.chunks, obj.compression
+        if obj.size <= 100000:
+            obj[()]
+        elif obj.ndim:
+            obj[(0,) * obj.ndim]
+with h5py.File(sys.argv[1], "r") as f:
+    dict(f.attrs)
+    f.visititems(visit)
+"""
+
+_CHECKED: dict[tuple[str, int, int], bool] = {}
+
+
+def _file_key(path: Path) -> tuple[str, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+def trust_written_file(path: Path) -> None:
+    """Mark a file this process has just written as safe to open without the crash check."""
+    key = _file_key(path)
+    if key is not None:
+        _CHECKED[key] = True
+
+
+def preflight(path: Path, timeout_s: float = 120.0) -> None:
+    """Refuse an HDF5 file whose metadata crashes the HDF5 library, checking it in a child process.
+
+    Raises
+    ------
+    FormatError
+        The child process was killed by a signal while reading the file's metadata (corrupted file).
+    """
+    if os.environ.get("XRFNB_HDF5_PREFLIGHT", "1") == "0":
+        return
+    key = _file_key(path)
+    if key is None or _CHECKED.get(key):
+        return
+    try:
+        proc = subprocess.run([sys.executable, "-c", _PREFLIGHT_CHILD, os.fspath(path)], capture_output=True,
+                              timeout=timeout_s, check=False)
+    except subprocess.TimeoutExpired:
+        raise FormatError(f"{path}: reading the HDF5 metadata took more than {timeout_s:.0f} s "
+                          "(corrupted file?)") from None
+    if proc.returncode < 0:
+        try:
+            name = signal.Signals(-proc.returncode).name
+        except ValueError:
+            name = f"signal {-proc.returncode}"
+        raise FormatError(
+            f"{path}: the HDF5 library crashed ({name}) reading this file's metadata: the file is corrupted; "
+            "re-export or re-copy it from the instrument")
+    # a Python-level error in the child is reported by the in-process reader with its own message
+    _CHECKED[key] = True
 
 
 def write_hdf5(obj: Scan | Spectrum, path: Path) -> None:
@@ -407,6 +486,7 @@ def read_hdf5(
     calibration : EnergyCalibration, optional
         Replaces the calibration stored in the file.
     """
+    preflight(path)
     try:
         f = h5py.File(path, "r")
     except (OSError, ValueError) as exc:
