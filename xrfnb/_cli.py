@@ -233,7 +233,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         text += "\n\n" + per_class(level)
     print(text)
     if out is not None:
-        from ._mapping import _atomic_output
+        from ._io import atomic_path as _atomic_output
 
         out.mkdir(parents=True, exist_ok=True)
         with _atomic_output(out / "evaluation.md") as tmp:
