@@ -12,6 +12,7 @@ HoloViews JavaScript) are served by the server itself, never from a CDN.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import io
@@ -807,19 +808,22 @@ class Dashboard(pn.viewable.Viewer):
             raise DataError(f"unknown pigment class {cls!r}; classes are {', '.join(self.classes)}")
         if not 0.0 <= value <= 1.0:
             raise DataError(f"threshold must lie in [0, 1], got {value}")
-        self.thresholds = {**self.thresholds, cls: float(value)}
+        with self._frozen():
+            self.thresholds = {**self.thresholds, cls: float(value)}
 
     def _on_global_threshold(self, event: param.parameterized.Event) -> None:
         if self._syncing or self._loading or not self.classes:
             return
-        self.thresholds = dict.fromkeys(self.classes, float(event.new))
+        with self._frozen():
+            self.thresholds = dict.fromkeys(self.classes, float(event.new))
 
     @_guarded
     def reset_thresholds(self, event: Any = None) -> None:
         """Back to the model's calibrated thresholds."""
         if self._maps is not None:
             defaults = np.asarray(self._maps.thresholds, dtype=float)
-            self.thresholds = {c: float(defaults[k]) for k, c in enumerate(self.classes)}
+            with self._frozen():
+                self.thresholds = {c: float(defaults[k]) for k, c in enumerate(self.classes)}
 
     def _on_thresholds(self, event: param.parameterized.Event) -> None:
         old = event.old or {}
@@ -929,6 +933,7 @@ class Dashboard(pn.viewable.Viewer):
             ["view", "focus", "element", "thresholds", "cmap", "log_scale", "data_version"],
             css_classes=["xrfnb-main-map"],
             on_new=self._attach_selection_streams,
+            unchanged=self._main_unchanged,
         )
         self._spectrum = _SwitchingPlot(
             self,
@@ -936,6 +941,7 @@ class Dashboard(pn.viewable.Viewer):
             self._spectrum_kind,
             ["pixel", "region", "thresholds", "log_scale", "simulate_stack", "data_version"],
             css_classes=["xrfnb-spectrum"],
+            unchanged=self._spectrum_unchanged,
         )
         self._prob = _SwitchingPlot(
             self,
@@ -948,6 +954,7 @@ class Dashboard(pn.viewable.Viewer):
             self._residual_element,
             self._residual_kind,
             ["pixel", "region", "thresholds", "simulate_stack", "data_version"],
+            unchanged=self._spectrum_unchanged,
         )
         self._main_pane, self._spectrum_pane, self._prob_pane = (
             self._main.pane,
@@ -956,6 +963,27 @@ class Dashboard(pn.viewable.Viewer):
         )
         self._gallery = pn.Column()
         self.param.watch(self._on_pixel_region, ["pixel", "region", "thresholds"])
+
+    def _spectrum_unchanged(self, events: Sequence[Any]) -> bool:
+        """Threshold changes alter the spectrum and residual plots only through the simulated stack,
+        i.e. only when they change which classes are present (or buried) at the selection."""
+        if not all(e.name == "thresholds" for e in events):
+            return False
+        if not self.simulate_stack or self._maps is None or (self.pixel is None and self.region is None):
+            return True
+        before = self._selection_layers(events[0].old or {})
+        after = self._selection_layers(events[-1].new or {})
+        return all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))
+
+    def _main_unchanged(self, events: Sequence[Any]) -> bool:
+        """Threshold changes that the main map's view does not show (another class, or no class at all)."""
+        if not all(e.name == "thresholds" for e in events):
+            return False
+        if self.view in ("Total counts", "Elements", "OOD score"):
+            return True
+        if self.view in ("Pigment", "Surface vs buried"):
+            return all((e.old or {}).get(self.focus) == (e.new or {}).get(self.focus) for e in events)
+        return False
 
     @property
     def _main_dmap(self) -> hv.DynamicMap:
@@ -1038,6 +1066,23 @@ class Dashboard(pn.viewable.Viewer):
 
     def __panel__(self) -> pn.viewable.Viewable:
         return self._layout
+
+    @contextlib.contextmanager
+    def _frozen(self) -> Any:
+        """Update every rendered Bokeh document with one model-graph walk per user action.
+
+        Each HoloViews plot refresh freezes its document and Bokeh re-walks every model of it when the
+        freeze ends; a threshold change refreshes five plots. Nested freezes are reference-counted, so
+        holding one around the whole parameter change leaves a single walk at the end.
+        """
+        with contextlib.ExitStack() as stack:
+            seen: set[int] = set()
+            for model, _ in list(getattr(self._layout, "_models", {}).values()):
+                doc = getattr(model, "document", None)
+                if doc is not None and id(doc) not in seen:
+                    seen.add(id(doc))
+                    stack.enter_context(doc.models.freeze())
+            yield
 
     # -- status -----------------------------------------------------------------------------------
     def _update_status(self) -> None:
@@ -1290,7 +1335,7 @@ class Dashboard(pn.viewable.Viewer):
         col, row = int(x // cell_w), int(y // cell_h)
         i = row * ncols + col
         if 0 <= col < ncols and 0 <= i < len(self.classes):
-            with param.parameterized.batch_call_watchers(self):
+            with self._frozen(), param.parameterized.batch_call_watchers(self):
                 self.focus = self.classes[i]
                 self.view = "Pigment"
 
@@ -1308,7 +1353,7 @@ class Dashboard(pn.viewable.Viewer):
         rows, cols = self._scan.shape[:2]
         if not (0 <= row < rows and 0 <= col < cols):
             raise DataError(f"pixel ({row}, {col}) is outside the {rows} x {cols} scan")
-        with param.parameterized.batch_call_watchers(self):
+        with self._frozen(), param.parameterized.batch_call_watchers(self):
             self.region = None
             self.pixel = (row, col)
 
@@ -1342,7 +1387,7 @@ class Dashboard(pn.viewable.Viewer):
             raise DataError(f"region mask has shape {mask.shape}, expected {self._scan.shape[:2]}")
         if not mask.any():
             raise DataError("the selected region contains no pixel centre: select a larger area")
-        with param.parameterized.batch_call_watchers(self):
+        with self._frozen(), param.parameterized.batch_call_watchers(self):
             self.pixel = None
             self.region = mask
 
@@ -1436,19 +1481,9 @@ class Dashboard(pn.viewable.Viewer):
         """
         if self._maps is None:
             return None, "no pigment maps"
-        if self.region is not None:
-            prob = np.nanmean(np.asarray(self._maps.probability, dtype=float)[self.region], axis=0)
-            bur = np.nanmean(np.asarray(self._maps.buried_probability, dtype=float)[self.region], axis=0)
-        elif self.pixel is not None:
-            r, c = self.pixel
-            prob = np.asarray(self._maps.probability[r, c], dtype=float)
-            bur = np.asarray(self._maps.buried_probability[r, c], dtype=float)
-        else:
+        if self.pixel is None and self.region is None:
             return None, "no pixel selected"
-        thr = self.threshold_array()
-        with np.errstate(invalid="ignore"):
-            present = prob >= thr
-            buried = present & (bur >= 0.5 * prob)
+        present, buried = self._selection_layers(self.thresholds)
         pigments_fn = _xrfnb_attr("pigments")
         layer_cls, stack_cls = _xrfnb_attr("Layer"), _xrfnb_attr("Stack")
         if pigments_fn is None or layer_cls is None or stack_cls is None:
@@ -1473,6 +1508,21 @@ class Dashboard(pn.viewable.Viewer):
         if not names[True]:
             desc = ", ".join(names[False])
         return stack_cls(layers), desc
+
+    def _selection_layers(self, thresholds: dict[str, float]) -> tuple[np.ndarray, np.ndarray]:
+        """(present (K,), buried (K,)) bool of the selected pixel or region mean under ``thresholds``."""
+        if self.region is not None:
+            prob = np.nanmean(np.asarray(self._maps.probability[self.region], dtype=float), axis=0)
+            bur = np.nanmean(np.asarray(self._maps.buried_probability[self.region], dtype=float), axis=0)
+        else:
+            r, c = self.pixel
+            prob = np.asarray(self._maps.probability[r, c], dtype=float)
+            bur = np.asarray(self._maps.buried_probability[r, c], dtype=float)
+        thr = np.array([thresholds.get(c, np.nan) for c in self.classes], dtype=float)
+        with np.errstate(invalid="ignore"):
+            present = prob >= thr
+            buried = present & (bur >= 0.5 * prob)
+        return present, buried
 
     def _pigment_of(self, cls: str, pigments_fn: Callable[[], Any]) -> str | None:
         """The library pigment standing for a class (first member of its group), cached per maps."""
@@ -1723,25 +1773,35 @@ class _SwitchingPlot:
         params: list[str],
         css_classes: list[str] | None = None,
         on_new: Callable[[hv.DynamicMap], None] | None = None,
+        unchanged: Callable[[Sequence[Any]], bool] | None = None,
     ) -> None:
         self._owner, self._element, self._kind_fn, self._params = owner, element, kind, params
         self._on_new = on_new
+        self._unchanged = unchanged
         self.kind: str | None = None
         self.dmap: hv.DynamicMap | None = None
+        self._refresh: streams.Stream | None = None
         self._last: dict[int, hv.Element] = {}
         self.pane = pn.pane.HoloViews(None, css_classes=css_classes or [], linked_axes=False)
         owner.param.watch(self.sync, params)
         self.sync()
 
     def sync(self, *events: Any) -> None:
+        """Called once per batch of changes of ``params``: new plot, refresh of the plot, or nothing.
+
+        ``unchanged(events)`` says when the changes cannot alter the element (e.g. a threshold change
+        under a spectrum that does not depend on thresholds); the plot is then left alone, which spares
+        HoloViews' update and Bokeh's re-walk of the document.
+        """
         kind = self._kind_fn()
         if kind == self.kind and self.dmap is not None:
+            if events and self._unchanged is not None and self._unchanged(events):
+                return
+            self._refresh.event(version=self._refresh.version + 1)
             return
         self.kind = kind
-        dmap = hv.DynamicMap(
-            functools.partial(self._call, kind),
-            streams=[streams.Params(self._owner, self._params, rename={p: f"_{p}" for p in self._params})],
-        )
+        self._refresh = _Refresh(version=0)
+        dmap = hv.DynamicMap(functools.partial(self._call, kind), streams=[self._refresh])
         self.dmap = dmap
         if self._on_new is not None:
             self._on_new(dmap)
@@ -1756,6 +1816,9 @@ class _SwitchingPlot:
             return element
         # a stale DynamicMap about to be replaced: repeat its last element (same type)
         return self._last.get(key, element)
+
+
+_Refresh = streams.Stream.define("Refresh", version=0)
 
 
 def _name_hook(name: str) -> Callable[[Any, Any], None]:
