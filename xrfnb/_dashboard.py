@@ -213,6 +213,14 @@ def _hex_rgb(color: str) -> tuple[int, int, int]:
     return tuple(int(color[i : i + 2], 16) for i in (1, 3, 5))  # type: ignore[return-value]
 
 
+@functools.lru_cache(maxsize=16)
+def _palette_lut(palette: tuple[str, ...]) -> np.ndarray:
+    """RGB lookup table (len(palette), 3) uint8 of a palette of '#rrggbb' colours (read-only, cached)."""
+    lut = np.array([_hex_rgb(c) for c in palette], dtype=np.uint8)
+    lut.flags.writeable = False
+    return lut
+
+
 def _colorize(
     values: np.ndarray, palette: Sequence[str], lo: float, hi: float, below: str | None = None
 ) -> np.ndarray:
@@ -220,7 +228,7 @@ def _colorize(
 
     Returns shape (rows, cols, 4).
     """
-    lut = np.array([_hex_rgb(c) for c in palette], dtype=np.uint8)
+    lut = _palette_lut(tuple(palette))
     finite = np.isfinite(values)
     span = hi - lo if hi > lo else 1.0
     idx = np.clip(((np.where(finite, values, lo) - lo) / span * (len(lut) - 1)).round(), 0, len(lut) - 1)
