@@ -17,6 +17,7 @@ from pathlib import Path
 from .._calibration import EnergyCalibration
 from .._errors import DataError, FormatError, XRFNBError
 from .._spectrum import Scan, Spectrum
+from ._common import with_given_calibration
 from ._detect import FORMATS, detect_format
 
 __all__ = ["FORMATS", "atomic_path", "detect_format", "load", "save"]
@@ -107,11 +108,7 @@ def load(
             f"{p}: the file describes more data than fits in memory (corrupted header?)"
         ) from None
     if calibration is not None:
-        meta = {**obj.metadata, "calibrated": True, "calibration_source": "given to load()"}
-        if isinstance(obj, Scan):
-            obj = Scan(obj.counts, calibration, obj.pixel_size_um, obj.live_time_s, meta)
-        else:
-            obj = Spectrum(obj.counts, calibration, obj.live_time_s, obj.real_time_s, meta)
+        obj = with_given_calibration(obj, calibration)
     return obj
 
 

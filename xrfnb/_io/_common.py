@@ -10,7 +10,7 @@ import numpy as np
 
 from .._calibration import EnergyCalibration
 from .._errors import CalibrationError, DataError, FormatError, XRFNBError
-from .._spectrum import Spectrum
+from .._spectrum import Scan, Spectrum
 
 __all__ = [
     "UNCALIBRATED",
@@ -19,6 +19,7 @@ __all__ = [
     "make_spectrum",
     "parse_float",
     "read_text",
+    "with_given_calibration",
 ]
 
 #: Calibration used when a file states none: "energy" equals the channel number. Spectra loaded with it
@@ -129,3 +130,11 @@ def make_spectrum(
         if str(path) not in msg:
             msg = f"{path}: {msg}"
         raise type(exc)(msg) from None
+
+
+def with_given_calibration(obj: Spectrum | Scan, calibration: EnergyCalibration) -> Spectrum | Scan:
+    """The spectrum or scan with the calibration given to ``load()`` instead of the file's own."""
+    meta = {**obj.metadata, "calibrated": True, "calibration_source": "given to load()"}
+    if isinstance(obj, Scan):
+        return Scan(obj.counts, calibration, obj.pixel_size_um, obj.live_time_s, meta)
+    return Spectrum(obj.counts, calibration, obj.live_time_s, obj.real_time_s, meta)

@@ -37,7 +37,7 @@ import numpy as np
 from .._calibration import EnergyCalibration
 from .._errors import CalibrationError, DataError, FormatError, XRFNBError
 from .._spectrum import Scan, Spectrum
-from ._common import UNCALIBRATED, calibration_from_axis, make_spectrum
+from ._common import UNCALIBRATED, calibration_from_axis, make_spectrum, with_given_calibration
 
 __all__ = [
     "LAYOUT_NAME",
@@ -519,11 +519,7 @@ def read_hdf5(
         except (OSError, KeyError, ValueError, TypeError, RuntimeError) as exc:
             raise FormatError(f"{path}: cannot read the HDF5 content (corrupted file?): {exc}") from None
         if calibration is not None:
-            meta = {**result.metadata, "calibrated": True, "calibration_source": "given to load()"}
-            if isinstance(result, Scan):
-                result = Scan(result.counts, calibration, result.pixel_size_um, result.live_time_s, meta)
-            else:
-                result = Spectrum(result.counts, calibration, result.live_time_s, result.real_time_s, meta)
+            result = with_given_calibration(result, calibration)
         return result
     finally:
         if not keep_open:
