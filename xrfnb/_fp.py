@@ -633,6 +633,21 @@ def secondary_depth_integral(a: np.ndarray, b: np.ndarray, c: np.ndarray, mt: np
     return np.sum(integrand * _GL_W, axis=-1)
 
 
+def _secondary_inputs(W: np.ndarray, mt: np.ndarray, T: Tables) -> tuple[np.ndarray, ...]:
+    """What both secondary-fluorescence sums start from.
+
+    Layer attenuation at the excitation and line energies, the overlayer transmissions of the incident
+    beam (weighted by the excitation spectrum) and of the lines, the geometric prefactor, and the
+    (excited line ``l``, exciting line ``m``) pairs with ``E_m`` above ``l``'s absorption edge.
+    """
+    mu_e, mu_l, _ = layer_attenuation(W, T)
+    a_in = _overlayer(mu_e, mt, T.sin_in) * T.exc.weight
+    a_out = _overlayer(mu_l, mt, T.sin_out)
+    pref = 1.0 / (FOUR_PI * T.sin_in) * 0.5
+    pairs_l, pairs_m = np.nonzero(T.tau_at_line > 0)
+    return mu_e, mu_l, a_in, a_out, pref, pairs_l, pairs_m
+
+
 def secondary_within_layers(W: np.ndarray, mt: np.ndarray, T: Tables) -> np.ndarray:
     """Secondary fluorescence excited inside the same layer, shape (B, N, L) like :func:`primary`.
 
@@ -646,11 +661,7 @@ def secondary_within_layers(W: np.ndarray, mt: np.ndarray, T: Tables) -> np.ndar
     out = np.zeros((B, N, T.n_lines))
     if T.n_lines == 0:
         return out
-    mu_e, mu_l, _ = layer_attenuation(W, T)
-    a_in = _overlayer(mu_e, mt, T.sin_in) * T.exc.weight
-    a_out = _overlayer(mu_l, mt, T.sin_out)
-    pref = 1.0 / (FOUR_PI * T.sin_in) * 0.5
-    pairs_l, pairs_m = np.nonzero(T.tau_at_line > 0)
+    mu_e, mu_l, a_in, a_out, pref, pairs_l, pairs_m = _secondary_inputs(W, mt, T)
     if pairs_l.size == 0:
         return out
     for b in range(B):
@@ -697,11 +708,7 @@ def secondary_between_layers(W: np.ndarray, mt: np.ndarray, T: Tables) -> np.nda
     out = np.zeros((B, N, T.n_lines))
     if T.n_lines == 0 or N < 2:
         return out
-    mu_e, mu_l, _ = layer_attenuation(W, T)
-    a_in = _overlayer(mu_e, mt, T.sin_in) * T.exc.weight
-    a_out = _overlayer(mu_l, mt, T.sin_out)
-    pref = 1.0 / (FOUR_PI * T.sin_in) * 0.5
-    pairs_l, pairs_m = np.nonzero(T.tau_at_line > 0)
+    mu_e, mu_l, a_in, a_out, pref, pairs_l, pairs_m = _secondary_inputs(W, mt, T)
     if pairs_l.size == 0:
         return out
     u = _GL_T**2  # (G,)
