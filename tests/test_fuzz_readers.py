@@ -102,26 +102,8 @@ def test_random_text_with_format_headers(text, prefix):
     _load_bytes((prefix + text).encode(), "fuzz.mca")
 
 
-@pytest.mark.skipif(not REAL_FILES, reason=f"real reference spectra not found in {REAL}")
-@FUZZ
-@given(index=st.integers(0, 100), cut=st.floats(0.0, 1.0), data=st.data())
-def test_truncated_and_mutated_real_files(index, cut, data):
-    path = REAL_FILES[index % len(REAL_FILES)]
-    raw = bytearray(path.read_bytes())
-    if data.draw(st.booleans(), label="truncate"):
-        raw = raw[: int(len(raw) * cut)]
-    else:
-        for _ in range(data.draw(st.integers(1, 8), label="n_mutations")):
-            pos = data.draw(st.integers(0, len(raw) - 1), label="pos")
-            raw[pos] = data.draw(st.integers(0, 255), label="byte")
-    extra = {"Steel.cfg": (REAL / "Steel.cfg").read_bytes()} if path.name == "Steel.spe" else {}
-    _load_bytes(bytes(raw), path.name, extra)
-
-
-@FUZZ
-@given(name=st.sampled_from(sorted(GENERATED)), cut=st.floats(0.0, 1.0), data=st.data())
-def test_truncated_and_mutated_generated_files(name, cut, data):
-    content, extra = GENERATED[name]
+def _damage(content: bytes, cut: float, data) -> bytes:
+    """Truncate ``content`` at fraction ``cut``, or overwrite 1-8 random bytes (drawn from ``data``)."""
     raw = bytearray(content)
     if data.draw(st.booleans(), label="truncate"):
         raw = raw[: int(len(raw) * cut)]
@@ -129,4 +111,20 @@ def test_truncated_and_mutated_generated_files(name, cut, data):
         for _ in range(data.draw(st.integers(1, 8), label="n_mutations")):
             pos = data.draw(st.integers(0, len(raw) - 1), label="pos")
             raw[pos] = data.draw(st.integers(0, 255), label="byte")
-    _load_bytes(bytes(raw), name, extra)
+    return bytes(raw)
+
+
+@pytest.mark.skipif(not REAL_FILES, reason=f"real reference spectra not found in {REAL}")
+@FUZZ
+@given(index=st.integers(0, 100), cut=st.floats(0.0, 1.0), data=st.data())
+def test_truncated_and_mutated_real_files(index, cut, data):
+    path = REAL_FILES[index % len(REAL_FILES)]
+    extra = {"Steel.cfg": (REAL / "Steel.cfg").read_bytes()} if path.name == "Steel.spe" else {}
+    _load_bytes(_damage(path.read_bytes(), cut, data), path.name, extra)
+
+
+@FUZZ
+@given(name=st.sampled_from(sorted(GENERATED)), cut=st.floats(0.0, 1.0), data=st.data())
+def test_truncated_and_mutated_generated_files(name, cut, data):
+    content, extra = GENERATED[name]
+    _load_bytes(_damage(content, cut, data), name, extra)
