@@ -38,7 +38,7 @@ def _save_scan(path: Path, rows=24, cols=20) -> tuple[Path, np.ndarray, np.ndarr
 @pytest.fixture
 def test_model(monkeypatch):
     model = LinearTestModel()
-    monkeypatch.setattr(cli, "_load_model", lambda name: model)
+    monkeypatch.setattr(cli, "_load_model", lambda name, precision="auto": model)
     return model
 
 
@@ -201,7 +201,7 @@ _RUNNER = textwrap.dedent(
     sys.path.insert(0, {tests!r})
     import xrfnb._cli as cli
     from test_mapping import LinearTestModel
-    cli._load_model = lambda name: LinearTestModel(delay_s={delay})
+    cli._load_model = lambda name, precision="auto": LinearTestModel(delay_s={delay})
     sys.exit(cli.main({argv!r}))
     """
 )
@@ -316,6 +316,22 @@ def test_train_identify_with_a_real_tiny_model(tiny_model_dir, tmp_path):
     np.testing.assert_allclose(maps.probability.reshape(ref.probability.shape), ref.probability, atol=1e-5)
     np.testing.assert_allclose(maps.ood_score.reshape(-1), ref.ood_score, atol=1e-5)
     np.testing.assert_array_equal(maps.thresholds, model.thresholds)
+
+
+def test_identify_precision_flag_is_used_and_recorded(tiny_model_dir, tmp_path):
+    from xrfnb._model import PigmentModel
+
+    src, counts, _ = _save_scan(tmp_path / "scan.h5", 4, 3)
+    flat = counts.reshape(-1, counts.shape[-1])
+    for precision in ("float32", "bfloat16"):
+        out = tmp_path / f"maps-{precision}.h5"
+        argv = ["identify", str(src), "-o", str(out), "--model", str(tiny_model_dir), "-q"]
+        assert cli.main([*argv, "--precision", precision]) == 0
+        maps = PigmentMaps.from_hdf5(out)
+        assert maps.metadata["model_precision"] == precision
+        ref = PigmentModel.from_dir(tiny_model_dir, precision=precision).identify_batch(flat, CAL)
+        got = maps.probability.reshape(ref.probability.shape)
+        np.testing.assert_allclose(got, ref.probability, atol=1e-5)
 
 
 def test_train_refuses_an_existing_run_without_resume(tiny_model_dir, tmp_path, capsys):

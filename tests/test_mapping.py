@@ -396,6 +396,86 @@ def test_dask_local_scheduler(counts_truth, model):
     np.testing.assert_array_equal(maps.mask, ref.mask)
 
 
+def _check_reports(calls, total):
+    assert calls[0] == (0, total) and calls[-1] == (total, total)
+    done = [d for d, t in calls]
+    assert all(t == total for _, t in calls) and done == sorted(done)
+
+
+def test_progress_callable_streaming_reports_every_block(tmp_path, counts_truth, model):
+    counts, _ = counts_truth
+    rows, cols = counts.shape[:2]
+    calls: list[tuple[int, int]] = []
+    scan = _h5_scan(_write_h5(tmp_path / "scan.h5", counts))
+    maps = map_pigments(scan, model, chunk_pixels=4 * cols, progress=lambda d, t: calls.append((d, t)))
+    _check_reports(calls, rows * cols)
+    # one report at the start, then one per block of 4 rows (the chunk height)
+    assert [d for d, _ in calls] == [min(r, rows) * cols for r in range(0, rows + 4, 4)][: len(calls)]
+    assert len(calls) == 1 + -(-rows // 4)
+    ref = map_pigments(Scan(counts, CAL), model, progress=False)
+    np.testing.assert_array_equal(maps.probability, ref.probability)
+
+
+def test_progress_callable_can_stop_a_run_that_then_resumes(tmp_path, counts_truth, model):
+    counts, _ = counts_truth
+    rows, cols = counts.shape[:2]
+    src = _write_h5(tmp_path / "scan.h5", counts)
+    out = tmp_path / "maps.h5"
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_two_blocks(done, total):
+        if done >= 8 * cols:
+            raise Stop
+
+    with pytest.raises(Stop):
+        map_pigments(_h5_scan(src), model, chunk_pixels=4 * cols, out=out, progress=stop_after_two_blocks)
+    assert not out.exists()
+    calls: list[tuple[int, int]] = []
+    maps = map_pigments(_h5_scan(src), model, chunk_pixels=4 * cols, out=out, resume=True,
+                        progress=lambda d, t: calls.append((d, t)))
+    assert calls[0] == (8 * cols, rows * cols)  # the two finished blocks were kept
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls)
+    assert calls[-1] == (rows * cols, rows * cols)
+    ref = map_pigments(Scan(counts, CAL), model, progress=False)
+    np.testing.assert_array_equal(np.asarray(maps.probability[()]), ref.probability)
+
+
+def test_progress_callable_on_dask_local_and_distributed(counts_truth, model):
+    da = pytest.importorskip("dask.array")
+    distributed = pytest.importorskip("distributed")
+    counts, _ = counts_truth
+    total = counts.shape[0] * counts.shape[1]
+    lazy = Scan(da.from_array(counts, chunks=(6, 10, N_CH)), CAL)
+    ref = map_pigments(Scan(counts, CAL), model, progress=False)
+    calls: list[tuple[int, int]] = []
+    maps = map_pigments(lazy, model, progress=lambda d, t: calls.append((d, t)))
+    _check_reports(calls, total)
+    assert len(calls) > 3
+    np.testing.assert_allclose(maps.probability, ref.probability, atol=1e-6)
+    calls.clear()
+    with (
+        distributed.LocalCluster(
+            n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster),
+    ):
+        maps = map_pigments(lazy, model, progress=lambda d, t: calls.append((d, t)))
+    _check_reports(calls, total)
+    # one report per finished block of 6 x 10 pixels
+    assert sorted({d for d, _ in calls} - {0, total}) == list(range(60, total, 60))
+    np.testing.assert_allclose(maps.probability, ref.probability, atol=1e-6)
+
+
+def test_gzip_chunks_are_inflated_by_isal():
+    from isal import isal_zlib
+
+    from xrfnb._mapping import _inflater
+
+    assert _inflater() is isal_zlib.decompress
+
+
 def test_single_spectrum_gives_one_pixel_map(counts_truth, model):
     spectrum = xrfnb.Spectrum(counts_truth[0][0, 0], CAL)
     maps = map_pigments(spectrum, model, progress=False)

@@ -212,7 +212,10 @@ GOLDEN_BURIED: dict[str, float] = {
 GOLDEN_OOD: float | None = 0.6096489429473877
 
 
-def test_golden_values_of_the_shipped_model(model):
+def test_golden_values_of_the_shipped_model():
+    # pinned in float32, the precision the values were recorded in (bfloat16 is checked against it below)
+    model = load_model("default", precision="float32")
+    assert model.precision == "float32"
     counts = np.load(GOLDEN_FILE)
     assert counts.shape == (4096,) and counts.dtype == np.uint16
     res = model.identify_batch(counts[None])
@@ -230,6 +233,62 @@ def test_golden_values_of_the_shipped_model(model):
         "vermilion", "lead pigments (Pb)"}
     assert ident.layer["vermilion"] == "surface" and ident.layer["lead pigments (Pb)"] == "buried"
     assert not ident.ood
+
+
+# -- precision: bfloat16 network against the float32 reference -----------------------------------------
+def test_precision_is_resolved_and_validated(monkeypatch):
+    from xrfnb._model import native_bfloat16
+
+    monkeypatch.delenv("XRFNB_PRECISION", raising=False)
+    assert load_model("default").precision == ("bfloat16" if native_bfloat16() else "float32")
+    assert load_model("default", precision="float32").precision == "float32"
+    assert load_model("default", precision="bfloat16").precision == "bfloat16"
+    monkeypatch.setenv("XRFNB_PRECISION", "float32")
+    assert load_model("default").precision == "float32"  # the variable overrides "auto" ...
+    assert load_model("default", precision="bfloat16").precision == "bfloat16"  # ... not an explicit choice
+    monkeypatch.setenv("XRFNB_PRECISION", "fp8")
+    with pytest.raises(ModelError, match="XRFNB_PRECISION"):
+        load_model("default")
+    monkeypatch.delenv("XRFNB_PRECISION")
+    with pytest.raises(ModelError, match="half"):
+        load_model("default", precision="half")
+    # a model object converts without reloading, and the shared float32 network is left untouched
+    m32 = load_model("default", precision="float32")
+    m16 = load_model(m32, precision="bfloat16")
+    assert m16.precision == "bfloat16" and m32.precision == "float32"
+    assert next(m32.net.parameters()).dtype == torch.float32
+
+
+def test_bfloat16_agrees_with_float32_on_simulated_paint_spectra():
+    """The bfloat16 network moves probabilities by a few hundredths at most and almost never a decision.
+
+    Reference: the float32 network on the same spectra (36 paint stacks x 3 count levels, Poisson noise,
+    bruker-m6 and lab-mo). A bfloat16 product of two 2,049-long vectors is off by about 2^-9 relative per
+    term, so logit errors of ~0.05 and probability errors of ~0.01 are expected; 0.05 would be a bug.
+    """
+    m32 = load_model("default", precision="float32")
+    m16 = load_model("default", precision="bfloat16")
+    rng = np.random.default_rng(7)
+    names = [p.name for p in xrfnb.pigments() if not p.xrf_silent][:36]
+    probs32, probs16 = [], []
+    for preset in ("bruker-m6", "lab-mo"):
+        inst = xrfnb.Instrument.preset(preset)
+        stacks = [xrfnb.Stack([xrfnb.Layer({a: 0.4}, thickness_um=10.0),
+                               xrfnb.Layer({b: 0.6}, thickness_um=30.0)], ground="chalk")
+                  for a, b in zip(names, names[::-1], strict=True)]
+        for counts in (500.0, 2000.0, 10000.0):
+            expected = xrfnb.simulate_batch(stacks, inst, counts=counts, noise=False)
+            raw = rng.poisson(expected).astype(np.uint16)
+            probs32.append(m32.identify_batch(raw, inst.calibration).probability)
+            probs16.append(m16.identify_batch(raw, inst.calibration).probability)
+    p32, p16 = np.concatenate(probs32), np.concatenate(probs16)
+    assert np.abs(p16 - p32).max() < 0.05
+    assert np.abs(p16 - p32).mean() < 0.002
+    flips = ((p16 >= m32.thresholds) != (p32 >= m32.thresholds)).mean()
+    assert flips < 2e-3, flips
+    # the golden spectrum: same calls, same layers, no OOD flag
+    g32, g16 = (m.identify(np.load(GOLDEN_FILE)) for m in (m32, m16))
+    assert g16.present == g32.present and g16.layer == g32.layer and not g16.ood
 
 
 # -- real spectra (none is a painting) -----------------------------------------------------------------

@@ -185,7 +185,7 @@ def test_tiny_training_run_end_to_end(tiny_run):
     assert math.isfinite(meta["ood"]["threshold"])
     log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == 12
-    reloaded = PigmentModel.from_dir(out)
+    reloaded = PigmentModel.from_dir(out, precision=model.precision)
     data = TrainingData(load_config(TINY).data)
     _, _, raws, _ = data.batch_raw(8, np.random.default_rng(9), counts=2000.0)
     _, raw, cal, _ = raws[0]

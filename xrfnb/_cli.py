@@ -61,9 +61,9 @@ def _load_input(path: str) -> Any:
     return load(p)
 
 
-def _load_model(name: str | None) -> Any:
+def _load_model(name: str | None, precision: str = "auto") -> Any:
     load_model = _function("_model", ["load_model"], "pigment identification (the trained model)")
-    return load_model(name or "default")
+    return load_model(name or "default", precision=precision)
 
 
 # -- subcommands ----------------------------------------------------------------------------------
@@ -81,7 +81,7 @@ def _cmd_identify(args: argparse.Namespace) -> int:
         )
     if not isinstance(data, Scan):
         raise DataError(f"{args.input}: expected a scan or a spectrum, got {type(data).__name__}")
-    model = _load_model(args.model)
+    model = _load_model(args.model, args.precision)
     rows, cols, ch = data.shape
     _info(f"{args.input}: {rows} x {cols} pixels x {ch} channels -> {out}")
     maps = map_pigments(
@@ -269,6 +269,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("input", metavar="INPUT", help="scan or spectrum file (any format xrfnb.load reads)")
     s.add_argument("-o", "--output", required=True, metavar="OUTPUT.h5", help="pigment maps (HDF5)")
     s.add_argument("--model", default=None, help="model name or folder (default: the shipped model)")
+    s.add_argument(
+        "--precision",
+        choices=("auto", "float32", "bfloat16"),
+        default="auto",
+        help="network arithmetic: auto = bfloat16 where the CPU has it natively (faster), else float32; "
+        "float32 for results bit-reproducible across machines",
+    )
     s.add_argument("--tiff", metavar="DIR", help="also write one 32-bit ImageJ TIFF per pigment class")
     s.add_argument("--elements", action="store_true", help="also fit element maps and store them alongside")
     s.add_argument("--instrument", default=None, help="instrument preset for --elements (default bruker-m6)")

@@ -38,11 +38,22 @@ training maximum (sum spectra) are scaled down to it first.
 
 A spectrum is flagged (``ood``) when ``ood_score > ood_threshold`` (the 99th percentile of the score on
 validation spectra, so about 1 % of in-distribution spectra are flagged).
+
+Precision. Rebinning, the input features and the three OOD terms' spectrum analysis always run in float32.
+The network itself runs in ``"float32"`` or ``"bfloat16"`` (weights and activations in bfloat16, products
+accumulated in float32 by oneDNN). ``"auto"`` (the default) picks bfloat16 where the CPU multiplies it
+natively (AVX512-BF16 or AMX, as reported by oneDNN), where it makes the network about five times faster,
+and float32 elsewhere; the environment variable ``XRFNB_PRECISION`` (``float32`` or ``bfloat16``) overrides
+``"auto"``. On the held-out evaluation spectra bfloat16 moves probabilities by at most about 0.02 and
+flips fewer than 3 in 10,000 present/absent decisions (``tests/test_model.py`` checks the agreement); use
+``precision="float32"`` when results must be bit-reproducible across machines.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import importlib.resources
 import json
 import math
@@ -84,6 +95,10 @@ _SI_ESCAPE_keV = 1.74
 _INFER_CHUNK = 2048  # spectra per inference chunk: (2048, 512) float32 arrays stay in cache
 
 
+#: precisions of the network's arithmetic (see the module docstring)
+PRECISIONS = ("auto", "float32", "bfloat16")
+_PRECISION_ENV = "XRFNB_PRECISION"
+
 _MAX_REBIN_THREADS = 8
 _MIN_REBIN_ROWS = 256  # rows per rebinning thread, fewer are not worth a thread
 _POOL: list[ThreadPoolExecutor] = []
@@ -98,6 +113,41 @@ def _rebin_pool() -> ThreadPoolExecutor:
 
 if hasattr(os, "register_at_fork"):  # a forked child has none of the pool's threads: start a new pool there
     os.register_at_fork(after_in_child=_POOL.clear)
+
+
+@functools.cache
+def native_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (oneDNN: AVX512-BF16 or AMX)."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch build without oneDNN
+        return False
+
+
+def resolve_precision(precision: str = "auto") -> str:
+    """The network precision a request stands for: ``"float32"`` or ``"bfloat16"``.
+
+    Parameters
+    ----------
+    precision : {"auto", "float32", "bfloat16"}
+        ``"auto"``: ``$XRFNB_PRECISION`` if set, else bfloat16 where the CPU computes it natively
+        (:func:`native_bfloat16`), else float32.
+
+    Raises
+    ------
+    ModelError
+        An unknown precision (argument or environment variable).
+    """
+    text = str(precision).strip().lower()
+    where = "precision"
+    if text == "auto" and os.environ.get(_PRECISION_ENV, "").strip():
+        text, where = os.environ[_PRECISION_ENV].strip().lower(), f"${_PRECISION_ENV}"
+    if text not in PRECISIONS:
+        raise ModelError(f"{where} {precision if where == 'precision' else text!r} is not one of "
+                         f"{', '.join(PRECISIONS[1:])} or auto")
+    if text == "auto":
+        return "bfloat16" if native_bfloat16() else "float32"
+    return text
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -288,10 +338,25 @@ class PigmentModel:
         The content of ``model.json``.
     ood_tensors : mapping of str to torch.Tensor
         ``feature_mean`` (D,) and ``feature_whitening`` (D, D) of the out-of-distribution distance.
+    precision : {"auto", "float32", "bfloat16"}
+        Arithmetic of the network (see :func:`resolve_precision`); the resolved value is
+        :attr:`precision`.
     """
 
-    def __init__(self, net: PigmentNet, meta: Mapping[str, Any], ood_tensors: Mapping[str, torch.Tensor]):
+    def __init__(
+        self,
+        net: PigmentNet,
+        meta: Mapping[str, Any],
+        ood_tensors: Mapping[str, torch.Tensor],
+        *,
+        precision: str = "auto",
+    ):
         self.net = net.eval()
+        self._precision = resolve_precision(precision)
+        # a bfloat16 copy of the network for inference; self.net stays float32 (training, saving)
+        self._net_bf16 = (
+            copy.deepcopy(self.net).to(torch.bfloat16).eval() if self._precision == "bfloat16" else None
+        )
         self.meta = dict(meta)
         try:
             self.classes: tuple[str, ...] = tuple(meta["classes"])
@@ -356,6 +421,11 @@ class PigmentModel:
         return 0.5 * (e[1:] + e[:-1])
 
     @property
+    def precision(self) -> str:
+        """Arithmetic of the network at inference, ``"float32"`` or ``"bfloat16"``."""
+        return self._precision
+
+    @property
     def name(self) -> str:
         """Model name."""
         return str(self.meta.get("name", "unnamed"))
@@ -389,8 +459,15 @@ class PigmentModel:
 
     # -- loading and saving -------------------------------------------------------------------------------
     @classmethod
-    def from_dir(cls, path: str | os.PathLike) -> PigmentModel:
+    def from_dir(cls, path: str | os.PathLike, *, precision: str = "auto") -> PigmentModel:
         """Load a model folder (``model.safetensors`` + ``model.json``).
+
+        Parameters
+        ----------
+        path : path-like
+            The folder.
+        precision : {"auto", "float32", "bfloat16"}
+            Arithmetic of the network at inference (see :func:`resolve_precision`).
 
         Raises
         ------
@@ -453,9 +530,14 @@ class PigmentModel:
                 f"{folder}: weights do not match the architecture in {META_FILE}: {exc}"
             ) from None
         ood = {k[4:]: v for k, v in tensors.items() if k.startswith("ood.")}
-        model = cls(net, meta, ood)
+        model = cls(net, meta, ood, precision=precision)
         model.path = folder
         return model
+
+    def _ood_tensors(self) -> dict[str, torch.Tensor]:
+        """The out-of-distribution statistics that are set, by their names in ``model.safetensors``."""
+        names = ("feature_mean", "feature_whitening", "pca_mean", "pca_basis")
+        return {k: getattr(self, f"_{k}") for k in names if getattr(self, f"_{k}") is not None}
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``model.safetensors`` and ``model.json`` into a folder (created if needed).
@@ -467,10 +549,7 @@ class PigmentModel:
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {f"net.{k}": v.detach().contiguous().cpu() for k, v in self.net.state_dict().items()}
-        for key in ("feature_mean", "feature_whitening", "pca_mean", "pca_basis"):
-            value = getattr(self, f"_{key}")
-            if value is not None:
-                tensors[f"ood.{key}"] = value.contiguous()
+        tensors.update({f"ood.{k}": v.contiguous() for k, v in self._ood_tensors().items()})
         meta = dict(self.meta)
         meta.update(
             format=FORMAT,
@@ -566,7 +645,11 @@ class PigmentModel:
             total = binned.sum(dim=1, keepdim=True)
             binned = binned * torch.clamp(self.max_counts / total.clamp_min(1.0), max=1.0)
         x, logc = features_from_binned(binned)
-        logits, feats = self.net(x, logc)
+        if self._net_bf16 is not None:
+            logits, feats = self._net_bf16(x.to(torch.bfloat16), logc.to(torch.bfloat16))
+            logits, feats = logits.float(), feats.float()
+        else:
+            logits, feats = self.net(x, logc)
         p3 = torch.softmax(logits / self.temperature, dim=2)
         prob = p3[..., 1] + p3[..., 2]
         buried = p3[..., 2]
@@ -781,7 +864,7 @@ def available_models() -> tuple[str, ...]:
     return tuple(sorted(p.name for p in root.iterdir() if (p / META_FILE).is_file()))
 
 
-def load_model(name: str | os.PathLike = "default") -> PigmentModel:
+def load_model(name: str | os.PathLike = "default", *, precision: str = "auto") -> PigmentModel:
     """Load a pigment-identification model.
 
     Parameters
@@ -789,6 +872,11 @@ def load_model(name: str | os.PathLike = "default") -> PigmentModel:
     name : str or path-like
         ``"default"`` (the shipped ``xrfnb-pigments-v1``), the name of a shipped model, the name of a folder
         under ``$XRFNB_MODELS`` (a colon-separated list of folders), or a path to a model folder.
+    precision : {"auto", "float32", "bfloat16"}
+        Arithmetic of the network at inference: ``"auto"`` is bfloat16 where the CPU computes it natively
+        (about five times faster, probabilities within about 0.02 of float32), else float32;
+        ``$XRFNB_PRECISION`` overrides ``"auto"``. Use ``"float32"`` for results that are bit-reproducible
+        across machines.
 
     Returns
     -------
@@ -799,8 +887,14 @@ def load_model(name: str | os.PathLike = "default") -> PigmentModel:
     ModelError
         Unknown name (the message lists the shipped models) or an invalid/unsafe model folder.
     """
+    resolved = resolve_precision(precision)
     if isinstance(name, PigmentModel):
-        return name
+        if precision == "auto" or name.precision == resolved:
+            return name
+        other = PigmentModel(name.net, name.meta, name._ood_tensors(), precision=resolved)
+        if hasattr(name, "path"):
+            other.path = name.path
+        return other
     text = str(name)
     if text == "default":
         text = DEFAULT_MODEL
@@ -814,22 +908,22 @@ def load_model(name: str | os.PathLike = "default") -> PigmentModel:
         candidates.append(Path(text))
     for c in candidates:
         if c.is_dir():
-            return _load_cached(str(c.resolve()))
+            return _load_cached(str(c.resolve()), resolved)
     raise ModelError(
         f"unknown model {str(name)!r}: shipped models are {', '.join(available_models()) or 'none'}; "
         "or give the path of a folder with model.safetensors and model.json"
     )
 
 
-_CACHE: dict[tuple[str, float], PigmentModel] = {}
+_CACHE: dict[tuple[str, float, str], PigmentModel] = {}
 
 
-def _load_cached(folder: str) -> PigmentModel:
+def _load_cached(folder: str, precision: str) -> PigmentModel:
     try:
         mtime = os.path.getmtime(os.path.join(folder, WEIGHTS_FILE))
     except OSError:
         mtime = -1.0
-    key = (folder, mtime)
+    key = (folder, mtime, precision)
     if key not in _CACHE:
-        _CACHE[key] = PigmentModel.from_dir(folder)
+        _CACHE[key] = PigmentModel.from_dir(folder, precision=precision)
     return _CACHE[key]

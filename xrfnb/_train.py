@@ -595,7 +595,7 @@ def calibrate_model(
     n_pc = min(64, vt.shape[0])
     ood_tensors = {"feature_mean": mean.float(), "feature_whitening": whitening,
                    "pca_mean": pca_mean.float(), "pca_basis": vt[:n_pc].float().contiguous()}
-    model = PigmentModel(net, meta, ood_tensors)
+    model = PigmentModel(net, meta, ood_tensors, precision="float32")  # calibrated in full precision
     _, _, _, unexpl, dist, recon = model._infer_binned(torch.from_numpy(binned[half:]))
     u_ref = max(float(np.quantile(unexpl.numpy(), 0.99)), 0.05)
     d_ref = float(np.quantile(dist.numpy(), 0.99))
