@@ -238,7 +238,7 @@ def test_threshold_changes_maps_without_rerunning_model(dash, scene):
     assert np.all(png[valid] == (0xE6, 0xE6, 0xE6))
     tile = gallery_tile(dash, k)
     assert np.all(tile[valid] == (0xE6, 0xE6, 0xE6))
-    assert "vermilion (0%)" in [t for *_, t in dash._gallery_pipe.data["labels"]]
+    assert "vermilion (0%)" in [t for *_, t in dash._gallery_shown["labels"]]
     assert dash._tiles["lead white"] is before_lead  # untouched class: not recoloured
     assert dash._class_sliders["vermilion"].value == 0.95
     # the global slider sets every class
@@ -532,3 +532,184 @@ def test_new_maps_arrive_in_a_live_document(dash):
     (main,) = [p for p in doc.select({"type": Plot}) if p.name == "xrfnb-main"]
     assert "ImageRGBA" in {type(r.glyph).__name__ for r in main.renderers if isinstance(r, GlyphRenderer)}
     assert dash.gallery_data()["labels"][0][2].startswith("a (")
+
+
+# --------------------------------------------------------------------------------------------------
+# threshold changes in a live Bokeh document: the rendered models themselves must hold the new maps
+# --------------------------------------------------------------------------------------------------
+def live_document(dash):
+    from bokeh.document import Document
+
+    doc = Document()
+    doc.add_root(dash.__panel__().get_root(doc))
+    return doc
+
+
+def plot_in(doc, name):
+    from bokeh.models import Plot
+
+    (plot,) = [p for p in doc.select({"type": Plot}) if p.name == name]
+    return plot
+
+
+def image_source(plot):
+    """The data source of the one image glyph (Image or ImageRGBA) of a Bokeh plot."""
+    from bokeh.models import GlyphRenderer
+
+    (renderer,) = [
+        r
+        for r in plot.renderers
+        if isinstance(r, GlyphRenderer) and type(r.glyph).__name__ in ("Image", "ImageRGBA")
+    ]
+    return renderer
+
+
+def document_rgb(plot):
+    """The RGB pixels (rows, cols, 3) uint8 of a plot's ImageRGBA glyph, row 0 first, as Bokeh holds them."""
+    renderer = image_source(plot)
+    assert type(renderer.glyph).__name__ == "ImageRGBA"
+    img = np.asarray(renderer.data_source.data["image"][0])
+    assert img.dtype == np.uint32
+    rgba = np.ascontiguousarray(img).view(np.uint8).reshape(*img.shape, 4)
+    assert np.all(rgba[..., 3] == 255)  # opaque
+    return rgba[..., :3]
+
+
+def expected_composite(maps, thresholds):
+    """Composite colours computed here: probability-weighted mean colour of the classes present."""
+    prob = np.nan_to_num(np.asarray(maps.probability, dtype=np.float64), nan=0.0)
+    weights = np.where(prob >= np.asarray(thresholds, dtype=float), prob, 0.0)
+    colors = np.array([[int(c[i : i + 2], 16) for i in (1, 3, 5)] for c in COLORS], dtype=np.float64)
+    total = weights.sum(axis=-1, keepdims=True)
+    rgb = np.where(total > 0, weights @ colors / np.maximum(total, 1e-12), 0.0)
+    rgb[maps.mask] = 128
+    return rgb
+
+
+def document_tiles(doc, dash):
+    """The gallery's tiles as the document holds them, one (ROWS, COLS, 3) array per class."""
+    mosaic = document_rgb(plot_in(doc, "xrfnb-gallery"))
+    cell_h, cell_w, band, ncols = dash.gallery_data()["cell"]  # geometry only, not colours
+    return [
+        mosaic[(i // ncols) * cell_h + band :][:ROWS, (i % ncols) * cell_w :][:, :COLS]
+        for i in range(len(CLASSES))
+    ]
+
+
+def check_gallery(doc, dash, maps, thresholds):
+    """Each tile: light grey exactly where a valid pixel's probability is below its class threshold."""
+    valid = ~maps.mask
+    for k, tile in enumerate(document_tiles(doc, dash)):
+        absent = np.all(tile == (0xE6, 0xE6, 0xE6), axis=-1)
+        invalid = np.all(tile == (0x80, 0x80, 0x80), axis=-1)
+        np.testing.assert_array_equal(invalid, maps.mask, err_msg=CLASSES[k])
+        with np.errstate(invalid="ignore"):
+            below = maps.probability[..., k] < thresholds[k]
+        np.testing.assert_array_equal(absent, valid & below, err_msg=CLASSES[k])
+
+
+def test_threshold_change_patches_the_live_documents_maps(dash, scene, monkeypatch):
+    """A threshold change writes the new main map and gallery into the rendered Bokeh models, without
+    re-running the main map's HoloViews pipeline, and what is written is the thresholded map."""
+    _, maps, truth = scene
+    doc = live_document(dash)
+    main, gallery = plot_in(doc, "xrfnb-main"), plot_in(doc, "xrfnb-gallery")
+    main_source = image_source(main).data_source
+    calls = []
+    element = dash._main._element
+    monkeypatch.setattr(dash._main, "_element", lambda: calls.append(1) or element())
+    np.testing.assert_allclose(document_rgb(main), expected_composite(maps, [0.5] * 3), atol=1)
+    check_gallery(doc, dash, maps, [0.5] * 3)
+
+    dash.set_threshold("vermilion", 0.95)  # above every vermilion probability
+    thr = [0.5, 0.95, 0.5]
+    assert image_source(main).data_source is main_source  # the same models, new values
+    rgb = document_rgb(main)
+    np.testing.assert_allclose(rgb, expected_composite(maps, thr), atol=1)
+    only_lead = truth["lead white"] & ~truth["red ochre"] & ~maps.mask
+    assert np.all(rgb[only_lead] == (0xF0, 0xF0, 0xF0))  # vermilion no longer mixed in
+    assert np.all(rgb[~truth["lead white"] & ~truth["red ochre"] & ~maps.mask] == 0)  # nothing present
+    check_gallery(doc, dash, maps, thr)
+    (labels,) = [r.data_source for r in gallery.renderers if "text" in r.data_source.data]
+    assert list(labels.data["text"])[1] == "vermilion (0%)"
+    # the global slider moves every class
+    dash.global_threshold = 0.05
+    np.testing.assert_allclose(document_rgb(main), expected_composite(maps, [0.05] * 3), atol=1)
+    check_gallery(doc, dash, maps, [0.05] * 3)
+    assert calls == []  # the main map was patched, not re-rendered through HoloViews
+    # a fresh HoloViews render of the current state draws exactly what the document holds
+    fresh = render(dash._main_dmap).handles["source"].data["image"][0]
+    np.testing.assert_array_equal(main_source.data["image"][0], fresh)
+    fresh = [
+        sub.handles["source"].data["image"][0]
+        for sub in render(dash._gallery.objects[0].object).subplots.values()
+        if "image" in sub.handles["source"].data
+    ]
+    np.testing.assert_array_equal(image_source(gallery).data_source.data["image"][0], fresh[0])
+
+    # surface vs buried: categories follow the threshold (red ochre buried in its band)
+    dash.focus = "red ochre"
+    dash.view = "Surface vs buried"
+    main = plot_in(doc, "xrfnb-main")
+    buried = truth["red ochre"] & ~maps.mask
+    for t in (0.5, 0.95, 0.3):
+        dash.set_threshold("red ochre", t)
+        cat = np.asarray(image_source(main).data_source.data["image"][0])
+        k = CLASSES.index("red ochre")
+        with np.errstate(invalid="ignore"):
+            present = maps.probability[..., k] >= t
+        np.testing.assert_array_equal(cat[present & buried], 2.0)
+        np.testing.assert_array_equal(cat[~present & ~maps.mask], 0.0)
+        assert np.isnan(cat[maps.mask]).all()
+    # pigment view: the probabilities stay, the colour range starts at the threshold
+    dash.view = "Pigment"
+    main = plot_in(doc, "xrfnb-main")
+    renderer = image_source(main)
+    dash.set_threshold("red ochre", 0.8)
+    mapper = renderer.glyph.color_mapper
+    assert (mapper.low, mapper.high) == (0.8, 1.0)
+    assert main.title.text == "red ochre: probability where >= 0.80"
+    k = CLASSES.index("red ochre")
+    np.testing.assert_array_equal(
+        renderer.data_source.data["image"][0], np.where(maps.mask, np.nan, maps.probability[..., k])
+    )
+    check_gallery(doc, dash, maps, [0.05, 0.05, 0.8])
+
+
+def test_threshold_change_updates_the_probability_bars_in_the_document(dash, scene):
+    from bokeh.models import ColumnDataSource
+
+    _, maps, _ = scene
+    doc = live_document(dash)
+    r, c = 16, 12  # lead white and vermilion present, red ochre absent
+    dash.select_pixel(r, c)
+    dash.set_threshold("vermilion", 0.95)
+    (bars,) = [s for s in doc.select({"type": ColumnDataSource}) if "probability" in s.data]
+    np.testing.assert_allclose(bars.data["probability"], maps.probability[r, c])
+    np.testing.assert_allclose(bars.data["threshold"], [0.5, 0.95, 0.5])
+    grey = "#cccccc"
+    assert list(bars.data["color"]) == [COLORS[0], grey, grey]
+    (marks,) = [
+        s for s in doc.select({"type": ColumnDataSource}) if "threshold" in s.data and "color" not in s.data
+    ]
+    np.testing.assert_allclose(marks.data["threshold"], [0.5, 0.95, 0.5])
+    assert "pigments: lead white" in dash._info.object and "vermilion" not in dash._info.object
+
+
+def test_sessions_patch_only_their_own_documents(scene):
+    """Two sessions (two documents) with different thresholds: each document holds its own maps."""
+    _, maps, _ = scene
+    a, b = Dashboard(scan=scene[0], maps=maps), Dashboard(scan=scene[0], maps=maps)
+    doc_a, doc_b = live_document(a), live_document(b)
+    assert not {m.id for m in doc_a.models} & {m.id for m in doc_b.models}
+    a.set_threshold("vermilion", 0.95)
+    b.global_threshold = 0.05
+    b.set_threshold("red ochre", 0.95)
+    thr_a, thr_b = [0.5, 0.95, 0.5], [0.05, 0.05, 0.95]
+    for doc, dash, thr in ((doc_a, a, thr_a), (doc_b, b, thr_b)):
+        rgb = document_rgb(plot_in(doc, "xrfnb-main"))
+        np.testing.assert_allclose(rgb, expected_composite(maps, thr), atol=1)
+        check_gallery(doc, dash, maps, thr)
+    assert not np.array_equal(
+        document_rgb(plot_in(doc_a, "xrfnb-main")), document_rgb(plot_in(doc_b, "xrfnb-main"))
+    )

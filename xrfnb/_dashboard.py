@@ -480,6 +480,8 @@ class Dashboard(pn.viewable.Viewer):
         self._syncing = False
         self._loading = False
         self._last_curve: dict[str, np.ndarray] = {}
+        self._action: contextlib.ExitStack | None = None
+        self._action_held = False
         super().__init__(**params)
         self._refresh_choices()
         self._build_widgets()
@@ -942,6 +944,7 @@ class Dashboard(pn.viewable.Viewer):
             css_classes=["xrfnb-main-map"],
             on_new=self._attach_selection_streams,
             unchanged=self._main_unchanged,
+            patch=self._patch_main,
         )
         self._spectrum = _SwitchingPlot(
             self,
@@ -956,6 +959,7 @@ class Dashboard(pn.viewable.Viewer):
             self._probability_element,
             self._probability_kind,
             ["pixel", "region", "thresholds", "data_version"],
+            patch=self._patch_probability,
         )
         self._residual = _SwitchingPlot(
             self,
@@ -992,6 +996,52 @@ class Dashboard(pn.viewable.Viewer):
         if self.view in ("Pigment", "Surface vs buried"):
             return all((e.old or {}).get(self.focus) == (e.new or {}).get(self.focus) for e in events)
         return False
+
+    def _patch_main(self, events: Sequence[Any], plots: list[Any]) -> bool:
+        """Write a threshold change straight into the rendered main map; False when it cannot.
+
+        A threshold changes the main map's values (composite colours, surface-vs-buried categories) or,
+        in the pigment view, only its colour range and title, never its shape, bounds or glyph: the new
+        values replace the old ones in the plot's existing data source and colour mapper, without
+        HoloViews' update (ranges, styles, glyphs). Anything else (another view, a scan of another
+        shape, a plot not drawn as expected) returns False with nothing changed.
+        """
+        if not all(e.name == "thresholds" for e in events) or self._maps is None:
+            return False
+        view = self.view
+        image: np.ndarray | None = None
+        clim: tuple[float, float] | None = None
+        if view == "Composite":
+            image = _rgba_u32(np.asarray(self._maps.composite_rgb(self.threshold_array()), dtype=np.uint8))
+        elif view == "Surface vs buried":
+            image = self.main_array()[1]
+        elif view == "Pigment" and self.focus in self.classes:
+            clim = _pigment_clim(self.thresholds[self.focus])
+        else:
+            return False
+        title = self._main_title()
+        for plot in plots:
+            handles = getattr(plot, "handles", {})
+            source, figure = handles.get("source"), handles.get("plot")
+            if source is None or figure is None or figure.title is None or "image" not in source.data:
+                return False
+            old = np.asarray(source.data["image"][0])
+            if image is not None and (old.shape != image.shape or old.dtype != image.dtype):
+                return False
+            if clim is not None and handles.get("color_mapper") is None:
+                return False
+
+        def write(plot: Any) -> None:
+            if image is not None:
+                plot.handles["source"].data["image"] = [image]
+            if clim is not None:
+                plot.handles["color_mapper"].update(low=clim[0], high=clim[1])
+            if plot.handles["plot"].title.text != title:
+                plot.handles["plot"].title.text = title
+
+        for plot in plots:
+            _write_to_plot(plot, functools.partial(write, plot))
+        return True
 
     @property
     def _main_dmap(self) -> hv.DynamicMap:
@@ -1077,20 +1127,37 @@ class Dashboard(pn.viewable.Viewer):
 
     @contextlib.contextmanager
     def _frozen(self) -> Any:
-        """Update every rendered Bokeh document with one model-graph walk per user action.
+        """One user action: every rendered Bokeh document re-walks its models at most once, at the end.
 
         Each HoloViews plot refresh freezes its document and Bokeh re-walks every model of it when the
-        freeze ends; a threshold change refreshes five plots. Nested freezes are reference-counted, so
-        holding one around the whole parameter change leaves a single walk at the end.
+        freeze ends; a threshold change can refresh five plots. The documents are frozen lazily, by
+        :meth:`_hold_documents`, the first time something in the action changes the model graph (a
+        HoloViews refresh, a new plot): an action that only writes new values into existing models
+        (images patched into their data sources, slider values, texts) needs no walk at all. Nested
+        actions join the outer one.
         """
-        with contextlib.ExitStack() as stack:
-            seen: set[int] = set()
-            for model, _ in list(getattr(self._layout, "_models", {}).values()):
-                doc = getattr(model, "document", None)
-                if doc is not None and id(doc) not in seen:
-                    seen.add(id(doc))
-                    stack.enter_context(doc.models.freeze())
+        if self._action is not None:
             yield
+            return
+        self._action = contextlib.ExitStack()
+        self._action_held = False
+        try:
+            with self._action:
+                yield
+        finally:
+            self._action = None
+
+    def _hold_documents(self) -> None:
+        """Freeze the rendered documents until the current action ends (no-op outside an action)."""
+        if self._action is None or self._action_held:
+            return
+        self._action_held = True
+        seen: set[int] = set()
+        for model, _ in list(getattr(getattr(self, "_layout", None), "_models", {}).values()):
+            doc = getattr(model, "document", None)
+            if doc is not None and id(doc) not in seen:
+                seen.add(id(doc))
+                self._action.enter_context(doc.models.freeze())
 
     # -- status -----------------------------------------------------------------------------------
     def _update_status(self) -> None:
@@ -1298,12 +1365,17 @@ class Dashboard(pn.viewable.Viewer):
         labels = hv.Labels(data["labels"], ["x", "y"], "text").opts(
             text_font_size="9pt", text_color="#222222"
         )
-        return (img * labels).opts(hv.opts.Overlay(title="", toolbar=None))
+        return (img * labels).opts(
+            hv.opts.Overlay(title="", toolbar=None, hooks=[_name_hook("xrfnb-gallery")])
+        )
 
     def _rebuild_gallery(self) -> None:
+        self._hold_documents()
         self._tiles: dict[str, np.ndarray] = {}
         self._thumb_prob: dict[str, np.ndarray] = {}
-        self._gallery_pipe = None
+        self._gallery_shown: dict[str, Any] | None = None
+        self._gallery_refresh: streams.Stream | None = None
+        self._gallery_pane = None
         if self._maps is None:
             self._gallery.objects = [
                 pn.pane.Markdown(
@@ -1316,12 +1388,16 @@ class Dashboard(pn.viewable.Viewer):
                 )
             ]
             return
-        self._gallery_pipe = streams.Pipe(data=self.gallery_data())
-        dmap = hv.DynamicMap(self._gallery_element, streams=[self._gallery_pipe])
+        self._gallery_shown = self.gallery_data()
+        self._gallery_refresh = _Refresh(version=0)
+        dmap = hv.DynamicMap(
+            lambda version: self._gallery_element(self._gallery_shown), streams=[self._gallery_refresh]
+        )
         self._gallery_tap = streams.Tap(source=dmap, x=None, y=None)
         self._gallery_tap.add_subscriber(self._on_gallery_tap)
+        self._gallery_pane = pn.pane.HoloViews(dmap, linked_axes=False, css_classes=["xrfnb-gallery"])
         self._gallery.objects = [
-            pn.pane.HoloViews(dmap, linked_axes=False, css_classes=["xrfnb-gallery"]),
+            self._gallery_pane,
             pn.pane.Markdown(
                 "Each map is coloured from its pigment's threshold (dark) to probability 1 (bright); light "
                 "grey: below the threshold; dark grey: invalid pixel. Click a map to enlarge it.",
@@ -1330,16 +1406,69 @@ class Dashboard(pn.viewable.Viewer):
         ]
 
     def _update_thumbnails(self, classes: Sequence[str]) -> None:
-        if self._maps is None or getattr(self, "_gallery_pipe", None) is None:
+        """Recolour the gallery tiles of ``classes`` (their threshold or the colour map changed)."""
+        if self._maps is None or getattr(self, "_gallery_refresh", None) is None:
             return
         for cls in classes:
             self._tiles.pop(cls, None)
-        self._gallery_pipe.send(self.gallery_data())
+        self._gallery_shown = data = self.gallery_data()
+        version = self._gallery_refresh.version + 1
+        if self._patch_gallery(data):
+            # no refresh, but a later render of the gallery (another root, a rebuilt layout) must call
+            # the callback again instead of reusing the DynamicMap's cached, memoized last element
+            self._gallery_refresh.update(version=version)
+            self._gallery_pane.object.reset()
+            return
+        self._hold_documents()
+        self._gallery_refresh.event(version=version)
+
+    def _patch_gallery(self, data: dict[str, Any]) -> bool:
+        """Write a new mosaic and tile labels into the rendered gallery plots; False when it cannot.
+
+        Recolouring keeps the mosaic's shape and the labels' positions, so only the image of the RGB
+        glyph's data source and the text column of the labels' source change. False (nothing changed)
+        when the gallery is not rendered or a rendered plot does not have that structure.
+        """
+        pane = getattr(self, "_gallery_pane", None)
+        plots = _rendered_plots(pane) if pane is not None else []
+        if not plots:
+            return False
+        image = _rgba_u32(data["rgb"])
+        xs = np.array([x for x, _, _ in data["labels"]], dtype=float)
+        ys = np.array([y for _, y, _ in data["labels"]], dtype=float)
+        texts = [t for *_, t in data["labels"]]
+        targets = []
+        for plot in plots:
+            sources = [sub.handles.get("source") for sub in getattr(plot, "subplots", {}).values()]
+            images = [s for s in sources if s is not None and "image" in s.data]
+            labels = [s for s in sources if s is not None and "text" in s.data]
+            if len(images) != 1 or len(labels) != 1:
+                return False
+            old = np.asarray(images[0].data["image"][0])
+            lx, ly = np.asarray(labels[0].data["x"], float), np.asarray(labels[0].data["y"], float)
+            if (
+                old.shape != image.shape
+                or lx.shape != xs.shape
+                or not (np.array_equal(lx, xs) and np.array_equal(ly, ys))
+            ):
+                return False
+            targets.append((plot, images[0], labels[0]))
+
+        def write(image_source: Any, label_source: Any) -> None:
+            image_source.data["image"] = [image]
+            old_text = label_source.data["text"]
+            label_source.data["text"] = (
+                np.array(texts, dtype=old_text.dtype) if isinstance(old_text, np.ndarray) else list(texts)
+            )
+
+        for plot, image_source, label_source in targets:
+            _write_to_plot(plot, functools.partial(write, image_source, label_source))
+        return True
 
     def _on_gallery_tap(self, x: float | None = None, y: float | None = None, **kwargs: Any) -> None:
         if x is None or y is None or self._maps is None:
             return
-        cell_h, cell_w, _, ncols = self._gallery_pipe.data["cell"]
+        cell_h, cell_w, _, ncols = self._gallery_shown["cell"]
         col, row = int(x // cell_w), int(y // cell_h)
         i = row * ncols + col
         if 0 <= col < ncols and 0 <= i < len(self.classes):
@@ -1646,6 +1775,19 @@ class Dashboard(pn.viewable.Viewer):
                 else "tap a pixel"
             )
             return _message(msg, width=560, height=220)
+        title, table = self._probability_table()
+        bars = hv.Bars(table, "class", ["probability", "threshold", "color"]).opts(
+            color="color", ylim=(0, 1.05), xrotation=45, tools=["hover"], line_color="#555555"
+        )
+        marks = hv.Scatter(table, "class", "threshold").opts(
+            marker="dash", size=22, color="black", line_width=2
+        )
+        return (bars * marks).opts(
+            hv.opts.Overlay(title=title, width=560, height=260, show_legend=False, framewise=True)
+        )
+
+    def _probability_table(self) -> tuple[str, dict[str, Any]]:
+        """Title and columns (class, probability, threshold, bar color) of the class-probability bars."""
         if self.region is not None:
             prob = np.asarray(self._maps.probability, dtype=float)[self.region].mean(axis=0)
             title = "Mean class probability in the region"
@@ -1663,15 +1805,38 @@ class Dashboard(pn.viewable.Viewer):
             "threshold": thr,
             "color": [colors[k] if prob[k] >= thr[k] else "#cccccc" for k in range(len(prob))],
         }
-        bars = hv.Bars(table, "class", ["probability", "threshold", "color"]).opts(
-            color="color", ylim=(0, 1.05), xrotation=45, tools=["hover"], line_color="#555555"
-        )
-        marks = hv.Scatter(table, "class", "threshold").opts(
-            marker="dash", size=22, color="black", line_width=2
-        )
-        return (bars * marks).opts(
-            hv.opts.Overlay(title=title, width=560, height=260, show_legend=False, framewise=True)
-        )
+        return title, table
+
+    def _patch_probability(self, events: Sequence[Any], plots: list[Any]) -> bool:
+        """Write new thresholds (marks, bar colours) into the rendered probability bars; False if it cannot.
+
+        The bars' classes and heights stay as they are (checked against the plot's data source), and
+        so do the axes (the y range is fixed at 0 to 1.05).
+        """
+        if not all(e.name == "thresholds" for e in events) or self._probability_kind() != "Overlay":
+            return False
+        _, table = self._probability_table()
+        targets = []
+        for plot in plots:
+            sources = [sub.handles.get("source") for sub in getattr(plot, "subplots", {}).values()]
+            bars = [s for s in sources if s is not None and {"color", "probability"} <= set(s.data)]
+            marks = [s for s in sources if s is not None and "color" not in s.data and "threshold" in s.data]
+            if len(bars) != 1 or len(marks) != 1:
+                return False
+            for src in (bars[0], marks[0]):
+                if list(src.data["class"]) != table["class"]:
+                    return False
+            if not np.array_equal(np.asarray(bars[0].data["probability"], float), table["probability"]):
+                return False
+            targets.append((plot, bars[0], marks[0]))
+
+        def write(bar_source: Any, mark_source: Any) -> None:
+            bar_source.data.update(threshold=table["threshold"], color=table["color"])
+            mark_source.data["threshold"] = table["threshold"]
+
+        for plot, bar_source, mark_source in targets:
+            _write_to_plot(plot, functools.partial(write, bar_source, mark_source))
+        return True
 
     def _on_pixel_region(self, *events: Any) -> None:
         if self._maps is None or self.region is None:
@@ -1771,21 +1936,27 @@ class _SwitchingPlot:
     A DynamicMap must return one element type, and a Bokeh axis cannot change between linear and log in
     place; ``kind()`` names what is needed now and a new DynamicMap is made when that changes. Between
     the parameter change and the swap, the old DynamicMap repeats its last element.
+
+    ``patch(events, plots)``, when given, may write a change straight into the Bokeh models of the
+    rendered ``plots`` (HoloViews element plots, one per document the pane is shown in) and return True;
+    it returns False, having changed nothing, when it cannot (the plot must then be refreshed).
     """
 
     def __init__(
         self,
-        owner: param.Parameterized,
+        owner: Dashboard,
         element: Callable[[], hv.Element],
         kind: Callable[[], str],
         params: list[str],
         css_classes: list[str] | None = None,
         on_new: Callable[[hv.DynamicMap], None] | None = None,
         unchanged: Callable[[Sequence[Any]], bool] | None = None,
+        patch: Callable[[Sequence[Any], list[Any]], bool] | None = None,
     ) -> None:
         self._owner, self._element, self._kind_fn, self._params = owner, element, kind, params
         self._on_new = on_new
         self._unchanged = unchanged
+        self._patch = patch
         self.kind: str | None = None
         self.dmap: hv.DynamicMap | None = None
         self._refresh: streams.Stream | None = None
@@ -1794,19 +1965,35 @@ class _SwitchingPlot:
         owner.param.watch(self.sync, params)
         self.sync()
 
+    def plots(self) -> list[Any]:
+        """The HoloViews plots of the current DynamicMap, one per rendered root (document)."""
+        return _rendered_plots(self.pane)
+
     def sync(self, *events: Any) -> None:
-        """Called once per batch of changes of ``params``: new plot, refresh of the plot, or nothing.
+        """Called once per batch of changes of ``params``: new plot, refresh, patch, or nothing.
 
         ``unchanged(events)`` says when the changes cannot alter the element (e.g. a threshold change
         under a spectrum that does not depend on thresholds); the plot is then left alone, which spares
-        HoloViews' update and Bokeh's re-walk of the document.
+        HoloViews' update and Bokeh's re-walk of the document. ``patch`` writes changes that keep the
+        plot's structure (new image values, colour range, title) into its Bokeh models directly, which
+        spares HoloViews' element-to-model pipeline (ranges, styles, glyph updates).
         """
         kind = self._kind_fn()
         if kind == self.kind and self.dmap is not None:
             if events and self._unchanged is not None and self._unchanged(events):
                 return
+            if events and self._patch is not None:
+                plots = self.plots()
+                if plots and self._patch(events, plots):
+                    # the DynamicMap's cached and memoized last element is stale now: a new plot of
+                    # it (another root, a rebuilt layout) must call the callback again
+                    self._refresh.update(version=self._refresh.version + 1)
+                    self.dmap.reset()
+                    return
+            self._owner._hold_documents()
             self._refresh.event(version=self._refresh.version + 1)
             return
+        self._owner._hold_documents()
         self.kind = kind
         self._refresh = _Refresh(version=0)
         dmap = hv.DynamicMap(functools.partial(self._call, kind), streams=[self._refresh])
@@ -1824,6 +2011,45 @@ class _SwitchingPlot:
             return element
         # a stale DynamicMap about to be replaced: repeat its last element (same type)
         return self._last.get(key, element)
+
+
+def _rendered_plots(pane: pn.pane.HoloViews) -> list[Any]:
+    """The HoloViews plots Panel made of ``pane``'s object, one per rendered root (document)."""
+    return [plot for plot, _ in list(getattr(pane, "_plots", {}).values())]
+
+
+def _rgba_u32(rgb: np.ndarray) -> np.ndarray:
+    """(rows, cols, 3) uint8 RGB as the (rows, cols) uint32 RGBA image Bokeh's ``ImageRGBA`` draws.
+
+    The layout HoloViews' ``RGBPlot`` writes for an opaque image: alpha 255, one uint32 per pixel; row 0
+    first (the ``hv.RGB`` of :func:`_rgb` holds the array upside down and HoloViews flips it back).
+    """
+    rows, cols = rgb.shape[:2]
+    rgba = np.empty((rows, cols, 4), dtype=np.uint8)
+    rgba[..., :3] = rgb
+    rgba[..., 3] = 255
+    return rgba.view(np.uint32).reshape(rows, cols)
+
+
+def _write_to_plot(plot: Any, write: Callable[[], None]) -> None:
+    """Run ``write`` (which changes Bokeh models of ``plot``) the way HoloViews applies a plot refresh.
+
+    In a server session whose document lock this thread does not hold, the change is scheduled on the
+    session's event loop; otherwise it is applied now, dispatched immediately to the browser
+    (``unlocked``), and pushed through the plot's comm in a notebook.
+    """
+    doc = plot.document
+    if (
+        plot.renderer.mode == "server"
+        and doc is not None
+        and doc.session_context is not None
+        and not pn.state._unblocked(doc)
+    ):
+        doc.add_next_tick_callback(write)
+        return
+    with pn.io.unlocked():
+        write()
+    plot.push()
 
 
 _Refresh = streams.Stream.define("Refresh", version=0)
