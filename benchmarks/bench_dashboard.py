@@ -7,6 +7,13 @@ Measures, on a live Bokeh document (the models a browser session would be sent):
 * threshold -> maps: from a threshold change (one pigment's slider, and the global slider that moves
   every class) until the main map and the gallery maps are updated.
 
+Each timed action is followed (outside the timing) by a check that the document's models already hold
+its result: the tapped pixel's spectrum; the composite of the new thresholds (or, in the pigment view,
+the colour range starting at the new threshold) in the main map's data source; and, in the gallery
+mosaic's data source, exactly as many below-threshold ("absent") pixels as the thumbnails of
+``maps.probability`` have at the new thresholds. An update that has not reached the models by the time
+the action returns fails the benchmark instead of being timed short.
+
 The browser's drawing time and the websocket transfer are not included. Run:
 ``.venv/bin/python benchmarks/bench_dashboard.py [--rows 512] [--cols 512] [--channels 4096] [--classes 20]``
 """
@@ -19,10 +26,10 @@ import time
 
 import numpy as np
 from bokeh.document import Document
-from bokeh.models import ColumnDataSource
+from bokeh.models import ColumnDataSource, GlyphRenderer, Plot
 
 import xrfnb
-from xrfnb._dashboard import Dashboard
+from xrfnb._dashboard import _ABSENT_COLOR, _THUMB_PX, Dashboard
 
 TARGET_MS = 200.0
 
@@ -71,21 +78,58 @@ def spectrum_sum(doc: Document) -> list[float]:
     ]
 
 
-def image_checksum(doc: Document) -> float:
-    total = 0.0
-    for m in doc.select({"type": ColumnDataSource}):
-        for img in m.data.get("image", []):
-            a = np.asarray(img, dtype=float)
-            total += float(np.nansum(a)) + float(np.isnan(a).sum())
-    return total
+def image_renderer(doc: Document, plot_name: str) -> GlyphRenderer:
+    """The image glyph renderer of the plot called ``plot_name`` (one per document)."""
+    (plot,) = [p for p in doc.select({"type": Plot}) if p.name == plot_name]
+    (renderer,) = [
+        r
+        for r in plot.renderers
+        if isinstance(r, GlyphRenderer) and type(r.glyph).__name__ in ("Image", "ImageRGBA")
+    ]
+    return renderer
 
 
-def timed(fn, n: int) -> list[float]:
+def rgb_of(renderer: GlyphRenderer) -> np.ndarray:
+    """(rows, cols, 3) uint8 pixels of an ImageRGBA glyph's data source (uint32 RGBA per pixel)."""
+    img = np.ascontiguousarray(renderer.data_source.data["image"][0])
+    assert img.dtype == np.uint32, img.dtype
+    return img.view(np.uint8).reshape(*img.shape, 4)[..., :3]
+
+
+class DocumentCheck:
+    """Asserts that a document's main map and gallery hold the maps at given thresholds."""
+
+    def __init__(self, doc: Document, maps: xrfnb.PigmentMaps) -> None:
+        self.doc, self.maps = doc, maps
+        rows, cols = maps.probability.shape[:2]
+        stride = max(1, -(-max(rows, cols) // _THUMB_PX))
+        valid = ~np.asarray(maps.mask)[::stride, ::stride]
+        self.thumbs = np.asarray(maps.probability[::stride, ::stride], dtype=float)[valid]  # (n, K)
+        self.absent_rgb = tuple(int(_ABSENT_COLOR[i : i + 2], 16) for i in (1, 3, 5))
+
+    def __call__(self, view: str, thresholds: np.ndarray, focus: int = 0) -> None:
+        main = image_renderer(self.doc, "xrfnb-main")
+        if view == "Composite":
+            expected = np.asarray(self.maps.composite_rgb(thresholds), dtype=np.uint8)
+            assert np.array_equal(rgb_of(main), expected), "main map in the document is not the new composite"
+        else:
+            mapper = main.glyph.color_mapper
+            assert mapper.low == thresholds[focus], "main map's colour range does not start at the threshold"
+        mosaic = rgb_of(image_renderer(self.doc, "xrfnb-gallery"))
+        absent = int(np.all(mosaic == self.absent_rgb, axis=-1).sum())
+        expected_absent = int((self.thumbs < thresholds).sum())
+        assert absent == expected_absent, f"gallery holds {absent} absent pixels, expected {expected_absent}"
+
+
+def timed(fn, n: int, check=None) -> list[float]:
+    """Wall time (ms) of ``fn(i)`` for i < n; ``check(i)``, untimed, runs after each call."""
     out = []
     for i in range(n):
         t0 = time.perf_counter()
         fn(i)
         out.append(1e3 * (time.perf_counter() - t0))
+        if check is not None:
+            check(i)
     return out
 
 
@@ -125,33 +169,46 @@ def main() -> None:
         r, c = pixels[i]
         dash._tap.event(x=c + 0.5, y=r + 0.5)
 
-    ms = timed(tap, args.repeats)
-    r, c = pixels[-1]
-    assert dash.pixel == (r, c)
-    assert float(counts[r, c].sum()) in spectrum_sum(doc), (
-        "spectrum in the document is not the tapped pixel's"
-    )
-    report("tap -> spectrum, bars, info", ms)
+    def tapped(i: int) -> None:
+        r, c = pixels[i]
+        assert dash.pixel == (r, c)
+        assert float(counts[r, c].sum()) in spectrum_sum(doc), (
+            "spectrum in the document is not the tapped pixel's"
+        )
 
+    report("tap -> spectrum, bars, info", timed(tap, args.repeats, tapped))
+
+    check = DocumentCheck(doc, maps)
+    k = len(maps.classes)
+    values = [0.3, 0.7]
     for view in ("Composite", "Pigment"):
         dash.view = view
-        values = [0.3, 0.7]
-        before = image_checksum(doc)
+        dash.focus = dash.classes[0]
+        check(view, dash.threshold_array())
 
-        def one(i: int, values=values) -> None:
+        def one(i: int) -> None:
             dash.set_threshold(dash.classes[0], values[i % 2])
 
-        ms = timed(one, args.repeats)
-        assert image_checksum(doc) != before, "maps in the document did not change"
-        report(f"one pigment's threshold -> maps ({view})", ms)
+        def one_done(i: int, view=view) -> None:
+            thr = dash.threshold_array()
+            assert thr[0] == values[i % 2]
+            check(view, thr)
 
-        def every(i: int, values=values) -> None:
-            dash.global_threshold = values[(i + 1) % 2]
+        report(f"one pigment's threshold -> maps ({view})", timed(one, args.repeats, one_done))
 
-        before = image_checksum(doc)
-        ms = timed(every, args.repeats)
-        assert image_checksum(doc) != before, "maps in the document did not change"
-        report(f"global threshold -> {args.classes} maps ({view})", ms)
+        target = [0.0]
+
+        def every(i: int, target=target) -> None:
+            # always a change (setting the value the slider already has would time a no-op)
+            target[0] = values[1] if dash.global_threshold != values[1] else values[0]
+            dash.global_threshold = target[0]
+
+        def every_done(i: int, view=view, target=target) -> None:
+            thr = np.full(k, target[0])
+            assert np.array_equal(dash.threshold_array(), thr)
+            check(view, thr)
+
+        report(f"global threshold -> {args.classes} maps ({view})", timed(every, args.repeats, every_done))
 
 
 if __name__ == "__main__":
