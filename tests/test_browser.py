@@ -2,9 +2,9 @@
 
 Starts the Panel server in a thread on a free loopback port with the synthetic scene of
 ``test_dashboard.py``, opens it, waits for the maps, clicks a pixel and checks that the spectrum plot
-now holds that pixel's counts, moves the global threshold slider and checks that the map images
-changed, saves a screenshot to ``test-output/`` and checks that every request stayed on the local
-server (no CDN).
+now holds that pixel's counts, moves the global threshold slider to 1 and checks that the browser's
+main map and gallery then hold maps with no pigment present, saves a screenshot to ``test-output/`` and
+checks that every request stayed on the local server (no CDN).
 """
 
 from __future__ import annotations
@@ -66,6 +66,33 @@ _SOURCES_JS = """() => {
   return out;
 }"""
 
+# how many pixels of the image glyph of the plot named NAME hold each of VALUES (uint32 RGBA numbers)
+_PIXEL_COUNTS_JS = """([name, values]) => {
+  if (!window.Bokeh || !Bokeh.documents.length) return null;
+  for (const m of Bokeh.documents[0].all_models) {
+    if (m.name !== name || !m.renderers) continue;
+    for (const r of m.renderers) {
+      const src = r.data_source;
+      if (!src || !src.data) continue;
+      const d = src.data instanceof Map ? Object.fromEntries(src.data) : src.data;
+      if (!('image' in d)) continue;
+      const a = d['image'][0].array || d['image'][0];
+      const counts = values.map(() => 0);
+      for (let i = 0; i < a.length; i++) {
+        const j = values.indexOf(a[i]);
+        if (j >= 0) counts[j] += 1;
+      }
+      return counts;
+    }
+  }
+  return null;
+}"""
+
+
+def _rgba_number(rgb: tuple[int, int, int]) -> int:
+    """An opaque colour as the uint32 a browser reads from an ImageRGBA buffer (little endian)."""
+    return int(np.array([[*rgb, 255]], dtype=np.uint8).view("<u4")[0, 0])
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -107,7 +134,7 @@ def server():
 def test_dashboard_in_headless_chromium(server):
     from playwright.sync_api import sync_playwright
 
-    url, sessions, scan, _ = server
+    url, sessions, scan, maps = server
     counts = np.asarray(scan.counts, dtype=float)
     requests: list[str] = []
     OUTPUT.mkdir(exist_ok=True)
@@ -152,6 +179,20 @@ def test_dashboard_in_headless_chromium(server):
             )
             assert sessions[-1].thresholds == dict.fromkeys(CLASSES, 1.0)
             assert not sessions[-1].binary_maps().any()
+            # the browser holds the new maps: no pigment anywhere, so the composite is black at every
+            # valid pixel (grey at the invalid one) and every gallery tile is "absent" grey there
+            n_valid = int((~maps.mask).sum())
+            black, grey, absent = (_rgba_number(c) for c in ((0, 0, 0), (128, 128, 128), (0xE6,) * 3))
+            page.wait_for_function(
+                f"() => JSON.stringify(({_PIXEL_COUNTS_JS})(['xrfnb-main', [{black}, {grey}]]))"
+                f" === '[{n_valid},{ROWS * COLS - n_valid}]'",
+                timeout=15000,
+            )
+            page.wait_for_function(
+                f"() => JSON.stringify(({_PIXEL_COUNTS_JS})(['xrfnb-gallery', [{absent}]]))"
+                f" === '[{len(CLASSES) * n_valid}]'",
+                timeout=15000,
+            )
             page.get_by_text("none above threshold").first.wait_for(timeout=15000)
             page.wait_for_timeout(1500)  # let the gallery and sliders repaint before the screenshot
             page.screenshot(path=str(OUTPUT / "dashboard.png"), full_page=True)

@@ -1006,14 +1006,14 @@ class Dashboard(pn.viewable.Viewer):
         HoloViews' update (ranges, styles, glyphs). Anything else (another view, a scan of another
         shape, a plot not drawn as expected) returns False with nothing changed.
         """
-        if not all(e.name == "thresholds" for e in events) or self._maps is None:
+        if not all(e.name == "thresholds" for e in events) or self._main_kind() not in ("RGB", "Image"):
             return False
         view = self.view
         image: np.ndarray | None = None
         clim: tuple[float, float] | None = None
         if view == "Composite":
             image = _rgba_u32(np.asarray(self._maps.composite_rgb(self.threshold_array()), dtype=np.uint8))
-        elif view == "Surface vs buried":
+        elif view == "Surface vs buried" and self.focus in self.classes:
             image = self.main_array()[1]
         elif view == "Pigment" and self.focus in self.classes:
             clim = _pigment_clim(self.thresholds[self.focus])
