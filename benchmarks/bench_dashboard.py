@@ -186,20 +186,21 @@ def main() -> None:
         dash.focus = dash.classes[0]
         check(view, dash.threshold_array())
 
-        def one(i: int) -> None:
-            dash.set_threshold(dash.classes[0], values[i % 2])
+        target = [0.0]
 
-        def one_done(i: int, view=view) -> None:
+        def one(i: int, target=target) -> None:
+            # always a change (setting the value a slider already has would time a no-op)
+            target[0] = values[1] if dash.thresholds[dash.classes[0]] != values[1] else values[0]
+            dash.set_threshold(dash.classes[0], target[0])
+
+        def one_done(i: int, view=view, target=target) -> None:
             thr = dash.threshold_array()
-            assert thr[0] == values[i % 2]
+            assert thr[0] == target[0]
             check(view, thr)
 
         report(f"one pigment's threshold -> maps ({view})", timed(one, args.repeats, one_done))
 
-        target = [0.0]
-
         def every(i: int, target=target) -> None:
-            # always a change (setting the value the slider already has would time a no-op)
             target[0] = values[1] if dash.global_threshold != values[1] else values[0]
             dash.global_threshold = target[0]
 
