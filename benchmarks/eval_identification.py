@@ -12,7 +12,7 @@ Prints Markdown tables (these are the tables of the model card, models/xrfnb-pig
 4. inference speed of identify_batch on 4096-channel uint16 spectra with torch limited to 2 threads.
 
 Usage: python benchmarks/eval_identification.py [--model default] [--n-per-cell 200] [--no-baseline]
-       [--json results.json] [--quick]
+       [--precision auto|float32|bfloat16] [--json results.json] [--quick]
 """
 
 from __future__ import annotations
@@ -81,11 +81,17 @@ def main() -> None:
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--quick", action="store_true", help="50 spectra per cell, 1,000 and 3,000 counts only")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument(
+        "--precision",
+        default="auto",
+        choices=("auto", "float32", "bfloat16"),
+        help="network arithmetic (default auto: bfloat16 where the CPU has it natively)",
+    )
     args = ap.parse_args()
-    model = xrfnb.load_model(args.model)
-    results: dict[str, object] = {"model": model.name}
+    model = xrfnb.load_model(args.model, precision=args.precision)
+    results: dict[str, object] = {"model": model.name, "precision": model.precision}
 
-    print(f"## Inference speed ({model.name})\n")
+    print(f"## Inference speed ({model.name}, network in {model.precision})\n")
     sp = speed(model, 16384 if args.quick else 65536)
     results["speed"] = sp
     rate = sp["spectra_per_s"]
