@@ -713,3 +713,44 @@ def test_sessions_patch_only_their_own_documents(scene):
     assert not np.array_equal(
         document_rgb(plot_in(doc_a, "xrfnb-main")), document_rgb(plot_in(doc_b, "xrfnb-main"))
     )
+
+
+def test_mapping_job_reports_progress_per_block_and_can_be_cancelled(scene):
+    """The dashboard maps with map_pigments' progress callback: the job follows it block by block, equals
+    a direct map_pigments run, and a cancelled job (another scan opened) stops at the next block."""
+    scan, _, _ = scene
+    model = xrfnb.load_model("default")
+    rows, cols = scan.shape[:2]
+    seen: list[tuple[int, int]] = []
+
+    class Job(dict):
+        def __setitem__(self, key, value):
+            super().__setitem__(key, value)
+            if key == "done":
+                seen.append((value, self["total"]))
+
+    job = Job(done=0, total=1)
+    maps = _dashboard._map_with_progress(scan, model, job, chunk_pixels=cols, element_maps=False)
+    assert job["done"] == job["total"] == rows * cols
+    assert seen[0][0] == 0 and len(seen) >= rows  # one report per row block of one row (plus start)
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+    ref = xrfnb.map_pigments(scan, model, progress=False)
+    np.testing.assert_array_equal(maps.probability, ref.probability)
+
+    job = {"done": 0, "total": 1, "cancel": True}
+    with pytest.raises(_dashboard._Cancelled):
+        _dashboard._map_with_progress(scan, model, job, chunk_pixels=cols, element_maps=False)
+    assert job["done"] == 0  # stopped at the first report, before any block was identified
+
+
+def test_opening_another_scan_cancels_the_running_job_silently(scene):
+    scan, maps, _ = scene
+    dash = Dashboard(scan=scan, maps=maps)
+    other = xrfnb.Scan(np.asarray(scan.counts)[:, ::-1].copy(), scan.calibration)
+    job = {"done": 0, "total": 1, "scan": scan, "error": None, "finished": False, "result": None, "key": None}
+    dash._job = job
+    dash.set_scan(other, maps=maps)
+    assert job["cancel"] is True  # the worker thread stops at its next progress report
+    job.update(error=_dashboard._Cancelled(), finished=True)
+    dash._finish_job(job)  # no notification, maps of the new scan stay
+    assert not hasattr(dash, "last_message") and dash.scan is other and dash.maps is maps

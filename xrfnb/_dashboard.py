@@ -13,6 +13,7 @@ HoloViews JavaScript) are served by the server itself, never from a CDN.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import importlib
 import io
@@ -667,6 +668,8 @@ class Dashboard(pn.viewable.Viewer):
             shape = tuple(np.shape(maps.probability))
             if shape[:2] != scan.shape[:2]:
                 raise DataError(f"pigment maps of shape {shape[:2]} do not match the {scan.shape[:2]} scan")
+        if self._job is not None and self._job["scan"] is not scan:
+            self._job["cancel"] = True  # nobody waits for those maps any more: stop after the current block
         self._scan = scan
         self._label = label
         self._energy_keV = scan.energy_keV
@@ -750,6 +753,10 @@ class Dashboard(pn.viewable.Viewer):
             work()
             self._finish_job(job)
             return
+        if self._job is not None:  # a job for another scan: stop it and its poller
+            self._job["cancel"] = True
+        if self._job_cb is not None:
+            self._job_cb.stop()
         self._job = job
         threading.Thread(target=work, name="xrfnb-map", daemon=True).start()
         self._job_cb = pn.state.add_periodic_callback(self._poll_job, period=250)
@@ -771,6 +778,8 @@ class Dashboard(pn.viewable.Viewer):
         self.busy = False
         self._progress_bar.visible = False
         self.progress = 100
+        if isinstance(job["error"], _Cancelled) or job["scan"] is not self._scan:
+            return  # the user opened something else meanwhile
         if job["error"] is not None:
             exc = job["error"]
             if isinstance(exc, XRFNBError):
@@ -2062,66 +2071,45 @@ def _name_hook(name: str) -> Callable[[Any, Any], None]:
     return hook
 
 
+class _Cancelled(Exception):
+    """Raised from the progress callback to stop a mapping job nobody waits for any more."""
+
+
 def _map_with_progress(
     scan: Scan, model: Any, job: dict[str, Any], *, chunk_pixels: int = 16384, element_maps: bool = True
 ) -> Any:
-    """Pigment maps of ``scan`` row block by row block, reporting progress in ``job`` (pixels done/total).
+    """Pigment maps of ``scan`` with :func:`xrfnb.map_pigments`, reporting progress in ``job``.
 
-    Each block is mapped with :func:`xrfnb.map_pigments` and the blocks are stacked into one
-    :class:`~xrfnb.PigmentMaps`; element maps (:func:`xrfnb.fit_elements`) follow as a second stage. A
-    failing element fit is reported in ``job["warning"]`` and leaves ``element_maps`` None.
+    ``job["done"]`` and ``job["total"]`` (pixels) follow map_pigments' progress callback, block by block;
+    setting ``job["cancel"]`` stops the run after the current block (:class:`_Cancelled`). Element maps
+    (:func:`xrfnb.fit_elements`) follow as a second stage (``job["stage"]``); a failing element fit is
+    reported in ``job["warning"]`` and leaves ``element_maps`` None.
     """
     map_pigments = _xrfnb_attr("map_pigments")
-    pigment_maps_cls = _xrfnb_attr("PigmentMaps")
-    if map_pigments is None or pigment_maps_cls is None:
+    if map_pigments is None:
         raise ModelError("pigment mapping is not available in this installation of xrfnb")
     rows, cols, _ = scan.shape
     job["total"] = rows * cols
-    step = max(1, scan.block_rows(chunk_pixels))
-    lt = scan.live_time_s
-    parts = []
-    for r0 in range(0, rows, step):
-        r1 = min(rows, r0 + step)
-        counts = scan.counts[r0:r1]
-        sub = Scan(
-            counts,
-            scan.calibration,
-            scan.pixel_size_um,
-            live_time_s=lt[r0:r1] if isinstance(lt, np.ndarray) else lt,
-            metadata=scan.metadata,
-        )
-        parts.append(map_pigments(sub, model, progress=False))
-        job["done"] = r1 * cols
+    job["stage"] = "pigment maps"
+
+    def report(done: int, total: int) -> None:
+        job["done"], job["total"] = int(done), max(1, int(total))
         if job.get("cancel"):
-            raise XRFNBError("mapping cancelled")
-    first = parts[0]
+            raise _Cancelled
 
-    def cat(name: str) -> np.ndarray:
-        return np.concatenate([np.asarray(getattr(p, name)) for p in parts], axis=0)
-
-    em = None
+    maps = map_pigments(scan, model, chunk_pixels=chunk_pixels, progress=report)
     fit_elements = _xrfnb_attr("fit_elements") if element_maps else None
-    if fit_elements is not None:
-        job["stage"] = "element maps"
-        try:
-            instrument_cls = _xrfnb_attr("Instrument")
-            inst = instrument_cls.preset(str(scan.metadata.get("instrument") or "bruker-m6"))
-            em = fit_elements(scan, inst)
-        except XRFNBError as exc:
-            job["warning"] = f"element maps could not be fitted: {exc}"
-    return pigment_maps_cls(
-        classes=first.classes,
-        probability=cat("probability"),
-        buried_probability=cat("buried_probability"),
-        ood_score=cat("ood_score"),
-        thresholds=first.thresholds,
-        ood_threshold=first.ood_threshold,
-        mask=cat("mask"),
-        colors=first.colors,
-        element_maps=em,
-        metadata={**first.metadata, "shape": [rows, cols], "source": str(scan.metadata.get("source", ""))},
-        mask_reason=cat("mask_reason") if first.mask_reason is not None else None,
-    )
+    if fit_elements is None:
+        return maps
+    job["stage"] = "element maps"
+    try:
+        instrument_cls = _xrfnb_attr("Instrument")
+        inst = instrument_cls.preset(str(scan.metadata.get("instrument") or "bruker-m6"))
+        em = fit_elements(scan, inst)
+    except XRFNBError as exc:
+        job["warning"] = f"element maps could not be fitted: {exc}"
+        return maps
+    return dataclasses.replace(maps, element_maps=em)
 
 
 # --------------------------------------------------------------------------------------------------
