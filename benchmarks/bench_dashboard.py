@@ -3,7 +3,9 @@
 Measures, on a live Bokeh document (the models a browser session would be sent):
 
 * tap -> spectrum: from a Tap event on the main map until the spectrum, probability bars and info text
-  of the new pixel are in the document's models;
+  of the new pixel, and the spectrum of the paint stack fitted to it (``xrfnb.fit_stack`` of the called
+  pigments, the evidence view) with its residual, are in the document's models; the classes are
+  pigment-library groups with about 3-5 present per pixel, so every tap fits real pigments;
 * threshold -> maps: from a threshold change (one pigment's slider, and the global slider that moves
   every class) until the main map and the gallery maps are updated.
 
@@ -60,16 +62,25 @@ def make_scan_and_maps(rows: int, cols: int, channels: int, k: int, seed: int = 
     mask[0, :3] = True
     prob[mask] = np.nan
     maps = xrfnb.PigmentMaps(
-        classes=tuple(f"pigment {j:02d}" for j in range(k)),
+        classes=library_classes(k),
         probability=prob,
         buried_probability=(prob * 0.3).astype(np.float32),
         ood_score=rng.uniform(0, 1, size=(rows, cols)).astype(np.float32),
-        thresholds=np.full(k, 0.5),
+        thresholds=np.full(k, 0.85),  # about 3-5 classes present at a pixel, as in paintings
         ood_threshold=0.8,
         mask=mask,
         colors=tuple(f"#{rng.integers(0, 0xFFFFFF):06x}" for _ in range(k)),
     )
     return scan, maps
+
+
+def library_classes(k: int) -> tuple[str, ...]:
+    """The first ``k`` ambiguity groups of the pigment library (so a tap fits real pigments' stacks)."""
+    groups = [g for g, members in xrfnb.pigments().groups().items()
+              if not all(xrfnb.pigments()[m].xrf_silent for m in members)]
+    if k > len(groups):
+        raise SystemExit(f"--classes {k}: the pigment library has only {len(groups)} XRF-visible groups")
+    return tuple(groups[:k])
 
 
 def spectrum_sum(doc: Document) -> list[float]:
@@ -175,8 +186,18 @@ def main() -> None:
         assert float(counts[r, c].sum()) in spectrum_sum(doc), (
             "spectrum in the document is not the tapped pixel's"
         )
+        # the evidence: the stack fitted to this pixel's spectrum is drawn (its expected counts)
+        sim = dash.simulated_spectrum()
+        if sim is not None:
+            shown = np.maximum(sim[1], 0.5) if dash.log_scale else sim[1]
+            assert any(abs(x - float(shown.sum())) < 1e-6 * float(shown.sum()) for x in spectrum_sum(doc)), (
+                "the fitted stack's spectrum in the document is not the tapped pixel's"
+            )
+            fits.append(sim[0])
 
-    report("tap -> spectrum, bars, info", timed(tap, args.repeats, tapped))
+    fits: list[str] = []
+    report("tap -> spectrum, bars, info, fitted stack", timed(tap, args.repeats, tapped))
+    print(f"  (a stack was fitted at {len(fits)} of {args.repeats} taps, e.g. {fits[0] if fits else '-'})")
 
     check = DocumentCheck(doc, maps)
     k = len(maps.classes)

@@ -485,30 +485,41 @@ def test_live_document_follows_view_and_axis_changes(dash):
 
 
 def test_simulated_spectrum_of_the_predicted_stack(dash, scene):
-    """The predicted stack (lead white + vermilion at the surface) simulated with the physics simulator."""
+    """The called pigments (lead white + vermilion at the surface) fitted with the physics simulator."""
     scan, _, _ = scene
     r, c = 16, 12
     dash.select_pixel(r, c)
+    assert dash.predicted_pigments() == (("lead white", "vermilion"), ())
     stack, desc = dash.predicted_stack()
     assert "vermilion" in desc and "lead white" in desc
     assert len(stack.layers) == 1  # nothing predicted as buried here
+    fit = dash.fitted_stack()
     _, expected = dash.simulated_spectrum()
     counts = np.asarray(scan.counts[r, c], float)
-    assert expected.shape == counts.shape
-    assert expected.sum() == pytest.approx(counts.sum())
     energy = np.arange(CHANNELS) * GAIN_KEV
+    assert expected.shape == counts.shape
+    fitted = energy >= 1.0  # the fitted range: 1 keV to the end of this scan's calibration (< 47.5 keV)
+    assert expected[fitted].sum() == pytest.approx(counts[fitted].sum())
+    # it is the best of the stacks searched: better than the same pigments at the default guess
+    guess = xrfnb.Stack([xrfnb.Layer({"lead white": 0.3, "vermilion": 0.3}, thickness_um=20.0)])
+    g = xrfnb.simulate_batch([guess], dash._instrument(), noise=False)[0][fitted]
+    from xrfnb._stackfit import poisson_deviance
+
+    assert fit.deviance <= poisson_deviance(counts[fitted], g / g.sum() * counts[fitted].sum()) + 1e-6
     # the simulator's strongest fluorescence lines lie on the Hg/Pb L lines (published energies)
     peak_keV = energy[np.argmax(np.where(energy > 3.0, expected, 0))]
     assert min(abs(peak_keV - PUBLISHED_KEV["Pb La1"]), abs(peak_keV - PUBLISHED_KEV["Hg La1"])) < 0.1
     residual = dash._residual.dmap[()]
     assert isinstance(residual, hv.Overlay)
     np.testing.assert_allclose(elements_of(residual, hv.Curve)[0].dimension_values(1), counts - expected)
+    assert "fitted stack" in residual.opts.get().kwargs["title"]
     overlay = dash._spectrum_dmap[()]
     assert len(elements_of(overlay, hv.Curve)) == 2  # measured and simulated
-    # red ochre predicted as buried under lead white -> two layers
+    # red ochre predicted as buried under lead white -> two layers, lead white on top
     dash.select_pixel(28, 5)
+    assert dash.predicted_pigments() == (("lead white",), ("red ochre",))
     stack, desc = dash.predicted_stack()
-    assert len(stack.layers) == 2 and desc == "lead white over red ochre"
+    assert len(stack.layers) == 2 and desc.startswith("lead white ") and " over red ochre " in desc
     dash.simulate_stack = False
     assert dash.simulated_spectrum() is None
     residual = dash._residual.dmap[()]

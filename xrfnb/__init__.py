@@ -51,6 +51,8 @@ _LAZY: dict[str, str] = {
     "GroundTruth": "._scenes",
     "render_scan": "._scenes",
     "scenes": "._scenes",
+    "StackFit": "._stackfit",
+    "fit_stack": "._stackfit",
     # element detection, maps and the expert baseline
     "DetectedElement": "._fit",
     "ElementMaps": "._fit",

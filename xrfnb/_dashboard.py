@@ -1617,23 +1617,22 @@ class Dashboard(pn.viewable.Viewer):
         )
 
     # -- simulated spectrum of the predicted stack ------------------------------------------------
-    def predicted_stack(self) -> tuple[Any, str]:
-        """The paint stack the maps predict at the pixel or region, and a readable description.
+    def predicted_pigments(self) -> tuple[tuple[str, ...], tuple[str, ...]] | str:
+        """``(surface pigments, buried pigments)`` the maps call at the pixel or region, or the reason why
+        there are none.
 
-        Classes above threshold are split into a surface layer (20 um) and, where the model says the
-        class is present only below the surface, a buried layer (40 um); each class is represented by
-        the first pigment of its ambiguity group, all sharing 60 % of the layer's weight (the rest is
-        linseed oil). Returns ``(None, reason)`` when there is nothing to simulate.
+        Classes above threshold go to the surface layer, or below it where the model says the class is
+        present only below the surface; each class is represented by the first pigment of its ambiguity
+        group (XRF cannot tell the group's members apart).
         """
         if self._maps is None:
-            return None, "no pigment maps"
+            return "no pigment maps"
         if self.pixel is None and self.region is None:
-            return None, "no pixel selected"
+            return "no pixel selected"
         present, buried = self._selection_layers(self.thresholds)
         pigments_fn = _xrfnb_attr("pigments")
-        layer_cls, stack_cls = _xrfnb_attr("Layer"), _xrfnb_attr("Stack")
-        if pigments_fn is None or layer_cls is None or stack_cls is None:
-            return None, "the simulator is not available"
+        if pigments_fn is None or _xrfnb_attr("fit_stack") is None:
+            return "the simulator is not available"
         names: dict[bool, list[str]] = {True: [], False: []}
         for k, cls in enumerate(self.classes):
             if present[k]:
@@ -1641,19 +1640,37 @@ class Dashboard(pn.viewable.Viewer):
                 if pigment is not None:
                     names[bool(buried[k])].append(pigment)
         if not names[True] and not names[False]:
-            return None, "no library pigment above threshold"
-        layers = [
-            layer_cls(
-                dict.fromkeys(names[False], 0.6 / len(names[False])) if names[False] else {},
-                thickness_um=20.0,
-            )
-        ]
-        if names[True]:
-            layers.append(layer_cls(dict.fromkeys(names[True], 0.6 / len(names[True])), thickness_um=40.0))
-        desc = " over ".join(", ".join(n) or "binder" for n in (names[False], names[True]) if n is not None)
-        if not names[True]:
-            desc = ", ".join(names[False])
-        return stack_cls(layers), desc
+            return "no library pigment above threshold"
+        return tuple(names[False]), tuple(names[True])
+
+    def fitted_stack(self) -> Any:
+        """The :class:`~xrfnb.StackFit` of the called pigments to the pixel's (or region's mean) spectrum.
+
+        :func:`xrfnb.fit_stack` searches surface thickness, pigment load and the pigments' relative
+        amounts for the stack whose simulated spectrum best explains the measured counts, so the residual
+        shows what the calls leave unexplained. Returns ``None`` with the reason in ``_sim_reason`` when
+        there is nothing to fit. Cached per spectrum and pigments.
+        """
+        called = self.predicted_pigments()
+        if isinstance(called, str):
+            self._sim_reason = called
+            return None
+        _, _, counts = self.current_spectrum()
+        inst = self._instrument()
+        key = (called, id(inst), hash(counts.tobytes()))
+        fit = _SIMULATED.get(key)
+        if fit is None:
+            fit = _xrfnb_attr("fit_stack")(counts, inst, called[0], called[1])
+            _SIMULATED.put(key, fit)
+        return fit
+
+    def predicted_stack(self) -> tuple[Any, str]:
+        """The fitted paint stack at the pixel or region and its description (pigments, weight fractions,
+        surface thickness); ``(None, reason)`` when there is nothing to simulate."""
+        fit = self.fitted_stack()
+        if fit is None:
+            return None, self._sim_reason
+        return fit.stack, fit.describe()
 
     def _selection_layers(self, thresholds: dict[str, float]) -> tuple[np.ndarray, np.ndarray]:
         """(present (K,), buried (K,)) bool of the selected pixel or region mean under ``thresholds``."""
@@ -1704,33 +1721,21 @@ class Dashboard(pn.viewable.Viewer):
         return inst
 
     def simulated_spectrum(self) -> tuple[str, np.ndarray] | None:
-        """``(description, expected counts (channels,))`` of the predicted stack, scaled to the measured
-        total counts; None when switched off or nothing can be simulated (the reason is kept)."""
+        """``(description, expected counts (channels,))`` of the fitted stack (:meth:`fitted_stack`),
+        scaled to the measured counts in the fitted energy range; None when switched off or nothing can be
+        simulated (the reason is kept)."""
         self._sim_reason = "switched off"
         if not self.simulate_stack or self._scan is None:
             return None
-        simulate = _xrfnb_attr("simulate")
-        if simulate is None:
-            self._sim_reason = "the simulator is not available"
-            return None
         try:
-            stack, desc = self.predicted_stack()
-            if stack is None:
-                self._sim_reason = desc
-                return None
-            _, _, counts = self.current_spectrum()
-            inst = self._instrument()
-            key = (repr(stack), id(inst))
-            shape = _SIMULATED.get(key)
-            if shape is None:
-                expected = np.asarray(simulate(stack, inst, noise=False).counts, dtype=float)
-                shape = expected / max(expected.sum(), 1e-300)
-                _SIMULATED.put(key, shape)
+            fit = self.fitted_stack()
         except XRFNBError as exc:
             self._sim_reason = f"simulation failed: {exc}"
             return None
+        if fit is None:
+            return None
         self._sim_reason = ""
-        return desc, shape * float(counts.sum())
+        return f"{fit.describe()}; deviance {fit.reduced_deviance:.2f} per channel", fit.expected
 
     def _residual_kind(self) -> str:
         # always an overlay (an empty one with the reason when nothing is simulated), but a fresh plot when
@@ -1738,7 +1743,7 @@ class Dashboard(pn.viewable.Viewer):
         if not self.simulate_stack or self._maps is None or (self.pixel is None and self.region is None):
             return "Overlay-empty"
         try:
-            return "Overlay" if self.predicted_stack()[0] is not None else "Overlay-empty"
+            return "Overlay" if not isinstance(self.predicted_pigments(), str) else "Overlay-empty"
         except XRFNBError:
             return "Overlay-empty"
 
@@ -1760,11 +1765,10 @@ class Dashboard(pn.viewable.Viewer):
         desc, expected = sim
         _, energy, counts = self.current_spectrum()
         residual = counts - expected
-        chi2 = float(np.sum(residual**2 / np.maximum(expected, 1.0)) / max(residual.size, 1))
         curve = hv.Curve((energy, residual), "Energy (keV)", "Measured - simulated").opts(
             color="#d62728", line_width=1
         )
-        title = f"Residual vs simulated stack: {desc} (chi2/channel {chi2:.2f})"
+        title = f"Residual vs fitted stack: {desc}"
         return (curve * zero).opts(hv.opts.Overlay(title=title, **opts))
 
     def marker_lines(self) -> list[tuple[str, float]]:
