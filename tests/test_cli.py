@@ -334,6 +334,17 @@ def test_identify_precision_flag_is_used_and_recorded(tiny_model_dir, tmp_path):
         np.testing.assert_allclose(got, ref.probability, atol=1e-5)
 
 
+def test_train_with_a_worker_process_ends_without_a_traceback(tmp_path):
+    """The batch workers inherit the CLI's SIGTERM handler; the pool's SIGTERM at the end must not make
+    them print a KeyboardInterrupt traceback (seen at the end of a real training run)."""
+    config = tmp_path / "tiny.toml"
+    config.write_text(_TINY_TOML.replace("workers = 0", "workers = 1"))
+    proc = _run("train", "--config", str(config), "--out", str(tmp_path / "model"), "-q", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr and "KeyboardInterrupt" not in proc.stderr, proc.stderr
+    assert (tmp_path / "model" / "model.safetensors").is_file()
+
+
 def test_train_refuses_an_existing_run_without_resume(tiny_model_dir, tmp_path, capsys):
     config = tmp_path / "tiny.toml"
     config.write_text(_TINY_TOML)

@@ -143,8 +143,8 @@ def resolve_precision(precision: str = "auto") -> str:
     if text == "auto" and os.environ.get(_PRECISION_ENV, "").strip():
         text, where = os.environ[_PRECISION_ENV].strip().lower(), f"${_PRECISION_ENV}"
     if text not in PRECISIONS:
-        raise ModelError(f"{where} {precision if where == 'precision' else text!r} is not one of "
-                         f"{', '.join(PRECISIONS[1:])} or auto")
+        value = precision if where == "precision" else text
+        raise ModelError(f"{where} {value!r} is not one of {', '.join(PRECISIONS[1:])} or auto")
     if text == "auto":
         return "bfloat16" if native_bfloat16() else "float32"
     return text
@@ -353,7 +353,7 @@ class PigmentModel:
     ):
         self.net = net.eval()
         self._precision = resolve_precision(precision)
-        # a bfloat16 copy of the network for inference; self.net stays float32 (training, saving)
+        # a bfloat16 copy of the network, made here, for inference; self.net stays float32 (training, saving)
         self._net_bf16 = (
             copy.deepcopy(self.net).to(torch.bfloat16).eval() if self._precision == "bfloat16" else None
         )

@@ -325,8 +325,14 @@ _WORKER_DATA: Any = None
 
 def _worker_init(data_cfg: Any, grid: dict[str, Any]) -> None:
     global _WORKER_DATA
+    import signal
+
     from ._trainingdata import TrainingData
 
+    # a forked worker inherits the parent's handlers (the CLI turns SIGTERM into KeyboardInterrupt): the
+    # pool ends its workers with SIGTERM, which must end them quietly, and Ctrl-C is the parent's to handle
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
     _WORKER_DATA = TrainingData(data_cfg, **grid)
 
