@@ -536,7 +536,10 @@ def train_model(
     model.meta["training"]["spectra_seen"] = step * cfg.optim.batch_size
     model.meta["training"]["final_loss"] = loss_ema
     model.save(out)
-    return model
+    # calibrated in float32; handed out like a loaded model (network precision "auto")
+    served = PigmentModel(model.net, model.meta, model._ood_tensors())
+    served.path = out
+    return served
 
 
 def calibrate_model(
