@@ -331,7 +331,7 @@ _SCANS = _LRU(4)
 _MAPS = _LRU(8)
 _MODELS = _LRU(3)
 _INSTRUMENTS = _LRU(4)
-_SIMULATED = _LRU(256)
+_FITS = _LRU(256)  # StackFit of the called pigments per spectrum
 
 
 def _xrfnb_attr(name: str) -> Any | None:
@@ -788,8 +788,6 @@ class Dashboard(pn.viewable.Viewer):
                 raise MemoryError
             log.error("pigment mapping failed", exc_info=exc)
             raise XRFNBError(f"pigment mapping failed ({type(exc).__name__}: {exc})")
-        if job["scan"] is not self._scan:  # the user opened something else meanwhile
-            return
         if job["key"] is not None:
             _MAPS.put(job["key"], job["result"])
         self._set_maps(job["result"])
@@ -1658,10 +1656,10 @@ class Dashboard(pn.viewable.Viewer):
         _, _, counts = self.current_spectrum()
         inst = self._instrument()
         key = (called, id(inst), hash(counts.tobytes()))
-        fit = _SIMULATED.get(key)
+        fit = _FITS.get(key)
         if fit is None:
             fit = _xrfnb_attr("fit_stack")(counts, inst, called[0], called[1])
-            _SIMULATED.put(key, fit)
+            _FITS.put(key, fit)
         return fit
 
     def predicted_stack(self) -> tuple[Any, str]:

@@ -1178,6 +1178,7 @@ def _stream(
     lt_all = scan.live_time_s
 
     fast = _ChunkReader.maybe(scan.counts)
+    done_px = rows * cols - sum((s.stop - s.start) * cols for s in todo)  # finished before (resume)
 
     def read(sl: slice) -> np.ndarray:
         t = time.perf_counter()
@@ -1188,7 +1189,7 @@ def _stream(
     with (
         tqdm(
             total=rows * cols,
-            initial=(rows * cols - sum((s.stop - s.start) * cols for s in todo)),
+            initial=done_px,
             unit="px",
             unit_scale=True,
             desc="pigment maps",
@@ -1198,7 +1199,6 @@ def _stream(
         concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="xrfnb-read") as pool,
         contextlib.closing(fast) if fast is not None else contextlib.nullcontext(),
     ):
-        done_px = rows * cols - sum((s.stop - s.start) * cols for s in todo)
         report = progress if callable(progress) else None
         if report is not None:
             report(done_px, rows * cols)

@@ -539,6 +539,13 @@ class PigmentModel:
         names = ("feature_mean", "feature_whitening", "pca_mean", "pca_basis")
         return {k: getattr(self, f"_{k}") for k in names if getattr(self, f"_{k}") is not None}
 
+    def _with_precision(self, precision: str) -> PigmentModel:
+        """The same model (shared float32 network, metadata and folder) at another network precision."""
+        other = PigmentModel(self.net, self.meta, self._ood_tensors(), precision=precision)
+        if hasattr(self, "path"):
+            other.path = self.path
+        return other
+
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``model.safetensors`` and ``model.json`` into a folder (created if needed).
 
@@ -891,10 +898,7 @@ def load_model(name: str | os.PathLike = "default", *, precision: str = "auto") 
     if isinstance(name, PigmentModel):
         if precision == "auto" or name.precision == resolved:
             return name
-        other = PigmentModel(name.net, name.meta, name._ood_tensors(), precision=resolved)
-        if hasattr(name, "path"):
-            other.path = name.path
-        return other
+        return name._with_precision(resolved)
     text = str(name)
     if text == "default":
         text = DEFAULT_MODEL

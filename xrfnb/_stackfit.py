@@ -217,8 +217,7 @@ def fit_stack(
             loads = loads[len(loads) // 2 : len(loads) // 2 + 1]
     if n_grid() > max_candidates:  # one level, one load: thin out the thicknesses
         thick = thick[:: math.ceil(n_grid() / max_candidates)]
-    cs = [{k: v * ld / pigment_load for k, v in c.items()} for ld in loads
-          for c in _combos(surface, levels, pigment_load)]
+    cs = [c for ld in loads for c in _combos(surface, levels, ld)]
     cb = _combos(buried, levels, pigment_load)
 
     def search(grid: list[tuple[float, dict[str, float], dict[str, float]]]) -> tuple[np.ndarray, ...]:

@@ -536,10 +536,9 @@ def train_model(
     model.meta["training"]["spectra_seen"] = step * cfg.optim.batch_size
     model.meta["training"]["final_loss"] = loss_ema
     model.save(out)
+    model.path = out
     # calibrated in float32; handed out like a loaded model (network precision "auto")
-    served = PigmentModel(model.net, model.meta, model._ood_tensors())
-    served.path = out
-    return served
+    return model._with_precision("auto")
 
 
 def calibrate_model(
