@@ -197,3 +197,26 @@ def test_monochromatic_source_excites_only_edges_below_it() -> None:
         for fam in set(rows.family):
             shell = {"K": xraylib.K_SHELL, "L": xraylib.L3_SHELL, "M": xraylib.M5_SHELL}[fam[0]]
             assert xraylib.EdgeEnergy(z, shell) < e0
+
+
+def test_batch_hands_out_the_line_counts_behind_its_spectra(m6, painting) -> None:
+    """The per-layer line intensities the training labels are built from add up to the spectrum."""
+    from xrfnb._simulate import _setup, _simulate_batch, _tables_for
+
+    arr = stack_arrays([painting, painting])
+    keep: dict = {}
+    counts = np.array([1000.0, 20000.0])
+    spec = _simulate_batch(arr, m6, counts=counts, noise=False, scatter=False, dtype=np.float64, keep=keep)
+    line_counts = keep["primary"] * keep["line_detected"][None, None, :] * keep["scale"][:, None, None]
+    # without scatter every count of the spectrum is a line count, and both are the requested totals
+    np.testing.assert_allclose(spec.sum(axis=1), counts, rtol=1e-6)
+    np.testing.assert_allclose(line_counts.sum(axis=(1, 2)), counts, rtol=1e-6)
+    # each line comes from the layers that hold its element: Hg from the top layer, Pb from the second
+    T = _tables_for(arr.elements, _setup(m6))
+    el = np.array([xraylib.AtomicNumberToSymbol(int(z)) for z in T.elements])[T.line_element]
+    hg, pb = el == "Hg", el == "Pb"
+    assert line_counts[:, 0, hg].sum() > 0 and line_counts[:, 1:, hg].sum() == 0
+    assert line_counts[:, 1, pb].sum() > 0 and line_counts[:, 0, pb].sum() == 0
+    # the noisy spectra drawn alongside are the same spectra simulate_batch draws
+    a = _simulate_batch(arr, m6, counts=counts, rng=3, keep={})
+    np.testing.assert_array_equal(a, xrfnb.simulate_batch(arr, m6, counts=counts, rng=3))

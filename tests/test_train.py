@@ -11,7 +11,17 @@ import xraylib
 
 from xrfnb import ModelError
 from xrfnb._model import PigmentModel
-from xrfnb._train import _BatchStream, best_f1_thresholds, fit_temperature, load_config, prf, train_model
+from xrfnb._train import (
+    GROUP_SIZE,
+    _BatchStream,
+    best_f1_thresholds,
+    fit_temperature,
+    load_config,
+    prf,
+    recalibrate_model,
+    train_model,
+    validation_set,
+)
 from xrfnb._trainingdata import (
     MAX_PAINT_LAYERS,
     N_LAYERS,
@@ -271,3 +281,74 @@ def test_evaluate_runs_on_a_tiny_model(tiny_run):
     assert "| single | 1,000 |" in md
     with pytest.raises(ModelError, match="unknown evaluation sets"):
         evaluate_model(model, sets=("everything",), baseline=False, progress=False)
+
+
+def test_validation_and_evaluation_sets_span_the_instrument_variants(tiny_run, monkeypatch):
+    """Calibration and evaluation draw an instrument variant per group of GROUP_SIZE spectra, not one per
+    ``variants_per_batch`` (2) for the whole set: thresholds, temperature and OOD references must see
+    the whole instrument envelope, and each evaluation cell must cover the held-out one."""
+    from xrfnb._train import evaluate_model
+
+    cfg = load_config({**TINY, "data": {"n_instrument_variants": 8, "variants_per_batch": 2},
+                       "optim": {**TINY["optim"], "n_val": 4 * GROUP_SIZE}})
+    data = TrainingData(cfg.data)
+    drawn = []
+    original = TrainingData._instrument
+
+    def record(self, rng, wider):
+        inst = original(self, rng, wider)
+        drawn.append((wider, id(inst)))
+        return inst
+
+    monkeypatch.setattr(TrainingData, "_instrument", record)
+    binned, labels = validation_set(data, cfg)
+    assert binned.shape[0] == labels.shape[0] == 4 * GROUP_SIZE
+    assert len(drawn) == 4 and len(set(drawn)) >= 3  # a training batch would have drawn 2
+    assert all(not w for w, _ in drawn)
+    # an evaluation cell: one held-out variant per group of GROUP_SIZE spectra
+    drawn.clear()
+    _, model = tiny_run
+    evaluate_model(model, n_per_cell=3 * GROUP_SIZE, counts=(1000,), sets=("single",), baseline=False,
+                   progress=False)
+    assert len(drawn) == 3 and all(w for w, _ in drawn)
+
+
+def test_recalibrating_a_trained_model_reproduces_its_calibration(tiny_run, tmp_path):
+    """recalibrate_model is train_model's calibration step: same network and code, same calibration."""
+    out, model = tiny_run
+    again = recalibrate_model(out, tmp_path / "recal")
+    assert again.meta["temperature"] == model.meta["temperature"]
+    assert again.meta["thresholds"] == model.meta["thresholds"]
+    assert again.meta["ood"] == model.meta["ood"]
+    assert again.meta["metrics"] == model.meta["metrics"]
+    for va, vb in zip(model.net.state_dict().values(), again.net.state_dict().values(), strict=True):
+        np.testing.assert_array_equal(va.numpy(), vb.numpy())
+    meta = json.loads((tmp_path / "recal" / "model.json").read_text())
+    assert meta["training"]["steps"] == 12 and "recalibrated" in meta["training"]
+    assert (out / "model.json").read_text() != (tmp_path / "recal" / "model.json").read_text()
+
+
+def test_step_plan_comes_from_the_warmed_up_speed(tmp_path, monkeypatch):
+    """The run is fitted into its time budget from the speed of steps 100-400, not the faster start."""
+    import types
+
+    import xrfnb._train as tr
+
+    clock = {"t": 0.0}
+    monkeypatch.setattr(tr, "time", types.SimpleNamespace(
+        perf_counter=lambda: clock["t"], strftime=tr.time.strftime, gmtime=tr.time.gmtime))
+    original = _BatchStream.get
+
+    def timed_get(self, step):
+        clock["t"] += 1 / 128 if step < 100 else 1 / 64  # seconds per step (binary fractions: exact sums)
+        return original(self, step)
+
+    monkeypatch.setattr(_BatchStream, "get", timed_get)
+    cfg = {**TINY, "optim": {**TINY["optim"], "max_steps": 5000, "time_budget_min": 0.25, "reuse": 100,
+                             "checkpoint_every": 1000}}
+    model = train_model(cfg, tmp_path, progress=False)
+    # budget 15 s; at step 400 the clock reads 100/128 + 300/64 = 5.47 s, and the remaining 9.53 s at
+    # 1/64 s per step make 610 more steps. (The step-40 speed, 1/128 s per step, would have planned 1,920.)
+    assert model.meta["training"]["steps"] == 1010
+    state = json.loads((tmp_path / "checkpoint" / "state.json").read_text())
+    assert state["planned_steps"] == 1010 and state["step"] == 1010

@@ -569,10 +569,34 @@ def simulate_batch(
     numpy.ndarray
         (B, channels) counts (or expected counts with ``noise=False``).
     """
-    if isinstance(stacks, StackArrays):
-        arr = stacks
-    else:
-        arr = stack_arrays(stacks)
+    arr = stacks if isinstance(stacks, StackArrays) else stack_arrays(stacks)
+    return _simulate_batch(arr, instrument, counts=counts, live_time_s=live_time_s, rng=rng, noise=noise,
+                           secondary=secondary, scatter=scatter, method=method, dtype=dtype, threads=threads)
+
+
+def _simulate_batch(
+    arr: StackArrays,
+    instrument: Any,
+    *,
+    counts: float | np.ndarray | None = None,
+    live_time_s: float | np.ndarray | None = None,
+    rng: np.random.Generator | int | None = None,
+    noise: bool = True,
+    secondary: bool = False,
+    scatter: bool = True,
+    method: str = "auto",
+    dtype: type = np.float32,
+    threads: int | None = None,
+    keep: dict[str, np.ndarray] | None = None,
+) -> np.ndarray:
+    """:func:`simulate_batch` on arrays; with ``keep`` (a dict), also hands out what it computed.
+
+    ``keep`` receives ``"primary"`` (B, N, L) primary line intensities per layer per incident photon and
+    sr (secondary fluorescence, if on, is not in it), ``"line_detected"`` (L,) detector efficiency times
+    the in-range fraction of each line's response row, and ``"scale"`` (B,) the factor that turned
+    intensities into expected counts. The training labels are built from these, so they describe exactly
+    the spectra drawn here.
+    """
     if method not in ("auto", "events", "poisson"):
         raise SimulationError(f"method must be 'auto', 'events' or 'poisson', got {method!r}")
     B = len(arr)
@@ -610,7 +634,10 @@ def simulate_batch(
         b1 = min(B, b0 + step)
         W = arr.weight_fraction[b0:b1]
         mt = arr.mass_thickness_g_cm2[b0:b1]
-        inten = _fp.primary(W, mt, T).sum(axis=1)
+        per_layer = _fp.primary(W, mt, T)
+        inten = per_layer.sum(axis=1)
+        if keep is not None:
+            keep["primary"][b0:b1] = per_layer
         if secondary:
             inten += _fp.secondary_within_layers(W, mt, T).sum(axis=1)
             inten += _fp.secondary_between_layers(W, mt, T).sum(axis=1)
@@ -626,8 +653,14 @@ def simulate_batch(
         else:
             sc = scale[b0:b1]
         inten_r *= sc[:, None]
+        if keep is not None:
+            keep["scale"][b0:b1] = sc
         _render(inten_r, rows, rowsum, out[b0:b1], children[i], noise, method, sampler)
 
+    if keep is not None:
+        keep["primary"] = np.zeros((B, arr.weight_fraction.shape[1], T.n_lines))
+        keep["scale"] = np.zeros(B) if c is not None else np.asarray(scale, dtype=float).copy()
+        keep["line_detected"] = eff * rowsum[: T.n_lines] if T.n_lines else np.zeros(0)
     n_threads = max(1, min(int(threads if threads is not None else os.cpu_count() or 1), len(starts)))
     if n_threads == 1:
         for i in range(len(starts)):

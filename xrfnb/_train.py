@@ -11,8 +11,9 @@
 
 Training is reproducible: batch ``i`` is drawn from ``numpy.random.default_rng([seed, i])`` and torch is
 seeded, so a resumed run sees the same data as an uninterrupted one. The number of optimisation steps is
-``max_steps``, reduced once (after 20 timed steps) so that the run fits ``time_budget_min``; that number is
-stored in the checkpoint, so a resumed run keeps the same learning-rate schedule.
+``max_steps``, reduced so that the run fits ``time_budget_min``: planned from the speed of steps 20-40, then
+fixed from the speed of steps 100-400; the fixed number is stored in the checkpoint, so a resumed run keeps
+the same learning-rate schedule.
 
 Checkpoints (``out_dir/checkpoint/state.safetensors`` + ``state.json``) hold the network, the optimiser
 state and the step, every ``checkpoint_every`` steps and on Ctrl-C; ``resume=True`` continues from them.
@@ -20,6 +21,7 @@ state and the step, every ``checkpoint_every`` steps and on Ctrl-C; ``resume=Tru
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -482,7 +484,7 @@ def train_model(
     bar = tqdm(total=planned, initial=step, disable=not progress, desc=f"training {cfg.name}", unit="step")
     loss_ema: float | None = state.get("loss_ema")
     t0 = time.perf_counter() - float(state["elapsed_s"])
-    t_mark: float | None = None
+    t_mark: tuple[int, float] | None = None
     net.train()
     try:
         with open(log_path, "a", encoding="utf-8") as log:
@@ -501,13 +503,17 @@ def train_model(
                 lv = float(loss.detach())
                 loss_ema = lv if loss_ema is None else 0.98 * loss_ema + 0.02 * lv
                 elapsed = time.perf_counter() - t0
-                # fit the run into the time budget: time steps 20-40 (after start-up) and fix the plan once
-                if state["planned_steps"] is None and step == 20:
-                    t_mark = elapsed
-                if state["planned_steps"] is None and step == 40 and t_mark is not None:
-                    per_step = (elapsed - t_mark) / 20
+                # fit the run into the time budget: a first plan from the speed of steps 20-40 (after
+                # start-up), refined once from steps 100-400 (worker processes warmed up, prefetch queue
+                # in its steady state); the plan is then fixed and kept in the checkpoint. A run resumed
+                # inside a timing window plans from its mean speed so far.
+                if state["planned_steps"] is None and step in (20, 100):
+                    t_mark = (step, elapsed)
+                if state["planned_steps"] is None and (step == 40 or step >= 400):
+                    per_step = (elapsed - t_mark[1]) / (step - t_mark[0]) if t_mark else elapsed / step
                     planned = int(min(cfg.optim.max_steps, max(60, step + (budget_s - elapsed) / per_step)))
-                    state["planned_steps"] = planned
+                    if step >= 400 or planned <= 400:
+                        state["planned_steps"] = planned
                     bar.total = planned
                     bar.refresh()
                 bar.update(1)
@@ -541,14 +547,36 @@ def train_model(
     return model._with_precision("auto")
 
 
+#: spectra per instrument group in the validation and evaluation sets
+GROUP_SIZE = 32
+
+
+def validation_set(data: Any, cfg: TrainingConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The calibration set: ``cfg.optim.n_val`` spectra of the training distribution, from ``val_seed``.
+
+    Drawn in groups of :data:`GROUP_SIZE` spectra, each with an instrument variant of its own, so that
+    temperature, thresholds and the out-of-distribution references see every training instrument variant
+    (one draw of ``n_val`` spectra would use only ``variants_per_batch`` of them).
+
+    Returns
+    -------
+    binned : numpy.ndarray
+        (n_val, n_bins) counts on the model grid.
+    labels : numpy.ndarray
+        (n_val, K) labels 0/1/2.
+    """
+    n_val = int(cfg.optim.n_val)
+    rng = np.random.default_rng([cfg.optim.val_seed])
+    return data.batch(n_val, rng, n_groups=max(1, -(-n_val // GROUP_SIZE)))
+
+
 def calibrate_model(
     net: PigmentNet, data: Any, cfg: TrainingConfig, *, progress: bool = False
 ) -> PigmentModel:
     """Temperature, thresholds and OOD statistics on a validation set; returns the finished model."""
     import xrfnb
 
-    rng = np.random.default_rng([cfg.optim.val_seed])
-    binned, labels = data.batch(cfg.optim.n_val, rng)
+    binned, labels = validation_set(data, cfg)
     logits, feats = _forward_all(net.eval(), binned)
     lab = torch.from_numpy(labels)
     temperature = fit_temperature(logits, lab)
@@ -628,6 +656,52 @@ def calibrate_model(
         }
     }
     return model
+
+
+def recalibrate_model(model: Any, out_dir: str | os.PathLike, *, progress: bool = False) -> PigmentModel:
+    """Calibrate a trained model's network afresh (temperature, thresholds, OOD references) and save it.
+
+    The network weights are not touched; the training record (``model.json`` ``training``) is kept and
+    ``training.recalibrated`` notes when. This is what :func:`train_model` does after its last step, so a
+    model recalibrated with the current code equals one trained with it.
+
+    Parameters
+    ----------
+    model : PigmentModel, str or path
+        The model to recalibrate (its ``training`` config defines the validation data).
+    out_dir : path
+        Where to save ``model.safetensors`` and ``model.json`` (may be the model's own folder).
+    progress : bool
+        Unused; kept for symmetry with :func:`train_model`.
+
+    Returns
+    -------
+    PigmentModel
+        The recalibrated model at network precision "auto".
+    """
+    from ._model import load_model
+    from ._trainingdata import TrainingData
+
+    model = load_model(model, precision="float32")
+    record = dict(model.meta.get("training", {}))
+    table = {k: record[k] for k in ("name", "model", "data", "optim") if k in record}
+    cfg = load_config(table)
+    mc = cfg.model
+    data = TrainingData(cfg.data, n_bins=mc.n_bins, e_min_keV=mc.e_min_keV, e_max_keV=mc.e_max_keV,
+                        grid_noise_keV=mc.grid_noise_keV)
+    if tuple(data.classes) != tuple(model.classes):
+        raise ModelError("the model's classes differ from the current pigment library's groups: retrain it")
+    net = copy.deepcopy(model.net).float().eval()
+    new = calibrate_model(net, data, cfg, progress=progress)
+    for k, v in record.items():
+        new.meta["training"].setdefault(k, v)
+    new.meta["training"]["recalibrated"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    new.meta["created"] = model.meta.get("created", new.meta["created"])
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    new.save(out)
+    new.path = out
+    return new._with_precision("auto")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -751,8 +825,10 @@ def evaluate_model(
 
     For each set (see :data:`EVAL_SETS`) the same stacks are simulated at every count level, with a wider
     instrument envelope than training (FWHM x0.8-1.3, doubled calibration errors) and a seed never used
-    in training. Ground truth follows the training label rule (a pigment counts when its strongest line
-    is detectable, see :mod:`xrfnb._trainingdata`). The model sees the raw spectra and their (slightly
+    in training. Each cell is split into groups of :data:`GROUP_SIZE` spectra with an instrument variant
+    drawn per group, so a cell covers the held-out envelope rather than one or two instruments. Ground
+    truth follows the training label rule (a pigment counts when its strongest line is detectable, see
+    :mod:`xrfnb._trainingdata`). The model sees the raw spectra and their (slightly
     wrong) calibration, exactly as a user's data; the baseline gets the same spectra and the exact
     instrument.
 
@@ -807,7 +883,8 @@ def evaluate_model(
     for s, c in bar:
         bar.set_postfix(set=s, counts=c, refresh=False)
         rng = np.random.default_rng([seed, list(EVAL_SETS).index(s)])
-        _, labels, raws, stacks = data.batch_raw(n_per_cell, rng, kind=s, counts=float(c), wider=True)
+        _, labels, raws, stacks = data.batch_raw(n_per_cell, rng, kind=s, counts=float(c), wider=True,
+                                                 n_groups=max(1, -(-n_per_cell // GROUP_SIZE)))
         prob = np.zeros((n_per_cell, len(classes)), np.float32)
         ood = np.zeros(n_per_cell, bool)
         pred_base = np.zeros((n_per_cell, len(classes)), bool)

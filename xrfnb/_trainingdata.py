@@ -39,9 +39,11 @@ the top layer, "buried" when visible pigments of it are only in lower layers or 
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import functools
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -273,9 +275,9 @@ def _loguniform(rng: np.random.Generator, lo: float, hi: float, size: Any = None
     return np.exp(rng.uniform(math.log(lo), math.log(hi), size))
 
 
-def _pick(rng: np.random.Generator, cum: np.ndarray) -> int:
-    """Index drawn with probabilities given by a normalised cumulative sum."""
-    return int(np.searchsorted(cum, rng.random() * cum[-1], side="right"))
+def _pick(rng: np.random.Generator, cum: Sequence[float]) -> int:
+    """Index drawn with probabilities given by a cumulative sum (a list: bisect beats numpy on scalars)."""
+    return bisect.bisect_right(cum, rng.random() * cum[-1])
 
 
 @functools.cache
@@ -333,10 +335,10 @@ def sample_stacks(
     mt = np.zeros((n, N_LAYERS))
     pw = np.zeros((n, N_LAYERS, n_pig))
     n_paint = np.zeros(n, dtype=np.int64)
-    lp = np.cumsum(cfg.layer_probs, dtype=float)
-    kp = np.cumsum(cfg.pigments_per_layer_probs, dtype=float)
-    gp = np.cumsum(cfg.ground_probs, dtype=float)
-    bp = np.cumsum(BINDER_WEIGHTS, dtype=float)
+    lp = np.cumsum(cfg.layer_probs, dtype=float).tolist()
+    kp = np.cumsum(cfg.pigments_per_layer_probs, dtype=float).tolist()
+    gp = np.cumsum(cfg.ground_probs, dtype=float).tolist()
+    bp = np.cumsum(BINDER_WEIGHTS, dtype=float).tolist()
     impurity_idx = [tab.elements.index(el) for el in IMPURITIES]
     log_imp = (math.log(cfg.impurity_wt[0]), math.log(cfg.impurity_wt[1]))
     ground_pigments = ("chalk", "gypsum", "lead white")
@@ -566,7 +568,8 @@ class TrainingData:
 
     # the simulator glue is below (_simulate_group); batches are split over instrument variants
     def batch(self, n: int, rng: np.random.Generator, *, kind: str = "train",
-              counts: float | None = None, wider: bool = False) -> tuple[np.ndarray, np.ndarray]:
+              counts: float | None = None, wider: bool = False,
+              n_groups: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Simulate ``n`` spectra and labels.
 
         Parameters
@@ -580,6 +583,11 @@ class TrainingData:
         wider : bool
             Evaluation: widen the instrument envelope (FWHM x0.8-1.3, calibration errors x2, other
             instrument variants).
+        n_groups : int, optional
+            Number of instrument groups: the spectra are split into this many groups, each simulated
+            with one instrument variant drawn at random (default ``cfg.variants_per_batch``, as in a
+            training batch). Sets meant to cover the whole instrument envelope (validation, evaluation)
+            need many groups.
 
         Returns
         -------
@@ -588,11 +596,13 @@ class TrainingData:
         labels : numpy.ndarray
             (n, K) int64 in {0, 1, 2}.
         """
-        binned, labels, _, _ = self.batch_raw(n, rng, kind=kind, counts=counts, wider=wider)
+        binned, labels, _, _ = self.batch_raw(n, rng, kind=kind, counts=counts, wider=wider,
+                                              n_groups=n_groups)
         return binned, labels
 
     def batch_raw(self, n: int, rng: np.random.Generator, *, kind: str = "train",
-                  counts: float | None = None, wider: bool = False) -> tuple[np.ndarray, ...]:
+                  counts: float | None = None, wider: bool = False,
+                  n_groups: int | None = None) -> tuple[np.ndarray, ...]:
         """As :meth:`batch`, plus the raw spectra (list per instrument group) and their calibrations."""
         cfg = self.cfg
         stacks = sample_stacks(n, rng, cfg, kind=kind)
@@ -600,7 +610,8 @@ class TrainingData:
             total = _loguniform(rng, *cfg.counts, n)
         else:
             total = np.full(n, float(counts))
-        groups = np.array_split(rng.permutation(n), max(1, min(cfg.variants_per_batch, n)))
+        n_groups = cfg.variants_per_batch if n_groups is None else int(n_groups)
+        groups = np.array_split(rng.permutation(n), max(1, min(n_groups, n)))
         binned = np.zeros((n, self.edges_keV.size - 1), np.float32)
         labels = np.zeros((n, len(self.classes)), np.int64)
         raws = []
@@ -667,31 +678,20 @@ class TrainingData:
                         rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """Noisy spectra from the simulator's batch path, and visibility labels.
 
-        The spectra come from :func:`xrfnb.simulate_batch` (primary fluorescence, Rayleigh and Compton
-        scatter, detector response, Poisson noise). The labels need each line's counts per layer, which
-        the batch path does not return, so the primary intensities per layer are recomputed with the same
-        physics (:func:`xrfnb._fp.primary`) and scaled exactly as :func:`xrfnb.simulate_batch` scales them:
-        ``counts / (sum of all detected intensity inside the channel range)``.
+        The spectra come from the simulator's batch path (:func:`xrfnb.simulate_batch`: primary
+        fluorescence, Rayleigh and Compton scatter, detector response, Poisson noise). The labels need each
+        line's expected counts per layer, which the batch path hands out beside the spectra: the primary
+        intensities per layer, times detector efficiency and in-range response, times the same per-spectrum
+        scale that turned the spectrum's intensities into its expected total counts.
         """
-        from . import _fp
-        from ._simulate import StackArrays, _efficiency, _rows_for_lines, _setup, _tables_for, simulate_batch
+        from ._simulate import StackArrays, _setup, _simulate_batch, _tables_for
 
         tab = self.table
         arr = StackArrays(tab.elements, stacks.W, stacks.mt)
-        raw = simulate_batch(arr, inst, counts=total, rng=rng)
-        setup = _setup(inst)
-        T = _tables_for(tab.elements, setup)
-        per_layer = _fp.primary(stacks.W, stacks.mt, T)  # (B, N, L) per incident photon and sr
-        eff = _efficiency(inst, T.line_energy_keV, "fluorescence line")
-        rs_lines = _rows_for_lines(setup, inst, T.line_energy_keV).sum(axis=1, dtype=np.float64)
-        ray, comp = _fp.scatter(stacks.W, stacks.mt, T)
-        in_range = (
-            (per_layer.sum(axis=1) * eff) @ rs_lines
-            + (ray * setup.eff_rayleigh) @ setup.rayleigh_rows.sum(axis=1, dtype=np.float64)
-            + (comp * setup.eff_compton) @ setup.compton_rows.sum(axis=1, dtype=np.float64)
-        )
-        scale = np.where(in_range > 0, total / np.where(in_range > 0, in_range, 1.0), 0.0)
-        line_counts = per_layer * (eff * rs_lines)[None, None, :] * scale[:, None, None]
+        parts: dict[str, np.ndarray] = {}
+        raw = _simulate_batch(arr, inst, counts=total, rng=rng, keep=parts)
+        T = _tables_for(tab.elements, _setup(inst))
+        line_counts = parts["primary"] * parts["line_detected"][None, None, :] * parts["scale"][:, None, None]
         sim_el = np.array([tab.elements.index(element_symbol(z)) for z in T.elements], dtype=np.int64)
         labels = visibility_labels(
             stacks,
