@@ -512,7 +512,12 @@ def test_simulated_spectrum_of_the_predicted_stack(dash, scene):
     residual = dash._residual.dmap[()]
     assert isinstance(residual, hv.Overlay)
     np.testing.assert_allclose(elements_of(residual, hv.Curve)[0].dimension_values(1), counts - expected)
-    assert "fitted stack" in residual.opts.get().kwargs["title"]
+    title = residual.opts.get().kwargs["title"]
+    assert "fitted stack" in title
+    # the whole description is in the title, wrapped onto lines that fit the plot rather than cut off
+    desc, _ = dash.simulated_spectrum()
+    assert title.split() == f"Residual vs fitted stack: {desc}".split()
+    assert max(len(line) for line in title.splitlines()) <= 90
     overlay = dash._spectrum_dmap[()]
     assert len(elements_of(overlay, hv.Curve)) == 2  # measured and simulated
     # red ochre predicted as buried under lead white -> two layers, lead white on top
@@ -520,6 +525,10 @@ def test_simulated_spectrum_of_the_predicted_stack(dash, scene):
     assert dash.predicted_pigments() == (("lead white",), ("red ochre",))
     stack, desc = dash.predicted_stack()
     assert len(stack.layers) == 2 and desc.startswith("lead white ") and " over red ochre " in desc
+    full = f"Residual vs fitted stack: {dash.simulated_spectrum()[0]}"
+    title = dash._residual.dmap[()].opts.get().kwargs["title"]
+    assert title.split() == full.split() and max(len(line) for line in title.splitlines()) <= 90
+    assert ("\n" in title) == (len(full) > 90)
     dash.simulate_stack = False
     assert dash.simulated_spectrum() is None
     residual = dash._residual.dmap[()]

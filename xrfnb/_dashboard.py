@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import tempfile
+import textwrap
 import threading
 import zipfile
 from collections import OrderedDict
@@ -77,6 +78,7 @@ _GALLERY_WIDTH = 900
 _ABSENT_COLOR = "#e6e6e6"
 _INVALID_COLOR = "#808080"
 _MAIN_PX = 460
+_TITLE_CHARS = 90  # characters per title line of the 560-px residual plot (9 pt)
 _MAX_LISTED_FILES = 500
 
 
@@ -1766,7 +1768,9 @@ class Dashboard(pn.viewable.Viewer):
         curve = hv.Curve((energy, residual), "Energy (keV)", "Measured - simulated").opts(
             color="#d62728", line_width=1
         )
-        title = f"Residual vs fitted stack: {desc}"
+        # a long stack description wraps onto more title lines (Bokeh draws "\n") instead of being cut off
+        title = textwrap.fill(f"Residual vs fitted stack: {desc}", _TITLE_CHARS, break_long_words=False)
+        opts["height"] += 12 * title.count("\n")
         return (curve * zero).opts(hv.opts.Overlay(title=title, **opts))
 
     def marker_lines(self) -> list[tuple[str, float]]:
