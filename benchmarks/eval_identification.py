@@ -125,6 +125,16 @@ def main() -> None:
                 print(rep.per_class_markdown(c, method="baseline"))
     results["evaluation"] = rep.to_dict()
     print()
+    print("### Buried set: where the errors of the target F1 are (model)\n")
+    print("| counts | TP | FP | FP on a class sharing an element with a present class | FN | FN sharing |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for r in rep.table("model"):
+        e = r.get("buried_errors")
+        if e:
+            fp_share, fn_share = e["fp_shared"] / max(1, e["fp"]), e["fn_shared"] / max(1, e["fn"])
+            print(f"| {r['counts']:,} | {e['tp']} | {e['fp']} | {e['fp_shared']} ({fp_share:.0%}) "
+                  f"| {e['fn']} | {e['fn_shared']} ({fn_share:.0%}) |")
+    print()
 
     print("## Demo scans, pixel-wise macro F1 (1,500 counts per pixel)\n")
     sc = evaluate_scenes(model, shape=(48, 48) if args.quick else (64, 64), baseline=not args.no_baseline)

@@ -277,6 +277,11 @@ def test_evaluate_runs_on_a_tiny_model(tiny_run):
     assert [(r["set"], r["counts"]) for r in rows] == [("single", 1000), ("buried", 1000)]
     for r in rows:
         assert 0 <= r["macro_f1"] <= 1 and r["n"] == 16
+    # the buried target F1 is the F1 of the error counts it reports; shared-element errors are a subset
+    e = rows[1]["buried_errors"]
+    assert rows[0]["buried_errors"] is None and e["tp"] + e["fn"] > 0
+    assert rows[1]["target_f1"] == pytest.approx(2 * e["tp"] / (2 * e["tp"] + e["fp"] + e["fn"]))
+    assert 0 <= e["fp_shared"] <= e["fp"] and 0 <= e["fn_shared"] <= e["fn"]
     md = rep.to_markdown()
     assert "| single | 1,000 |" in md
     with pytest.raises(ModelError, match="unknown evaluation sets"):

@@ -728,8 +728,11 @@ class EvaluationReport:
     rows : tuple of dict
         One row per (set, counts, method) with ``n``, ``macro_precision``, ``macro_recall``,
         ``macro_f1`` (over classes present in the set), ``target_f1`` (buried set: F1 of the classes
-        present only below the surface; low set: recall of the minor pigment's class where visible) and
-        ``ood_rate``.
+        present only below the surface, counting every false "present" as a false positive; low set:
+        recall of the minor pigment's class where visible), ``ood_rate`` and, for the buried set,
+        ``buried_errors``: ``tp``, ``fp``, ``fn`` of that F1 and how many false positives and negatives
+        fall on a class sharing an element with another class present in the spectrum (``fp_shared``,
+        ``fn_shared``).
     per_class : dict
         ``(set, counts, method) -> {"precision", "recall", "f1", "support"}`` arrays of shape (K,).
     settings : dict
@@ -878,6 +881,10 @@ def evaluate_model(
     fit_els = tuple(sorted(fit_els))
     rows: list[dict[str, Any]] = []
     per_class: dict[tuple[str, int, str], dict[str, np.ndarray]] = {}
+    # shares[i, j]: classes i != j have an element in common
+    el_sets = [set(model.class_elements.get(c, ())) for c in classes]
+    shares = np.array([[i != j and bool(ei & ej) for j, ej in enumerate(el_sets)]
+                       for i, ei in enumerate(el_sets)], dtype=bool)
     cells = [(s, c) for s in sets for c in counts]
     bar = tqdm(cells, disable=not progress, desc="evaluating", unit="cell")
     for s, c in bar:
@@ -912,12 +919,17 @@ def evaluate_model(
             pc = prf(pred, truth)
             per_class[(s, c, m)] = pc
             target = None
+            anatomy = None
             if s == "buried":
-                keep = labels != 1
-                tp = int((pred & (labels == 2) & keep).sum())
-                fp = int((pred & (labels == 0)).sum())
-                fn = int((~pred & (labels == 2)).sum())
+                tp_m, fp_m, fn_m = pred & (labels == 2), pred & (labels == 0), ~pred & (labels == 2)
+                tp, fp, fn = int(tp_m.sum()), int(fp_m.sum()), int(fn_m.sum())
                 target = 2 * tp / max(1, 2 * tp + fp + fn)
+                # where the errors are: on a class that shares an element with another class present in
+                # the spectrum (Cu + As under a layer look like a copper arsenite green, Co + Zn like
+                # cobalt green) or on a class whose elements no other present class carries
+                shared = (truth.astype(np.int64) @ shares.T.astype(np.int64)) > 0
+                anatomy = {"tp": tp, "fp": fp, "fn": fn, "fp_shared": int((fp_m & shared).sum()),
+                           "fn_shared": int((fn_m & shared).sum())}
             elif s == "low" and minor_cls is not None:
                 ok = minor_cls >= 0
                 rows_i = np.flatnonzero(ok)
@@ -931,6 +943,7 @@ def evaluate_model(
                 "macro_f1": float(np.nanmean(pc["f1"])),
                 "target_f1": target,
                 "ood_rate": float(ood.mean()) if m == "model" else None,
+                "buried_errors": anatomy,
             })
     bar.close()
     settings = {"seed": seed, "n_per_cell": n_per_cell, "counts": list(counts), "sets": list(sets),
