@@ -16,10 +16,14 @@ Each training spectrum is a random stack of 1-3 paint layers over a ground (or n
   element in a random layer.
 
 Domain randomisation: instrument preset (Rh-tube macro-XRF, Mo-tube lab micro-XRF, monochromatic
-synchrotron), tube voltage, air path, detector resolution (FWHM at Mn Ka x0.85-1.2), pile-up through the
-count rate, argon in air (the simulator's air path), total counts log-uniform 100-50,000, and a
+synchrotron), tube voltage, air path (its attenuation, argon included), detector resolution (FWHM at Mn Ka
+times ``fwhm_scale``, 0.8-1.3 in the shipped config), total counts log-uniform 100-50,000, and a
 calibration offset and gain error applied when the spectrum is rebinned onto the model grid (the model
 sees spectra whose calibration is slightly wrong, as real ones are).
+
+Not in these spectra (the simulator's batch path leaves them out): pile-up sum peaks, argon fluorescence
+from the air path, and secondary fluorescence. The out-of-distribution score explains argon lines away,
+and real spectra with strong sum peaks are extrapolation.
 
 Labels
 ------
