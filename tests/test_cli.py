@@ -231,7 +231,9 @@ def test_killed_run_leaves_no_output_and_resume_completes(tmp_path, sig, test_mo
     src, counts, _ = _save_scan(tmp_path / "scan.h5")  # 24 rows x 20 cols: 24 blocks of one row
     out = tmp_path / "maps.h5"
     partial = tmp_path / "maps.h5.partial"
-    proc = _start(src, out, delay=0.05)
+    # 0.25 s per block: the 21 blocks left after the third take 5 s, so the signal arrives mid-run even
+    # on a loaded 2-core machine (with 0.05 s a busy CI machine once let the run finish first)
+    proc = _start(src, out, delay=0.25)
     _wait_for_blocks(partial, 3, proc)
     os.kill(proc.pid, sig)
     _, stderr = proc.communicate(timeout=60)

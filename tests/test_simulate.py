@@ -220,3 +220,31 @@ def test_batch_hands_out_the_line_counts_behind_its_spectra(m6, painting) -> Non
     # the noisy spectra drawn alongside are the same spectra simulate_batch draws
     a = _simulate_batch(arr, m6, counts=counts, rng=3, keep={})
     np.testing.assert_array_equal(a, xrfnb.simulate_batch(arr, m6, counts=counts, rng=3))
+
+
+def test_batch_pile_up_matches_the_single_spectrum_model(m6) -> None:
+    """Batch pile-up (event pairs, and the expected-spectrum path) against xrfnb.simulate's pile-up
+    (Detector.pileup on the single-stack expectation): same sum peaks, same recorded totals."""
+    stack = Stack([Layer({"lead white": 0.7}, thickness_um=40)], ground="chalk")
+    rate = 4.0e5  # p = 2 R tau = 0.4 with the 500 ns of this test's detector: strong, easy-to-see sum peaks
+    inst = m6.with_(pileup_time_s=5e-7)
+    ref = xrfnb.simulate(stack, inst, counts=4000, noise=False, secondary=False, pileup=False).counts
+    ref_pile = inst.detector_response().pileup(ref, rate)
+    exp = xrfnb.simulate_batch([stack], inst, counts=4000, noise=False, count_rate_cps=rate)[0]
+    assert exp.sum() == pytest.approx(4000, rel=5e-3)
+    energy = inst.channel_energy_keV
+    # Pb L-alpha + Pb L-alpha sum peak at 2 x 10.55 keV: absent without pile-up, present with it
+    win = np.abs(energy - 21.10) < 0.15
+    plain = xrfnb.simulate_batch([stack], inst, counts=4000, noise=False)[0]
+    assert exp[win].sum() > 20 * max(plain[win].sum(), 1e-3)
+    np.testing.assert_allclose(exp, ref_pile / ref_pile.sum() * exp.sum(), rtol=3e-3, atol=1e-4 * exp.max())
+    # the event draw: mean of many noisy spectra matches the expectation, pooled over 64-channel bins
+    n = 300
+    counts = xrfnb.simulate_batch([stack] * n, inst, counts=4000, rng=5, method="events", count_rate_cps=rate)
+    assert counts.sum(axis=1).mean() == pytest.approx(4000, rel=0.01)
+    b_mean = counts.mean(axis=0).reshape(-1, 64).sum(axis=1)
+    b_exp = exp.reshape(-1, 64).sum(axis=1)
+    sigma = np.sqrt(b_exp / n) + 1e-9
+    assert np.all(np.abs(b_mean - b_exp) < 5 * sigma + 2e-3 * b_exp.max())
+    with pytest.raises(SimulationError, match="count_rate_cps"):
+        xrfnb.simulate_batch([stack], inst, counts=4000, count_rate_cps=-1.0)

@@ -357,3 +357,26 @@ def test_step_plan_comes_from_the_warmed_up_speed(tmp_path, monkeypatch):
     assert model.meta["training"]["steps"] == 1010
     state = json.loads((tmp_path / "checkpoint" / "state.json").read_text())
     assert state["planned_steps"] == 1010 and state["step"] == 1010
+
+
+def test_pileup_option_adds_sum_peaks_to_training_spectra():
+    """With [data] pileup on, training spectra carry Pb L + Pb L sum peaks (about 21.1 keV) at the drawn
+    count rate; labels still follow the visibility rule. Off (the default) there are none."""
+    tab = pigment_table()
+    k_pb = tab.classes.index("lead pigments (Pb)")
+    got = {}
+    for on in (False, True):
+        data = TrainingData(DataConfig(instruments=("bruker-m6",), instrument_weights=(1.0,),
+                                       n_instrument_variants=1, variants_per_batch=1, pileup=on,
+                                       count_rate_cps=(4e5, 4e5)))
+        sb = _stack(tab, [("lead white", 0.7, 40.0)])
+        sb = StackBatch(np.repeat(sb.W, 200, 0), np.repeat(sb.mt, 200, 0), np.repeat(sb.pigment_wt, 200, 0),
+                        np.repeat(sb.n_paint, 200))
+        inst = data._make_variant("bruker-m6", np.random.default_rng(0), False).with_(pileup_time_s=5e-7)
+        raw, labels = data._simulate_group(sb, inst, np.full(200, 3000.0), np.random.default_rng(4))
+        win = np.abs(inst.channel_energy_keV - 2 * 10.55) < 0.2
+        got[on] = raw[:, win].sum(axis=1).mean()
+        assert np.all(labels[:, k_pb] == 1)
+        assert raw.sum(axis=1).mean() == pytest.approx(3000, rel=0.02)
+        assert (data.envelope()["pileup_count_rate_cps"] is not None) == on
+    assert got[True] > 10 * max(got[False], 0.1)

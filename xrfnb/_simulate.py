@@ -528,6 +528,7 @@ def simulate_batch(
     method: str = "auto",
     dtype: type = np.float32,
     threads: int | None = None,
+    count_rate_cps: float | np.ndarray | None = None,
 ) -> np.ndarray:
     """Simulate many spectra at once (the training-data path).
 
@@ -557,12 +558,18 @@ def simulate_batch(
         (exact; cost grows with the counts, fast for hundreds to thousands of counts).
         ``"poisson"``: expected spectra ``inten_r @ R`` then independent Poisson counts per channel (cost
         independent of counts). ``"auto"`` picks events below 2 counts per channel on average.
-        Pile-up is not simulated in batches.
     dtype : numpy dtype
         Dtype of the result.
     threads : int, optional
         Worker threads over blocks of 1024 spectra (default: the number of CPU cores). Each block
         draws from its own generator spawned from ``rng``, so results do not depend on ``threads``.
+    count_rate_cps : float or numpy.ndarray, optional
+        Input count rate, counts/s, scalar or (B,): adds pile-up as :meth:`Detector.pileup` models it
+        (a recorded event is the sum of two photons with probability ``p = min(2 R tau, 0.5)``, ``tau``
+        the instrument's ``pileup_time_s``). With ``counts``, the recorded totals still match
+        ``counts``. Default: no pile-up. Event draws pair photons of the same spectrum at random and
+        record the sum of their energies; the Poisson path applies :meth:`Detector.pileup` to the
+        expected spectra.
 
     Returns
     -------
@@ -571,7 +578,8 @@ def simulate_batch(
     """
     arr = stacks if isinstance(stacks, StackArrays) else stack_arrays(stacks)
     return _simulate_batch(arr, instrument, counts=counts, live_time_s=live_time_s, rng=rng, noise=noise,
-                           secondary=secondary, scatter=scatter, method=method, dtype=dtype, threads=threads)
+                           secondary=secondary, scatter=scatter, method=method, dtype=dtype, threads=threads,
+                           count_rate_cps=count_rate_cps)
 
 
 def _simulate_batch(
@@ -587,6 +595,7 @@ def _simulate_batch(
     method: str = "auto",
     dtype: type = np.float32,
     threads: int | None = None,
+    count_rate_cps: float | np.ndarray | None = None,
     keep: dict[str, np.ndarray] | None = None,
 ) -> np.ndarray:
     """:func:`simulate_batch` on arrays; with ``keep`` (a dict), also hands out what it computed.
@@ -594,7 +603,8 @@ def _simulate_batch(
     ``keep`` receives ``"primary"`` (B, N, L) primary line intensities per layer per incident photon and
     sr (secondary fluorescence, if on, is not in it), ``"line_detected"`` (L,) detector efficiency times
     the in-range fraction of each line's response row, and ``"scale"`` (B,) the factor that turned
-    intensities into expected counts. The training labels are built from these, so they describe exactly
+    intensities into expected counts recorded in the line itself (with pile-up: the photons recorded
+    alone, not in a sum peak). The training labels are built from these, so they describe exactly
     the spectra drawn here.
     """
     if method not in ("auto", "events", "poisson"):
@@ -621,6 +631,17 @@ def _simulate_batch(
             raise SimulationError("live_time_s must be finite and > 0")
         c = None
         scale = lt * setup.exc.total_photons * setup.solid_angle_sr
+    pile = None
+    if count_rate_cps is not None:
+        rate = np.broadcast_to(np.asarray(count_rate_cps, dtype=float), (B,))
+        tau = float(getattr(instrument, "pileup_time_s", 0.0))
+        if np.any(rate < 0) or not np.all(np.isfinite(rate)):
+            raise SimulationError("count_rate_cps must be finite and >= 0")
+        if not hasattr(setup.response, "pileup"):
+            raise SimulationError("this instrument's detector response has no pile-up model")
+        pile = np.minimum(2.0 * rate * tau, 0.5)
+        if not np.any(pile > 0):
+            pile = None
     gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
     C = setup.n_channels
     out = np.empty((B, C), dtype=dtype)
@@ -655,7 +676,12 @@ def _simulate_batch(
         inten_r *= sc[:, None]
         if keep is not None:
             keep["scale"][b0:b1] = sc
-        _render(inten_r, rows, rowsum, out[b0:b1], children[i], noise, method, sampler)
+        p_blk = None if pile is None else pile[b0:b1]
+        if p_blk is not None and c is not None:
+            inten_r /= (1.0 - 0.5 * p_blk)[:, None]  # pairs record as one event: keep the recorded totals
+        if p_blk is not None and keep is not None:
+            keep["scale"][b0:b1] *= (1.0 - p_blk) / ((1.0 - 0.5 * p_blk) if c is not None else 1.0)
+        _render(inten_r, rows, rowsum, out[b0:b1], children[i], noise, method, sampler, p_blk, setup.response)
 
     if keep is not None:
         keep["primary"] = np.zeros((B, arr.weight_fraction.shape[1], T.n_lines))
@@ -672,16 +698,19 @@ def _simulate_batch(
 
 
 def _render(inten_r: np.ndarray, rows: np.ndarray, rowsum: np.ndarray, out: np.ndarray,
-            gen: np.random.Generator, noise: bool, method: str, sampler: _GuideSampler | None) -> None:
-    """Spectra (b, C) into ``out`` from row intensities inten_r (b, R) (expected photons per row)."""
+            gen: np.random.Generator, noise: bool, method: str, sampler: _GuideSampler | None,
+            pile: np.ndarray | None = None, response: Any = None) -> None:
+    """Spectra (b, C) into ``out`` from row intensities inten_r (b, R) (expected photons per row);
+    ``pile`` (b,): probability that a recorded event is a pile-up pair (``response.pileup``'s model)."""
     C = rows.shape[1]
-    if not noise:
-        out[:] = inten_r.astype(np.float32) @ rows
-        return
-    mean_counts = float(np.mean(inten_r @ rowsum)) if inten_r.size else 0.0
-    if method == "poisson" or (method == "auto" and mean_counts > 2 * C) or sampler is None:
+    if not noise or method == "poisson" or sampler is None or (
+            method == "auto" and float(np.mean(inten_r @ rowsum)) > 2 * C):
         lam = (inten_r.astype(np.float32) @ rows).astype(np.float64)
-        out[:] = gen.poisson(np.maximum(lam, 0.0))
+        if pile is not None:
+            # response.pileup takes the count rate; give it the rate whose p = 2 R tau is this one
+            tau = float(response.instrument.pileup_time_s)
+            lam = response.pileup(lam, pile / (2.0 * tau), resolving_time_s=tau)
+        out[:] = gen.poisson(np.maximum(lam, 0.0)) if noise else lam
         return
     R = rows.shape[0]
     n = gen.poisson(inten_r * rowsum).ravel()  # photons detected per (spectrum, row)
@@ -689,8 +718,42 @@ def _render(inten_r: np.ndarray, rows: np.ndarray, rowsum: np.ndarray, out: np.n
     reps = n[nz]
     r_idx = np.repeat((nz % R).astype(np.int32), reps)
     ch = sampler.sample(r_idx, gen)
-    ch += np.repeat((nz // R).astype(np.int32) * np.int32(C), reps)
+    sid = np.repeat((nz // R).astype(np.int32), reps)
+    if pile is not None:
+        ch, sid = _pile_up_events(ch, sid, pile, response.channel_energy_keV, gen)
+    ch += sid * np.int32(C)
     out[:] = np.bincount(ch, minlength=out.shape[0] * C).reshape(out.shape)
+
+
+def _pile_up_events(ch: np.ndarray, sid: np.ndarray, pile: np.ndarray, energy_keV: np.ndarray,
+                    gen: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Merge photons into pile-up pairs: each photon of spectrum ``sid`` joins a pair with probability
+    ``pile[sid]``; pairs of the same spectrum are formed at random and recorded at the channel of the sum
+    of their energies (split between the two nearest channels in proportion, as the expected-spectrum
+    model does); sums beyond the last channel are lost. Returns the recorded events' (channels, spectra)."""
+    piled = gen.random(ch.size) < pile[sid]
+    idx = np.flatnonzero(piled)
+    if idx.size < 2:
+        return ch, sid
+    idx = idx[np.lexsort((gen.random(idx.size), sid[idx]))]  # grouped by spectrum, random order inside
+    s_p = sid[idx]
+    # consecutive photons of one spectrum pair up: positions 0-1, 2-3, ... within each spectrum's run
+    start = np.r_[0, np.flatnonzero(np.diff(s_p)) + 1]
+    run_pos = np.arange(idx.size) - np.repeat(start, np.diff(np.r_[start, idx.size]))
+    first = np.flatnonzero((run_pos % 2 == 0) & (np.r_[s_p[1:], -1] == s_p))
+    a, b = idx[first], idx[first + 1]
+    e_sum = energy_keV[ch[a]] + energy_keV[ch[b]]
+    pos = np.interp(e_sum, energy_keV, np.arange(energy_keV.size, dtype=float), left=-1.0,
+                    right=float(energy_keV.size))
+    lo = np.floor(pos)
+    chan = lo + (gen.random(pos.size) < pos - lo)
+    keep = np.ones(ch.size, dtype=bool)
+    keep[b] = False
+    ok = (pos >= 0) & (chan <= energy_keV.size - 1)
+    keep[a[~ok]] = False
+    new_ch = ch.copy()
+    new_ch[a[ok]] = chan[ok].astype(ch.dtype)
+    return new_ch[keep], sid[keep]
 
 
 _ROWS: dict[tuple, tuple[tuple, np.ndarray]] = {}

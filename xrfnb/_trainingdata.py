@@ -21,9 +21,10 @@ times ``fwhm_scale``, 0.8-1.3 in the shipped config), total counts log-uniform 1
 calibration offset and gain error applied when the spectrum is rebinned onto the model grid (the model
 sees spectra whose calibration is slightly wrong, as real ones are).
 
-Not in these spectra (the simulator's batch path leaves them out): pile-up sum peaks, argon fluorescence
-from the air path, and secondary fluorescence. The out-of-distribution score explains argon lines away,
-and real spectra with strong sum peaks are extrapolation.
+Pile-up sum peaks are added when ``pileup`` is on (count rate log-uniform over ``count_rate_cps``; off
+in the shipped config, so the shipped weights never saw pile-up). Not in these spectra at all (the
+simulator's batch path leaves them out): argon fluorescence from the air path and secondary fluorescence.
+The out-of-distribution score explains argon lines away.
 
 Labels
 ------
@@ -87,7 +88,11 @@ class DataConfig:
     counts : (float, float)
         Total counts per spectrum, log-uniform.
     count_rate_cps : (float, float)
-        Input count rate for pile-up, log-uniform.
+        Input count rate for pile-up, log-uniform; used only with ``pileup``.
+    pileup : bool
+        Add pile-up sum peaks (:func:`xrfnb.simulate_batch` ``count_rate_cps``, the instrument's
+        resolving time) at a count rate drawn per spectrum from ``count_rate_cps``. Default off: the
+        shipped weights were trained without pile-up, and a config without this key reproduces them.
     gain_jitter_rel, offset_jitter_keV : float
         Standard deviations of the calibration error.
     layer_probs : tuple of float
@@ -119,6 +124,7 @@ class DataConfig:
     air_path_mm: tuple[float, float] = (3.0, 30.0)
     counts: tuple[float, float] = (100.0, 50000.0)
     count_rate_cps: tuple[float, float] = (1e3, 2e5)
+    pileup: bool = False
     gain_jitter_rel: float = 0.002
     offset_jitter_keV: float = 0.01
     layer_probs: tuple[float, ...] = (0.45, 0.35, 0.2)
@@ -556,7 +562,7 @@ class TrainingData:
             "tube_voltage_rel": c.tube_voltage_rel,
             "air_path_mm": list(c.air_path_mm),
             "counts": list(c.counts),
-            "count_rate_cps": list(c.count_rate_cps),
+            "pileup_count_rate_cps": list(c.count_rate_cps) if c.pileup else None,
             "calibration_gain_jitter_rel": c.gain_jitter_rel,
             "calibration_offset_jitter_keV": c.offset_jitter_keV,
             "top_thickness_um": list(c.top_thickness_um),
@@ -693,7 +699,8 @@ class TrainingData:
         tab = self.table
         arr = StackArrays(tab.elements, stacks.W, stacks.mt)
         parts: dict[str, np.ndarray] = {}
-        raw = _simulate_batch(arr, inst, counts=total, rng=rng, keep=parts)
+        rate = _loguniform(rng, *self.cfg.count_rate_cps, len(total)) if self.cfg.pileup else None
+        raw = _simulate_batch(arr, inst, counts=total, rng=rng, keep=parts, count_rate_cps=rate)
         T = _tables_for(tab.elements, _setup(inst))
         line_counts = parts["primary"] * parts["line_detected"][None, None, :] * parts["scale"][:, None, None]
         sim_el = np.array([tab.elements.index(element_symbol(z)) for z in T.elements], dtype=np.int64)
