@@ -197,7 +197,11 @@ def test_missing_backend_says_not_available(monkeypatch, capsys):
 # -- interruption and resume ---------------------------------------------------------------------------
 _RUNNER = textwrap.dedent(
     """
+    import signal
     import sys
+    # a terminal's Ctrl-C: a test run started in the background (nohup, '&' without job control) inherits
+    # SIGINT ignored, and Python then never turns SIGINT into KeyboardInterrupt
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.path.insert(0, {tests!r})
     import xrfnb._cli as cli
     from test_mapping import LinearTestModel
@@ -232,7 +236,7 @@ def test_killed_run_leaves_no_output_and_resume_completes(tmp_path, sig, test_mo
     out = tmp_path / "maps.h5"
     partial = tmp_path / "maps.h5.partial"
     # 0.25 s per block: the 21 blocks left after the third take 5 s, so the signal arrives mid-run even
-    # on a loaded 2-core machine (with 0.05 s a busy CI machine once let the run finish first)
+    # on a loaded 2-core machine
     proc = _start(src, out, delay=0.25)
     _wait_for_blocks(partial, 3, proc)
     os.kill(proc.pid, sig)
