@@ -677,15 +677,17 @@ def _simulate_batch(
         if keep is not None:
             keep["scale"][b0:b1] = sc
         p_blk = None if pile is None else pile[b0:b1]
-        if p_blk is not None and c is not None:
-            inten_r /= (1.0 - 0.5 * p_blk)[:, None]  # pairs record as one event: keep the recorded totals
-        if p_blk is not None and keep is not None:
-            keep["scale"][b0:b1] *= (1.0 - p_blk) / ((1.0 - 0.5 * p_blk) if c is not None else 1.0)
+        if p_blk is not None:
+            # with given counts, more photons: pairs record as one event, and the recorded totals stay
+            boost = 1.0 / (1.0 - 0.5 * p_blk) if c is not None else np.ones_like(p_blk)
+            inten_r *= boost[:, None]
+            if keep is not None:  # a line keeps the photons recorded alone
+                keep["scale"][b0:b1] *= (1.0 - p_blk) * boost
         _render(inten_r, rows, rowsum, out[b0:b1], children[i], noise, method, sampler, p_blk, setup.response)
 
     if keep is not None:
         keep["primary"] = np.zeros((B, arr.weight_fraction.shape[1], T.n_lines))
-        keep["scale"] = np.zeros(B) if c is not None else np.asarray(scale, dtype=float).copy()
+        keep["scale"] = np.zeros(B)
         keep["line_detected"] = eff * rowsum[: T.n_lines] if T.n_lines else np.zeros(0)
     n_threads = max(1, min(int(threads if threads is not None else os.cpu_count() or 1), len(starts)))
     if n_threads == 1:

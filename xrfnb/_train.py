@@ -439,8 +439,6 @@ def train_model(
     """
     from tqdm.auto import tqdm
 
-    from ._trainingdata import TrainingData
-
     cfg = load_config(config)
     if cfg.data is None:
         raise ModelError("training config has no [data] table")
@@ -457,8 +455,7 @@ def train_model(
         torch.set_num_threads(cfg.optim.threads)
     torch.manual_seed(cfg.optim.seed)
     mc = cfg.model
-    data = TrainingData(cfg.data, n_bins=mc.n_bins, e_min_keV=mc.e_min_keV, e_max_keV=mc.e_max_keV,
-                        grid_noise_keV=mc.grid_noise_keV)
+    data = _training_data(cfg)
     k = len(data.classes)
     net = PigmentNet(mc.n_bins, k, conv_channels=mc.conv_channels, kernel=mc.kernel, hidden=mc.hidden,
                      dropout=mc.dropout)
@@ -551,6 +548,20 @@ def train_model(
 GROUP_SIZE = 32
 
 
+def _n_groups(n: int) -> int:
+    """Instrument groups for a set of ``n`` spectra: one per :data:`GROUP_SIZE` started."""
+    return max(1, -(-int(n) // GROUP_SIZE))
+
+
+def _training_data(cfg: TrainingConfig) -> Any:
+    """The training-data source of a config, on the model grid of its ``[model]`` table."""
+    from ._trainingdata import TrainingData
+
+    mc = cfg.model
+    return TrainingData(cfg.data, n_bins=mc.n_bins, e_min_keV=mc.e_min_keV, e_max_keV=mc.e_max_keV,
+                        grid_noise_keV=mc.grid_noise_keV)
+
+
 def validation_set(data: Any, cfg: TrainingConfig) -> tuple[np.ndarray, np.ndarray]:
     """The calibration set: ``cfg.optim.n_val`` spectra of the training distribution, from ``val_seed``.
 
@@ -567,7 +578,7 @@ def validation_set(data: Any, cfg: TrainingConfig) -> tuple[np.ndarray, np.ndarr
     """
     n_val = int(cfg.optim.n_val)
     rng = np.random.default_rng([cfg.optim.val_seed])
-    return data.batch(n_val, rng, n_groups=max(1, -(-n_val // GROUP_SIZE)))
+    return data.batch(n_val, rng, n_groups=_n_groups(n_val))
 
 
 def calibrate_model(
@@ -658,7 +669,7 @@ def calibrate_model(
     return model
 
 
-def recalibrate_model(model: Any, out_dir: str | os.PathLike, *, progress: bool = False) -> PigmentModel:
+def recalibrate_model(model: Any, out_dir: str | os.PathLike) -> PigmentModel:
     """Calibrate a trained model's network afresh (temperature, thresholds, OOD references) and save it.
 
     The network weights are not touched; the training record (``model.json`` ``training``) is kept and
@@ -671,8 +682,6 @@ def recalibrate_model(model: Any, out_dir: str | os.PathLike, *, progress: bool 
         The model to recalibrate (its ``training`` config defines the validation data).
     out_dir : path
         Where to save ``model.safetensors`` and ``model.json`` (may be the model's own folder).
-    progress : bool
-        Unused; kept for symmetry with :func:`train_model`.
 
     Returns
     -------
@@ -680,19 +689,15 @@ def recalibrate_model(model: Any, out_dir: str | os.PathLike, *, progress: bool 
         The recalibrated model at network precision "auto".
     """
     from ._model import load_model
-    from ._trainingdata import TrainingData
 
     model = load_model(model, precision="float32")
     record = dict(model.meta.get("training", {}))
-    table = {k: record[k] for k in ("name", "model", "data", "optim") if k in record}
-    cfg = load_config(table)
-    mc = cfg.model
-    data = TrainingData(cfg.data, n_bins=mc.n_bins, e_min_keV=mc.e_min_keV, e_max_keV=mc.e_max_keV,
-                        grid_noise_keV=mc.grid_noise_keV)
+    cfg = load_config({k: record[k] for k in ("name", "model", "data", "optim") if k in record})
+    data = _training_data(cfg)
     if tuple(data.classes) != tuple(model.classes):
         raise ModelError("the model's classes differ from the current pigment library's groups: retrain it")
     net = copy.deepcopy(model.net).float().eval()
-    new = calibrate_model(net, data, cfg, progress=progress)
+    new = calibrate_model(net, data, cfg)
     for k, v in record.items():
         new.meta["training"].setdefault(k, v)
     new.meta["training"]["recalibrated"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -891,7 +896,7 @@ def evaluate_model(
         bar.set_postfix(set=s, counts=c, refresh=False)
         rng = np.random.default_rng([seed, list(EVAL_SETS).index(s)])
         _, labels, raws, stacks = data.batch_raw(n_per_cell, rng, kind=s, counts=float(c), wider=True,
-                                                 n_groups=max(1, -(-n_per_cell // GROUP_SIZE)))
+                                                 n_groups=_n_groups(n_per_cell))
         prob = np.zeros((n_per_cell, len(classes)), np.float32)
         ood = np.zeros(n_per_cell, bool)
         pred_base = np.zeros((n_per_cell, len(classes)), bool)
