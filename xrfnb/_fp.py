@@ -42,7 +42,7 @@ enhancement factors (P+S)/P agree to about 1-2 % (see ``tests/test_fisx.py``).
 
 *Scatter*: Rayleigh and Compton scattering of every excitation bin with the xraylib differential
 cross-sections ``DCS_Rayl`` and ``DCS_Compt`` (unpolarised beam, form factors and incoherent
-scattering functions) at the scattering angle ``theta = 180 deg - psi1 - psi2``, using the same
+scattering functions) at the scattering angle ``theta = psi1 + psi2``, using the same
 attenuation/self-absorption factor with the outgoing energy ``E`` (Rayleigh) or the Compton energy
 ``E' = E / (1 + E/(m_e c^2) (1 - cos theta))``. Scattering of the tube continuum is the continuum
 background of the spectrum.
@@ -387,6 +387,17 @@ class Tables:
         return int(self.line_energy_keV.size)
 
 
+def scattering_angle_rad(incidence_deg: float, takeoff_deg: float) -> float:
+    """Scattering angle of the detected scatter, rad: ``psi1 + psi2``.
+
+    The beam arrives at ``psi1`` above the surface and the detector looks at it from ``psi2`` above the
+    surface on the other side of the normal, so the photon turns by ``psi1 + psi2`` (90 deg for 45/45,
+    130 deg for a beam normal to the surface and a detector at 40 deg); the convention of PyMca and fisx
+    (``setGeometry(alphaIn, alphaOut)``).
+    """
+    return float(np.radians(incidence_deg) + np.radians(takeoff_deg))
+
+
 def compton_energy_keV(energy_keV: np.ndarray, theta_rad: float) -> np.ndarray:
     """Compton-scattered photon energy, ``E / (1 + E/(m_e c^2) (1 - cos theta))``."""
     e = np.asarray(energy_keV, dtype=float)
@@ -443,7 +454,7 @@ def build_tables(elements: tuple[int, ...], exc: Excitation, incidence_deg: floa
             major[sl] = strength[sl] >= 0.01 * strength[sl].max()
     tau_at_line[~major, :] = 0.0
     tau_at_line[:, ~major] = 0.0
-    theta = np.pi - np.radians(incidence_deg) - np.radians(takeoff_deg)
+    theta = scattering_angle_rad(incidence_deg, takeoff_deg)
     e_c_r = compton_energy_keV(e_r, theta)
     e_c = compton_energy_keV(exc.energy_keV, theta)
     th = np.array([theta])
