@@ -45,6 +45,7 @@ _LAZY: dict[str, str] = {
     "Layer": "._stack",
     "Stack": "._stack",
     "LineTable": "._simulate",
+    "argon_lines": "._simulate",
     "line_intensities": "._simulate",
     "simulate": "._simulate",
     "simulate_batch": "._simulate",

@@ -8,7 +8,8 @@ the incident spectrum come from the :class:`~xrfnb.Instrument`. A spectrum is::
 
 with ``I_l``, ``S_k`` the line and scatter intensities per incident photon and steradian, ``eff`` the
 detector efficiency (gas path, window, silicon), ``R`` the detector response (Gaussian, escape peaks,
-tailing) and ``F = flux * live time * detector solid angle``. Noise is Poisson. A batch of spectra is an
+tailing) and ``F = flux * live time * detector solid angle``. In air, the argon of the irradiated air in
+front of the sample adds its K lines (:func:`argon_lines`). Noise is Poisson. A batch of spectra is an
 (intensities (B, R)) x (response rows (R, channels)) product, or, for low counts, a direct draw of the
 detected photons (see :func:`simulate_batch`).
 """
@@ -31,8 +32,8 @@ from ._lines import element_symbol
 from ._spectrum import Spectrum
 from ._stack import Stack
 
-__all__ = ["LineRow", "LineTable", "StackArrays", "line_intensities", "simulate", "simulate_batch",
-           "stack_arrays"]
+__all__ = ["LineRow", "LineTable", "StackArrays", "argon_lines", "line_intensities", "simulate",
+           "simulate_batch", "stack_arrays"]
 
 #: Half-width (1 sigma) of the electron momentum distribution used for Compton (Doppler) broadening,
 #: atomic units. Compton profiles of C, N, O (the bulk of paint binders) have a FWHM of about 2-2.5 a.u.
@@ -221,6 +222,9 @@ class _Setup:
     compton_rows: np.ndarray  # (n, C) float32
     eff_rayleigh: np.ndarray  # (n,)
     eff_compton: np.ndarray  # (n,)
+    argon_keV: np.ndarray  # (a,) Ar K line energies (empty without air)
+    argon: np.ndarray  # (a,) their detected intensity per incident photon and sr of the detector
+    argon_rows: np.ndarray  # (a, C) float32 detector response rows
 
 
 def _efficiency(instrument: Any, energy_keV: np.ndarray, what: str) -> np.ndarray:
@@ -245,7 +249,7 @@ def _setup_uncached(instrument: Any, max_bins: int) -> _Setup:
     max_e = getattr(instrument, "max_energy_keV", None)
     exc = _fp.rebin_excitation(energy, photons, max_bins=max_bins, tube_voltage_kV=max_e)
     response = instrument.detector_response()
-    theta = np.pi - np.radians(incidence) - np.radians(takeoff)
+    theta = _fp.scattering_angle_rad(incidence, takeoff)
     e_r = exc.render_energy_keV
     n = exc.energy_keV.size
     n_ch = int(instrument.n_channels)
@@ -269,7 +273,87 @@ def _setup_uncached(instrument: Any, max_bins: int) -> _Setup:
     eff_r = _efficiency(instrument, exc.energy_keV, "scattered radiation")
     eff_c = _efficiency(instrument, _fp.compton_energy_keV(exc.energy_keV, theta), "Compton scatter")
     solid = float(getattr(instrument, "detector_solid_angle_sr", 1.0))
-    return _Setup(exc, incidence, takeoff, solid, response, n_ch, ray, comp, eff_r, eff_c)
+    ar_keV, ar = _argon_intensity(instrument, exc)
+    ar = ar * _efficiency(instrument, ar_keV, "argon fluorescence")
+    ar_rows = response.matrix(ar_keV, dtype=np.float32) if ar_keV.size else np.zeros((0, n_ch), np.float32)
+    return _Setup(exc, incidence, takeoff, solid, response, n_ch, ray, comp, eff_r, eff_c, ar_keV, ar, ar_rows)
+
+
+#: argon lines drawn (xraylib line macros) and the quadrature points along the beam path
+_ARGON_LINES = (("Ka", xraylib.KA_LINE), ("Kb", xraylib.KB_LINE))
+_ARGON_NODES = 64
+
+
+def _argon_intensity(instrument: Any, exc: _fp.Excitation) -> tuple[np.ndarray, np.ndarray]:
+    """Ar K line energies (a,) and intensities (a,) from the irradiated air, per incident photon and sr
+    of the detector as seen from the beam spot, before detector efficiency (see :func:`argon_lines`)."""
+    from ._instrument import _composition
+
+    path_mm = float(getattr(instrument, "beam_path_mm", 0.0))
+    if getattr(instrument, "atmosphere", None) != "air" or path_mm <= 0:
+        return np.zeros(0), np.zeros(0)
+    z, w, rho, _ = _composition("air")
+    w_ar = float(w[list(z).index(18)]) if 18 in set(z.tolist()) else 0.0
+    d_mm = getattr(instrument, "detector_distance_mm", None)
+    d_cm = max(float(instrument.detector_path_mm if d_mm is None else d_mm), 1e-3) / 10.0
+    e_in = exc.render_energy_keV
+    keep = e_in > xraylib.EdgeEnergy(18, xraylib.K_SHELL)
+    e_in, frac = e_in[keep], exc.render_weight[keep]
+    if not e_in.size or w_ar <= 0:
+        return np.zeros(0), np.zeros(0)
+    mu_air = lambda e: _mass_attenuation_air(np.atleast_1d(e)) * rho  # noqa: E731  (1/cm)
+    # points along the beam, s cm before the spot; phi: angle at the spot between source and detector
+    s_cm, ds = np.linspace(0.0, path_mm / 10.0, _ARGON_NODES, retstep=True)
+    phi = np.pi - _fp.scattering_angle_rad(instrument.incidence_deg, instrument.takeoff_deg)
+    r = np.sqrt(d_cm**2 + s_cm**2 - 2.0 * d_cm * s_cm * np.cos(phi))
+    # solid angle of the detector (facing the spot) from each point, relative to that from the spot
+    omega = np.clip(d_cm**2 * (d_cm - s_cm * np.cos(phi)) / r**3, 0.0, None)
+    # the beam is stronger upstream: exp(+mu s) relative to what reaches the spot
+    beam = np.exp(np.outer(mu_air(e_in), s_cm))  # (m, S)
+    energies, out = [], []
+    for _, macro in _ARGON_LINES:
+        e_line = float(xraylib.LineEnergy(18, macro))
+        # the detector's efficiency covers the path d; the extra air path r - d is here
+        extra = np.exp(-mu_air(e_line)[0] * (r - d_cm))
+        sigma = np.array([xraylib.CS_FluorLine_Kissel_Cascade(18, macro, float(e)) for e in e_in])  # cm2/g
+        along = beam * (omega * extra)[None, :]
+        per_e = np.trapezoid(along, dx=ds, axis=1)  # cm
+        energies.append(e_line)
+        out.append(float(np.sum(frac * sigma * per_e)) * w_ar * rho / (4.0 * np.pi))
+    return np.array(energies), np.array(out)
+
+
+def _mass_attenuation_air(energy_keV: np.ndarray) -> np.ndarray:
+    from ._instrument import mass_attenuation_cm2_g
+
+    return np.asarray(mass_attenuation_cm2_g("air", energy_keV), dtype=float)
+
+
+def argon_lines(instrument: Any) -> dict[str, float]:
+    """Detected intensity of the argon K lines from the air the beam crosses, photons/s of live time.
+
+    Air holds 1.28 wt % argon, and the beam excites it on its ``beam_path_mm`` through air before the
+    sample, so spectra measured in air show Ar Ka (2.957 keV) and Kb (3.19 keV) whatever the sample.
+    Each point of the path is weighted by the beam's attenuation up to the spot, the solid angle the
+    detector (facing the spot, at ``detector_distance_mm`` or ``detector_path_mm``, no collimator)
+    subtends from that point and the extra air between that point and the detector; the cross-sections
+    are xraylib's (``CS_FluorLine_Kissel_Cascade``). Air scatter and argon excited by the sample's own
+    radiation are left out (both small next to the line itself). With helium, vacuum or no beam path:
+    no lines.
+
+    Parameters
+    ----------
+    instrument : Instrument
+
+    Returns
+    -------
+    dict
+        ``{"Ka": rate, "Kb": rate}`` (empty without air), detected photons/s with the instrument's
+        flux and detector solid angle, detector efficiency included.
+    """
+    setup = _setup(instrument)
+    scale = setup.exc.total_photons * setup.solid_angle_sr
+    return {name: float(v * scale) for (name, _), v in zip(_ARGON_LINES, setup.argon, strict=False)}
 
 
 @functools.lru_cache(maxsize=16)
@@ -377,12 +461,13 @@ def _scatter_expected(W: np.ndarray, mt: np.ndarray, T: _fp.Tables, setup: _Setu
 
 
 def expected_spectrum(stack: Stack, instrument: Any, *, secondary: bool = True,
-                      scatter: bool = True) -> np.ndarray:
+                      scatter: bool = True, argon: bool = True) -> np.ndarray:
     """Expected detected counts per channel per second of live time (no pile-up, no noise), (channels,)."""
-    return _expected(stack, instrument, secondary, scatter)[0]
+    return _expected(stack, instrument, secondary, scatter, argon)[0]
 
 
-def _expected(stack: Stack, instrument: Any, secondary: bool, scatter: bool) -> tuple[np.ndarray, LineTable]:
+def _expected(stack: Stack, instrument: Any, secondary: bool, scatter: bool,
+              argon: bool = True) -> tuple[np.ndarray, LineTable]:
     stack = _check_stack(stack)
     setup = _setup(instrument)
     table = line_intensities(stack, instrument, secondary=secondary)
@@ -394,12 +479,14 @@ def _expected(stack: Stack, instrument: Any, secondary: bool, scatter: bool) -> 
         T = _tables_for(arr.elements, setup)
         out += _scatter_expected(arr.weight_fraction, arr.mass_thickness_g_cm2, T, setup)[0] \
             * (setup.exc.total_photons * setup.solid_angle_sr)
+    if argon and setup.argon.size:
+        out += (setup.argon @ setup.argon_rows) * (setup.exc.total_photons * setup.solid_angle_sr)
     return out, table
 
 
 def simulate(stack: Stack, instrument: Any, *, counts: float | None = None, live_time_s: float | None = None,
              rng: np.random.Generator | int | None = None, noise: bool = True, secondary: bool = True,
-             scatter: bool = True, pileup: bool = True) -> Spectrum:
+             scatter: bool = True, pileup: bool = True, argon: bool = True) -> Spectrum:
     """Simulate the measured spectrum of a stack.
 
     Parameters
@@ -422,6 +509,9 @@ def simulate(stack: Stack, instrument: Any, *, counts: float | None = None, live
         (default both).
     pileup : bool, optional
         Add pile-up sum peaks for the count rate of this stack (default).
+    argon : bool, optional
+        Add the Ar K lines of the air the beam crosses (default; :func:`argon_lines`). Nothing to add
+        with a helium or vacuum path.
 
     Returns
     -------
@@ -437,7 +527,7 @@ def simulate(stack: Stack, instrument: Any, *, counts: float | None = None, live
     lt = 1.0 if live_time_s is None else float(live_time_s)
     if not np.isfinite(lt) or lt <= 0:
         raise SimulationError(f"live_time_s must be > 0, got {live_time_s!r}")
-    rate, table = _expected(stack, instrument, secondary, scatter)
+    rate, table = _expected(stack, instrument, secondary, scatter, argon)
     count_rate = float(rate.sum())
     expected = rate * lt
     setup = _setup(instrument)
@@ -529,6 +619,7 @@ def simulate_batch(
     dtype: type = np.float32,
     threads: int | None = None,
     count_rate_cps: float | np.ndarray | None = None,
+    argon: bool = True,
 ) -> np.ndarray:
     """Simulate many spectra at once (the training-data path).
 
@@ -570,6 +661,9 @@ def simulate_batch(
         ``counts``. Default: no pile-up. Event draws pair photons of the same spectrum at random and
         record the sum of their energies; the Poisson path applies :meth:`Detector.pileup` to the
         expected spectra.
+    argon : bool, optional
+        The Ar K lines of the air the beam crosses (default; :func:`argon_lines`; nothing with helium or
+        vacuum). The same for every spectrum in absolute terms, so weak emitters show them most.
 
     Returns
     -------
@@ -579,7 +673,7 @@ def simulate_batch(
     arr = stacks if isinstance(stacks, StackArrays) else stack_arrays(stacks)
     return _simulate_batch(arr, instrument, counts=counts, live_time_s=live_time_s, rng=rng, noise=noise,
                            secondary=secondary, scatter=scatter, method=method, dtype=dtype, threads=threads,
-                           count_rate_cps=count_rate_cps)
+                           count_rate_cps=count_rate_cps, argon=argon)
 
 
 def _simulate_batch(
@@ -596,6 +690,7 @@ def _simulate_batch(
     dtype: type = np.float32,
     threads: int | None = None,
     count_rate_cps: float | np.ndarray | None = None,
+    argon: bool = True,
     keep: dict[str, np.ndarray] | None = None,
 ) -> np.ndarray:
     """:func:`simulate_batch` on arrays; with ``keep`` (a dict), also hands out what it computed.
@@ -616,9 +711,13 @@ def _simulate_batch(
     row_blocks = [_rows_for_lines(setup, instrument, T.line_energy_keV)] if T.n_lines else []
     if scatter:
         row_blocks += [setup.rayleigh_rows, setup.compton_rows]
+    argon = bool(argon) and setup.argon.size > 0
+    if argon:  # after the sample's lines, so rows[:n_lines] stay the lines
+        row_blocks.append(setup.argon_rows)
     if not row_blocks:
         raise SimulationError("nothing to simulate: no lines and scatter switched off")
-    rows = _concat_rows(row_blocks, (setup, T, scatter))
+    owners = (setup, T, scatter, argon)
+    rows = _concat_rows(row_blocks, owners)
     rowsum = rows.sum(axis=1, dtype=np.float64)
     if counts is not None:
         c = np.broadcast_to(np.asarray(counts, dtype=float), (B,))
@@ -648,7 +747,7 @@ def _simulate_batch(
     step = 1024
     starts = list(range(0, B, step))
     children = gen.spawn(len(starts))
-    sampler = _sampler(rows, (setup, T, scatter)) if noise and method != "poisson" else None
+    sampler = _sampler(rows, owners) if noise and method != "poisson" else None
 
     def run(i: int) -> None:
         b0 = starts[i]
@@ -666,6 +765,8 @@ def _simulate_batch(
         if scatter:
             ray, comp = _fp.scatter(W, mt, T)
             parts += [ray * setup.eff_rayleigh, comp * setup.eff_compton]
+        if argon:
+            parts.append(np.broadcast_to(setup.argon, (b1 - b0, setup.argon.size)))
         inten_r = np.concatenate(parts, axis=1)  # (b, R) per incident photon per sr
         in_range = inten_r @ rowsum
         if c is not None:
@@ -775,7 +876,7 @@ _SAMPLERS: dict[tuple, tuple[tuple, _GuideSampler]] = {}
 
 
 def _sampler(rows: np.ndarray, owners: tuple) -> _GuideSampler:
-    """Cached sampler of the response rows built for ``owners`` (setup, tables, scatter flag)."""
+    """Cached sampler of the response rows built for ``owners`` (setup, tables, scatter and argon flags)."""
     key = tuple(id(o) for o in owners)
     hit = _SAMPLERS.get(key)
     if hit is None or hit[1].shape != rows.shape:
