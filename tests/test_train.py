@@ -380,3 +380,28 @@ def test_pileup_option_adds_sum_peaks_to_training_spectra():
         assert raw.sum(axis=1).mean() == pytest.approx(3000, rel=0.02)
         assert (data.envelope()["pileup_count_rate_cps"] is not None) == on
     assert got[True] > 10 * max(got[False], 0.1)
+
+
+def test_argon_option_adds_the_air_lines_to_training_spectra():
+    """With [data] argon on, training spectra of a weak emitter carry Ar Ka (2.957 keV) from the air; the
+    beam path is drawn from [data] beam_path_mm. Off (the default) there is none, and the presets' beam
+    path is kept."""
+    tab = pigment_table()
+    got = {}
+    for on in (False, True):
+        cfg = DataConfig(instruments=("bruker-m6",), instrument_weights=(1.0,), n_instrument_variants=1,
+                         variants_per_batch=1, argon=on, beam_path_mm=(18.0, 20.0) if on else None)
+        data = TrainingData(cfg)
+        inst = data._make_variant("bruker-m6", np.random.default_rng(0), False)
+        assert (18.0 <= inst.beam_path_mm <= 20.0) if on else inst.beam_path_mm == 10.0
+        sb = _stack(tab, [("ultramarine", 0.5, 40.0)])
+        sb = StackBatch(np.repeat(sb.W, 200, 0), np.repeat(sb.mt, 200, 0), np.repeat(sb.pigment_wt, 200, 0),
+                        np.repeat(sb.n_paint, 200))
+        raw, _ = data._simulate_group(sb, inst, np.full(200, 3000.0), np.random.default_rng(4))
+        win = np.abs(inst.channel_energy_keV - 2.957) < 0.08
+        got[on] = raw[:, win].sum(axis=1).mean()
+        assert data.envelope()["argon"] == on
+    # argon_lines: several per cent of an ultramarine spectrum's counts on this instrument
+    assert got[True] > got[False] + 50
+    with pytest.raises(ModelError, match="beam_path_mm"):
+        DataConfig(beam_path_mm=(5.0, 1.0))

@@ -21,10 +21,12 @@ times ``fwhm_scale``, 0.8-1.3 in the shipped config), total counts log-uniform 1
 calibration offset and gain error applied when the spectrum is rebinned onto the model grid (the model
 sees spectra whose calibration is slightly wrong, as real ones are).
 
-Pile-up sum peaks are added when ``pileup`` is on (count rate log-uniform over ``count_rate_cps``; off
-in the shipped config, so the shipped weights never saw pile-up). Not in these spectra at all (the
-simulator's batch path leaves them out): argon fluorescence from the air path and secondary fluorescence.
-The out-of-distribution score explains argon lines away.
+Pile-up sum peaks are added when ``pileup`` is on (count rate log-uniform over ``count_rate_cps``), and
+the argon K lines of the irradiated air when ``argon`` is on (:func:`xrfnb.argon_lines`; the beam path
+through air drawn from ``beam_path_mm`` when given). Both are off by default, so a config without them
+reproduces weights trained before they existed. Not in these spectra (the simulator's batch path leaves it
+out by default, for speed): secondary fluorescence. The out-of-distribution score explains argon lines
+away.
 
 Labels
 ------
@@ -93,6 +95,12 @@ class DataConfig:
         Add pile-up sum peaks (:func:`xrfnb.simulate_batch` ``count_rate_cps``, the instrument's
         resolving time) at a count rate drawn per spectrum from ``count_rate_cps``. Default off: the
         shipped weights were trained without pile-up, and a config without this key reproduces them.
+    argon : bool
+        Add the argon K lines of the air the beam crosses (:func:`xrfnb.simulate_batch` ``argon``). Off
+        by default (weights trained before argon was simulated).
+    beam_path_mm : (float, float) or None
+        Range of the air path of the beam before the sample (it sets the argon signal), uniform; ``None``:
+        the presets' own.
     gain_jitter_rel, offset_jitter_keV : float
         Standard deviations of the calibration error.
     layer_probs : tuple of float
@@ -125,6 +133,8 @@ class DataConfig:
     counts: tuple[float, float] = (100.0, 50000.0)
     count_rate_cps: tuple[float, float] = (1e3, 2e5)
     pileup: bool = False
+    argon: bool = False
+    beam_path_mm: tuple[float, float] | None = None
     gain_jitter_rel: float = 0.002
     offset_jitter_keV: float = 0.01
     layer_probs: tuple[float, ...] = (0.45, 0.35, 0.2)
@@ -148,6 +158,8 @@ class DataConfig:
             raise ModelError("[data] instrument_weights needs one weight per instrument")
         if len(self.ground_probs) != 4:
             raise ModelError("[data] ground_probs needs 4 weights: chalk, gypsum, lead white, none")
+        if self.beam_path_mm is not None and not 0 <= self.beam_path_mm[0] <= self.beam_path_mm[1]:
+            raise ModelError(f"[data] beam_path_mm must be an increasing range >= 0 mm, got {self.beam_path_mm}")
         lo, hi = self.counts
         if not 0 < lo <= hi:
             raise ModelError(f"[data] counts range must be positive and increasing, got {self.counts}")
@@ -563,6 +575,8 @@ class TrainingData:
             "air_path_mm": list(c.air_path_mm),
             "counts": list(c.counts),
             "pileup_count_rate_cps": list(c.count_rate_cps) if c.pileup else None,
+            "argon": c.argon,
+            "beam_path_mm": list(c.beam_path_mm) if c.beam_path_mm is not None else None,
             "calibration_gain_jitter_rel": c.gain_jitter_rel,
             "calibration_offset_jitter_keV": c.offset_jitter_keV,
             "top_thickness_um": list(c.top_thickness_um),
@@ -681,6 +695,8 @@ class TrainingData:
         if inst.anode is not None and inst.monochromatic_keV is None:
             factor = 1 + rng.uniform(-1, 1) * cfg.tube_voltage_rel
             changes["tube_voltage_kV"] = inst.tube_voltage_kV * factor
+        if cfg.beam_path_mm is not None:  # drawn last: configs without it keep their variants
+            changes["beam_path_mm"] = rng.uniform(*cfg.beam_path_mm)
         return inst.with_(**changes)
 
     # -- physics ----------------------------------------------------------------------------------------
@@ -700,7 +716,8 @@ class TrainingData:
         arr = StackArrays(tab.elements, stacks.W, stacks.mt)
         parts: dict[str, np.ndarray] = {}
         rate = _loguniform(rng, *self.cfg.count_rate_cps, len(total)) if self.cfg.pileup else None
-        raw = _simulate_batch(arr, inst, counts=total, rng=rng, keep=parts, count_rate_cps=rate)
+        raw = _simulate_batch(arr, inst, counts=total, rng=rng, keep=parts, count_rate_cps=rate,
+                              argon=self.cfg.argon)
         T = _tables_for(tab.elements, _setup(inst))
         line_counts = parts["primary"] * parts["line_detected"][None, None, :] * parts["scale"][:, None, None]
         sim_el = np.array([tab.elements.index(element_symbol(z)) for z in T.elements], dtype=np.int64)
