@@ -276,7 +276,8 @@ def _setup_uncached(instrument: Any, max_bins: int) -> _Setup:
     ar_keV, ar = _argon_intensity(instrument, exc)
     ar = ar * _efficiency(instrument, ar_keV, "argon fluorescence")
     ar_rows = response.matrix(ar_keV, dtype=np.float32) if ar_keV.size else np.zeros((0, n_ch), np.float32)
-    return _Setup(exc, incidence, takeoff, solid, response, n_ch, ray, comp, eff_r, eff_c, ar_keV, ar, ar_rows)
+    return _Setup(exc, incidence, takeoff, solid, response, n_ch, ray, comp, eff_r, eff_c,
+                  ar_keV, ar, ar_rows)
 
 
 #: argon lines drawn (xraylib line macros) and the quadrature points along the beam path
@@ -287,21 +288,23 @@ _ARGON_NODES = 64
 def _argon_intensity(instrument: Any, exc: _fp.Excitation) -> tuple[np.ndarray, np.ndarray]:
     """Ar K line energies (a,) and intensities (a,) from the irradiated air, per incident photon and sr
     of the detector as seen from the beam spot, before detector efficiency (see :func:`argon_lines`)."""
-    from ._instrument import _composition
+    from ._instrument import _composition, mass_attenuation_cm2_g
 
     path_mm = float(getattr(instrument, "beam_path_mm", 0.0))
     if getattr(instrument, "atmosphere", None) != "air" or path_mm <= 0:
         return np.zeros(0), np.zeros(0)
     z, w, rho, _ = _composition("air")
-    w_ar = float(w[list(z).index(18)]) if 18 in set(z.tolist()) else 0.0
-    d_mm = getattr(instrument, "detector_distance_mm", None)
-    d_cm = max(float(instrument.detector_path_mm if d_mm is None else d_mm), 1e-3) / 10.0
-    e_in = exc.render_energy_keV
-    keep = e_in > xraylib.EdgeEnergy(18, xraylib.K_SHELL)
-    e_in, frac = e_in[keep], exc.render_weight[keep]
+    w_ar = float(w[z == 18].sum())  # mass fraction of argon in dry air
+    keep = exc.render_energy_keV > xraylib.EdgeEnergy(18, xraylib.K_SHELL)
+    e_in, frac = exc.render_energy_keV[keep], exc.render_weight[keep]
     if not e_in.size or w_ar <= 0:
         return np.zeros(0), np.zeros(0)
-    mu_air = lambda e: _mass_attenuation_air(np.atleast_1d(e)) * rho  # noqa: E731  (1/cm)
+
+    def mu_air(e: np.ndarray) -> np.ndarray:  # linear attenuation coefficient, 1/cm
+        return np.asarray(mass_attenuation_cm2_g("air", np.atleast_1d(e)), dtype=float) * rho
+
+    d_mm = getattr(instrument, "detector_distance_mm", None)
+    d_cm = max(float(instrument.detector_path_mm if d_mm is None else d_mm), 1e-3) / 10.0
     # points along the beam, s cm before the spot; phi: angle at the spot between source and detector
     s_cm, ds = np.linspace(0.0, path_mm / 10.0, _ARGON_NODES, retstep=True)
     phi = np.pi - _fp.scattering_angle_rad(instrument.incidence_deg, instrument.takeoff_deg)
@@ -314,19 +317,12 @@ def _argon_intensity(instrument: Any, exc: _fp.Excitation) -> tuple[np.ndarray, 
     for _, macro in _ARGON_LINES:
         e_line = float(xraylib.LineEnergy(18, macro))
         # the detector's efficiency covers the path d; the extra air path r - d is here
-        extra = np.exp(-mu_air(e_line)[0] * (r - d_cm))
+        extra = np.exp(-mu_air(np.array([e_line]))[0] * (r - d_cm))
         sigma = np.array([xraylib.CS_FluorLine_Kissel_Cascade(18, macro, float(e)) for e in e_in])  # cm2/g
-        along = beam * (omega * extra)[None, :]
-        per_e = np.trapezoid(along, dx=ds, axis=1)  # cm
+        per_e = np.trapezoid(beam * (omega * extra)[None, :], dx=ds, axis=1)  # cm
         energies.append(e_line)
         out.append(float(np.sum(frac * sigma * per_e)) * w_ar * rho / (4.0 * np.pi))
     return np.array(energies), np.array(out)
-
-
-def _mass_attenuation_air(energy_keV: np.ndarray) -> np.ndarray:
-    from ._instrument import mass_attenuation_cm2_g
-
-    return np.asarray(mass_attenuation_cm2_g("air", energy_keV), dtype=float)
 
 
 def argon_lines(instrument: Any) -> dict[str, float]:
@@ -350,6 +346,15 @@ def argon_lines(instrument: Any) -> dict[str, float]:
     dict
         ``{"Ka": rate, "Kb": rate}`` (empty without air), detected photons/s with the instrument's
         flux and detector solid angle, detector efficiency included.
+
+    Examples
+    --------
+    >>> import xrfnb
+    >>> lines = xrfnb.argon_lines(xrfnb.Instrument.preset("bruker-m6"))
+    >>> lines["Ka"] > lines["Kb"] > 0
+    True
+    >>> xrfnb.argon_lines(xrfnb.Instrument.preset("synchrotron"))  # a helium path
+    {}
     """
     setup = _setup(instrument)
     scale = setup.exc.total_photons * setup.solid_angle_sr

@@ -159,7 +159,8 @@ class DataConfig:
         if len(self.ground_probs) != 4:
             raise ModelError("[data] ground_probs needs 4 weights: chalk, gypsum, lead white, none")
         if self.beam_path_mm is not None and not 0 <= self.beam_path_mm[0] <= self.beam_path_mm[1]:
-            raise ModelError(f"[data] beam_path_mm must be an increasing range >= 0 mm, got {self.beam_path_mm}")
+            raise ModelError(
+                f"[data] beam_path_mm must be an increasing range >= 0 mm, got {self.beam_path_mm}")
         lo, hi = self.counts
         if not 0 < lo <= hi:
             raise ModelError(f"[data] counts range must be positive and increasing, got {self.counts}")
