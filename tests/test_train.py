@@ -405,3 +405,24 @@ def test_argon_option_adds_the_air_lines_to_training_spectra():
     assert got[True] > got[False] + 50
     with pytest.raises(ModelError, match="beam_path_mm"):
         DataConfig(beam_path_mm=(5.0, 1.0))
+
+
+def test_secondary_option_adds_the_enhancement_between_layers():
+    """With [data] secondary on, Zn K lines of a zinc white layer (8.6 keV, above the Fe K edge at 7.11 keV)
+    excite the iron of the ochre above it: Fe Ka takes a larger share of the counts. Labels do not change."""
+    tab = pigment_table()
+    sb = _stack(tab, [("yellow ochre", 0.3, 10.0), ("zinc white", 0.7, 40.0)])
+    n = 50
+    sb = StackBatch(np.repeat(sb.W, n, 0), np.repeat(sb.mt, n, 0), np.repeat(sb.pigment_wt, n, 0),
+                    np.repeat(sb.n_paint, n))
+    share, labels = {}, {}
+    for on in (False, True):
+        cfg = DataConfig(instruments=("bruker-m6",), instrument_weights=(1.0,), n_instrument_variants=1,
+                         variants_per_batch=1, secondary=on)
+        data = TrainingData(cfg)
+        inst = data._make_variant("bruker-m6", np.random.default_rng(0), False)
+        raw, labels[on] = data._simulate_group(sb, inst, np.full(n, 20000.0), np.random.default_rng(4))
+        fe = np.abs(inst.channel_energy_keV - xraylib.LineEnergy(26, xraylib.KA_LINE)) < 0.1
+        share[on] = raw[:, fe].sum() / raw.sum()
+    assert share[True] > 1.03 * share[False]
+    np.testing.assert_array_equal(labels[True], labels[False])

@@ -16,7 +16,7 @@ Each training spectrum is a random stack of 1-3 paint layers over a ground (or n
   element in a random layer.
 
 Domain randomisation: instrument preset (Rh-tube macro-XRF, Mo-tube lab micro-XRF, monochromatic
-synchrotron), tube voltage, air path (its attenuation, argon included), detector resolution (FWHM at Mn Ka
+synchrotron), tube voltage, detector air path (its attenuation), detector resolution (FWHM at Mn Ka
 times ``fwhm_scale``, 0.8-1.3 in the shipped config), total counts log-uniform 100-50,000, and a
 calibration offset and gain error applied when the spectrum is rebinned onto the model grid (the model
 sees spectra whose calibration is slightly wrong, as real ones are).
@@ -24,9 +24,9 @@ sees spectra whose calibration is slightly wrong, as real ones are).
 Pile-up sum peaks are added when ``pileup`` is on (count rate log-uniform over ``count_rate_cps``), and
 the argon K lines of the irradiated air when ``argon`` is on (:func:`xrfnb.argon_lines`; the beam path
 through air drawn from ``beam_path_mm`` when given). Both are off by default, so a config without them
-reproduces weights trained before they existed. Not in these spectra (the simulator's batch path leaves it
-out by default, for speed): secondary fluorescence. The out-of-distribution score explains argon lines
-away.
+reproduces weights trained before they existed. Not in training spectra: secondary fluorescence
+(``secondary`` adds it, at about 100 times the cost per spectrum, for evaluation sets). The
+out-of-distribution score explains argon lines away.
 
 Labels
 ------
@@ -101,6 +101,10 @@ class DataConfig:
     beam_path_mm : (float, float) or None
         Range of the air path of the beam before the sample (it sets the argon signal), uniform; ``None``:
         the presets' own.
+    secondary : bool
+        Add secondary fluorescence (within and between layers) to the spectra. Slow (about 10-50 ms per
+        stack against about 0.1 ms without), so meant for evaluation sets, not training; the labels still
+        follow the primary line counts (secondary enhancement only makes a line more visible).
     gain_jitter_rel, offset_jitter_keV : float
         Standard deviations of the calibration error.
     layer_probs : tuple of float
@@ -135,6 +139,7 @@ class DataConfig:
     pileup: bool = False
     argon: bool = False
     beam_path_mm: tuple[float, float] | None = None
+    secondary: bool = False
     gain_jitter_rel: float = 0.002
     offset_jitter_keV: float = 0.01
     layer_probs: tuple[float, ...] = (0.45, 0.35, 0.2)
@@ -718,7 +723,7 @@ class TrainingData:
         parts: dict[str, np.ndarray] = {}
         rate = _loguniform(rng, *self.cfg.count_rate_cps, len(total)) if self.cfg.pileup else None
         raw = _simulate_batch(arr, inst, counts=total, rng=rng, keep=parts, count_rate_cps=rate,
-                              argon=self.cfg.argon)
+                              argon=self.cfg.argon, secondary=self.cfg.secondary)
         T = _tables_for(tab.elements, _setup(inst))
         line_counts = parts["primary"] * parts["line_detected"][None, None, :] * parts["scale"][:, None, None]
         sim_el = np.array([tab.elements.index(element_symbol(z)) for z in T.elements], dtype=np.int64)
