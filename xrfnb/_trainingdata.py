@@ -93,18 +93,19 @@ class DataConfig:
         Input count rate for pile-up, log-uniform; used only with ``pileup``.
     pileup : bool
         Add pile-up sum peaks (:func:`xrfnb.simulate_batch` ``count_rate_cps``, the instrument's
-        resolving time) at a count rate drawn per spectrum from ``count_rate_cps``. Default off: the
-        shipped weights were trained without pile-up, and a config without this key reproduces them.
+        resolving time) at a count rate drawn per spectrum from ``count_rate_cps``. Off by default, so
+        that configs written before pile-up was simulated reproduce their weights; the shipped config
+        turns it on.
     argon : bool
         Add the argon K lines of the air the beam crosses (:func:`xrfnb.simulate_batch` ``argon``). Off
-        by default (weights trained before argon was simulated).
+        by default for the same reason; on in the shipped config.
     beam_path_mm : (float, float) or None
         Range of the air path of the beam before the sample (it sets the argon signal), uniform; ``None``:
         the presets' own.
     secondary : bool
-        Add secondary fluorescence (within and between layers) to the spectra. Slow (about 10-50 ms per
-        stack against about 0.1 ms without), so meant for evaluation sets, not training; the labels still
-        follow the primary line counts (secondary enhancement only makes a line more visible).
+        Add secondary fluorescence (within and between layers) to the spectra. Slow (about 8 ms per
+        stack against 0.06 ms without, one thread), so meant for evaluation sets, not training; the labels
+        still follow the primary line counts (secondary enhancement only makes a line more visible).
     gain_jitter_rel, offset_jitter_keV : float
         Standard deviations of the calibration error.
     layer_probs : tuple of float
