@@ -204,13 +204,13 @@ def test_monochromatic_source_excites_only_edges_below_it() -> None:
 
 def test_batch_hands_out_the_line_counts_behind_its_spectra(m6, painting) -> None:
     """The per-layer line intensities the training labels are built from add up to the spectrum."""
-    from xrfnb._simulate import _setup, _simulate_batch, _tables_for
+    from xrfnb._simulate import _setup, _tables_for
 
     arr = stack_arrays([painting, painting])
     keep: dict = {}
     counts = np.array([1000.0, 20000.0])
-    spec = _simulate_batch(arr, m6, counts=counts, noise=False, scatter=False, argon=False, dtype=np.float64,
-                           keep=keep)
+    spec = xrfnb.simulate_batch(arr, m6, counts=counts, noise=False, scatter=False, argon=False,
+                                dtype=np.float64, keep=keep)
     line_counts = keep["primary"] * keep["line_detected"][None, None, :] * keep["scale"][:, None, None]
     # without scatter (and the air's argon) every count of the spectrum is a sample line count, and both
     # are the requested totals
@@ -219,11 +219,14 @@ def test_batch_hands_out_the_line_counts_behind_its_spectra(m6, painting) -> Non
     # each line comes from the layers that hold its element: Hg from the top layer, Pb from the second
     T = _tables_for(arr.elements, _setup(m6))
     el = np.array([xraylib.AtomicNumberToSymbol(int(z)) for z in T.elements])[T.line_element]
+    # keep names the lines too: element symbols and xraylib energies of the simulator's lines
+    np.testing.assert_array_equal(keep["line_element"], el)
+    np.testing.assert_array_equal(keep["line_energy_keV"], T.line_energy_keV)
     hg, pb = el == "Hg", el == "Pb"
     assert line_counts[:, 0, hg].sum() > 0 and line_counts[:, 1:, hg].sum() == 0
     assert line_counts[:, 1, pb].sum() > 0 and line_counts[:, 0, pb].sum() == 0
     # the noisy spectra drawn alongside are the same spectra simulate_batch draws
-    a = _simulate_batch(arr, m6, counts=counts, rng=3, keep={})
+    a = xrfnb.simulate_batch(arr, m6, counts=counts, rng=3, keep={})
     np.testing.assert_array_equal(a, xrfnb.simulate_batch(arr, m6, counts=counts, rng=3))
 
 

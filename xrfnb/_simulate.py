@@ -625,6 +625,7 @@ def simulate_batch(
     threads: int | None = None,
     count_rate_cps: float | np.ndarray | None = None,
     argon: bool = True,
+    keep: dict[str, np.ndarray] | None = None,
 ) -> np.ndarray:
     """Simulate many spectra at once (the training-data path).
 
@@ -669,6 +670,14 @@ def simulate_batch(
     argon : bool, optional
         The Ar K lines of the air the beam crosses (default; :func:`argon_lines`; nothing with helium or
         vacuum). The same for every spectrum in absolute terms, so weak emitters show them most.
+    keep : dict, optional
+        Filled with what the simulation computed on the way: ``"primary"`` (B, N, L) primary line
+        intensities per layer per incident photon and sr (secondary fluorescence, if on, is not in it),
+        ``"line_detected"`` (L,) detector efficiency times the in-range fraction of each line's response
+        row, and ``"scale"`` (B,) the factor that turned intensities into expected counts recorded in the
+        line itself (with pile-up: the photons recorded alone, not in a sum peak); their product is each
+        line's expected counts per layer in these spectra (the training labels are built from it).
+        ``"line_element"`` (L,) and ``"line_energy_keV"`` (L,) name the lines: element symbol, keV.
 
     Returns
     -------
@@ -676,37 +685,6 @@ def simulate_batch(
         (B, channels) counts (or expected counts with ``noise=False``).
     """
     arr = stacks if isinstance(stacks, StackArrays) else stack_arrays(stacks)
-    return _simulate_batch(arr, instrument, counts=counts, live_time_s=live_time_s, rng=rng, noise=noise,
-                           secondary=secondary, scatter=scatter, method=method, dtype=dtype, threads=threads,
-                           count_rate_cps=count_rate_cps, argon=argon)
-
-
-def _simulate_batch(
-    arr: StackArrays,
-    instrument: Any,
-    *,
-    counts: float | np.ndarray | None = None,
-    live_time_s: float | np.ndarray | None = None,
-    rng: np.random.Generator | int | None = None,
-    noise: bool = True,
-    secondary: bool = False,
-    scatter: bool = True,
-    method: str = "auto",
-    dtype: type = np.float32,
-    threads: int | None = None,
-    count_rate_cps: float | np.ndarray | None = None,
-    argon: bool = True,
-    keep: dict[str, np.ndarray] | None = None,
-) -> np.ndarray:
-    """:func:`simulate_batch` on arrays; with ``keep`` (a dict), also hands out what it computed.
-
-    ``keep`` receives ``"primary"`` (B, N, L) primary line intensities per layer per incident photon and
-    sr (secondary fluorescence, if on, is not in it), ``"line_detected"`` (L,) detector efficiency times
-    the in-range fraction of each line's response row, and ``"scale"`` (B,) the factor that turned
-    intensities into expected counts recorded in the line itself (with pile-up: the photons recorded
-    alone, not in a sum peak). The training labels are built from these, so they describe exactly
-    the spectra drawn here.
-    """
     if method not in ("auto", "events", "poisson"):
         raise SimulationError(f"method must be 'auto', 'events' or 'poisson', got {method!r}")
     B = len(arr)
@@ -795,6 +773,8 @@ def _simulate_batch(
         keep["primary"] = np.zeros((B, arr.weight_fraction.shape[1], T.n_lines))
         keep["scale"] = np.zeros(B)
         keep["line_detected"] = eff * rowsum[: T.n_lines] if T.n_lines else np.zeros(0)
+        keep["line_element"] = np.array([element_symbol(T.elements[i]) for i in T.line_element], dtype=object)
+        keep["line_energy_keV"] = T.line_energy_keV.copy()
     n_threads = max(1, min(int(threads if threads is not None else os.cpu_count() or 1), len(starts)))
     if n_threads == 1:
         for i in range(len(starts)):

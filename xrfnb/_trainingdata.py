@@ -717,14 +717,14 @@ class TrainingData:
         intensities per layer, times detector efficiency and in-range response, times the same per-spectrum
         scale that turned the spectrum's intensities into its expected total counts.
         """
-        from ._simulate import StackArrays, _setup, _simulate_batch, _tables_for
+        from ._simulate import StackArrays, _setup, _tables_for, simulate_batch
 
         tab = self.table
         arr = StackArrays(tab.elements, stacks.W, stacks.mt)
         parts: dict[str, np.ndarray] = {}
         rate = _loguniform(rng, *self.cfg.count_rate_cps, len(total)) if self.cfg.pileup else None
-        raw = _simulate_batch(arr, inst, counts=total, rng=rng, keep=parts, count_rate_cps=rate,
-                              argon=self.cfg.argon, secondary=self.cfg.secondary)
+        raw = simulate_batch(arr, inst, counts=total, rng=rng, keep=parts, count_rate_cps=rate,
+                             argon=self.cfg.argon, secondary=self.cfg.secondary)
         T = _tables_for(tab.elements, _setup(inst))
         line_counts = parts["primary"] * parts["line_detected"][None, None, :] * parts["scale"][:, None, None]
         sim_el = np.array([tab.elements.index(element_symbol(z)) for z in T.elements], dtype=np.int64)
