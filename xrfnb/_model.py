@@ -18,7 +18,9 @@ the training outputs (a test checks that they agree).
 
 Probabilities. The network gives, per class, a three-way softmax over (absent, present in the surface layer,
 present only below the surface layer), divided by a temperature fitted on validation data. ``probability``
-is P(surface) + P(buried) (present within the probed depth) and ``buried_probability`` is P(buried).
+is P(surface) + P(buried) (present within the probed depth) and ``buried_probability`` is P(buried); both
+are clamped to [0, 1] (float32 rounding of the sum can exceed 1 by one unit in the last place), so
+``0 <= buried_probability <= probability <= 1`` holds exactly.
 
 Out-of-distribution score, from three terms:
 
@@ -658,8 +660,11 @@ class PigmentModel:
         else:
             logits, feats = self.net(x, logc)
         p3 = torch.softmax(logits / self.temperature, dim=2)
-        prob = p3[..., 1] + p3[..., 2]
-        buried = p3[..., 2]
+        # P(surface) + P(buried) rounds to just above 1 in float32 (1.0000001) where P(absent) is tiny:
+        # clamp here, the one place probabilities are made, so that 0 <= buried <= probability <= 1 holds
+        # exactly on every path (identify, identify_batch, map_pigments, the HDF5 output)
+        prob = (p3[..., 1] + p3[..., 2]).clamp_(0.0, 1.0)
+        buried = torch.minimum(p3[..., 2].clamp(0.0, 1.0), prob)
         possible = (prob >= self._explain_p).float()
         unexplained = self._unexplained_fraction(binned, possible)
         if self._feature_mean is not None:
