@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -154,13 +155,31 @@ def _read(fmt: str, p: Path, element: int | str | None) -> Spectrum | Scan:
     )  # pragma: no cover - detect_format names only these
 
 
+def _new_file(folder: Path, prefix: str, suffix: str) -> Path:
+    """Create a new empty file with a random name in ``folder``, mode 0666 less the umask.
+
+    Unlike :func:`tempfile.mkstemp` (mode 0600), the kernel applies the process's umask, so the file
+    ends up with the permissions the user expects of a file a program writes.
+    """
+    for _ in range(100):
+        name = folder / f"{prefix}{secrets.token_hex(6)}{suffix}"
+        try:
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return name
+    raise FileExistsError(f"{folder}: no free temporary file name after 100 tries")  # pragma: no cover
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path in ``path``'s folder; on success rename it to ``path`` atomically.
 
     On an exception the temporary file is removed and ``path`` is left as it was (absent or the
     previous version). The temporary name keeps ``path``'s suffix, so libraries that look at it
-    (``np.save``, h5py) behave.
+    (``np.save``, h5py) behave. The file gets the permissions any program's new file gets (0666 less
+    the umask: 0644 with the usual umask 022), or, when it replaces a file, that file's permissions.
 
     Examples
     --------
@@ -172,10 +191,12 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     folder = target.parent if str(target.parent) else Path(".")
     if not folder.is_dir():
         raise FormatError(f"{target}: the folder {folder} does not exist")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{target.suffix}", dir=folder)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = _new_file(folder, f".{target.name}.", f".tmp{target.suffix}")
     try:
+        with contextlib.suppress(OSError):
+            old = os.stat(target)
+            if stat.S_ISREG(old.st_mode):  # replacing a file keeps its permissions, as open(path, "w") does
+                os.chmod(tmp, stat.S_IMODE(old.st_mode) & 0o777)
         yield tmp
         os.replace(tmp, target)
     except BaseException:

@@ -69,17 +69,29 @@ def _energy_calibration(axis: Mapping[str, Any], path: Path, n_channels: int) ->
     try:
         cal = EnergyCalibration(float(axis.get("offset", 0.0)) * scale, float(axis.get("scale", 0.0)) * scale)
         return cal.check_monotonic(n_channels)
-    except (TypeError, ValueError):
-        raise CalibrationError(f"{path}: energy axis offset/scale are not numbers: {axis!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise CalibrationError(
+            f"{path}: energy calibration offset/gain (CalibAbs/CalibLin) are not finite numbers: "
+            f"offset {_short(axis.get('offset'))}, gain {_short(axis.get('scale'))}; fix the header or pass "
+            "calibration= to load()"
+        ) from None
     except CalibrationError as exc:
         raise CalibrationError(f"{path}: {exc}") from None
+
+
+def _short(value: Any, n_chars: int = 40) -> str:
+    """``repr(value)``, cut to about ``n_chars`` characters (header values can be huge)."""
+    if isinstance(value, int) and value.bit_length() >= 128:
+        return f"<{len(str(value))}-digit number>"
+    text = repr(value)
+    return text if len(text) <= n_chars else text[: n_chars - 3] + "..."
 
 
 def _pixel_size_um(axis: Mapping[str, Any]) -> float | None:
     factor = _LENGTH_TO_UM.get(str(axis.get("units") or "").strip())
     try:
         scale = float(axis.get("scale", 0.0))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
     if factor is None or not np.isfinite(scale) or scale <= 0:
         return None
@@ -326,6 +338,15 @@ def read_rpl(path: Path) -> Spectrum | Scan:
         raise FormatError(f"{path}: ripple width/height/depth/offset/data-length must be integers") from None
     if min(width, height, depth, length) < 1 or offset < 0:
         raise FormatError(f"{path}: ripple header has a non-positive size: {width} x {height} x {depth}")
+    record_by = head.get("record-by", "vector").lower()
+    if record_by == "dont-care" and depth == 1:
+        record_by = "vector"  # one value per pixel: both orders are the same
+    if record_by not in ("vector", "image"):
+        raise FormatError(
+            f"{path}: ripple header says record-by {head.get('record-by')!r} for {depth} channels; it "
+            "must be 'vector' (the channels of a pixel stored together) or 'image' (one image per channel) "
+            "('dont-care' only for depth 1): fix the header"
+        )
     raw = next((p for p in (path.with_suffix(".raw"), path.with_suffix(".RAW")) if p.is_file()), None)
     if raw is None:
         raise FormatError(
@@ -340,7 +361,6 @@ def read_rpl(path: Path) -> Spectrum | Scan:
         )
     item = _rsciio(file_reader, path, "ripple .rpl/.raw pair", lazy=True)[0]
     data = item["data"]
-    record_by = head.get("record-by", "vector").lower()
     if record_by == "image":
         data = data.reshape(depth, height, width).transpose(1, 2, 0)
     else:

@@ -23,7 +23,9 @@ the scan (and every spectrum or dataset taken from it) is garbage collected.
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import os
 import signal
 import subprocess
@@ -33,6 +35,7 @@ from typing import Any
 
 import h5py
 import numpy as np
+from h5py import h5d, h5l
 
 from .._calibration import EnergyCalibration
 from .._errors import CalibrationError, DataError, FormatError, XRFNBError
@@ -42,7 +45,10 @@ from ._common import UNCALIBRATED, calibration_from_axis, make_spectrum, with_gi
 __all__ = [
     "LAYOUT_NAME",
     "LAYOUT_VERSION",
+    "MAX_COMPRESSION_RATIO",
     "CheckedDataset",
+    "check_self_contained",
+    "check_stored_size",
     "read_hdf5",
     "read_scan",
     "read_spectrum",
@@ -55,6 +61,11 @@ LAYOUT_NAME = "xrfnb-hdf5"
 LAYOUT_VERSION = 1
 #: target size of one storage chunk of counts, bytes
 CHUNK_BYTES = 1 << 20
+#: largest ratio of uncompressed to stored bytes that deflate (the strongest built-in HDF5 filter) reaches
+MAX_COMPRESSION_RATIO = 1032
+#: chunked or virtual datasets claiming less than this are never refused for their claimed size (unwritten
+#: chunks read as the fill value; a small unfinished dataset is harmless)
+_CLAIM_FLOOR_BYTES = 64 << 20
 
 
 def _json_default(obj: Any) -> Any:
@@ -156,17 +167,22 @@ def write_spectrum(group: h5py.Group, spectrum: Spectrum) -> None:
 # libhdf5 is not hardened against corrupted metadata: some damaged files crash the process that opens them
 # (a segmentation fault, not an exception), which would kill a user's Jupyter kernel or the dashboard
 # server. Before a file is opened here, a child process walks its whole metadata (every group, dataset
-# and attribute, small datasets read, one element of large ones); if the child dies from a signal, the
+# and attribute, small datasets read, one element of large ones; never the data of a dataset stored in
+# other files, which the reader refuses after opening); if the child dies from a signal, the
 # file is refused with a FormatError and this process never touches it. Files are checked once per
 # (path, size, mtime); files this process wrote itself are trusted. XRFNB_HDF5_PREFLIGHT=0 turns the
 # check off for trusted data.
 
 _PREFLIGHT_CHILD = r"""
 import sys, h5py
+from h5py import h5d
 def visit(name, obj):
     dict(obj.attrs)
     if isinstance(obj, h5py.Dataset):
         obj.shape, obj.dtype, obj.chunks, obj.compression
+        plist = obj.id.get_create_plist()
+        if plist.get_external_count() or plist.get_layout() == h5d.VIRTUAL:
+            return  # data in other files: never read (the reader refuses such files)
         if obj.size <= 100000:
             obj[()]
         elif obj.ndim:
@@ -242,6 +258,135 @@ def write_hdf5(obj: Scan | Spectrum, path: Path) -> None:
             write_spectrum(data, obj)
 
 
+# -- containment --------------------------------------------------------------------------------------
+#
+# HDF5 lets a file show the bytes of other files: external raw storage (a dataset whose data are any
+# byte range of any file, /etc/passwd included), external links (a group or dataset of another HDF5 file,
+# also reachable through the NeXus ``default`` chain) and virtual datasets (data mapped from datasets of
+# other files). A file handed to xrfnb (uploaded to the dashboard, say) must never make it read other
+# files of the machine, so such files are refused before anything in them is resolved. The walk reads
+# metadata only (link table and dataset creation properties): about 10 us per object.
+
+
+def _size_text(n_bytes: int) -> str:
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:.3g} {unit}"
+    return f"{n_bytes} bytes"
+
+
+def _same_file(path: Path, other: str) -> bool:
+    if other == ".":
+        return True
+    candidate = Path(other) if os.path.isabs(other) else Path(path).parent / other
+    try:
+        return os.path.samefile(candidate, path)
+    except OSError:
+        return False
+
+
+def check_self_contained(f: h5py.File, path: Path) -> None:
+    """Refuse an HDF5 file whose content is stored in, or linked to, other files.
+
+    Parameters
+    ----------
+    f : h5py.File
+        The open file (nothing in it resolved yet).
+    path : pathlib.Path
+        Its path, for messages and to resolve virtual-dataset sources.
+
+    Raises
+    ------
+    FormatError
+        An external link, a user-defined link, a dataset with external raw storage, or a virtual dataset
+        with a source in another file: the message names the link or dataset and the other file.
+    """
+    advice = ("xrfnb reads only data stored inside the file itself; copy the data into the file (for example "
+              "with h5py: f2.create_dataset(name, data=f1[name][()])) or load the other file directly")
+    problem: list[str] = []
+
+    def link(name: bytes, info: Any) -> bool | None:
+        where = "/" + name.decode("utf-8", "replace")
+        if info.type == h5l.TYPE_EXTERNAL:
+            target = f.get(where, getlink=True)
+            problem.append(f"{path}:{where} is an external link to {target.path} in the file "
+                           f"{target.filename}: refused; {advice}")
+        elif info.type not in (h5l.TYPE_HARD, h5l.TYPE_SOFT):
+            problem.append(f"{path}:{where} is a user-defined link (type {info.type}) that may point outside "
+                           f"the file: refused; {advice}")
+        return True if problem else None
+
+    f.id.links.visit(link, info=True)  # exceptions raised inside h5py's visit callbacks are mangled
+    if problem:
+        raise FormatError(problem[0])
+
+    def dataset(name: str, obj: h5py.HLObject) -> bool | None:
+        if not isinstance(obj, h5py.Dataset):
+            return None
+        plist = obj.id.get_create_plist()
+        if plist.get_external_count():
+            other = plist.get_external(0)[0].decode("utf-8", "replace")
+            problem.append(f"{path}:/{name}: the dataset's data are stored in another file ({other}; HDF5 "
+                           f"external storage): refused; {advice}")
+        elif plist.get_layout() == h5d.VIRTUAL:
+            for i in range(plist.get_virtual_count()):
+                other = plist.get_virtual_filename(i)
+                if not _same_file(path, other):
+                    problem.append(f"{path}:/{name}: a virtual dataset mapping "
+                                   f"{plist.get_virtual_dsetname(i)} of another file ({other}): refused; "
+                                   f"{advice}")
+                    break
+        return True if problem else None
+
+    f.visititems(dataset)
+    if problem:
+        raise FormatError(problem[0])
+
+
+def check_stored_size(dset: h5py.Dataset, path: Path) -> h5py.Dataset:
+    """Refuse a dataset claiming more data than the file can hold (a corrupted or forged shape).
+
+    A contiguous dataset's bytes must fit in the file; a chunked one's claimed bytes must not exceed its
+    stored chunks' bytes times :data:`MAX_COMPRESSION_RATIO` (deflate's maximum), a virtual one's the
+    file's size times that ratio. Chunked and virtual datasets under 64 MiB are let through (unwritten
+    chunks read as the fill value). Only metadata is read.
+
+    Returns
+    -------
+    h5py.Dataset
+        ``dset`` itself.
+
+    Raises
+    ------
+    FormatError
+        The claimed size (shape x item size) is impossible for this file.
+    """
+    claimed = math.prod(int(n) for n in dset.shape) * dset.dtype.itemsize
+    try:
+        file_bytes = os.path.getsize(path)
+    except OSError:
+        return dset
+    layout = dset.id.get_create_plist().get_layout()
+    shape_text = f"shape {tuple(int(n) for n in dset.shape)} of {dset.dtype} ({_size_text(claimed)})"
+    tail = "a corrupted header or an unfinished file; re-export or re-copy it from the instrument"
+    if layout == h5d.CONTIGUOUS and claimed > file_bytes:
+        raise FormatError(f"{path}:{dset.name}: the dataset claims {shape_text} but the whole file holds "
+                          f"{_size_text(file_bytes)}: {tail}")
+    if layout == h5d.CHUNKED:
+        stored = dset.id.get_storage_size()
+        if claimed > max(stored * MAX_COMPRESSION_RATIO, _CLAIM_FLOOR_BYTES):
+            grid = math.prod(-(-int(n) // int(c)) for n, c in zip(dset.shape, dset.chunks, strict=True))
+            most = _size_text(stored * MAX_COMPRESSION_RATIO)
+            raise FormatError(
+                f"{path}:{dset.name}: the dataset claims {shape_text} but stores {_size_text(stored)} in "
+                f"{dset.id.get_num_chunks()} of its {grid} chunks, at most {most} even at deflate's maximum "
+                f"compression: {tail}")
+    if layout == h5d.VIRTUAL and claimed > max(file_bytes * MAX_COMPRESSION_RATIO, _CLAIM_FLOOR_BYTES):
+        raise FormatError(f"{path}:{dset.name}: the virtual dataset claims {shape_text}, more than a file of "
+                          f"{_size_text(file_bytes)} can hold: {tail}")
+    return dset
+
+
 # -- reading -----------------------------------------------------------------------------------------
 def _where(group: h5py.Group | h5py.Dataset) -> str:
     return f"{group.file.filename}:{group.name}"
@@ -304,23 +449,82 @@ def _check_energy(group: h5py.Group, n_channels: int) -> None:
 
 
 class CheckedDataset(h5py.Dataset):
-    """An :class:`h5py.Dataset` whose reads turn HDF5 errors (a corrupted chunk) into FormatError.
+    """An :class:`h5py.Dataset` whose reads turn HDF5 errors (a corrupted chunk) into DataError.
 
-    It is the same open dataset (same HDF5 identifier), so everything h5py offers still works.
+    It is the same open dataset (same HDF5 identifier), so everything h5py offers still works. When a
+    read fails, the chunks it covers are read one by one to name the damaged one.
     """
+
+    #: at most this many chunks are tried, one by one, to find the damaged one
+    MAX_CHUNKS_SEARCHED = 4096
 
     def __getitem__(self, args, new_dtype=None):  # type: ignore[override]
         try:
             return super().__getitem__(args, new_dtype=new_dtype)
         except (OSError, RuntimeError) as exc:
-            raise FormatError(
-                f"{self.file.filename}:{self.name}: cannot read {args!r} (corrupted chunk?): {exc}"
-            ) from None
+            raise DataError(self._damage_message(args, exc)) from None
+
+    def _damage_message(self, args: Any, exc: BaseException) -> str:
+        where = f"{self.file.filename}:{self.name}"
+        bad = self._find_bad_chunk(args)
+        what = (f"reading {args!r} failed" if bad is None
+                else f"{chunk_text(bad, self.chunks, self.shape)} is damaged")
+        return (f"{where}: {what}: the compressed data cannot be decoded ({exc}); the file is corrupted "
+                "(other chunks may still read): re-copy it from the instrument or a backup")
+
+    def _find_bad_chunk(self, args: Any) -> tuple[int, ...] | None:
+        if self.chunks is None:
+            return None
+        bounds = _selection_bounds(args, self.shape)
+        grid = [range(lo - lo % c, hi, c) for (lo, hi), c in zip(bounds, self.chunks, strict=True)]
+        if math.prod(len(r) for r in grid) > self.MAX_CHUNKS_SEARCHED:
+            return None
+        for offset in itertools.product(*grid):
+            box = tuple(
+                slice(o, min(o + c, n)) for o, c, n in zip(offset, self.chunks, self.shape, strict=True)
+            )
+            try:
+                super().__getitem__(box)
+            except (OSError, RuntimeError):
+                return tuple(int(o) for o in offset)
+        return None
+
+
+def chunk_text(offset: tuple[int, ...], chunks: tuple[int, ...] | None, shape: tuple[int, ...]) -> str:
+    """Words for the storage chunk starting at ``offset``: pixel row and columns for a 3-D scan."""
+    if len(offset) == 3 and chunks is not None:
+        r, c, ch = offset
+        last = min(c + chunks[1], shape[1]) - 1
+        cols = f"column {c}" if last == c else f"columns {c}-{last}"
+        chans = "" if ch == 0 else f", channels from {ch}"
+        return f"the storage chunk at offset {offset} (pixel row {r}, {cols}{chans})"
+    return f"the storage chunk at offset {offset}"
+
+
+def _selection_bounds(args: Any, shape: tuple[int, ...]) -> list[tuple[int, int]]:
+    """Per-axis [lo, hi) bounds of an index expression (the whole axis where it is not a plain slice/int)."""
+    items = list(args) if isinstance(args, tuple) else [args]
+    if Ellipsis in items:
+        i = items.index(Ellipsis)
+        items[i : i + 1] = [slice(None)] * (len(shape) - len(items) + 1)
+    items += [slice(None)] * (len(shape) - len(items))
+    bounds = []
+    for item, n in zip(items, shape, strict=False):
+        if isinstance(item, (int, np.integer)) and -n <= int(item) < n:
+            i = int(item) % n
+            bounds.append((i, i + 1))
+        elif isinstance(item, slice) and item.step in (None, 1):
+            lo, hi, _ = item.indices(n)
+            bounds.append((lo, max(lo, hi)))
+        else:
+            bounds.append((0, n))
+    return bounds
 
 
 def read_scan(group: h5py.Group) -> Scan:
     """:class:`Scan` from a group written by :func:`write_scan`; counts stay the lazy h5py dataset."""
-    counts = CheckedDataset(_dataset(group, "counts").id)
+    path = Path(group.file.filename)
+    counts = CheckedDataset(check_stored_size(_dataset(group, "counts"), path).id)
     if counts.ndim != 3:
         raise DataError(
             f"{_where(group)}: scan counts must be 3-D (rows, cols, channels), got shape {counts.shape}"
@@ -332,7 +536,7 @@ def read_scan(group: h5py.Group) -> Scan:
     live = group.get("live_time")
     live_time = None
     if isinstance(live, h5py.Dataset):
-        live_time = live[()]
+        live_time = CheckedDataset(check_stored_size(live, path).id)[()]
         live_time = float(live_time) if np.ndim(live_time) == 0 else np.asarray(live_time, dtype=float)
     pixel = group.attrs.get("pixel_size_um")
     meta = _read_metadata(group)
@@ -351,7 +555,8 @@ def read_scan(group: h5py.Group) -> Scan:
 
 def read_spectrum(group: h5py.Group) -> Spectrum:
     """:class:`Spectrum` from a group written by :func:`write_spectrum` (read into memory)."""
-    counts = _dataset(group, "counts")
+    path = Path(group.file.filename)
+    counts = CheckedDataset(check_stored_size(_dataset(group, "counts"), path).id)
     if counts.ndim != 1:
         raise DataError(f"{_where(group)}: spectrum counts must be 1-D, got shape {counts.shape}")
     _check_energy(group, counts.shape[0])
@@ -359,7 +564,7 @@ def read_spectrum(group: h5py.Group) -> Spectrum:
     times = {}
     for name in ("live_time", "real_time"):
         d = group.get(name)
-        times[name] = float(d[()]) if isinstance(d, h5py.Dataset) and d.ndim == 0 else None
+        times[name] = float(CheckedDataset(d.id)[()]) if isinstance(d, h5py.Dataset) and d.ndim == 0 else None
     meta = _read_metadata(group)
     meta.update(source=str(group.file.filename), hdf5_group=group.name)
     return make_spectrum(
@@ -432,7 +637,7 @@ def _read_foreign(obj: h5py.HLObject, path: Path, calibration: EnergyCalibration
         axes_list = [a.decode() if isinstance(a, bytes) else str(a) for a in axes_list]
         counts = obj[signal]
         if axes_list and axes_list[-1] in obj and isinstance(obj[axes_list[-1]], h5py.Dataset):
-            axis = obj[axes_list[-1]]
+            axis = CheckedDataset(check_stored_size(obj[axes_list[-1]], path).id)
             if axis.ndim == 1:
                 units = (_attr_str(axis, "units") or "keV").strip()
                 energy = np.asarray(axis[()], dtype=float) * (1e-3 if units.lower() == "ev" else 1.0)
@@ -443,6 +648,7 @@ def _read_foreign(obj: h5py.HLObject, path: Path, calibration: EnergyCalibration
                     )
     else:
         counts = obj
+    counts = CheckedDataset(check_stored_size(counts, path).id)
     if counts.dtype.kind not in "iuf":
         raise DataError(f"{_where(counts)}: counts must be numeric, got dtype {counts.dtype}")
     source = "given to load()"
@@ -459,7 +665,7 @@ def _read_foreign(obj: h5py.HLObject, path: Path, calibration: EnergyCalibration
             calibration_source=source if calibration is not None else "none in file",
         )
         try:
-            return Scan(CheckedDataset(counts.id), calibration or UNCALIBRATED, metadata=meta)
+            return Scan(counts, calibration or UNCALIBRATED, metadata=meta)
         except XRFNBError as exc:
             raise type(exc)(f"{path}: {exc}") from None
     raise DataError(
@@ -494,6 +700,7 @@ def read_hdf5(
     keep_open = False
     try:
         try:
+            check_self_contained(f, path)
             if dataset is not None:
                 if dataset not in f:
                     ours, nxdata, datasets = _candidates(f)
