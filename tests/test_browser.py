@@ -5,11 +5,21 @@ Starts the Panel server in a thread on a free loopback port with the synthetic s
 now holds that pixel's counts, moves the global threshold slider to 1 and checks that the browser's
 main map and gallery then hold maps with no pigment present, saves a screenshot to ``test-output/`` and
 checks that every request stayed on the local server (no CDN).
+
+The README's own command is driven too: ``xrfnb serve`` (what ``make serve`` runs) in a subprocess,
+with no argument (the demo) and with a folder of real measured files, each opened in turn. Both wait
+for the app's own plots (Figure models), and fail on internal-error, traceback or repr text anywhere in
+the live document, and on a traceback in the server's log.
 """
 
 from __future__ import annotations
 
+import contextlib
+import re
+import shutil
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 from urllib.parse import urlparse
@@ -200,3 +210,179 @@ def test_dashboard_in_headless_chromium(server):
             browser.close()
     hosts = {urlparse(u).hostname for u in requests if urlparse(u).scheme not in ("data", "blob")}
     assert hosts == {"127.0.0.1"}, f"requests left the local server: {sorted(hosts)}"
+
+
+# -- the README's own command: `xrfnb serve` in a subprocess, as `make serve` runs it ---------------------
+REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
+
+# how many Figure models the live document holds (the app's own plots, not just any root)
+_FIGURES_JS = """() => {
+  if (!window.Bokeh || !Bokeh.documents.length) return 0;
+  let n = 0;
+  for (const m of Bokeh.documents[0].all_models) {
+    if (m.constructor && m.constructor.__name__ === 'Figure') n++;
+  }
+  return n;
+}"""
+
+# every string held by the live document's models (texts, titles, options, notifications)
+_TEXTS_JS = """() => {
+  const out = [];
+  const walk = (v, d) => {
+    if (d > 3 || v == null) return;
+    if (typeof v === 'string') { out.push(v); return; }
+    if (Array.isArray(v)) { for (const x of v.slice(0, 500)) walk(x, d + 1); return; }
+    if (typeof v === 'object' && v.constructor === Object) for (const x of Object.values(v)) walk(x, d + 1);
+  };
+  if (!window.Bokeh || !Bokeh.documents.length) return out;
+  for (const m of Bokeh.documents[0].all_models) {
+    for (const v of Object.values(m.attributes || {})) {
+      if (typeof v !== 'object' || v === null || Array.isArray(v) || v.constructor === Object) walk(v, 0);
+    }
+  }
+  return out;
+}"""
+
+# text that must never reach a user: internal errors, tracebacks, Python reprs
+_BAD_TEXT = re.compile(
+    r"internal error|Traceback \(most recent|functools\.partial|(<|&lt;)(function|bound method) "
+    r"| at 0x[0-9a-f]{6,}|EnergyCalibration\(|Error\(['\"]"
+)
+
+
+def _xrfnb_command() -> str:
+    """The ``xrfnb`` script installed beside this Python (what ``make serve`` runs from the venv)."""
+    script = Path(sys.executable).with_name("xrfnb")
+    if script.exists():
+        return str(script)
+    found = shutil.which("xrfnb")
+    assert found, "the xrfnb command is not installed: run `make install`"
+    return found
+
+
+@contextlib.contextmanager
+def _xrfnb_serve(args: list[str], log_path: Path):
+    """Run ``xrfnb serve ARGS --port P`` as the README says; yield its URL; stop it afterwards."""
+    port = _free_port()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [_xrfnb_command(), "serve", *args, "--port", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, f"xrfnb serve exited ({proc.returncode}): {log_path.read_text()}"
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=2).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, f"xrfnb serve never listened: {log_path.read_text()}"
+                time.sleep(0.3)
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _assert_clean_page(page, log_path: Path) -> None:
+    bad = sorted({t[:200] for t in page.evaluate(_TEXTS_JS) if _BAD_TEXT.search(t)})
+    assert not bad, f"the page shows internal text: {bad}"
+    log = log_path.read_text()
+    assert "Traceback" not in log, f"the server logged a traceback:\n{log}"
+
+
+def _wait_for_figures(page, n: int, timeout_s: float = 90) -> None:
+    """Wait until the page holds ``n`` Figure models; fail at once when it shows internal text instead."""
+    deadline = time.monotonic() + timeout_s
+    while page.evaluate(_FIGURES_JS) < n:
+        bad = sorted({t[:200] for t in page.evaluate(_TEXTS_JS) if _BAD_TEXT.search(t)})
+        assert not bad, f"the page shows internal text instead of the dashboard: {bad}"
+        assert time.monotonic() < deadline, f"the dashboard's {n} plots never appeared"
+        page.wait_for_timeout(500)
+
+
+def _wait_for_counts(page, expected: float, timeout_ms: int = 60000) -> None:
+    """Wait until a spectrum data source in the page holds ``expected`` counts in all."""
+    page.wait_for_function(
+        f"() => ({_SOURCES_JS})().counts.some(s => Math.abs(s - {expected}) <= 0.5 + 1e-6 * {expected})",
+        timeout=timeout_ms,
+    )
+
+
+def _launch(p):
+    return p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+
+
+def test_xrfnb_serve_demo_in_chromium(tmp_path):
+    """``xrfnb serve`` with no argument (``make serve``): the demo scan and its pigment maps are drawn."""
+    if not CHROMIUM.exists():
+        pytest.skip("Chromium is not installed (/usr/bin/chromium): run `make browser-deps`")
+    pytest.importorskip("playwright.sync_api", reason="playwright is in the test extra")
+    from playwright.sync_api import sync_playwright
+
+    log_path = tmp_path / "serve.log"
+    requests: list[str] = []
+    with _xrfnb_serve([], log_path) as url, sync_playwright() as p:
+        browser = _launch(p)
+        try:
+            page = browser.new_page(viewport={"width": 1440, "height": 900})
+            page.on("request", lambda req: requests.append(req.url))
+            page.goto(url)
+            # the app's own plots: main map, spectrum, residual, probabilities, gallery
+            _wait_for_figures(page, 4)
+            page.wait_for_function(_MAIN_FRAME_JS, timeout=60000)
+            page.wait_for_function(f"() => ({_SOURCES_JS})().images >= 2", timeout=60000)
+            page.wait_for_function(f"() => ({_SOURCES_JS})().counts.some(s => s > 0)", timeout=60000)
+            page.get_by_text("Showing demo: hidden-painting").first.wait_for(timeout=20000)
+            _assert_clean_page(page, log_path)
+        finally:
+            browser.close()
+    hosts = {urlparse(u).hostname for u in requests if urlparse(u).scheme not in ("data", "blob")}
+    assert hosts == {"127.0.0.1"}, f"requests left the local server: {sorted(hosts)}"
+
+
+REAL_FILES = ("bruker_m6_jetstream_p059.spx", "xrf_spectra.mca", "Steel.spe")
+
+
+def test_xrfnb_serve_folder_of_real_files_in_chromium(tmp_path):
+    """``xrfnb serve DIR`` on real measured files: each opens and its spectrum reaches the browser."""
+    if not CHROMIUM.exists():
+        pytest.skip("Chromium is not installed (/usr/bin/chromium): run `make browser-deps`")
+    if not REAL.is_dir():
+        pytest.skip(f"real reference spectra not found at {REAL} (../shared/data/real beside the checkout)")
+    pytest.importorskip("playwright.sync_api", reason="playwright is in the test extra")
+    from playwright.sync_api import sync_playwright
+
+    import xrfnb
+
+    data = tmp_path / "data"
+    data.mkdir()
+    totals = {}
+    for name in REAL_FILES:
+        shutil.copy2(REAL / name, data / name)
+        totals[name] = float(np.asarray(xrfnb.load(REAL / name).counts, dtype=float).sum())
+    before = {name: (data / name).read_bytes() for name in REAL_FILES}
+    log_path = tmp_path / "serve.log"
+    with _xrfnb_serve([str(data)], log_path) as url, sync_playwright() as p:
+        browser = _launch(p)
+        try:
+            page = browser.new_page(viewport={"width": 1440, "height": 900})
+            page.goto(url)
+            _wait_for_figures(page, 2)
+            scan_select = page.locator("select").first
+            scan_select.wait_for(timeout=30000)
+            for name in REAL_FILES:
+                scan_select.select_option(label=name)
+                _wait_for_counts(page, totals[name])
+                page.wait_for_timeout(500)
+                _assert_clean_page(page, log_path)
+        finally:
+            browser.close()
+    assert {name: (data / name).read_bytes() for name in REAL_FILES} == before, "an input file changed"

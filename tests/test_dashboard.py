@@ -774,3 +774,11 @@ def test_opening_another_scan_cancels_the_running_job_silently(scene):
     job.update(error=_dashboard._Cancelled(), finished=True)
     dash._finish_job(job)  # no notification, maps of the new scan stay
     assert not hasattr(dash, "last_message") and dash.scan is other and dash.maps is maps
+
+
+def test_serve_app_refuses_callables_panel_would_render_as_text():
+    """Panel calls only plain functions and methods per session; a functools.partial became a repr page."""
+    import functools
+
+    with pytest.raises(TypeError, match="plain function"):
+        _dashboard.serve_app(functools.partial(_dashboard.make_app, None), port=1)

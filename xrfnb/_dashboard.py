@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import functools
 import importlib
+import inspect
 import io
 import logging
 import math
@@ -2186,8 +2187,14 @@ def serve(
     """
     data_dir, initial = _serve_target(path)
     log.info("xrfnb dashboard on http://%s:%s (data folder: %s)", address, port, data_dir)
+
+    def app() -> Dashboard:
+        # a plain function: Panel calls functions and methods once per session, but renders any other
+        # callable (a functools.partial) as its repr text
+        return make_app(data_dir, initial, max_upload_mb)
+
     return serve_app(
-        functools.partial(make_app, data_dir, initial, max_upload_mb),
+        app,
         port=port,
         address=address,
         show=show,
@@ -2203,7 +2210,12 @@ def serve_app(
     show: bool = False,
     threaded: bool = False,
 ) -> Any:
-    """Serve ``factory()`` (called once per browser session) with local resources and error notifications."""
+    """Serve ``factory()`` (called once per browser session) with local resources and error notifications.
+
+    ``factory`` must be a plain function or method: Panel renders any other callable as text.
+    """
+    if not (inspect.isfunction(factory) or inspect.ismethod(factory)):
+        raise TypeError(f"serve_app needs a plain function or method, not {type(factory).__name__}")
     _ensure_extensions()
     pn.config.exception_handler = _exception_handler
     origins = sorted({f"{address}:{port}", f"localhost:{port}", f"127.0.0.1:{port}"})
