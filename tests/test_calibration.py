@@ -136,3 +136,12 @@ def test_calibrate_errors():
         calibrate(np.ones(4096), {"Fe Ka": 640, "Cu Ka": 804})
     with pytest.raises(CalibrationError, match="distinct channels"):
         calibrate(counts, {"Fe Ka": 640, "Fe Ka1": 641})
+
+
+def test_calibration_reads_as_a_relation_in_messages():
+    """Messages show the calibration as E = offset + gain x channel, never the dataclass repr."""
+    cal = EnergyCalibration(-0.00612, 0.0119282)
+    assert str(cal) == "E = -0.00612 keV + 11.93 eV x channel"
+    assert "EnergyCalibration(" not in f"{cal}"
+    assert "channel^2" in str(EnergyCalibration(0.0, 0.01, 2e-8))
+    assert repr(cal).startswith("EnergyCalibration(offset_keV=")  # the repr stays exact for developers

@@ -55,6 +55,13 @@ class EnergyCalibration:
                 "check the file header or pass a calibration explicitly"
             )
 
+    def __str__(self) -> str:
+        """The relation as a person reads it, e.g. ``E = -0.006 keV + 11.93 eV x channel``."""
+        text = f"E = {self.offset_keV:.4g} keV + {self.gain_keV * 1e3:.4g} eV x channel"
+        if self.quadratic_keV:
+            text += f" + {self.quadratic_keV * 1e3:.3g} eV x channel^2"
+        return text
+
     def check_monotonic(self, n_channels: int) -> EnergyCalibration:
         """Raise :class:`CalibrationError` unless energy increases over channels ``0 .. n_channels-1``."""
         if self.quadratic_keV != 0.0 and n_channels > 1:
