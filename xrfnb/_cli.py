@@ -8,7 +8,9 @@ an interruption (Ctrl-C, SIGTERM) exits with status 130 and leaves no corrupt ou
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import logging
 import os
 import signal
 import sys
@@ -68,12 +70,13 @@ def _load_model(name: str | None, precision: str = "auto") -> Any:
 
 # -- subcommands ----------------------------------------------------------------------------------
 def _cmd_identify(args: argparse.Namespace) -> int:
-    from ._mapping import map_pigments
+    from ._mapping import _check_output_path, map_pigments
     from ._spectrum import Scan, Spectrum
 
     out = Path(args.output)
     if out.suffix.lower() not in (".h5", ".hdf5", ".nxs"):
         raise DataError(f"output {out} should be an HDF5 file ending in .h5")
+    _check_output_path(out)  # before the input and the model are loaded: nothing is created
     data = _load_input(args.input)
     if isinstance(data, Spectrum):
         data = Scan(
@@ -381,6 +384,33 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+def _one_line(text: str) -> str:
+    """Messages of libraries (libhdf5's hold newlines) folded onto one line."""
+    return " ".join(str(text).split())
+
+
+def _os_error_text(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = f" for {exc.filename}" if exc.filename else ""
+        return f"no space left on the device{where}: free some space or write elsewhere"
+    if isinstance(exc, MemoryError):
+        return "out of memory: try a smaller --chunk-pixels, or close other programs"
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f"{exc.filename}: " if exc.filename else ""
+        return f"{where}{exc.strerror}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+class _StderrHandler(logging.Handler):
+    """xrfnb's warnings (a damaged block file redone, ...) as ``xrfnb: warning: ...`` lines on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            print(f"xrfnb: warning: {_one_line(record.getMessage())}", file=sys.stderr)
+        except Exception:  # never let a warning end a run
+            self.handleError(record)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``xrfnb`` command line; returns the exit status."""
     parser = build_parser()
@@ -390,6 +420,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
     except ValueError:  # not the main thread
         previous = None
+    handler = _StderrHandler(logging.WARNING)
+    logger = logging.getLogger("xrfnb")
+    logger.addHandler(handler)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
@@ -399,21 +432,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"xrfnb: {msg}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except XRFNBError as exc:
-        print(f"xrfnb: error: {exc}", file=sys.stderr)
+        print(f"xrfnb: error: {_one_line(str(exc))}", file=sys.stderr)
         return EXIT_ERROR
     except (OSError, MemoryError) as exc:
-        print(f"xrfnb: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"xrfnb: error: {_one_line(_os_error_text(exc))}", file=sys.stderr)
         return EXIT_ERROR
     except Exception as exc:  # a bug: still no traceback unless asked for
         if os.environ.get("XRFNB_DEBUG"):
             traceback.print_exc()
         print(
-            f"xrfnb: internal error: {type(exc).__name__}: {exc} (please report it; set XRFNB_DEBUG=1 "
-            "for the traceback)",
+            f"xrfnb: internal error: {type(exc).__name__}: {_one_line(str(exc))} (please report it; set "
+            "XRFNB_DEBUG=1 for the traceback)",
             file=sys.stderr,
         )
         return 1
     finally:
+        logger.removeHandler(handler)
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 

@@ -22,8 +22,10 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
+import errno
 import functools
 import json
+import logging
 import os
 import re
 import shutil
@@ -54,6 +56,14 @@ _PARTIAL_FORMAT = "xrfnb-pigment-maps-partial"
 _MASKED_RGB = (128, 128, 128)
 _DEFAULT_CHUNK_PIXELS = 8192
 _DEFAULT_BATCH_PIXELS = 4096
+#: files xrfnb writes in ``OUT.partial/`` (nothing else there is ever deleted)
+_PARTIAL_ENTRY = re.compile(r"manifest\.json|\.manifest\.json\.tmp|\.?rows_(\d{7})_(\d{7})\.npz(\.tmp)?")
+_BLOCK_FILE = re.compile(r"rows_(\d{7})_(\d{7})\.npz")
+_BLOCK_ARRAYS = ("probability", "buried_probability", "ood_score", "mask_reason")
+_H5_OVERHEAD_BYTES = 1 << 18  # HDF5 header, chunk index and attributes of a maps file (generous)
+_NPZ_OVERHEAD_BYTES = 4096  # zip directory and .npy headers of one block file
+
+_log = logging.getLogger("xrfnb.mapping")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -344,24 +354,26 @@ class PigmentMaps:
         when complete, so an interrupted write never leaves a corrupt file. Returns the path.
         """
         path = Path(path)
-        with atomic_path(path) as tmp:
-            rows, cols = self.shape
-            with _h5_create(tmp) as f:
-                _write_header(
-                    f, self.classes, self.colors, self.thresholds, self.ood_threshold, self.metadata
-                )
-                dsets = _create_map_datasets(f, rows, cols, len(self.classes))
-                for sl in self._blocks():
-                    dsets["probability"][sl] = _rows_of(self.probability, sl)
-                    dsets["buried_probability"][sl] = _rows_of(self.buried_probability, sl)
-                    dsets["ood_score"][sl] = _rows_of(self.ood_score, sl)
-                    dsets["mask"][sl] = _rows_of(self.mask, sl)
-                    if self.mask_reason is not None:
-                        dsets["mask_reason"][sl] = _rows_of(self.mask_reason, sl)
-                    else:
-                        dsets["mask_reason"][sl] = _rows_of(self.mask, sl).astype(np.uint8) * MASK_INVALID
-                if self.element_maps is not None:
-                    _write_element_maps(f, self.element_maps)
+        rows, cols = self.shape
+        _check_output_path(path)
+        needed = _maps_file_bytes(rows, cols, len(self.classes), self.element_maps)
+        _check_free_space(path.parent, needed, path)
+        with atomic_path(path) as tmp, _h5_writer(tmp, path, needed) as (f, failed):
+            _write_header(f, self.classes, self.colors, self.thresholds, self.ood_threshold, self.metadata)
+            dsets = _create_map_datasets(f, rows, cols, len(self.classes))
+            for sl in self._blocks():
+                if failed():
+                    break
+                dsets["probability"][sl] = _rows_of(self.probability, sl)
+                dsets["buried_probability"][sl] = _rows_of(self.buried_probability, sl)
+                dsets["ood_score"][sl] = _rows_of(self.ood_score, sl)
+                dsets["mask"][sl] = _rows_of(self.mask, sl)
+                if self.mask_reason is not None:
+                    dsets["mask_reason"][sl] = _rows_of(self.mask_reason, sl)
+                else:
+                    dsets["mask_reason"][sl] = _rows_of(self.mask, sl).astype(np.uint8) * MASK_INVALID
+            if self.element_maps is not None and not failed():
+                _write_element_maps(f, self.element_maps)
         return path
 
     @classmethod
@@ -463,17 +475,22 @@ class PigmentMaps:
             for i, (stem, name) in enumerate(zip(names, self.classes, strict=True))
         ]
         planes.append(("ood_score", lambda: np.asarray(self.ood_score[()], dtype=np.float32), "ood score"))
-        for stem, get, label in planes:
-            target = folder / f"{stem}.tif"
+        rows, cols = self.shape
+        needed = rows * cols * (4 * len(planes) + 1) + 8192 * (len(planes) + 1)
+        _check_free_space(folder, needed, folder / "mask.tif")
+        try:
+            for stem, get, label in planes:
+                target = folder / f"{stem}.tif"
+                with atomic_path(target) as tmp:
+                    tifffile.imwrite(tmp, get(), imagej=True, metadata={**meta, "Labels": [label]}, **kwargs)
+                written.append(target)
+            target = folder / "mask.tif"
             with atomic_path(target) as tmp:
-                tifffile.imwrite(tmp, get(), imagej=True, metadata={**meta, "Labels": [label]}, **kwargs)
+                mask = np.asarray(self.mask[()], dtype=np.uint8) * 255
+                tifffile.imwrite(tmp, mask, imagej=True, metadata=meta, **kwargs)
             written.append(target)
-        target = folder / "mask.tif"
-        with atomic_path(target) as tmp:
-            tifffile.imwrite(
-                tmp, np.asarray(self.mask[()], dtype=np.uint8) * 255, imagej=True, metadata=meta, **kwargs
-            )
-        written.append(target)
+        except OSError as exc:
+            raise _write_error(exc, target, needed) from None
         return written
 
     def _class_plane(self, index: int) -> np.ndarray:
@@ -509,13 +526,162 @@ def _unique_file_stems(names: tuple[str, ...]) -> list[str]:
 # ------------------------------------------------------------------------------------------------------
 # HDF5 helpers
 # ------------------------------------------------------------------------------------------------------
-def _h5_create(path: Path):
+def _open_for_hdf5(path: Path) -> Any:
+    """The raw, unbuffered file :class:`_GuardedFile` writes through (tests put a full disk here)."""
+    return open(path, "w+b", buffering=0)  # closed by _GuardedFile.close
+
+
+class _GuardedFile:
+    """A binary file for h5py's ``fileobj`` driver that never hands libhdf5 a failed write.
+
+    libhdf5 2.0 (h5py 3.16) does not survive a write that fails (``ENOSPC`` on a full disk): closing the
+    file then raises "Can't decrement id ref count" and the interpreter segfaults when the dataset
+    objects are freed. Here a failed write (or a Ctrl-C arriving inside one) is recorded in
+    :attr:`error` and reported to libhdf5 as done; the writer stops writing (:meth:`failed`), the file
+    is closed cleanly, and :func:`_h5_writer` raises the recorded error and drops the file.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._fh = _open_for_hdf5(path)
+        self.error: BaseException | None = None
+
+    def failed(self) -> bool:
+        """True once a write failed (the rest of the file is then not written)."""
+        return self.error is not None
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        if self.error is None:
+            try:
+                done = 0
+                while done < len(view):
+                    n = self._fh.write(view[done:])
+                    if not n:
+                        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                    done += n
+            except BaseException as exc:  # must never propagate into libhdf5
+                self.error = exc
+        return len(view)
+
+    def readinto(self, buffer: Any) -> int:
+        return self._fh.readinto(buffer)
+
+    def read(self, size: int = -1) -> bytes:
+        return self._fh.read(size)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._fh.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._fh.tell()
+
+    def truncate(self, size: int | None = None) -> int:
+        try:
+            return self._fh.truncate(size)
+        except BaseException as exc:  # as write
+            self.error = self.error or exc
+            return self._fh.tell() if size is None else size
+
+    def flush(self) -> None:
+        """Nothing to do: the file is unbuffered (and synced by :meth:`close`)."""
+
+    def close(self) -> None:
+        """Sync to disk (a delayed ``ENOSPC`` shows here) and close."""
+        try:
+            if self.error is None:
+                os.fsync(self._fh.fileno())
+        except OSError as exc:
+            self.error = exc
+        finally:
+            self._fh.close()
+
+
+@contextlib.contextmanager
+def _h5_writer(tmp: Path, target: Path, needed_bytes: int, hint: str = "") -> Iterator[tuple[Any, Any]]:
+    """Open ``tmp`` for writing with h5py through a :class:`_GuardedFile`.
+
+    Yields ``(file, failed)``: ``failed()`` turns True after a failed write, and the caller then stops
+    writing. On exit the file is closed; a recorded write error is raised as :class:`FormatError` (no
+    space left: with ``needed_bytes`` and ``hint``), a Ctrl-C caught inside a write as KeyboardInterrupt.
+    """
     import h5py
 
     try:
-        return h5py.File(path, "w")
+        guard = _GuardedFile(tmp)
     except OSError as exc:
-        raise FormatError(f"cannot write {path}: {exc}") from None
+        raise _write_error(exc, target, needed_bytes, hint) from None
+    try:
+        f = h5py.File(guard, "w")
+    except BaseException:
+        guard.close()
+        raise
+    try:
+        try:
+            yield f, guard.failed
+        finally:
+            try:
+                f.close()
+            finally:
+                guard.close()
+    except BaseException:
+        if isinstance(guard.error, OSError):  # a failure the body saw only as a consequence
+            raise _write_error(guard.error, target, needed_bytes, hint) from None
+        raise
+    if isinstance(guard.error, OSError):
+        raise _write_error(guard.error, target, needed_bytes, hint) from None
+    if guard.error is not None:  # KeyboardInterrupt (or SystemExit) that arrived inside a write
+        raise guard.error
+
+
+def _fmt_bytes(n: float) -> str:
+    if n >= 1e9:
+        return f"{n / 1e9:.1f} GB"
+    return f"{n / 1e6:.1f} MB" if n < 1e7 else f"{n / 1e6:.0f} MB"
+
+
+def _no_space_error(folder: Path, target: Path, needed_bytes: int, hint: str = "") -> FormatError:
+    try:
+        free = f", {_fmt_bytes(shutil.disk_usage(folder).free)} free"
+    except OSError:
+        free = ""
+    return FormatError(
+        f"no space left on {folder} for {target.name} (about {_fmt_bytes(needed_bytes)} needed{free})"
+        + (hint or ": free some space or write elsewhere")
+    )
+
+
+def _write_error(exc: OSError, target: Path, needed_bytes: int, hint: str = "") -> FormatError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return _no_space_error(target.parent, target, needed_bytes, hint)
+    reason = exc.strerror or str(exc)
+    return FormatError(f"cannot write {target}: {reason}{hint}")
+
+
+def _check_free_space(folder: Path, needed_bytes: int, target: Path, hint: str = "") -> None:
+    """Refuse up front when ``folder``'s file system has less than ``needed_bytes`` free."""
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:  # cannot tell: the writes themselves still report a full disk cleanly
+        return
+    if free < needed_bytes:
+        raise _no_space_error(folder, target, needed_bytes, hint)
+
+
+def _maps_file_bytes(rows: int, cols: int, k: int, element_maps: Any = None) -> int:
+    """Upper estimate of a maps file's size: the uncompressed arrays (probabilities hardly compress),
+    2 % for deflate's worst case, the HDF5 overhead and the element maps."""
+    arrays = rows * cols * (8 * k + 4 + 1 + 1)
+    em = 0
+    if element_maps is not None:
+        for name in ("intensity", "sigma", "detection_limit", "chi2", "residual"):
+            value = getattr(element_maps, name, None)
+            em += int(getattr(value, "nbytes", 0) or 0)
+    return int(1.02 * (arrays + em)) + _H5_OVERHEAD_BYTES
+
+
+def _block_file_bytes(n_pixels: int, k: int) -> int:
+    """Size of one ``rows_*.npz`` block file of ``n_pixels`` pixels (uncompressed npz)."""
+    return n_pixels * (8 * k + 4 + 1) + _NPZ_OVERHEAD_BYTES
 
 
 def _write_header(f, classes, colors, thresholds, ood_threshold, metadata) -> None:
@@ -731,24 +897,71 @@ class _MemorySink:
         self.prob[sl], self.bur[sl], self.ood[sl], self.reason[sl] = prob, bur, ood, reason
 
 
-class _PartialSink:
-    """Completed blocks as ``OUT.partial/rows_<r0>_<r1>.npz`` files, each written atomically."""
+def _partial_dir(out: Path) -> Path:
+    """The working folder of an output file: ``OUT.partial`` beside it."""
+    return out.with_name(out.name + ".partial")
 
-    def __init__(self, out: Path, manifest: dict[str, Any], resume: bool) -> None:
+
+_RESUME_HINT = (
+    ": the completed blocks are kept in {dir}; free some space, then rerun with --resume (resume=True) "
+    "to continue from them"
+)
+
+
+class _PartialSink:
+    """Completed blocks as ``OUT.partial/rows_<r0>_<r1>.npz`` files, each written atomically.
+
+    The folder is xrfnb's when it holds a ``manifest.json`` of format ``xrfnb-pigment-maps-partial``
+    (written first, before any block). Only the files xrfnb writes there (the manifest, ``rows_*.npz``
+    and their ``.tmp`` files, recognised by name) are ever deleted; a folder of that name that is not
+    xrfnb's is refused, and anything else found in xrfnb's folder is left alone (the folder then stays).
+    """
+
+    def __init__(self, out: Path, manifest: dict[str, Any], resume: bool, bytes_left: int = 0) -> None:
         self.out = out
-        self.dir = out.with_name(out.name + ".partial")
+        self.dir = _partial_dir(out)
         self.manifest = manifest
+        self.bytes_left = bytes_left  # still to write (blocks and final file), for the no-space message
         self.completed: set[tuple[int, int]] = set()
-        if self.dir.exists() and resume:
+        exists = self.dir.is_dir() and not self.dir.is_symlink()
+        if exists and resume and (self.dir / "manifest.json").exists():
             self._load_existing()
+            return
+        if exists:
+            if not self._is_ours():
+                raise FormatError(
+                    f"{self.dir} exists and is not an xrfnb working folder (no xrfnb manifest.json; it "
+                    f"holds {', '.join(sorted(p.name for p in self.dir.iterdir())[:5])}): xrfnb never "
+                    f"deletes what it did not write; move that folder away or choose another output"
+                )
+            self._clear()
         else:
-            if self.dir.exists():
-                shutil.rmtree(self.dir)
             try:
                 self.dir.mkdir()
             except OSError as exc:
-                raise FormatError(f"cannot create {self.dir}: {exc}") from None
+                raise _write_error(exc, self.dir / "manifest.json", _NPZ_OVERHEAD_BYTES) from None
+        try:
             _write_json_atomic(self.dir / "manifest.json", manifest)
+        except OSError as exc:
+            raise _write_error(exc, self.dir / "manifest.json", _NPZ_OVERHEAD_BYTES) from None
+
+    def _is_ours(self) -> bool:
+        """The folder holds xrfnb's manifest, or nothing but xrfnb's files (a run killed before the
+        manifest was in place), or nothing at all."""
+        try:
+            manifest = json.loads((self.dir / "manifest.json").read_text())
+        except (OSError, ValueError):
+            manifest = None
+        if isinstance(manifest, dict) and manifest.get("format") == _PARTIAL_FORMAT:
+            return True
+        names = [p.name for p in self.dir.iterdir()]
+        return all(n == ".manifest.json.tmp" for n in names)
+
+    def _clear(self) -> None:
+        """Delete the files xrfnb wrote in the folder (by name), nothing else."""
+        for p in self.dir.iterdir():
+            if _PARTIAL_ENTRY.fullmatch(p.name) and (p.is_file() or p.is_symlink()):
+                p.unlink()
 
     def _load_existing(self) -> None:
         try:
@@ -759,16 +972,52 @@ class _PartialSink:
                 f"delete {self.dir} or run "
                 "without --resume to start over"
             ) from None
+        if not isinstance(old, dict) or old.get("format") != _PARTIAL_FORMAT:
+            raise FormatError(
+                f"cannot resume: {self.dir} is not an xrfnb working folder (its manifest.json is not "
+                "xrfnb's); move that folder away or choose another output"
+            )
         for key in ("format", "input", "model", "shape", "block_rows"):
             if old.get(key) != self.manifest.get(key):
                 raise DataError(
                     f"cannot resume: the partial results in {self.dir} were made with a different {key} "
                     f"({old.get(key)!r} != {self.manifest.get(key)!r}); run without --resume to start over"
                 )
-        for p in self.dir.glob("rows_*.npz"):
-            m = re.fullmatch(r"rows_(\d+)_(\d+)\.npz", p.name)
-            if m:
-                self.completed.add((int(m.group(1)), int(m.group(2))))
+        for p in self.dir.iterdir():
+            m = _BLOCK_FILE.fullmatch(p.name)
+            if m is None:
+                continue
+            block = slice(int(m.group(1)), int(m.group(2)))
+            problem = self._check_block(p, block)
+            if problem is None:
+                self.completed.add((block.start, block.stop))
+                continue
+            _log.warning(
+                "damaged block file %s (%s): computing rows %d-%d again", p, problem, block.start, block.stop
+            )
+            with contextlib.suppress(OSError):
+                p.unlink()
+
+    def _check_block(self, path: Path, sl: slice) -> str | None:
+        """Why a block file cannot be used (truncated, unreadable, wrong arrays), or None."""
+        rows, cols = self.manifest["shape"]
+        k = len(self.manifest["model"]["classes"])
+        n = sl.stop - sl.start
+        if not 0 <= sl.start < sl.stop <= rows:
+            return f"rows outside the scan's {rows}"
+        expect = {"probability": (n, cols, k), "buried_probability": (n, cols, k), "ood_score": (n, cols),
+                  "mask_reason": (n, cols)}
+        try:
+            with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as z:  # fh: closed on errors too
+                if sorted(z.files) != sorted(_BLOCK_ARRAYS):
+                    return f"arrays {sorted(z.files)}"
+                for name, shape in expect.items():
+                    a = z[name]  # reads the whole member: a truncated file fails its CRC or its size here
+                    if a.shape != shape:
+                        return f"{name} has shape {a.shape}, expected {shape}"
+        except Exception as exc:  # zipfile, zlib, numpy and OS errors alike: redo the block
+            return f"{type(exc).__name__}: {exc}"
+        return None
 
     def done(self, sl: slice) -> bool:
         return (sl.start, sl.stop) in self.completed
@@ -776,42 +1025,70 @@ class _PartialSink:
     def write(self, sl: slice, prob, bur, ood, reason) -> None:
         target = self.dir / f"rows_{sl.start:07d}_{sl.stop:07d}.npz"
         tmp = self.dir / f".{target.name}.tmp"
-        with open(tmp, "wb") as fh:
-            np.savez(fh, probability=prob, buried_probability=bur, ood_score=ood, mask_reason=reason)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
+        try:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, probability=prob, buried_probability=bur, ood_score=ood, mask_reason=reason)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, target)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise _write_error(exc, target, self.bytes_left, _RESUME_HINT.format(dir=self.dir)) from None
         self.completed.add((sl.start, sl.stop))
+        with contextlib.suppress(OSError):
+            self.bytes_left = max(0, self.bytes_left - target.stat().st_size)
 
     def read(self, sl: slice) -> dict[str, np.ndarray]:
         path = self.dir / f"rows_{sl.start:07d}_{sl.stop:07d}.npz"
-        with np.load(path) as z:
-            return {n: z[n] for n in z.files}
+        try:
+            with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as z:  # fh: closed on errors too
+                return {n: z[n] for n in z.files}
+        except Exception as exc:  # damaged after it was checked: say which file
+            raise FormatError(
+                f"block file {path} is damaged ({type(exc).__name__}: {exc}); rerun with --resume "
+                "(resume=True) to compute its rows again"
+            ) from None
 
     def assemble(
         self, classes, colors, thresholds, ood_threshold, metadata, slices: list[slice], element_maps
     ) -> None:
         rows, cols = self.manifest["shape"]
-        with atomic_path(self.out) as tmp:
-            with _h5_create(tmp) as f:
-                _write_header(f, classes, colors, thresholds, ood_threshold, metadata)
-                d = _create_map_datasets(f, rows, cols, len(classes))
-                for sl in slices:
-                    z = self.read(sl)
-                    d["probability"][sl] = z["probability"]
-                    d["buried_probability"][sl] = z["buried_probability"]
-                    d["ood_score"][sl] = z["ood_score"]
-                    d["mask_reason"][sl] = z["mask_reason"]
-                    d["mask"][sl] = z["mask_reason"] != MASK_OK
-                if element_maps is not None:
-                    _write_element_maps(f, element_maps)
-        shutil.rmtree(self.dir, ignore_errors=True)
+        needed = _maps_file_bytes(rows, cols, len(classes), element_maps)
+        hint = _RESUME_HINT.format(dir=self.dir)
+        _check_free_space(self.out.parent, needed, self.out, hint)
+        with atomic_path(self.out) as tmp, _h5_writer(tmp, self.out, needed, hint) as (f, failed):
+            _write_header(f, classes, colors, thresholds, ood_threshold, metadata)
+            d = _create_map_datasets(f, rows, cols, len(classes))
+            for sl in slices:
+                if failed():
+                    break
+                z = self.read(sl)
+                d["probability"][sl] = z["probability"]
+                d["buried_probability"][sl] = z["buried_probability"]
+                d["ood_score"][sl] = z["ood_score"]
+                d["mask_reason"][sl] = z["mask_reason"]
+                d["mask"][sl] = z["mask_reason"] != MASK_OK
+            if element_maps is not None and not failed():
+                _write_element_maps(f, element_maps)
+        self.remove()
+
+    def remove(self) -> None:
+        """Delete xrfnb's files and then the folder, if nothing else is left in it."""
+        with contextlib.suppress(OSError):
+            self._clear()
+            self.dir.rmdir()
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=1))
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -962,6 +1239,10 @@ def map_pigments(
     }
 
     if use_dask or (use_dask is None and _is_dask(scan.counts)):
+        # the client receives the whole maps: packed (2 K + 2 planes) and then split into their arrays
+        _check_memory(2 * rows * cols * (2 * k + 2) * 4, rows, cols, k)
+        if out_path is not None:
+            _check_free_space(out_path.parent, _maps_file_bytes(rows, cols, k), out_path)
         scan = dask_scan(scan, rows_per_chunk=scan.block_rows(chunk_pixels))
         prob, bur, ood, reason = _map_dask(scan, model, saturation_counts, batch_pixels, progress)
         if callable(progress):
@@ -978,8 +1259,20 @@ def map_pigments(
                 "shape": [rows, cols],
                 "block_rows": step,
             }
+            hint = _RESUME_HINT.format(dir=_partial_dir(out_path))
+
+            def needed(todo: list[slice]) -> int:  # bytes still to write: the blocks left, then the file
+                blocks = sum(_block_file_bytes((sl.stop - sl.start) * cols, k) for sl in todo)
+                return blocks + _maps_file_bytes(rows, cols, k)
+
+            if not (resume and _partial_dir(out_path).is_dir()):  # nothing created before this check
+                _check_free_space(out_path.parent, needed(slices), out_path)
             sink = _PartialSink(out_path, manifest, resume)
+            sink.bytes_left = needed([sl for sl in slices if not sink.done(sl)])
+            if resume:
+                _check_free_space(out_path.parent, sink.bytes_left, out_path, hint)
         else:
+            _check_memory(rows * cols * ((2 * k + 1) * 4 + 2), rows, cols, k)
             sink = _MemorySink(rows, cols, k)
         metadata["timing_s"] = _stream(scan, model, sink, slices, saturation_counts, batch_pixels, progress)
 
@@ -1020,17 +1313,78 @@ def map_pigments(
     return maps
 
 
-def _check_output(out: Path, scan: Scan) -> None:
+def _check_output_path(out: Path) -> None:
+    """Refuse, before anything is written, an output that cannot become a file."""
+    if out.is_dir():
+        raise FormatError(
+            f"cannot write pigment maps to {out}: it is a folder; give a file name, e.g. {out / 'maps.h5'}"
+        )
     if not out.parent.is_dir():
         raise FormatError(f"cannot write {out}: folder {out.parent} does not exist")
+    work = _partial_dir(out)
+    if work.is_symlink() or (work.exists() and not work.is_dir()):
+        raise FormatError(
+            f"cannot write {out}: its working folder {work} exists and is not a folder xrfnb made; "
+            "move it away or choose another output"
+        )
+
+
+def _check_output(out: Path, scan: Scan) -> None:
+    _check_output_path(out)
     sources = {scan.metadata.get("source"), getattr(getattr(scan.counts, "file", None), "filename", None)}
+    work = _partial_dir(out).resolve()
     for source in filter(None, sources):
+        src = Path(str(source)).resolve()
+        if src == work or work in src.parents:
+            raise FormatError(
+                f"the input {source} lies inside {work}, the working folder of {out} (xrfnb clears it and "
+                "removes it when the maps are complete): move the input elsewhere or choose another output"
+            )
         same = out.resolve() == Path(str(source)).resolve()
         if not same and out.exists() and Path(str(source)).exists():
             with contextlib.suppress(OSError):
                 same = os.path.samefile(out, str(source))
         if same:
             raise FormatError(f"refusing to overwrite the input file {source} with pigment maps")
+
+
+def _available_memory_bytes() -> int | None:
+    """Memory this process can still use: the smaller of the system's available memory (psutil, else
+    ``MemAvailable`` of /proc/meminfo, else free pages) and what a cgroup limit leaves; None if unknown."""
+    avail: int | None = None
+    try:
+        import psutil
+
+        avail = int(psutil.virtual_memory().available)
+    except ImportError:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            for line in Path("/proc/meminfo").read_text().splitlines():
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+        if avail is None:
+            with contextlib.suppress(AttributeError, OSError, ValueError):
+                avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    for limit_file, usage_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ):
+        with contextlib.suppress(OSError, ValueError):
+            limit = int(Path(limit_file).read_text().strip())  # "max" (no limit) fails here
+            left = max(0, limit - int(Path(usage_file).read_text().strip()))
+            avail = left if avail is None else min(avail, left)
+            break
+    return avail
+
+
+def _check_memory(needed_bytes: int, rows: int, cols: int, k: int) -> None:
+    """Refuse up front maps that cannot fit in memory (instead of a MemoryError, or swapping for hours)."""
+    avail = _available_memory_bytes()
+    if avail is not None and needed_bytes > avail:
+        raise DataError(
+            f"pigment maps of {rows} x {cols} pixels with {k} classes need about {_fmt_bytes(needed_bytes)} "
+            f"of memory and about {_fmt_bytes(avail)} is available: pass out='maps.h5' to map_pigments "
+            "(the command line: xrfnb identify SCAN -o maps.h5) to stream them to disk instead"
+        )
 
 
 def _count_reasons_blocks(sink: _PartialSink, slices: list[slice]) -> dict[str, int]:
