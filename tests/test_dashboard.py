@@ -383,7 +383,8 @@ def test_bad_file_and_oversized_upload_become_notifications(tmp_path, monkeypatc
     monkeypatch.setattr(_dashboard, "available_models", list)
     root = tmp_path / "served"
     root.mkdir()
-    (root / "garbage.h5").write_bytes(os.urandom(2048))
+    # an HDF5 signature (so it is listed) followed by garbage: the reader's error becomes a notification
+    (root / "garbage.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + os.urandom(2048))
     dash = Dashboard(root, max_upload_mb=0.001)
     dash.source = "garbage.h5"  # must not raise
     level, message = dash.last_message
@@ -425,6 +426,35 @@ def test_upload_written_inside_private_folder(tmp_path, scene):
     files = list(dash._upload_dir.iterdir())
     assert [f.name for f in files] == ["evil_name.h5"]
     assert dash.scan.shape == scan.shape
+
+
+def test_symlink_loop_and_non_data_files_are_not_listed(tmp_path, scene, caplog):
+    """A link loop (a.h5 -> b.h5 -> a.h5) in the served folder is skipped with a warning; every other
+    session still lists the folder; notes and configuration files are not offered as scans."""
+    scan, _, _ = scene
+    root = tmp_path / "served"
+    (root / "sub").mkdir(parents=True)
+    xrfnb.save(scan, root / "scan.h5")
+    (root / "sub" / "spectrum.txt").write_text("# counts\n" + "\n".join(str(i % 7) for i in range(256)))
+    (root / "PROVENANCE.md").write_text("# Provenance\n\nMeasured in 2019 by ...\n")
+    (root / "Steel.cfg").write_text("[attenuators]\nkapton = 0, -, 0.0, 0.0, 1.0\n")
+    (root / "photo.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+    os.symlink("b.h5", root / "a.h5")
+    os.symlink("a.h5", root / "b.h5")
+    with caplog.at_level("WARNING", logger="xrfnb._dashboard"):
+        listed = _dashboard.list_data_files(root)
+    assert listed == ["scan.h5", "sub/spectrum.txt"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 2 and all("symbolic link loop" in w for w in warnings)
+    assert {Path(w.split()[1]).name for w in warnings} == {"a.h5", "b.h5"}
+    assert all("\n" not in w for w in warnings)  # one line each
+    with pytest.raises(xrfnb.DataError, match="link loop"):
+        resolve_inside(root, "a.h5")
+    dash = Dashboard(root, model=object())
+    assert dash.param.source.objects[-2:] == ["scan.h5", "sub/spectrum.txt"]
+    with pytest.raises(xrfnb.DataError, match="link loop"):
+        dash.open("a.h5")  # scripted anyway: a clear error naming the loop, not an internal one
+    assert dash.scan is None
 
 
 def test_serve_target_and_data_folder_checks(tmp_path):

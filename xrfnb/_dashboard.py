@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import functools
 import importlib
 import inspect
@@ -114,13 +115,20 @@ def resolve_inside(root: Path, name: str | os.PathLike[str]) -> Path:
     Raises
     ------
     DataError
-        If the path escapes the folder (``..``, absolute path elsewhere, symlink out) or is not a file.
+        If the path escapes the folder (``..``, absolute path elsewhere, symlink out), is a symlink
+        loop, or is not a file.
     """
     root = Path(root).resolve()
     text = os.fspath(name)
     if "\x00" in text:
         raise DataError(f"refused to open {text!r}: invalid character in the file name")
-    path = (root / text).resolve()
+    try:
+        path = (root / text).resolve()
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop (Python < 3.13)
+        raise DataError(
+            f"cannot open {text!r}: it is a symbolic link that points back to itself (a link loop); "
+            f"fix or remove the link in the served data folder {root}"
+        ) from None
     if not path.is_relative_to(root):
         raise DataError(
             f"refused to open {text!r}: only files inside the served data folder {root} can be opened"
@@ -130,8 +138,56 @@ def resolve_inside(root: Path, name: str | os.PathLike[str]) -> Path:
     return path
 
 
-def list_data_files(root: Path, max_files: int = _MAX_LISTED_FILES) -> list[str]:
-    """Regular, non-hidden files under ``root`` (relative POSIX paths, sorted), staying inside ``root``."""
+def _readable_format(path: Path) -> str | None:
+    """The xrfnb reader format of ``path`` sniffed from its first bytes, or None when no reader fits.
+
+    A ripple ``.raw`` data file is not listed on its own when its ``.rpl`` header is beside it (the
+    header opens both).
+    """
+    detect = _io_detect_format()
+    if detect is None:
+        return ""  # no sniffer in this installation: list everything, the reader will say
+    try:
+        fmt = detect(path)
+    except (XRFNBError, OSError, ValueError):
+        return None
+    if fmt == "rpl" and path.suffix.lower() == ".raw":
+        return None
+    return fmt
+
+
+def _io_detect_format() -> Callable[[Path], str] | None:
+    try:
+        return importlib.import_module("._io._detect", "xrfnb").detect_format
+    except ModuleNotFoundError:
+        return None
+
+
+def list_data_files(
+    root: Path, max_files: int = _MAX_LISTED_FILES, readable_only: bool = True
+) -> list[str]:
+    """Regular, non-hidden files under ``root`` that xrfnb can read (relative POSIX paths, sorted).
+
+    Parameters
+    ----------
+    root : pathlib.Path
+        The served data folder; nothing outside it is listed (symlinks pointing out are skipped).
+    max_files : int, optional
+        Stop after this many files.
+    readable_only : bool, optional
+        List only files whose content one of xrfnb's readers recognises (sniffed from the first bytes,
+        the readers' content sniffing): notes, configuration files and images are left out.
+
+    Returns
+    -------
+    list of str
+
+    Notes
+    -----
+    An entry that cannot be resolved (a symbolic link loop such as ``a.h5 -> b.h5 -> a.h5``, a link
+    into an unreadable folder) is skipped with a one-line warning in the server log; it never stops the
+    listing of the other files.
+    """
     root = Path(root).resolve()
     out: list[str] = []
     for dirpath, dirnames, filenames in os.walk(root):
@@ -143,12 +199,21 @@ def list_data_files(root: Path, max_files: int = _MAX_LISTED_FILES) -> list[str]
             try:
                 if not p.resolve().is_relative_to(root) or not p.is_file():
                     continue
-            except OSError:
+            except (OSError, RuntimeError) as exc:  # RuntimeError: symlink loop on Python < 3.13
+                log.warning("skipped %s in the served folder: %s", p, _unresolvable_reason(exc))
+                continue
+            if readable_only and _readable_format(p) is None:
                 continue
             out.append(p.relative_to(root).as_posix())
             if len(out) >= max_files:
                 return out
     return out
+
+
+def _unresolvable_reason(exc: BaseException) -> str:
+    if isinstance(exc, RuntimeError) or getattr(exc, "errno", None) == errno.ELOOP:
+        return "symbolic link loop"
+    return getattr(exc, "strerror", None) or str(exc)
 
 
 def _safe_filename(name: str) -> str:
