@@ -230,9 +230,27 @@ def _wait_for_blocks(partial: Path, n: int, proc: subprocess.Popen, timeout_s: f
     raise AssertionError("no completed blocks appeared")
 
 
+def _uninterrupted(src: Path, folder: Path) -> PigmentMaps:
+    """The maps of an uninterrupted ``xrfnb identify`` of ``src`` (same model and blocks)."""
+    folder.mkdir()
+    ref = folder / "maps.h5"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cli, "_load_model", lambda name, precision="auto": LinearTestModel())
+        assert cli.main(["identify", str(src), "-o", str(ref), "--chunk-pixels", "20", "-q"]) == 0
+    return PigmentMaps.from_hdf5(ref)
+
+
+def _assert_bit_identical(a: PigmentMaps, b: PigmentMaps) -> None:
+    for name in ("probability", "buried_probability", "ood_score", "mask", "mask_reason"):
+        x, y = np.asarray(getattr(a, name)), np.asarray(getattr(b, name))
+        assert x.dtype == y.dtype and x.shape == y.shape, name
+        assert x.tobytes() == y.tobytes(), name  # bit for bit, NaN patterns included
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM])
 def test_killed_run_leaves_no_output_and_resume_completes(tmp_path, sig, test_model):
     src, counts, _ = _save_scan(tmp_path / "scan.h5")  # 24 rows x 20 cols: 24 blocks of one row
+    before = (src.read_bytes(), src.stat().st_mtime_ns)
     out = tmp_path / "maps.h5"
     partial = tmp_path / "maps.h5.partial"
     # 0.25 s per block: the 21 blocks left after the third take 5 s, so the signal arrives mid-run even
@@ -255,9 +273,155 @@ def test_killed_run_leaves_no_output_and_resume_completes(tmp_path, sig, test_mo
     assert test_model.calls == 24 - done
     assert not partial.exists()
     maps = PigmentMaps.from_hdf5(out)
+    _assert_bit_identical(maps, _uninterrupted(src, tmp_path / "ref"))
     ref = map_pigments(xrfnb.Scan(counts, CAL), LinearTestModel(), progress=False)
     np.testing.assert_allclose(maps.probability, ref.probability, atol=1e-6)
     np.testing.assert_array_equal(maps.mask, ref.mask)
+    assert (src.read_bytes(), src.stat().st_mtime_ns) == before  # the input is never touched
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".maps.h5")]
+    assert sig == signal.SIGKILL or not leftovers  # Ctrl-C and SIGTERM remove the temporary maps file
+
+
+# -- the output's working folder, a full disk, damaged blocks (issue 15) -------------------------------
+def test_input_inside_the_working_folder_is_refused_and_kept(tmp_path, test_model):
+    """The issue's recipe: mkdir t/out.h5.partial; cp scan.h5 t/out.h5.partial/; identify -o t/out.h5."""
+    work = tmp_path / "out.h5.partial"
+    work.mkdir()
+    src, _, _ = _save_scan(work / "scan.h5", 4, 3)
+    before = (src.read_bytes(), src.stat().st_mtime_ns)
+    for extra in ([], ["--resume"]):
+        proc = _run("identify", str(src), "-o", str(tmp_path / "out.h5"), "-q", *extra)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.count("\n") == 1 and "lies inside" in proc.stderr, proc.stderr
+    assert (src.read_bytes(), src.stat().st_mtime_ns) == before
+    assert [p.name for p in work.iterdir()] == ["scan.h5"]
+
+
+def test_an_output_that_is_a_folder_is_refused_before_anything_is_created(tmp_path):
+    src, _, _ = _save_scan(tmp_path / "scan.h5", 4, 3)
+    (tmp_path / "dir.h5").mkdir()
+    proc = _run("identify", str(src), "-o", str(tmp_path / "dir.h5"), "-q")
+    assert proc.returncode == 2 and "is a folder" in proc.stderr and "Traceback" not in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.h5", "scan.h5"]
+
+
+def test_a_damaged_block_is_redone_with_a_warning(tmp_path, test_model, capsys):
+    src, _, _ = _save_scan(tmp_path / "scan.h5")
+    out = tmp_path / "maps.h5"
+    proc = _start(src, out, delay=0.25)
+    _wait_for_blocks(tmp_path / "maps.h5.partial", 3, proc)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    bad = sorted((tmp_path / "maps.h5.partial").glob("rows_*.npz"))[1]
+    bad.write_bytes(bad.read_bytes()[:100])  # truncated: BadZipFile before
+    rc = cli.main(["identify", str(src), "-o", str(out), "--chunk-pixels", "20", "--resume", "-q"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert f"xrfnb: warning: damaged block file {bad}" in err
+    _assert_bit_identical(PigmentMaps.from_hdf5(out), _uninterrupted(src, tmp_path / "ref"))
+
+
+def test_disk_full_while_writing_blocks_is_one_line_and_resumable(tmp_path, test_model, monkeypatch, capsys):
+    """A simulated ENOSPC (runs everywhere): the 4th block file cannot be written."""
+    import errno
+
+    import xrfnb._mapping as mapping
+
+    src, _, _ = _save_scan(tmp_path / "scan.h5")
+    out = tmp_path / "maps.h5"
+    real_savez, calls = np.savez, []
+
+    def savez(fh, **arrays):
+        calls.append(1)
+        if len(calls) == 4:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_savez(fh, **arrays)
+
+    monkeypatch.setattr(mapping.np, "savez", savez)
+    rc = cli.main(["identify", str(src), "-o", str(out), "--chunk-pixels", "20", "-q"])
+    err = capsys.readouterr().err.splitlines()
+    assert rc == 2
+    assert len(err) == 2 and err[0].startswith("xrfnb: ")
+    assert err[1].startswith("xrfnb: error: no space left on ")
+    assert "MB needed" in err[1] and "--resume" in err[1]
+    assert len(list((tmp_path / "maps.h5.partial").glob("rows_*.npz"))) == 3 and not out.exists()
+    monkeypatch.setattr(mapping.np, "savez", real_savez)
+    assert cli.main(["identify", str(src), "-o", str(out), "--chunk-pixels", "20", "-q", "--resume"]) == 0
+    assert test_model.calls == 4 + 21  # 4 blocks computed before the failure (the 4th lost), 21 after
+    _assert_bit_identical(PigmentMaps.from_hdf5(out), _uninterrupted(src, tmp_path / "ref"))
+
+
+_NO_SPACE_CHECK = textwrap.dedent(
+    """
+    import sys
+    sys.path.insert(0, {tests!r})
+    import xrfnb._cli as cli
+    import xrfnb._mapping as mapping
+    from test_mapping import LinearTestModel
+    cli._load_model = lambda name, precision="auto": LinearTestModel()
+    if {fill_during_run!r}:  # the disk fills after the up-front check (another program writing)
+        mapping._check_free_space = lambda *a, **k: None
+    sys.exit(cli.main({argv!r}))
+    """
+)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 600 KB tmpfs (the issue's set-up); skipped where this machine cannot mount one."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    try:
+        proc = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mnt)], capture_output=True, timeout=30
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        pytest.skip(f"cannot mount a tmpfs here ({exc}); the simulated ENOSPC tests cover the logic")
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.decode().strip()}); simulated ENOSPC tests run")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=30)
+
+
+@pytest.mark.parametrize(
+    ("free_kb", "fill_during_run", "fails_on"),
+    [
+        (8, False, "maps.h5"),  # refused up front, before anything is written
+        (40, True, "rows_"),  # a block file cannot be written
+        (90, True, "rows_"),
+        (110, True, "maps.h5"),  # the 24 blocks (a 4 KB page each) fit, the maps file does not
+    ],
+)
+def test_disk_full_on_a_real_small_tmpfs(tmp_path, small_tmpfs, free_kb, fill_during_run, fails_on):
+    import shutil
+
+    src, _, _ = _save_scan(tmp_path / "scan.h5")  # the input lies outside the small file system
+    before = (src.read_bytes(), src.stat().st_mtime_ns)
+    filler = small_tmpfs / "filler.bin"
+    filler.write_bytes(b"\xff" * max(0, shutil.disk_usage(small_tmpfs).free - free_kb * 1024))
+    out = small_tmpfs / "maps.h5"
+    argv = ["identify", str(src), "-o", str(out), "--chunk-pixels", "20", "-q"]
+    code = _NO_SPACE_CHECK.format(tests=str(TESTS_DIR), argv=argv, fill_during_run=fill_during_run)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)  # was 139 (segfault) after an errno 28 trace
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 2 and lines[1].startswith("xrfnb: error: no space left on "), proc.stderr
+    assert "MB needed" in lines[1] and f" for {fails_on}" in lines[1]
+    assert not out.exists() and not [p for p in small_tmpfs.iterdir() if p.name.startswith(".maps.h5.")]
+    partial = small_tmpfs / "maps.h5.partial"
+    if not fill_during_run:  # refused up front: nothing created
+        assert sorted(p.name for p in small_tmpfs.iterdir()) == ["filler.bin"]
+        return
+    assert "--resume" in lines[1] and (partial / "manifest.json").is_file()
+    assert not list(partial.glob(".*.tmp"))
+    filler.unlink()  # space freed: --resume finishes, bit-identical to an uninterrupted run
+    code = _NO_SPACE_CHECK.format(tests=str(TESTS_DIR), argv=[*argv, "--resume"], fill_during_run=False)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    _assert_bit_identical(PigmentMaps.from_hdf5(out), _uninterrupted(src, tmp_path / "ref"))
+    assert (src.read_bytes(), src.stat().st_mtime_ns) == before and not partial.exists()
 
 
 def test_shipped_model_through_the_cli(tmp_path, capsys):

@@ -70,13 +70,14 @@ def _load_model(name: str | None, precision: str = "auto") -> Any:
 
 # -- subcommands ----------------------------------------------------------------------------------
 def _cmd_identify(args: argparse.Namespace) -> int:
-    from ._mapping import _check_output_path, map_pigments
+    from ._mapping import _check_input_outside_working_folder, _check_output_path, map_pigments
     from ._spectrum import Scan, Spectrum
 
     out = Path(args.output)
     if out.suffix.lower() not in (".h5", ".hdf5", ".nxs"):
         raise DataError(f"output {out} should be an HDF5 file ending in .h5")
     _check_output_path(out)  # before the input and the model are loaded: nothing is created
+    _check_input_outside_working_folder(out, args.input)
     data = _load_input(args.input)
     if isinstance(data, Spectrum):
         data = Scan(

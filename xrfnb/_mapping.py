@@ -1329,17 +1329,22 @@ def _check_output_path(out: Path) -> None:
         )
 
 
+def _check_input_outside_working_folder(out: Path, source: str | os.PathLike) -> None:
+    """Refuse an input inside ``OUT.partial/``, which xrfnb clears and removes."""
+    work = _partial_dir(out).resolve()
+    src = Path(source).resolve()
+    if src == work or work in src.parents:
+        raise FormatError(
+            f"the input {source} lies inside {work}, the working folder of {out} (xrfnb clears it and "
+            "removes it when the maps are complete): move the input elsewhere or choose another output"
+        )
+
+
 def _check_output(out: Path, scan: Scan) -> None:
     _check_output_path(out)
     sources = {scan.metadata.get("source"), getattr(getattr(scan.counts, "file", None), "filename", None)}
-    work = _partial_dir(out).resolve()
     for source in filter(None, sources):
-        src = Path(str(source)).resolve()
-        if src == work or work in src.parents:
-            raise FormatError(
-                f"the input {source} lies inside {work}, the working folder of {out} (xrfnb clears it and "
-                "removes it when the maps are complete): move the input elsewhere or choose another output"
-            )
+        _check_input_outside_working_folder(out, str(source))
         same = out.resolve() == Path(str(source)).resolve()
         if not same and out.exists() and Path(str(source)).exists():
             with contextlib.suppress(OSError):
