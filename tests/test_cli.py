@@ -549,3 +549,19 @@ def test_evaluate_writes_tables(tiny_model_dir, tmp_path, capsys):
 
     rows = json.loads((out / "evaluation.json").read_text())["rows"]
     assert [(r["set"], r["counts"], r["n"]) for r in rows] == [("single", 1000, 8)]
+
+
+def test_identify_puts_out_of_distribution_pixels_first_and_apart(capsys, tmp_path):
+    """Issue 14: xrf_spectra.mca (not a painting: OOD score far above the threshold) used to be listed at
+    100 % area with one OOD line at the end."""
+    real = TESTS_DIR.parents[1] / "shared" / "data" / "real" / "xrf_spectra.mca"
+    if not real.exists():
+        pytest.skip(f"real spectrum not found: {real}")
+    pytest.importorskip("xrfnb._model")
+    assert cli.main(["identify", str(real), "-o", str(tmp_path / "m.h5"), "-q"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("WARNING: 1 of 1 identified pixels (100.0 %) are out of distribution")
+    assert "unreliable" in lines[0]
+    rows = [line for line in lines[2:] if line[:1].isalpha() and not line.startswith(("pixels", "out-of"))]
+    assert rows and all(float(r.split()[-3]) == 0.0 for r in rows)  # area % of in-distribution pixels: none
+    assert any(float(r.split()[-1]) == 100.0 for r in rows)  # what it would call, shown apart

@@ -654,3 +654,42 @@ def test_use_dask_on_an_hdf5_scan_reads_by_path(tmp_path, counts_truth, model):
     np.testing.assert_allclose(
         PigmentMaps.from_hdf5(tmp_path / "maps.h5").probability, ref.probability, atol=1e-6
     )
+
+
+def test_summary_says_first_how_many_pixels_are_out_of_distribution():
+    """Issue 14: OOD pixels' calls are unreliable; they are counted apart, not in the area fractions.
+    Reference: the fractions counted by hand on a 2 x 3 map (one pixel masked, two flagged OOD)."""
+    nan = np.nan
+    # classes: A present on the two OOD pixels only; B present on two of the three in-distribution pixels
+    prob = np.array(
+        [[[0.9, 0.1], [0.8, 0.7], [0.1, 0.9]], [[0.2, 0.6], [nan, nan], [0.95, 0.05]]], dtype=np.float32
+    )
+    buried = prob * np.float32(0.6)  # > p / 2: every present call is a buried one
+    ood = np.array([[5.0, 0.1, 0.2], [0.3, nan, 7.0]], dtype=np.float32)
+    mask = np.isnan(ood)
+    maps = PigmentMaps(("A", "B"), prob, buried, ood, np.array([0.5, 0.5]), 1.0, mask, ("#ff0000", "#0000ff"))
+    s = maps.summary()
+    assert (s.n_pixels, s.n_masked, s.n_valid, s.n_ood) == (6, 1, 5, 2)
+    assert s.ood_fraction == pytest.approx(2 / 5)
+    # in distribution: (0,1) A+B, (0,2) B, (1,0) B -> A 1/3, B 3/3
+    assert s.area_fraction == pytest.approx({"A": 1 / 3, "B": 1.0})
+    assert s.buried_fraction == pytest.approx({"A": 1 / 3, "B": 1.0})
+    assert s.ood_area_fraction == pytest.approx({"A": 1.0, "B": 0.0})  # (0,0) and (1,2): A only
+    text = s.to_text().splitlines()
+    assert text[0].startswith("WARNING: 2 of 5 identified pixels (40.0 %) are out of distribution")
+    assert "unreliable" in text[0] and "on OOD px %" in text[1]
+    assert text[2].split()[0] == "B" and text[2].split()[-1] == "0.00"
+    # no OOD pixel: no warning, no extra column
+    calm = dataclasses.replace(maps, ood_score=np.where(mask, np.nan, 0.0).astype(np.float32))
+    assert calm.summary().n_ood == 0 and not calm.summary().to_text().startswith("WARNING")
+    assert "OOD px" not in calm.summary().to_text()
+
+
+def test_element_maps_step_reports_progress(model, capsys):
+    fit = pytest.importorskip("xrfnb._fit")
+    if not hasattr(fit, "fit_elements"):
+        pytest.skip("element fit not available")
+    map_pigments(_element_scan(), model, element_maps=True, progress=True)
+    err = capsys.readouterr().err
+    start = err.index("element maps: summing the scan's spectra, detecting its elements")
+    assert start < err.index("fit_elements") < err.index("fitted in")

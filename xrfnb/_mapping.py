@@ -29,6 +29,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -73,12 +74,17 @@ _log = logging.getLogger("xrfnb.mapping")
 class MapSummary(Mapping):
     """Area fractions of a pigment map; behaves as a mapping ``class name -> area fraction``.
 
+    Pixels flagged out of distribution (unlike the training spectra: their calls are unreliable) are left
+    out of ``area_fraction`` and ``buried_fraction``; what the model calls on them is in
+    ``ood_area_fraction``.
+
     Attributes
     ----------
     area_fraction : dict
-        Class -> fraction of the *valid* (unmasked) pixels where the class is present (above threshold).
+        Class -> fraction of the valid (unmasked), in-distribution pixels where the class is present
+        (above threshold); 0 for every class when no pixel is in distribution.
     buried_fraction : dict
-        Class -> fraction of valid pixels where the class is present only below the surface layer.
+        Class -> fraction of those pixels where the class is present only below the surface layer.
     n_pixels : int
         All pixels of the scan.
     n_masked : int
@@ -87,6 +93,11 @@ class MapSummary(Mapping):
         ``{"dead": n, "saturated": n, "invalid": n}``.
     ood_fraction : float
         Fraction of valid pixels whose out-of-distribution score exceeds the model's threshold.
+    n_ood : int
+        Valid pixels flagged out of distribution.
+    ood_area_fraction : dict
+        Class -> fraction of the out-of-distribution pixels where the class is called present (unreliable
+        calls, shown apart); empty when no pixel is flagged.
     """
 
     area_fraction: dict[str, float]
@@ -95,6 +106,8 @@ class MapSummary(Mapping):
     n_masked: int
     masked_by_reason: dict[str, int]
     ood_fraction: float
+    n_ood: int = 0
+    ood_area_fraction: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def __getitem__(self, name: str) -> float:
         return self.area_fraction[name]
@@ -111,15 +124,32 @@ class MapSummary(Mapping):
         return self.n_pixels - self.n_masked
 
     def to_text(self) -> str:
-        """A plain-text table, most abundant class first."""
-        lines = [f"{'pigment class':<32} {'area %':>8} {'buried %':>9}"]
-        for name in sorted(self.area_fraction, key=lambda k: -self.area_fraction[k]):
+        """A plain-text table, most abundant class first; out-of-distribution pixels are said first and
+        their (unreliable) calls shown in a column of their own."""
+        lines = []
+        n_in = self.n_valid - self.n_ood
+        if self.n_ood:
             lines.append(
-                f"{name:<32} {100 * self.area_fraction[name]:8.2f} {100 * self.buried_fraction[name]:9.2f}"
+                f"WARNING: {self.n_ood} of {self.n_valid} identified pixels "
+                f"({100 * self.ood_fraction:.1f} %) are out of distribution (unlike the paintings the "
+                "model was trained on): their pigment calls are unreliable and are left out of the area "
+                "fractions"
+                + (" (no pixel is in distribution)" if n_in == 0 else "")
             )
+        ood_col = f" {'on OOD px %':>12}" if self.n_ood else ""
+        lines.append(f"{'pigment class':<32} {'area %':>8} {'buried %':>9}{ood_col}")
+        key = self.area_fraction if n_in else self.ood_area_fraction
+        for name in sorted(self.area_fraction, key=lambda k: -key.get(k, 0.0)):
+            row = f"{name:<32} {100 * self.area_fraction[name]:8.2f} {100 * self.buried_fraction[name]:9.2f}"
+            if self.n_ood:
+                row += f" {100 * self.ood_area_fraction.get(name, 0.0):12.2f}"
+            lines.append(row)
         reasons = ", ".join(f"{k} {v}" for k, v in self.masked_by_reason.items())
         lines.append(f"pixels: {self.n_pixels}, masked: {self.n_masked} ({reasons})")
-        lines.append(f"out-of-distribution: {100 * self.ood_fraction:.2f} % of valid pixels")
+        lines.append(
+            f"out-of-distribution: {self.n_ood} pixels, {100 * self.ood_fraction:.2f} % of valid pixels"
+            + (" (area % counts the in-distribution pixels only)" if self.n_ood else "")
+        )
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -316,6 +346,7 @@ class PigmentMaps:
         k = len(self.classes)
         present = np.zeros(k, dtype=np.int64)
         buried = np.zeros(k, dtype=np.int64)
+        present_ood = np.zeros(k, dtype=np.int64)
         reasons = dict.fromkeys(MASK_REASONS.values(), 0)
         n_masked = n_ood = 0
         for sl in self._blocks():
@@ -324,10 +355,12 @@ class PigmentMaps:
             p = _rows_of(self.probability, sl)[valid]
             b = _rows_of(self.buried_probability, sl)[valid]
             with np.errstate(invalid="ignore"):
+                ood = _rows_of(self.ood_score, sl)[valid] > self.ood_threshold
                 pres = p >= thr
-                present += pres.sum(axis=0)
-                buried += (pres & (b >= 0.5 * p)).sum(axis=0)
-                n_ood += int((_rows_of(self.ood_score, sl)[valid] > self.ood_threshold).sum())
+                present += pres[~ood].sum(axis=0)
+                buried += (pres & (b >= 0.5 * p))[~ood].sum(axis=0)
+                present_ood += pres[ood].sum(axis=0)
+                n_ood += int(ood.sum())
             n_masked += int(m.sum())
             if self.mask_reason is not None:
                 r = _rows_of(self.mask_reason, sl)
@@ -337,13 +370,18 @@ class PigmentMaps:
                 reasons["invalid"] += int(m.sum())
         n_pixels = self.shape[0] * self.shape[1]
         n_valid = max(n_pixels - n_masked, 1)
+        n_in = max(n_pixels - n_masked - n_ood, 1)
         return MapSummary(
-            area_fraction={c: float(present[i]) / n_valid for i, c in enumerate(self.classes)},
-            buried_fraction={c: float(buried[i]) / n_valid for i, c in enumerate(self.classes)},
+            area_fraction={c: float(present[i]) / n_in for i, c in enumerate(self.classes)},
+            buried_fraction={c: float(buried[i]) / n_in for i, c in enumerate(self.classes)},
             n_pixels=n_pixels,
             n_masked=n_masked,
             masked_by_reason=reasons,
             ood_fraction=n_ood / n_valid,
+            n_ood=n_ood,
+            ood_area_fraction=(
+                {c: float(present_ood[i]) / n_ood for i, c in enumerate(self.classes)} if n_ood else {}
+            ),
         )
 
     # -- I/O ------------------------------------------------------------------------------------------
@@ -1279,10 +1317,16 @@ def map_pigments(
     elapsed = time.perf_counter() - t0
     em = None
     if element_maps:
+        t_em = time.perf_counter()
+        if progress is True:  # the sum spectrum and the element detection take seconds before the fit's bar
+            _note("element maps: summing the scan's spectra, detecting its elements, setting up the fit ...")
         try:
             em = _element_maps(scan, instrument, progress is True)
         except FitError as exc:  # the pigment maps stand on their own: keep them, say why
             metadata["element_maps_error"] = str(exc)
+        if progress is True and em is not None:
+            elements = ", ".join(getattr(em, "elements", ()))
+            _note(f"element maps: {elements} fitted in {time.perf_counter() - t_em:.1f} s")
     metadata["elapsed_s"] = round(elapsed, 3)
     metadata["spectra_per_s"] = round(rows * cols / max(elapsed, 1e-9), 1)
 
@@ -1772,6 +1816,13 @@ def _compute_reporting(
     if "error" in out:
         raise out["error"]
     return out["value"]
+
+
+def _note(message: str) -> None:
+    """A progress message on stderr that does not break a tqdm bar."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(message, file=sys.stderr)
 
 
 def _element_maps(scan: Scan, instrument: Any, progress: bool) -> Any:
