@@ -99,8 +99,9 @@ def test_one_pixel_row_reads_without_any_other_chunk(tmp_path):
     back = xrfnb.load(path)
     np.testing.assert_array_equal(back.counts[5], scan.counts[5])
     np.testing.assert_array_equal(back[5, 2].counts, scan.counts[5, 2])
+    # destroyed chunks are unreadable, and the error names the chunk
     with pytest.raises(xrfnb.DataError, match=r"scan\.h5:/entry/data/counts: the storage chunk at offset "
-                       r"\(4, 0, 0\) \(pixel row 4, columns 0-5\) is damaged"):  # destroyed chunks are unreadable
+                       r"\(4, 0, 0\) \(pixel row 4, columns 0-5\) is damaged"):
         back.counts[4]
 
 

@@ -302,3 +302,32 @@ def test_replacing_a_file_keeps_its_mode(tmp_path, umask):
     xrfnb.save(xrfnb.Spectrum(np.arange(16.0), CAL), path)
     assert _mode(path) == 0o640
     np.testing.assert_array_equal(xrfnb.load(path).counts, np.arange(16.0))
+
+
+def test_nxdata_with_a_scalar_signal(tmp_path):
+    """Found by the fuzz test: a NeXus signal of shape () with an energy axis raised IndexError."""
+    path = tmp_path / "scalar.h5"
+    with h5py.File(path, "w") as f:
+        g = f.create_group("data")
+        g.attrs.update(NX_class="NXdata", signal="counts", axes=["energy"])
+        g.create_dataset("counts", data=np.float32(0))
+        g.create_dataset("energy", data=np.arange(16.0))
+    with pytest.raises(xrfnb.DataError, match=r"scalar\.h5:/data/counts: counts of shape \(\) are neither"):
+        xrfnb.load(path)
+
+
+def test_fifo_is_refused_without_waiting(tmp_path):
+    """Opening a FIFO for reading waits for a writer: load refuses anything but a regular file."""
+    fifo = tmp_path / "spectrum.txt"
+    os.mkfifo(fifo)
+    with pytest.raises(xrfnb.FormatError, match=r"spectrum\.txt: not a regular file"):
+        xrfnb.load(fifo)
+
+
+def test_npy_sidecar_with_an_enormous_number(tmp_path):
+    """Found by the fuzz test: a 400-digit live time in the JSON side-car raised OverflowError."""
+    path = xrfnb.save(xrfnb.Scan(np.ones((2, 3, 16), np.uint16), CAL, live_time_s=0.1), tmp_path / "s.npy")
+    side = path.with_suffix(".json")
+    side.write_text(side.read_text().replace("0.1", "9" * 400))
+    with pytest.raises(xrfnb.FormatError, match=r"s\.json: live_time_s must be a number"):
+        xrfnb.load(path)

@@ -90,6 +90,8 @@ def load(
         raise FormatError(f"{p}: no such file")
     if p.is_dir():
         raise FormatError(f"{p}: is a folder; give the path of a spectrum or scan file")
+    if not p.is_file():  # reading a FIFO or a device would wait forever or never end
+        raise FormatError(f"{p}: not a regular file (a FIFO, socket or device); give a spectrum or scan file")
     fmt = detect_format(p)
     if element is not None and fmt != "epics_mca":
         if not (element == 0 or element == "sum"):

@@ -18,7 +18,7 @@ import numpy as np
 from .._calibration import EnergyCalibration
 from .._errors import CalibrationError, DataError, FormatError, XRFNBError
 from .._spectrum import Scan, Spectrum
-from ._common import make_spectrum
+from ._common import make_spectrum, short_repr
 
 __all__ = ["read_bcf", "read_rpl", "read_spx"]
 
@@ -72,19 +72,11 @@ def _energy_calibration(axis: Mapping[str, Any], path: Path, n_channels: int) ->
     except (TypeError, ValueError, OverflowError):
         raise CalibrationError(
             f"{path}: energy calibration offset/gain (CalibAbs/CalibLin) are not finite numbers: "
-            f"offset {_short(axis.get('offset'))}, gain {_short(axis.get('scale'))}; fix the header or pass "
-            "calibration= to load()"
+            f"offset {short_repr(axis.get('offset'))}, gain {short_repr(axis.get('scale'))}; fix the header "
+            "or pass calibration= to load()"
         ) from None
     except CalibrationError as exc:
         raise CalibrationError(f"{path}: {exc}") from None
-
-
-def _short(value: Any, n_chars: int = 40) -> str:
-    """``repr(value)``, cut to about ``n_chars`` characters (header values can be huge)."""
-    if isinstance(value, int) and value.bit_length() >= 128:
-        return f"<{len(str(value))}-digit number>"
-    text = repr(value)
-    return text if len(text) <= n_chars else text[: n_chars - 3] + "..."
 
 
 def _pixel_size_um(axis: Mapping[str, Any]) -> float | None:
@@ -294,7 +286,7 @@ def read_bcf(path: Path) -> Scan:
             live = total_s / (data.shape[0] * data.shape[1])
         if item["real_time"] is not None:
             meta["bcf_total_real_time_s"] = float(item["real_time"]) / 1000.0
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise FormatError(f"{path}: LifeTime/RealTime in the .bcf header are not numbers") from None
     try:
         return Scan(data, cal, pixel_size_um=_pixel_size_um(item["pixel"]), live_time_s=live, metadata=meta)

@@ -19,6 +19,7 @@ __all__ = [
     "make_spectrum",
     "parse_float",
     "read_text",
+    "short_repr",
     "with_given_calibration",
 ]
 
@@ -42,6 +43,14 @@ def read_text(path: Path, max_bytes: int = 512 * 1024 * 1024) -> str:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError:
         return raw.decode("latin-1")
+
+
+def short_repr(value: Any, n_chars: int = 40) -> str:
+    """``repr(value)`` cut to about ``n_chars`` characters, for messages (header values can be huge)."""
+    if isinstance(value, int) and value.bit_length() >= 128:
+        return f"<{len(str(value))}-digit number>"
+    text = repr(value)
+    return text if len(text) <= n_chars else text[: n_chars - 3] + "..."
 
 
 def parse_float(value: str, what: str, path: Path) -> float:

@@ -413,7 +413,7 @@ def _read_calibration(group: h5py.Group) -> EnergyCalibration:
         )
     except KeyError as exc:
         raise FormatError(f"{_where(group)}: calibration attribute {exc.args[0]!r} is missing") from None
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise FormatError(f"{_where(group)}: calibration attributes are not numbers") from None
     except CalibrationError as exc:
         raise CalibrationError(f"{_where(group)}: {exc}") from None
@@ -636,6 +636,11 @@ def _read_foreign(obj: h5py.HLObject, path: Path, calibration: EnergyCalibration
         axes_list = [axes] if isinstance(axes, (str, bytes)) else list(axes) if axes is not None else []
         axes_list = [a.decode() if isinstance(a, bytes) else str(a) for a in axes_list]
         counts = obj[signal]
+        if counts.ndim not in (1, 3):
+            raise DataError(
+                f"{_where(counts)}: counts of shape {counts.shape} are neither a spectrum (channels,) "
+                "nor a scan (rows, cols, channels)"
+            )
         if axes_list and axes_list[-1] in obj and isinstance(obj[axes_list[-1]], h5py.Dataset):
             axis = CheckedDataset(check_stored_size(obj[axes_list[-1]], path).id)
             if axis.ndim == 1:

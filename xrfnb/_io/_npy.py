@@ -20,7 +20,7 @@ import numpy as np
 from .._calibration import EnergyCalibration
 from .._errors import CalibrationError, DataError, FormatError, XRFNBError
 from .._spectrum import Scan, Spectrum
-from ._common import make_spectrum, read_text
+from ._common import make_spectrum, read_text, short_repr
 from ._hdf5 import _json_default
 
 __all__ = ["read_npy", "read_npz", "sidecar_json", "sidecar_path", "write_npy_sidecar", "write_npz"]
@@ -52,8 +52,10 @@ def _calibration(info: dict[str, Any], where: Path) -> EnergyCalibration | None:
         raise FormatError(f"{where}: 'calibration' must be an object with offset_keV and gain_keV")
     try:
         return EnergyCalibration.from_dict(cal)
-    except (TypeError, ValueError):
-        raise CalibrationError(f"{where}: calibration values must be numbers, got {cal!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise CalibrationError(
+            f"{where}: calibration values must be numbers, got {short_repr(cal, 80)}"
+        ) from None
     except CalibrationError as exc:
         raise CalibrationError(f"{where}: {exc}") from None
 
@@ -64,8 +66,8 @@ def _number(info: dict[str, Any], key: str, where: Path) -> float | None:
         return None
     try:
         return float(value)
-    except (TypeError, ValueError):
-        raise FormatError(f"{where}: {key} must be a number, got {value!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise FormatError(f"{where}: {key} must be a number, got {short_repr(value)}") from None
 
 
 def _build(
@@ -97,8 +99,10 @@ def _build(
         if live is None and info.get("live_time_s") is not None:
             try:
                 live = np.asarray(info["live_time_s"], dtype=float)
-            except (TypeError, ValueError):
-                raise FormatError(f"{path}: live_time_s must be a number or a rows x cols array") from None
+            except (TypeError, ValueError, OverflowError):
+                raise FormatError(
+                    f"{info_where or path}: live_time_s must be a number or a rows x cols array of numbers"
+                ) from None
         meta.update(
             source=str(path),
             calibrated=cal is not None,
