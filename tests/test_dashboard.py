@@ -396,6 +396,45 @@ def test_bad_file_and_oversized_upload_become_notifications(tmp_path, monkeypatc
     assert dash.scan is None
 
 
+def _upload_events(name, payload, chunk_bytes):
+    """The UploadEvents Panel's FileDropper sends for ``payload`` (as its browser code chunks a file)."""
+    from panel.models.file_dropper import UploadEvent
+
+    n = -(-(len(payload) + 1) // chunk_bytes)
+    for i in range(n):
+        piece = payload[i * chunk_bytes : (i + 1) * chunk_bytes]
+        data = {"chunk": i + 1, "data": piece, "name": name, "total_chunks": n, "type": ""}
+        yield UploadEvent(model=None, data=data)
+
+
+def test_upload_limit_is_enforced_on_the_server_as_chunks_arrive(tmp_path, monkeypatch, scene):
+    """A client that ignores the browser's size check sends chunks straight to the widget: the server
+    stops buffering at the chunk that crosses the limit, ignores the rest and says so; a file under the
+    limit, sent the same way, still opens."""
+    monkeypatch.setattr(_dashboard, "available_models", list)
+    limit_mb = 0.05
+    limit = int(limit_mb * 2**20)
+    dash = Dashboard(max_upload_mb=limit_mb)
+    widget = dash._upload
+    held = []
+    for event in _upload_events("huge.h5", b"\x89HDF\r\n\x1a\n" + bytes(50 * limit), chunk_bytes=4096):
+        widget._process_event(event)
+        held.append(widget.buffered_bytes)
+    assert max(held) <= limit  # never more than the limit held, although 50 times that was sent
+    assert held[-1] == 0 and widget.value == {} and dash.scan is None
+    level, message = dash.last_message
+    assert level == "error" and "huge.h5" in message and "refused" in message and "limit" in message
+
+    scan, _, _ = scene
+    small = xrfnb.Scan(np.asarray(scan.counts)[:2, :3, :1024], scan.calibration)
+    payload = Path(xrfnb.save(small, tmp_path / "small.h5")).read_bytes()
+    assert len(payload) < limit
+    for event in _upload_events("small.h5", payload, chunk_bytes=4096):
+        widget._process_event(event)
+    assert dash.scan is not None and dash.scan.shape == small.shape
+    np.testing.assert_array_equal(np.asarray(dash.scan.counts), np.asarray(small.counts))
+
+
 def test_upload_without_model_says_so(tmp_path, monkeypatch, scene):
     monkeypatch.setattr(_dashboard, "available_models", list)
     scan, _, _ = scene
@@ -812,3 +851,158 @@ def test_serve_app_refuses_callables_panel_would_render_as_text():
 
     with pytest.raises(TypeError, match="plain function"):
         _dashboard.serve_app(functools.partial(_dashboard.make_app, None), port=1)
+
+
+def test_serve_warns_when_binding_beyond_loopback(monkeypatch, caplog):
+    """Binding every interface says, on one line, that anyone on the network can open the folder."""
+    calls = []
+    monkeypatch.setattr(_dashboard, "serve_app", lambda app, **kw: calls.append(kw))
+    with caplog.at_level("WARNING", logger="xrfnb._dashboard"):
+        _dashboard.serve(None, port=5999, address="127.0.0.1")
+        _dashboard.serve(None, port=5999, address="localhost")
+        assert not [r for r in caplog.records if r.levelname == "WARNING"]
+        _dashboard.serve(None, port=5999, address="0.0.0.0")
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "0.0.0.0" in warning and "anyone" in warning and "token" in warning
+    assert [c["basic_auth"] for c in calls] == [None, None, None]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="xrfnb._dashboard"):
+        _dashboard.serve(None, port=5999, address="0.0.0.0", token=True)
+    messages = [r.getMessage() for r in caplog.records]
+    token = calls[-1]["basic_auth"]
+    assert isinstance(token, str) and len(token) >= 16
+    assert any(token in m for m in messages)  # the random token is told to whoever started the server
+    assert any("log-in is required" in m for m in messages)
+    with pytest.raises(xrfnb.DataError, match="not both"):
+        _dashboard.serve(None, basic_auth="pw", token="tk")
+    with pytest.raises(xrfnb.DataError, match="empty"):
+        _dashboard.serve(None, token="  ")
+    with pytest.raises(xrfnb.DataError, match="does not exist"):
+        _dashboard.serve(None, basic_auth=Path("/nonexistent/users.json"))
+
+
+def test_served_dashboard_needs_the_token(tmp_path):
+    """With a token, the real server answers the app only after a log-in with that token; the log-in
+    page loads nothing from a CDN."""
+    import http.client
+    import socket
+    import time
+    import urllib.parse
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # an empty data folder: the session opens nothing (no mapping thread left running at exit)
+    server = _dashboard.serve(tmp_path, port=port, token="correct-horse", threaded=True)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=2).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+
+        def request(method, path, body=None, cookie=None):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            headers = {"Content-Type": "application/x-www-form-urlencoded"} if body else {}
+            if cookie:
+                headers["Cookie"] = cookie
+            conn.request(method, path, body=body, headers=headers)
+            resp = conn.getresponse()
+            location, cookie = resp.getheader("Location") or "", resp.getheader("Set-Cookie") or ""
+            out = resp.status, location, cookie, resp.read()
+            conn.close()
+            return out
+
+        status, location, _, _ = request("GET", "/")
+        assert status in (302, 303) and "login" in location  # no app without a log-in
+        status, _, _, page = request("GET", "/login")
+        assert status == 200 and b"password" in page and b"cdn" not in page.lower()
+        assert b"http" not in page  # nothing loaded from elsewhere
+        wrong = urllib.parse.urlencode({"username": "anna", "password": "wrong"})
+        status, location, cookie, _ = request("POST", "/login", wrong)
+        assert "error" in location and "user=" not in cookie
+        right = urllib.parse.urlencode({"username": "anna", "password": "correct-horse"})
+        status, _, cookie, _ = request("POST", "/login", right)
+        assert status in (302, 303) and "user=" in cookie
+        cookies = "; ".join(part.split(";")[0] for part in cookie.split(", ") if "=" in part.split(";")[0])
+        status, _, _, page = request("GET", "/", cookie=cookies)
+        assert status == 200 and b"Bokeh" in page
+    finally:
+        server.stop()
+
+
+def test_a_slow_file_in_one_session_does_not_freeze_the_others(tmp_path, monkeypatch, scene):
+    """The real server: session 1 opens a file whose reading blocks until the test releases it; session
+    2's page must still be served meanwhile (the read runs off the event loop), and session 1 shows the
+    scan, with its total counts, once the read is released."""
+    import http.client
+    import socket
+    import threading
+    import time
+
+    monkeypatch.setattr(_dashboard, "available_models", list)  # no mapping: only the read is slow
+    scan, _, _ = scene
+    xrfnb.save(scan, tmp_path / "slow.h5")
+    started, release = threading.Event(), threading.Event()
+    real_attr = _dashboard._xrfnb_attr
+
+    def slow_load(path, **kwargs):
+        if Path(path).name == "slow.h5":
+            started.set()
+            assert release.wait(120)
+        return xrfnb.load(path, **kwargs)
+
+    monkeypatch.setattr(_dashboard, "_xrfnb_attr", lambda n: slow_load if n == "load" else real_attr(n))
+    sessions = []
+
+    def app():
+        dash = _dashboard.make_app(tmp_path, None if sessions else "slow.h5")
+        sessions.append(dash)
+        return dash
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = _dashboard.serve_app(app, port=port, threaded=True)
+    pages = {}
+
+    def get(i):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        conn.request("GET", "/")
+        pages[i] = conn.getresponse().status
+        conn.close()
+
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=2).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        first = threading.Thread(target=get, args=(1,), daemon=True)
+        first.start()
+        assert started.wait(60), "session 1 never started reading the file"
+        second = threading.Thread(target=get, args=(2,), daemon=True)
+        second.start()
+        second.join(timeout=60)
+        answered = not second.is_alive()
+        still_reading = not release.is_set()
+        release.set()
+        assert answered and pages.get(2) == 200, "session 2 was not served while session 1 read a file"
+        assert still_reading and len(sessions) == 2
+        first.join(timeout=60)
+        assert pages.get(1) == 200
+        deadline = time.monotonic() + 60
+        while sessions[0].scan is None:
+            assert time.monotonic() < deadline, "session 1 never showed the scan it read"
+            time.sleep(0.2)
+        assert sessions[0].scan.shape == scan.shape and sessions[1].scan is None
+        np.testing.assert_allclose(sessions[0]._total, np.asarray(scan.counts, dtype=float).sum(axis=-1))
+    finally:
+        release.set()
+        server.stop()

@@ -223,6 +223,15 @@ def _safe_filename(name: str) -> str:
     return base[:120] or "upload.bin"
 
 
+def _size_text(n_bytes: float) -> str:
+    """A byte count for people: '12.3 MiB', '4.1 KiB', '512 bytes'."""
+    if n_bytes >= 2**20:
+        return f"{n_bytes / 2**20:.1f} MiB"
+    if n_bytes >= 1024:
+        return f"{n_bytes / 1024:.1f} KiB"
+    return f"{int(n_bytes)} bytes"
+
+
 def _parse_size_mb(value: float) -> int:
     return int(float(value) * 1024 * 1024)
 
@@ -454,6 +463,63 @@ def _load_model_cached(name: str) -> Any:
     return model
 
 
+class _BoundedFileDropper(pn.widgets.FileDropper):
+    """A FileDropper that enforces the upload size limit on the server, chunk by chunk, as bytes arrive.
+
+    Panel's FileDropper checks ``max_file_size`` only in the browser and buffers every chunk a client
+    sends until the last one; a client that ignores the browser check could fill the server's memory.
+    Here the bytes buffered for the widget (all files together) never exceed ``max_bytes`` by more than
+    the one chunk that crosses the limit: that chunk drops the file's buffer, the rest of the file is
+    ignored as it arrives, and ``on_refused(name, received_bytes)`` is called once.
+
+    Parameters
+    ----------
+    max_bytes : int
+        Largest accepted upload in bytes (all files of one upload together).
+    on_refused : callable
+        Called as ``on_refused(name, received_bytes)`` when a file is refused.
+    **params
+        FileDropper parameters.
+    """
+
+    def __init__(self, max_bytes: int, on_refused: Callable[[str, int], None], **params: Any) -> None:
+        super().__init__(**params)
+        self._max_bytes = int(max_bytes)
+        self._on_refused = on_refused
+        self._received: dict[str, int] = {}
+        self._refused: set[str] = set()
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes of unfinished uploads held on the server now."""
+        return sum(len(piece) for pieces in self._file_buffer.values() for piece in pieces)
+
+    def _process_event(self, event: Any) -> None:
+        data = getattr(event, "data", None)
+        if getattr(event, "event_name", None) != "upload_event":
+            return super()._process_event(event)
+        if not isinstance(data, dict) or not {"name", "chunk", "total_chunks", "data", "type"} <= set(data):
+            log.warning("ignored a malformed upload message (fields: %s)", sorted(data or ()))
+            return
+        name, chunk, piece = str(data["name"]), data["chunk"], data["data"]
+        if chunk == 1:  # a new file (or the same name again): start counting afresh
+            self._refused.discard(name)
+            self._file_buffer.pop(name, None)
+            self._received[name] = 0
+        elif name in self._refused or name not in self._file_buffer:
+            return  # the rest of a refused file, or chunks without a first one
+        self._received[name] = self._received.get(name, 0) + len(piece or b"")
+        if sum(self._received.values()) > self._max_bytes:
+            self._file_buffer.pop(name, None)
+            received = self._received.pop(name)
+            self._refused.add(name)
+            self._on_refused(name, received)
+            return
+        if chunk == data["total_chunks"]:
+            self._received.pop(name, None)
+        super()._process_event(event)
+
+
 # --------------------------------------------------------------------------------------------------
 # the dashboard
 # --------------------------------------------------------------------------------------------------
@@ -662,11 +728,13 @@ class Dashboard(pn.viewable.Viewer):
         self.open(event.new)
 
     def open(self, name: str) -> None:
-        """Open a scan: a path inside the served folder, or :data:`DEMO_LABEL`; then map it."""
+        """Open a scan: a path inside the served folder, or :data:`DEMO_LABEL`; then map it.
+
+        In a server session the file is read (and its total-counts image made) in a worker thread, so
+        that one large file never stalls the other sessions; the scan is shown when it is ready.
+        """
         if name == DEMO_LABEL:
-            scan = self._demo_scan()
-            self.set_scan(scan, label=DEMO_LABEL)
-            self._map_current(cache_key=("demo",))
+            self._load_in_background(self._demo_scan, DEMO_LABEL, ("demo",))
             return
         if self._data_dir is None:
             raise DataError(
@@ -681,13 +749,86 @@ class Dashboard(pn.viewable.Viewer):
             raise FormatError("the file readers are not available in this installation of xrfnb")
         stat = path.stat()
         key = (str(path), stat.st_mtime_ns, stat.st_size)
-        scan = _SCANS.get(key) if cache else None
-        if scan is None:
-            scan = _to_scan(load(path), label)
-            if cache:
-                _SCANS.put(key, scan)
-        self.set_scan(scan, label=label)
-        self._map_current(cache_key=key if cache else None)
+
+        def read() -> Scan:
+            scan = _SCANS.get(key) if cache else None
+            if scan is None:
+                scan = _to_scan(load(path), label)
+                if cache:
+                    _SCANS.put(key, scan)
+            return scan
+
+        self._load_in_background(read, label, key if cache else None)
+
+    def _is_blocking(self) -> bool:
+        """Whether work runs in the caller's thread (no server session: tests, notebooks)."""
+        return self._blocking if self._blocking is not None else pn.state.curdoc is None
+
+    def _load_in_background(self, read: Callable[[], Scan], label: str, cache_key: Any) -> None:
+        """``read()`` the scan and make its total-counts image off the event loop, then show and map it.
+
+        Blocking (no server session): all at once, here. In a session: a worker thread does the
+        reading; the session's periodic poll (:meth:`_poll_job`, on the document's event loop, so with
+        the document lock held) shows the result. Opening something else meanwhile drops this job.
+        """
+
+        def work(job: dict[str, Any]) -> None:
+            scan = read()
+            job["result"] = (scan, scan.total_counts_image())
+
+        if self._is_blocking():
+            scan = read()
+            self.set_scan(scan, label=label, total=scan.total_counts_image())
+            self._map_current(cache_key=cache_key)
+            return
+        job = self._new_job("load", label=label, key=cache_key)
+        self._status.object = f"Opening {label} ..."
+        self._status.alert_type = "info"
+        self._status.visible = True
+        self._start_job(job, work)
+
+    def _new_job(self, kind: str, **fields: Any) -> dict[str, Any]:
+        job: dict[str, Any] = {
+            "kind": kind,
+            "done": 0,
+            "total": 1,
+            "result": None,
+            "error": None,
+            "finished": False,
+            "scan": None,
+            "key": None,
+        }
+        job.update(fields)
+        return job
+
+    def _drop_job(self) -> None:
+        """Forget the running job (its thread stops at its next progress report, or its result is
+        ignored) and its poller."""
+        if self._job is not None:
+            self._job["cancel"] = True
+        if self._job_cb is not None:
+            self._job_cb.stop()
+            self._job_cb = None
+        self._job = None
+
+    def _start_job(self, job: dict[str, Any], work: Callable[[dict[str, Any]], None]) -> None:
+        """Run ``work(job)`` in a daemon thread; :meth:`_poll_job` reports progress and the result."""
+
+        def run() -> None:
+            try:
+                work(job)
+            except BaseException as exc:  # reported to the session by _poll_job
+                job["error"] = exc
+            finally:
+                job["finished"] = True
+
+        self._drop_job()
+        self.busy = True
+        self.progress = 0
+        self._progress_bar.visible = True
+        self._job = job
+        threading.Thread(target=run, name=f"xrfnb-{job['kind']}", daemon=True).start()
+        self._job_cb = pn.state.add_periodic_callback(self._poll_job, period=250)
 
     def _demo_scan(self) -> Scan:
         scan = _SCANS.get(("demo",))
@@ -707,14 +848,21 @@ class Dashboard(pn.viewable.Viewer):
         name, data = next(iter(value.items()))
         self.load_upload(name, data)
 
+    def _on_upload_refused(self, filename: str, received_bytes: int) -> None:
+        self.notify(
+            f"upload {_safe_filename(filename)!r} refused after {_size_text(received_bytes)}: larger than "
+            f"the {_size_text(self.max_upload_bytes)} limit; copy it into the served data folder instead",
+            "error",
+        )
+
     def load_upload(self, filename: str, data: bytes | str) -> None:
         """Open an uploaded file (bytes) after checking its size; it is kept in a private temp folder."""
         if isinstance(data, str):
             data = data.encode()
         if len(data) > self.max_upload_bytes:
             raise DataError(
-                f"upload {filename!r} is {len(data) / 2**20:.1f} MiB, larger than the "
-                f"{self.max_upload_bytes / 2**20:.0f} MiB limit: copy it into the served data folder instead"
+                f"upload {filename!r} is {_size_text(len(data))}, larger than the "
+                f"{_size_text(self.max_upload_bytes)} limit: copy it into the served data folder instead"
             )
         if not data:
             raise DataError(f"upload {filename!r} is empty")
@@ -728,8 +876,13 @@ class Dashboard(pn.viewable.Viewer):
         path.write_bytes(data)
         self._open_path(path, label=f"upload: {_safe_filename(filename)}", cache=False)
 
-    def set_scan(self, scan: Scan, maps: Any = None, label: str = "scan") -> None:
-        """Show ``scan`` (and its pigment maps, if given) and reset selections."""
+    def set_scan(
+        self, scan: Scan, maps: Any = None, label: str = "scan", total: np.ndarray | None = None
+    ) -> None:
+        """Show ``scan`` (and its pigment maps, if given) and reset selections.
+
+        ``total`` is the scan's total-counts image (rows, cols) when already computed (by a worker).
+        """
         if not isinstance(scan, Scan):
             raise DataError(f"expected a Scan, got {type(scan).__name__}")
         if maps is not None:
@@ -737,11 +890,12 @@ class Dashboard(pn.viewable.Viewer):
             if shape[:2] != scan.shape[:2]:
                 raise DataError(f"pigment maps of shape {shape[:2]} do not match the {scan.shape[:2]} scan")
         if self._job is not None and self._job["scan"] is not scan:
-            self._job["cancel"] = True  # nobody waits for those maps any more: stop after the current block
+            # nobody waits for those maps (or that file) any more: stop after the current block
+            self._drop_job()
         self._scan = scan
         self._label = label
         self._energy_keV = scan.energy_keV
-        self._total = scan.total_counts_image()
+        self._total = np.asarray(total if total is not None else scan.total_counts_image(), dtype=float)
         self._set_maps(maps, bump=False)
         rows, cols = scan.shape[:2]
         with param.parameterized.batch_call_watchers(self):
@@ -781,53 +935,33 @@ class Dashboard(pn.viewable.Viewer):
         if not self._model_available() and self._maps is None:
             self._update_status()
             return
-        model = self._model_obj if self._model_obj is not None else _load_model_cached(self.model_name)
-        key = (
-            None
-            if cache_key is None
-            else (cache_key, self.model_name if self._model_obj is None else id(model))
-        )
+        name = self.model_name
+        given = self._model_obj
+        key = None if cache_key is None else (cache_key, name if given is None else id(given))
         cached = _MAPS.get(key) if key is not None else None
         if cached is not None:
             self._set_maps(cached)
             self._update_status()
             return
         scan = self._scan
-        job: dict[str, Any] = {
-            "done": 0,
-            "total": 1,
-            "result": None,
-            "error": None,
-            "finished": False,
-            "scan": scan,
-            "key": key,
-        }
+        job = self._new_job("map", scan=scan, key=key)
 
-        def work() -> None:
-            try:
-                job["result"] = _map_with_progress(scan, model, job)
-            except BaseException as exc:  # reported to the session by _poll_job
-                job["error"] = exc
-            finally:
-                job["finished"] = True
+        def work(job: dict[str, Any]) -> None:
+            model = given if given is not None else _load_model_cached(name)
+            job["result"] = _map_with_progress(scan, model, job)
 
-        blocking = self._blocking if self._blocking is not None else pn.state.curdoc is None
-        self.busy = True
-        self.progress = 0
-        self._progress_bar.visible = True
         self._status.object = f"Mapping pigments in {self._label} ..."
         self._status.alert_type = "info"
-        if blocking:
-            work()
+        if self._is_blocking():
+            self.busy = True
+            try:
+                work(job)
+            except Exception as exc:  # worded for the user by _finish_job, as from a worker
+                job["error"] = exc
+            job["finished"] = True
             self._finish_job(job)
             return
-        if self._job is not None:  # a job for another scan: stop it and its poller
-            self._job["cancel"] = True
-        if self._job_cb is not None:
-            self._job_cb.stop()
-        self._job = job
-        threading.Thread(target=work, name="xrfnb-map", daemon=True).start()
-        self._job_cb = pn.state.add_periodic_callback(self._poll_job, period=250)
+        self._start_job(job, work)
 
     def _poll_job(self) -> None:
         job = self._job
@@ -846,16 +980,18 @@ class Dashboard(pn.viewable.Viewer):
         self.busy = False
         self._progress_bar.visible = False
         self.progress = 100
+        if job.get("kind") == "load":
+            if job["error"] is not None:
+                self._update_status()
+                _reraise_for_user(job["error"], "opening the scan failed")
+            scan, total = job["result"]
+            self.set_scan(scan, label=job["label"], total=total)
+            self._map_current(cache_key=job["key"])
+            return
         if isinstance(job["error"], _Cancelled) or job["scan"] is not self._scan:
             return  # the user opened something else meanwhile
         if job["error"] is not None:
-            exc = job["error"]
-            if isinstance(exc, XRFNBError):
-                raise exc
-            if isinstance(exc, MemoryError):
-                raise MemoryError
-            log.error("pigment mapping failed", exc_info=exc)
-            raise XRFNBError(f"pigment mapping failed ({type(exc).__name__}: {exc})")
+            _reraise_for_user(job["error"], "pigment mapping failed")
         if job["key"] is not None:
             _MAPS.put(job["key"], job["result"])
         self._set_maps(job["result"])
@@ -940,7 +1076,9 @@ class Dashboard(pn.viewable.Viewer):
         self._source_w = pn.widgets.Select.from_param(
             self.param.source, label="Scan (served folder)", width=280
         )
-        self._upload = pn.widgets.FileDropper(
+        self._upload = _BoundedFileDropper(
+            self.max_upload_bytes,
+            self._on_upload_refused,
             max_file_size=f"{max(1, int(self.max_upload_bytes / 2**20))}MB",
             multiple=False,
             width=280,
@@ -1163,7 +1301,7 @@ class Dashboard(pn.viewable.Viewer):
         sidebar = pn.Column(
             pn.pane.Markdown("### Data"),
             self._source_w,
-            pn.pane.Markdown(f"or upload a scan (max {self.max_upload_bytes / 2**20:.0f} MiB):"),
+            pn.pane.Markdown(f"or upload a scan (max {_size_text(self.max_upload_bytes)}):"),
             self._upload,
             self._model_w,
             self._progress_bar,
@@ -2143,6 +2281,17 @@ def _name_hook(name: str) -> Callable[[Any, Any], None]:
     return hook
 
 
+def _reraise_for_user(exc: BaseException, what: str) -> None:
+    """Raise a worker's exception in the session: XRFNBError and MemoryError as they are (the guard
+    words them), anything else logged with its traceback and raised as an XRFNBError saying ``what``."""
+    if isinstance(exc, XRFNBError):
+        raise exc
+    if isinstance(exc, MemoryError):
+        raise MemoryError
+    log.error("%s", what, exc_info=exc)
+    raise XRFNBError(f"{what} ({type(exc).__name__}: {exc}); see the server log")
+
+
 class _Cancelled(Exception):
     """Raised from the progress callback to stop a mapping job nobody waits for any more."""
 
@@ -2219,6 +2368,18 @@ def _exception_handler(exc: Exception) -> None:
         notifications.error(msg, duration=10000)
 
 
+def _is_loopback(address: str) -> bool:
+    """Whether ``address`` (host name or IP) binds only this machine's loopback interface."""
+    import ipaddress
+
+    if address.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def serve(
     path: str | os.PathLike[str] | None = None,
     port: int = 5006,
@@ -2227,6 +2388,8 @@ def serve(
     *,
     max_upload_mb: float = 256.0,
     threaded: bool = False,
+    basic_auth: str | os.PathLike[str] | dict[str, str] | None = None,
+    token: str | bool | None = None,
 ) -> Any:
     """Serve the dashboard with Bokeh/Panel, one independent :class:`Dashboard` per browser session.
 
@@ -2237,34 +2400,102 @@ def serve(
     port : int, optional
         TCP port.
     address : str, optional
-        Interface to bind; loopback unless told otherwise.
+        Interface to bind; loopback unless told otherwise. Any other address (``"0.0.0.0"``: every
+        interface) lets anyone who can reach this machine read the served folder: a warning says so,
+        and ``basic_auth`` or ``token`` should protect it.
     show : bool, optional
         Open a browser tab.
     max_upload_mb : float, optional
-        Largest accepted upload in MiB.
+        Largest accepted upload in MiB (enforced on the server as the bytes arrive).
     threaded : bool, optional
         Run the server in a background thread and return it (``.stop()`` ends it); otherwise block.
+    basic_auth : str, path-like or dict, optional
+        Require a log-in (Panel's basic-auth provider, a ``/login`` page and a signed cookie): a
+        password (any user name), a ``{user: password}`` mapping, or the path of a JSON file holding one.
+    token : str or True, optional
+        Require a shared secret as the password on the ``/login`` page (any user name); ``True`` makes a
+        random one and logs it, for handing to colleagues. Cannot be combined with ``basic_auth``.
 
     Returns
     -------
     object
         The Panel server (or its thread when ``threaded``).
+
+    Raises
+    ------
+    DataError
+        ``path`` does not exist; both ``basic_auth`` and ``token``; an empty password or token; a
+        ``basic_auth`` file that does not exist.
     """
     data_dir, initial = _serve_target(path)
+    auth = _auth_setting(basic_auth, token)
     log.info("xrfnb dashboard on http://%s:%s (data folder: %s)", address, port, data_dir)
+    if not _is_loopback(address):
+        where = f"the served folder {data_dir}" if data_dir is not None else "the demo scene and uploads"
+        log.warning(
+            "serving on %s: anyone who can reach this machine on port %s can open %s%s",
+            address,
+            port,
+            where,
+            " (a log-in is required)" if auth is not None else "; give a password or token for a log-in",
+        )
 
     def app() -> Dashboard:
         # a plain function: Panel calls functions and methods once per session, but renders any other
         # callable (a functools.partial) as its repr text
         return make_app(data_dir, initial, max_upload_mb)
 
-    return serve_app(
-        app,
-        port=port,
-        address=address,
-        show=show,
-        threaded=threaded,
-    )
+    return serve_app(app, port=port, address=address, show=show, threaded=threaded, basic_auth=auth)
+
+
+def _auth_setting(
+    basic_auth: str | os.PathLike[str] | dict[str, str] | None, token: str | bool | None
+) -> str | dict[str, str] | None:
+    """What Panel's ``basic_auth`` option gets for :func:`serve`'s ``basic_auth`` and ``token``."""
+    if basic_auth is not None and token not in (None, False):
+        raise DataError("pass either a password (basic_auth) or a token, not both")
+    if token is True:
+        import secrets
+
+        token = secrets.token_urlsafe(16)
+        log.warning("log-in token for this dashboard (any user name): %s", token)
+    if isinstance(token, str):
+        if not token.strip():
+            raise DataError("the dashboard token is empty: give a non-empty secret, or True for a random one")
+        return token
+    if basic_auth is None:
+        return None
+    if isinstance(basic_auth, dict):
+        if not basic_auth or not all(isinstance(v, str) and v for v in basic_auth.values()):
+            raise DataError("basic_auth: give a {user: password} mapping with non-empty passwords")
+        return {str(k): v for k, v in basic_auth.items()}
+    text = os.fspath(basic_auth)
+    if not text:
+        raise DataError("basic_auth: the password is empty")
+    looks_like_file = isinstance(basic_auth, os.PathLike) or text.lower().endswith(".json")
+    if looks_like_file:
+        p = Path(text).expanduser()
+        if not p.is_file():
+            raise DataError(f"basic_auth: the credentials file {p} does not exist")
+        return str(p.resolve())
+    return text
+
+
+#: log-in page for basic auth / token (Panel's own loads its logo and icon from a CDN)
+_LOGIN_TEMPLATE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>xrfnb: log in</title>
+<link rel="icon" href="data:,">
+<style>body{font-family:sans-serif;background:#f4f4f4;display:flex;justify-content:center;margin-top:12vh}
+form{background:#fff;padding:2em 2.5em;border-radius:6px;box-shadow:0 1px 4px #0003;width:20em}
+input,button{display:block;width:100%;margin:.6em 0;padding:.5em;box-sizing:border-box;font-size:1em}
+.err{color:#b00020;font-weight:bold}</style></head>
+<body><form action=".{{ login_endpoint }}" method="post">
+<h2>xrfnb dashboard</h2><p>Log in with the user name and password (or token) you were given.</p>
+<p class="err">{{ errormessage|escape }}</p>
+<input name="username" type="text" autocapitalize="off" autocorrect="off" placeholder="user name">
+<input name="password" type="password" placeholder="password or token">
+<button type="submit">Log in</button></form></body></html>
+"""
 
 
 def serve_app(
@@ -2274,16 +2505,38 @@ def serve_app(
     address: str = "127.0.0.1",
     show: bool = False,
     threaded: bool = False,
+    basic_auth: str | dict[str, str] | None = None,
 ) -> Any:
     """Serve ``factory()`` (called once per browser session) with local resources and error notifications.
 
     ``factory`` must be a plain function or method: Panel renders any other callable as text.
+    ``basic_auth`` (a password, a ``{user: password}`` mapping or a JSON file of one) turns on Panel's
+    basic-auth provider: every page and websocket then needs the signed cookie ``/login`` sets.
     """
     if not (inspect.isfunction(factory) or inspect.ismethod(factory)):
         raise TypeError(f"serve_app needs a plain function or method, not {type(factory).__name__}")
     _ensure_extensions()
     pn.config.exception_handler = _exception_handler
-    origins = sorted({f"{address}:{port}", f"localhost:{port}", f"127.0.0.1:{port}"})
+    hosts = {address, "localhost", "127.0.0.1"}
+    if not _is_loopback(address):  # other machines reach it under this machine's names and addresses
+        import socket
+
+        with contextlib.suppress(OSError):
+            name, aliases, ips = socket.gethostbyname_ex(socket.gethostname())
+            hosts |= {name, socket.getfqdn(), *aliases, *ips}
+    origins = sorted(f"{h}:{port}" for h in hosts if h)
+    auth: dict[str, Any] = {}
+    if basic_auth is not None:
+        import secrets
+
+        # a fresh secret per server signs the log-in cookie (Panel needs one for basic auth)
+        template = Path(tempfile.mkdtemp(prefix="xrfnb-login-")) / "login.html"
+        template.write_text(_LOGIN_TEMPLATE, encoding="utf-8")
+        auth = {
+            "basic_auth": basic_auth,
+            "cookie_secret": secrets.token_hex(32),
+            "basic_login_template": str(template),
+        }
     return pn.serve(
         factory,
         port=port,
@@ -2294,4 +2547,5 @@ def serve_app(
         websocket_origin=origins,
         websocket_max_message_size=16 * 2**20,
         start=True,
+        **auth,
     )
