@@ -368,6 +368,8 @@ def test_xrfnb_serve_folder_of_real_files_in_chromium(tmp_path):
     for name in REAL_FILES:
         shutil.copy2(REAL / name, data / name)
         totals[name] = float(np.asarray(xrfnb.load(REAL / name).counts, dtype=float).sum())
+    for name in ("PROVENANCE.md", "Steel.cfg"):
+        shutil.copy2(REAL / name, data / name)
     before = {name: (data / name).read_bytes() for name in REAL_FILES}
     log_path = tmp_path / "serve.log"
     with _xrfnb_serve([str(data)], log_path) as url, sync_playwright() as p:
@@ -381,8 +383,17 @@ def test_xrfnb_serve_folder_of_real_files_in_chromium(tmp_path):
             for name in REAL_FILES:
                 scan_select.select_option(label=name)
                 _wait_for_counts(page, totals[name])
+                if name == "xrf_spectra.mca":
+                    # far from the training data (OOD score ~9 against a threshold ~1.4): a visible banner
+                    banner = page.locator(".xrfnb-ood")
+                    banner.get_by_text("selected pixel is out of distribution").wait_for(timeout=90000)
+                    banner.get_by_text("not reliable").first.wait_for(timeout=5000)  # in its shadow DOM
+                    assert banner.first.is_visible()
                 page.wait_for_timeout(500)
                 _assert_clean_page(page, log_path)
+            # notes and configuration files beside the data are not offered as scans
+            labels = scan_select.locator("option").all_inner_texts()
+            assert "PROVENANCE.md" not in labels and "Steel.cfg" not in labels
         finally:
             browser.close()
     assert {name: (data / name).read_bytes() for name in REAL_FILES} == before, "an input file changed"

@@ -63,7 +63,8 @@ def make_scene(rows: int = ROWS, cols: int = COLS, channels: int = CHANNELS, see
         template *= 60.0 / template.max()
         expected += truth[name][..., None] * template
     counts = rng.poisson(expected).astype(np.uint16)
-    counts[DEAD] = 0
+    dead = (0, cols - 1)  # DEAD in the default scene
+    counts[dead] = 0
     scan = xrfnb.Scan(counts, cal, pixel_size_um=100.0, live_time_s=0.05, metadata={"source": "synthetic"})
 
     k = len(CLASSES)
@@ -74,7 +75,7 @@ def make_scene(rows: int = ROWS, cols: int = COLS, channels: int = CHANNELS, see
         prob[..., i] = np.where(truth[name], 0.9, 0.1) + noise
         buried[..., i] = np.where(truth[name] & (name == "red ochre"), 0.8, 0.02) * prob[..., i]
     mask = np.zeros((rows, cols), dtype=bool)
-    mask[DEAD] = True
+    mask[dead] = True
     prob[mask] = np.nan
     buried[mask] = np.nan
     ood = rng.uniform(0, 0.5, size=(rows, cols)).astype(np.float32)
@@ -1006,3 +1007,86 @@ def test_a_slow_file_in_one_session_does_not_freeze_the_others(tmp_path, monkeyp
     finally:
         release.set()
         server.stop()
+
+
+def test_opening_a_smaller_scan_after_a_larger_one(scene):
+    """The tapped pixel of a 48 x 48 scan lies outside a 24 x 24 one: opening the small one after it
+    must move the selection into it and redraw every plot on the new scan, without an error."""
+    big_scan, big_maps, _ = make_scene(48, 48, channels=1200, seed=1)
+    small_scan, small_maps, _ = make_scene(24, 24, channels=1200, seed=2)
+    dash = Dashboard(scan=big_scan, maps=big_maps)
+    doc = live_document(dash)
+    dash.select_pixel(40, 44)
+    dash.set_scan(small_scan, maps=small_maps, label="small")
+    assert not hasattr(dash, "last_message"), dash.last_message
+    assert dash.pixel == (12, 12) and dash.region is None
+    assert "pixel (row 12, col 12)" in dash._info.object
+    main = plot_in(doc, "xrfnb-main")
+    assert document_rgb(main).shape[:2] == (24, 24)
+    spectrum = dash._spectrum_dmap[()]
+    assert "pixel (row 12, col 12)" in spectrum.opts.get().kwargs["title"]
+    np.testing.assert_array_equal(
+        elements_of(spectrum, hv.Curve)[0].dimension_values(1), np.asarray(small_scan.counts[12, 12], float)
+    )
+    # and the same without maps (a file opened while its maps are computed)
+    dash.set_scan(big_scan, maps=big_maps)
+    dash.select_pixel(47, 47)
+    dash.set_scan(small_scan, label="small, no maps")
+    assert not hasattr(dash, "last_message"), dash.last_message
+    assert dash.pixel == (12, 12) and dash.maps is None
+
+
+def test_out_of_distribution_banner(scene):
+    """Pixels with an OOD score above the threshold: a banner gives the scan's share, and says loudly
+    when the selected pixel is one of them; no banner when none is."""
+    import dataclasses
+
+    scan, maps, _ = scene
+    dash = Dashboard(scan=scan, maps=maps)
+    assert np.nanmax(maps.ood_score) > maps.ood_threshold  # the scene has some: uniform(0, 0.5) vs 0.4
+    valid = ~maps.mask
+    with np.errstate(invalid="ignore"):
+        ood = (maps.ood_score > maps.ood_threshold) & valid
+    assert dash._ood_alert.visible
+    assert f"{100 * ood.sum() / valid.sum():.1f} %" in dash._ood_alert.object
+    assert f"({int(ood.sum())} of {int(valid.sum())};" in dash._ood_alert.object
+    r, c = map(int, np.argwhere(ood)[0])
+    dash.select_pixel(r, c)
+    assert "selected pixel is out of distribution" in dash._ood_alert.object
+    assert dash._ood_alert.alert_type == "danger"
+    assert "OUT OF DISTRIBUTION" in dash._prob_dmap[()].opts.get().kwargs["title"]
+    assert "out of distribution" in dash._info.object
+    r, c = map(int, np.argwhere(valid & ~ood)[0])
+    dash.select_pixel(r, c)
+    assert "selected pixel" not in dash._ood_alert.object and dash._ood_alert.alert_type == "warning"
+    # every pixel unfamiliar (a real spectrum far from the training set): "All", in red
+    dash._set_maps(dataclasses.replace(maps, ood_score=np.where(valid, 9.3, np.nan).astype(np.float32)))
+    assert dash._ood_alert.visible and dash._ood_alert.object.count("All of this scan") == 1
+    assert dash._ood_alert.alert_type == "danger"
+    dash._set_maps(dataclasses.replace(maps, ood_score=np.where(valid, 0.1, np.nan).astype(np.float32)))
+    assert not dash._ood_alert.visible
+
+
+def test_only_buried_pigments_are_fitted_as_one_layer_not_an_internal_error(dash, monkeypatch):
+    """Red ochre alone, called as buried (bottom right: no lead white, no vermilion): the residual
+    shows a fitted stack, never the simulator's 'layer: pigments must be a non-empty mapping'."""
+    dash.select_pixel(28, 28)
+    assert dash.predicted_pigments() == ((), ("red ochre",))
+    stack, desc = dash.predicted_stack()
+    assert len(stack.layers) == 1 and "red ochre" in desc
+    title = dash._residual.dmap[()].opts.get().kwargs["title"]
+    assert title.startswith("Residual vs fitted stack") and "mapping" not in title
+    # a simulator failure is told in words about the pigments, its internals go to the log only
+    monkeypatch.setattr(
+        _dashboard,
+        "_xrfnb_attr",
+        lambda n, real=_dashboard._xrfnb_attr: (
+            (lambda *a, **k: (_ for _ in ()).throw(xrfnb.SimulationError("layer: internals")))
+            if n == "fit_stack"
+            else real(n)
+        ),
+    )
+    _dashboard._FITS._d.clear()
+    dash.select_pixel(28, 27)
+    title = dash._residual.dmap[()].opts.get().kwargs["title"]
+    assert "red ochre could not be simulated" in title and "internals" not in title

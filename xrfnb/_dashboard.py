@@ -892,15 +892,18 @@ class Dashboard(pn.viewable.Viewer):
         if self._job is not None and self._job["scan"] is not scan:
             # nobody waits for those maps (or that file) any more: stop after the current block
             self._drop_job()
-        self._scan = scan
-        self._label = label
-        self._energy_keV = scan.energy_keV
-        self._total = np.asarray(total if total is not None else scan.total_counts_image(), dtype=float)
-        self._set_maps(maps, bump=False)
+        total = np.asarray(total if total is not None else scan.total_counts_image(), dtype=float)
         rows, cols = scan.shape[:2]
-        with param.parameterized.batch_call_watchers(self):
+        # scan, selection and maps change together: no watcher may see the new scan with the old pixel
+        # (outside a smaller scan) or the old maps
+        with self._frozen(), param.parameterized.batch_call_watchers(self):
+            self._scan = scan
+            self._label = label
+            self._energy_keV = scan.energy_keV
+            self._total = total
             self.region = None
             self.pixel = (rows // 2, cols // 2)
+            self._set_maps(maps, bump=False)
             self.data_version += 1
 
     def _set_maps(self, maps: Any, bump: bool = True) -> None:
@@ -1064,6 +1067,7 @@ class Dashboard(pn.viewable.Viewer):
     def _on_data_version(self, event: param.parameterized.Event) -> None:
         self._rebuild_gallery()
         self._update_status()
+        self._update_ood_alert()
 
     # -- widgets and layout -----------------------------------------------------------------------
     def _build_widgets(self) -> None:
@@ -1127,6 +1131,9 @@ class Dashboard(pn.viewable.Viewer):
             width=135,
         )
         self._info = pn.pane.Markdown("", sizing_mode="stretch_width", css_classes=["xrfnb-info"])
+        self._ood_alert = pn.pane.Alert(
+            "", alert_type="warning", visible=False, sizing_mode="stretch_width", css_classes=["xrfnb-ood"]
+        )
         self._fractions = pn.pane.Markdown("", sizing_mode="stretch_width")
 
     def _guard_export(self, fn: Callable[[], bytes]) -> Callable[[], io.BytesIO | None]:
@@ -1322,6 +1329,7 @@ class Dashboard(pn.viewable.Viewer):
         )
         main = pn.Column(
             self._status,
+            self._ood_alert,
             pn.Row(
                 pn.Column(self._main_pane, self._info),
                 pn.Column(self._spectrum_pane, self._residual.pane, self._prob_pane, self._fractions),
@@ -1861,10 +1869,15 @@ class Dashboard(pn.viewable.Viewer):
             return None
         _, _, counts = self.current_spectrum()
         inst = self._instrument()
-        key = (called, id(inst), hash(counts.tobytes()))
+        surface, buried = called
+        if not surface:
+            # only pigments called as buried: nothing is known about the layer above them (fit_stack
+            # cannot build a pigment-free surface layer), so they are fitted as one paint layer
+            surface, buried = buried, ()
+        key = (surface, buried, id(inst), hash(counts.tobytes()))
         fit = _FITS.get(key)
         if fit is None:
-            fit = _xrfnb_attr("fit_stack")(counts, inst, called[0], called[1])
+            fit = _xrfnb_attr("fit_stack")(counts, inst, surface, buried)
             _FITS.put(key, fit)
         return fit
 
@@ -1934,7 +1947,11 @@ class Dashboard(pn.viewable.Viewer):
         try:
             fit = self.fitted_stack()
         except XRFNBError as exc:
-            self._sim_reason = f"simulation failed: {exc}"
+            # the simulator's own wording (layer internals) stays in the log; the plot says what failed
+            log.warning("simulating the called stack of %s failed: %s", self._label, exc)
+            called = self.predicted_pigments()
+            what = ", ".join(called[0] + called[1]) if not isinstance(called, str) else "the called pigments"
+            self._sim_reason = f"{what} could not be simulated for this spectrum"
             return None
         if fit is None:
             return None
@@ -2016,6 +2033,8 @@ class Dashboard(pn.viewable.Viewer):
             title = f"Class probabilities at pixel (row {r}, col {c})"
             if bool(np.asarray(self._maps.mask)[r, c]):
                 title += " (invalid pixel)"
+            elif float(np.asarray(self._maps.ood_score[r, c], dtype=float)) > float(self._maps.ood_threshold):
+                title += ": OUT OF DISTRIBUTION, unreliable"
         thr = self.threshold_array()
         colors = list(getattr(self._maps, "colors", None) or ["#888888"] * len(self.classes))
         table = {
@@ -2057,7 +2076,70 @@ class Dashboard(pn.viewable.Viewer):
             _write_to_plot(plot, functools.partial(write, bar_source, mark_source))
         return True
 
+    def ood_summary(self) -> dict[str, Any] | None:
+        """How much of the scan, and whether the selection, is out of distribution (OOD).
+
+        Returns
+        -------
+        dict or None
+            None without maps. Otherwise ``n_valid``, ``n_ood`` (valid pixels with ``ood_score >
+            ood_threshold``), ``fraction`` (n_ood / n_valid), ``threshold``, and for the selection
+            ``pixel_score`` (float, NaN for an invalid pixel) and ``pixel_ood`` (bool) when a pixel is
+            selected, ``region_fraction`` when a region is.
+        """
+        if self._maps is None:
+            return None
+        ood = np.asarray(self._maps.ood(), dtype=bool)
+        valid = self._valid()
+        n_valid = int(valid.sum())
+        n_ood = int((ood & valid).sum())
+        out: dict[str, Any] = {
+            "n_valid": n_valid,
+            "n_ood": n_ood,
+            "fraction": n_ood / n_valid if n_valid else 0.0,
+            "threshold": float(self._maps.ood_threshold),
+        }
+        if self.pixel is not None:
+            r, c = self.pixel
+            out["pixel_score"] = float(np.asarray(self._maps.ood_score[r, c], dtype=float))
+            out["pixel_ood"] = bool(ood[r, c] and valid[r, c])
+        elif self.region is not None:
+            inside = self.region & valid
+            out["region_fraction"] = float((ood & inside).sum() / max(int(inside.sum()), 1))
+        return out
+
+    def _update_ood_alert(self) -> None:
+        """The out-of-distribution banner: the scan's share of OOD pixels and whether the selection is."""
+        summary = self.ood_summary()
+        if summary is None or (summary["n_ood"] == 0):
+            self._ood_alert.visible = False
+            self._ood_alert.object = ""
+            return
+        thr = summary["threshold"]
+        n_ood, n_valid = summary["n_ood"], summary["n_valid"]
+        parts = []
+        if summary.get("pixel_ood"):
+            parts.append(
+                f"**The selected pixel is out of distribution** (OOD score {summary['pixel_score']:.2f}, "
+                f"above {thr:.2f}): its spectrum is unlike the simulated paintings the model was trained "
+                "on, so its pigment calls are **not reliable**."
+            )
+        elif "region_fraction" in summary and summary["region_fraction"] > 0:
+            parts.append(
+                f"**{100 * summary['region_fraction']:.0f} % of the selected region is out of "
+                "distribution**: treat its pigment calls with caution."
+            )
+        share = "All" if n_ood == n_valid else f"{100 * summary['fraction']:.1f} %"
+        parts.append(
+            f"Out of distribution: {share} of this scan's pixels ({n_ood} of {n_valid}; OOD score above "
+            f"{thr:.2f}). Pigment calls on those pixels are unreliable; the *OOD score* view shows where."
+        )
+        self._ood_alert.object = " ".join(parts)
+        self._ood_alert.alert_type = "danger" if summary.get("pixel_ood") or n_ood == n_valid else "warning"
+        self._ood_alert.visible = True
+
     def _on_pixel_region(self, *events: Any) -> None:
+        self._update_ood_alert()
         if self._maps is None or self.region is None:
             self._fractions.object = ""
         else:
@@ -2077,7 +2159,10 @@ class Dashboard(pn.viewable.Viewer):
                     if self._maps.probability[r, c, k] >= self.thresholds[cl]
                 ]
                 text += "; pigments: " + (", ".join(present) if present else "none above threshold")
-                text += f"; OOD score {float(self._maps.ood_score[r, c]):.2f}"
+                score = float(self._maps.ood_score[r, c])
+                text += f"; OOD score {score:.2f}"
+                if score > float(self._maps.ood_threshold):
+                    text += f" (**out of distribution**: above {float(self._maps.ood_threshold):.2f})"
             self._info.object = text
         elif self.region is not None:
             self._info.object = f"Selected: region of {int(self.region.sum())} pixels"
