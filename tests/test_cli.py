@@ -565,3 +565,83 @@ def test_identify_puts_out_of_distribution_pixels_first_and_apart(capsys, tmp_pa
     rows = [line for line in lines[2:] if line[:1].isalpha() and not line.startswith(("pixels", "out-of"))]
     assert rows and all(float(r.split()[-3]) == 0.0 for r in rows)  # area % of in-distribution pixels: none
     assert any(float(r.split()[-1]) == 100.0 for r in rows)  # what it would call, shown apart
+
+
+# -- calibration and detector elements from the command line (issue 14) ---------------------------------
+REAL = TESTS_DIR.parents[1] / "shared" / "data" / "real"
+
+
+def _uncalibrated_steel(tmp_path: Path) -> Path:
+    """Steel SRM 1155 (.spe) without the PyMca .cfg that calibrates it: it loads at 1 keV per channel."""
+    if not (REAL / "Steel.spe").exists():
+        pytest.skip(f"real spectra not found in {REAL} (../shared/data/real beside the checkout)")
+    target = tmp_path / "Steel.spe"
+    target.write_bytes((REAL / "Steel.spe").read_bytes())
+    return target
+
+
+def test_calibrate_from_recognised_peaks_matches_the_publishers_calibration(tmp_path, capsys):
+    steel = _uncalibrated_steel(tmp_path)
+    reference = xrfnb.load(REAL / "Steel.spe").calibration  # from Steel.cfg, the data's own PyMca config
+    assert reference.gain_keV < 0.1 and xrfnb.load(steel).calibration.gain_keV == 1.0
+    # rough guesses, as read off a plot: the centroids are refined
+    rc = cli.main(["info", str(steel), "--no-elements", "--calibrate", "Fe Ka=535,Ni Ka=630,Cr Ka=452"])
+    captured = capsys.readouterr()
+    assert rc == 0
+    assert "rms residual" in captured.err and "Fe Ka" in captured.err
+    line = next(t for t in captured.out.splitlines() if t.startswith("calibration:"))
+    gain = float(line.split("+")[1].split("keV/ch")[0])
+    offset = float(line.split("E =")[1].split("keV")[0])
+    assert gain == pytest.approx(reference.gain_keV, rel=2e-3)
+    assert offset == pytest.approx(reference.offset_keV, abs=0.01)
+
+
+def test_identify_takes_a_calibration_or_says_how_to_give_one(tmp_path, capsys):
+    steel = _uncalibrated_steel(tmp_path)
+    out = tmp_path / "maps.h5"
+    rc = cli.main(["identify", str(steel), "-o", str(out), "-q"])
+    err = capsys.readouterr().err
+    assert rc == 2 and not out.exists()
+    assert "uncalibrated" in err and "--calibrate" in err and "--calibration" in err
+    errors = [t for t in err.splitlines() if t.startswith("xrfnb: error:")]
+    assert len(errors) == 1 and "EnergyCalibration(" not in err and "Traceback" not in err
+    rc = cli.main(["identify", str(steel), "-o", str(out), "-q", "--calibration", "-0.00612,0.011928"])
+    assert rc == 0
+    maps = PigmentMaps.from_hdf5(out)
+    assert maps.shape == (1, 1)
+    assert maps.metadata["calibration"]["gain_keV"] == pytest.approx(0.011928)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--calibration", "0.01"], "OFFSET_KEV,GAIN_KEV"),
+        (["--calibration", "a,b"], "OFFSET_KEV,GAIN_KEV"),
+        (["--calibration", "0,-0.01"], "gain must be > 0"),
+        (["--calibrate", "Fe Ka 640"], "LINE=CHANNEL"),
+        (["--calibrate", "Fe Ka=640"], "at least 2"),
+        (["--calibrate", "Xx Ka=300,Fe Ka=640"], "Xx"),
+        (["--calibration", "0,0.01", "--calibrate", "Fe Ka=1,Cu Ka=2"], "not both"),
+    ],
+)
+def test_bad_calibration_options_are_one_line_errors(tmp_path, args, message):
+    steel = _uncalibrated_steel(tmp_path)
+    r = _run("info", str(steel), "--no-elements", *args)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_info_says_how_detector_elements_were_combined(tmp_path, capsys):
+    from test_io_formats import _epics, _gauss_spectrum
+
+    cals = [xrfnb.EnergyCalibration(-0.03 + 0.002 * i, 0.0148 - 0.0002 * i) for i in range(4)]
+    path = _epics(tmp_path / "four.mca", [_gauss_spectrum(c) for c in cals], cals, [9.0] * 4, [10.0] * 4)
+    assert cli.main(["info", str(path), "--no-elements"]) == 0
+    out = capsys.readouterr().out
+    line = next(t for t in out.splitlines() if t.startswith("detectors:"))
+    assert "4 detector elements, summed" in line and "rebinned onto element 0" in line
+    assert cli.main(["info", str(path), "--no-elements", "--element", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "showing element 3 only" in out
+    assert f"{cals[3].gain_keV:.5g} keV/ch" in out

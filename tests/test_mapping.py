@@ -617,6 +617,20 @@ def test_element_maps_are_stored_alongside(tmp_path, model):
         np.testing.assert_array_equal(getattr(back, name), getattr(em, name))
 
 
+def test_element_maps_are_written_as_tiffs_too(tmp_path, model):
+    tifffile = pytest.importorskip("tifffile")
+    maps = map_pigments(_element_scan(), model, element_maps=True, progress=False)
+    em = maps.element_maps
+    assert em is not None, maps.metadata.get("element_maps_error")
+    written = maps.to_tiff(tmp_path / "tif")
+    element_files = sorted(p for p in written if p.parent.name == "elements")
+    expected = sorted(f"{e}_{f}.tif" for e, f in zip(em.elements, em.families, strict=True))
+    assert [p.name for p in element_files] == expected
+    zn = tifffile.imread(tmp_path / "tif" / "elements" / f"Zn_{em.families[em.elements.index('Zn')]}.tif")
+    np.testing.assert_array_equal(zn, em["Zn"])
+    assert zn[0].min() > zn[1:].max()  # the zinc row, straight from the file a user opens in ImageJ
+
+
 def test_failed_element_fit_keeps_the_pigment_maps(model, counts_truth, monkeypatch):
     import xrfnb._mapping as mapping
 

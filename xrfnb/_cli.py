@@ -55,12 +55,119 @@ def _function(module: str, names: Sequence[str], what: str) -> Any:
 
 
 # -- loading (module-level so tests can substitute them) -----------------------------------------------
-def _load_input(path: str) -> Any:
+def _parse_calibration(text: str) -> Any:
+    """``OFFSET_KEV,GAIN_KEV[,QUADRATIC_KEV]`` -> EnergyCalibration (``--calibration``)."""
+    from ._calibration import EnergyCalibration
+    from ._errors import CalibrationError
+
+    parts = [t.strip() for t in text.split(",")]
+    try:
+        values = [float(t) for t in parts]
+    except ValueError:
+        values = []
+    if len(values) not in (2, 3):
+        raise CalibrationError(
+            f"--calibration {text!r}: give OFFSET_KEV,GAIN_KEV (keV of channel 0, keV per channel) "
+            "or OFFSET_KEV,GAIN_KEV,QUADRATIC_KEV, e.g. --calibration -0.96,0.01"
+        )
+    return EnergyCalibration(*values)
+
+
+def _parse_peaks(text: str) -> dict[str, float]:
+    """``"Ti Ka=452,Zn Ka=864"`` -> {line: channel} (``--calibrate``)."""
+    from ._errors import CalibrationError
+
+    peaks: dict[str, float] = {}
+    for item in (t.strip() for t in text.split(",")):
+        name, sep, channel = item.partition("=")
+        try:
+            value = float(channel)
+        except ValueError:
+            value = None
+        if not sep or not name.strip() or value is None:
+            raise CalibrationError(
+                f"--calibrate {text!r}: {item!r} is not LINE=CHANNEL; give the peaks you recognise as "
+                "line names and channel numbers, e.g. --calibrate \"Fe Ka=640,Pb La=1050\""
+            )
+        peaks[" ".join(name.split())] = value
+    return peaks
+
+
+def _load_calibrated(args: argparse.Namespace, path: str) -> Any:
+    """Load ``path`` for a subcommand, applying ``--element``, ``--calibration`` or ``--calibrate``."""
+    from ._errors import CalibrationError
+
+    load = _function("_io", ["load"], "reading files")
     p = Path(path)
     if not p.exists():
         raise DataError(f"{path}: no such file")
-    load = _function("_io", ["load"], "reading files")
-    return load(p)
+    element = getattr(args, "element", None)
+    calibration = getattr(args, "calibration", None)
+    peaks = getattr(args, "calibrate", None)
+    if calibration is not None and peaks is not None:
+        raise CalibrationError("give either --calibration or --calibrate, not both")
+    if calibration is not None:
+        return load(p, element=element, calibration=_parse_calibration(calibration))
+    data = load(p, element=element)
+    if peaks is None:
+        return data
+    from ._calibration import calibrate
+    from ._spectrum import Scan
+
+    spectrum = data.sum_spectrum() if isinstance(data, Scan) else data
+    fit = calibrate(spectrum, _parse_peaks(peaks))
+    _info(f"calibration fitted to {len(fit.lines)} peaks: {fit.calibration}")
+    for line, ch, e, r in zip(fit.lines, fit.channels, fit.energies_keV, fit.residuals_keV, strict=True):
+        _info(f"  {line:<8} channel {ch:8.2f}  {e:7.4f} keV  residual {r * 1e3:+6.1f} eV")
+    _info(f"  rms residual {fit.rms_residual_keV * 1e3:.1f} eV")
+    return load(p, element=element, calibration=fit.calibration)
+
+
+def _add_load_options(s: argparse.ArgumentParser) -> None:
+    s.add_argument(
+        "--calibration",
+        metavar="OFFSET_KEV,GAIN_KEV",
+        default=None,
+        help="energy calibration to use instead of the file's: keV of channel 0 and keV per channel "
+        "(optionally a third, quadratic term), e.g. -0.96,0.01",
+    )
+    s.add_argument(
+        "--calibrate",
+        metavar="PEAKS",
+        default=None,
+        help='fit the calibration to peaks you recognise, as LINE=CHANNEL pairs, e.g. "Ti Ka=452,Zn Ka=864" '
+        "(scans: in their sum spectrum)",
+    )
+    s.add_argument(
+        "--element",
+        type=_element_arg,
+        default=None,
+        metavar="N|sum",
+        help="multi-detector files: one detector element (0, 1, ...) or 'sum' (the default: every element "
+        "rebinned onto element 0's energy axis and summed)",
+    )
+
+
+def _element_arg(text: str) -> int | str:
+    if text == "sum":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a detector element number or 'sum': {text!r}") from None
+
+
+def _describe_detectors(meta: dict) -> str | None:
+    """How a multi-element file's detectors were combined, for ``info`` (None for one detector)."""
+    n = int(meta.get("n_elements", 1) or 1)
+    if n <= 1:
+        return None
+    if meta.get("element") == "sum":
+        return (
+            f"{n} detector elements, summed: each rebinned onto element 0's energy axis; live time is "
+            "their mean (--element N for one element)"
+        )
+    return f"{n} detector elements; showing element {meta.get('element')} only (--element sum for all)"
 
 
 def _load_model(name: str | None, precision: str = "auto") -> Any:
@@ -78,7 +185,7 @@ def _cmd_identify(args: argparse.Namespace) -> int:
         raise DataError(f"output {out} should be an HDF5 file ending in .h5")
     _check_output_path(out)  # before the input and the model are loaded: nothing is created
     _check_input_outside_working_folder(out, args.input)
-    data = _load_input(args.input)
+    data = _load_calibrated(args, args.input)
     if isinstance(data, Spectrum):
         data = Scan(
             data.counts[None, None, :], data.calibration, live_time_s=data.live_time_s, metadata=data.metadata
@@ -131,10 +238,13 @@ def _cmd_info(args: argparse.Namespace) -> int:
             instrument = _instrument(args.instrument)
         except _NotAvailable as exc:
             unavailable = str(exc)
-    data = _load_input(args.file)
+    data = _load_calibrated(args, args.file)
     meta = dict(getattr(data, "metadata", {}) or {})
     print(f"file:        {path}")
     print(f"format:      {meta.get('format', '?')}")
+    detectors = _describe_detectors(meta)
+    if detectors:
+        print(f"detectors:   {detectors}")
     if isinstance(data, Scan):
         rows, cols, ch = data.shape
         print(f"kind:        scan, {rows} x {cols} pixels x {ch} channels ({np.dtype(data.counts.dtype)})")
@@ -280,7 +390,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="network arithmetic: auto = bfloat16 where the CPU has it natively (faster), else float32; "
         "float32 for results bit-reproducible across machines",
     )
-    s.add_argument("--tiff", metavar="DIR", help="also write one 32-bit ImageJ TIFF per pigment class")
+    s.add_argument(
+        "--tiff",
+        metavar="DIR",
+        help="also write one 32-bit ImageJ TIFF per pigment class (and per element, with --elements)",
+    )
     s.add_argument("--elements", action="store_true", help="also fit element maps and store them alongside")
     s.add_argument("--instrument", default=None, help="instrument preset for --elements (default bruker-m6)")
     s.add_argument("--resume", action="store_true", help="continue an interrupted run from OUTPUT.h5.partial")
@@ -291,6 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="pixels read per block (memory vs. speed; default 8192)",
     )
+    _add_load_options(s)
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_cmd_identify)
 
@@ -300,6 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--instrument", default=None, help="instrument preset for element detection (default bruker-m6)"
     )
     s.add_argument("--no-elements", action="store_true", help="skip element detection")
+    _add_load_options(s)
     s.set_defaults(func=_cmd_info)
 
     s = sub.add_parser("train", help="train a pigment model from a TOML config")
@@ -412,10 +528,24 @@ class _StderrHandler(logging.Handler):
             self.handleError(record)
 
 
+def _join_negative_values(argv: list[str]) -> list[str]:
+    """Join ``--calibration -0.96,0.01``: argparse would take the negative value for an option."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--calibration" and i + 1 < len(argv) and argv[i + 1][:2].lstrip("-")[:1].isdigit():
+            out.append(f"--calibration={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``xrfnb`` command line; returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_join_negative_values(sys.argv[1:] if argv is None else list(argv)))
     previous = None
     try:
         previous = signal.signal(signal.SIGTERM, _on_sigterm)

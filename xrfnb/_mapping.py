@@ -491,7 +491,9 @@ class PigmentMaps:
         ``ood_score.tif`` and ``mask.tif`` (8-bit, 255 = masked). Returns the written paths.
 
         File names are the class names with non-alphanumerics replaced by ``_``. When the pixel size is
-        known (``metadata["pixel_size_um"]``) it is stored as the TIFF resolution in micrometres.
+        known (``metadata["pixel_size_um"]``) it is stored as the TIFF resolution in micrometres. Maps
+        that carry element maps (``map_pigments(element_maps=True)``, ``xrfnb identify --elements``) also
+        get ``elements/<El>_<family>.tif``: the fitted counts of each element's line family (32-bit).
         """
         import tifffile
 
@@ -513,6 +515,14 @@ class PigmentMaps:
             for i, (stem, name) in enumerate(zip(names, self.classes, strict=True))
         ]
         planes.append(("ood_score", lambda: np.asarray(self.ood_score[()], dtype=np.float32), "ood score"))
+        em = self.element_maps
+        if em is not None:
+            intensity = np.asarray(em.intensity, dtype=np.float32)
+            if intensity.shape[:2] == tuple(self.shape):
+                (folder / "elements").mkdir(exist_ok=True)
+                for j, (el, fam) in enumerate(zip(em.elements, em.families, strict=True)):
+                    get = functools.partial(_plane, intensity, j)
+                    planes.append((f"elements/{el}_{fam}", get, f"{el} {fam} counts"))
         rows, cols = self.shape
         needed = rows * cols * (4 * len(planes) + 1) + 8192 * (len(planes) + 1)
         _check_free_space(folder, needed, folder / "mask.tif")
@@ -703,6 +713,11 @@ def _check_free_space(folder: Path, needed_bytes: int, target: Path, hint: str =
         return
     if free < needed_bytes:
         raise _no_space_error(folder, target, needed_bytes, hint)
+
+
+def _plane(stack: np.ndarray, index: int) -> np.ndarray:
+    """``stack[:, :, index]`` as a contiguous 2-D float32 image."""
+    return np.ascontiguousarray(stack[:, :, index], dtype=np.float32)
 
 
 def _maps_file_bytes(rows: int, cols: int, k: int, element_maps: Any = None) -> int:

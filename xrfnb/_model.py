@@ -610,7 +610,9 @@ class PigmentModel:
         if not 1e-4 <= (hi - lo) / max(n_channels - 1, 1) <= 0.2:
             raise ModelError(
                 f"calibration {calibration} gives {(hi - lo) / max(n_channels - 1, 1):.3g} keV per channel: "
-                "this spectrum looks uncalibrated; fit a calibration first (xrfnb.calibrate) or pass one"
+                "this spectrum looks uncalibrated. Fit a calibration to peaks you recognise "
+                "(xrfnb.calibrate; xrfnb identify --calibrate \"Fe Ka=640,Pb La=1050\") or give one "
+                "(load(..., calibration=); --calibration OFFSET_KEV,GAIN_KEV)"
             )
         if hi < self.energy_edges_keV[0] or lo > self.energy_edges_keV[-1]:
             raise ModelError(
