@@ -158,7 +158,10 @@ def test_bad_option_values_are_usage_errors():
         (
             ["serve", "{tmp}", "--port", "5123", "--address", "0.0.0.0"],
             "_dashboard",
-            (("{tmp}",), {"port": 5123, "address": "0.0.0.0", "show": False}),
+            (
+                ("{tmp}",),
+                {"port": 5123, "address": "0.0.0.0", "show": False, "basic_auth": None, "token": None},
+            ),
         ),
     ],
 )
@@ -176,6 +179,21 @@ def test_backends_receive_the_arguments(tmp_path, monkeypatch, argv, module, exp
     assert cli.main([a.format(**fmt) for a in argv]) == 0
     args, kwargs = expected
     assert calls == [([a.format(**fmt) for a in args], kwargs)]
+
+
+def test_serve_protection_options_reach_the_server(tmp_path, monkeypatch, capsys):
+    users = tmp_path / "users"  # no .json suffix: still a file of passwords, never a password itself
+    users.write_text('{"conservator": "a long passphrase"}')
+    calls = []
+    monkeypatch.setattr(cli, "_function", lambda mod, names, what: lambda *a, **k: calls.append(k))
+    assert cli.main(["serve", str(tmp_path), "--address", "0.0.0.0", "--auth", str(users)]) == 0
+    assert calls[-1]["basic_auth"] == users and calls[-1]["token"] is None
+    assert cli.main(["serve", str(tmp_path), "--token"]) == 0
+    assert calls[-1]["basic_auth"] is None and calls[-1]["token"] is True
+    assert cli.main(["serve", str(tmp_path), "--auth", str(tmp_path / "missing.json")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: not allowed with
+        cli.main(["serve", "--auth", str(users), "--token"])
 
 
 def test_missing_backend_says_not_available(monkeypatch, capsys):

@@ -363,7 +363,19 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     path = args.path
     if path is not None and not Path(path).exists():
         raise DataError(f"{path}: no such file or folder")
-    serve(path, port=args.port, address=args.address, show=args.show)
+    if args.auth is not None and not Path(args.auth).is_file():
+        raise DataError(
+            f"--auth {args.auth}: no such file; give a JSON file of user names and passwords, "
+            'e.g. {"conservator": "a long passphrase"} (readable only by you: chmod 600)'
+        )
+    serve(
+        path,
+        port=args.port,
+        address=args.address,
+        show=args.show,
+        basic_auth=None if args.auth is None else Path(args.auth),
+        token=True if args.token else None,
+    )
     return 0
 
 
@@ -455,6 +467,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--address", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)"
     )
     s.add_argument("--show", action="store_true", help="open a browser tab")
+    protect = s.add_mutually_exclusive_group()
+    protect.add_argument(
+        "--auth",
+        metavar="USERS.json",
+        default=None,
+        help="require a log-in: a JSON file of user names and passwords (use it with --address beyond "
+        "this machine: anyone on the network could otherwise open the served folder)",
+    )
+    protect.add_argument(
+        "--token",
+        action="store_true",
+        help="require a log-in with a random one-off password, printed at start for you to hand out",
+    )
     s.set_defaults(func=_cmd_serve)
     return p
 
