@@ -663,3 +663,28 @@ def test_info_says_how_detector_elements_were_combined(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "showing element 3 only" in out
     assert f"{cals[3].gain_keV:.5g} keV/ch" in out
+
+
+def test_identify_on_a_damaged_compressed_chunk_is_one_line_naming_the_chunk(tmp_path):
+    """Bytes flipped inside one gzip chunk: exit 2, file, dataset and chunk named, input unchanged."""
+    import h5py
+
+    path, _, _ = _save_scan(tmp_path / "scan.h5", rows=6, cols=5)
+    with h5py.File(path, "r") as f:
+        d = f["entry/data/counts"]
+        assert d.compression == "gzip"
+        info = [d.id.get_chunk_info(i) for i in range(d.id.get_num_chunks())]
+    chunk = info[len(info) // 2]
+    raw = bytearray(path.read_bytes())
+    middle = chunk.byte_offset + chunk.size // 2
+    raw[middle : middle + 8] = bytes(b ^ 0xFF for b in raw[middle : middle + 8])
+    path.write_bytes(bytes(raw))
+    before = path.read_bytes()
+    r = _run("identify", str(path), "-o", str(tmp_path / "maps.h5"), "-q")
+    assert r.returncode == 2, r.stderr
+    error = [t for t in r.stderr.splitlines() if t.startswith("xrfnb: error:")]
+    assert len(error) == 1 and "internal error" not in r.stderr and "Traceback" not in r.stderr
+    assert "scan.h5:/entry/data/counts" in error[0] and "storage chunk at offset" in error[0]
+    assert "damaged" in error[0]
+    assert path.read_bytes() == before
+    assert not (tmp_path / "maps.h5").exists()

@@ -471,7 +471,7 @@ def test_progress_callable_on_dask_local_and_distributed(counts_truth, model):
 def test_gzip_chunks_are_inflated_by_isal():
     from isal import isal_zlib
 
-    from xrfnb._mapping import _inflater
+    from xrfnb._io._chunks import inflater as _inflater
 
     assert _inflater() is isal_zlib.decompress
 
@@ -558,7 +558,7 @@ def test_real_pigment_model_streaming_and_dask_agree(tmp_path, counts_truth):
 )
 @pytest.mark.parametrize("dtype", [np.uint16, np.float32, np.int32])
 def test_parallel_chunk_reader_equals_h5py(tmp_path, opts, dtype):
-    from xrfnb._mapping import _ChunkReader
+    from xrfnb._io._chunks import ChunkReader as _ChunkReader
 
     rng = np.random.default_rng(1)
     data = rng.poisson(2.0, size=(11, 13, 70)).astype(dtype)

@@ -291,3 +291,26 @@ def test_libhdf5_never_sees_the_failed_write_so_nothing_crashes(tmp_path, capaci
     assert proc.stdout.startswith("refused: no space left on"), proc.stdout
     assert proc.stderr == ""
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_crafted_maps_file_cannot_read_other_files(tmp_path):
+    """PigmentMaps.from_hdf5 (and `xrfnb info` on it) refuse maps whose data are stored in another file."""
+    import h5py
+
+    import xrfnb._cli as cli
+    from xrfnb._mapping import PigmentMaps
+
+    secret = tmp_path / "private" / "secret.bin"
+    secret.parent.mkdir()
+    secret.write_bytes(b"root:x:0:0:root:/root:/bin/bash\n" * 4)
+    path = tmp_path / "maps.h5"
+    with h5py.File(path, "w") as f:  # looks like xrfnb maps; the probabilities are the secret's bytes
+        f.attrs["format"] = "xrfnb-pigment-maps"
+        f.attrs["classes"] = '["lead white"]'
+        f.attrs["colors"] = '["#ffffff"]'
+        f.attrs["ood_threshold"] = 1.0
+        f.create_dataset("thresholds", data=np.array([0.5], dtype=np.float32))
+        f.create_dataset("probability", shape=(4, 8, 1), dtype="u1", external=[(str(secret), 0, 32)])
+    with pytest.raises(xrfnb.FormatError, match=r"maps\.h5:/probability: .*another file.*external storage"):
+        PigmentMaps.from_hdf5(path)
+    assert cli.main(["info", str(path)]) == 2

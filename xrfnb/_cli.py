@@ -304,6 +304,9 @@ def _instrument(name: str | None) -> Any:
 def _is_pigment_maps(path: Path) -> bool:
     import h5py
 
+    from ._io._hdf5 import preflight
+
+    preflight(path)  # a file whose metadata crashes libhdf5: FormatError here, not a dead process
     try:
         with h5py.File(path, "r") as f:
             return f.attrs.get("format") == "xrfnb-pigment-maps"

@@ -40,6 +40,8 @@ import numpy as np
 from ._calibration import EnergyCalibration
 from ._errors import DataError, FitError, FormatError, ModelError, XRFNBError
 from ._io import atomic_path
+from ._io._chunks import ChunkReader
+from ._io._hdf5 import check_self_contained, preflight
 from ._spectrum import Scan, _is_dask
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -428,11 +430,13 @@ class PigmentMaps:
         import h5py
 
         path = Path(path)
+        preflight(path)  # a file whose metadata crashes libhdf5 is a FormatError, not a dead process
         try:
             f = h5py.File(path, "r")
         except (OSError, ValueError) as exc:
             raise FormatError(f"{path}: not a readable HDF5 file ({exc})") from None
         try:
+            check_self_contained(f, path)  # never read another file's bytes as maps
             if f.attrs.get("format") != _FORMAT:
                 raise FormatError(
                     f"{path}: not an xrfnb pigment-maps file (attribute 'format' is "
@@ -1460,120 +1464,6 @@ def _count_reasons_blocks(sink: _PartialSink, slices: list[slice]) -> dict[str, 
     return counts
 
 
-@functools.cache
-def _inflater() -> Any:
-    """``decompress(data, wbits, bufsize)`` of ISA-L's zlib-compatible module, or of :mod:`zlib`."""
-    try:
-        from isal import isal_zlib
-
-        return isal_zlib.decompress
-    except ImportError:  # pragma: no cover - isal is a dependency; zlib still reads every file
-        import zlib
-
-        return zlib.decompress
-
-
-def _inflate(data: bytes, nbytes: int) -> bytes:
-    """Inflate one deflate-compressed HDF5 chunk (zlib stream) of ``nbytes`` uncompressed bytes."""
-    return _inflater()(data, 15, nbytes)
-
-
-class _ChunkReader:
-    """Read whole-row blocks of a chunked HDF5 dataset, decompressing its chunks in parallel threads.
-
-    h5py serialises all HDF5 calls under one lock and keeps the GIL while the library inflates chunks,
-    so a plain ``dset[rows]`` decompresses on one core and blocks the model meanwhile. Here the raw
-    (compressed) chunks are fetched with ``read_direct_chunk``, inflated with ISA-L (the ``isal`` package,
-    about twice as fast as :mod:`zlib`; zlib where isal is not installed; both release the GIL) and
-    un-shuffled with NumPy in a small thread pool. Only the common filter pipelines are handled (none,
-    shuffle, deflate, shuffle + deflate, native byte order); anything else falls back to h5py.
-    """
-
-    def __init__(self, dset: Any, filters: list[int], threads: int) -> None:
-        self.dset = dset
-        self.filters = filters  # write order
-        self.pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=threads, thread_name_prefix="xrfnb-inflate"
-        )
-        self.dtype = np.dtype(dset.dtype)
-        self.chunk = tuple(int(c) for c in dset.chunks)
-        self.nbytes = int(np.prod(self.chunk)) * self.dtype.itemsize
-
-    @classmethod
-    def maybe(cls, dset: Any, threads: int | None = None) -> _ChunkReader | None:
-        try:
-            import h5py
-            from h5py import h5z
-        except ImportError:  # pragma: no cover
-            return None
-        if not isinstance(dset, h5py.Dataset) or dset.chunks is None or dset.ndim != 3:
-            return None
-        dtype = np.dtype(dset.dtype)
-        if dtype.kind not in "iuf" or not dtype.isnative or not hasattr(dset.id, "read_direct_chunk"):
-            return None
-        plist = dset.id.get_create_plist()
-        filters = [plist.get_filter(i)[0] for i in range(plist.get_nfilters())]
-        if filters not in (
-            [],
-            [h5z.FILTER_DEFLATE],
-            [h5z.FILTER_SHUFFLE],
-            [h5z.FILTER_SHUFFLE, h5z.FILTER_DEFLATE],
-        ):
-            return None
-        return cls(dset, filters, threads or min(4, os.cpu_count() or 1))
-
-    def _decode(self, raw: bytes, filter_mask: int) -> np.ndarray:
-        from h5py import h5z
-
-        data: bytes | np.ndarray = raw
-        for i in reversed(range(len(self.filters))):
-            if filter_mask & (1 << i):
-                continue  # this filter was skipped for this chunk
-            if self.filters[i] == h5z.FILTER_DEFLATE:
-                data = _inflate(data, self.nbytes)
-            elif self.filters[i] == h5z.FILTER_SHUFFLE and self.dtype.itemsize > 1:
-                k = self.dtype.itemsize
-                planes = np.frombuffer(data, dtype=np.uint8).reshape(k, -1)
-                unshuffled = np.empty((planes.shape[1], k), dtype=np.uint8)
-                for j in range(k):
-                    unshuffled[:, j] = planes[j]
-                data = unshuffled
-        return np.frombuffer(data, dtype=self.dtype).reshape(self.chunk)
-
-    def read_rows(self, r0: int, r1: int) -> np.ndarray:
-        """Rows ``r0:r1`` (r0 a multiple of the chunk rows), shape (r1 - r0, cols, channels)."""
-        _rows, cols, n_ch = (int(s) for s in self.dset.shape)
-        cr, cc, cch = self.chunk
-        if r0 % cr:
-            return np.asarray(self.dset[r0:r1])
-        out = np.empty((r1 - r0, cols, n_ch), dtype=self.dtype)
-
-        def place(offset: tuple[int, int, int], raw: bytes | None, mask: int) -> None:
-            a0, b0, c0 = offset
-            a1, b1, c1 = min(a0 + cr, r1), min(b0 + cc, cols), min(c0 + cch, n_ch)
-            if raw is None:  # chunk never written: HDF5 returns the fill value
-                out[a0 - r0 : a1 - r0, b0:b1, c0:c1] = self.dset[a0:a1, b0:b1, c0:c1]
-                return
-            chunk = self._decode(raw, mask)
-            out[a0 - r0 : a1 - r0, b0:b1, c0:c1] = chunk[: a1 - a0, : b1 - b0, : c1 - c0]
-
-        futures = []
-        for a0 in range(r0, r1, cr):
-            for b0 in range(0, cols, cc):
-                for c0 in range(0, n_ch, cch):
-                    try:
-                        mask, raw = self.dset.id.read_direct_chunk((a0, b0, c0))
-                    except (KeyError, OSError, ValueError, RuntimeError):  # chunk not allocated
-                        mask, raw = 0, None
-                    futures.append(self.pool.submit(place, (a0, b0, c0), raw, mask))
-        for f in futures:
-            f.result()
-        return out
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=True)
-
-
 def _stream(
     scan: Scan,
     model: Any,
@@ -1595,7 +1485,7 @@ def _stream(
     todo = [sl for sl in slices if not sink.done(sl)]
     lt_all = scan.live_time_s
 
-    fast = _ChunkReader.maybe(scan.counts)
+    fast = ChunkReader.maybe(scan.counts)
     done_px = rows * cols - sum((s.stop - s.start) * cols for s in todo)  # finished before (resume)
 
     def read(sl: slice) -> np.ndarray:
