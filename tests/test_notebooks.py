@@ -101,6 +101,8 @@ def _execute(name: str, work: Path):
             assert out.get("output_type") != "error", f"{name}: {out.get('ename')}: {out.get('evalue')}"
             if out.get("output_type") == "stream":
                 text.append(out["text"])
+    # xrfnb.setup_notebook() ran and read the small-data switch
+    assert "small-data mode: True" in "".join(text), f"{name}: no set-up line from xrfnb.setup_notebook()"
     return nb, "".join(text)
 
 

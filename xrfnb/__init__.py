@@ -73,6 +73,9 @@ _LAZY: dict[str, str] = {
     "map_pigments": "._mapping",
     # dashboard
     "Dashboard": "._dashboard",
+    # notebooks
+    "NotebookSetup": "._notebook",
+    "setup_notebook": "._notebook",
 }
 
 __all__ = [
