@@ -397,3 +397,103 @@ def test_xrfnb_serve_folder_of_real_files_in_chromium(tmp_path):
         finally:
             browser.close()
     assert {name: (data / name).read_bytes() for name in REAL_FILES} == before, "an input file changed"
+
+
+# the y range (start, end) of the plot named NAME, and the y positions of its text glyphs (line labels)
+_Y_RANGE_JS = """(name) => {
+  if (!window.Bokeh || !Bokeh.documents.length) return null;
+  const data = (s) => s.data instanceof Map ? Object.fromEntries(s.data) : s.data;
+  for (const m of Bokeh.documents[0].all_models) {
+    if (m.name !== name || !m.y_range) continue;
+    const labels = [];
+    for (const r of m.renderers || []) {
+      if (!r.glyph || r.glyph.constructor.__name__ !== 'Text') continue;
+      const d = data(r.data_source);
+      for (const k of Object.keys(d)) {
+        if (k !== 'line' && k !== 'Energy (keV)' && d[k].length) labels.push(...d[k]);
+      }
+    }
+    return {start: m.y_range.start, end: m.y_range.end, labels: labels.filter(Number.isFinite)};
+  }
+  return null;
+}"""
+
+# the on-screen box of the gallery's plot frame
+_GALLERY_FRAME_JS = _MAIN_FRAME_JS.replace("xrfnb-main", "xrfnb-gallery")
+
+
+def test_spectrum_range_follows_the_pixel_and_a_gallery_click_enlarges(tmp_path):
+    """A scene whose bottom half is eight times brighter: the spectrum's y range follows the clicked
+    pixel both ways (never clipped, never stuck at the first pixel's) with room for the line labels;
+    clicking a gallery tile in the browser shows that pigment enlarged in the main map."""
+    if not CHROMIUM.exists():
+        pytest.skip("Chromium is not installed (/usr/bin/chromium): run `make browser-deps`")
+    pytest.importorskip("playwright.sync_api", reason="playwright is in the test extra")
+    from playwright.sync_api import sync_playwright
+
+    import xrfnb
+    from xrfnb._dashboard import Dashboard, serve_app
+
+    scan, maps, _ = make_scene()
+    counts = np.asarray(scan.counts).astype(np.uint32)
+    counts[ROWS // 2 :] *= 8
+    scan = xrfnb.Scan(counts, scan.calibration, pixel_size_um=scan.pixel_size_um)
+    sessions: list[Dashboard] = []
+
+    def app() -> Dashboard:
+        sessions.append(Dashboard(scan=scan, maps=maps))
+        return sessions[-1]
+
+    port = _free_port()
+    thread = serve_app(app, port=port, address="127.0.0.1", threaded=True)
+    try:
+        with sync_playwright() as p:
+            browser = _launch(p)
+            try:
+                page = browser.new_page(viewport={"width": 1500, "height": 1250})
+                page.goto(f"http://127.0.0.1:{port}/")
+                page.wait_for_function(_MAIN_FRAME_JS, timeout=60000)
+                r0, c0 = sessions[-1].pixel
+                assert r0 >= ROWS // 2  # the first pixel is a bright one
+                _wait_for_counts(page, float(counts[r0, c0].sum()))
+                for r, c in ((5, 5), (28, 28), (12, 16)):  # dim, bright, dim; each with pigments
+                    frame = page.evaluate(_MAIN_FRAME_JS)
+                    page.mouse.click(
+                        frame["left"] + (c + 0.5) * frame["width"] / COLS,
+                        frame["top"] + (r + 0.5) * frame["height"] / ROWS,
+                    )
+                    _wait_for_counts(page, float(counts[r, c].sum()))
+                    peak = float(counts[r, c].max())
+                    page.wait_for_function(
+                        f"() => {{ const y = ({_Y_RANGE_JS})('xrfnb-spectrum');"
+                        f" return y && y.end >= 1.06 * {peak} && y.end <= 2 * {peak}; }}",
+                        timeout=15000,
+                    )
+                    y = page.evaluate(_Y_RANGE_JS, "xrfnb-spectrum")
+                    assert y["labels"] and max(y["labels"]) < y["end"], y  # every line label inside
+                    assert y["start"] <= 0.0
+                # a click on the second gallery tile (vermilion) enlarges it
+                page.locator(".xrfnb-gallery").first.scroll_into_view_if_needed()
+                page.wait_for_function(_GALLERY_FRAME_JS, timeout=20000)
+                g = page.evaluate(_GALLERY_FRAME_JS)
+                cell_h, cell_w, band, _ = sessions[-1].gallery_data()["cell"]
+                h, w = sessions[-1].gallery_data()["rgb"].shape[:2]
+                page.mouse.click(
+                    g["left"] + (cell_w + cell_w / 2) * g["width"] / w,
+                    g["top"] + (band + (cell_h - band) / 2) * g["height"] / h,
+                )
+                for _ in range(60):
+                    if sessions[-1].view == "Pigment":
+                        break
+                    page.wait_for_timeout(250)
+                assert sessions[-1].view == "Pigment" and sessions[-1].focus == "vermilion"
+                # and the browser's main map is that pigment's map now (a colour-mapped image)
+                page.wait_for_function(
+                    "() => [...Bokeh.documents[0].all_models].some(m => m.name === 'xrfnb-main' && m.title"
+                    " && m.title.text.startsWith('vermilion'))",
+                    timeout=15000,
+                )
+            finally:
+                browser.close()
+    finally:
+        thread.stop()

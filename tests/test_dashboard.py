@@ -283,11 +283,20 @@ def test_views_surface_buried_ood_elements_total(dash, scene):
 
 
 def test_gallery_tap_enlarges_that_pigment(dash):
+    """The rendered gallery figure itself listens to taps (the browser's Tap event, in mosaic pixels)."""
+    from bokeh import events
+
+    doc = live_document(dash)
+    figure = plot_in(doc, "xrfnb-gallery")
+    assert "tap" in figure.subscribed_events
     cell_h, cell_w, band, ncols = dash.gallery_data()["cell"]
-    assert dash._gallery_tap.source is dash._gallery.objects[0].object
     i = 2
-    dash._gallery_tap.event(x=(i % ncols) * cell_w + 5.5, y=(i // ncols) * cell_h + band + 7.5)
+    figure._trigger_event(
+        events.Tap(figure, x=(i % ncols) * cell_w + 5.5, y=(i // ncols) * cell_h + band + 7.5)
+    )
     assert dash.focus == CLASSES[2] and dash.view == "Pigment"
+    figure._trigger_event(events.Tap(figure, x=-5.0, y=3.0))  # outside every tile: nothing changes
+    assert dash.focus == CLASSES[2] and not hasattr(dash, "last_message")
 
 
 def test_box_and_lasso_selection_give_mean_spectrum_and_area_fractions(dash, scene):
@@ -1090,3 +1099,24 @@ def test_only_buried_pigments_are_fitted_as_one_layer_not_an_internal_error(dash
     dash.select_pixel(28, 27)
     title = dash._residual.dmap[()].opts.get().kwargs["title"]
     assert "red ochre could not be simulated" in title and "internals" not in title
+
+
+def test_long_messages_make_short_notifications(tmp_path, monkeypatch):
+    """A non-data upload: the reader's message lists every format; the toast keeps its first clause,
+    the status line keeps all of it."""
+    monkeypatch.setattr(_dashboard, "available_models", list)
+    shown = []
+
+    class Notifications:
+        def error(self, text, duration):
+            shown.append(text)
+
+    monkeypatch.setattr(type(_dashboard.pn.state), "notifications", property(lambda self: Notifications()))
+    dash = Dashboard()
+    dash._upload.value = {"notes.md": b"# Provenance\n\nMeasured in 2019 by the museum's lab.\n"}
+    level, message = dash.last_message
+    assert level == "error" and message.startswith("notes.md: ") and len(message) > 300
+    assert "xrfnb-upload" not in message  # the private temporary folder is not shown
+    (toast,) = shown
+    assert len(toast) < 260 and "notes.md" in toast and toast.endswith("(details in the status line)")
+    assert dash._status.object == message

@@ -232,6 +232,16 @@ def _size_text(n_bytes: float) -> str:
     return f"{int(n_bytes)} bytes"
 
 
+def _toast_text(message: str, max_chars: int = 220) -> str:
+    """A notification's text: the message, or its beginning up to a clause boundary when it is long
+    (a reader's list of every supported format); the whole message stays in the status line."""
+    if len(message) <= max_chars:
+        return message
+    cut = max(message.rfind(sep, 0, max_chars) for sep in ("; ", ": ", " (", ", "))
+    cut = cut if cut > max_chars // 3 else message.rfind(" ", 0, max_chars)
+    return message[: max(cut, 1)].rstrip(" ,;:(") + " ... (details in the status line)"
+
+
 def _parse_size_mb(value: float) -> int:
     return int(float(value) * 1024 * 1024)
 
@@ -686,7 +696,12 @@ class Dashboard(pn.viewable.Viewer):
         return {c: (float(binary[..., k][valid].mean()) if n else 0.0) for k, c in enumerate(self.classes)}
 
     def notify(self, message: str, level: str = "error") -> None:
-        """Show ``message`` in the status line and as a notification (level: info, warning, error)."""
+        """Show ``message`` in the status line and as a notification (level: info, warning, error).
+
+        The private upload folder is left out of the text (the user knows the file by its name).
+        """
+        if self._upload_dir is not None:
+            message = message.replace(f"{self._upload_dir}{os.sep}", "")
         self.last_message = (level, message)
         alert = {"error": "danger", "warning": "warning", "success": "success"}.get(level, "info")
         self._status.object = message
@@ -696,7 +711,7 @@ class Dashboard(pn.viewable.Viewer):
         if notifications is not None:
             try:
                 getattr(notifications, level if level in ("info", "warning", "error", "success") else "info")(
-                    message, duration=10000
+                    _toast_text(message), duration=10000
                 )
             except Exception:  # pragma: no cover - notification area not attached to this document
                 log.debug("notification failed", exc_info=True)
@@ -1587,8 +1602,30 @@ class Dashboard(pn.viewable.Viewer):
             text_font_size="9pt", text_color="#222222"
         )
         return (img * labels).opts(
-            hv.opts.Overlay(title="", toolbar=None, hooks=[_name_hook("xrfnb-gallery")])
+            hv.opts.Overlay(
+                title="", toolbar=None, hooks=[_name_hook("xrfnb-gallery"), self._gallery_tap_hook]
+            )
         )
+
+    def _gallery_tap_hook(self, plot: Any, element: Any) -> None:
+        """Listen to clicks on the rendered gallery figure (once per figure).
+
+        A HoloViews Tap stream on the gallery's DynamicMap of overlays never reaches the figure (no
+        callback is attached to an overlay plot), so a click did nothing in the browser; the figure's
+        own Bokeh tap event is subscribed to instead. Its x, y are mosaic pixels, y downwards.
+        """
+        figure = plot.state
+        seen = self.__dict__.setdefault("_gallery_tap_figures", set())
+        if figure.id in seen:
+            return
+        seen.add(figure.id)
+        from bokeh import events
+
+        figure.on_event(events.Tap, self._on_gallery_click)
+
+    @_guarded
+    def _on_gallery_click(self, event: Any) -> None:
+        self._on_gallery_tap(x=event.x, y=event.y)
 
     def _rebuild_gallery(self) -> None:
         self._hold_documents()
@@ -1614,8 +1651,6 @@ class Dashboard(pn.viewable.Viewer):
         dmap = hv.DynamicMap(
             lambda version: self._gallery_element(self._gallery_shown), streams=[self._gallery_refresh]
         )
-        self._gallery_tap = streams.Tap(source=dmap, x=None, y=None)
-        self._gallery_tap.add_subscriber(self._on_gallery_tap)
         self._gallery_pane = pn.pane.HoloViews(dmap, linked_axes=False, css_classes=["xrfnb-gallery"])
         self._gallery.objects = [
             self._gallery_pane,
@@ -1815,11 +1850,18 @@ class Dashboard(pn.viewable.Viewer):
             * seg.opts(color="#1f77b4", line_dash="dashed", line_width=1, alpha=0.7)
             * labels.opts(text_font_size="8pt", text_color="#1f77b4", angle=90, text_align="left")
         )
+        # the y range follows the shown spectrum (framewise) and leaves room above the highest peak for
+        # the vertical line labels, which start at 1.06 x the maximum
+        top = ytxt * (6.0 if self.log_scale else 1.3) if lines else ymax * (2.0 if self.log_scale else 1.08)
         return overlay.opts(
+            hv.opts.Curve(framewise=True),
+            hv.opts.Segments(framewise=True),
+            hv.opts.Labels(framewise=True),
             hv.opts.Overlay(
                 title=f"Spectrum of {label}: {total:.0f} counts",
                 width=560,
                 height=300,
+                ylim=(y0, max(top, y0 + 1.0)),
                 logy=self.log_scale,
                 show_legend=False,
                 tools=["hover"],
@@ -1992,7 +2034,8 @@ class Dashboard(pn.viewable.Viewer):
         # a long stack description wraps onto more title lines (Bokeh draws "\n") instead of being cut off
         title = textwrap.fill(f"Residual vs fitted stack: {desc}", _TITLE_CHARS, break_long_words=False)
         opts["height"] += 12 * title.count("\n")
-        return (curve * zero).opts(hv.opts.Overlay(title=title, **opts))
+        # framewise on the curve itself: the y range follows each new residual, not the first one
+        return (curve * zero).opts(hv.opts.Curve(framewise=True), hv.opts.Overlay(title=title, **opts))
 
     def marker_lines(self) -> list[tuple[str, float]]:
         """``(label, energy_keV)`` of the line markers drawn on the current spectrum."""
