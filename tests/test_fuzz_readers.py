@@ -2,10 +2,10 @@
 
 Each case is a damaged copy of a valid file (real spectra from ``../shared/data/real/`` and files
 written here: HDF5 scan/spectrum/NeXus, ``.npy`` + JSON, ``.npz``, text, EPICS and Amptek ``.mca``,
-``.spe`` + ``.cfg``, ``.spx``, ``.bcf``, ``.rpl`` + ``.raw``) or random bytes with a format's name. A
-long-lived child process (``_fuzz_worker.py``, address space capped at 8 GiB) loads it with
-:func:`xrfnb.load`, then identifies the spectrum with the shipped model, or sums the scan and maps its
-pigments. A case fails when
+``.spe`` + ``.cfg``, EMSA ``.msa``/``.emsa``, ``.spx``, ``.bcf``, ``.rpl`` + ``.raw``) or random bytes
+with a format's name. A long-lived child process (``_fuzz_worker.py``, address space capped at 8 GiB)
+loads it with :func:`xrfnb.load`, then identifies the spectrum with the shipped model, or sums the scan
+and maps its pigments. A case fails when
 
 - the child raises anything but an :class:`xrfnb.XRFNBError`, or dies (a crash, a memory cap hit);
 - it takes longer than :data:`CASE_LIMIT_S` (the child is killed and restarted);
@@ -107,6 +107,21 @@ def _generated_seeds() -> dict[str, Seed]:
                   "START_TIME - 11/25/2026 12:00:00\nSERIAL_NUMBER - 1234\n<<CALIBRATION>>\n"
                   "LABEL - Channel\n100 1.0\n2000 20.0\n<<DATA>>\n" + body + "\n<<END>>\n")
         seeds["amptek.mca"] = ("amptek.mca", {"amptek.mca": amptek.encode()})
+        # EMSA/MAS: Y data four values a line (as Bruker writes it) and XY pairs in eV
+        counts = rng.poisson(5, 4096)
+        head = ("#FORMAT      : EMSA/MAS Spectral Data File\n#VERSION     : 1.0\n#TITLE       : fuzz\n"
+                "#NPOINTS     : 4096.0\n#NCOLUMNS    : {cols}\n#XUNITS      : {units}\n"
+                "#YUNITS      : Counts\n#DATATYPE    : {kind}\n#XPERCHAN    : {gain}\n#OFFSET      : 0.0\n"
+                "#LIVETIME  -s: 1.0\n#REALTIME  -s: 1.1\n#TACTLYR  -cm: 0.045\n#TBEWIND  -cm: 0.00125\n"
+                "#ELEVANGLE-dg: 40\n"
+                "#SPECTRUM    : \n")
+        rows = [", ".join(f"{c:.1f}" for c in counts[i:i + 4]) + "," for i in range(0, 4096, 4)]
+        end = "\n#ENDOFDATA   : \n"
+        msa = head.format(cols=4.0, units="keV", kind="Y", gain=0.01) + "\n".join(rows) + end
+        seeds["spec.msa"] = ("spec.msa", {"spec.msa": msa.encode()})
+        pairs = [f"{10.0 * i:.1f}, {c}" for i, c in enumerate(counts)]
+        emsa = head.format(cols=1, units="eV", kind="XY", gain=10.0) + "\n".join(pairs) + end
+        seeds["spec_xy.emsa"] = ("spec_xy.emsa", {"spec_xy.emsa": emsa.encode()})
     return seeds
 
 
@@ -122,6 +137,10 @@ def _real_seeds() -> dict[str, Seed]:
     raw = REAL / "roman_fresco_vinca" / "raw_examples" / "prova1_10264_None_1.mca"
     if raw.is_file():
         seeds["real/amptek_prova1.mca"] = (raw.name, {raw.name: raw.read_bytes()})
+    for name in ("Fe_50kv_50_ma_Rh_vac_D1.msa", "Zr_50kv_50_ma_Rh_vac_D1.msa"):  # Zr: negative residue
+        msa = REAL / "bruker_m4_rh50kv" / "pure_elements" / name
+        if msa.is_file():
+            seeds[f"real/{name}"] = (msa.name, {msa.name: msa.read_bytes()})
     blank = REAL / "bruker_m4_rh50kv" / "acrylic_blanks" / "20170510_D1_Rh_50kv_100mA_acryl_f2_0.spx"
     if blank.is_file():
         seeds["real/acrylic_blank.spx"] = (blank.name, {blank.name: blank.read_bytes()})
@@ -136,6 +155,8 @@ RANDOM_SEEDS: dict[str, tuple[str, str | None]] = {
     "random/spe-header.spe": ("fuzz.spe", "$SPEC_ID:\n\n$DATA:\n"),
     "random/amptek-header.mca": ("fuzz.mca", "<<PMCA SPECTRUM>>\n"),
     "random/text-header.txt": ("fuzz.txt", "# offset_keV = 0\n# gain_keV = 0.01\n"),
+    "random/emsa-header.msa": ("fuzz.msa", "#FORMAT : EMSA/MAS Spectral Data File\n#NPOINTS : 8\n"
+                               "#DATATYPE : Y\n#XPERCHAN : 0.01\n#OFFSET : 0\n#SPECTRUM :\n"),
     "random/rpl-header.rpl": ("fuzz.rpl", "width 2\nheight 2\ndepth 8\ndata-length 2\nrecord-by vector\n"),
 }
 

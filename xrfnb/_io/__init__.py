@@ -50,8 +50,9 @@ def load(
     """Load a spectrum or a scan from a file, detecting its format from its content.
 
     Supported: xrfnb HDF5 (and NeXus NXdata / plain HDF5 datasets), EPICS/XIA MCA (one or several
-    detector elements), Amptek ``.mca``, SPEC/ORTEC ``.spe``, plain-text columns, Bruker ``.spx`` and
-    ``.bcf``, Lispix/ripple ``.rpl`` + ``.raw``, NumPy ``.npy``/``.npz`` with a JSON side-car.
+    detector elements), Amptek ``.mca``, SPEC/ORTEC ``.spe``, plain-text columns, EMSA/MAS
+    ``.msa``/``.emsa`` (also as ``.txt``), Bruker ``.spx`` and ``.bcf``, Lispix/ripple ``.rpl`` + ``.raw``,
+    NumPy ``.npy``/``.npz`` with a JSON side-car.
 
     Parameters
     ----------
@@ -144,6 +145,10 @@ def _read(fmt: str, p: Path, element: int | str | None) -> Spectrum | Scan:
         from ._bruker import read_spx
 
         return read_spx(p)
+    if fmt == "msa":
+        from ._msa import read_msa
+
+        return read_msa(p)
     if fmt == "bcf":
         from ._bruker import read_bcf
 

@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 from .._errors import FormatError
+from ._msa import looks_like_msa
 
 __all__ = ["FORMATS", "detect_format"]
 
@@ -20,6 +21,7 @@ FORMATS: dict[str, str] = {
     "npz": "NumPy .npz archive (counts, calibration and metadata arrays or a JSON side-car)",
     "bcf": "Bruker Esprit hypermap (.bcf)",
     "spx": "Bruker Esprit spectrum (.spx, XML)",
+    "msa": "EMSA/MAS spectral data (.msa, .emsa, .txt: '#FORMAT : EMSA/MAS Spectral Data File')",
     "rpl": "Lispix/ripple header (.rpl) with its .raw data file",
     "epics_mca": "EPICS/XIA MCA text (VERSION/ELEMENTS/CHANNELS/CAL_OFFSET/...)",
     "amptek_mca": "Amptek MCA text (<<PMCA SPECTRUM>>)",
@@ -80,6 +82,8 @@ def detect_format(path: Path, head: bytes | None = None) -> str:
             f"{path}: binary content of unknown format (no HDF5, NumPy, Bruker or text signature). "
             f"Supported formats: {', '.join(FORMATS.values())}"
         )
+    if looks_like_msa(text):
+        return "msa"
     if text.startswith(b"<<PMCA SPECTRUM>>") or b"<<PMCA SPECTRUM>>" in head[:512]:
         return "amptek_mca"
     if text.startswith(b"<?xml") or text.startswith(b"<"):
