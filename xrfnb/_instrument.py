@@ -241,10 +241,19 @@ class Absorber:
             ) from None
 
 
-def _atmosphere_absorber(atmosphere: str, path_mm: float) -> Absorber | None:
-    if atmosphere == "vacuum" or path_mm == 0:
+#: pressure at which the named gases' densities hold, mbar (1 atm)
+STANDARD_PRESSURE_MBAR = 1013.25
+
+
+def _atmosphere_absorber(
+    atmosphere: str, path_mm: float, pressure_mbar: float = STANDARD_PRESSURE_MBAR
+) -> Absorber | None:
+    if atmosphere == "vacuum" or path_mm == 0 or pressure_mbar == 0:
         return None
-    return Absorber(atmosphere, path_mm * 1000.0)
+    if pressure_mbar == STANDARD_PRESSURE_MBAR:
+        return Absorber(atmosphere, path_mm * 1000.0)
+    density = _composition(atmosphere)[2]  # ideal gas: the density scales with the pressure
+    return Absorber(atmosphere, path_mm * 1000.0, float(density) * pressure_mbar / STANDARD_PRESSURE_MBAR)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,6 +292,9 @@ class Instrument:
         Angles of the incident beam and of the detected beam, degrees from the sample surface.
     atmosphere : {"air", "helium", "vacuum"}
         Gas on the beam paths.
+    atmosphere_pressure_mbar : float
+        Pressure of that gas, mbar (default 1013.25, one atmosphere); its density scales with it (a
+        micro-XRF chamber pumped to 20 mbar holds 2 % of the air of an open path).
     beam_path_mm, detector_path_mm : float
         Gas path lengths source (window) -> sample and sample -> detector window, mm.
     detector_area_mm2 : float
@@ -340,6 +352,7 @@ class Instrument:
     incidence_deg: float = 45.0
     takeoff_deg: float = 45.0
     atmosphere: Atmosphere = "air"
+    atmosphere_pressure_mbar: float = STANDARD_PRESSURE_MBAR
     beam_path_mm: float = 10.0
     detector_path_mm: float = 10.0
     detector_area_mm2: float = 30.0
@@ -366,7 +379,9 @@ class Instrument:
         floats = (
             "tube_voltage_kV", "tube_current_mA", "electron_incidence_deg", "anode_takeoff_deg",
             "polycapillary_cutoff_keV", "source_solid_angle_sr", "flux_photons_s", "incidence_deg",
-            "takeoff_deg", "beam_path_mm", "detector_path_mm", "detector_area_mm2", "detector_thickness_um",
+            "takeoff_deg", "atmosphere_pressure_mbar", "beam_path_mm", "detector_path_mm",
+            "detector_area_mm2",
+            "detector_thickness_um",
             "dead_layer_um", "noise_keV", "fano", "pair_energy_eV", "icc_layer_um", "shelf_share",
             "tail_length_fwhm", "pileup_time_s",
         )  # fmt: skip
@@ -430,7 +445,10 @@ class Instrument:
             self.atmosphere in ("air", "helium", "vacuum"),
             f"atmosphere must be 'air', 'helium' or 'vacuum', got {self.atmosphere!r}",
         )
-        for field in ("beam_path_mm", "detector_path_mm", "dead_layer_um", "icc_layer_um", "pileup_time_s"):
+        for field in (
+            "beam_path_mm", "detector_path_mm", "dead_layer_um", "icc_layer_um", "pileup_time_s",
+            "atmosphere_pressure_mbar",
+        ):  # fmt: skip
             need(getattr(self, field) >= 0, f"{field} must be >= 0, got {getattr(self, field)}")
         if self.detector_distance_mm is not None:
             dist = float(self.detector_distance_mm)
@@ -721,6 +739,196 @@ class Instrument:
             settings["detector_distance_mm"] = distance * 10.0
         return cls(**settings)
 
+    @classmethod
+    def from_file(cls, path: str | Path, *, preset: str = "bruker-m6", name: str | None = None) -> Instrument:
+        """Instrument from the XRF header of a Bruker ``.spx`` spectrum or ``.bcf`` hypermap.
+
+        From the header (Esprit's ``TRTXrfHeader``, ``TRTDetectorHeader``, ``TRTSpectrumHeader``): anode,
+        tube voltage and current (uA in the file), electron incidence and take-off angles at the anode,
+        tube window, optics (``Lens``: polycapillary, otherwise none), primary filter layers, excitation
+        and detection angles (``incidence_deg``, ``takeoff_deg``, from the sample surface), excitation and
+        detection path lengths, atmosphere and chamber pressure, detector distance (from the detection
+        solid angle and the preset's detector area), Si thickness, dead layer, detector window,
+        resolution (Esprit's ``sigma^2 = SigmaAbs + SigmaLin E``: ``noise_keV = 2.3548 sqrt(SigmaAbs)``,
+        ``fano = SigmaLin / pair energy``) and the channel calibration. Everything else, and every field
+        the header lacks or states unusably, comes from ``preset``. ``description`` lists, field by
+        field, where each value came from; the parsed header itself is
+        :func:`xrfnb.load`'s ``metadata["bruker_header"]``.
+
+        Parameters
+        ----------
+        path : str or Path
+            A Bruker ``.spx`` or ``.bcf`` file with an XRF header (M4 Tornado, M6 Jetstream, ...).
+        preset : str, optional
+            Preset supplying what the header lacks (default ``"bruker-m6"``).
+        name : str, optional
+            Instrument name (default: the file's stem).
+
+        Raises
+        ------
+        InstrumentError
+            Not a Bruker file, no XRF header (an electron-microscope file), or a partially covering
+            filter layer (``RelativeArea`` < 1), which xrfnb does not model.
+        FormatError
+            The file cannot be read or its header is damaged.
+        """
+        from ._io._bruker import read_xrf_header
+        from ._io._detect import detect_format
+
+        path = Path(path)
+        if not path.is_file():
+            raise InstrumentError(f"{path}: no such file (give a Bruker .spx or .bcf file)")
+        fmt = detect_format(path)
+        if fmt not in ("spx", "bcf"):
+            raise InstrumentError(
+                f"{path}: Instrument.from_file reads Bruker .spx/.bcf XRF headers; this is a {fmt} file "
+                "(use Instrument.preset(...).with_(...) for it)"
+            )
+        h = read_xrf_header(path, fmt)
+        if not h:
+            raise InstrumentError(
+                f"{path}: holds no XRF instrument header (no TRTXrfHeader: an electron-microscope file?); "
+                f"use Instrument.preset({preset!r}) instead"
+            )
+        base = cls.preset(preset)
+        settings: dict[str, Any] = {}
+        origin: dict[str, str] = {}
+        notes: list[str] = []
+
+        def take(field: str, value: Any, where: str) -> None:
+            settings[field] = value
+            origin[field] = f"header {where}"
+
+        def element(z: int, what: str) -> str | None:
+            try:
+                return str(xraylib.AtomicNumberToSymbol(int(z)))
+            except (ValueError, TypeError):
+                notes.append(f"{what}: atomic number {z} unknown, left out")
+                return None
+
+        def absorbers(layers: list[dict[str, float]], what: str) -> list[Absorber]:
+            out = []
+            for layer in layers:
+                if layer.get("relative_area", 1.0) < 1.0:
+                    raise InstrumentError(
+                        f"{path}: {what} layer Z={layer['Z']} covers {layer['relative_area']:g} of the beam "
+                        "(RelativeArea); xrfnb models only full-area filters"
+                    )
+                symbol = element(layer["Z"], what)
+                if symbol is not None and layer["thickness_um"] > 0:
+                    out.append(Absorber(symbol, layer["thickness_um"]))
+            return out
+
+        if "anode_z" in h and (symbol := element(int(h["anode_z"]), "Anode")) is not None:
+            take("anode", symbol, "TRTXrfHeader/Anode")
+        for field, key, tag in (
+            ("tube_voltage_kV", "tube_voltage_kV", "Voltage"),
+            ("electron_incidence_deg", "tube_incidence_deg", "TubeIncidentAngle"),
+            ("anode_takeoff_deg", "tube_takeoff_deg", "TubeTakeOffAngle"),
+            ("incidence_deg", "excitation_angle_deg", "ExcitationAngle"),
+            ("takeoff_deg", "detection_angle_deg", "DetectionAngle"),
+            ("beam_path_mm", "excitation_path_mm", "ExcitationPathLength"),
+            ("detector_path_mm", "detection_path_mm", "DetectionPathLength"),
+            ("atmosphere_pressure_mbar", "chamber_pressure_mbar", "ChamberPressure"),
+        ):
+            if key in h:
+                take(field, h[key], f"TRTXrfHeader/{tag}")
+        if h.get("tube_current_uA", 0) > 0:
+            take("tube_current_mA", h["tube_current_uA"] / 1000.0, "TRTXrfHeader/Current (uA)")
+        if "tube_window_layers" in h:
+            window = absorbers(h["tube_window_layers"], "TubeWindow")
+            take("tube_window", window[0] if window else None, "TRTXrfHeader/TubeWindow")
+            extra_filters = window[1:]
+        else:
+            extra_filters = []
+        if "filter_layers" in h:
+            filters = absorbers(h["filter_layers"], "ExcitationFilter")
+            take(
+                "tube_filters",
+                tuple(extra_filters + filters),
+                f"TRTXrfHeader/ExcitationFilter {h.get('filter_name') or ''!r}".strip(),
+            )
+        if "optic" in h:
+            optic = h["optic"].strip().lower()
+            take(
+                "optics",
+                "polycapillary" if optic in ("lens", "polycapillary") else "none",
+                f"TRTXrfHeader/Optic {h['optic']!r}",
+            )
+        if "atmosphere" in h:
+            gas = {"air": "air", "helium": "helium", "he": "helium", "vacuum": "vacuum"}.get(
+                h["atmosphere"].strip().lower()
+            )
+            if gas is None:
+                notes.append(f"Atmosphere {h['atmosphere']!r} unknown: preset's {base.atmosphere!r} kept")
+            else:
+                take("atmosphere", gas, f"TRTXrfHeader/Atmosphere {h['atmosphere']!r}")
+        if h.get("detector_thickness_um", 0) > 0:
+            take(
+                "detector_thickness_um",
+                h["detector_thickness_um"],
+                "TRTDetectorHeader/DetectorThickness (mm)",
+            )
+        if "dead_layer_um" in h:
+            take("dead_layer_um", h["dead_layer_um"], "TRTDetectorHeader/SiDeadLayerThickness")
+        if "detector_window_layers" in h:
+            window = absorbers(h["detector_window_layers"], "WindowLayers")
+            take("detector_window", window[0] if window else None, "TRTDetectorHeader/WindowLayers")
+            if window[1:]:
+                take("detector_filters", tuple(window[1:]), "TRTDetectorHeader/WindowLayers")
+        omega = h.get("detection_solid_angle_sr", 0.0)
+        if 0 < omega < 2 * math.pi:
+            c = 1.0 - omega / (2 * math.pi)  # on-axis disc: omega = 2 pi (1 - d / sqrt(d^2 + r^2))
+            r = math.sqrt(base.detector_area_mm2 / math.pi)
+            take(
+                "detector_distance_mm",
+                round(r * c / math.sqrt(1.0 - c * c), 6),
+                f"TRTXrfHeader/SolidAngleDetection {omega:g} sr, preset area {base.detector_area_mm2:g} mm2",
+            )
+        sig_abs, sig_lin = h.get("sigma_abs_keV2"), h.get("sigma_lin_keV")
+        if sig_abs is not None and sig_lin is not None and sig_abs >= 0 and sig_lin > 0:
+            noise = FWHM_PER_SIGMA * math.sqrt(sig_abs)
+            fano = sig_lin / (base.pair_energy_eV * 1e-3)
+            if 0.01 <= fano <= 1.0 and noise <= 1.0:
+                take("noise_keV", noise, "TRTSpectrumHeader/SigmaAbs")
+                take(
+                    "fano",
+                    fano,
+                    f"TRTSpectrumHeader/SigmaLin with the preset's {base.pair_energy_eV:g} eV/pair",
+                )
+            else:
+                notes.append(
+                    f"SigmaAbs {sig_abs:g} keV2 / SigmaLin {sig_lin:g} keV give Fano {fano:.3g} and noise "
+                    f"{noise:.3g} keV, outside what a Si detector has: the preset's resolution kept"
+                )
+        if "calibration_offset_keV" in h and h.get("calibration_gain_keV", 0) > 0:
+            take(
+                "calibration",
+                EnergyCalibration(h["calibration_offset_keV"], h["calibration_gain_keV"]),
+                "TRTSpectrumHeader/CalibAbs, CalibLin",
+            )
+        if h.get("n_channels", 0) >= 16:
+            take("n_channels", int(h["n_channels"]), "TRTSpectrumHeader/ChannelCount")
+        for layer_key, what in (("detector_layers", "DetLayers"), ("optic_params", "OpticParam")):
+            if h.get(layer_key):
+                notes.append(
+                    f"{what} in the header is not modelled (kept in load()'s metadata['bruker_header'])"
+                )
+        fields = [f.name for f in dataclasses.fields(cls) if f.name not in ("name", "description")]
+        lines = [
+            f"Instrument from the XRF header of {path.name} "
+            f"({h.get('tube_type', 'tube ?')}, {h.get('detector_type', 'detector ?')}); "
+            f"what it lacks from preset {base.name}.",
+            *(f"  {f}: {origin.get(f, 'preset ' + base.name)}" for f in fields),
+            *(f"  note: {n}" for n in notes),
+        ]
+        settings["name"] = name or path.stem
+        settings["description"] = "\n".join(lines)
+        try:
+            return base.with_(**settings)
+        except InstrumentError as exc:
+            raise InstrumentError(f"{path}: the header gives an invalid instrument: {exc}") from None
+
     def with_(self, **changes: Any) -> Instrument:
         """Copy with some settings changed, validated (cheap: used to randomise instruments in training).
 
@@ -818,12 +1026,15 @@ class Instrument:
                 f"window {absorbers((self.tube_window,))}, optics {self.optics}"
             )
         cal = self.calibration
+        pressure = ""
+        if self.atmosphere != "vacuum" and self.atmosphere_pressure_mbar != STANDARD_PRESSURE_MBAR:
+            pressure = f" at {self.atmosphere_pressure_mbar:g} mbar"
         return "\n".join(
             [
                 f"Instrument {self.name!r}",
                 f"  source:    {source}; filters {absorbers(self.tube_filters)}",
                 f"  geometry:  incidence {self.incidence_deg:g} deg, take-off {self.takeoff_deg:g} deg, "
-                f"{self.atmosphere} {self.beam_path_mm:g} mm + {self.detector_path_mm:g} mm",
+                f"{self.atmosphere}{pressure} {self.beam_path_mm:g} mm + {self.detector_path_mm:g} mm",
                 f"  detector:  Si {self.detector_thickness_um:g} um, {self.detector_area_mm2:g} mm2, window "
                 f"{absorbers((self.detector_window, *self.detector_filters))}, FWHM "
                 f"{1000 * float(self.fwhm_keV(MN_KA_KEV)):.0f} eV at Mn Ka",
@@ -900,7 +1111,7 @@ class Instrument:
         absorbers = [
             self.tube_window,
             *self.tube_filters,
-            _atmosphere_absorber(self.atmosphere, self.beam_path_mm),
+            _atmosphere_absorber(self.atmosphere, self.beam_path_mm, self.atmosphere_pressure_mbar),
         ]
         for a in absorbers:
             if a is not None:
@@ -971,7 +1182,7 @@ class Instrument:
         if ok.any():
             eo = flat[ok]
             t = np.ones_like(eo)
-            gas = _atmosphere_absorber(self.atmosphere, self.detector_path_mm)
+            gas = _atmosphere_absorber(self.atmosphere, self.detector_path_mm, self.atmosphere_pressure_mbar)
             for a in (gas, self.detector_window, *self.detector_filters):
                 if a is not None:
                     t = t * a.transmission(eo)
@@ -1021,7 +1232,10 @@ def _excitation(inst: Instrument, step_keV: float, min_energy_keV: float) -> tup
 
 def _filters_and_gas(inst: Instrument, e: np.ndarray) -> np.ndarray:
     t = np.ones_like(e)
-    for a in (*inst.tube_filters, _atmosphere_absorber(inst.atmosphere, inst.beam_path_mm)):
+    for a in (
+        *inst.tube_filters,
+        _atmosphere_absorber(inst.atmosphere, inst.beam_path_mm, inst.atmosphere_pressure_mbar),
+    ):
         if a is not None:
             t = t * a.transmission(e)
     return t

@@ -6,6 +6,7 @@ naming the file.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import struct
 import warnings
@@ -102,6 +103,10 @@ def read_spx(path: Path) -> Spectrum:
     eds = _find(item.get("metadata", {}), "EDS") or {}
     live, real = eds.get("live_time"), eds.get("real_time")
     meta = {"format": "spx", "rsciio_metadata": item.get("metadata", {})}
+    with contextlib.suppress(XRFNBError, OSError):  # the header is extra: the spectrum loads without it
+        header = xrf_header(path.read_bytes(), path)
+        if header:
+            meta["bruker_header"] = header
     return make_spectrum(
         counts.astype(np.int64, copy=False) if counts.dtype.kind == "u" else counts,
         cal,
@@ -267,6 +272,9 @@ def read_bcf(path: Path) -> Scan:
 
     _check_sfs(path)
     item = _rsciio(open_map, path, "Bruker .bcf hypermap")[0]
+    header: dict[str, Any] = {}
+    with contextlib.suppress(XRFNBError):  # the header is extra: the map loads without it
+        header = read_xrf_header(path, "bcf")
     data = item["data"]
     cal = _energy_calibration(
         {"offset": item["offset"], "scale": item["scale"], "units": "keV"}, path, data.shape[2]
@@ -278,6 +286,8 @@ def read_bcf(path: Path) -> Scan:
         "name": item["name"],
         "calibration_source": "file header (hypermap sum spectrum CalibAbs/CalibLin)",
     }
+    if header:
+        meta["bruker_header"] = header
     live = None
     try:
         if item["live_time"] is not None:
@@ -449,3 +459,171 @@ def write_rpl(obj: Spectrum | Scan, rpl_path: Path, raw_path: Path) -> None:
     with open(raw_path, "wb") as fh:
         for block in blocks:
             fh.write(np.ascontiguousarray(block, dtype=dtype).tobytes())
+
+
+# ---------------------------------------------------------------------------------------------- XRF header
+#: (class instance, tag, key in the returned mapping, factor to the key's unit)
+_XRF_NUMBERS: tuple[tuple[str, str, str, float], ...] = (
+    ("TRTXrfHeader", "Voltage", "tube_voltage_kV", 1.0),
+    ("TRTXrfHeader", "Current", "tube_current_uA", 1.0),
+    ("TRTXrfHeader", "Anode", "anode_z", 1.0),
+    ("TRTXrfHeader", "TubeIncidentAngle", "tube_incidence_deg", 1.0),
+    ("TRTXrfHeader", "TubeTakeOffAngle", "tube_takeoff_deg", 1.0),
+    ("TRTXrfHeader", "SpotSize", "spot_size_um", 1.0),
+    ("TRTXrfHeader", "ExcitationAngle", "excitation_angle_deg", 1.0),
+    ("TRTXrfHeader", "DetectionAngle", "detection_angle_deg", 1.0),
+    ("TRTXrfHeader", "ExcitationPathLength", "excitation_path_mm", 1.0),
+    ("TRTXrfHeader", "DetectionPathLength", "detection_path_mm", 1.0),
+    ("TRTXrfHeader", "SolidAngleDetection", "detection_solid_angle_sr", 1.0),
+    ("TRTXrfHeader", "ChamberPressure", "chamber_pressure_mbar", 1.0),
+    ("TRTXrfHeader", "AzimutAngleAbs", "azimuth_angle_deg", 1.0),
+    ("TRTXrfHeader", "DetAzimutAngle", "detector_azimuth_angle_deg", 1.0),
+    ("TRTXrfHeader", "TiltAngle", "tilt_angle_deg", 1.0),
+    ("TRTXrfHeader", "FlowRate", "flow_rate", 1.0),
+    ("TRTDetectorHeader", "DetectorThickness", "detector_thickness_um", 1000.0),  # Esprit: mm
+    ("TRTDetectorHeader", "SiDeadLayerThickness", "dead_layer_um", 1.0),
+    ("TRTSpectrumHeader", "CalibAbs", "calibration_offset_keV", 1.0),
+    ("TRTSpectrumHeader", "CalibLin", "calibration_gain_keV", 1.0),
+    ("TRTSpectrumHeader", "ChannelCount", "n_channels", 1.0),
+    ("TRTSpectrumHeader", "SigmaAbs", "sigma_abs_keV2", 1.0),
+    ("TRTSpectrumHeader", "SigmaLin", "sigma_lin_keV", 1.0),
+    ("TRTSpectrumHardwareHeader", "RealTime", "real_time_s", 1e-3),  # Esprit: ms
+    ("TRTSpectrumHardwareHeader", "LifeTime", "live_time_s", 1e-3),
+    ("TRTSpectrumHardwareHeader", "DeadTime", "dead_time_percent", 1.0),
+    ("TRTSpectrumHardwareHeader", "PulseDensity", "pulse_density_cps", 1.0),
+    ("TRTSpectrumHardwareHeader", "ShapingTime", "shaping_time", 1.0),
+)
+_XRF_TEXTS: tuple[tuple[str, str, str], ...] = (
+    ("TRTXrfHeader", "TubeType", "tube_type"),
+    ("TRTXrfHeader", "Optic", "optic"),
+    ("TRTXrfHeader", "OpticParam", "optic_params"),
+    ("TRTXrfHeader", "Atmosphere", "atmosphere"),
+    ("TRTXrfHeader", "ChassisType", "chassis_type"),
+    ("TRTDetectorHeader", "Type", "detector_type"),
+    ("TRTDetectorHeader", "Technology", "detector_technology"),
+    ("TRTDetectorHeader", "WindowType", "detector_window_type"),
+    ("TRTXrfFPModelHeader", "FPModel", "fp_model"),
+)
+
+
+def _number_or_none(text: str | None) -> float | None:
+    try:
+        value = float(str(text).strip())
+    except (TypeError, ValueError):
+        return None
+    return value if np.isfinite(value) else None
+
+
+def _filter_layers(node: Any) -> list[dict[str, float]]:
+    """``<AtomicNumber>13,22</AtomicNumber><Thickness>1E2,2.5E1</Thickness>`` -> [{Z, thickness_um, ...}]."""
+    if node is None:
+        return []
+    z = [v for v in (node.findtext("AtomicNumber") or "").split(",") if v.strip()]
+    t = [v for v in (node.findtext("Thickness") or "").split(",") if v.strip()]
+    area = [v for v in (node.findtext("RelativeArea") or "").split(",") if v.strip()]
+    layers = []
+    for k, (zk, tk) in enumerate(zip(z, t, strict=False)):
+        zv, tv = _number_or_none(zk), _number_or_none(tk)
+        if zv is None or tv is None:
+            continue
+        layer = {"Z": int(zv), "thickness_um": tv}
+        if k < len(area) and _number_or_none(area[k]) is not None:
+            layer["relative_area"] = float(area[k])
+        layers.append(layer)
+    return layers
+
+
+def _atom_layers(node: Any) -> list[dict[str, float]]:
+    """``<Layer0 Atom="4" Thickness="1.3E1"/>`` children -> [{Z, thickness_um}] (Esprit: um)."""
+    layers = []
+    for child in list(node) if node is not None else []:
+        z, t = _number_or_none(child.get("Atom")), _number_or_none(child.get("Thickness"))
+        if z is not None and t is not None:
+            layers.append({"Z": int(z), "thickness_um": t})
+    return layers
+
+
+def xrf_header(xml: bytes, path: Path) -> dict[str, Any]:
+    """The XRF instrument header of a Bruker ``.spx`` (or ``.bcf`` header) as a plain mapping, units in names.
+
+    Reads the first ``TRTSpectrum`` class instance that holds a ``TRTXrfHeader``: tube (anode Z, kV,
+    current in uA, angles, window layers, type), optics, primary filter (name and layers), excitation and
+    detection angles and path lengths (mm), detection solid angle (sr), atmosphere and chamber pressure
+    (mbar), detector (type, thickness, Si dead layer, window layers and the decoded ``DetLayers``),
+    calibration (``CalibAbs``/``CalibLin`` keV, ``SigmaAbs`` keV2 and ``SigmaLin`` keV of Esprit's
+    resolution ``sigma^2 = SigmaAbs + SigmaLin * E``) and the hardware counters (times in s, dead time %,
+    pulse density in counts/s). Only what the file holds is returned; an empty mapping when no
+    ``TRTXrfHeader`` is found (an electron-microscope file). Unparsable values are left out.
+    """
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError as exc:
+        raise FormatError(f"{path}: the Bruker XML header is not well-formed ({exc})") from None
+    spectrum = next(
+        (
+            node
+            for node in root.iter("ClassInstance")
+            if node.get("Type") == "TRTSpectrum"
+            and node.find("TRTHeaderedClass/ClassInstance[@Type='TRTXrfHeader']") is not None
+        ),
+        None,
+    )
+    if spectrum is None:
+        return {}
+    headered = spectrum.find("TRTHeaderedClass")
+    parts = {node.get("Type"): node for node in headered.findall("ClassInstance")}
+    parts["TRTSpectrumHeader"] = spectrum.find("ClassInstance[@Type='TRTSpectrumHeader']")
+    out: dict[str, Any] = {}
+    for part, tag, key, factor in _XRF_NUMBERS:
+        node = parts.get(part)
+        value = _number_or_none(node.findtext(tag)) if node is not None else None
+        if value is not None:
+            out[key] = float(f"{value * factor:.12g}")
+    for part, tag, key in _XRF_TEXTS:
+        node = parts.get(part)
+        text = node.findtext(tag) if node is not None else None
+        if text is not None and text.strip():
+            out[key] = text.strip()
+    xrf, det = parts["TRTXrfHeader"], parts.get("TRTDetectorHeader")
+    if xrf.find("TubeWindow") is not None:
+        out["tube_window_layers"] = _filter_layers(xrf.find("TubeWindow"))
+    excitation = xrf.find("ExcitationFilter")
+    if excitation is not None:
+        out["filter_name"] = (excitation.findtext("FilterId") or "").strip()
+        out["filter_layers"] = _filter_layers(excitation)
+    if det is not None:
+        if det.find("WindowLayers") is not None:
+            out["detector_window_layers"] = _atom_layers(det.find("WindowLayers"))
+        packed = det.findtext("DetLayers")
+        if packed and packed.strip():
+            import base64
+            import zlib
+
+            try:
+                inner = ET.fromstring(zlib.decompress(base64.b64decode(packed.strip()), bufsize=1 << 16))
+                out["detector_layers"] = _atom_layers(inner)
+            except (ValueError, zlib.error, ET.ParseError):
+                pass  # a damaged DetLayers block: left out (it is not used for the instrument)
+    return out
+
+
+def read_xrf_header(path: Path, fmt: str) -> dict[str, Any]:
+    """:func:`xrf_header` of a ``.spx`` file or of a ``.bcf`` container's ``EDSDatabase/HeaderData``."""
+    if fmt == "spx":
+        try:
+            return xrf_header(path.read_bytes(), path)
+        except OSError as exc:
+            raise FormatError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
+    _check_sfs(path)
+
+    def header_bytes(filename: str) -> list[dict[str, Any]]:
+        from rsciio.bruker import _api as bruker
+
+        sfs = bruker.SFS_reader(filename)
+        return [{"data": sfs.get_file("EDSDatabase/HeaderData").get_as_BytesIO_string().getvalue()}]
+
+    raw = _rsciio(header_bytes, path, "Bruker .bcf header")[0]["data"]
+    start = raw.find(b"<")
+    return xrf_header(raw[max(start, 0) :].rstrip(b"\x00"), path)
