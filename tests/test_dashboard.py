@@ -35,6 +35,7 @@ PEAKS = {
 # published line energies (keV, X-ray Data Booklet) used to check the markers independently
 PUBLISHED_KEV = {"Pb La1": 10.5515, "Hg La1": 9.9888, "S Ka1": 2.3078, "Fe Ka1": 6.4038}
 DEAD = (0, COLS - 1)
+PIXEL_MM = 0.1  # the scene's pixel size (100 um): the map axes are in mm
 
 
 def regions(rows: int = ROWS, cols: int = COLS) -> dict[str, np.ndarray]:
@@ -133,6 +134,18 @@ def gallery_tile(dash, i):
     return data["rgb"][r0 : r0 + ROWS, c0 : c0 + COLS]
 
 
+def png_map(png_bytes):
+    """The map inside an exported PNG figure, one value per scan pixel, (rows, cols, 3) uint8, read
+    from the box its text chunks give."""
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(png_bytes))
+    left, top, width, height = (int(v) for v in img.info["xrfnb:map_box"].split(","))
+    up = int(img.info["xrfnb:upscale"])
+    arr = np.asarray(img.convert("RGB"))[top : top + height, left : left + width]
+    return arr[up // 2 :: up, up // 2 :: up]
+
+
 def elements_of(overlay, kind):
     return [el for el in overlay.traverse(lambda x: x, [kind])]
 
@@ -177,7 +190,7 @@ def test_tap_shows_that_pixels_spectrum_with_line_markers(dash, scene):
     scan, _, truth = scene
     r, c = 16, 12  # lead white and vermilion, no iron
     assert truth["lead white"][r, c] and truth["vermilion"][r, c] and not truth["red ochre"][r, c]
-    dash._tap.event(x=c + 0.5, y=r + 0.5)
+    dash._tap.event(x=(c + 0.5) * PIXEL_MM, y=(r + 0.5) * PIXEL_MM)
     assert dash.pixel == (r, c)
     overlay = dash._spectrum_dmap[()]
     curve = elements_of(overlay, hv.Curve)[0]
@@ -211,7 +224,6 @@ def test_log_scale_switches_the_spectrum_axis(dash):
 
 
 def test_threshold_changes_maps_without_rerunning_model(dash, scene):
-    from PIL import Image
 
     _, maps, truth = scene
     k = CLASSES.index("vermilion")
@@ -227,7 +239,7 @@ def test_threshold_changes_maps_without_rerunning_model(dash, scene):
     np.testing.assert_array_equal(np.isfinite(img), valid)  # NaN only at the invalid pixel
     mapper = render(dash._main_dmap).handles["color_mapper"]
     assert (mapper.low, mapper.high) == (0.5, 1.0)  # below the threshold: drawn as "absent"
-    png = np.asarray(Image.open(io.BytesIO(dash.export_png())).convert("RGB"))[::8, ::8]
+    png = png_map(dash.export_png())
     absent = np.all(png == (0xE6, 0xE6, 0xE6), axis=-1)
     np.testing.assert_array_equal(absent[valid], ~truth["vermilion"][valid])
 
@@ -235,7 +247,7 @@ def test_threshold_changes_maps_without_rerunning_model(dash, scene):
     assert not dash.binary_maps()[..., k].any()
     mapper = render(dash._main_dmap).handles["color_mapper"]
     assert mapper.low == 0.95
-    png = np.asarray(Image.open(io.BytesIO(dash.export_png())).convert("RGB"))[::8, ::8]
+    png = png_map(dash.export_png())
     assert np.all(png[valid] == (0xE6, 0xE6, 0xE6))
     tile = gallery_tile(dash, k)
     assert np.all(tile[valid] == (0xE6, 0xE6, 0xE6))
@@ -303,7 +315,7 @@ def test_box_and_lasso_selection_give_mean_spectrum_and_area_fractions(dash, sce
     scan, _, truth = scene
     counts = np.asarray(scan.counts, dtype=float)
     # box over the left half: lead white everywhere valid there
-    dash._box.event(bounds=(0.0, 0.0, COLS / 2, ROWS))
+    dash._box.event(bounds=(0.0, 0.0, COLS / 2 * PIXEL_MM, ROWS * PIXEL_MM))
     assert dash.pixel is None and dash.region.sum() == ROWS * COLS // 2
     _, _, mean = dash.current_spectrum()
     np.testing.assert_allclose(mean, counts[:, : COLS // 2].reshape(-1, CHANNELS).mean(axis=0))
@@ -314,14 +326,14 @@ def test_box_and_lasso_selection_give_mean_spectrum_and_area_fractions(dash, sce
     assert fr["vermilion"] == pytest.approx(truth["vermilion"][left].mean())
     assert "lead white | 100.0 %" in dash._fractions.object
     # lasso: a triangle; pixel centres inside by construction (below the diagonal of the top-left square)
-    dash._lasso.event(geometry=np.array([[0.0, 0.0], [16.0, 16.0], [0.0, 16.0]]))
+    dash._lasso.event(geometry=np.array([[0.0, 0.0], [16.0, 16.0], [0.0, 16.0]]) * PIXEL_MM)
     rr, cc = np.mgrid[:ROWS, :COLS] + 0.5
     expected = (cc < rr) & (rr < 16) & (cc > 0)
     np.testing.assert_array_equal(dash.region, expected)
     _, _, mean = dash.current_spectrum()
     np.testing.assert_allclose(mean, counts[expected].mean(axis=0))
     # a tap goes back to single pixels
-    dash._tap.event(x=1.5, y=2.5)
+    dash._tap.event(x=1.5 * PIXEL_MM, y=2.5 * PIXEL_MM)
     assert dash.region is None and dash.pixel == (2, 1)
 
 
@@ -335,7 +347,7 @@ def test_sessions_are_independent(scene):
     assert not a.binary_maps()[..., k].any()
     assert b.binary_maps()[..., k].sum() == (~maps.mask).sum()
     assert a.thresholds["lead white"] == 0.5 and b.thresholds["vermilion"] == 0.05
-    b._tap.event(x=5.5, y=6.5)
+    b._tap.event(x=5.5 * PIXEL_MM, y=6.5 * PIXEL_MM)
     assert a.pixel == (ROWS // 2, COLS // 2) and b.pixel == (6, 5)
     np.testing.assert_array_equal(maps.thresholds, [0.5, 0.5, 0.5])  # shared result untouched
 
@@ -344,10 +356,33 @@ def test_exports(dash, scene, tmp_path):
     from PIL import Image
 
     scan, maps, _ = scene
-    png = Image.open(io.BytesIO(dash.export_png()))
-    assert png.size == (256, 256)  # 32 x 32 upscaled by 8
-    arr = np.asarray(png.convert("RGB"))
-    np.testing.assert_array_equal(arr[::8, ::8], maps.composite_rgb(dash.threshold_array()))
+    png_bytes = dash.export_png()
+    np.testing.assert_array_equal(png_map(png_bytes), maps.composite_rgb(dash.threshold_array()))
+    png = Image.open(io.BytesIO(png_bytes))
+    assert png.info["Title"].startswith("Composite pigment map") and png.info["Source"] == "synthetic"
+    legend = png.info["Description"]
+    for name in CLASSES:  # every class is present somewhere in the scene: all three in the legend
+        assert name in legend
+    assert "no pigment above its threshold" in legend and "invalid pixel" in legend
+    # the legend's swatches, right of the map, are in the classes' colours
+    left, top, width, height = (int(v) for v in png.info["xrfnb:map_box"].split(","))
+    side = np.asarray(png.convert("RGB"))[:, left + width + 8 :]
+    for color in COLORS:
+        rgb = tuple(int(color[i : i + 2], 16) for i in (1, 3, 5))
+        assert np.all(side == rgb, axis=-1).sum() >= 100, color  # a 14 x 14 swatch
+    # 32 pixels of 0.1 mm: a 3.2 mm wide map gets a 0.5 mm scale bar (a quarter of it, rounded down)
+    assert png.info["xrfnb:scale_bar"] == "0.5 mm" and "scale bar 0.5 mm" in legend
+    up = int(png.info["xrfnb:upscale"])
+    below = np.asarray(png.convert("RGB"))[top + height : top + height + 24, left : left + width]
+    def longest_run(flags):
+        best = run = 0
+        for f in flags:
+            run = run + 1 if f else 0
+            best = max(best, run)
+        return best
+
+    black_runs = [longest_run(np.all(row == 0, axis=-1)) for row in below]
+    assert max(black_runs) == 5 * up + 1  # the bar below the map: 5 scan pixels long, black
     dash.select_pixel(3, 4)
     rows = list(csv.reader(io.StringIO(dash.export_spectrum_csv().decode())))
     assert rows[1] == ["energy_keV", "counts"]
@@ -532,7 +567,7 @@ def test_invalid_pixel_and_outside_pixel(dash, scene):
     assert "pigments: none above threshold" in dash._info.object
     with pytest.raises(xrfnb.DataError, match="outside"):
         dash.select_pixel(ROWS, 0)
-    dash._tap.event(x=COLS + 3.0, y=1.0)  # a tap outside the map is reported, not raised
+    dash._tap.event(x=(COLS + 3.0) * PIXEL_MM, y=1.0 * PIXEL_MM)  # outside the map: reported, not raised
     assert dash.last_message[0] == "error" and "outside" in dash.last_message[1]
 
 
@@ -559,7 +594,7 @@ def test_live_document_follows_view_and_axis_changes(dash):
         dash.log_scale = log
         assert type(plot_named("xrfnb-spectrum").y_scale).__name__ == ("LogScale" if log else "LinearScale")
     # taps still reach the dashboard after the main plot was rebuilt
-    dash._tap.event(x=7.5, y=9.5)
+    dash._tap.event(x=7.5 * PIXEL_MM, y=9.5 * PIXEL_MM)
     assert dash.pixel == (9, 7)
 
 
@@ -1120,3 +1155,67 @@ def test_long_messages_make_short_notifications(tmp_path, monkeypatch):
     (toast,) = shown
     assert len(toast) < 260 and "notes.md" in toast and toast.endswith("(details in the status line)")
     assert dash._status.object == message
+
+
+def test_maps_have_legends_labelled_colour_bars_and_mm_axes(dash, scene):
+    """Composite: a legend of the classes present in their colours, hover without a packed RGBA
+    number; surface vs buried: a categorical legend, no colour bar; continuous views: the colour bar
+    names what is shown; axes in mm with a scale bar (the scene's pixels are 100 um)."""
+    from bokeh.models import ColorBar, HoverTool, ScaleBar
+
+    _, maps, truth = scene
+    doc = live_document(dash)
+    main = plot_in(doc, "xrfnb-main")
+    assert main.xaxis[0].axis_label == "x (mm)" and main.yaxis[0].axis_label == "y (mm)"
+    assert main.x_range.end == pytest.approx(COLS * PIXEL_MM)
+    (bar,) = [a for a in main.center if isinstance(a, ScaleBar)]
+    assert bar.unit == "mm"
+    (hover,) = [t for t in main.tools if isinstance(t, HoverTool)]
+    assert "RGBA" not in str(hover.tooltips) and "x (mm)" in str(hover.tooltips)
+    entries = dict((text.split(" (")[0], color) for color, text in dash.legend_entries())
+    for name, color in zip(CLASSES, COLORS, strict=True):
+        assert entries[name] == color
+    area = {c: f for c, f in zip(CLASSES, dash._legend_fractions(), strict=True)}
+    for name in CLASSES:
+        expected = truth[name][~maps.mask].mean()
+        assert area[name] == pytest.approx(expected, abs=1e-9)
+        assert name in dash._legend.object
+    dash.set_threshold("vermilion", 0.99)  # vermilion nowhere now: not in the legend
+    assert "vermilion" not in dash._legend.object and "lead white" in dash._legend.object
+
+    dash.focus, dash.view = "red ochre", "Surface vs buried"
+    main = plot_in(doc, "xrfnb-main")
+    assert not [a for a in main.right if isinstance(a, ColorBar)]
+    texts = [t for _, t in dash.legend_entries()]
+    assert texts[0] == "red ochre at the surface" and texts[1].startswith("red ochre buried only")
+    assert "buried only" in dash._legend.object
+
+    for view, element, label in (
+        ("Pigment", None, "probability"),
+        ("OOD score", None, "OOD score"),
+        ("Elements", "Fe", "Fe counts"),
+        ("Total counts", None, "counts"),
+    ):
+        dash.view = view
+        if element:
+            dash.element = element
+        main = plot_in(doc, "xrfnb-main")
+        (cbar,) = [a for a in main.right if isinstance(a, ColorBar)]
+        assert cbar.title == label, view
+    dash.log_scale = True
+    (cbar,) = [a for a in plot_in(doc, "xrfnb-main").right if isinstance(a, ColorBar)]
+    assert cbar.title == "log10(1 + counts)"
+
+
+def test_map_axes_in_pixels_without_a_pixel_size(scene):
+    scan, maps, _ = scene
+    bare = xrfnb.Scan(scan.counts, scan.calibration)  # no pixel size
+    dash = Dashboard(scan=bare, maps=maps)
+    from bokeh.models import ScaleBar
+
+    main = plot_in(live_document(dash), "xrfnb-main")
+    assert main.xaxis[0].axis_label == "column" and main.x_range.end == COLS
+    assert not [a for a in main.center if isinstance(a, ScaleBar)]
+    dash._tap.event(x=7.5, y=9.5)
+    assert dash.pixel == (9, 7)
+    assert "xrfnb:scale_bar" not in __import__("PIL.Image").Image.open(io.BytesIO(dash.export_png())).info

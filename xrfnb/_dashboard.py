@@ -163,9 +163,7 @@ def _io_detect_format() -> Callable[[Path], str] | None:
         return None
 
 
-def list_data_files(
-    root: Path, max_files: int = _MAX_LISTED_FILES, readable_only: bool = True
-) -> list[str]:
+def list_data_files(root: Path, max_files: int = _MAX_LISTED_FILES, readable_only: bool = True) -> list[str]:
     """Regular, non-hidden files under ``root`` that xrfnb can read (relative POSIX paths, sorted).
 
     Parameters
@@ -242,6 +240,20 @@ def _toast_text(message: str, max_chars: int = 220) -> str:
     return message[: max(cut, 1)].rstrip(" ,;:(") + " ... (details in the status line)"
 
 
+def _percent(fraction: float) -> str:
+    """An area fraction as text: '12 %', '0.4 %', '< 0.1 %'."""
+    pct = 100.0 * fraction
+    if pct >= 10:
+        return f"{pct:.0f} %"
+    return f"{pct:.1f} %" if pct >= 0.1 else "< 0.1 %"
+
+
+def _html(text: str) -> str:
+    import html
+
+    return html.escape(text, quote=True)
+
+
 def _parse_size_mb(value: float) -> int:
     return int(float(value) * 1024 * 1024)
 
@@ -266,16 +278,48 @@ def _stride(rows: int, cols: int, max_px: int) -> int:
     return max(1, math.ceil(max(rows, cols) / max_px))
 
 
-def _image(arr: np.ndarray, kdims_label: str = "value", **opts: Any) -> hv.Image:
-    """An hv.Image whose pixel (row r, col c) covers x in [c, c+1), y in [r, r+1); row 0 at the top."""
+def _image(
+    arr: np.ndarray,
+    kdims_label: str = "value",
+    scale: float = 1.0,
+    axes: tuple[str, str] = ("column", "row"),
+    **opts: Any,
+) -> hv.Image:
+    """An hv.Image whose pixel (row r, col c) covers x in [c, c+1) * scale, y in [r, r+1) * scale;
+    row 0 at the top (``scale``: mm per pixel when the pixel size is known, else 1 with pixel axes)."""
     rows, cols = arr.shape[:2]
-    img = hv.Image(np.flipud(arr), bounds=(0, 0, cols, rows), kdims=["col", "row"], vdims=[kdims_label])
+    img = hv.Image(
+        np.flipud(arr), bounds=(0, 0, cols * scale, rows * scale), kdims=list(axes), vdims=[kdims_label]
+    )
     return img.opts(invert_yaxis=True, **opts)
 
 
-def _rgb(arr: np.ndarray) -> hv.RGB:
+def _rgb(arr: np.ndarray, scale: float = 1.0, axes: tuple[str, str] = ("column", "row")) -> hv.RGB:
     rows, cols = arr.shape[:2]
-    return hv.RGB(np.flipud(arr), bounds=(0, 0, cols, rows), kdims=["col", "row"]).opts(invert_yaxis=True)
+    return hv.RGB(np.flipud(arr), bounds=(0, 0, cols * scale, rows * scale), kdims=list(axes)).opts(
+        invert_yaxis=True
+    )
+
+
+def _scale_bar_hook(plot: Any, element: Any) -> None:
+    """Add a scale bar (Bokeh's ScaleBar, data units in mm) to a map figure, once."""
+    from bokeh.models import MetricLength, ScaleBar
+
+    figure = plot.state
+    if any(isinstance(a, ScaleBar) for a in figure.center):
+        return
+    figure.add_layout(
+        ScaleBar(
+            range=figure.x_range,
+            unit="mm",
+            dimensional=MetricLength(),
+            location="bottom_left",
+            bar_length=0.25,
+            background_fill_alpha=0.75,
+            label_text_font_size="11px",
+            name="xrfnb-scale-bar",
+        )
+    )
 
 
 def _message(text: str, width: int = _MAIN_PX, height: int = 200) -> hv.Text:
@@ -329,14 +373,110 @@ def _colorize(
     return rgba
 
 
-def _png_bytes(rgb_or_rgba: np.ndarray, scale: int = 1) -> bytes:
-    from PIL import Image
+def _nice_length(target: float) -> float:
+    """The 1, 2 or 5 x 10^k nearest below ``target`` (> 0)."""
+    k = math.floor(math.log10(target))
+    for m in (5.0, 2.0, 1.0):
+        if m * 10**k <= target:
+            return m * 10**k
+    return 10.0**k
 
-    arr = np.asarray(rgb_or_rgba, dtype=np.uint8)
-    if scale > 1:
-        arr = np.repeat(np.repeat(arr, scale, axis=0), scale, axis=1)
+
+def _figure_png(
+    rgba: np.ndarray,
+    *,
+    title: str,
+    legend: Sequence[tuple[str, str]],
+    colorbar: tuple[Sequence[str], float, float, str] | None,
+    mm_per_px: float | None,
+    source: str,
+) -> bytes:
+    """A map figure as PNG bytes: title above, map, scale bar on the map, legend or colour bar right.
+
+    Parameters
+    ----------
+    rgba : numpy.ndarray
+        The map, (rows, cols, 4) uint8.
+    title : str
+        Title (wrapped to the figure's width).
+    legend : sequence of (colour, text)
+        Legend entries ('' colour: text only).
+    colorbar : (palette, low, high, label) or None
+        A colour bar for continuous maps.
+    mm_per_px : float or None
+        Pixel size in mm (a scale bar is drawn), or None.
+    source : str
+        The scan's name, stored in the PNG's ``Source`` text chunk.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+    from PIL.PngImagePlugin import PngInfo
+
+    rows, cols = rgba.shape[:2]
+    up = max(1, math.ceil(480 / max(rows, cols)))
+    if max(rows, cols) * up > 2048:
+        up = 1
+    map_img = Image.fromarray(np.repeat(np.repeat(rgba, up, axis=0), up, axis=1), "RGBA")
+    mw, mh = map_img.size
+    font = ImageFont.load_default(size=15)
+    small = ImageFont.load_default(size=13)
+    margin = 16
+    side = 300 if legend or colorbar else 0
+    width = margin + mw + (margin + side if side else 0) + margin
+    title_lines = textwrap.wrap(title, max(20, int(width / 8.5))) or [""]
+    top = margin + 20 * len(title_lines) + 8
+    legend_h = sum(18 * len(textwrap.wrap(t, 36) or [""]) + 4 for _, t in legend)
+    height = max(top + mh + margin + 28, top + legend_h + margin + (mh if colorbar else 0))
+    fig = Image.new("RGBA", (width, height), (255, 255, 255, 255))
+    draw = ImageDraw.Draw(fig)
+    for i, line in enumerate(title_lines):
+        draw.text((margin, margin + 20 * i), line, fill=(0, 0, 0), font=font)
+    fig.alpha_composite(map_img, (margin, top))
+    draw.rectangle((margin - 1, top - 1, margin + mw, top + mh), outline=(90, 90, 90))
+    scale_text = ""
+    if mm_per_px:
+        length_mm = _nice_length(0.25 * cols * mm_per_px)
+        bar_px = round(length_mm / mm_per_px * up)
+        scale_text = f"{length_mm:g} mm"
+        x0, y0 = margin, top + mh + 10  # below the map: no scan pixel is covered
+        draw.rectangle((x0, y0, x0 + bar_px, y0 + 5), fill=(0, 0, 0))
+        draw.text((x0 + bar_px + 8, y0 - 5), scale_text, fill=(0, 0, 0), font=small)
+    x = margin + mw + margin
+    if colorbar is not None:
+        palette, lo, hi, label = colorbar
+        lut = _palette_lut(tuple(palette))
+        bar_h = max(60, mh - 40)
+        idx = np.linspace(len(lut) - 1, 0, bar_h).round().astype(int)
+        strip = np.repeat(lut[idx][:, None, :], 22, axis=1)
+        fig.paste(Image.fromarray(strip, "RGB"), (x, top))
+        draw.rectangle((x - 1, top - 1, x + 22, top + bar_h), outline=(90, 90, 90))
+        draw.text((x + 28, top - 2), f"{hi:.3g}", fill=(0, 0, 0), font=small)
+        draw.text((x + 28, top + bar_h - 14), f"{lo:.3g}", fill=(0, 0, 0), font=small)
+        draw.text((x + 28, top + bar_h // 2 - 7), label, fill=(0, 0, 0), font=small)
+        y = top + bar_h + 12
+    else:
+        y = top
+    for color, text in legend:
+        tx = x
+        if color:
+            draw.rectangle((x, y + 2, x + 14, y + 16), fill=_hex_rgb(color), outline=(90, 90, 90))
+            tx = x + 20
+        for line in textwrap.wrap(text, 36) or [""]:
+            draw.text((tx, y + 1), line, fill=(0, 0, 0), font=small)
+            y += 18
+        y += 4
+    info = PngInfo()
+    info.add_text("Title", title)
+    info.add_text(
+        "Description", "; ".join(t for _, t in legend) + (f"; scale bar {scale_text}" if scale_text else "")
+    )
+    info.add_text("Source", source)
+    info.add_text("Software", "xrfnb")
+    info.add_text("xrfnb:map_box", f"{margin},{top},{mw},{mh}")
+    info.add_text("xrfnb:upscale", str(up))
+    if scale_text:
+        info.add_text("xrfnb:scale_bar", scale_text)
     buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
+    fig.convert("RGB").save(buf, format="PNG", pnginfo=info)
     return buf.getvalue()
 
 
@@ -638,6 +778,7 @@ class Dashboard(pn.viewable.Viewer):
         self.param.watch(self._on_thresholds, "thresholds")
         self.param.watch(self._on_cmap, "cmap")
         self.param.watch(self._on_data_version, "data_version")
+        self.param.watch(self._update_legend, ["view", "focus", "element", "thresholds", "log_scale"])
         if scan is not None:
             self.set_scan(scan, maps=maps, label=str(scan.metadata.get("source", "scan")))
         elif maps is not None:
@@ -1083,6 +1224,7 @@ class Dashboard(pn.viewable.Viewer):
         self._rebuild_gallery()
         self._update_status()
         self._update_ood_alert()
+        self._update_legend()
 
     # -- widgets and layout -----------------------------------------------------------------------
     def _build_widgets(self) -> None:
@@ -1146,6 +1288,7 @@ class Dashboard(pn.viewable.Viewer):
             width=135,
         )
         self._info = pn.pane.Markdown("", sizing_mode="stretch_width", css_classes=["xrfnb-info"])
+        self._legend = pn.pane.HTML("", sizing_mode="stretch_width", css_classes=["xrfnb-legend"])
         self._ood_alert = pn.pane.Alert(
             "", alert_type="warning", visible=False, sizing_mode="stretch_width", css_classes=["xrfnb-ood"]
         )
@@ -1241,7 +1384,10 @@ class Dashboard(pn.viewable.Viewer):
         HoloViews' update (ranges, styles, glyphs). Anything else (another view, a scan of another
         shape, a plot not drawn as expected) returns False with nothing changed.
         """
-        if not all(e.name == "thresholds" for e in events) or self._main_kind() not in ("RGB", "Image"):
+        if not all(e.name == "thresholds" for e in events) or self._main_kind().split("-")[0] not in (
+            "RGB",
+            "Image",
+        ):
             return False
         view = self.view
         image: np.ndarray | None = None
@@ -1299,16 +1445,18 @@ class Dashboard(pn.viewable.Viewer):
         if self._scan is None:
             return "Text"
         v = self.view
+        # a plot per view (and axis unit): a colour bar keeps its title and ticks across refreshes
+        image = f"Image-{v}-{self._colorbar_label()}-{self.map_scale()[1][0]}"
         if v == "Total counts":
-            return "Image"
+            return image
         if v == "Elements":
             em = getattr(self._maps, "element_maps", None) if self._maps is not None else None
-            return "Image" if em is not None and self.element is not None else "Text"
+            return image if em is not None and self.element is not None else "Text"
         if self._maps is None:
             return "Text"
         if v == "Composite":
-            return "RGB"
-        return "Image" if self.focus is not None else "Text"
+            return f"RGB-{self.map_scale()[1][0]}"
+        return image if self.focus is not None else "Text"
 
     def _spectrum_kind(self) -> str:
         # one plot per axis type: Bokeh cannot switch a linear axis to log in place
@@ -1346,7 +1494,7 @@ class Dashboard(pn.viewable.Viewer):
             self._status,
             self._ood_alert,
             pn.Row(
-                pn.Column(self._main_pane, self._info),
+                pn.Column(self._main_pane, self._legend, self._info),
                 pn.Column(self._spectrum_pane, self._residual.pane, self._prob_pane, self._fractions),
             ),
             pn.pane.Markdown("### Pigment maps (click one to enlarge it)"),
@@ -1493,34 +1641,42 @@ class Dashboard(pn.viewable.Viewer):
         rows, cols = arr.shape[:2]
         scale = _MAIN_PX / max(rows, cols)
         size = {"frame_width": max(60, round(cols * scale)), "frame_height": max(60, round(rows * scale))}
-        tools = ["hover", "tap", "box_select", "lasso_select"]
+        mm, axes = self.map_scale()
+        unit = "mm" if axes[0].endswith("(mm)") else ""
+        tools = ["tap", "box_select", "lasso_select"]
+        hooks = [_name_hook("xrfnb-main")] + ([_scale_bar_hook] if unit else [])
         common = {
             "title": self._main_title(),
             "tools": tools,
             "active_tools": ["tap"],
-            "xlabel": "column",
-            "ylabel": "row",
+            "xlabel": axes[0],
+            "ylabel": axes[1],
             "toolbar": "above",
-            "hooks": [_name_hook("xrfnb-main")],
+            "hooks": hooks,
             "framewise": True,
             **size,
         }
+        fmt = "{0.00}" if unit else "{0}"
+        where = [(axes[0], f"$x{fmt}"), (axes[1], f"$y{fmt}")]
         if kind == "rgb":
-            return _rgb(arr).opts(**common)
+            # the composite's colours are mixtures: the legend beside the map names them; hover gives
+            # the position only (its raw value is a packed RGBA number)
+            return _rgb(arr, mm, axes).opts(
+                hover_tooltips=where,
+                tools=["hover", *tools],
+                **{k: v for k, v in common.items() if k != "tools"},
+            )
         if self.view == "Surface vs buried":
-            return _image(arr, "category").opts(
+            return _image(arr, "category", mm, axes).opts(
                 cmap=list(_SURFACE_BURIED_COLORS),
                 clim=(-0.5, 2.5),
-                colorbar=True,
-                clipping_colors={"NaN": "#bbbbbb"},
-                **common,
+                colorbar=False,  # categories: the legend beside the map names them
+                clipping_colors={"NaN": _INVALID_COLOR},
+                hover_tooltips=[*where, ("0 absent, 1 surface, 2 buried only", "@image")],
+                tools=["hover", *tools],
+                **{k: v for k, v in common.items() if k != "tools"},
             )
-        label = {
-            "Pigment": "probability",
-            "OOD score": "ood_score",
-            "Elements": "counts",
-            "Total counts": "counts",
-        }[self.view]
+        label = self._colorbar_label()
         clim = _pigment_clim(self.thresholds[self.focus]) if self.view == "Pigment" else (None, None)
         if self.view == "OOD score":
             finite = arr[np.isfinite(arr)]
@@ -1528,13 +1684,39 @@ class Dashboard(pn.viewable.Viewer):
                 0.0,
                 float(max(finite.max() if finite.size else 1.0, float(self._maps.ood_threshold) * 1.5)),
             )
-        return _image(arr, label).opts(
+        return _image(arr, label, mm, axes).opts(
             cmap=list(PALETTES[self.cmap]),
             colorbar=True,
+            clabel=label,
             clim=clim,
             clipping_colors={"NaN": _INVALID_COLOR, "min": _ABSENT_COLOR},
-            **common,
+            hover_tooltips=[*where, (label, "@image")],
+            tools=["hover", *tools],
+            **{k: v for k, v in common.items() if k != "tools"},
         )
+
+    def _colorbar_label(self) -> str:
+        """What the main map's values are, for its colour bar and hover."""
+        log10 = self.log_scale and self.view in ("Elements", "Total counts")
+        return (
+            {
+                "Pigment": "probability",
+                "OOD score": "OOD score",
+                "Elements": f"{self.element} counts",
+                "Total counts": "counts",
+                "Surface vs buried": "category",
+            }.get(self.view, "value")
+            if not log10
+            else (f"log10(1 + {self.element} counts)" if self.view == "Elements" else "log10(1 + counts)")
+        )
+
+    def map_scale(self) -> tuple[float, tuple[str, str]]:
+        """``(mm per pixel, (x label, y label))`` of the map axes: millimetres when the scan's pixel size
+        is known, else ``(1.0, ("column", "row"))`` (pixel indices)."""
+        px = getattr(self._scan, "pixel_size_um", None) if self._scan is not None else None
+        if px:
+            return float(px) / 1000.0, ("x (mm)", "y (mm)")
+        return 1.0, ("column", "row")
 
     # -- gallery ----------------------------------------------------------------------------------
     # One Bokeh figure holds every pigment's map as a tile of an RGB mosaic: a figure per pigment would
@@ -1737,7 +1919,8 @@ class Dashboard(pn.viewable.Viewer):
     def _on_tap(self, x: float | None = None, y: float | None = None, **kwargs: Any) -> None:
         if x is None or y is None or self._scan is None:
             return
-        self.select_pixel(math.floor(y), math.floor(x))
+        mm, _ = self.map_scale()
+        self.select_pixel(math.floor(y / mm), math.floor(x / mm))
 
     def select_pixel(self, row: int, col: int) -> None:
         """Show the spectrum and class probabilities of pixel (row, col)."""
@@ -1754,7 +1937,8 @@ class Dashboard(pn.viewable.Viewer):
     def _on_box(self, bounds: tuple[float, float, float, float] | None = None, **kwargs: Any) -> None:
         if bounds is None or self._scan is None:
             return
-        x0, y0, x1, y1 = bounds
+        mm, _ = self.map_scale()
+        x0, y0, x1, y1 = (float(b) / mm for b in bounds)
         rows, cols = self._scan.shape[:2]
         mask = np.zeros((rows, cols), dtype=bool)
         r0, r1 = sorted((y0, y1))
@@ -1768,7 +1952,7 @@ class Dashboard(pn.viewable.Viewer):
     def _on_lasso(self, geometry: np.ndarray | None = None, **kwargs: Any) -> None:
         if geometry is None or self._scan is None or len(geometry) < 3:
             return
-        g = np.asarray(geometry, dtype=float)
+        g = np.asarray(geometry, dtype=float) / self.map_scale()[0]
         self.select_region(_polygon_mask(g[:, 0], g[:, 1], *self._scan.shape[:2]))
 
     def select_region(self, mask: np.ndarray) -> None:
@@ -1867,7 +2051,7 @@ class Dashboard(pn.viewable.Viewer):
                 tools=["hover"],
                 hooks=[_name_hook("xrfnb-spectrum")],
                 framewise=True,
-            )
+            ),
         )
 
     # -- simulated spectrum of the predicted stack ------------------------------------------------
@@ -2210,23 +2394,119 @@ class Dashboard(pn.viewable.Viewer):
         elif self.region is not None:
             self._info.object = f"Selected: region of {int(self.region.sum())} pixels"
 
+    # -- legend -----------------------------------------------------------------------------------
+    def legend_entries(self) -> list[tuple[str, str]]:
+        """``(colour '#rrggbb', text)`` of the main map's legend, in display order.
+
+        Composite: each class present somewhere (area at the current thresholds, largest first) in its
+        display colour, then "no pigment above threshold" and "invalid pixel"; surface vs buried: its
+        three categories; pigment and OOD views: the colours below the colour bar's range.
+        """
+        if self._scan is None:
+            return []
+        invalid = (_INVALID_COLOR, "invalid pixel (masked)")
+        view = self.view
+        if self._maps is None or view in ("Total counts", "Elements"):
+            return []
+        if view == "Composite":
+            colors = list(getattr(self._maps, "colors", None) or ["#888888"] * len(self.classes))
+            fractions = self._legend_fractions()
+            present = sorted((k for k, f in enumerate(fractions) if f > 0), key=lambda k: -fractions[k])
+            entries = [(colors[k], f"{self.classes[k]} ({_percent(fractions[k])})") for k in present]
+            entries.append(("#000000", "no pigment above its threshold"))
+            if len(present) > 1:
+                entries.append(("", "pixels holding several pigments show their colours blended"))
+            return [*entries, invalid]
+        if view == "Surface vs buried":
+            absent, surface, buried = _SURFACE_BURIED_COLORS
+            return [
+                (surface, f"{self.focus} at the surface"),
+                (buried, f"{self.focus} buried only (under another layer)"),
+                (absent, f"no {self.focus} (below its threshold {self.thresholds.get(self.focus, 0):.2f})"),
+                invalid,
+            ]
+        if view == "Pigment":
+            thr = self.thresholds.get(self.focus, 0.0)
+            return [(_ABSENT_COLOR, f"{self.focus} below its threshold {thr:.2f}"), invalid]
+        if view == "OOD score":
+            return [("", f"out of distribution above {float(self._maps.ood_threshold):.2f}"), invalid]
+        return []
+
+    def _legend_fractions(self) -> list[float]:
+        """Area fraction per class at the current thresholds (on at most ~256 x 256 sampled pixels)."""
+        rows, cols = self._maps.probability.shape[:2]
+        stride = _stride(rows, cols, 256)
+        prob = np.asarray(self._maps.probability[::stride, ::stride], dtype=float)
+        valid = self._valid()[::stride, ::stride]
+        n = max(int(valid.sum()), 1)
+        with np.errstate(invalid="ignore"):
+            present = prob >= self.threshold_array()
+        return [float((present[..., k] & valid).sum() / n) for k in range(len(self.classes))]
+
+    def _update_legend(self, *events: Any) -> None:
+        entries = self.legend_entries()
+        items = []
+        for color, text in entries:
+            swatch = (
+                f'<span style="display:inline-block;width:14px;height:14px;background:{color};'
+                f'border:1px solid #888;vertical-align:middle;margin-right:4px"></span>'
+                if color
+                else ""
+            )
+            items.append(f'<span style="margin-right:14px;white-space:nowrap">{swatch}{_html(text)}</span>')
+        self._legend.object = (
+            '<div style="font-size:13px;line-height:1.9;max-width:560px">' + " ".join(items) + "</div>"
+            if items
+            else ""
+        )
+
     # -- export -----------------------------------------------------------------------------------
-    def export_png(self) -> bytes:
-        """The main map as PNG bytes (colour map applied, NaN transparent, small maps upscaled)."""
+    def map_rgba(self) -> tuple[np.ndarray, tuple[tuple[str, ...], float, float, str] | None]:
+        """The main map as drawn and its colour bar.
+
+        Returns RGBA (rows, cols, 4) uint8 (invalid pixels dark grey, values below the colour range in
+        the 'absent' light grey) and ``(palette, low, high, label)``, or None for categorical and
+        composite maps (they have a legend instead).
+        """
         kind, arr = self.main_array()
         if kind == "rgb":
-            rgba = arr
-        elif self.view == "Surface vs buried":
+            rgba = np.concatenate([arr, np.full((*arr.shape[:2], 1), 255, np.uint8)], axis=-1)
+            return rgba, None
+        if self.view == "Surface vs buried":
             rgba = _colorize(arr, _SURFACE_BURIED_COLORS, 0.0, 2.0)
+            rgba[rgba[..., 3] == 0] = (*_hex_rgb(_INVALID_COLOR), 255)
+            return rgba, None
+        finite = arr[np.isfinite(arr)]
+        if self.view == "Pigment":
+            lo, hi = _pigment_clim(self.thresholds[self.focus])
+        elif self.view == "OOD score":
+            lo = 0.0
+            hi = float(max(finite.max() if finite.size else 1.0, float(self._maps.ood_threshold) * 1.5))
         else:
-            finite = arr[np.isfinite(arr)]
-            if self.view == "Pigment":
-                lo, hi = _pigment_clim(self.thresholds[self.focus])
-            else:
-                lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-            rgba = _colorize(arr, PALETTES[self.cmap], lo, hi, below=_ABSENT_COLOR)
-        scale = max(1, 256 // max(arr.shape[:2]))
-        return _png_bytes(rgba, scale=scale)
+            lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+        palette = PALETTES[self.cmap]
+        rgba = _colorize(arr, palette, lo, hi, below=_ABSENT_COLOR)
+        rgba[rgba[..., 3] == 0] = (*_hex_rgb(_INVALID_COLOR), 255)  # invalid pixels, as on screen
+        return rgba, (palette, lo, hi, self._colorbar_label())
+
+    def export_png(self) -> bytes:
+        """The main map as a PNG figure for a report: title, the map (small maps upscaled), its legend
+        or colour bar, and a scale bar when the pixel size is known.
+
+        The PNG's text chunks hold ``Title``, ``Description`` (the legend), ``Source`` (the scan) and
+        ``xrfnb:map_box`` ("left,top,width,height" of the map in the image, pixels) with
+        ``xrfnb:upscale`` (image pixels per scan pixel).
+        """
+        rgba, colorbar = self.map_rgba()
+        mm, _ = self.map_scale()
+        return _figure_png(
+            rgba,
+            title=f"{self._main_title()}: {self._label}",
+            legend=self.legend_entries(),
+            colorbar=colorbar,
+            mm_per_px=mm if self.map_scale()[1][0].endswith("(mm)") else None,
+            source=self._label,
+        )
 
     def _require_maps(self) -> Any:
         if self._maps is None:
