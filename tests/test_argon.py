@@ -96,6 +96,23 @@ def test_long_beam_path_follows_the_point_by_point_integral(incidence: float, ta
         assert 0.9 * no_air < path < 1.1 * no_air
 
 
+@pytest.mark.parametrize("pressure_mbar", [20.0, 300.0])
+def test_argon_of_a_chamber_at_low_pressure_follows_the_ideal_gas(pressure_mbar: float) -> None:
+    """Bruker M4 chambers pump air to ~20 mbar: the thin-target intensity scales with the gas density
+    (rho = rho_1atm p / 1013.25 mbar), and the beam's and detector's air transmission with it."""
+    inst = _mono(atmosphere_pressure_mbar=pressure_mbar)
+    rho = RHO_AIR * pressure_mbar / 1013.25
+    length_cm = 0.05
+    sigma = xraylib.CS_FluorLine_Kissel_Cascade(18, xraylib.KA_LINE, 10.0)
+    e_ka = xraylib.LineEnergy(18, xraylib.KA_LINE)
+    at_spot = math.exp(-xraylib.CS_Total_CP(AIR, 10.0) * rho * length_cm)
+    scale = inst.flux_photons_s * at_spot * inst.detector_solid_angle_sr * _eff(inst, e_ka)
+    expected = _w_argon() * rho * length_cm * sigma / (4 * math.pi) * scale
+    assert xrfnb.argon_lines(inst)["Ka"] == pytest.approx(expected, rel=5e-3)
+    at_1_atm = xrfnb.argon_lines(_mono())["Ka"]
+    assert xrfnb.argon_lines(inst)["Ka"] < at_1_atm * pressure_mbar / 1013.25 * 1.5
+
+
 def test_no_argon_without_air() -> None:
     assert xrfnb.argon_lines(_mono(atmosphere="helium")) == {}
     assert xrfnb.argon_lines(_mono(atmosphere="vacuum")) == {}

@@ -288,12 +288,15 @@ _ARGON_NODES = 64
 def _argon_intensity(instrument: Any, exc: _fp.Excitation) -> tuple[np.ndarray, np.ndarray]:
     """Ar K line energies (a,) and intensities (a,) from the irradiated air, per incident photon and sr
     of the detector as seen from the beam spot, before detector efficiency (see :func:`argon_lines`)."""
-    from ._instrument import _composition, mass_attenuation_cm2_g
+    from ._instrument import STANDARD_PRESSURE_MBAR, _composition, mass_attenuation_cm2_g
 
     path_mm = float(getattr(instrument, "beam_path_mm", 0.0))
     if getattr(instrument, "atmosphere", None) != "air" or path_mm <= 0:
         return np.zeros(0), np.zeros(0)
     z, w, rho, _ = _composition("air")
+    # an ideal gas: density (so emission and attenuation per cm) scales with the chamber's pressure
+    pressure = float(getattr(instrument, "atmosphere_pressure_mbar", STANDARD_PRESSURE_MBAR))
+    rho *= pressure / STANDARD_PRESSURE_MBAR
     w_ar = float(w[z == 18].sum())  # mass fraction of argon in dry air
     keep = exc.render_energy_keV > xraylib.EdgeEnergy(18, xraylib.K_SHELL)
     e_in, frac = exc.render_energy_keV[keep], exc.render_weight[keep]
