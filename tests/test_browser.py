@@ -342,6 +342,18 @@ def test_xrfnb_serve_demo_in_chromium(tmp_path):
             page.wait_for_function(f"() => ({_SOURCES_JS})().counts.some(s => s > 0)", timeout=60000)
             page.get_by_text("Showing demo: hidden-painting").first.wait_for(timeout=20000)
             _assert_clean_page(page, log_path)
+            # a 1440 x 900 laptop screen: the exports are on the first screen, the 31 per-class sliders
+            # wait in a collapsed card, and the composite map has its legend of class colours
+            for label in ("Map as PNG", "Maps as TIFF", "Maps as HDF5", "Spectrum as CSV"):
+                box = page.get_by_text(label, exact=True).first.bounding_box()
+                assert box and box["y"] + box["height"] <= 900, f"{label!r} is below the first screen"
+            page.get_by_text("Per-pigment thresholds").first.wait_for(timeout=5000)
+            assert page.locator(".noUi-handle >> visible=true").count() == 1  # only the global slider
+            legend = page.locator(".xrfnb-legend").first
+            legend.get_by_text("no pigment above its threshold").wait_for(timeout=20000)
+            page.wait_for_timeout(2000)
+            OUTPUT.mkdir(exist_ok=True)
+            page.screenshot(path=str(OUTPUT / "dashboard-demo.png"))  # the README's screenshot
         finally:
             browser.close()
     hosts = {urlparse(u).hostname for u in requests if urlparse(u).scheme not in ("data", "blob")}

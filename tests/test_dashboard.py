@@ -374,6 +374,7 @@ def test_exports(dash, scene, tmp_path):
     assert png.info["xrfnb:scale_bar"] == "0.5 mm" and "scale bar 0.5 mm" in legend
     up = int(png.info["xrfnb:upscale"])
     below = np.asarray(png.convert("RGB"))[top + height : top + height + 24, left : left + width]
+
     def longest_run(flags):
         best = run = 0
         for f in flags:
@@ -631,7 +632,7 @@ def test_simulated_spectrum_of_the_predicted_stack(dash, scene):
     # the whole description is in the title, wrapped onto lines that fit the plot rather than cut off
     desc, _ = dash.simulated_spectrum()
     assert title.split() == f"Residual vs fitted stack: {desc}".split()
-    assert max(len(line) for line in title.splitlines()) <= 90
+    assert max(len(line) for line in title.splitlines()) <= _dashboard._TITLE_CHARS
     overlay = dash._spectrum_dmap[()]
     assert len(elements_of(overlay, hv.Curve)) == 2  # measured and simulated
     # red ochre predicted as buried under lead white -> two layers, lead white on top
@@ -639,10 +640,12 @@ def test_simulated_spectrum_of_the_predicted_stack(dash, scene):
     assert dash.predicted_pigments() == (("lead white",), ("red ochre",))
     stack, desc = dash.predicted_stack()
     assert len(stack.layers) == 2 and desc.startswith("lead white ") and " over red ochre " in desc
+    assert "µm)" in desc and " um" not in desc  # the surface thickness, in micrometres
     full = f"Residual vs fitted stack: {dash.simulated_spectrum()[0]}"
     title = dash._residual.dmap[()].opts.get().kwargs["title"]
-    assert title.split() == full.split() and max(len(line) for line in title.splitlines()) <= 90
-    assert ("\n" in title) == (len(full) > 90)
+    chars = _dashboard._TITLE_CHARS
+    assert title.split() == full.split() and max(len(line) for line in title.splitlines()) <= chars
+    assert ("\n" in title) == (len(full) > chars)
     dash.simulate_stack = False
     assert dash.simulated_spectrum() is None
     residual = dash._residual.dmap[()]
@@ -1219,3 +1222,64 @@ def test_map_axes_in_pixels_without_a_pixel_size(scene):
     dash._tap.event(x=7.5, y=9.5)
     assert dash.pixel == (9, 7)
     assert "xrfnb:scale_bar" not in __import__("PIL.Image").Image.open(io.BytesIO(dash.export_png())).info
+
+
+def single_spectrum_scene(scene, r=16, c=12):
+    """The scene's pixel (r, c) alone: a 1 x 1 scan with its maps and element maps."""
+    import dataclasses
+
+    scan, maps, _ = scene
+    sl = (slice(r, r + 1), slice(c, c + 1))
+    em = maps.element_maps
+    em1 = dataclasses.replace(
+        em,
+        intensity=em.intensity[sl],
+        sigma=em.sigma[sl],
+        detection_limit=em.detection_limit[sl],
+        chi2=em.chi2[sl],
+    )
+    maps1 = dataclasses.replace(
+        maps,
+        probability=maps.probability[sl],
+        buried_probability=maps.buried_probability[sl],
+        ood_score=maps.ood_score[sl],
+        mask=maps.mask[sl],
+        element_maps=em1,
+    )
+    scan1 = xrfnb.Scan(np.asarray(scan.counts)[sl], scan.calibration, metadata={"source": "one spectrum"})
+    return scan1, maps1
+
+
+def test_a_single_spectrum_gets_a_spectrum_view(scene):
+    """1 x 1 scan: no map and no gallery of one-pixel tiles, but the spectrum with its line markers,
+    the calls with probabilities and their element evidence, and the fitted stack with its residual."""
+    scan, maps, _ = scene
+    scan1, maps1 = single_spectrum_scene(scene)
+    dash = Dashboard(scan=scan1, maps=maps1)
+    assert dash.single_spectrum and dash.pixel == (0, 0)
+    assert not dash._map_column.visible and not dash._gallery_section.visible
+    assert dash._gallery.objects == [] and not dash._map_exports.visible
+    assert dash._calls.visible
+    rows = dash.calls_table()
+    calls = {row["class"]: row["call"] for row in rows}
+    assert calls == {"lead white": "surface", "vermilion": "surface", "red ochre": ""}
+    assert [row["probability"] for row in rows] == sorted((row["probability"] for row in rows), reverse=True)
+    lw = next(row for row in rows if row["class"] == "lead white")
+    assert lw["probability"] == pytest.approx(float(maps.probability[16, 12, 0]))
+    # evidence from the element fit: Pb detected with its intensity, Fe (red ochre) not detected
+    assert "Pb 501 ± 22 counts" in lw["evidence"]
+    ochre = next(row for row in rows if row["class"] == "red ochre")
+    assert "Fe not detected (< 30)" in ochre["evidence"]
+    table = dash._calls.object
+    assert "| lead white |" in table and "**surface**" in table and "absent" in table
+    # the spectrum with the markers of the elements found, and the residual of the fitted stack
+    spectrum = dash._spectrum_dmap[()]
+    np.testing.assert_array_equal(
+        elements_of(spectrum, hv.Curve)[0].dimension_values(1), np.asarray(scan.counts[16, 12], float)
+    )
+    assert {name.split()[0] for name, _ in dash.marker_lines()} == {"Pb", "Hg", "S"}
+    assert "fitted stack" in dash._residual.dmap[()].opts.get().kwargs["title"]
+    # a map opened afterwards gets the map view back
+    dash.set_scan(scan, maps=maps)
+    assert not dash.single_spectrum and dash._map_column.visible and dash._gallery_section.visible
+    assert not dash._calls.visible and dash._gallery.objects

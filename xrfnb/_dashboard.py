@@ -74,13 +74,14 @@ _NO_MODEL = "(no trained model found)"
 #: colours of the surface-vs-buried categories: absent, surface, buried only
 _SURFACE_BURIED_COLORS = ("#f2f2f2", "#d95f02", "#1b9e77")
 _THUMB_PX = 128
+_TILE_LABEL_CHARS = 22  # characters per line of a gallery tile's label (8 pt under a ~140-px tile)
 _GALLERY_COLUMNS = 6
 _GALLERY_WIDTH = 900
 #: colour of pixels below a pigment's threshold, and of invalid (masked) pixels
 _ABSENT_COLOR = "#e6e6e6"
 _INVALID_COLOR = "#808080"
 _MAIN_PX = 460
-_TITLE_CHARS = 90  # characters per title line of the 560-px residual plot (9 pt)
+_TITLE_CHARS = 52  # characters per title line of the residual plot's frame (bold 9 pt: 66 were cut)
 _MAX_LISTED_FILES = 500
 
 
@@ -238,6 +239,11 @@ def _toast_text(message: str, max_chars: int = 220) -> str:
     cut = max(message.rfind(sep, 0, max_chars) for sep in ("; ", ": ", " (", ", "))
     cut = cut if cut > max_chars // 3 else message.rfind(" ", 0, max_chars)
     return message[: max(cut, 1)].rstrip(" ,;:(") + " ... (details in the status line)"
+
+
+def _micro(text: str) -> str:
+    """Micrometres written for people: '31.6 um' -> '31.6 µm'."""
+    return re.sub(r"(\d) um\b", "\\1 µm", text)
 
 
 def _percent(fraction: float) -> str:
@@ -1225,6 +1231,7 @@ class Dashboard(pn.viewable.Viewer):
         self._update_status()
         self._update_ood_alert()
         self._update_legend()
+        self._update_calls()
 
     # -- widgets and layout -----------------------------------------------------------------------
     def _build_widgets(self) -> None:
@@ -1288,7 +1295,7 @@ class Dashboard(pn.viewable.Viewer):
             width=135,
         )
         self._info = pn.pane.Markdown("", sizing_mode="stretch_width", css_classes=["xrfnb-info"])
-        self._legend = pn.pane.HTML("", sizing_mode="stretch_width", css_classes=["xrfnb-legend"])
+        self._legend = pn.pane.HTML("", width=_MAIN_PX + 60, css_classes=["xrfnb-legend"])
         self._ood_alert = pn.pane.Alert(
             "", alert_type="warning", visible=False, sizing_mode="stretch_width", css_classes=["xrfnb-ood"]
         )
@@ -1468,6 +1475,13 @@ class Dashboard(pn.viewable.Viewer):
         return "Text" if self._maps is None or (self.pixel is None and self.region is None) else "Overlay"
 
     def _build_layout(self) -> pn.viewable.Viewable:
+        # a 1440 x 900 screen: data, model and exports come first; the per-class sliders (one per
+        # class: 31 with the shipped model) sit in a collapsed card below the global threshold
+        self._threshold_card = pn.Card(
+            self._slider_box, title="Per-pigment thresholds", collapsed=True, width=290
+        )
+        self._map_exports = pn.Row(self._dl_png, self._dl_tiff)
+        self._map_controls = pn.Column(self._view_w, self._focus_w, self._element_w, self._cmap_w)
         sidebar = pn.Column(
             pn.pane.Markdown("### Data"),
             self._source_w,
@@ -1475,36 +1489,153 @@ class Dashboard(pn.viewable.Viewer):
             self._upload,
             self._model_w,
             self._progress_bar,
+            pn.pane.Markdown("### Export"),
+            self._map_exports,
+            pn.Row(self._dl_h5, self._dl_csv),
             pn.pane.Markdown("### View"),
-            self._view_w,
-            self._focus_w,
-            self._element_w,
-            pn.Row(self._cmap_w, self._log_w),
+            self._map_controls,
+            self._log_w,
             self._sim_w,
             pn.pane.Markdown("### Thresholds"),
             self._global_w,
             self._reset_w,
-            pn.Card(self._slider_box, title="Per-pigment thresholds", collapsed=False, width=290),
-            pn.pane.Markdown("### Export"),
-            pn.Row(self._dl_png, self._dl_tiff),
-            pn.Row(self._dl_h5, self._dl_csv),
+            self._threshold_card,
             width=300,
+        )
+        # fixed width: the spectrum column beside it must fit on a 1440-px screen
+        self._map_column = pn.Column(self._main_pane, self._legend, self._info, width=_MAIN_PX + 70)
+        self._calls = pn.pane.Markdown(
+            "", sizing_mode="stretch_width", visible=False, css_classes=["xrfnb-calls"]
+        )
+        self._gallery_section = pn.Column(
+            pn.pane.Markdown("### Pigment maps (click one to enlarge it)"),
+            self._gallery,
+            sizing_mode="stretch_width",
         )
         main = pn.Column(
             self._status,
             self._ood_alert,
             pn.Row(
-                pn.Column(self._main_pane, self._legend, self._info),
+                self._map_column,
                 pn.Column(self._spectrum_pane, self._residual.pane, self._prob_pane, self._fractions),
+                self._calls,
             ),
-            pn.pane.Markdown("### Pigment maps (click one to enlarge it)"),
-            self._gallery,
+            self._gallery_section,
             sizing_mode="stretch_width",
         )
         header = pn.pane.Markdown("## xrfnb: pigment maps from XRF scans", sizing_mode="stretch_width")
         return pn.Column(
             header, pn.Row(sidebar, main, sizing_mode="stretch_width"), sizing_mode="stretch_width"
         )
+
+    # -- a single spectrum ------------------------------------------------------------------------
+    @property
+    def single_spectrum(self) -> bool:
+        """Whether the open scan is one spectrum (1 x 1): shown as a spectrum with its calls, no maps."""
+        return self._scan is not None and tuple(self._scan.shape[:2]) == (1, 1)
+
+    def calls_table(self) -> list[dict[str, Any]]:
+        """The pigment calls at the selected pixel with their evidence, most probable first.
+
+        Returns
+        -------
+        list of dict
+            One per class: ``class``, ``probability``, ``threshold``, ``call`` ("surface", "buried" or
+            "" when below the threshold), ``evidence`` (the class's key elements as the element fit found
+            them at the pixel: net counts +- sigma, or "not detected (< detection limit)").
+        """
+        if self._maps is None or self.pixel is None:
+            return []
+        r, c = self.pixel
+        prob = np.asarray(self._maps.probability[r, c], dtype=float)
+        thr = self.threshold_array()
+        present, buried = self._selection_layers(self.thresholds)
+        em = getattr(self._maps, "element_maps", None)
+        fit: dict[str, tuple[float, float, float, bool]] = {}
+        if em is not None:
+            det = np.asarray(em.present(), dtype=bool)[r, c]
+            for i, el in enumerate(em.elements):
+                fit[el] = (
+                    float(em.intensity[r, c, i]),
+                    float(em.sigma[r, c, i]),
+                    float(em.detection_limit[r, c, i]),
+                    bool(det[i]),
+                )
+        rows = []
+        for k, cls in enumerate(self.classes):
+            evidence = []
+            for el in self._class_elements(cls):
+                if el not in fit:
+                    continue
+                value, sigma, limit, detected = fit[el]
+                evidence.append(
+                    f"{el} {value:,.0f} ± {sigma:,.0f} counts"
+                    if detected
+                    else f"{el} not detected (< {limit:,.0f})"
+                )
+            call = ("buried" if buried[k] else "surface") if present[k] else ""
+            rows.append(
+                {
+                    "class": cls,
+                    "probability": float(prob[k]),
+                    "threshold": float(thr[k]),
+                    "call": call,
+                    "evidence": "; ".join(evidence) if evidence else "no element lines fitted",
+                }
+            )
+        rows.sort(key=lambda row: -row["probability"] if np.isfinite(row["probability"]) else 1.0)
+        return rows
+
+    def _class_elements(self, cls: str) -> tuple[str, ...]:
+        """Key elements of a class (its pigments' ``elements``), cached per maps."""
+        cache = self.__dict__.setdefault("_class_element_cache", {})
+        key = (id(self._maps), cls)
+        if key not in cache:
+            pigments_fn = _xrfnb_attr("pigments")
+            out: list[str] = []
+            if pigments_fn is not None:
+                library = pigments_fn()
+                members = library.groups().get(cls) or (cls,)
+                for name in members:
+                    try:
+                        out.extend(library[name].elements)
+                    except XRFNBError:
+                        continue
+            cache[key] = tuple(dict.fromkeys(out))
+        return cache[key]
+
+    def _update_calls(self) -> None:
+        """The single-spectrum view: calls table shown, maps, gallery and map-only controls hidden."""
+        single = self.single_spectrum
+        for widget in (self._map_column, self._gallery_section, self._map_controls, self._map_exports):
+            widget.visible = not single
+        self._calls.visible = single
+        if not single:
+            self._calls.object = ""
+            return
+        rows = self.calls_table()
+        if not rows:
+            self._calls.object = "### Pigment calls\n\nNo pigment calls: " + (
+                "no trained model" if not self._model_available() else "the model has not finished yet"
+            )
+            return
+        called = [row for row in rows if row["call"]]
+        shown = called + [row for row in rows if not row["call"]][:5]
+        lines = [
+            "### Pigment calls for this spectrum",
+            "",
+            "| pigment class | probability | threshold | call | evidence (element fit) |",
+            "|---|---:|---:|---|---|",
+        ]
+        for row in shown:
+            call = f"**{row['call']}**" if row["call"] else "absent"
+            lines.append(
+                f"| {row['class']} | {row['probability']:.2f} | {row['threshold']:.2f} | {call} | "
+                f"{row['evidence']} |"
+            )
+        if not called:
+            lines.insert(2, "No class reaches its threshold. The most probable ones:\n")
+        self._calls.object = "\n".join(lines)
 
     def __panel__(self) -> pn.viewable.Viewable:
         return self._layout
@@ -1726,7 +1857,7 @@ class Dashboard(pn.viewable.Viewer):
         rows, cols = self._maps.probability.shape[:2]
         stride = _stride(rows, cols, _THUMB_PX)
         th, tw = -(-rows // stride), -(-cols // stride)
-        return th, tw, stride, min(len(self.classes), _GALLERY_COLUMNS), max(4, th // 6)
+        return th, tw, stride, min(len(self.classes), _GALLERY_COLUMNS), max(4, th // 4)
 
     def _tile_rgb(self, cls: str) -> np.ndarray:
         """One gallery tile, shape (tile_rows, tile_cols, 3) uint8: colour from threshold to 1."""
@@ -1761,7 +1892,10 @@ class Dashboard(pn.viewable.Viewer):
             finite = np.isfinite(prob)
             with np.errstate(invalid="ignore"):
                 frac = float((prob[finite] >= self.thresholds[cls]).mean()) if finite.any() else 0.0
-            labels.append((c0 + tw / 2, r0 - band / 2, f"{cls} ({100 * frac:.0f}%)"))
+            # two lines at most, wrapped to the tile's width: long class names overlapped their
+            # neighbours on one line
+            text = textwrap.fill(f"{cls} ({100 * frac:.0f}%)", _TILE_LABEL_CHARS, break_long_words=False)
+            labels.append((c0 + tw / 2, r0 - band / 2, text))
         return {"rgb": mosaic, "labels": labels, "cell": (cell_h, cell_w, band, ncols)}
 
     def _gallery_element(self, data: dict[str, Any] | None = None) -> hv.Overlay:
@@ -1781,7 +1915,7 @@ class Dashboard(pn.viewable.Viewer):
             show_frame=False,
         )
         labels = hv.Labels(data["labels"], ["x", "y"], "text").opts(
-            text_font_size="9pt", text_color="#222222"
+            text_font_size="8pt", text_color="#222222"
         )
         return (img * labels).opts(
             hv.opts.Overlay(
@@ -1816,6 +1950,9 @@ class Dashboard(pn.viewable.Viewer):
         self._gallery_shown: dict[str, Any] | None = None
         self._gallery_refresh: streams.Stream | None = None
         self._gallery_pane = None
+        if self.single_spectrum:
+            self._gallery.objects = []  # one spectrum: the calls table instead of a gallery of 1-pixel maps
+            return
         if self._maps is None:
             self._gallery.objects = [
                 pn.pane.Markdown(
@@ -2113,7 +2250,7 @@ class Dashboard(pn.viewable.Viewer):
         fit = self.fitted_stack()
         if fit is None:
             return None, self._sim_reason
-        return fit.stack, fit.describe()
+        return fit.stack, _micro(fit.describe())
 
     def _selection_layers(self, thresholds: dict[str, float]) -> tuple[np.ndarray, np.ndarray]:
         """(present (K,), buried (K,)) bool of the selected pixel or region mean under ``thresholds``."""
@@ -2182,7 +2319,7 @@ class Dashboard(pn.viewable.Viewer):
         if fit is None:
             return None
         self._sim_reason = ""
-        return f"{fit.describe()}; deviance {fit.reduced_deviance:.2f} per channel", fit.expected
+        return f"{_micro(fit.describe())}; deviance {fit.reduced_deviance:.2f} per channel", fit.expected
 
     def _residual_kind(self) -> str:
         # always an overlay (an empty one with the reason when nothing is simulated), but a fresh plot when
@@ -2239,14 +2376,29 @@ class Dashboard(pn.viewable.Viewer):
             )
             return _message(msg, width=560, height=220)
         title, table = self._probability_table()
+        # horizontal bars, one row per class: every class name is legible (31 classes with the shipped
+        # model; rotated names under vertical bars were cut)
+        n = len(table["class"])
         bars = hv.Bars(table, "class", ["probability", "threshold", "color"]).opts(
-            color="color", ylim=(0, 1.05), xrotation=45, tools=["hover"], line_color="#555555"
+            color="color", ylim=(0, 1.05), invert_axes=True, tools=["hover"], line_color="#555555"
         )
         marks = hv.Scatter(table, "class", "threshold").opts(
-            marker="dash", size=22, color="black", line_width=2
+            marker="dash",
+            angle=90,  # degrees: a vertical tick across the horizontal bar
+            size=max(8, min(22, 300 // max(n, 1))),
+            color="black",
+            line_width=2,
+            invert_axes=True,
         )
         return (bars * marks).opts(
-            hv.opts.Overlay(title=title, width=560, height=260, show_legend=False, framewise=True)
+            hv.opts.Overlay(
+                title=title,
+                width=560,
+                height=max(200, 60 + 15 * n),
+                show_legend=False,
+                framewise=True,
+                fontsize={"yticks": "8pt" if n > 12 else "9pt", "title": "10pt"},
+            )
         )
 
     def _probability_table(self) -> tuple[str, dict[str, Any]]:
@@ -2261,7 +2413,7 @@ class Dashboard(pn.viewable.Viewer):
             if bool(np.asarray(self._maps.mask)[r, c]):
                 title += " (invalid pixel)"
             elif float(np.asarray(self._maps.ood_score[r, c], dtype=float)) > float(self._maps.ood_threshold):
-                title += ": OUT OF DISTRIBUTION, unreliable"
+                title += "\nOUT OF DISTRIBUTION: these calls are unreliable"
         thr = self.threshold_array()
         colors = list(getattr(self._maps, "colors", None) or ["#888888"] * len(self.classes))
         table = {
@@ -2367,6 +2519,8 @@ class Dashboard(pn.viewable.Viewer):
 
     def _on_pixel_region(self, *events: Any) -> None:
         self._update_ood_alert()
+        if self.single_spectrum:
+            self._update_calls()
         if self._maps is None or self.region is None:
             self._fractions.object = ""
         else:
@@ -2455,9 +2609,7 @@ class Dashboard(pn.viewable.Viewer):
             )
             items.append(f'<span style="margin-right:14px;white-space:nowrap">{swatch}{_html(text)}</span>')
         self._legend.object = (
-            '<div style="font-size:13px;line-height:1.9;max-width:560px">' + " ".join(items) + "</div>"
-            if items
-            else ""
+            '<div style="font-size:12px;line-height:1.7">' + " ".join(items) + "</div>" if items else ""
         )
 
     # -- export -----------------------------------------------------------------------------------
