@@ -1283,3 +1283,20 @@ def test_a_single_spectrum_gets_a_spectrum_view(scene):
     dash.set_scan(scan, maps=maps)
     assert not dash.single_spectrum and dash._map_column.visible and dash._gallery_section.visible
     assert not dash._calls.visible and dash._gallery.objects
+
+
+def test_new_maps_keep_their_per_class_thresholds(scene):
+    """The model's calibrated thresholds differ per class: showing maps (at start or with a new scan)
+    sets the global slider to their median without flattening them to it; moving the slider does."""
+    import dataclasses
+
+    scan, maps, _ = scene
+    calibrated = dataclasses.replace(maps, thresholds=np.array([0.2, 0.3, 0.9]))
+    expected = {c: pytest.approx(t) for c, t in zip(CLASSES, (0.2, 0.3, 0.9), strict=True)}
+    dash = Dashboard(scan=scan, maps=calibrated)
+    assert dash.thresholds == expected and dash.global_threshold == pytest.approx(0.3)
+    dash = Dashboard(scan=scan, maps=maps)
+    dash.set_scan(scan, maps=calibrated)
+    assert dash.thresholds == expected and dash.global_threshold == pytest.approx(0.3)
+    dash.global_threshold = 0.6
+    assert dash.thresholds == dict.fromkeys(CLASSES, 0.6)

@@ -1057,22 +1057,27 @@ class Dashboard(pn.viewable.Viewer):
         total = np.asarray(total if total is not None else scan.total_counts_image(), dtype=float)
         rows, cols = scan.shape[:2]
         # scan, selection and maps change together: no watcher may see the new scan with the old pixel
-        # (outside a smaller scan) or the old maps
-        with self._frozen(), param.parameterized.batch_call_watchers(self):
-            self._scan = scan
-            self._label = label
-            self._energy_keV = scan.energy_keV
-            self._total = total
-            self.region = None
-            self.pixel = (rows // 2, cols // 2)
-            self._set_maps(maps, bump=False)
-            self.data_version += 1
+        # (outside a smaller scan) or the old maps. The batch's watchers run when it ends, still
+        # "loading": the new maps' global threshold must not overwrite their per-class thresholds
+        was_loading, self._loading = self._loading, True
+        try:
+            with self._frozen(), param.parameterized.batch_call_watchers(self):
+                self._scan = scan
+                self._label = label
+                self._energy_keV = scan.energy_keV
+                self._total = total
+                self.region = None
+                self.pixel = (rows // 2, cols // 2)
+                self._set_maps(maps, bump=False)
+                self.data_version += 1
+        finally:
+            self._loading = was_loading
 
     def _set_maps(self, maps: Any, bump: bool = True) -> None:
         classes = tuple(maps.classes) if maps is not None else ()
         em = getattr(maps, "element_maps", None) if maps is not None else None
         elements = list(em.elements) if em is not None else []
-        self._loading = True
+        was_loading, self._loading = self._loading, True
         try:
             # all values change together: plots must never see new maps with old thresholds
             with param.parameterized.batch_call_watchers(self):
@@ -1090,7 +1095,7 @@ class Dashboard(pn.viewable.Viewer):
                 if bump:
                     self.data_version += 1
         finally:
-            self._loading = False
+            self._loading = was_loading
         self._build_threshold_sliders()
 
     def _map_current(self, cache_key: Any = None) -> None:
