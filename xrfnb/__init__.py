@@ -71,6 +71,8 @@ _LAZY: dict[str, str] = {
     # whole-scan maps
     "PigmentMaps": "._mapping",
     "map_pigments": "._mapping",
+    # reports for the conservation file
+    "write_report": "._report",
     # dashboard
     "Dashboard": "._dashboard",
     # notebooks

@@ -1,4 +1,4 @@
-"""The ``xrfnb`` command line: identify, info, train, evaluate, serve.
+"""The ``xrfnb`` command line: identify, report, info, train, evaluate, serve.
 
 Every error a user can cause is reported as one line ``xrfnb: error: ...`` on stderr with exit status 2;
 an interruption (Ctrl-C, SIGTERM) exits with status 130 and leaves no corrupt output. Heavy modules
@@ -185,6 +185,8 @@ def _cmd_identify(args: argparse.Namespace) -> int:
         raise DataError(f"output {out} should be an HDF5 file ending in .h5")
     _check_output_path(out)  # before the input and the model are loaded: nothing is created
     _check_input_outside_working_folder(out, args.input)
+    if args.report is not None:
+        _check_report_path(Path(args.report))
     data = _load_calibrated(args, args.input)
     if isinstance(data, Spectrum):
         data = Scan(
@@ -212,6 +214,58 @@ def _cmd_identify(args: argparse.Namespace) -> int:
         _info(f"wrote {len(paths)} TIFF files to {args.tiff}")
     print(maps.summary().to_text())
     _info(f"wrote {out} ({maps.metadata.get('spectra_per_s', 0):.0f} spectra/s)")
+    if args.report is not None:
+        from ._report import write_report
+
+        write_report(maps, args.report, scan=data, instrument=args.instrument)
+        _info(f"wrote the report {args.report}")
+    return 0
+
+
+def _check_report_path(report: Path) -> None:
+    """Refuse, before any work, a report that cannot be written (``--report``, ``report -o``)."""
+    from ._report import _find_chromium
+
+    suffix = report.suffix.lower()
+    if suffix not in (".html", ".htm", ".pdf"):
+        raise DataError(f"report {report} should end in .html (or .pdf)")
+    if report.is_dir():
+        raise DataError(f"report {report} is a folder; give a file name, e.g. {report / 'report.html'}")
+    parent = report.parent if str(report.parent) else Path(".")
+    if not parent.is_dir():
+        raise DataError(f"cannot write the report {report}: folder {parent} does not exist")
+    if suffix == ".pdf" and _find_chromium() is None:
+        raise DataError(
+            f"cannot write {report}: a PDF report needs Chromium, which was not found; write an .html "
+            "report instead (and print it to PDF from a browser)"
+        )
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from ._calibration import EnergyCalibration
+    from ._mapping import PigmentMaps
+    from ._report import write_report
+
+    maps_path = Path(args.maps)
+    if not maps_path.is_file():
+        raise DataError(f"{args.maps}: no such file")
+    out = Path(args.output)
+    _check_report_path(out)
+    if out.resolve() == maps_path.resolve():
+        raise DataError(f"the report {out} would overwrite the maps file: choose another name")
+    maps = PigmentMaps.from_hdf5(maps_path, lazy=True)
+    scan = None
+    if args.scan is not None:
+        load = _function("_io", ["load"], "reading files")
+        scan_path = Path(args.scan)
+        if not scan_path.exists():
+            raise DataError(f"{args.scan}: no such file")
+        cal = maps.metadata.get("calibration")
+        # the calibration the maps were made with (it may have come from --calibration, not the file)
+        kwargs = {"calibration": EnergyCalibration.from_dict(cal)} if isinstance(cal, dict) else {}
+        scan = load(scan_path, **kwargs)
+    write_report(maps, out, scan=scan, title=args.title, instrument=args.instrument)
+    _info(f"wrote {out}")
     return 0
 
 
@@ -420,9 +474,39 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="pixels read per block (memory vs. speed; default 8192)",
     )
+    s.add_argument(
+        "--report",
+        metavar="REPORT.html",
+        default=None,
+        help="also write a report for the conservation file: maps, legends, thresholds, model, instrument "
+        "and provenance in one self-contained .html (or .pdf, printed with Chromium)",
+    )
     _add_load_options(s)
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_cmd_identify)
+
+    s = sub.add_parser(
+        "report", help="a report of pigment maps for the conservation file (self-contained HTML or PDF)"
+    )
+    s.add_argument("maps", metavar="MAPS.h5", help="pigment maps written by xrfnb identify")
+    s.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        metavar="REPORT.html",
+        help="the report: .html, or .pdf (needs Chromium)",
+    )
+    s.add_argument(
+        "--scan",
+        default=None,
+        metavar="SCAN",
+        help="the scan the maps were made from (its format, live time)",
+    )
+    s.add_argument("--title", default=None, help="report title (default: 'Pigment maps of <scan>')")
+    s.add_argument(
+        "--instrument", default=None, help="instrument preset or name for the report (default: the scan's)"
+    )
+    s.set_defaults(func=_cmd_report)
 
     s = sub.add_parser("info", help="describe a spectrum, scan or pigment-maps file")
     s.add_argument("file", metavar="FILE")
