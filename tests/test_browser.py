@@ -505,6 +505,12 @@ def test_spectrum_range_follows_the_pixel_and_a_gallery_click_enlarges(tmp_path)
                     " && m.title.text.startsWith('vermilion'))",
                     timeout=15000,
                 )
+                # its legend says what the light grey is; the surface-vs-buried view names its categories
+                legend = page.locator(".xrfnb-legend").first
+                legend.get_by_text("vermilion below its threshold 0.50").wait_for(timeout=15000)
+                page.get_by_text("Surface vs buried", exact=True).first.click()
+                legend.get_by_text("vermilion at the surface").wait_for(timeout=15000)
+                legend.get_by_text("vermilion buried only").first.wait_for(timeout=15000)
             finally:
                 browser.close()
     finally:
