@@ -410,3 +410,15 @@ def test_cli_identify_writes_the_report(tmp_path, monkeypatch, capsys):
     assert cli.main(["identify", str(src), "-o", str(tmp_path / "m2.h5"), "-q", "--report", "r.doc"]) == 2
     assert "should end in .html" in capsys.readouterr().err
     assert not (tmp_path / "m2.h5").exists()
+
+
+def test_stray_buried_pixels_are_named_not_mapped(tmp_path):
+    maps = make_maps(element_maps=False)
+    buried = maps.buried_probability.copy()
+    buried[2:5, 3, 0] = 0.9 * maps.probability[2:5, 3, 0]  # lead white buried on 3 pixels only
+    stray = xrfnb.PigmentMaps(
+        **{**{f: getattr(maps, f) for f in maps.__dataclass_fields__}, "buried_probability": buried}
+    )
+    page = parse(xrfnb.write_report(stray, tmp_path / "r.html"))
+    assert "buried:lead white" not in page.figures and "buried:vermilion" in page.figures
+    assert "Buried only on fewer than 5 pixels each" in page.plain and "lead white (3)" in page.plain

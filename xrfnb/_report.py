@@ -52,6 +52,9 @@ _OOD_COLOR = "#d62728"
 _CLASS_PX = 300
 _COMPOSITE_PX = 420
 _PDF_TIMEOUT_S = 180.0
+#: a class gets its own surface-vs-buried map when buried only on at least this many pixels (and share)
+_MIN_BURIED_PX = 5
+_MIN_BURIED_SHARE = 0.002
 
 _CSS = """
 @page { size: A4; margin: 12mm; }
@@ -65,11 +68,13 @@ h3 { font-size: 14px; margin: 0 0 4px 0; }
 p { margin: 4px 0 8px 0; }
 .meta { color: #555; }
 table { border-collapse: collapse; margin: 4px 0 8px 0; }
-th, td { padding: 2px 8px; text-align: left; vertical-align: top; border-bottom: 1px solid #ddd; }
+th, td { padding: 2px 7px; text-align: left; vertical-align: top; border-bottom: 1px solid #ddd; }
 th { background: #f2f2f2; }
 td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 table.prov th { background: none; width: 175px; font-weight: 600; }
 tr.changed td { font-weight: 700; }
+table.thresholds { font-size: 12px; }
+table.thresholds td, table.thresholds th { padding: 1px 5px; }
 tr.present td { font-weight: 600; }
 .warning { border: 2px solid #c0392b; background: #fdecea; padding: 8px 12px; margin: 10px 0;
   font-weight: 600; }
@@ -270,12 +275,17 @@ def _img(rgb: np.ndarray, alt: str, kind: str, width: int, height: int) -> str:
     return f'<img class="{kind}" src="{_data_uri(png)}" width="{width}" height="{height}" alt="{_e(alt)}">'
 
 
+def _tick(value: float, fmt: str) -> str:
+    """A colour-bar tick: ``fmt``, but counts of 1000 and more as whole numbers (1030, not 1.03e+03)."""
+    return f"{value:.0f}" if abs(value) >= 1000 else fmt.format(value)
+
+
 def _colorbar(lut: np.ndarray, lo: float, hi: float, label: str, fmt: str = "{:.2f}") -> str:
     width, height = 200, 12
     idx = np.linspace(0, len(lut) - 1, width).round().astype(np.intp)
     strip = np.repeat(lut[idx][None, :, :], height, axis=0)
     mid = 0.5 * (lo + hi)
-    ticks = "".join(f"<span>{_e(fmt.format(v))}</span>" for v in (lo, mid, hi))
+    ticks = "".join(f"<span>{_e(_tick(v, fmt))}</span>" for v in (lo, mid, hi))
     return (
         f'<div class="cbar">{_img(strip, label, "cbar-strip", width, height)}'
         f'<div class="ticks">{ticks}</div><div class="label">{_e(label)}</div></div>'
@@ -733,8 +743,14 @@ def _map_sections(
         )
     )
     cards = []
+    few: list[str] = []
+    min_px = max(_MIN_BURIED_PX, math.ceil(_MIN_BURIED_SHARE * rows * cols))
     for k in order:
-        if not buried[..., k].any():
+        n_k = int(np.count_nonzero(buried[..., k] & ~ood))
+        if n_k == 0:
+            continue
+        if n_k < min_px:  # a few stray pixels: named, not mapped
+            few.append(f"{maps.classes[k]} ({n_k})")
             continue
         name = maps.classes[k]
         cat = np.where(buried[..., k], 2, np.where(binary[..., k], 1, 0))
@@ -757,6 +773,11 @@ def _map_sections(
         )
     if cards:
         out.append(f'<div class="grid">{"".join(cards)}</div>')
+    if few:
+        out.append(
+            f'<p class="note">Buried only on fewer than {min_px} pixels each (not mapped; in-distribution '
+            f"pixels in brackets): {_e(', '.join(few))}.</p>"
+        )
 
     # OOD
     out.append('<h2 id="ood">Out-of-distribution score</h2>')
@@ -804,7 +825,7 @@ def _map_sections(
                 hi = float(np.percentile(finite, 99.5)) if finite.size else 1.0
                 hi = hi if hi > 0 else 1.0
                 rgb = _colorize(np.minimum(plane, hi), inferno, 0.0, hi)
-                label = f"{el} {fam} fitted counts per pixel (brighter above {hi:.3g})"
+                label = f"{el} {fam} fitted counts per pixel (brighter above {_tick(hi, '{:.3g}')})"
                 side = _colorbar(inferno, 0.0, hi, label, "{:.3g}")
                 if mask.any():
                     side += _legend([(_INVALID, "invalid pixel (masked)", "")])
