@@ -160,7 +160,14 @@ def test_bad_option_values_are_usage_errors():
             "_dashboard",
             (
                 ("{tmp}",),
-                {"port": 5123, "address": "0.0.0.0", "show": False, "basic_auth": None, "token": None},
+                {
+                    "port": 5123,
+                    "address": "0.0.0.0",
+                    "show": False,
+                    "basic_auth": None,
+                    "token": None,
+                    "max_upload_mb": 256.0,
+                },
             ),
         ),
     ],
@@ -188,8 +195,13 @@ def test_serve_protection_options_reach_the_server(tmp_path, monkeypatch, capsys
     monkeypatch.setattr(cli, "_function", lambda mod, names, what: lambda *a, **k: calls.append(k))
     assert cli.main(["serve", str(tmp_path), "--address", "0.0.0.0", "--auth", str(users)]) == 0
     assert calls[-1]["basic_auth"] == users and calls[-1]["token"] is None
-    assert cli.main(["serve", str(tmp_path), "--token"]) == 0
+    monkeypatch.delenv("XRFNB_TOKEN", raising=False)
+    assert cli.main(["serve", str(tmp_path), "--token", "--max-upload-mb", "16"]) == 0
     assert calls[-1]["basic_auth"] is None and calls[-1]["token"] is True
+    assert calls[-1]["max_upload_mb"] == 16.0
+    monkeypatch.setenv("XRFNB_TOKEN", "a shared secret")  # not visible in `ps`, unlike an argument
+    assert cli.main(["serve", str(tmp_path), "--token"]) == 0
+    assert calls[-1]["token"] == "a shared secret"
     assert cli.main(["serve", str(tmp_path), "--auth", str(tmp_path / "missing.json")]) == 2
     assert "no such file" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse: not allowed with

@@ -431,7 +431,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         address=args.address,
         show=args.show,
         basic_auth=None if args.auth is None else Path(args.auth),
-        token=True if args.token else None,
+        token=(os.environ.get("XRFNB_TOKEN") or True) if args.token else None,
+        max_upload_mb=args.max_upload_mb,
     )
     return 0
 
@@ -565,7 +566,15 @@ def build_parser() -> argparse.ArgumentParser:
     protect.add_argument(
         "--token",
         action="store_true",
-        help="require a log-in with a random one-off password, printed at start for you to hand out",
+        help="require a log-in with a shared password: $XRFNB_TOKEN if set (kept out of the process list), "
+        "else a random one printed at start for you to hand out",
+    )
+    s.add_argument(
+        "--max-upload-mb",
+        type=float,
+        default=256.0,
+        metavar="MB",
+        help="largest file a browser may upload, MiB (enforced on the server; default 256)",
     )
     s.set_defaults(func=_cmd_serve)
     return p
