@@ -204,6 +204,12 @@ def test_dashboard_in_headless_chromium(server):
                 timeout=15000,
             )
             page.get_by_text("none above threshold").first.wait_for(timeout=15000)
+            # "Report (HTML)" downloads the report with the session's thresholds (all moved to 1)
+            with page.expect_download(timeout=30000) as download:
+                page.locator(".xrfnb-report").get_by_text("Report (HTML)").click()
+            report = Path(download.value.path()).read_text(encoding="utf-8")
+            assert download.value.suggested_filename == "pigment_report.html"
+            assert "3 changed from the model" in report and "<script" not in report.lower()
             page.wait_for_timeout(1500)  # let the gallery and sliders repaint before the screenshot
             page.screenshot(path=str(OUTPUT / "dashboard.png"), full_page=True)
         finally:
@@ -515,3 +521,69 @@ def test_spectrum_range_follows_the_pixel_and_a_gallery_click_enlarges(tmp_path)
                 browser.close()
     finally:
         thread.stop()
+
+
+# the on-screen box of the spectrum's plot frame and its x range (keV)
+_SPECTRUM_FRAME_JS = """() => {
+  if (!window.Bokeh || !Bokeh.index || !Bokeh.index.all_views) return null;
+  for (const v of Bokeh.index.all_views()) {
+    if (v.model && v.model.name === 'xrfnb-spectrum' && v.frame) {
+      const f = v.frame.bbox, r = v.el.getBoundingClientRect();
+      if (f.width > 0) return {left: r.left + f.x0, top: r.top + f.y0, width: f.width, height: f.height,
+                               x0: v.model.x_range.start, x1: v.model.x_range.end};
+    }
+  }
+  return null;
+}"""
+
+
+def test_an_uncalibrated_file_is_calibrated_in_the_browser(tmp_path):
+    """Steel.spe without its Steel.cfg opens at 1 keV per channel: the page says so and opens the
+    calibration card; a line chosen and its peak clicked on the spectrum fill the peak list; fitting shows
+    the relation, applying gives pigment calls."""
+    if not CHROMIUM.exists():
+        pytest.skip("Chromium is not installed (/usr/bin/chromium): run `make browser-deps`")
+    if not (REAL / "Steel.spe").exists():
+        pytest.skip(f"Steel.spe not found in {REAL}")
+    pytest.importorskip("playwright.sync_api", reason="playwright is in the test extra")
+    from playwright.sync_api import sync_playwright
+
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy2(REAL / "Steel.spe", data / "Steel.spe")
+    log_path = tmp_path / "serve.log"
+    with _xrfnb_serve([str(data)], log_path) as url, sync_playwright() as p:
+        browser = _launch(p)
+        try:
+            page = browser.new_page(viewport={"width": 1440, "height": 900})
+            page.goto(url)
+            _wait_for_figures(page, 2)
+            page.locator("select").first.select_option(label="Steel.spe")
+            page.get_by_text("has no energy calibration").first.wait_for(timeout=60000)
+            card = page.locator(".xrfnb-calibration")
+            card.get_by_text("Fit calibration").wait_for(timeout=10000)  # the card opened itself
+            card.locator("select").select_option(label="Fe Ka")
+            page.wait_for_function(_SPECTRUM_FRAME_JS, timeout=30000)
+            frame = page.evaluate(_SPECTRUM_FRAME_JS)
+            # the axis is the channel number (1 keV per channel): click the Fe Ka peak at channel 537
+            x = frame["left"] + (537 - frame["x0"]) / (frame["x1"] - frame["x0"]) * frame["width"]
+            page.mouse.click(x, frame["top"] + 0.8 * frame["height"])
+            peaks = card.locator("textarea")
+            page.wait_for_function(
+                "(el) => el.value.startsWith('Fe Ka=')", arg=peaks.element_handle(), timeout=15000
+            )
+            picked = float(peaks.input_value().split("=")[1])
+            assert abs(picked - 537) < 15, picked  # within the centroid search window
+            peaks.fill(f"Fe Ka={picked:g}, Ni Ka=627, Cr Ka=454")
+            peaks.press("Tab")  # commit the text area's value
+            card.get_by_text("Fit calibration").click()
+            card.get_by_text("11.93 eV x channel").wait_for(timeout=30000)
+            card.get_by_text("residual (eV)").wait_for(timeout=5000)
+            card.get_by_text("Apply to the scan").click()
+            page.get_by_text("Showing Steel.spe").first.wait_for(timeout=90000)
+            page.locator(".xrfnb-calls").get_by_text("surface").first.wait_for(timeout=30000)
+            OUTPUT.mkdir(exist_ok=True)
+            page.screenshot(path=str(OUTPUT / "calibrated.png"))
+            _assert_clean_page(page, log_path)
+        finally:
+            browser.close()

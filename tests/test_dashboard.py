@@ -1300,3 +1300,99 @@ def test_new_maps_keep_their_per_class_thresholds(scene):
     assert dash.thresholds == expected and dash.global_threshold == pytest.approx(0.3)
     dash.global_threshold = 0.6
     assert dash.thresholds == dict.fromkeys(CLASSES, 0.6)
+
+
+def test_report_export_has_the_sessions_thresholds_scan_and_instrument(dash, scene):
+    import re
+
+    _, maps, truth = scene
+    dash.set_threshold("vermilion", 0.95)  # above every vermilion probability of the scene (<= 0.94)
+    html = dash.export_report().decode()
+    assert html.startswith("<!DOCTYPE html>") and "<script" not in html.lower()
+    assert "http://" not in html and "https://" not in html  # self-contained: nothing fetched
+    assert "<title>Pigment maps of synthetic</title>" in html
+    assert "vermilion 0.95 (model 0.50)" in html  # the session's threshold, marked as changed
+    # the scan's provenance and the session's instrument (the Bruker M6 preset, with the scan's gain)
+    assert "32 x 32 pixels x 4096 channels" in html and "100 µm" in html and "Bruker M6" in html
+    # area fractions at the session's thresholds, counted here from the scene's regions: OOD pixels
+    # (score above 0.4) are left out; vermilion, above every probability now, is not listed as found
+    valid = ~maps.mask
+    in_dist = valid & ~(np.nan_to_num(maps.ood_score) > maps.ood_threshold)
+    share = (truth["lead white"] & in_dist).sum() / in_dist.sum()
+    summary = html[html.index('id="summary"') : html.index("</table>", html.index('id="summary"'))]
+    row = re.search(r"lead white</td><td class=\"num\">([0-9.]+) %", summary)
+    assert row is not None and float(row.group(1)) == pytest.approx(100 * share, abs=0.05)
+    assert "vermilion" not in summary and "red ochre" in summary
+    assert html.count("data:image/png;base64,") >= 4  # composite, per-class, OOD and element maps
+    # the download button writes the same report (its date line aside)
+    got = dash._dl_report.callback().getvalue().decode()
+    strip = re.compile(r"Report made [^<]*")
+    assert strip.sub("", got) == strip.sub("", html)
+    assert dash._dl_report.filename.endswith(".html") and dash._dl_report.label == "Report (HTML)"
+
+
+def test_report_export_without_maps_says_so(scene):
+    scan, _, _ = scene
+    dash = Dashboard(scan=scan, model=None)
+    dash._set_maps(None)
+    assert dash._dl_report.callback() is None
+    assert dash.last_message[0] == "error" and "no pigment maps" in dash.last_message[1]
+
+
+STEEL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "Steel.spe"
+
+
+@pytest.mark.skipif(not STEEL.exists(), reason="the real Steel.spe is not in ../shared/data/real")
+def test_an_uncalibrated_file_leads_to_the_calibration_card_and_maps_after_applying(tmp_path):
+    import shutil
+
+    reference = xrfnb.load(STEEL).calibration  # Steel.spe with its PyMca Steel.cfg beside it
+    shutil.copy(STEEL, tmp_path / "Steel.spe")  # alone: read at 1 keV per channel
+    dash = Dashboard(tmp_path)
+    assert dash.model_name != _dashboard._NO_MODEL, "a trained model ships with the package"
+    dash.open("Steel.spe")
+    # the model is not run on a channel axis; the status says what to do and the card is open
+    assert dash.maps is None and dash.needs_calibration()
+    assert "no energy calibration" in dash.status_text and "Energy calibration" in dash.status_text
+    assert "Traceback" not in dash.status_text and "EnergyCalibration(" not in dash.status_text
+    panel = dash._calibration
+    assert not panel.card.collapsed
+    assert "needs an energy calibration" in dash._calls.object
+    # a click on the spectrum (x in the present calibration: keV = channel) enters the chosen line
+    from bokeh import events
+
+    panel.line.value = "Fe Kb"
+    figure = render(dash._spectrum.dmap).state  # the rendered figure, as in a page
+    figure._trigger_event(events.Tap(figure, x=593.0, y=10.0))
+    assert panel.peaks.value == "Fe Kb=593"
+    # a malformed entry is a message, not a traceback
+    panel.peaks.value = "Fe Ka 537"
+    panel.fit_button.clicks += 1
+    assert dash.last_message[0] == "error" and "line=channel" in dash.last_message[1]
+    fit = panel.fit("Fe Ka=537, Ni Ka=627, Cr Ka=454")
+    assert fit.calibration.gain_keV == pytest.approx(reference.gain_keV, rel=2e-3)
+    assert abs(fit.calibration.offset_keV - reference.offset_keV) < 0.02
+    # the relation and each peak's residual in eV are shown
+    text = panel.result.object
+    assert str(fit.calibration) in text
+    for name, res in zip(fit.lines, fit.residuals_keV, strict=True):
+        assert f"| {name} |" in text and f"{res * 1e3:+.1f} |" in text
+    assert np.all(np.abs(fit.residuals_keV) < 0.02)  # published K lines fit a steel to < 20 eV
+    panel.apply_button.clicks += 1
+    assert dash.scan.calibration == fit.calibration and not dash.needs_calibration()
+    # the Fe Ka peak now sits at 6.40 keV (X-ray Data Booklet: Fe Ka1 6.4038, Ka2 6.3908 keV)
+    assert dash.scan.calibration.energy_keV(537.0) == pytest.approx(6.40, abs=0.015)
+    assert dash.maps is not None and dash.calls_table()
+    assert "Showing Steel.spe" in dash.status_text and "calibrat" not in dash.status_text
+    assert "fitted in the dashboard to Fe Ka, Ni Ka, Cr Ka" in dash.scan.metadata["calibration_source"]
+    assert panel.card.collapsed and panel.apply_button.disabled
+
+
+def test_calibration_peaks_are_parsed_strictly():
+    from xrfnb._dashboard_parts import parse_peaks
+
+    parsed = parse_peaks("Fe Ka=537, Ni  Ka = 627;\nCr Ka=454.5")
+    assert parsed == {"Fe Ka": 537, "Ni Ka": 627, "Cr Ka": 454.5}
+    for bad in ("Fe Ka 537", "Fe Ka=abc", "=537", "Fe Ka=1, Fe Ka=2"):
+        with pytest.raises(xrfnb.CalibrationError):
+            parse_peaks(bad)

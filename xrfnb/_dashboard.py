@@ -40,6 +40,7 @@ import param
 from bokeh.palettes import Cividis256, Greys256, Inferno256, Magma256, Viridis256
 from holoviews import streams
 
+from ._dashboard_parts import CalibrationPanel, looks_uncalibrated
 from ._errors import DataError, FormatError, ModelError, XRFNBError
 from ._lines import atomic_number, line_energy_keV
 from ._spectrum import Scan, Spectrum
@@ -1105,6 +1106,10 @@ class Dashboard(pn.viewable.Viewer):
         if not self._model_available() and self._maps is None:
             self._update_status()
             return
+        if self.needs_calibration():  # the model would refuse it: lead the user to the calibration card
+            self._calibration.card.collapsed = False
+            self._update_status()
+            return
         name = self.model_name
         given = self._model_obj
         key = None if cache_key is None else (cache_key, name if given is None else id(given))
@@ -1299,12 +1304,20 @@ class Dashboard(pn.viewable.Viewer):
             label="Spectrum as CSV",
             width=135,
         )
+        self._dl_report = pn.widgets.FileDownload(
+            callback=self._guard_export(self.export_report),
+            filename="pigment_report.html",
+            label="Report (HTML)",
+            width=135,
+            css_classes=["xrfnb-report"],
+        )
         self._info = pn.pane.Markdown("", sizing_mode="stretch_width", css_classes=["xrfnb-info"])
         self._legend = pn.pane.HTML("", width=_MAIN_PX + 60, css_classes=["xrfnb-legend"])
         self._ood_alert = pn.pane.Alert(
             "", alert_type="warning", visible=False, sizing_mode="stretch_width", css_classes=["xrfnb-ood"]
         )
         self._fractions = pn.pane.Markdown("", sizing_mode="stretch_width")
+        self._calibration = CalibrationPanel(self)
 
     def _guard_export(self, fn: Callable[[], bytes]) -> Callable[[], io.BytesIO | None]:
         def callback() -> io.BytesIO | None:
@@ -1452,6 +1465,36 @@ class Dashboard(pn.viewable.Viewer):
         for stream in (self._tap, self._box, self._lasso):
             stream.source = dmap
 
+    def _spectrum_tap_hook(self, plot: Any, element: Any) -> None:
+        """Listen to clicks on the rendered spectrum figure (once per figure): a HoloViews Tap stream on
+        a DynamicMap of overlays gets no callback (see :meth:`_gallery_tap_hook`)."""
+        figure = plot.state
+        seen = self.__dict__.setdefault("_spectrum_tap_figures", set())
+        if figure.id in seen:
+            return
+        seen.add(figure.id)
+        from bokeh import events
+
+        figure.on_event(events.Tap, self._on_spectrum_click)
+
+    @_guarded
+    def _on_spectrum_click(self, event: Any) -> None:
+        """A click on the spectrum while the calibration card is open enters the chosen line there."""
+        if event.x is None or self._scan is None or self._calibration.card.collapsed:
+            return
+        self._calibration.pick(float(event.x))
+
+    def recalibrated(self, scan: Scan) -> None:
+        """Show ``scan``, the open scan with a new energy calibration, and recompute its pigment maps
+        (in a worker thread in a server session)."""
+        self.set_scan(scan, label=self._label, total=self._total)
+        self._map_current(cache_key=None)
+        self._update_status()
+
+    def needs_calibration(self) -> bool:
+        """Whether the open scan has no usable energy calibration (the model refuses it)."""
+        return self._scan is not None and looks_uncalibrated(self._scan)
+
     def _main_kind(self) -> str:
         """Element type the main map needs now (a new plot is made when it changes)."""
         if self._scan is None:
@@ -1494,9 +1537,11 @@ class Dashboard(pn.viewable.Viewer):
             self._upload,
             self._model_w,
             self._progress_bar,
+            self._calibration.card,
             pn.pane.Markdown("### Export"),
             self._map_exports,
             pn.Row(self._dl_h5, self._dl_csv),
+            pn.Row(self._dl_report),
             pn.pane.Markdown("### View"),
             self._map_controls,
             self._log_w,
@@ -1620,9 +1665,13 @@ class Dashboard(pn.viewable.Viewer):
             return
         rows = self.calls_table()
         if not rows:
-            self._calls.object = "### Pigment calls\n\nNo pigment calls: " + (
-                "no trained model" if not self._model_available() else "the model has not finished yet"
-            )
+            if not self._model_available():
+                why = "no trained model"
+            elif self.needs_calibration():
+                why = "the spectrum needs an energy calibration first (see 'Energy calibration')"
+            else:
+                why = "the model has not finished yet"
+            self._calls.object = "### Pigment calls\n\nNo pigment calls: " + why
             return
         called = [row for row in rows if row["call"]]
         shown = called + [row for row in rows if not row["call"]][:5]
@@ -1695,6 +1744,14 @@ class Dashboard(pn.viewable.Viewer):
                 "No trained pigment model is available (none shipped with the package or in "
                 "$XRFNB_MODELS): pigment maps cannot be computed. Train one with `xrfnb train`; "
                 "total counts and spectra still work."
+            )
+        elif self._scan is not None and self._maps is None and self.needs_calibration():
+            parts.append(
+                f"{self._label} has no energy calibration ({self._scan.calibration}; "
+                f"{self._scan.metadata.get('calibration_source') or 'none in the file'}), so pigments "
+                "cannot be identified yet. Calibrate it in the 'Energy calibration' card on the left: "
+                "enter peaks you recognise as line=channel (e.g. Fe Ka=537), or choose a line and click "
+                "its peak on the spectrum; fit, check the residuals, then apply."
             )
         elif self._scan is not None and self._maps is None and not self.busy:
             parts.append("No pigment maps for this scan yet.")
@@ -2191,7 +2248,7 @@ class Dashboard(pn.viewable.Viewer):
                 logy=self.log_scale,
                 show_legend=False,
                 tools=["hover"],
-                hooks=[_name_hook("xrfnb-spectrum")],
+                hooks=[_name_hook("xrfnb-spectrum"), self._spectrum_tap_hook],
                 framewise=True,
             ),
         )
@@ -2691,6 +2748,26 @@ class Dashboard(pn.viewable.Viewer):
                     if f.is_file():
                         zf.write(f, f.relative_to(folder).as_posix())
             return buf.getvalue()
+
+    def export_report(self) -> bytes:
+        """The report for the conservation file (:func:`xrfnb.write_report`) as self-contained HTML bytes:
+        the maps with the session's current thresholds, the open scan's provenance and the instrument
+        the session simulates and fits with (the scan's, else the Bruker M6 preset)."""
+        maps = self._require_maps()
+        write_report = _xrfnb_attr("write_report")
+        if write_report is None:
+            raise DataError("reports are not available in this installation of xrfnb")
+        with tempfile.TemporaryDirectory(prefix="xrfnb-export-") as tmp:
+            path = Path(tmp) / "pigment_report.html"
+            write_report(
+                maps,
+                path,
+                scan=self._scan,
+                title=f"Pigment maps of {self._label}",
+                thresholds=dict(self.thresholds),
+                instrument=self._instrument(),
+            )
+            return path.read_bytes()
 
     def _with_current_thresholds(self, maps: Any) -> Any:
         import dataclasses
