@@ -331,3 +331,35 @@ def test_npy_sidecar_with_an_enormous_number(tmp_path):
     side.write_text(side.read_text().replace("0.1", "9" * 400))
     with pytest.raises(xrfnb.FormatError, match=r"s\.json: live_time_s must be a number"):
         xrfnb.load(path)
+
+
+# -- temporary files left by a killed run ------------------------------------------------------------
+def test_temporaries_of_killed_runs_are_removed_and_no_others(tmp_path):
+    """kill -9 during a write leaves `.NAME.HOST-PID-RANDOM.tmpSUFFIX`; the next write of NAME on this
+    machine removes it once that process is gone, and never touches a live run's or another host's."""
+    import subprocess
+    import sys
+
+    from xrfnb._io import _owner_tag, atomic_path
+
+    host = _owner_tag().rsplit("-", 1)[0]
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        stale = tmp_path / f".maps.h5.{host}-{dead.pid}-0123456789ab.tmp.h5"
+        running = tmp_path / f".maps.h5.{host}-{alive.pid}-0123456789ab.tmp.h5"
+        elsewhere = tmp_path / f".maps.h5.otherhost-{dead.pid}-0123456789ab.tmp.h5"
+        other_target = tmp_path / f".other.h5.{host}-{dead.pid}-0123456789ab.tmp.h5"
+        users = tmp_path / "notes.tmp.h5"
+        for p in (stale, running, elsewhere, other_target, users):
+            p.write_bytes(b"partial")
+        with atomic_path(tmp_path / "maps.h5") as tmp:
+            assert tmp.name.startswith(f".maps.h5.{_owner_tag()}-")
+            tmp.write_bytes(b"done")
+        assert (tmp_path / "maps.h5").read_bytes() == b"done"
+        assert not stale.exists()
+        assert running.exists() and elsewhere.exists() and other_target.exists() and users.exists()
+    finally:
+        alive.kill()
+        alive.wait()

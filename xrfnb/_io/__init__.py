@@ -9,8 +9,11 @@ neither a partial file nor a damaged older one.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
 import secrets
+import socket
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +23,8 @@ from .._errors import DataError, FormatError, XRFNBError
 from .._spectrum import Scan, Spectrum
 from ._common import with_given_calibration
 from ._detect import FORMATS, detect_format
+
+log = logging.getLogger(__name__)
 
 __all__ = ["FORMATS", "atomic_path", "detect_format", "load", "save"]
 
@@ -179,6 +184,41 @@ def _new_file(folder: Path, prefix: str, suffix: str) -> Path:
     raise FileExistsError(f"{folder}: no free temporary file name after 100 tries")  # pragma: no cover
 
 
+def _owner_tag() -> str:
+    """``host-pid`` of this process, for temporary names (sanitised: a file name on any filesystem)."""
+    host = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())[:32] or "host"
+    return f"{host}-{os.getpid()}"
+
+
+def _remove_stale_temporaries(folder: Path, target: Path) -> None:
+    """Remove temporary files of ``target`` that a killed xrfnb process on this machine left behind.
+
+    Only names :func:`atomic_path` makes (``.NAME.HOST-PID-RANDOM.tmpSUFFIX``) are considered, and only
+    those of this host whose process no longer exists: a run still writing, or a run on another machine
+    sharing the folder, is never touched.
+    """
+    host, pid_now = _owner_tag().rsplit("-", 1)
+    pattern = re.compile(
+        rf"^\.{re.escape(target.name)}\.{re.escape(host)}-(\d+)-[0-9a-f]{{12}}\.tmp{re.escape(target.suffix)}$"
+    )
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return
+    for entry in entries:
+        m = pattern.match(entry.name)
+        if m is None or m.group(1) == pid_now or not entry.is_file(follow_symlinks=False):
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+        except ProcessLookupError:  # that process is gone: its temporary file can never be renamed
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
+                log.info("removed %s, left by an interrupted xrfnb run", entry.path)
+        except (PermissionError, OverflowError, ValueError):  # alive (another user's), or not a pid
+            continue
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path in ``path``'s folder; on success rename it to ``path`` atomically.
@@ -198,7 +238,8 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     folder = target.parent if str(target.parent) else Path(".")
     if not folder.is_dir():
         raise FormatError(f"{target}: the folder {folder} does not exist")
-    tmp = _new_file(folder, f".{target.name}.", f".tmp{target.suffix}")
+    _remove_stale_temporaries(folder, target)
+    tmp = _new_file(folder, f".{target.name}.{_owner_tag()}-", f".tmp{target.suffix}")
     try:
         with contextlib.suppress(OSError):
             old = os.stat(target)
