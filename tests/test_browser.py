@@ -99,6 +99,30 @@ _PIXEL_COUNTS_JS = """([name, values]) => {
 }"""
 
 
+# the selected-pixel marker's data on the main map ({x, y} in mm), or null
+_MARKER_JS = """() => {
+  if (!window.Bokeh || !Bokeh.documents.length) return null;
+  for (const m of Bokeh.documents[0].all_models) {
+    if (m.name === 'xrfnb-pixel-marker' && m.data_source) {
+      const src = m.data_source.data;
+      const d = src instanceof Map ? Object.fromEntries(src) : src;
+      return {x: Array.from(d.x), y: Array.from(d.y)};
+    }
+  }
+  return null;
+}"""
+
+# the y scale type of the spectrum figure in the page
+_Y_SCALE_JS = """() => {
+  if (!window.Bokeh || !Bokeh.documents.length) return null;
+  const names = [];
+  for (const m of Bokeh.documents[0].all_models) {
+    if (m.name === 'xrfnb-spectrum' && m.y_scale) names.push(m.y_scale.constructor.__name__);
+  }
+  return names.length ? names[names.length - 1] : null;
+}"""
+
+
 def _rgba_number(rgb: tuple[int, int, int]) -> int:
     """An opaque colour as the uint32 a browser reads from an ImageRGBA buffer (little endian)."""
     return int(np.array([[*rgb, 255]], dtype=np.uint8).view("<u4")[0, 0])
@@ -179,6 +203,21 @@ def test_dashboard_in_headless_chromium(server):
             )
             page.get_by_text(f"pixel (row {r}, col {c})").first.wait_for(timeout=10000)
             assert sessions[-1].pixel == (r, c)
+            # the tapped pixel is marked on the map: the marker's centre is that pixel's (0.1 mm pixels)
+            page.wait_for_function(
+                f"() => {{ const m = ({_MARKER_JS})(); return m && m.x.length === 1 && "
+                f"Math.abs(m.x[0] - {(c + 0.5) * 0.1}) < 1e-9 && "
+                f"Math.abs(m.y[0] - {(r + 0.5) * 0.1}) < 1e-9; }}",
+                timeout=15000,
+            )
+            # the log toggle switches the spectrum's y axis to a log scale and back
+            assert page.evaluate(_Y_SCALE_JS) == "LinearScale"
+            log_box = page.locator(".xrfnb-log input[type=checkbox]")
+            log_box.check()
+            page.wait_for_function(f"() => ({_Y_SCALE_JS})() === 'LogScale'", timeout=20000)
+            _wait_for_counts(page, expected)  # the same pixel's spectrum, on the log axis
+            log_box.uncheck()
+            page.wait_for_function(f"() => ({_Y_SCALE_JS})() === 'LinearScale'", timeout=20000)
 
             # move the global threshold slider to its maximum: every map changes
             handle = page.locator(".xrfnb-global-threshold .noUi-handle").first

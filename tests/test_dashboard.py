@@ -1396,3 +1396,54 @@ def test_calibration_peaks_are_parsed_strictly():
     for bad in ("Fe Ka 537", "Fe Ka=abc", "=537", "Fe Ka=1, Fe Ka=2"):
         with pytest.raises(xrfnb.CalibrationError):
             parse_peaks(bad)
+
+
+def test_a_multi_element_epics_file_says_how_its_detectors_were_combined(tmp_path):
+    from test_io_formats import _epics, _gauss_spectrum
+
+    # four detector elements, each with its own calibration, seeing Fe Ka and Cu Ka
+    cals = [xrfnb.EnergyCalibration(-0.03 + 0.02 * i, 0.0148 - 0.0003 * i) for i in range(4)]
+    counts = [_gauss_spectrum(c) for c in cals]
+    _epics(tmp_path / "four.mca", counts, cals, live=[9.0, 8.0, 8.5, 8.5], real=[10.0] * 4)
+    dash = Dashboard(tmp_path)
+    dash.open("four.mca")
+    text = dash.scan_info_text()
+    assert dash._scan_info.object == text
+    assert "**Detector:** 4 detector elements" in text
+    assert "sum of all detector elements, each rebinned onto element 0's energy axis" in text
+    assert "live time 8.5 s" in text  # the mean of the four elements' live times
+    assert str(cals[0]) in text  # the sum is on element 0's energy axis
+    # the sum holds the counts of all four elements (rebinning keeps counts), not one element's
+    total = float(np.asarray(dash.scan.counts, dtype=float).sum())
+    assert total == pytest.approx(sum(float(c.sum()) for c in counts), rel=0.01)
+    # a one-detector file says nothing about detectors
+    dash.set_scan(make_scene(8, 8, 1400)[0], label="one")
+    info = dash._scan_info.object
+    assert "Detector" not in info and "8 x 8 pixels x 1400 channels" in info and "pixel 100 µm" in info
+
+
+def test_the_selected_pixel_is_marked_on_the_main_map_and_the_marker_follows_taps(dash):
+    doc = live_document(dash)
+
+    def marker():
+        plot = plot_in(doc, "xrfnb-main")
+        (renderer,) = [r for r in plot.renderers if r.name == "xrfnb-pixel-marker"]
+        return {k: list(v) for k, v in renderer.data_source.data.items()}
+
+    # a tap at the centre of pixel (row 5, col 8) in mm (0.1 mm pixels, row 0 at the top)
+    dash._on_tap(x=(8 + 0.5) * PIXEL_MM, y=(5 + 0.5) * PIXEL_MM)
+    assert dash.pixel == (5, 8)
+    got = marker()
+    assert got["x"] == pytest.approx([0.85]) and got["y"] == pytest.approx([0.55])
+    assert got["w"] == pytest.approx([PIXEL_MM]) and got["h"] == pytest.approx([PIXEL_MM])
+    dash._on_tap(x=0.31, y=2.05)  # pixel (row 20, col 3)
+    got = marker()
+    assert dash.pixel == (20, 3) and got["x"] == pytest.approx([0.35]) and got["y"] == pytest.approx([2.05])
+    # another view makes a new figure: it marks the same pixel
+    dash.view = "Total counts"
+    assert marker()["x"] == pytest.approx([0.35])
+    # a region selected: no pixel marked
+    mask = np.zeros((ROWS, COLS), bool)
+    mask[:4, :4] = True
+    dash.select_region(mask)
+    assert marker()["x"] == []

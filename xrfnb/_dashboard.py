@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import errno
 import functools
+import html
 import importlib
 import inspect
 import io
@@ -1237,6 +1238,7 @@ class Dashboard(pn.viewable.Viewer):
         self._update_thumbnails(list(self.classes))
 
     def _on_data_version(self, event: param.parameterized.Event) -> None:
+        self._scan_info.object = self.scan_info_text()
         self._rebuild_gallery()
         self._update_status()
         self._update_ood_alert()
@@ -1270,7 +1272,9 @@ class Dashboard(pn.viewable.Viewer):
         self._focus_w = pn.widgets.Select.from_param(self.param.focus, label="Pigment", width=280)
         self._element_w = pn.widgets.Select.from_param(self.param.element, label="Element", width=280)
         self._cmap_w = pn.widgets.Select.from_param(self.param.cmap, label="Colour map", width=135)
-        self._log_w = pn.widgets.Checkbox.from_param(self.param.log_scale, label="log counts", width=135)
+        self._log_w = pn.widgets.Checkbox.from_param(
+            self.param.log_scale, label="log counts", width=135, css_classes=["xrfnb-log"]
+        )
         self._sim_w = pn.widgets.Checkbox.from_param(
             self.param.simulate_stack, label="simulate the predicted stack", width=280
         )
@@ -1318,6 +1322,7 @@ class Dashboard(pn.viewable.Viewer):
         )
         self._fractions = pn.pane.Markdown("", sizing_mode="stretch_width")
         self._calibration = CalibrationPanel(self)
+        self._scan_info = pn.pane.Markdown("", sizing_mode="stretch_width", css_classes=["xrfnb-scan-info"])
 
     def _guard_export(self, fn: Callable[[], bytes]) -> Callable[[], io.BytesIO | None]:
         def callback() -> io.BytesIO | None:
@@ -1553,7 +1558,9 @@ class Dashboard(pn.viewable.Viewer):
             width=300,
         )
         # fixed width: the spectrum column beside it must fit on a 1440-px screen
-        self._map_column = pn.Column(self._main_pane, self._legend, self._info, width=_MAIN_PX + 70)
+        self._map_column = pn.Column(
+            self._main_pane, self._legend, self._info, self._scan_info, width=_MAIN_PX + 70
+        )
         self._calls = pn.pane.Markdown(
             "", sizing_mode="stretch_width", visible=False, css_classes=["xrfnb-calls"]
         )
@@ -1577,6 +1584,35 @@ class Dashboard(pn.viewable.Viewer):
         return pn.Column(
             header, pn.Row(sidebar, main, sizing_mode="stretch_width"), sizing_mode="stretch_width"
         )
+
+    def scan_info_text(self) -> str:
+        """Markdown about the open file: format, shape, pixel size, live time, energy calibration and
+        its source, and how the detector elements of a multi-element file were combined."""
+        scan = self._scan
+        if scan is None:
+            return ""
+        meta = scan.metadata
+        rows, cols, channels = scan.shape
+        fmt = meta.get("format")
+        parts = [f"**File:** {html.escape(self._label, quote=False)}" + (f" ({fmt})" if fmt else "")]
+        parts.append(f"{rows} x {cols} pixels x {channels} channels")
+        if scan.pixel_size_um:
+            parts.append(f"pixel {_micro(f'{float(scan.pixel_size_um):g} um')}")
+        live = scan.live_time_s
+        if live is not None:
+            value = float(np.mean(live)) if isinstance(live, np.ndarray) else float(live)
+            parts.append(f"live time {value:.3g} s" + (" per pixel (mean)" if rows * cols > 1 else ""))
+        cal = f"calibration {scan.calibration}"
+        if meta.get("calibration_source"):
+            cal += f" ({html.escape(str(meta['calibration_source']), quote=False)})"
+        parts.append(cal)
+        text = "; ".join(parts) + "."
+        n_el = int(meta.get("n_elements") or 1)
+        if n_el > 1:
+            how = meta.get("sum_note") if meta.get("element") == "sum" else None
+            how = how or f"element {meta.get('element')} shown alone"
+            text += f"\n\n**Detector:** {n_el} detector elements, {html.escape(str(how), quote=False)}."
+        return text
 
     # -- a single spectrum ------------------------------------------------------------------------
     @property
@@ -1837,7 +1873,7 @@ class Dashboard(pn.viewable.Viewer):
         mm, axes = self.map_scale()
         unit = "mm" if axes[0].endswith("(mm)") else ""
         tools = ["tap", "box_select", "lasso_select"]
-        hooks = [_name_hook("xrfnb-main")] + ([_scale_bar_hook] if unit else [])
+        hooks = [_name_hook("xrfnb-main"), self._pixel_marker_hook] + ([_scale_bar_hook] if unit else [])
         common = {
             "title": self._main_title(),
             "tools": tools,
@@ -1887,6 +1923,63 @@ class Dashboard(pn.viewable.Viewer):
             tools=["hover", *tools],
             **{k: v for k, v in common.items() if k != "tools"},
         )
+
+    def pixel_marker(self) -> dict[str, list[float]]:
+        """Data of the selected-pixel marker on the main map, in the map's axis units: the pixel's
+        centre (``x``, ``y``) and its size (``w``, ``h``); empty lists without a selected pixel."""
+        if self._scan is None or self.pixel is None:
+            return {"x": [], "y": [], "w": [], "h": []}
+        mm, _ = self.map_scale()
+        r, c = self.pixel
+        return {"x": [(c + 0.5) * mm], "y": [(r + 0.5) * mm], "w": [mm], "h": [mm]}
+
+    def _pixel_marker_hook(self, plot: Any, element: Any) -> None:
+        """Draw the selected pixel on a main-map figure: its outline (data units) and a ring of fixed
+        screen size around it (visible when a pixel is smaller than a screen pixel), each white under
+        black so that they show on every colour map; added once per figure, moved by
+        :meth:`_move_pixel_marker`."""
+        from bokeh.models import ColumnDataSource, GlyphRenderer, Rect, Scatter
+
+        figure = plot.state
+        if any(getattr(r, "name", None) == "xrfnb-pixel-marker" for r in figure.renderers):
+            self._move_pixel_marker([figure])
+            return
+        source = ColumnDataSource(self.pixel_marker())
+        glyphs = [
+            Rect(x="x", y="y", width="w", height="h", fill_alpha=0, line_color="white", line_width=3),
+            Rect(x="x", y="y", width="w", height="h", fill_alpha=0, line_color="black", line_width=1.2),
+            Scatter(x="x", y="y", size=22, marker="circle", fill_alpha=0, line_color="white", line_width=3),
+            Scatter(
+                x="x", y="y", size=22, marker="circle", fill_alpha=0, line_color="#d62728", line_width=1.5
+            ),
+        ]
+        for i, glyph in enumerate(glyphs):
+            renderer = GlyphRenderer(
+                data_source=source,
+                glyph=glyph,
+                name="xrfnb-pixel-marker" if i == 0 else f"xrfnb-pixel-marker-{i}",
+            )
+            figure.renderers.append(renderer)
+
+    def _move_pixel_marker(self, figures: Sequence[Any] | None = None) -> None:
+        """Move the marker of every rendered main map (one per document) to the selected pixel."""
+        data = self.pixel_marker()
+        if figures is not None:
+            for figure in figures:
+                for r in figure.renderers:
+                    if getattr(r, "name", None) == "xrfnb-pixel-marker":
+                        r.data_source.data = dict(data)
+            return
+        for plot in self._main.plots():
+            sources = [r.data_source for r in plot.state.renderers if r.name == "xrfnb-pixel-marker"]
+            if not sources:
+                continue
+
+            def write(sources: list[Any] = sources) -> None:
+                for src in sources:
+                    src.data = dict(data)
+
+            _write_to_plot(plot, write)
 
     def _colorbar_label(self) -> str:
         """What the main map's values are, for its colour bar and hover."""
@@ -2580,6 +2673,8 @@ class Dashboard(pn.viewable.Viewer):
         self._ood_alert.visible = True
 
     def _on_pixel_region(self, *events: Any) -> None:
+        if any(e.name in ("pixel", "region") for e in events):
+            self._move_pixel_marker()
         self._update_ood_alert()
         if self.single_spectrum:
             self._update_calls()
