@@ -1447,3 +1447,35 @@ def test_the_selected_pixel_is_marked_on_the_main_map_and_the_marker_follows_tap
     mask[:4, :4] = True
     dash.select_region(mask)
     assert marker()["x"] == []
+
+
+def test_an_rgb_overlay_of_three_element_maps(dash, scene):
+    _, maps, truth = scene
+    views = dash._element_views
+    assert views.section.visible
+
+    def title(el):
+        return hv.Store.lookup_options("bokeh", el, "plot").kwargs["title"]
+
+    # RGB overlay: Pb red, Hg green, Fe blue, each channel scaled to its own 99th percentile (501 counts:
+    # more than 1 % of the pixels hold each element), so full brightness inside its region, ~0 outside
+    views.red.value, views.green.value, views.blue.value = "Pb L", "Hg L", "Fe K"
+    rgb, legend = views.overlay_rgb()
+    valid = ~maps.mask
+    for k, owner in enumerate(("lead white", "vermilion", "red ochre")):
+        assert np.all(rgb[..., k][truth[owner] & valid] == 255)
+        assert np.all(rgb[..., k][~truth[owner] & valid] <= 1)
+    assert np.all(rgb[maps.mask] == 128)  # invalid pixel grey
+    assert [(c, e) for c, e, _ in legend] == [("red", "Pb L"), ("green", "Hg L"), ("blue", "Fe K")]
+    assert all(top == pytest.approx(501.0) for _, _, top in legend)
+    html = views.legend.object
+    assert "red: Pb L, 0 to 501 counts (its 99th percentile" in html and "invalid pixel" in html
+    assert title(views.overlay.object) == "RGB overlay: Pb L / Hg L / Fe K"
+
+
+def test_no_element_section_without_element_maps(scene):
+    import dataclasses
+
+    scan, maps, _ = scene
+    dash = Dashboard(scan=scan, maps=dataclasses.replace(maps, element_maps=None))
+    assert not dash._element_views.section.visible and dash._element_views.overlay.object is None

@@ -41,7 +41,7 @@ import param
 from bokeh.palettes import Cividis256, Greys256, Inferno256, Magma256, Viridis256
 from holoviews import streams
 
-from ._dashboard_parts import CalibrationPanel, looks_uncalibrated
+from ._dashboard_parts import CalibrationPanel, ElementViews, looks_uncalibrated
 from ._errors import DataError, FormatError, ModelError, XRFNBError
 from ._lines import atomic_number, line_energy_keV
 from ._spectrum import Scan, Spectrum
@@ -1236,9 +1236,11 @@ class Dashboard(pn.viewable.Viewer):
 
     def _on_cmap(self, event: param.parameterized.Event) -> None:
         self._update_thumbnails(list(self.classes))
+        self._element_views.refresh()
 
     def _on_data_version(self, event: param.parameterized.Event) -> None:
         self._scan_info.object = self.scan_info_text()
+        self._element_views.refresh()
         self._rebuild_gallery()
         self._update_status()
         self._update_ood_alert()
@@ -1322,6 +1324,7 @@ class Dashboard(pn.viewable.Viewer):
         )
         self._fractions = pn.pane.Markdown("", sizing_mode="stretch_width")
         self._calibration = CalibrationPanel(self)
+        self._element_views = ElementViews(self)
         self._scan_info = pn.pane.Markdown("", sizing_mode="stretch_width", css_classes=["xrfnb-scan-info"])
 
     def _guard_export(self, fn: Callable[[], bytes]) -> Callable[[], io.BytesIO | None]:
@@ -1578,6 +1581,7 @@ class Dashboard(pn.viewable.Viewer):
                 self._calls,
             ),
             self._gallery_section,
+            self._element_views.section,
             sizing_mode="stretch_width",
         )
         header = pn.pane.Markdown("## xrfnb: pigment maps from XRF scans", sizing_mode="stretch_width")
