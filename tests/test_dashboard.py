@@ -1479,3 +1479,18 @@ def test_no_element_section_without_element_maps(scene):
     scan, maps, _ = scene
     dash = Dashboard(scan=scan, maps=dataclasses.replace(maps, element_maps=None))
     assert not dash._element_views.section.visible and dash._element_views.overlay.object is None
+
+
+def test_a_dashboard_outside_a_server_links_no_stylesheet_from_a_cdn(dash):
+    """In a notebook without xrfnb.setup_notebook(): Panel's component stylesheets are inlined."""
+    from bokeh.document import Document
+    from bokeh.models import ImportedStyleSheet
+    from panel.viewable import Viewable
+
+    from xrfnb._notebook import _localize_panel_stylesheets
+
+    assert _localize_panel_stylesheets in Viewable._preprocessing_hooks
+    root = dash.__panel__().get_root(Document())
+    urls = [s.url for s in root.select({"type": ImportedStyleSheet})]
+    assert urls, "Panel's widgets carry stylesheets"
+    assert not [u for u in urls if u.startswith(("http://", "https://", "//"))], urls

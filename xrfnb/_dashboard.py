@@ -91,11 +91,25 @@ _MAX_LISTED_FILES = 500
 # small helpers
 # --------------------------------------------------------------------------------------------------
 def _ensure_extensions() -> None:
-    """Load Panel and the HoloViews Bokeh backend with inline (local) resources, no CDN."""
+    """Load Panel and the HoloViews Bokeh backend with inline (local) resources, no CDN.
+
+    Outside a server session (a notebook) Panel still links its component stylesheets from a CDN
+    despite ``inline=True``; the notebook hook of :func:`xrfnb.setup_notebook` that inlines them is
+    registered here too, so that a Dashboard shown without that call fetches nothing either. Served
+    pages get those files from the server's own static route and are left alone.
+    """
     if not getattr(_ensure_extensions, "_done", False):
         pn.extension("filedropper", inline=True, notifications=True)
         hv.extension("bokeh", inline=True, logo=False)
         _ensure_extensions._done = True  # type: ignore[attr-defined]
+    doc = pn.state.curdoc
+    if doc is None or doc.session_context is None:
+        from panel.viewable import Viewable
+
+        from ._notebook import _localize_panel_stylesheets
+
+        if _localize_panel_stylesheets not in Viewable._preprocessing_hooks:
+            Viewable._preprocessing_hooks.append(_localize_panel_stylesheets)
     pn.config.inline = True
     pn.config.notifications = True
 
