@@ -1494,3 +1494,27 @@ def test_a_dashboard_outside_a_server_links_no_stylesheet_from_a_cdn(dash):
     urls = [s.url for s in root.select({"type": ImportedStyleSheet})]
     assert urls, "Panel's widgets carry stylesheets"
     assert not [u for u in urls if u.startswith(("http://", "https://", "//"))], urls
+
+
+def test_a_closed_session_frees_its_dashboard():
+    """A browser session that ends must not leave its Dashboard (scan, maps, plots) in the server: HoloViews
+    keeps plot hooks in a process-wide registry, where a bound method kept every Dashboard alive."""
+    import gc
+    import weakref
+
+    import panel as pn
+    from bokeh.document import Document
+
+    scan, maps, _ = make_scene()
+    refs = []
+    for _ in range(2):
+        dash = Dashboard(scan=scan, maps=maps)
+        viewable = pn.panel(dash)
+        root = viewable.get_root(Document())  # rendered as a session renders it: every plot and hook
+        dash.pixel = (5, 8)
+        viewable._cleanup(root)  # what Panel does when the session is destroyed
+        pn.state._views.pop(root.ref["id"], None)
+        refs.append(weakref.ref(dash))
+        del dash, viewable, root
+    gc.collect()
+    assert [r() is None for r in refs] == [True, True]

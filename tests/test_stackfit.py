@@ -39,7 +39,7 @@ def test_recovers_a_stack_on_its_grid_exactly(m6):
     assert fit.weight_fractions[0] == pytest.approx({"vermilion": 0.35})
     assert fit.deviance < 1e-6
     assert fit.expected.shape == (m6.n_channels,)
-    assert fit.describe() == "vermilion 35 wt% (8.0 um) over lead white 60 wt%"
+    assert fit.describe() == "vermilion 35 wt% (8.0 µm) over lead white 60 wt%"
 
 
 def test_relative_amounts_of_a_mixture_are_recovered(m6):

@@ -28,6 +28,7 @@ import shutil
 import tempfile
 import textwrap
 import threading
+import weakref
 import zipfile
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -1891,7 +1892,8 @@ class Dashboard(pn.viewable.Viewer):
         mm, axes = self.map_scale()
         unit = "mm" if axes[0].endswith("(mm)") else ""
         tools = ["tap", "box_select", "lasso_select"]
-        hooks = [_name_hook("xrfnb-main"), self._pixel_marker_hook] + ([_scale_bar_hook] if unit else [])
+        hooks = [_name_hook("xrfnb-main"), _weak_hook(self._pixel_marker_hook)]
+        hooks += [_scale_bar_hook] if unit else []
         common = {
             "title": self._main_title(),
             "tools": tools,
@@ -2092,7 +2094,9 @@ class Dashboard(pn.viewable.Viewer):
         )
         return (img * labels).opts(
             hv.opts.Overlay(
-                title="", toolbar=None, hooks=[_name_hook("xrfnb-gallery"), self._gallery_tap_hook]
+                title="",
+                toolbar=None,
+                hooks=[_name_hook("xrfnb-gallery"), _weak_hook(self._gallery_tap_hook)],
             )
         )
 
@@ -2359,7 +2363,7 @@ class Dashboard(pn.viewable.Viewer):
                 logy=self.log_scale,
                 show_legend=False,
                 tools=["hover"],
-                hooks=[_name_hook("xrfnb-spectrum"), self._spectrum_tap_hook],
+                hooks=[_name_hook("xrfnb-spectrum"), _weak_hook(self._spectrum_tap_hook)],
                 framewise=True,
             ),
         )
@@ -3032,6 +3036,23 @@ _Refresh = streams.Stream.define("Refresh", version=0)
 def _name_hook(name: str) -> Callable[[Any, Any], None]:
     def hook(plot: Any, element: Any) -> None:
         plot.state.name = name
+
+    return hook
+
+
+def _weak_hook(method: Callable[[Any, Any], None]) -> Callable[[Any, Any], None]:
+    """A plot hook calling a Dashboard's bound ``method`` without keeping the Dashboard alive.
+
+    HoloViews keeps plot options in a process-wide registry (``Store._custom_options``) until the
+    element dies, and the Dashboard holds its elements: a bound method there kept every closed browser
+    session's Dashboard, with its scan and maps, for the life of the server.
+    """
+    ref = weakref.WeakMethod(method)
+
+    def hook(plot: Any, element: Any) -> None:
+        bound = ref()
+        if bound is not None:
+            bound(plot, element)
 
     return hook
 

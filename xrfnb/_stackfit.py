@@ -82,7 +82,7 @@ class StackFit:
         for i, wf in enumerate(self.weight_fractions):
             text = ", ".join(f"{p} {100 * w:.0f} wt%" for p, w in wf.items()) or "binder only"
             if i == 0 and len(self.weight_fractions) > 1:
-                text += f" ({self.surface_thickness_um:.1f} um)"
+                text += f" ({self.surface_thickness_um:.1f} µm)"
             parts.append(text)
         return " over ".join(parts)
 
