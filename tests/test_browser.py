@@ -387,6 +387,11 @@ def test_xrfnb_serve_demo_in_chromium(tmp_path):
             page.wait_for_function(f"() => ({_SOURCES_JS})().counts.some(s => s > 0)", timeout=60000)
             page.get_by_text("Showing demo: hidden-painting").first.wait_for(timeout=20000)
             _assert_clean_page(page, log_path)
+            # the RGB overlay starts on three different elements (it once showed Zn K in all three)
+            rgb = [page.locator(f".xrfnb-rgb-{c} select").first for c in ("red", "green", "blue")]
+            rgb[0].wait_for(state="attached", timeout=30000)
+            values = [s.input_value() for s in rgb]
+            assert len(set(values)) == 3 and all(values), f"RGB overlay channels: {values}"
             # a 1440 x 900 laptop screen: the exports are on the first screen, the 31 per-class sliders
             # wait in a collapsed card, and the composite map has its legend of class colours
             for label in ("Map as PNG", "Maps as TIFF", "Maps as HDF5", "Spectrum as CSV"):

@@ -1457,6 +1457,12 @@ def test_an_rgb_overlay_of_three_element_maps(dash, scene):
     def title(el):
         return hv.Store.lookup_options("bokeh", el, "plot").kwargs["title"]
 
+    # by default the three strongest elements (by total fitted counts), one per channel
+    em = maps.element_maps
+    totals = {f"{e} {f}": float(np.nansum(em.intensity[..., i]))
+              for i, (e, f) in enumerate(zip(em.elements, em.families, strict=True))}
+    assert [views.red.value, views.green.value, views.blue.value] == sorted(totals, key=totals.get,
+                                                                              reverse=True)[:3]
     # RGB overlay: Pb red, Hg green, Fe blue, each channel scaled to its own 99th percentile (501 counts:
     # more than 1 % of the pixels hold each element), so full brightness inside its region, ~0 outside
     views.red.value, views.green.value, views.blue.value = "Pb L", "Hg L", "Fe K"

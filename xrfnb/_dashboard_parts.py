@@ -359,8 +359,9 @@ class ElementViews:
             totals = np.nansum(np.asarray(em.intensity, dtype=float), axis=(0, 1))
             strongest = [labels[i] for i in np.argsort(-totals)]
             for k, widget in enumerate((self.red, self.green, self.blue)):
+                keep = widget.value in labels  # read before the options change: Select then takes the first
                 widget.options = labels
-                if widget.value not in labels:
+                if not keep:
                     widget.value = strongest[k % len(strongest)]
         finally:
             self._refreshing = False
