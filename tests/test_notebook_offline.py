@@ -41,16 +41,11 @@ from panel.viewable import Viewable  # noqa: E402
 
 from xrfnb import _notebook  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_browser import CHROMIUM, CHROMIUM_ARGS  # noqa: E402
+from test_notebooks import write_kernel_spec  # noqa: E402
+
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 LOCAL_HOSTS = {"127.0.0.1", "localhost"}
 
 
@@ -254,18 +249,7 @@ def test_quickstart_in_jupyterlab_requests_nothing_off_the_machine(tmp_path):
     root = tmp_path / "lab"
     root.mkdir()
     shutil.copy(NOTEBOOKS / "01_quickstart.ipynb", root)
-    spec = tmp_path / "jupyter" / "kernels" / "python3"
-    spec.mkdir(parents=True)
-    spec.joinpath("kernel.json").write_text(
-        json.dumps(
-            {
-                "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-                "display_name": "xrfnb test kernel",
-                "language": "python",
-            }
-        ),
-        encoding="utf-8",
-    )
+    write_kernel_spec(tmp_path / "jupyter")
     env = dict(
         os.environ,
         JUPYTER_PATH=str(tmp_path / "jupyter"),

@@ -63,11 +63,9 @@ def test_only_xrfnb_and_display_libraries_imported(name):
                 assert "xrfnb._" not in line and " _" not in line.split("import", 1)[-1], line
 
 
-@pytest.fixture(scope="module")
-def notebook_env(tmp_path_factory):
-    """Shared working folder, a kernel spec for this interpreter and the small-data switch."""
-    root = tmp_path_factory.mktemp("notebooks")
-    spec = root / "jupyter" / "kernels" / "python3"
+def write_kernel_spec(jupyter_dir: Path) -> None:
+    """A ``python3`` kernel spec in ``jupyter_dir/kernels`` that runs this interpreter (the test venv)."""
+    spec = jupyter_dir / "kernels" / "python3"
     spec.mkdir(parents=True)
     spec.joinpath("kernel.json").write_text(
         json.dumps(
@@ -79,6 +77,13 @@ def notebook_env(tmp_path_factory):
         ),
         encoding="utf-8",
     )
+
+
+@pytest.fixture(scope="module")
+def notebook_env(tmp_path_factory):
+    """Shared working folder, a kernel spec for this interpreter and the small-data switch."""
+    root = tmp_path_factory.mktemp("notebooks")
+    write_kernel_spec(root / "jupyter")
     work = root / "work"
     work.mkdir()
     with pytest.MonkeyPatch.context() as mp:

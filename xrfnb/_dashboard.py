@@ -1491,14 +1491,7 @@ class Dashboard(pn.viewable.Viewer):
     def _spectrum_tap_hook(self, plot: Any, element: Any) -> None:
         """Listen to clicks on the rendered spectrum figure (once per figure): a HoloViews Tap stream on
         a DynamicMap of overlays gets no callback (see :meth:`_gallery_tap_hook`)."""
-        figure = plot.state
-        seen = self.__dict__.setdefault("_spectrum_tap_figures", set())
-        if figure.id in seen:
-            return
-        seen.add(figure.id)
-        from bokeh import events
-
-        figure.on_event(events.Tap, self._on_spectrum_click)
+        self._subscribe_tap(plot.state, self._on_spectrum_click)
 
     @_guarded
     def _on_spectrum_click(self, event: Any) -> None:
@@ -2107,14 +2100,17 @@ class Dashboard(pn.viewable.Viewer):
         callback is attached to an overlay plot), so a click did nothing in the browser; the figure's
         own Bokeh tap event is subscribed to instead. Its x, y are mosaic pixels, y downwards.
         """
-        figure = plot.state
-        seen = self.__dict__.setdefault("_gallery_tap_figures", set())
-        if figure.id in seen:
-            return
-        seen.add(figure.id)
+        self._subscribe_tap(plot.state, self._on_gallery_click)
+
+    def _subscribe_tap(self, figure: Any, handler: Callable[[Any], None]) -> None:
+        """Call ``handler`` on Bokeh tap events of ``figure``, once per figure (hooks run on every redraw)."""
         from bokeh import events
 
-        figure.on_event(events.Tap, self._on_gallery_click)
+        seen = self.__dict__.setdefault("_tap_figures", set())
+        if (figure.id, handler.__name__) in seen:
+            return
+        seen.add((figure.id, handler.__name__))
+        figure.on_event(events.Tap, handler)
 
     @_guarded
     def _on_gallery_click(self, event: Any) -> None:
