@@ -31,7 +31,7 @@ from bokeh.document import Document
 from bokeh.models import ColumnDataSource, GlyphRenderer, Plot
 
 import xrfnb
-from xrfnb._dashboard import _ABSENT_COLOR, _THUMB_PX, Dashboard
+from xrfnb.ui.dashboard import _ABSENT_COLOR, _THUMB_PX, Dashboard
 
 TARGET_MS = 200.0
 

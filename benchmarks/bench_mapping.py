@@ -121,8 +121,8 @@ def _fallback_model():
     """A freshly initialised PigmentModel with the default architecture (untrained weights)."""
     import torch
 
-    from xrfnb._model import PigmentModel
-    from xrfnb._nn import PigmentNet
+    from xrfnb.model.model import PigmentModel
+    from xrfnb.model.nn import PigmentNet
 
     torch.manual_seed(0)
     classes = list(TEMPLATES) + [f"class {i}" for i in range(24 - len(TEMPLATES))]
@@ -146,7 +146,7 @@ def _rss_mb() -> float:
 
 def worker_map(path: Path, out: Path, chunk_pixels: int) -> dict:
     import xrfnb
-    from xrfnb._mapping import map_pigments
+    from xrfnb.maps.mapping import map_pigments
 
     note = "shipped model"
     try:
@@ -180,8 +180,8 @@ def worker_fit(path: Path) -> dict:
     import xrfnb
 
     try:
-        from xrfnb._fit import fit_elements
-        from xrfnb._instrument import Instrument
+        from xrfnb.fitting.elements import fit_elements
+        from xrfnb.physics.instrument import Instrument
     except ImportError as exc:
         return {"what": "fit_elements", "skipped": f"not available: {exc}"}
     scan = xrfnb.load(path)

@@ -28,7 +28,7 @@ import numpy as np
 import xraylib
 
 import xrfnb
-from xrfnb._simulate import _setup, simulate_batch, stack_arrays
+from xrfnb.physics.simulate import _setup, simulate_batch, stack_arrays
 
 
 def random_stacks(n: int, rng: np.random.Generator) -> list[xrfnb.Stack]:

@@ -17,7 +17,7 @@ import xraylib
 
 import xrfnb
 from xrfnb import Layer, Stack
-from xrfnb._simulate import stack_arrays
+from xrfnb.physics.simulate import stack_arrays
 
 AIR = "Air, Dry (near sea level)"
 RHO_AIR = 0.001205  # g/cm3, 20 degC, 1 atm

@@ -7,7 +7,7 @@ import pytest
 
 import xrfnb
 from xrfnb import FitError
-from xrfnb._fit import ElementMaps
+from xrfnb.fitting.elements import ElementMaps
 
 FAMILY = {"Pb": "L", "Hg": "L", "Ba": "L", "Cd": "L", "Sn": "L", "Sb": "L"}
 

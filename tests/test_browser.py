@@ -139,7 +139,7 @@ def server():
     if not CHROMIUM.exists():
         pytest.skip("Chromium is not installed (/usr/bin/chromium): run `make browser-deps`")
     pytest.importorskip("playwright.sync_api", reason="playwright is in the test extra")
-    from xrfnb._dashboard import Dashboard, serve_app
+    from xrfnb.ui.dashboard import Dashboard, serve_app
 
     scan, maps, _ = make_scene()
     sessions: list[Dashboard] = []
@@ -494,7 +494,7 @@ def test_spectrum_range_follows_the_pixel_and_a_gallery_click_enlarges(tmp_path)
     from playwright.sync_api import sync_playwright
 
     import xrfnb
-    from xrfnb._dashboard import Dashboard, serve_app
+    from xrfnb.ui.dashboard import Dashboard, serve_app
 
     scan, maps, _ = make_scene()
     counts = np.asarray(scan.counts).astype(np.uint32)

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 
 import xrfnb
-from xrfnb import _dashboard
-from xrfnb._dashboard import Dashboard, resolve_inside
+from xrfnb.ui import dashboard as _dashboard
+from xrfnb.ui.dashboard import Dashboard, resolve_inside
 
 ROWS, COLS, CHANNELS = 32, 32, 4096
 GAIN_KEV = 0.01
@@ -526,7 +526,7 @@ def test_symlink_loop_and_non_data_files_are_not_listed(tmp_path, scene, caplog)
     (root / "photo.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
     os.symlink("b.h5", root / "a.h5")
     os.symlink("a.h5", root / "b.h5")
-    with caplog.at_level("WARNING", logger="xrfnb._dashboard"):
+    with caplog.at_level("WARNING", logger="xrfnb.ui.dashboard"):
         listed = _dashboard.list_data_files(root)
     assert listed == ["scan.h5", "sub/spectrum.txt"]
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
@@ -618,7 +618,7 @@ def test_simulated_spectrum_of_the_predicted_stack(dash, scene):
     # it is the best of the stacks searched: better than the same pigments at the default guess
     guess = xrfnb.Stack([xrfnb.Layer({"lead white": 0.3, "vermilion": 0.3}, thickness_um=20.0)])
     g = xrfnb.simulate_batch([guess], dash._instrument(), noise=False)[0][fitted]
-    from xrfnb._stackfit import poisson_deviance
+    from xrfnb.fitting.stackfit import poisson_deviance
 
     assert fit.deviance <= poisson_deviance(counts[fitted], g / g.sum() * counts[fitted].sum()) + 1e-6
     # the simulator's strongest fluorescence lines lie on the Hg/Pb L lines (published energies)
@@ -905,7 +905,7 @@ def test_serve_warns_when_binding_beyond_loopback(monkeypatch, caplog):
     """Binding every interface says, on one line, that anyone on the network can open the folder."""
     calls = []
     monkeypatch.setattr(_dashboard, "serve_app", lambda app, **kw: calls.append(kw))
-    with caplog.at_level("WARNING", logger="xrfnb._dashboard"):
+    with caplog.at_level("WARNING", logger="xrfnb.ui.dashboard"):
         _dashboard.serve(None, port=5999, address="127.0.0.1")
         _dashboard.serve(None, port=5999, address="localhost")
         assert not [r for r in caplog.records if r.levelname == "WARNING"]
@@ -914,7 +914,7 @@ def test_serve_warns_when_binding_beyond_loopback(monkeypatch, caplog):
     assert "0.0.0.0" in warning and "anyone" in warning and "token" in warning
     assert [c["basic_auth"] for c in calls] == [None, None, None]
     caplog.clear()
-    with caplog.at_level("WARNING", logger="xrfnb._dashboard"):
+    with caplog.at_level("WARNING", logger="xrfnb.ui.dashboard"):
         _dashboard.serve(None, port=5999, address="0.0.0.0", token=True)
     messages = [r.getMessage() for r in caplog.records]
     token = calls[-1]["basic_auth"]
@@ -1389,7 +1389,7 @@ def test_an_uncalibrated_file_leads_to_the_calibration_card_and_maps_after_apply
 
 
 def test_calibration_peaks_are_parsed_strictly():
-    from xrfnb._dashboard_parts import parse_peaks
+    from xrfnb.ui.dashboard_parts import parse_peaks
 
     parsed = parse_peaks("Fe Ka=537, Ni  Ka = 627;\nCr Ka=454.5")
     assert parsed == {"Fe Ka": 537, "Ni Ka": 627, "Cr Ka": 454.5}
@@ -1493,7 +1493,7 @@ def test_a_dashboard_outside_a_server_links_no_stylesheet_from_a_cdn(dash):
     from bokeh.models import ImportedStyleSheet
     from panel.viewable import Viewable
 
-    from xrfnb._notebook import _localize_panel_stylesheets
+    from xrfnb.ui.notebook import _localize_panel_stylesheets
 
     assert _localize_panel_stylesheets in Viewable._preprocessing_hooks
     root = dash.__panel__().get_root(Document())

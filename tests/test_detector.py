@@ -11,8 +11,8 @@ import xraylib
 from scipy.optimize import curve_fit
 
 from xrfnb import DataError, EnergyCalibration, InstrumentError
-from xrfnb._detector import DetectorResponse, escape_fraction, icc_fraction, poisson_counts, si_ka_keV
-from xrfnb._instrument import Instrument
+from xrfnb.physics.detector import DetectorResponse, escape_fraction, icc_fraction, poisson_counts, si_ka_keV
+from xrfnb.physics.instrument import Instrument
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 # Si Ka1,2 (keV), X-ray Data Booklet (LBNL 2009), table 1-2

@@ -26,9 +26,9 @@ import numpy as np
 import pytest
 import xraylib
 
-from xrfnb import _fp
-from xrfnb._simulate import stack_arrays
-from xrfnb._stack import Layer, Stack
+from xrfnb.physics import fp as _fp
+from xrfnb.physics.simulate import stack_arrays
+from xrfnb.physics.stack import Layer, Stack
 
 fisx = pytest.importorskip("fisx", reason="fisx (test extra) is not installed")
 

@@ -14,8 +14,9 @@ import pytest
 
 import xrfnb
 from xrfnb import EnergyCalibration
-from xrfnb._fit import detect_elements, fit_elements, roi_maps
-from xrfnb._instrument import Absorber, Instrument
+from xrfnb.fitting.elements import detect_elements, fit_elements, roi_maps
+from xrfnb.physics.instrument import Instrument
+from xrfnb.physics.materials import Absorber
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import xraylib
 
-from xrfnb import _fp
-from xrfnb._simulate import stack_arrays
-from xrfnb._stack import Layer, Stack
+from xrfnb.physics import fp as _fp
+from xrfnb.physics.simulate import stack_arrays
+from xrfnb.physics.stack import Layer, Stack
 
 PSI_IN, PSI_OUT = 45.0, 60.0
 S1, S2 = np.sin(np.radians(PSI_IN)), np.sin(np.radians(PSI_OUT))

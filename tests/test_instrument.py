@@ -12,7 +12,8 @@ import xraylib
 
 import xrfnb
 from xrfnb import EnergyCalibration, InstrumentError, XRFNBError
-from xrfnb._instrument import Absorber, Instrument, instruments
+from xrfnb.physics.instrument import Instrument, instruments
+from xrfnb.physics.materials import Absorber
 
 
 def test_presets_are_listed_and_load() -> None:

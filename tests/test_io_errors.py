@@ -169,7 +169,7 @@ def test_misused_options(tmp_path):
 def test_hdf5_that_crashes_the_hdf5_library_is_a_format_error(tmp_path, monkeypatch):
     """A file whose metadata kills the reading process (as some corrupted HDF5 files do to libhdf5) is
     refused with a FormatError, and this process survives: the metadata is walked in a child first."""
-    from xrfnb._io import _hdf5
+    from xrfnb.io import hdf5 as _hdf5
 
     path = tmp_path / "crash.h5"
     xrfnb.save(xrfnb.Spectrum(np.ones(16), xrfnb.EnergyCalibration(0.0, 0.01)), path)
@@ -181,7 +181,7 @@ def test_hdf5_that_crashes_the_hdf5_library_is_a_format_error(tmp_path, monkeypa
 
 
 def test_hdf5_preflight_passes_good_files_and_can_be_disabled(tmp_path, monkeypatch):
-    from xrfnb._io import _hdf5
+    from xrfnb.io import hdf5 as _hdf5
 
     path = tmp_path / "good.h5"
     xrfnb.save(xrfnb.Spectrum(np.arange(16.0), xrfnb.EnergyCalibration(0.0, 0.01)), path)

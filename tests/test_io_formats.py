@@ -12,8 +12,8 @@ import xraylib
 from _bruker_files import write_bcf, write_ripple, write_spx
 
 import xrfnb
-from xrfnb._io import detect_format
-from xrfnb._io._mca import rebin_counts
+from xrfnb.io.detect import detect_format
+from xrfnb.io.mca import rebin_counts
 
 CAL = xrfnb.EnergyCalibration(-0.03, 0.0148)
 

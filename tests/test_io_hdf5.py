@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 import xrfnb
-from xrfnb._io import atomic_path
-from xrfnb._io._hdf5 import read_scan, write_scan
+from xrfnb.io.atomic import atomic_path
+from xrfnb.io.hdf5 import read_scan, write_scan
 
 CAL = xrfnb.EnergyCalibration(-0.0421, 0.01003, 2.1e-8)
 
@@ -184,7 +184,7 @@ def test_saving_over_the_file_being_read_is_safe(tmp_path):
 def test_failed_save_leaves_no_partial_file_and_keeps_the_old_one(tmp_path, monkeypatch):
     path = xrfnb.save(_scan(), tmp_path / "scan.h5")
     before = _digest(path)
-    import xrfnb._io._hdf5 as h5mod
+    import xrfnb.io.hdf5 as h5mod
 
     def boom(group, scan, **kw):
         group.create_dataset("partial", data=np.zeros(10))

@@ -14,7 +14,7 @@ import xraylib
 
 import xrfnb
 from xrfnb import CalibrationError, DataError, FormatError
-from xrfnb._io import detect_format
+from xrfnb.io.detect import detect_format
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 PURE = REAL / "bruker_m4_rh50kv" / "pure_elements"

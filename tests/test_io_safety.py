@@ -18,7 +18,8 @@ import pytest
 from _bruker_files import write_ripple, write_spx
 
 import xrfnb
-from xrfnb._io import _chunks, _hdf5
+from xrfnb.io import chunks as _chunks
+from xrfnb.io import hdf5 as _hdf5
 
 CAL = xrfnb.EnergyCalibration(0.0, 0.01)
 SECRET = b"root:x:0:0:secret-bytes-of-another-file:/root:/bin/bash\n" * 8
@@ -340,7 +341,7 @@ def test_temporaries_of_killed_runs_are_removed_and_no_others(tmp_path):
     import subprocess
     import sys
 
-    from xrfnb._io import _owner_tag, atomic_path
+    from xrfnb.io.atomic import _owner_tag, atomic_path
 
     host = _owner_tag().rsplit("-", 1)[0]
     dead = subprocess.Popen([sys.executable, "-c", "pass"])

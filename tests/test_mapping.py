@@ -18,7 +18,7 @@ import pytest
 
 import xrfnb
 from xrfnb import EnergyCalibration, Scan
-from xrfnb._mapping import MASK_DEAD, MASK_INVALID, MASK_SATURATED, PigmentMaps, map_pigments
+from xrfnb.maps.mapping import MASK_DEAD, MASK_INVALID, MASK_SATURATED, PigmentMaps, map_pigments
 
 CAL = EnergyCalibration(0.0, 0.01)  # 10 eV per channel
 N_CH = 2048
@@ -239,7 +239,7 @@ def test_failed_write_leaves_previous_file_intact(tmp_path, counts_truth, model,
     path = maps.to_hdf5(tmp_path / "maps.h5")
     before = path.read_bytes()
 
-    import xrfnb._mapping as mapping
+    import xrfnb.maps.mapping as mapping
 
     def boom(*a, **k):
         raise RuntimeError("disk full")
@@ -471,7 +471,7 @@ def test_progress_callable_on_dask_local_and_distributed(counts_truth, model):
 def test_gzip_chunks_are_inflated_by_isal():
     from isal import isal_zlib
 
-    from xrfnb._io._chunks import inflater as _inflater
+    from xrfnb.io.chunks import inflater as _inflater
 
     assert _inflater() is isal_zlib.decompress
 
@@ -508,8 +508,8 @@ def test_wrong_model_output_shape_is_model_error(counts_truth):
 def _untrained_pigment_model():
     """A real PigmentModel (untrained weights, fixed seed): exercises the real rebinning and network."""
     torch = pytest.importorskip("torch")
-    from xrfnb._model import PigmentModel
-    from xrfnb._nn import PigmentNet
+    from xrfnb.model.model import PigmentModel
+    from xrfnb.model.nn import PigmentNet
 
     torch.manual_seed(0)
     classes = list(CLASS_LINES)
@@ -527,7 +527,6 @@ def _untrained_pigment_model():
 
 
 def test_real_pigment_model_streaming_and_dask_agree(tmp_path, counts_truth):
-    pytest.importorskip("xrfnb._model")
     da = pytest.importorskip("dask.array")
     model = _untrained_pigment_model()
     counts = counts_truth[0].copy()
@@ -558,7 +557,7 @@ def test_real_pigment_model_streaming_and_dask_agree(tmp_path, counts_truth):
 )
 @pytest.mark.parametrize("dtype", [np.uint16, np.float32, np.int32])
 def test_parallel_chunk_reader_equals_h5py(tmp_path, opts, dtype):
-    from xrfnb._io._chunks import ChunkReader as _ChunkReader
+    from xrfnb.io.chunks import ChunkReader as _ChunkReader
 
     rng = np.random.default_rng(1)
     data = rng.poisson(2.0, size=(11, 13, 70)).astype(dtype)
@@ -603,9 +602,6 @@ def _element_scan(rows=4, cols=3, seed=2):
 
 
 def test_element_maps_are_stored_alongside(tmp_path, model):
-    fit = pytest.importorskip("xrfnb._fit")
-    if not hasattr(fit, "fit_elements"):
-        pytest.skip("element fit not available")
     maps = map_pigments(_element_scan(), model, element_maps=True, progress=False)
     em = maps.element_maps
     assert em is not None, maps.metadata.get("element_maps_error")
@@ -632,7 +628,7 @@ def test_element_maps_are_written_as_tiffs_too(tmp_path, model):
 
 
 def test_failed_element_fit_keeps_the_pigment_maps(model, counts_truth, monkeypatch):
-    import xrfnb._mapping as mapping
+    import xrfnb.maps.mapping as mapping
 
     def no_elements(*a, **k):
         raise xrfnb.FitError("no element was detected in the (sum) spectrum")
@@ -648,7 +644,7 @@ def test_use_dask_on_an_hdf5_scan_reads_by_path(tmp_path, counts_truth, model):
     import pickle
 
     distributed = pytest.importorskip("distributed")
-    from xrfnb._mapping import dask_scan
+    from xrfnb.maps.mapping import dask_scan
 
     counts, _ = counts_truth
     scan = _h5_scan(_write_h5(tmp_path / "scan.h5", counts))
@@ -700,9 +696,6 @@ def test_summary_says_first_how_many_pixels_are_out_of_distribution():
 
 
 def test_element_maps_step_reports_progress(model, capsys):
-    fit = pytest.importorskip("xrfnb._fit")
-    if not hasattr(fit, "fit_elements"):
-        pytest.skip("element fit not available")
     map_pigments(_element_scan(), model, element_maps=True, progress=True)
     err = capsys.readouterr().err
     start = err.index("element maps: summing the scan's spectra, detecting its elements")

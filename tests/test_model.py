@@ -12,8 +12,8 @@ import torch
 
 import xrfnb
 from xrfnb import EnergyCalibration, ModelError
-from xrfnb._model import DEFAULT_MODEL, PigmentModel, available_models, load_model
-from xrfnb._nn import PigmentNet, energy_grid_edges_keV, rebin_counts
+from xrfnb.model.model import DEFAULT_MODEL, PigmentModel, available_models, load_model
+from xrfnb.model.nn import PigmentNet, energy_grid_edges_keV, rebin_counts
 
 REPO = Path(__file__).resolve().parents[1]
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
@@ -249,7 +249,7 @@ def test_golden_values_of_the_shipped_model():
 
 # -- precision: bfloat16 network against the float32 reference -----------------------------------------
 def test_precision_is_resolved_and_validated(monkeypatch):
-    from xrfnb._model import native_bfloat16
+    from xrfnb.model.model import native_bfloat16
 
     monkeypatch.delenv("XRFNB_PRECISION", raising=False)
     assert load_model("default").precision == ("bfloat16" if native_bfloat16() else "float32")

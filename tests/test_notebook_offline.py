@@ -39,7 +39,7 @@ from bokeh.models import ImportedStyleSheet, InlineStyleSheet  # noqa: E402
 from panel.io.state import state  # noqa: E402
 from panel.viewable import Viewable  # noqa: E402
 
-from xrfnb import _notebook  # noqa: E402
+from xrfnb.ui import notebook as _notebook  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_browser import CHROMIUM, CHROMIUM_ARGS  # noqa: E402

@@ -26,9 +26,9 @@ import numpy as np
 import pytest
 
 import xrfnb
-import xrfnb._mapping as mapping
+import xrfnb.maps.mapping as mapping
 from xrfnb import Scan
-from xrfnb._mapping import PigmentMaps, map_pigments
+from xrfnb.maps.mapping import PigmentMaps, map_pigments
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_mapping import CAL, LinearTestModel, _h5_scan, _write_h5, make_counts
@@ -264,7 +264,7 @@ _FULL_DISK_CHILD = textwrap.dedent(
     import errno, os, sys
     import numpy as np
     sys.path.insert(0, {tests!r})
-    import xrfnb, xrfnb._mapping as mapping
+    import xrfnb, xrfnb.maps.mapping as mapping
     from test_output_safety import _FullDisk
     mapping._open_for_hdf5 = lambda p: _FullDisk(p, {capacity})
     rng = np.random.default_rng(0)
@@ -297,8 +297,8 @@ def test_a_crafted_maps_file_cannot_read_other_files(tmp_path):
     """PigmentMaps.from_hdf5 (and `xrfnb info` on it) refuse maps whose data are stored in another file."""
     import h5py
 
-    import xrfnb._cli as cli
-    from xrfnb._mapping import PigmentMaps
+    import xrfnb.ui.cli as cli
+    from xrfnb.maps.mapping import PigmentMaps
 
     secret = tmp_path / "private" / "secret.bin"
     secret.parent.mkdir()

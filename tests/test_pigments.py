@@ -10,7 +10,7 @@ import xraylib
 
 import xrfnb
 from xrfnb import PigmentError
-from xrfnb._pigments import SILENT_GROUP, composition_from_formula
+from xrfnb.physics.pigments import SILENT_GROUP, composition_from_formula
 
 # IUPAC 2021 standard atomic weights (abridged), typed in independently of xraylib's table.
 IUPAC_WEIGHT = {"H": 1.008, "C": 12.011, "O": 15.999, "S": 32.06, "Cr": 51.996, "Hg": 200.59, "Pb": 207.2}

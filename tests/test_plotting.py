@@ -1,4 +1,4 @@
-"""Notebook figure builders and helpers (xrfnb._plotting): line markers, scores, peak and resolution fits,
+"""Notebook figure builders and helpers (xrfnb.ui.plotting): line markers, scores, peak and resolution fits,
 and the structure of the Bokeh figures (titles, axis labels with units, legends)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 
 import xrfnb
 from xrfnb import FitError, XRFNBError
-from xrfnb import _plotting as P
+from xrfnb.ui import plotting as P
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 

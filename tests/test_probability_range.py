@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import xrfnb
-from xrfnb._model import load_model
+from xrfnb.model.model import load_model
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 PRECISIONS = ("float32", "bfloat16")

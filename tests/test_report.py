@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 
 import xrfnb
-import xrfnb._cli as cli
-import xrfnb._report as report
+import xrfnb.ui.cli as cli
+import xrfnb.ui.report as report
 
 PIL_Image = pytest.importorskip("PIL.Image", reason="Pillow (a Bokeh dependency) decodes the PNGs")
 

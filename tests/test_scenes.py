@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import xrfnb
-from xrfnb._scenes import GroundTruth
+from xrfnb.physics.scenes import GroundTruth
 
 
 @pytest.fixture(scope="module")

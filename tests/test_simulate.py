@@ -10,8 +10,8 @@ import xraylib
 
 import xrfnb
 from xrfnb import InstrumentError, Layer, SimulationError, Stack
-from xrfnb._fp import compton_energy_keV
-from xrfnb._simulate import StackArrays, expected_spectrum, stack_arrays
+from xrfnb.physics.fp import compton_energy_keV
+from xrfnb.physics.simulate import StackArrays, expected_spectrum, stack_arrays
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +67,8 @@ def test_simulate_spectrum_peaks_where_lines_are(m6, painting) -> None:
 
 
 def test_rayleigh_and_compton_peaks_of_the_anode_line(m6) -> None:
-    from xrfnb import _fp
-    from xrfnb._simulate import _setup, _tables_for
+    from xrfnb.physics import fp as _fp
+    from xrfnb.physics.simulate import _setup, _tables_for
 
     stack = Stack([Layer({"C57H98O6": 1.0}, binder=None, thickness_um=2000, density_g_cm3=1.0)])
     setup = _setup(m6)
@@ -204,7 +204,7 @@ def test_monochromatic_source_excites_only_edges_below_it() -> None:
 
 def test_batch_hands_out_the_line_counts_behind_its_spectra(m6, painting) -> None:
     """The per-layer line intensities the training labels are built from add up to the spectrum."""
-    from xrfnb._simulate import _setup, _tables_for
+    from xrfnb.physics.simulate import _setup, _tables_for
 
     arr = stack_arrays([painting, painting])
     keep: dict = {}

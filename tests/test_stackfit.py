@@ -7,7 +7,7 @@ import pytest
 
 import xrfnb
 from xrfnb import DataError
-from xrfnb._stackfit import poisson_deviance
+from xrfnb.fitting.stackfit import poisson_deviance
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import pytest
 from scipy.optimize import curve_fit, nnls
 
 import xrfnb
-from xrfnb._simulate import expected_spectrum, line_intensities
+from xrfnb.physics.simulate import expected_spectrum, line_intensities
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 SRM_1155_MASS_PERCENT = {

@@ -10,8 +10,8 @@ import pytest
 import xraylib
 
 from xrfnb import ModelError
-from xrfnb._model import PigmentModel
-from xrfnb._train import (
+from xrfnb.model.model import PigmentModel
+from xrfnb.model.train import (
     GROUP_SIZE,
     _BatchStream,
     best_f1_thresholds,
@@ -22,7 +22,7 @@ from xrfnb._train import (
     train_model,
     validation_set,
 )
-from xrfnb._trainingdata import (
+from xrfnb.model.trainingdata import (
     MAX_PAINT_LAYERS,
     N_LAYERS,
     DataConfig,
@@ -251,8 +251,8 @@ def test_init_from_starts_a_new_run_from_trained_weights(tiny_run, tmp_path):
     meta = json.loads((tmp_path / "ft" / "model.json").read_text())
     assert meta["training"]["optim"]["init_from"] == str(out)
     # a checkpoint folder works too (its weights are the final ones of the run)
-    from xrfnb._nn import PigmentNet
-    from xrfnb._train import _init_weights
+    from xrfnb.model.nn import PigmentNet
+    from xrfnb.model.train import _init_weights
 
     net = PigmentNet(512, len(model_a.classes), conv_channels=2, hidden=(32, 16), dropout=0.1)
     assert _init_weights(net, out / "checkpoint").name == "state.safetensors"
@@ -268,7 +268,7 @@ def test_init_from_starts_a_new_run_from_trained_weights(tiny_run, tmp_path):
 
 
 def test_evaluate_runs_on_a_tiny_model(tiny_run):
-    from xrfnb._train import evaluate_model
+    from xrfnb.model.train import evaluate_model
 
     _, model = tiny_run
     rep = evaluate_model(model, n_per_cell=16, counts=(1000,), sets=("single", "buried"), baseline=False,
@@ -292,7 +292,7 @@ def test_validation_and_evaluation_sets_span_the_instrument_variants(tiny_run, m
     """Calibration and evaluation draw an instrument variant per group of GROUP_SIZE spectra, not one per
     ``variants_per_batch`` (2) for the whole set: thresholds, temperature and OOD references must see
     the whole instrument envelope, and each evaluation cell must cover the held-out one."""
-    from xrfnb._train import evaluate_model
+    from xrfnb.model.train import evaluate_model
 
     cfg = load_config({**TINY, "data": {"n_instrument_variants": 8, "variants_per_batch": 2},
                        "optim": {**TINY["optim"], "n_val": 4 * GROUP_SIZE}})
@@ -337,7 +337,7 @@ def test_step_plan_comes_from_the_warmed_up_speed(tmp_path, monkeypatch):
     """The run is fitted into its time budget from the speed of steps 100-400, not the faster start."""
     import types
 
-    import xrfnb._train as tr
+    import xrfnb.model.train as tr
 
     clock = {"t": 0.0}
     monkeypatch.setattr(tr, "time", types.SimpleNamespace(

@@ -9,8 +9,8 @@ import pytest
 import xraylib
 
 from xrfnb import InstrumentError
-from xrfnb._instrument import Instrument
-from xrfnb._tube import anode_lines, ebel_continuum, tube_spectrum
+from xrfnb.physics.instrument import Instrument
+from xrfnb.physics.tube import anode_lines, ebel_continuum, tube_spectrum
 
 # Rh K line energies (keV) from the X-ray Data Booklet (LBNL, 2009), table 1-2 (Bearden 1967)
 RH_KA1_KEV = 20.2161

@@ -10,7 +10,6 @@ import importlib
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from ._calibration import CalibrationFit, EnergyCalibration, calibrate
 from ._errors import (
     CalibrationError,
     DataError,
@@ -22,8 +21,10 @@ from ._errors import (
     SimulationError,
     XRFNBError,
 )
-from ._lines import line_energy_keV
-from ._spectrum import Scan, Spectrum
+from .core.calibration import EnergyCalibration
+from .core.lines import line_energy_keV
+from .core.spectrum import Scan, Spectrum
+from .fitting.calibration import CalibrationFit, calibrate
 
 try:
     __version__ = version("xrfnb")
@@ -33,51 +34,51 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree wi
 #: name -> internal module, imported on first attribute access
 _LAZY: dict[str, str] = {
     # readers and writers
-    "load": "._io",
-    "save": "._io",
+    "load": ".io.load",
+    "save": ".io.load",
     # pigment library
-    "Pigment": "._pigments",
-    "PigmentLibrary": "._pigments",
-    "pigments": "._pigments",
+    "Pigment": ".physics.pigments",
+    "PigmentLibrary": ".physics.pigments",
+    "pigments": ".physics.pigments",
     # instrument and physics
-    "Instrument": "._instrument",
-    "instruments": "._instrument",
-    "Layer": "._stack",
-    "Stack": "._stack",
-    "LineTable": "._simulate",
-    "argon_lines": "._simulate",
-    "line_intensities": "._simulate",
-    "simulate": "._simulate",
-    "simulate_batch": "._simulate",
-    "GroundTruth": "._scenes",
-    "render_scan": "._scenes",
-    "scenes": "._scenes",
-    "StackFit": "._stackfit",
-    "fit_stack": "._stackfit",
+    "Instrument": ".physics.instrument",
+    "instruments": ".physics.instrument",
+    "Layer": ".physics.stack",
+    "Stack": ".physics.stack",
+    "LineTable": ".physics.simulate",
+    "argon_lines": ".physics.simulate",
+    "line_intensities": ".physics.simulate",
+    "simulate": ".physics.simulate",
+    "simulate_batch": ".physics.simulate",
+    "GroundTruth": ".physics.scenes",
+    "render_scan": ".physics.scenes",
+    "scenes": ".physics.scenes",
+    "StackFit": ".fitting.stackfit",
+    "fit_stack": ".fitting.stackfit",
     # element detection, maps and the expert baseline
-    "DetectedElement": "._fit",
-    "ElementMaps": "._fit",
-    "detect_elements": "._fit",
-    "fit_elements": "._fit",
-    "roi_maps": "._fit",
-    "snip_background": "._fit",
-    "BaselineAssignment": "._baseline",
-    "assign_pigments_by_elements": "._baseline",
+    "DetectedElement": ".fitting.elements",
+    "ElementMaps": ".fitting.elements",
+    "detect_elements": ".fitting.elements",
+    "fit_elements": ".fitting.elements",
+    "roi_maps": ".fitting.elements",
+    "snip_background": ".fitting.elements",
+    "BaselineAssignment": ".fitting.baseline",
+    "assign_pigments_by_elements": ".fitting.baseline",
     # deep-learning identification
-    "Identification": "._model",
-    "PigmentModel": "._model",
-    "load_model": "._model",
-    "train_model": "._train",
+    "Identification": ".model.model",
+    "PigmentModel": ".model.model",
+    "load_model": ".model.model",
+    "train_model": ".model.train",
     # whole-scan maps
-    "PigmentMaps": "._mapping",
-    "map_pigments": "._mapping",
+    "PigmentMaps": ".maps.mapping",
+    "map_pigments": ".maps.mapping",
     # reports for the conservation file
-    "write_report": "._report",
+    "write_report": ".ui.report",
     # dashboard
-    "Dashboard": "._dashboard",
+    "Dashboard": ".ui.dashboard",
     # notebooks
-    "NotebookSetup": "._notebook",
-    "setup_notebook": "._notebook",
+    "NotebookSetup": ".ui.notebook",
+    "setup_notebook": ".ui.notebook",
 }
 
 __all__ = [

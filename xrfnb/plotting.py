@@ -4,5 +4,5 @@ A public submodule: ``from xrfnb import plotting`` or ``xrfnb.plotting.spectrum_
 imported only when this module is.
 """
 
-from ._plotting import *  # noqa: F403
-from ._plotting import __all__  # noqa: F401
+from .ui.plotting import *  # noqa: F403
+from .ui.plotting import __all__  # noqa: F401

@@ -1,0 +1,221 @@
+"""The pigment-identification network and its fixed input representation.
+
+Every spectrum, whatever its calibration and channel count, is first rebinned (counts-conserving) onto the
+model's own energy grid. The grid's bin width grows with energy like the detector resolution,
+
+    FWHM(E) = sqrt(noise^2 + 8 ln2 * fano * epsilon * E),   epsilon = 3.65e-3 keV (Si pair energy),
+
+so that a peak spans about the same number of bins (about three per FWHM) everywhere: a low-energy peak is
+not blurred and a high-energy peak is not spread over many almost empty bins. With ``u(E) = sqrt(noise^2 +
+c E)`` the bin edges are equidistant in ``u`` (``dE / FWHM(E)`` integrates to ``2 u / c``).
+
+The network is deliberately small and GEMM-shaped (one strided convolution, then fully connected layers),
+because whole-scan mapping needs tens of thousands of spectra per second on two CPU cores. Its output per
+pigment class is a three-way softmax: absent / present in the surface layer / present only below the
+surface layer (within the probed depth).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .._errors import ModelError
+from ..core.calibration import EnergyCalibration
+
+__all__ = [
+    "PigmentNet",
+    "energy_grid_edges_keV",
+    "features_from_binned",
+    "rebin_counts",
+]
+
+#: Fano factor and Si electron-hole pair energy (keV) that shape the model's grid (not a detector model).
+_FANO = 0.115
+_PAIR_keV = 3.65e-3
+
+
+def energy_grid_edges_keV(
+    n_bins: int = 512, e_min_keV: float = 1.0, e_max_keV: float = 41.0, noise_keV: float = 0.08
+) -> np.ndarray:
+    """Bin edges of the model's energy grid, equidistant in the square root of the detector variance.
+
+    Parameters
+    ----------
+    n_bins : int
+        Number of bins.
+    e_min_keV, e_max_keV : float
+        Energy range in keV.
+    noise_keV : float
+        Electronic-noise FWHM in keV of the reference detector that shapes the bin widths.
+
+    Returns
+    -------
+    numpy.ndarray
+        Edges in keV, shape (n_bins + 1,), increasing.
+    """
+    if n_bins < 8 or not 0 < e_min_keV < e_max_keV:
+        raise ModelError(f"invalid energy grid: {n_bins} bins from {e_min_keV} to {e_max_keV} keV")
+    c = 8.0 * math.log(2.0) * _FANO * _PAIR_keV
+    u_lo, u_hi = math.sqrt(noise_keV**2 + c * e_min_keV), math.sqrt(noise_keV**2 + c * e_max_keV)
+    u = np.linspace(u_lo, u_hi, n_bins + 1)
+    return (u**2 - noise_keV**2) / c
+
+
+def _edge_positions(calibration: EnergyCalibration, n_channels: int, edges_keV: np.ndarray) -> np.ndarray:
+    """Positions of the grid edges on the cumulative-counts axis of the input channels, shape (n_edges,).
+
+    Channel ``i`` covers the energies between channels ``i - 1/2`` and ``i + 1/2``; the cumulative sum
+    ``C[j] = counts[:j].sum()`` is linear inside each channel, so position ``p`` (in channels, from the
+    low edge of channel 0) reads ``C`` at ``floor(p)`` plus a fraction of channel ``floor(p)``.
+    """
+    pos = np.asarray(calibration.channel(edges_keV), dtype=np.float64) + 0.5
+    return np.clip(pos, 0.0, float(n_channels))
+
+
+def rebin_counts(counts: np.ndarray, calibration: EnergyCalibration, edges_keV: np.ndarray) -> np.ndarray:
+    """Counts-conserving rebinning of spectra onto other bin edges.
+
+    Counts are assumed uniformly spread over each input channel; grid bins outside the input's energy range
+    receive zero counts.
+
+    Parameters
+    ----------
+    counts : numpy.ndarray
+        Counts, shape (n, channels), any numeric dtype.
+    calibration : EnergyCalibration
+        Calibration of the input channels.
+    edges_keV : numpy.ndarray
+        Target bin edges in keV, shape (n_bins + 1,).
+
+    Returns
+    -------
+    numpy.ndarray
+        Counts per target bin, shape (n, n_bins), float32.
+    """
+    counts = np.asarray(counts)
+    n_ch = counts.shape[1]
+    pos = _edge_positions(calibration, n_ch, edges_keV)
+    idx = np.minimum(np.floor(pos).astype(np.intp), n_ch - 1)
+    frac = (pos - idx).astype(np.float32)
+    # whole channels idx[i] .. idx[i+1]-1 (np.add.reduceat, one pass over the data), then the fractions of
+    # the channels cut by the edges: C(pos) = sum(counts[:idx]) + frac * counts[idx]
+    dtype = np.float64 if counts.dtype == np.float64 else np.float32
+    whole = np.add.reduceat(counts, idx, axis=1, dtype=dtype)[:, :-1]
+    empty = idx[:-1] >= idx[1:]
+    if empty.any():
+        whole[:, empty] = 0
+    cut = counts[:, idx] * frac
+    return (whole + cut[:, 1:] - cut[:, :-1]).astype(np.float32, copy=False)
+
+
+def features_from_binned(binned: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Network input from counts on the model grid.
+
+    Parameters
+    ----------
+    binned : torch.Tensor
+        Counts per grid bin, shape (n, n_bins), float32.
+
+    Returns
+    -------
+    x : torch.Tensor
+        Shape (n, 2, n_bins): ``sqrt(f)`` and ``log1p(f)`` with ``f = counts / total * n_bins`` (a flat
+        spectrum gives 1 everywhere), so spectra of 100 and 100,000 counts look alike but for noise.
+    log_counts : torch.Tensor
+        Shape (n, 1): ``log10(total counts on the grid + 1)``; the network needs it to judge how
+        significant a weak peak is.
+    """
+    total = binned.sum(dim=1, keepdim=True)
+    f = binned * (binned.shape[1] / total.clamp_min(1.0))
+    x = torch.stack((torch.sqrt(f), torch.log1p(f)), dim=1)
+    return x, torch.log10(total + 1.0)
+
+
+class PigmentNet(nn.Module):
+    """Small 1-D CNN + MLP: spectrum on the model grid -> per-class (absent, surface, buried) logits.
+
+    Parameters
+    ----------
+    n_bins : int
+        Bins of the model grid (even).
+    n_classes : int
+        Number of pigment classes K.
+    conv_channels : int
+        Filters of the strided input convolution (0: no convolution, a plain MLP).
+    kernel : int
+        Width of the convolution in bins (odd).
+    hidden : sequence of int
+        Widths of the fully connected layers; the last is the feature vector used for the
+        out-of-distribution distance.
+    dropout : float
+        Dropout after each hidden layer (training only).
+    """
+
+    def __init__(
+        self,
+        n_bins: int,
+        n_classes: int,
+        *,
+        conv_channels: int = 8,
+        kernel: int = 7,
+        hidden: Sequence[int] = (256, 128),
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.n_bins = int(n_bins)
+        self.n_classes = int(n_classes)
+        self.conv_channels = int(conv_channels)
+        self.kernel = int(kernel)
+        self.hidden = tuple(int(h) for h in hidden)
+        if not self.hidden:
+            raise ModelError("PigmentNet needs at least one hidden layer")
+        if self.conv_channels > 0:
+            self.conv = nn.Conv1d(2, self.conv_channels, self.kernel, stride=2, padding=self.kernel // 2)
+            n_in = self.conv_channels * ((self.n_bins + 2 * (self.kernel // 2) - self.kernel) // 2 + 1)
+        else:
+            self.conv = None
+            n_in = 2 * self.n_bins
+        layers: list[nn.Module] = []
+        for h in self.hidden:
+            layers += [nn.Linear(n_in + 1 if not layers else n_in, h), nn.ReLU(), nn.Dropout(dropout)]
+            n_in = h
+        self.mlp = nn.ModuleList(layers)
+        self.head = nn.Linear(n_in, 3 * self.n_classes)
+
+    def forward(self, x: torch.Tensor, log_counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and features.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            Shape (n, 2, n_bins) from :func:`features_from_binned`.
+        log_counts : torch.Tensor
+            Shape (n, 1).
+
+        Returns
+        -------
+        logits : torch.Tensor
+            Shape (n, K, 3): absent, present in the surface layer, present only below it.
+        features : torch.Tensor
+            Shape (n, hidden[-1]), the last hidden layer (after ReLU).
+        """
+        h = torch.relu(self.conv(x)) if self.conv is not None else x
+        h = torch.cat((h.flatten(1), log_counts), dim=1)
+        for layer in self.mlp:
+            h = layer(h)
+        return self.head(h).view(-1, self.n_classes, 3), h
+
+    def arch(self) -> dict:
+        """Constructor arguments (for model.json)."""
+        return {
+            "n_bins": self.n_bins,
+            "n_classes": self.n_classes,
+            "conv_channels": self.conv_channels,
+            "kernel": self.kernel,
+            "hidden": list(self.hidden),
+        }

@@ -1,0 +1,738 @@
+"""Training data generated on the fly: random paint stacks, domain randomisation and labels.
+
+Samples
+-------
+Each training spectrum is a random stack of 1-3 paint layers over a ground (or no ground):
+
+* a paint layer holds 1-3 library pigments (the class is drawn uniformly over the pigment classes, then
+  a pigment of that class, so rare classes are seen as often as common ones; with probability
+  ``silent_prob`` an XRF-silent pigment such as carbon black or a lake instead) in a binder (linseed oil,
+  egg tempera or gum arabic). The pigments make up ``pigment_load`` of the layer's weight; the split among
+  them is log-uniform, so minor pigments go down to ``min_weight_fraction`` (1 wt%) of the layer;
+* the top layer is ``top_thickness_um`` thick (log-uniform, 2-60 um), lower layers
+  ``lower_thickness_um``;
+* grounds: chalk, gypsum or lead white in animal glue / oil, 50-300 um, or none;
+* trace impurities that are not pigments (Si, K, Ca, Fe from grounds and dirt), 0.01-0.3 wt% of the
+  element in a random layer.
+
+Domain randomisation: instrument preset (Rh-tube macro-XRF, Mo-tube lab micro-XRF, monochromatic
+synchrotron), tube voltage, detector air path (its attenuation), detector resolution (FWHM at Mn Ka
+times ``fwhm_scale``, 0.8-1.3 in the shipped config), total counts log-uniform 100-50,000, and a
+calibration offset and gain error applied when the spectrum is rebinned onto the model grid (the model
+sees spectra whose calibration is slightly wrong, as real ones are).
+
+Pile-up sum peaks are added when ``pileup`` is on (count rate log-uniform over ``count_rate_cps``), and
+the argon K lines of the irradiated air when ``argon`` is on (:func:`xrfnb.argon_lines`; the beam path
+through air drawn from ``beam_path_mm`` when given). Both are off by default, so a config without them
+reproduces weights trained before they existed. Not in training spectra: secondary fluorescence
+(``secondary`` adds it, at about 100 times the cost per spectrum, for evaluation sets). The
+out-of-distribution score explains argon lines away.
+
+Labels
+------
+Per class (the library's ambiguity groups, XRF-silent group excluded) and per spectrum, one of
+0 = absent, 1 = present in the surface (top) layer, 2 = present only below the surface layer.
+A pigment counts as present only when it is **visible**: the expected counts ``S`` of its strongest line
+(its own contribution, from the layer it is in, after attenuation by the layers above, detector
+efficiency and scaling to the spectrum's total counts, within +/- 1 FWHM of the line) satisfy
+
+    S >= 3 * sqrt(B)  and  S >= 4 counts,
+
+where ``B`` is the number of counts of everything else in that window of the (noisy) spectrum. So a
+pigment too deep, too dilute or measured with too few counts to be seen is labelled absent; the same rule
+defines the ground truth of the evaluation sets. A class is "surface" when a visible pigment of it is in
+the top layer, "buried" when visible pigments of it are only in lower layers or the ground.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import functools
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from .._errors import ModelError
+from ..core.calibration import EnergyCalibration
+from ..core.lines import atomic_number, element_symbol
+from ..physics.instrument import Instrument
+from ..physics.pigments import pigments
+from ..physics.simulate import StackArrays, _setup, _tables_for, simulate_batch
+from .nn import energy_grid_edges_keV, rebin_counts
+
+__all__ = ["DataConfig", "StackBatch", "TrainingData", "sample_stacks"]
+
+SILENT_GROUP_HINT = "silent"
+BINDERS = ("linseed oil", "egg tempera", "gum arabic")
+BINDER_WEIGHTS = (0.7, 0.2, 0.1)
+IMPURITIES = ("Si", "K", "Ca", "Fe")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Distribution of the simulated training spectra (see the module docstring).
+
+    Attributes
+    ----------
+    instruments, instrument_weights
+        Instrument presets and their sampling weights; an entry may also be a mapping of
+        :class:`~xrfnb.Instrument` settings (``Instrument.to_dict()``, e.g. a user's calibrated instrument).
+    n_instrument_variants : int
+        Randomised instruments (tube voltage, air path, FWHM) prepared in all, presets in proportion to
+        their weights; each training batch is split over ``variants_per_batch`` of them. Keep it <= 8:
+        the simulator caches the set-up of that many instruments.
+    fwhm_scale : (float, float)
+        Range of the FWHM at Mn Ka relative to the preset (floored at the Fano limit + 10 eV).
+    tube_voltage_rel : float
+        Relative spread of the tube voltage (uniform +/-).
+    air_path_mm : (float, float)
+        Range of the sample-detector air path.
+    counts : (float, float)
+        Total counts per spectrum, log-uniform.
+    count_rate_cps : (float, float)
+        Input count rate for pile-up, log-uniform; used only with ``pileup``.
+    pileup : bool
+        Add pile-up sum peaks (:func:`xrfnb.simulate_batch` ``count_rate_cps``, the instrument's
+        resolving time) at a count rate drawn per spectrum from ``count_rate_cps``. Off by default, so
+        that configs written before pile-up was simulated reproduce their weights; the shipped config
+        turns it on.
+    argon : bool
+        Add the argon K lines of the air the beam crosses (:func:`xrfnb.simulate_batch` ``argon``). Off
+        by default for the same reason; on in the shipped config.
+    beam_path_mm : (float, float) or None
+        Range of the air path of the beam before the sample (it sets the argon signal), uniform; ``None``:
+        the presets' own.
+    secondary : bool
+        Add secondary fluorescence (within and between layers) to the spectra. Slow (about 8 ms per
+        stack against 0.06 ms without, one thread), so meant for evaluation sets, not training; the labels
+        still follow the primary line counts (secondary enhancement only makes a line more visible).
+    gain_jitter_rel, offset_jitter_keV : float
+        Standard deviations of the calibration error.
+    layer_probs : tuple of float
+        Probabilities of 1, 2, 3 paint layers.
+    pigments_per_layer_probs : tuple of float
+        Probabilities of 1, 2, 3 pigments in a layer.
+    pigment_load : (float, float)
+        Pigment weight fraction of a layer (the binder fills the rest).
+    min_weight_fraction : float
+        Smallest weight fraction of a pigment in a layer.
+    top_thickness_um, lower_thickness_um, ground_thickness_um : (float, float)
+        Thickness ranges (log-uniform).
+    ground_probs : tuple of float
+        Probabilities of a chalk, gypsum, lead white ground and of no ground.
+    silent_prob : float
+        Probability that a drawn pigment is an XRF-silent one.
+    impurity_prob : float
+        Probability that a spectrum has trace impurities.
+    impurity_wt : (float, float)
+        Range of the impurity weight fraction (element), log-uniform.
+    """
+
+    instruments: tuple[str, ...] = ("bruker-m6", "lab-mo", "synchrotron")
+    instrument_weights: tuple[float, ...] = (0.6, 0.25, 0.15)
+    n_instrument_variants: int = 8
+    variants_per_batch: int = 2
+    fwhm_scale: tuple[float, float] = (0.85, 1.2)
+    tube_voltage_rel: float = 0.1
+    air_path_mm: tuple[float, float] = (3.0, 30.0)
+    counts: tuple[float, float] = (100.0, 50000.0)
+    count_rate_cps: tuple[float, float] = (1e3, 2e5)
+    pileup: bool = False
+    argon: bool = False
+    beam_path_mm: tuple[float, float] | None = None
+    secondary: bool = False
+    gain_jitter_rel: float = 0.002
+    offset_jitter_keV: float = 0.01
+    layer_probs: tuple[float, ...] = (0.45, 0.35, 0.2)
+    pigments_per_layer_probs: tuple[float, ...] = (0.45, 0.35, 0.2)
+    pigment_load: tuple[float, float] = (0.3, 0.85)
+    min_weight_fraction: float = 0.01
+    top_thickness_um: tuple[float, float] = (2.0, 60.0)
+    lower_thickness_um: tuple[float, float] = (5.0, 80.0)
+    ground_thickness_um: tuple[float, float] = (50.0, 300.0)
+    ground_probs: tuple[float, ...] = (0.35, 0.2, 0.2, 0.25)
+    silent_prob: float = 0.08
+    impurity_prob: float = 0.7
+    impurity_wt: tuple[float, float] = (1e-4, 3e-3)
+
+    def __post_init__(self) -> None:
+        for name in ("instrument_weights", "layer_probs", "pigments_per_layer_probs", "ground_probs"):
+            v = np.asarray(getattr(self, name), dtype=float)
+            if v.ndim != 1 or v.size == 0 or np.any(v < 0) or v.sum() <= 0:
+                raise ModelError(f"[data] {name} must be non-negative weights, got {getattr(self, name)}")
+        if len(self.instrument_weights) != len(self.instruments):
+            raise ModelError("[data] instrument_weights needs one weight per instrument")
+        if len(self.ground_probs) != 4:
+            raise ModelError("[data] ground_probs needs 4 weights: chalk, gypsum, lead white, none")
+        if self.beam_path_mm is not None and not 0 <= self.beam_path_mm[0] <= self.beam_path_mm[1]:
+            raise ModelError(
+                f"[data] beam_path_mm must be an increasing range >= 0 mm, got {self.beam_path_mm}")
+        lo, hi = self.counts
+        if not 0 < lo <= hi:
+            raise ModelError(f"[data] counts range must be positive and increasing, got {self.counts}")
+
+
+def _instrument_of(entry: Any) -> Any:
+    """An instrument of ``DataConfig.instruments``: a preset name or a mapping of Instrument settings."""
+    from collections.abc import Mapping
+
+
+    if isinstance(entry, Mapping):
+        return Instrument.from_dict(entry)
+    return Instrument.preset(entry)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the pigment table as arrays
+# ---------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True, eq=False)
+class PigmentTable:
+    """The library as arrays: pigments, their classes, compositions over a fixed element list."""
+
+    names: tuple[str, ...]  # P pigments
+    pigment_class: np.ndarray  # (P,) class index or -1 (XRF-silent)
+    classes: tuple[str, ...]  # K
+    colors: tuple[str, ...]
+    class_pigments: dict[str, tuple[str, ...]]
+    class_elements: dict[str, tuple[str, ...]]
+    key_elements: tuple[tuple[int, ...], ...]  # per pigment: indices into elements of its key elements
+    elements: tuple[str, ...]  # E
+    composition: np.ndarray  # (P, E) weight fractions
+    density: np.ndarray  # (P,)
+    binder_composition: np.ndarray  # (n_binders, E)
+    binder_density: np.ndarray
+    glue_composition: np.ndarray  # (E,)
+    glue_density: float
+
+    def index(self, name: str) -> int:
+        return self.names.index(name)
+
+
+@functools.cache
+def pigment_table() -> PigmentTable:
+    """Arrays of the default pigment library (cached)."""
+    lib = pigments()
+    groups = lib.groups()
+    silent_groups = {g for g, names in groups.items() if all(lib[n].xrf_silent for n in names)}
+    classes = tuple(g for g in groups if g not in silent_groups)
+    names = tuple(p.name for p in lib)
+    binder_names = [*BINDERS, "animal glue"]
+    binders = []
+    for b in binder_names:
+        try:
+            binders.append(lib.binder(b))
+        except Exception:
+            binders.append(lib.binder("gum arabic"))
+    elements = set(IMPURITIES)
+    for p in lib:
+        elements |= set(p.composition)
+    for b in binders:
+        elements |= set(b.composition)
+    elements_t = tuple(sorted(elements, key=atomic_number))
+    eidx = {e: i for i, e in enumerate(elements_t)}
+    comp = np.zeros((len(names), len(elements_t)))
+    for i, p in enumerate(lib):
+        for e, w in p.composition.items():
+            comp[i, eidx[e]] = w
+    bcomp = np.zeros((len(binders), len(elements_t)))
+    for i, b in enumerate(binders):
+        for e, w in b.composition.items():
+            bcomp[i, eidx[e]] = w
+    cls_idx = {c: i for i, c in enumerate(classes)}
+    pclass = np.array([cls_idx.get(p.group, -1) for p in lib], dtype=np.int64)
+    class_pigments = {c: tuple(groups[c]) for c in classes}
+    class_elements = {
+        c: tuple(sorted({e for n in groups[c] for e in lib[n].elements}, key=atomic_number)) for c in classes
+    }
+    colors = tuple(lib[groups[c][0]].color for c in classes)
+    key = tuple(tuple(eidx[e] for e in p.elements if e in eidx) for p in lib)
+    return PigmentTable(
+        names=names,
+        pigment_class=pclass,
+        classes=classes,
+        colors=colors,
+        class_pigments=class_pigments,
+        class_elements=class_elements,
+        key_elements=key,
+        elements=elements_t,
+        composition=comp,
+        density=np.array([p.density_g_cm3 for p in lib]),
+        binder_composition=bcomp[: len(BINDERS)],
+        binder_density=np.array([b.density_g_cm3 for b in binders[: len(BINDERS)]]),
+        glue_composition=bcomp[-1],
+        glue_density=float(binders[-1].density_g_cm3),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# sampling stacks as arrays
+# ---------------------------------------------------------------------------------------------------------
+MAX_PAINT_LAYERS = 3
+N_LAYERS = MAX_PAINT_LAYERS + 1  # + ground
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class StackBatch:
+    """A batch of random stacks as arrays (layers from the surface down; index 3 is the ground).
+
+    Attributes
+    ----------
+    W : numpy.ndarray
+        (B, 4, E) element weight fractions per layer (zero rows for missing layers).
+    mt : numpy.ndarray
+        (B, 4) mass thickness g/cm^2 (0 for missing layers).
+    pigment_wt : numpy.ndarray
+        (B, 4, P) weight fraction of every library pigment in every layer.
+    n_paint : numpy.ndarray
+        (B,) number of paint layers.
+    """
+
+    W: np.ndarray
+    mt: np.ndarray
+    pigment_wt: np.ndarray
+    n_paint: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.W.shape[0])
+
+
+def _loguniform(rng: np.random.Generator, lo: float, hi: float, size: Any = None) -> np.ndarray:
+    return np.exp(rng.uniform(math.log(lo), math.log(hi), size))
+
+
+def _pick(rng: np.random.Generator, cum: Sequence[float]) -> int:
+    """Index drawn with probabilities given by a cumulative sum (a list: bisect beats numpy on scalars)."""
+    return bisect.bisect_right(cum, rng.random() * cum[-1])
+
+
+@functools.cache
+def _class_members() -> tuple[tuple[np.ndarray, ...], np.ndarray]:
+    tab = pigment_table()
+    members = tuple(np.flatnonzero(tab.pigment_class == c) for c in range(len(tab.classes)))
+    return members, np.flatnonzero(tab.pigment_class < 0)
+
+
+def _draw_pigments(rng: np.random.Generator, k: int, silent_prob: float) -> list[int]:
+    """``k`` distinct pigment indices: class uniform, then pigment uniform within the class."""
+    members, silent = _class_members()
+    chosen: list[int] = []
+    tries = 0
+    while len(chosen) < k and tries < 50:
+        tries += 1
+        if silent.size and rng.random() < silent_prob:
+            group = silent
+        else:
+            group = members[int(rng.integers(len(members)))]
+        p = int(group[int(rng.integers(group.size))])
+        if p not in chosen:
+            chosen.append(p)
+    return chosen
+
+
+def sample_stacks(
+    n: int,
+    rng: np.random.Generator,
+    cfg: DataConfig,
+    *,
+    kind: str = "train",
+) -> StackBatch:
+    """Draw ``n`` random stacks.
+
+    Parameters
+    ----------
+    n : int
+        Number of stacks.
+    rng : numpy.random.Generator
+    cfg : DataConfig
+    kind : {"train", "single", "mixture", "buried", "low"}
+        ``"train"``: the training distribution. The evaluation sets: ``"single"`` one pigment in one
+        layer; ``"mixture"`` 2-3 pigments in one layer; ``"buried"`` a 5-40 um layer of one pigment over a
+        layer of 1-2 others; ``"low"`` a main pigment with a second one at 1-10 wt%. All over the same
+        grounds as training.
+
+    Returns
+    -------
+    StackBatch
+    """
+    tab = pigment_table()
+    n_el, n_pig = len(tab.elements), len(tab.names)
+    W = np.zeros((n, N_LAYERS, n_el))
+    mt = np.zeros((n, N_LAYERS))
+    pw = np.zeros((n, N_LAYERS, n_pig))
+    n_paint = np.zeros(n, dtype=np.int64)
+    lp = np.cumsum(cfg.layer_probs, dtype=float).tolist()
+    kp = np.cumsum(cfg.pigments_per_layer_probs, dtype=float).tolist()
+    gp = np.cumsum(cfg.ground_probs, dtype=float).tolist()
+    bp = np.cumsum(BINDER_WEIGHTS, dtype=float).tolist()
+    impurity_idx = [tab.elements.index(el) for el in IMPURITIES]
+    log_imp = (math.log(cfg.impurity_wt[0]), math.log(cfg.impurity_wt[1]))
+    ground_pigments = ("chalk", "gypsum", "lead white")
+    for b in range(n):
+        if kind == "train":
+            nl = _pick(rng, lp) + 1
+        elif kind == "buried":
+            nl = 2
+        else:
+            nl = 1
+        n_paint[b] = nl
+        for j in range(nl):
+            silent_prob = cfg.silent_prob
+            if kind == "train":
+                k = _pick(rng, kp) + 1
+            elif kind == "single" or (kind == "buried" and j == 0):
+                k, silent_prob = 1, 0.0
+            elif kind == "mixture":
+                k, silent_prob = int(rng.integers(2, 4)), 0.0
+            elif kind == "buried":
+                k, silent_prob = int(rng.integers(1, 3)), 0.0
+            elif kind == "low":
+                k, silent_prob = 2, 0.0
+            else:
+                raise ModelError(f"unknown sample kind {kind!r}")
+            pigs = _draw_pigments(rng, k, silent_prob)
+            load = rng.uniform(cfg.pigment_load[0], cfg.pigment_load[1])
+            if kind == "low":
+                minor = rng.uniform(0.01, 0.10)
+                fr = np.array([load - minor, minor])[: len(pigs)]
+            else:
+                raw = _loguniform(rng, 0.02, 1.0, len(pigs))
+                fr = raw / raw.sum() * load
+                fr = np.maximum(fr, cfg.min_weight_fraction)
+            bi = _pick(rng, bp)
+            binder_w = max(0.0, 1.0 - fr.sum())
+            comp = fr @ tab.composition[pigs] + binder_w * tab.binder_composition[bi]
+            inv_rho = float(np.sum(fr / tab.density[pigs]) + binder_w / tab.binder_density[bi])
+            W[b, j] = comp / comp.sum()
+            pw[b, j, pigs] = fr / comp.sum()
+            if j == 0:
+                lo, hi = (5.0, 40.0) if kind == "buried" else cfg.top_thickness_um
+            else:
+                lo, hi = cfg.lower_thickness_um
+            mt[b, j] = math.exp(rng.uniform(math.log(lo), math.log(hi))) * 1e-4 / inv_rho
+        g = _pick(rng, gp)
+        if g < 3:
+            gi = tab.index(ground_pigments[g])
+            frac = rng.uniform(0.8, 0.95)
+            if ground_pigments[g] == "lead white":
+                comp = frac * tab.composition[gi] + (1 - frac) * tab.binder_composition[0]
+                inv_rho = frac / tab.density[gi] + (1 - frac) / tab.binder_density[0]
+            else:
+                comp = frac * tab.composition[gi] + (1 - frac) * tab.glue_composition
+                inv_rho = frac / tab.density[gi] + (1 - frac) / tab.glue_density
+            W[b, MAX_PAINT_LAYERS] = comp
+            pw[b, MAX_PAINT_LAYERS, gi] = frac
+            mt[b, MAX_PAINT_LAYERS] = _loguniform(rng, *cfg.ground_thickness_um) * 1e-4 / inv_rho
+        if rng.random() < cfg.impurity_prob:
+            layers = [*range(nl), *([MAX_PAINT_LAYERS] if g < 3 else [])]
+            for ei in impurity_idx:
+                if rng.random() < 0.5:
+                    j = layers[int(rng.integers(len(layers)))]
+                    w = math.exp(rng.uniform(*log_imp))
+                    W[b, j] *= 1.0 - w
+                    pw[b, j] *= 1.0 - w
+                    W[b, j, ei] += w
+    return StackBatch(W, mt, pw, n_paint)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# labels
+# ---------------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=32)
+def _pigment_lines(line_elements: tuple[int, ...]) -> tuple[np.ndarray, ...]:
+    """Per pigment: indices of the lines of its key elements, given each line's table element."""
+    tab = pigment_table()
+    el = np.asarray(line_elements)
+    return tuple(
+        np.flatnonzero(np.isin(el, key)) if key else np.zeros(0, np.intp) for key in tab.key_elements
+    )
+
+
+def visibility_labels(
+    batch: StackBatch,
+    line_counts: np.ndarray,
+    line_element: np.ndarray,
+    line_energy_keV: np.ndarray,
+    element_index: np.ndarray,
+    counts: np.ndarray,
+    channel_energy_keV: np.ndarray,
+    fwhm_keV: np.ndarray,
+) -> np.ndarray:
+    """Per-class labels 0/1/2 (absent / surface / buried only) from the visibility rule.
+
+    Parameters
+    ----------
+    batch : StackBatch
+    line_counts : numpy.ndarray
+        (B, N, L) expected detected counts of every line from every layer, scaled to each spectrum's counts.
+    line_element : numpy.ndarray
+        (L,) index into the simulator's element list of each line's element.
+    line_energy_keV : numpy.ndarray
+        (L,).
+    element_index : numpy.ndarray
+        (E_sim,) index into the pigment table's element list of each simulator element.
+    counts : numpy.ndarray
+        (B, channels) the noisy spectra.
+    channel_energy_keV : numpy.ndarray
+        (channels,).
+    fwhm_keV : numpy.ndarray
+        (L,) detector FWHM at each line.
+
+    Returns
+    -------
+    numpy.ndarray
+        (B, K) int64.
+    """
+    tab = pigment_table()
+    bsz = len(batch)
+    k = len(tab.classes)
+    labels = np.zeros((bsz, k), dtype=np.int64)
+    # window sums of the noisy spectra for every line: cumulative sums at window edges
+    cum = np.concatenate([np.zeros((bsz, 1)), np.cumsum(counts, axis=1, dtype=np.float64)], axis=1)
+    lo = np.searchsorted(channel_energy_keV, line_energy_keV - fwhm_keV)
+    hi = np.searchsorted(channel_energy_keV, line_energy_keV + fwhm_keV)
+    window_counts = cum[:, hi] - cum[:, lo]  # (B, L)
+    tab_el_of_line = element_index[line_element]  # (L,) pigment-table element of each line
+    pigment_lines = _pigment_lines(tuple(int(i) for i in tab_el_of_line))
+    present_pigments = np.flatnonzero(batch.pigment_wt.any(axis=(0, 1)))
+    rows = np.arange(bsz)
+    for p in present_pigments:
+        c = tab.pigment_class[p]
+        lines = pigment_lines[p]
+        if c < 0 or lines.size == 0:
+            continue
+        wp = batch.pigment_wt[:, :, p]  # (B, N)
+        has = wp > 0
+        if not has.any():
+            continue
+        # share of each line's element in the layer that comes from this pigment
+        share = wp[:, :, None] * tab.composition[p, tab_el_of_line[lines]][None, None, :]
+        w_el = batch.W[:, :, tab_el_of_line[lines]]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            share = np.where(w_el > 0, share / w_el, 0.0)
+        s = line_counts[:, :, lines] * np.minimum(share, 1.0) * 0.98  # (B, N, Lp): +/-1 FWHM holds 98 %
+        s_total = s.sum(axis=1)  # (B, Lp) from all layers holding the pigment
+        bkg = np.maximum(window_counts[:, lines] - s_total, 0.0)
+        best = np.argmax(s_total - 3 * np.sqrt(bkg), axis=1)
+        s_best, b_best = s_total[rows, best], bkg[rows, best]
+        visible = (s_best >= 3.0 * np.sqrt(b_best)) & (s_best >= 4.0)
+        # visible in the surface layer: the top layer's own contribution passes the same rule
+        s_top = s[rows, 0, best]
+        top_visible = visible & has[:, 0] & (s_top >= 3.0 * np.sqrt(b_best + s_best - s_top)) & (s_top >= 4.0)
+        labels[:, c] = np.where(top_visible, 1, np.where(visible & (labels[:, c] == 0), 2, labels[:, c]))
+    return labels
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the data source used by training
+# ---------------------------------------------------------------------------------------------------------
+class TrainingData:
+    """Batches of (spectra on the model grid, labels) from the simulator, for training and evaluation.
+
+    Parameters
+    ----------
+    cfg : DataConfig
+    n_bins, e_min_keV, e_max_keV, grid_noise_keV
+        The model's energy grid.
+    """
+
+    def __init__(self, cfg: DataConfig, *, n_bins: int = 512, e_min_keV: float = 1.0, e_max_keV: float = 41.0,
+                 grid_noise_keV: float = 0.08) -> None:
+        self.cfg = cfg
+        self.table = pigment_table()
+        self.edges_keV = energy_grid_edges_keV(n_bins, e_min_keV, e_max_keV, grid_noise_keV)
+        self._variants: dict[int, list[Any]] = {}
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.table.classes
+
+    @property
+    def colors(self) -> tuple[str, ...]:
+        return self.table.colors
+
+    @property
+    def class_pigments(self) -> dict[str, tuple[str, ...]]:
+        return self.table.class_pigments
+
+    @property
+    def class_elements(self) -> dict[str, tuple[str, ...]]:
+        return self.table.class_elements
+
+    def default_input(self) -> dict[str, Any]:
+        """Calibration and channel count assumed for bare arrays (the first instrument preset)."""
+        inst = _instrument_of(self.cfg.instruments[0])
+        return {
+            "instrument": inst.name,
+            "calibration": inst.calibration.to_dict(),
+            "n_channels": inst.n_channels,
+        }
+
+    def envelope(self) -> dict[str, Any]:
+        """The instrument envelope of the training data (for model.json and the card)."""
+        c = self.cfg
+        return {
+            "instruments": list(c.instruments),
+            "instrument_weights": list(c.instrument_weights),
+            "fwhm_scale_at_MnKa": list(c.fwhm_scale),
+            "tube_voltage_rel": c.tube_voltage_rel,
+            "air_path_mm": list(c.air_path_mm),
+            "counts": list(c.counts),
+            "pileup_count_rate_cps": list(c.count_rate_cps) if c.pileup else None,
+            "argon": c.argon,
+            "beam_path_mm": list(c.beam_path_mm) if c.beam_path_mm is not None else None,
+            "calibration_gain_jitter_rel": c.gain_jitter_rel,
+            "calibration_offset_jitter_keV": c.offset_jitter_keV,
+            "top_thickness_um": list(c.top_thickness_um),
+            "min_weight_fraction": c.min_weight_fraction,
+        }
+
+    def label_definition(self) -> str:
+        return (
+            "per class: 0 absent, 1 present in the top layer, 2 present only below it; a pigment is present "
+            "when the expected counts S of its strongest line (own contribution, +/-1 FWHM) satisfy "
+            "S >= 3 sqrt(B) and S >= 4, B = other counts in that window of the noisy spectrum"
+        )
+
+    # the simulator glue is below (_simulate_group); batches are split over instrument variants
+    def batch(self, n: int, rng: np.random.Generator, *, kind: str = "train",
+              counts: float | None = None, wider: bool = False,
+              n_groups: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Simulate ``n`` spectra and labels.
+
+        Parameters
+        ----------
+        n : int
+        rng : numpy.random.Generator
+        kind : str
+            Stack distribution (see :func:`sample_stacks`).
+        counts : float, optional
+            Fixed total counts (evaluation); default log-uniform over ``cfg.counts``.
+        wider : bool
+            Evaluation: widen the instrument envelope (FWHM x0.8-1.3, calibration errors x2, other
+            instrument variants).
+        n_groups : int, optional
+            Number of instrument groups: the spectra are split into this many groups, each simulated
+            with one instrument variant drawn at random (default ``cfg.variants_per_batch``, as in a
+            training batch). Sets meant to cover the whole instrument envelope (validation, evaluation)
+            need many groups.
+
+        Returns
+        -------
+        binned : numpy.ndarray
+            (n, n_bins) float32 counts on the model grid.
+        labels : numpy.ndarray
+            (n, K) int64 in {0, 1, 2}.
+        """
+        binned, labels, _, _ = self.batch_raw(n, rng, kind=kind, counts=counts, wider=wider,
+                                              n_groups=n_groups)
+        return binned, labels
+
+    def batch_raw(self, n: int, rng: np.random.Generator, *, kind: str = "train",
+                  counts: float | None = None, wider: bool = False,
+                  n_groups: int | None = None) -> tuple[np.ndarray, ...]:
+        """As :meth:`batch`, plus the raw spectra (list per instrument group) and their calibrations."""
+        cfg = self.cfg
+        stacks = sample_stacks(n, rng, cfg, kind=kind)
+        if counts is None:
+            total = _loguniform(rng, *cfg.counts, n)
+        else:
+            total = np.full(n, float(counts))
+        n_groups = cfg.variants_per_batch if n_groups is None else int(n_groups)
+        groups = np.array_split(rng.permutation(n), max(1, min(n_groups, n)))
+        binned = np.zeros((n, self.edges_keV.size - 1), np.float32)
+        labels = np.zeros((n, len(self.classes)), np.int64)
+        raws = []
+        for idx in groups:
+            if idx.size == 0:
+                continue
+            inst = self._instrument(rng, wider)
+            sub = StackBatch(stacks.W[idx], stacks.mt[idx], stacks.pigment_wt[idx], stacks.n_paint[idx])
+            raw, lab = self._simulate_group(sub, inst, total[idx], rng)
+            g = (2.0 if wider else 1.0)
+            cal = inst.calibration
+            true_cal = EnergyCalibration(
+                cal.offset_keV + rng.normal(0, g * cfg.offset_jitter_keV),
+                cal.gain_keV * (1 + rng.normal(0, g * cfg.gain_jitter_rel)),
+                cal.quadratic_keV,
+            )
+            # the spectrum was simulated with `cal`; the user believes `true_cal` (a calibration error)
+            binned[idx] = rebin_counts(raw, true_cal, self.edges_keV)
+            labels[idx] = lab
+            raws.append((idx, raw, true_cal, inst))
+        return binned, labels, raws, stacks
+
+    # -- instruments ------------------------------------------------------------------------------------
+    def _instrument(self, rng: np.random.Generator, wider: bool) -> Any:
+        """One of ``n_instrument_variants`` randomised instruments (presets in proportion to their weights).
+
+        The variants are fixed per run (drawn from their own seed), because the simulator caches its
+        per-instrument set-up; each batch is split over ``variants_per_batch`` of them.
+        """
+        cfg = self.cfg
+        key = 1 if wider else 0
+        if key not in self._variants:
+            vrng = np.random.default_rng([7919, key])
+            w = np.asarray(cfg.instrument_weights, float)
+            n = max(cfg.n_instrument_variants, len(cfg.instruments))
+            # every preset at least once, the rest in proportion to the weights
+            presets = list(range(len(cfg.instruments)))
+            quota = w / w.sum() * n
+            while len(presets) < n:
+                counts = np.bincount(presets, minlength=len(w))
+                presets.append(int(np.argmax(quota - counts)))
+            self._variants[key] = [
+                self._make_variant(cfg.instruments[i], vrng, wider) for i in sorted(presets)
+            ]
+        variants = self._variants[key]
+        return variants[int(rng.integers(len(variants)))]
+
+    def _make_variant(self, preset: str, rng: np.random.Generator, wider: bool) -> Any:
+        inst = _instrument_of(preset)
+        cfg = self.cfg
+        lo, hi = (0.8, 1.3) if wider else cfg.fwhm_scale
+        fwhm_mnka = float(inst.fwhm_keV(5.8988)) * rng.uniform(lo, hi)
+        fano_only = math.sqrt(8 * math.log(2) * inst.fano * inst.pair_energy_eV * 1e-3 * 5.8988)
+        fwhm_mnka = max(fwhm_mnka, fano_only + 0.010)
+        noise = math.sqrt(max(fwhm_mnka**2 - fano_only**2, 1e-6))
+        changes: dict[str, Any] = {"noise_keV": noise, "detector_path_mm": rng.uniform(*cfg.air_path_mm)}
+        if inst.anode is not None and inst.monochromatic_keV is None:
+            factor = 1 + rng.uniform(-1, 1) * cfg.tube_voltage_rel
+            changes["tube_voltage_kV"] = inst.tube_voltage_kV * factor
+        if cfg.beam_path_mm is not None:  # drawn last: configs without it keep their variants
+            changes["beam_path_mm"] = rng.uniform(*cfg.beam_path_mm)
+        return inst.with_(**changes)
+
+    # -- physics ----------------------------------------------------------------------------------------
+    def _simulate_group(self, stacks: StackBatch, inst: Any, total: np.ndarray,
+                        rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Noisy spectra from the simulator's batch path, and visibility labels.
+
+        The spectra come from the simulator's batch path (:func:`xrfnb.simulate_batch`: primary
+        fluorescence, Rayleigh and Compton scatter, detector response, Poisson noise). The labels need each
+        line's expected counts per layer, which the batch path hands out beside the spectra: the primary
+        intensities per layer, times detector efficiency and in-range response, times the same per-spectrum
+        scale that turned the spectrum's intensities into its expected total counts.
+        """
+        tab = self.table
+        arr = StackArrays(tab.elements, stacks.W, stacks.mt)
+        parts: dict[str, np.ndarray] = {}
+        rate = _loguniform(rng, *self.cfg.count_rate_cps, len(total)) if self.cfg.pileup else None
+        raw = simulate_batch(arr, inst, counts=total, rng=rng, keep=parts, count_rate_cps=rate,
+                             argon=self.cfg.argon, secondary=self.cfg.secondary)
+        T = _tables_for(tab.elements, _setup(inst))
+        line_counts = parts["primary"] * parts["line_detected"][None, None, :] * parts["scale"][:, None, None]
+        sim_el = np.array([tab.elements.index(element_symbol(z)) for z in T.elements], dtype=np.int64)
+        labels = visibility_labels(
+            stacks,
+            line_counts,
+            T.line_element,
+            T.line_energy_keV,
+            sim_el,
+            raw,
+            inst.channel_energy_keV,
+            np.asarray(inst.fwhm_keV(T.line_energy_keV), dtype=float),
+        )
+        return raw, labels

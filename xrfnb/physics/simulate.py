@@ -1,0 +1,873 @@
+"""Simulated XRF spectra of layered paint stacks: line tables, single spectra and fast batches.
+
+The physics is in :mod:`xrfnb.physics.fp` (fundamental parameters with xraylib); the detector response and
+the incident spectrum come from the :class:`~xrfnb.Instrument`. A spectrum is::
+
+    expected(channel) = F * [ sum_lines I_l * eff(E_l) * R(E_l, channel)
+                              + sum_bins S_k * eff(E_k) * R_scatter(k, channel) ]
+
+with ``I_l``, ``S_k`` the line and scatter intensities per incident photon and steradian, ``eff`` the
+detector efficiency (gas path, window, silicon), ``R`` the detector response (Gaussian, escape peaks,
+tailing) and ``F = flux * live time * detector solid angle``. In air, the argon of the irradiated air in
+front of the sample adds its K lines (:func:`argon_lines`). Noise is Poisson. A batch of spectra is an
+(intensities (B, R)) x (response rows (R, channels)) product, or, for low counts, a direct draw of the
+detected photons (see :func:`simulate_batch`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, NamedTuple
+
+import numpy as np
+import xraylib
+
+from .._errors import InstrumentError, SimulationError
+from ..core.lines import element_symbol
+from ..core.spectrum import Spectrum
+from . import fp as _fp
+from .materials import STANDARD_PRESSURE_MBAR, _composition, mass_attenuation_cm2_g
+from .stack import Stack
+
+__all__ = ["LineRow", "LineTable", "StackArrays", "argon_lines", "line_intensities", "simulate",
+           "simulate_batch", "stack_arrays"]
+
+#: Half-width (1 sigma) of the electron momentum distribution used for Compton (Doppler) broadening,
+#: atomic units. Compton profiles of C, N, O (the bulk of paint binders) have a FWHM of about 2-2.5 a.u.
+#: (Biggs, Mendelsohn and Mann, At. Data Nucl. Data Tables 16 (1975) 201); sigma ~ 1 a.u.
+COMPTON_PZ_SIGMA_AU = 1.0
+_FINE_STRUCTURE_INV = 137.035999
+
+
+class LineRow(NamedTuple):
+    """One row of a :class:`LineTable`."""
+
+    element: str
+    line: str
+    family: str
+    energy_keV: float
+    layer: int
+    intensity: float
+    primary: float
+    secondary: float
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LineTable:
+    """Fluorescence lines of a stack as the instrument detects them.
+
+    All array attributes have shape (n,), one entry per (line, layer) with a non-zero intensity.
+
+    Attributes
+    ----------
+    element : tuple of str
+        Element symbol.
+    line : tuple of str
+        IUPAC line name (lines of one shell closer than 5 eV merged, e.g. ``"KM3+KM2"``).
+    family : tuple of str
+        Siegbahn family (``"Ka"``, ``"Kb"``, ``"La"``, ``"Lb"``, ``"Lg"``, ``"Ma"`` ...).
+    energy_keV : numpy.ndarray
+        Line energy, keV.
+    layer : numpy.ndarray
+        Index into ``stack.all_layers`` (0 = top layer) of the emitting layer, int.
+    intensity : numpy.ndarray
+        Detected photons per second of live time (primary + secondary), using the instrument's incident
+        flux, detector solid angle and detector efficiency.
+    primary, secondary : numpy.ndarray
+        The primary and secondary (within and between layers) parts of ``intensity``.
+    detector_efficiency : numpy.ndarray
+        Detector efficiency at the line energy (included in ``intensity``).
+    """
+
+    element: tuple[str, ...]
+    line: tuple[str, ...]
+    family: tuple[str, ...]
+    energy_keV: np.ndarray
+    layer: np.ndarray
+    intensity: np.ndarray
+    primary: np.ndarray
+    secondary: np.ndarray
+    detector_efficiency: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.element)
+
+    def rows(self) -> Iterator[LineRow]:
+        """Iterate over rows as :class:`LineRow` named tuples."""
+        for i in range(len(self)):
+            yield LineRow(self.element[i], self.line[i], self.family[i], float(self.energy_keV[i]),
+                          int(self.layer[i]), float(self.intensity[i]), float(self.primary[i]),
+                          float(self.secondary[i]))
+
+    def mask(self, element: str | None = None, family: str | None = None, layer: int | None = None,
+             line: str | None = None) -> np.ndarray:
+        """Boolean mask of rows matching all given criteria; ``family`` may be a prefix ("K", "L")."""
+        m = np.ones(len(self), dtype=bool)
+        if element is not None:
+            m &= np.array([e == element for e in self.element], dtype=bool)
+        if family is not None:
+            m &= np.array([f == family or (len(family) == 1 and f.startswith(family)) for f in self.family],
+                          dtype=bool)
+        if line is not None:
+            m &= np.array([line in x.split("+") for x in self.line], dtype=bool)
+        if layer is not None:
+            m &= self.layer == layer
+        return m
+
+    def select(self, **criteria: Any) -> LineTable:
+        """Rows matching ``element=``, ``family=``, ``layer=``, ``line=`` (see :meth:`mask`)."""
+        m = self.mask(**criteria)
+        idx = np.nonzero(m)[0]
+        return LineTable(
+            tuple(self.element[i] for i in idx), tuple(self.line[i] for i in idx),
+            tuple(self.family[i] for i in idx), self.energy_keV[idx], self.layer[idx], self.intensity[idx],
+            self.primary[idx], self.secondary[idx], self.detector_efficiency[idx])
+
+    def total(self, element: str | None = None, family: str | None = None, layer: int | None = None,
+              *, kind: str = "intensity") -> float:
+        """Sum of ``kind`` ("intensity", "primary" or "secondary") over matching rows."""
+        return float(getattr(self, kind)[self.mask(element, family, layer)].sum())
+
+    def __repr__(self) -> str:
+        return f"LineTable({len(self)} lines, elements {sorted(set(self.element))})"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class StackArrays:
+    """A batch of stacks as arrays (the fast input of :func:`simulate_batch`).
+
+    Parameters
+    ----------
+    elements : tuple of str
+        Element symbols, shape (Z,).
+    weight_fraction : numpy.ndarray
+        (B, N, Z) weight fractions per layer (top first); each used layer sums to 1.
+    mass_thickness_g_cm2 : numpy.ndarray
+        (B, N) areal density per layer, g/cm^2; ``inf`` for an infinitely thick bottom layer and ``0`` for
+        unused (padding) layers.
+    """
+
+    elements: tuple[str, ...]
+    weight_fraction: np.ndarray
+    mass_thickness_g_cm2: np.ndarray
+
+    def __post_init__(self) -> None:
+        w = np.asarray(self.weight_fraction, dtype=float)
+        mt = np.asarray(self.mass_thickness_g_cm2, dtype=float)
+        if w.ndim != 3 or mt.shape != w.shape[:2] or w.shape[2] != len(self.elements):
+            raise SimulationError(
+                f"StackArrays: weight_fraction must be (B, N, {len(self.elements)}) and mass thickness "
+                "(B, N); "
+                f"got {w.shape} and {mt.shape}")
+        if np.any(w < 0) or not np.all(np.isfinite(w)):
+            raise SimulationError("StackArrays: weight fractions must be finite and >= 0")
+        if np.any(mt < 0) or np.any(np.isnan(mt)):
+            raise SimulationError("StackArrays: mass thickness must be >= 0 (inf allowed)")
+        used = mt > 0
+        sums = w.sum(axis=2)
+        bad = used & (np.abs(sums - 1) > 1e-3)
+        if bad.any():
+            b, j = np.argwhere(bad)[0]
+            raise SimulationError(
+                f"StackArrays: weight fractions of stack {b} layer {j} sum to {sums[b, j]:.4g}, off 1 by "
+                f"{sums[b, j] - 1:+.4g}")
+        object.__setattr__(self, "weight_fraction", w)
+        object.__setattr__(self, "mass_thickness_g_cm2", mt)
+
+    def __len__(self) -> int:
+        return int(self.weight_fraction.shape[0])
+
+
+def stack_arrays(stacks: Sequence[Stack], elements: Sequence[str] | None = None) -> StackArrays:
+    """Convert stacks to :class:`StackArrays` (layers padded to the deepest stack)."""
+    stacks = list(stacks)
+    if not stacks:
+        raise SimulationError("no stacks given")
+    if not all(isinstance(s, Stack) for s in stacks):
+        raise SimulationError("stacks must be xrfnb.Stack objects (or pass a StackArrays)")
+    if elements is None:
+        found: set[str] = set()
+        for s in stacks:
+            for layer in s.all_layers:
+                found.update(layer.composition)
+        elements = sorted(found, key=xraylib.SymbolToAtomicNumber)
+    index = {e: i for i, e in enumerate(elements)}
+    n = max(len(s.all_layers) for s in stacks)
+    w = np.zeros((len(stacks), n, len(elements)))
+    mt = np.zeros((len(stacks), n))
+    for b, s in enumerate(stacks):
+        for j, layer in enumerate(s.all_layers):
+            for el, f in layer.composition.items():
+                w[b, j, index[el]] = f
+        mt[b, : len(s.all_layers)] = s.mass_thickness_g_cm2
+    return StackArrays(tuple(elements), w, mt)
+
+
+# --- instrument adapter ------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Setup:
+    """What the simulator needs from an instrument, computed once per instrument."""
+
+    exc: _fp.Excitation
+    incidence_deg: float
+    takeoff_deg: float
+    solid_angle_sr: float
+    response: Any
+    n_channels: int
+    rayleigh_rows: np.ndarray  # (n, C) float32
+    compton_rows: np.ndarray  # (n, C) float32
+    eff_rayleigh: np.ndarray  # (n,)
+    eff_compton: np.ndarray  # (n,)
+    argon_keV: np.ndarray  # (a,) Ar K line energies (empty without air)
+    argon: np.ndarray  # (a,) their detected intensity per incident photon and sr of the detector
+    argon_rows: np.ndarray  # (a, C) float32 detector response rows
+
+
+def _efficiency(instrument: Any, energy_keV: np.ndarray, what: str) -> np.ndarray:
+    eff = np.asarray(instrument.detector_efficiency(np.asarray(energy_keV, dtype=float)), dtype=float)
+    bad = ~np.isfinite(eff) | (eff < 0) | (eff > 1 + 1e-9)
+    if eff.shape != np.shape(energy_keV) or bad.any():
+        i = int(np.argmax(bad)) if bad.any() else 0
+        raise InstrumentError(
+            f"instrument {getattr(instrument, 'name', '?')!r} has no valid detector efficiency at "
+            f"{np.ravel(energy_keV)[i]:.3f} keV ({what}): got {np.ravel(eff)[i] if eff.size else eff!r}; "
+            "give an efficiency in [0, 1] for every energy the detector can see")
+    return eff
+
+
+def _setup_uncached(instrument: Any, max_bins: int) -> _Setup:
+    try:
+        energy, photons = instrument.excitation()
+        incidence = float(instrument.incidence_deg)
+        takeoff = float(instrument.takeoff_deg)
+    except AttributeError as exc:
+        raise InstrumentError(f"not an xrfnb.Instrument: {exc}") from None
+    max_e = getattr(instrument, "max_energy_keV", None)
+    exc = _fp.rebin_excitation(energy, photons, max_bins=max_bins, tube_voltage_kV=max_e)
+    response = instrument.detector_response()
+    theta = _fp.scattering_angle_rad(incidence, takeoff)
+    e_r = exc.render_energy_keV
+    n = exc.energy_keV.size
+    n_ch = int(instrument.n_channels)
+
+    def aggregate(rows: np.ndarray) -> np.ndarray:
+        out = np.zeros((n, rows.shape[1]))
+        np.add.at(out, exc.render_bin, rows * exc.render_weight[:, None])
+        return (out / exc.weight[:, None]).astype(np.float32)
+
+    ray = aggregate(response.matrix(e_r, dtype=np.float64))
+    # Compton: shifted energy, broadened by the electron momentum distribution (Gauss-Hermite nodes)
+    e_c = _fp.compton_energy_keV(e_r, theta)
+    q = np.sqrt(e_r**2 + e_c**2 - 2 * e_r * e_c * np.cos(theta))  # momentum transfer, keV
+    sigma = q / _FINE_STRUCTURE_INV * COMPTON_PZ_SIGMA_AU
+    x, w = np.polynomial.hermite_e.hermegauss(7)
+    w = w / w.sum()
+    comp = np.zeros((e_r.size, n_ch))
+    for xi, wi in zip(x, w, strict=True):
+        comp += wi * response.matrix(np.maximum(e_c + xi * sigma, 1e-3), dtype=np.float64)
+    comp = aggregate(comp)
+    eff_r = _efficiency(instrument, exc.energy_keV, "scattered radiation")
+    eff_c = _efficiency(instrument, _fp.compton_energy_keV(exc.energy_keV, theta), "Compton scatter")
+    solid = float(getattr(instrument, "detector_solid_angle_sr", 1.0))
+    ar_keV, ar = _argon_intensity(instrument, exc)
+    ar = ar * _efficiency(instrument, ar_keV, "argon fluorescence")
+    ar_rows = response.matrix(ar_keV, dtype=np.float32) if ar_keV.size else np.zeros((0, n_ch), np.float32)
+    return _Setup(exc, incidence, takeoff, solid, response, n_ch, ray, comp, eff_r, eff_c,
+                  ar_keV, ar, ar_rows)
+
+
+#: argon lines drawn (xraylib line macros) and the quadrature points along the beam path
+_ARGON_LINES = (("Ka", xraylib.KA_LINE), ("Kb", xraylib.KB_LINE))
+_ARGON_NODES = 64
+
+
+def _argon_intensity(instrument: Any, exc: _fp.Excitation) -> tuple[np.ndarray, np.ndarray]:
+    """Ar K line energies (a,) and intensities (a,) from the irradiated air, per incident photon and sr
+    of the detector as seen from the beam spot, before detector efficiency (see :func:`argon_lines`)."""
+    path_mm = float(getattr(instrument, "beam_path_mm", 0.0))
+    if getattr(instrument, "atmosphere", None) != "air" or path_mm <= 0:
+        return np.zeros(0), np.zeros(0)
+    z, w, rho, _ = _composition("air")
+    # an ideal gas: density (so emission and attenuation per cm) scales with the chamber's pressure
+    pressure = float(getattr(instrument, "atmosphere_pressure_mbar", STANDARD_PRESSURE_MBAR))
+    rho *= pressure / STANDARD_PRESSURE_MBAR
+    w_ar = float(w[z == 18].sum())  # mass fraction of argon in dry air
+    keep = exc.render_energy_keV > xraylib.EdgeEnergy(18, xraylib.K_SHELL)
+    e_in, frac = exc.render_energy_keV[keep], exc.render_weight[keep]
+    if not e_in.size or w_ar <= 0:
+        return np.zeros(0), np.zeros(0)
+
+    def mu_air(e: np.ndarray) -> np.ndarray:  # linear attenuation coefficient, 1/cm
+        return np.asarray(mass_attenuation_cm2_g("air", np.atleast_1d(e)), dtype=float) * rho
+
+    d_mm = getattr(instrument, "detector_distance_mm", None)
+    d_cm = max(float(instrument.detector_path_mm if d_mm is None else d_mm), 1e-3) / 10.0
+    # points along the beam, s cm before the spot; phi: angle at the spot between source and detector
+    s_cm, ds = np.linspace(0.0, path_mm / 10.0, _ARGON_NODES, retstep=True)
+    phi = np.pi - _fp.scattering_angle_rad(instrument.incidence_deg, instrument.takeoff_deg)
+    r = np.sqrt(d_cm**2 + s_cm**2 - 2.0 * d_cm * s_cm * np.cos(phi))
+    # solid angle of the detector (facing the spot) from each point, relative to that from the spot
+    omega = np.clip(d_cm**2 * (d_cm - s_cm * np.cos(phi)) / r**3, 0.0, None)
+    # the beam is stronger upstream: exp(+mu s) relative to what reaches the spot
+    beam = np.exp(np.outer(mu_air(e_in), s_cm))  # (m, S)
+    energies, out = [], []
+    for _, macro in _ARGON_LINES:
+        e_line = float(xraylib.LineEnergy(18, macro))
+        # the detector's efficiency covers the path d; the extra air path r - d is here
+        extra = np.exp(-mu_air(np.array([e_line]))[0] * (r - d_cm))
+        sigma = np.array([xraylib.CS_FluorLine_Kissel_Cascade(18, macro, float(e)) for e in e_in])  # cm2/g
+        per_e = np.trapezoid(beam * (omega * extra)[None, :], dx=ds, axis=1)  # cm
+        energies.append(e_line)
+        out.append(float(np.sum(frac * sigma * per_e)) * w_ar * rho / (4.0 * np.pi))
+    return np.array(energies), np.array(out)
+
+
+def argon_lines(instrument: Any) -> dict[str, float]:
+    """Detected intensity of the argon K lines from the air the beam crosses, photons/s of live time.
+
+    Air holds 1.28 wt % argon, and the beam excites it on its ``beam_path_mm`` through air before the
+    sample, so spectra measured in air show Ar Ka (2.957 keV) and Kb (3.19 keV) whatever the sample.
+    Each point of the path is weighted by the beam's attenuation up to the spot, the solid angle the
+    detector (facing the spot, at ``detector_distance_mm`` or ``detector_path_mm``, no collimator)
+    subtends from that point and the extra air between that point and the detector; the cross-sections
+    are xraylib's (``CS_FluorLine_Kissel_Cascade``). Air scatter and argon excited by the sample's own
+    radiation are left out (both small next to the line itself). With helium, vacuum or no beam path:
+    no lines.
+
+    Parameters
+    ----------
+    instrument : Instrument
+
+    Returns
+    -------
+    dict
+        ``{"Ka": rate, "Kb": rate}`` (empty without air), detected photons/s with the instrument's
+        flux and detector solid angle, detector efficiency included.
+
+    Examples
+    --------
+    >>> import xrfnb
+    >>> lines = xrfnb.argon_lines(xrfnb.Instrument.preset("bruker-m6"))
+    >>> lines["Ka"] > lines["Kb"] > 0
+    True
+    >>> xrfnb.argon_lines(xrfnb.Instrument.preset("synchrotron"))  # a helium path
+    {}
+    """
+    setup = _setup(instrument)
+    scale = setup.exc.total_photons * setup.solid_angle_sr
+    return {name: float(v * scale) for (name, _), v in zip(_ARGON_LINES, setup.argon, strict=False)}
+
+
+@functools.lru_cache(maxsize=16)
+def _setup_cached(instrument: Any, max_bins: int) -> _Setup:
+    return _setup_uncached(instrument, max_bins)
+
+
+def _setup(instrument: Any, max_bins: int = 48) -> _Setup:
+    try:
+        hash(instrument)
+    except TypeError:
+        return _setup_uncached(instrument, max_bins)
+    return _setup_cached(instrument, max_bins)
+
+
+@functools.lru_cache(maxsize=64)
+def _line_rows(instrument: Any, line_energy_key: bytes) -> np.ndarray:
+    energy = np.frombuffer(line_energy_key, dtype=float)
+    return instrument.detector_response().matrix(energy, dtype=np.float32)
+
+
+def _rows_for_lines(setup: _Setup, instrument: Any, energy_keV: np.ndarray) -> np.ndarray:
+    try:
+        hash(instrument)
+    except TypeError:
+        return setup.response.matrix(energy_keV, dtype=np.float32)
+    return _line_rows(instrument, np.ascontiguousarray(energy_keV, dtype=float).tobytes())
+
+
+def _tables_for(elements: Sequence[str], setup: _Setup) -> _fp.Tables:
+    zs = tuple(int(xraylib.SymbolToAtomicNumber(e)) for e in elements)
+    return _fp.build_tables(zs, setup.exc, setup.incidence_deg, setup.takeoff_deg)
+
+
+# --- single stack --------------------------------------------------------------------------------------
+
+def _check_stack(stack: Any) -> Stack:
+    if not isinstance(stack, Stack):
+        raise SimulationError(f"expected an xrfnb.Stack, got {type(stack).__name__}")
+    return stack
+
+
+def line_intensities(stack: Stack, instrument: Any, *, secondary: bool = True) -> LineTable:
+    """Detected intensity of every fluorescence line of every layer of a stack.
+
+    Parameters
+    ----------
+    stack : Stack
+        The sample.
+    instrument : Instrument
+        Excitation, geometry, detector.
+    secondary : bool, optional
+        Include secondary fluorescence, within each layer and between layers (see :mod:`xrfnb.physics.fp`).
+
+    Returns
+    -------
+    LineTable
+        One row per (line, emitting layer), sorted by energy; ``intensity`` in detected photons per
+        second of live time.
+
+    Raises
+    ------
+    SimulationError
+        Invalid stack.
+    InstrumentError
+        Excitation above the tube voltage, or no valid detector efficiency at a line energy.
+
+    Examples
+    --------
+    >>> import xrfnb
+    >>> stack = xrfnb.Stack([xrfnb.Layer({"HgS": 1.0}, binder=None, thickness_um=10, density_g_cm3=8.1)])
+    >>> table = xrfnb.line_intensities(stack, xrfnb.Instrument.preset("bruker-m6"))
+    >>> table.total("Hg", "La") > table.total("Hg", "Lb") > 0
+    True
+    """
+    stack = _check_stack(stack)
+    setup = _setup(instrument)
+    arr = stack_arrays([stack])
+    T = _tables_for(arr.elements, setup)
+    W, mt = arr.weight_fraction, arr.mass_thickness_g_cm2
+    prim = _fp.primary(W, mt, T)[0]  # (N, L)
+    if secondary:
+        sec = _fp.secondary_within_layers(W, mt, T)[0] + _fp.secondary_between_layers(W, mt, T)[0]
+    else:
+        sec = np.zeros_like(prim)
+    eff = _efficiency(instrument, T.line_energy_keV, "fluorescence line") if T.n_lines else np.zeros(0)
+    scale = setup.exc.total_photons * setup.solid_angle_sr
+    prim = prim * eff * scale
+    sec = sec * eff * scale
+    tot = prim + sec
+    jj, ll = np.nonzero(tot > 0)
+    order = np.lexsort((jj, T.line_energy_keV[ll]))
+    jj, ll = jj[order], ll[order]
+    symbols = [element_symbol(T.elements[T.line_element[i]]) for i in ll]
+    return LineTable(
+        element=tuple(symbols), line=tuple(T.line_name[i] for i in ll),
+        family=tuple(_fp.line_family(T.line_name[i]) for i in ll), energy_keV=T.line_energy_keV[ll].copy(),
+        layer=jj.astype(int), intensity=tot[jj, ll], primary=prim[jj, ll], secondary=sec[jj, ll],
+        detector_efficiency=eff[ll].copy())
+
+
+def _scatter_expected(W: np.ndarray, mt: np.ndarray, T: _fp.Tables, setup: _Setup) -> np.ndarray:
+    ray, comp = _fp.scatter(W, mt, T)
+    return (ray * setup.eff_rayleigh) @ setup.rayleigh_rows + (comp * setup.eff_compton) @ setup.compton_rows
+
+
+def expected_spectrum(stack: Stack, instrument: Any, *, secondary: bool = True,
+                      scatter: bool = True, argon: bool = True) -> np.ndarray:
+    """Expected detected counts per channel per second of live time (no pile-up, no noise), (channels,)."""
+    return _expected(stack, instrument, secondary, scatter, argon)[0]
+
+
+def _expected(stack: Stack, instrument: Any, secondary: bool, scatter: bool,
+              argon: bool = True) -> tuple[np.ndarray, LineTable]:
+    stack = _check_stack(stack)
+    setup = _setup(instrument)
+    table = line_intensities(stack, instrument, secondary=secondary)
+    out = np.zeros(setup.n_channels)
+    if len(table):
+        out += table.intensity @ _rows_for_lines(setup, instrument, table.energy_keV)
+    if scatter:
+        arr = stack_arrays([stack])
+        T = _tables_for(arr.elements, setup)
+        out += _scatter_expected(arr.weight_fraction, arr.mass_thickness_g_cm2, T, setup)[0] \
+            * (setup.exc.total_photons * setup.solid_angle_sr)
+    if argon and setup.argon.size:
+        out += (setup.argon @ setup.argon_rows) * (setup.exc.total_photons * setup.solid_angle_sr)
+    return out, table
+
+
+def simulate(stack: Stack, instrument: Any, *, counts: float | None = None, live_time_s: float | None = None,
+             rng: np.random.Generator | int | None = None, noise: bool = True, secondary: bool = True,
+             scatter: bool = True, pileup: bool = True, argon: bool = True) -> Spectrum:
+    """Simulate the measured spectrum of a stack.
+
+    Parameters
+    ----------
+    stack : Stack
+        The sample.
+    instrument : Instrument
+        Source, geometry, detector and channel calibration.
+    counts : float, optional
+        Expected total counts of the spectrum (the spectrum is scaled to it before noise). Without it
+        the absolute scale comes from the instrument's flux and solid angle and ``live_time_s``.
+    live_time_s : float, optional
+        Live time, s (default 1 s). Sets the count rate for pile-up and the absolute scale.
+    rng : numpy.random.Generator or int, optional
+        Random generator or seed for the Poisson noise.
+    noise : bool, optional
+        Draw Poisson counts (default); ``False`` returns the expected spectrum.
+    secondary, scatter : bool, optional
+        Include secondary fluorescence (within and between layers) and Rayleigh/Compton scatter
+        (default both).
+    pileup : bool, optional
+        Add pile-up sum peaks for the count rate of this stack (default).
+    argon : bool, optional
+        Add the Ar K lines of the air the beam crosses (default; :func:`argon_lines`). Nothing to add
+        with a helium or vacuum path.
+
+    Returns
+    -------
+    Spectrum
+        Counts with the instrument's calibration; ``metadata`` holds ``"simulated": True``, the
+        instrument name, the stack's repr and the detected count rate (``"count_rate_cps"``); all plain
+        values, so the spectrum can be saved. :func:`line_intensities` gives the line table.
+    """
+    if counts is not None:
+        counts = float(counts)
+        if not np.isfinite(counts) or counts < 0:
+            raise SimulationError(f"counts must be a finite number >= 0, got {counts!r}")
+    lt = 1.0 if live_time_s is None else float(live_time_s)
+    if not np.isfinite(lt) or lt <= 0:
+        raise SimulationError(f"live_time_s must be > 0, got {live_time_s!r}")
+    rate, table = _expected(stack, instrument, secondary, scatter, argon)
+    count_rate = float(rate.sum())
+    expected = rate * lt
+    setup = _setup(instrument)
+    if pileup and count_rate > 0 and hasattr(setup.response, "pileup"):
+        expected = setup.response.pileup(expected, count_rate)
+    if counts is not None:
+        total = expected.sum()
+        if total <= 0:
+            raise SimulationError("the stack gives no detected photons with this instrument")
+        expected = expected * (counts / total)
+    gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+    data = gen.poisson(expected).astype(np.float64) if noise else expected
+    meta = {"simulated": True, "instrument": getattr(instrument, "name", None), "count_rate_cps": count_rate,
+            "stack": repr(stack), "n_lines": len(table)}
+    return Spectrum(data, instrument.calibration, live_time_s=lt, metadata=meta)
+
+
+# --- batches -------------------------------------------------------------------------------------------
+
+class _GuideSampler:
+    """Exact sampling of channels from fixed discrete distributions (rows) by guide-table inversion.
+
+    For every row a guide table of ``K`` entries (``k_factor * channels`` rounded up to a power of 2)
+    gives, for ``u`` in ``[q/K, (q+1)/K)``, the first channel whose cumulative probability exceeds
+    ``q/K``; when that channel is not yet the inverse-CDF channel of ``u``, a vectorised bisection up to
+    the next guide entry finds it (Chen and Asau, 1974). Exact; about 30-50 ns per photon.
+    """
+
+    def __init__(self, rows: np.ndarray, k_factor: int = 1) -> None:
+        rows = np.asarray(rows, dtype=np.float64)
+        r, c = rows.shape
+        sums = rows.sum(axis=1, keepdims=True)
+        cdf = np.cumsum(rows / np.where(sums > 0, sums, 1.0), axis=1).astype(np.float32)
+        # every u < 1 stops at the last channel of non-zero probability at the latest (float32 sums
+        # may end just below 1)
+        last = c - 1 - np.argmax(rows[:, ::-1] > 0, axis=1)
+        cdf[np.arange(c)[None, :] >= last[:, None]] = 2.0
+        self.k = 1 << int(np.ceil(np.log2(k_factor * c)))  # a power of 2: u * k is exact in float32
+        grid = (np.arange(self.k) / self.k).astype(np.float32)
+        guide = np.empty((r, self.k), dtype=np.int32)
+        for i in range(r):
+            guide[i] = np.searchsorted(cdf[i], grid, side="right")
+        np.minimum(guide, c - 1, out=guide)
+        guide += (np.arange(r, dtype=np.int32) * c)[:, None]  # flat index into cdf
+        self.guide = guide.ravel()
+        self.flat_cdf = cdf.ravel()
+        self.c = c
+        self.shape = rows.shape
+
+    def sample(self, row: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Channels (int32, shape like ``row``) drawn from the distributions of rows ``row`` (int32)."""
+        u = rng.random(row.size, dtype=np.float32)
+        q = (u * np.float32(self.k)).astype(np.int32)
+        np.minimum(q, self.k - 1, out=q)
+        q += row * np.int32(self.k)
+        flat = self.guide[q]
+        todo = np.nonzero(self.flat_cdf[flat] <= u)[0]
+        if todo.size:
+            # the answer lies in (flat, guide[q + 1]]: vectorised bisection on the few that need it
+            lo = flat[todo]
+            qn = q[todo] + 1
+            last_cell = (qn % self.k) == 0
+            hi = np.where(last_cell, (row[todo] + 1) * self.c - 1, self.guide[np.where(last_cell, 0, qn)])
+            ut = u[todo]
+            while True:
+                gap = hi - lo > 1
+                if not gap.any():
+                    break
+                mid = (lo + hi) // 2
+                below = gap & (self.flat_cdf[mid] <= ut)
+                lo = np.where(below, mid, lo)
+                hi = np.where(gap & ~below, mid, hi)
+            flat[todo] = hi
+        flat -= row * np.int32(self.c)
+        return flat
+
+
+def simulate_batch(
+    stacks: Sequence[Stack] | StackArrays,
+    instrument: Any,
+    *,
+    counts: float | np.ndarray | None = None,
+    live_time_s: float | np.ndarray | None = None,
+    rng: np.random.Generator | int | None = None,
+    noise: bool = True,
+    secondary: bool = False,
+    scatter: bool = True,
+    method: str = "auto",
+    dtype: type = np.float32,
+    threads: int | None = None,
+    count_rate_cps: float | np.ndarray | None = None,
+    argon: bool = True,
+    keep: dict[str, np.ndarray] | None = None,
+) -> np.ndarray:
+    """Simulate many spectra at once (the training-data path).
+
+    Parameters
+    ----------
+    stacks : sequence of Stack or StackArrays
+        B samples. :class:`StackArrays` (pre-sampled compositions as arrays) skips the per-stack Python
+        conversion.
+    instrument : Instrument
+    counts : float or numpy.ndarray, optional
+        Expected total counts per spectrum, scalar or (B,). Without it, the absolute scale comes from
+        the instrument flux, solid angle and ``live_time_s`` (default 1 s).
+    live_time_s : float or numpy.ndarray, optional
+        Live time per spectrum, s.
+    rng : numpy.random.Generator or int, optional
+    noise : bool, optional
+        Poisson counts (default) or expected spectra.
+    secondary : bool, optional
+        Secondary fluorescence within and between layers (slow: a Python loop over stacks and layer
+        pairs, about 8 ms per stack on one quiet core against 0.06 ms without; default off, so training
+        spectra lack the 0-30 % secondary enhancement of light elements under or next to heavier ones).
+    scatter : bool, optional
+        Rayleigh and Compton scatter (continuum background; default on).
+    method : {"auto", "events", "poisson"}
+        How noisy spectra are drawn. ``"events"``: the number of detected photons of every line and
+        scatter bin is Poisson, and each photon's channel is drawn from that row's detector response
+        (exact; cost grows with the counts, fast for hundreds to thousands of counts).
+        ``"poisson"``: expected spectra ``inten_r @ R`` then independent Poisson counts per channel (cost
+        independent of counts). ``"auto"`` picks events below 2 counts per channel on average.
+    dtype : numpy dtype
+        Dtype of the result.
+    threads : int, optional
+        Worker threads over blocks of 1024 spectra (default: the number of CPU cores). Each block
+        draws from its own generator spawned from ``rng``, so results do not depend on ``threads``.
+    count_rate_cps : float or numpy.ndarray, optional
+        Input count rate, counts/s, scalar or (B,): adds pile-up as :meth:`Detector.pileup` models it
+        (a recorded event is the sum of two photons with probability ``p = min(2 R tau, 0.5)``, ``tau``
+        the instrument's ``pileup_time_s``). With ``counts``, the recorded totals still match
+        ``counts``. Default: no pile-up. Event draws pair photons of the same spectrum at random and
+        record the sum of their energies; the Poisson path applies :meth:`Detector.pileup` to the
+        expected spectra.
+    argon : bool, optional
+        The Ar K lines of the air the beam crosses (default; :func:`argon_lines`; nothing with helium or
+        vacuum). The same for every spectrum in absolute terms, so weak emitters show them most.
+    keep : dict, optional
+        Filled with what the simulation computed on the way: ``"primary"`` (B, N, L) primary line
+        intensities per layer per incident photon and sr (secondary fluorescence, if on, is not in it),
+        ``"line_detected"`` (L,) detector efficiency times the in-range fraction of each line's response
+        row, and ``"scale"`` (B,) the factor that turned intensities into expected counts recorded in the
+        line itself (with pile-up: the photons recorded alone, not in a sum peak); their product is each
+        line's expected counts per layer in these spectra (the training labels are built from it).
+        ``"line_element"`` (L,) and ``"line_energy_keV"`` (L,) name the lines: element symbol, keV.
+
+    Returns
+    -------
+    numpy.ndarray
+        (B, channels) counts (or expected counts with ``noise=False``).
+    """
+    arr = stacks if isinstance(stacks, StackArrays) else stack_arrays(stacks)
+    if method not in ("auto", "events", "poisson"):
+        raise SimulationError(f"method must be 'auto', 'events' or 'poisson', got {method!r}")
+    B = len(arr)
+    setup = _setup(instrument)
+    T = _tables_for(arr.elements, setup)
+    eff = _efficiency(instrument, T.line_energy_keV, "fluorescence line") if T.n_lines else np.zeros(0)
+    row_blocks = [_rows_for_lines(setup, instrument, T.line_energy_keV)] if T.n_lines else []
+    if scatter:
+        row_blocks += [setup.rayleigh_rows, setup.compton_rows]
+    argon = bool(argon) and setup.argon.size > 0
+    if argon:  # after the sample's lines, so rows[:n_lines] stay the lines
+        row_blocks.append(setup.argon_rows)
+    if not row_blocks:
+        raise SimulationError("nothing to simulate: no lines and scatter switched off")
+    owners = (setup, T, scatter, argon)
+    rows = _concat_rows(row_blocks, owners)
+    rowsum = rows.sum(axis=1, dtype=np.float64)
+    if counts is not None:
+        c = np.broadcast_to(np.asarray(counts, dtype=float), (B,))
+        if np.any(c < 0) or not np.all(np.isfinite(c)):
+            raise SimulationError("counts must be finite and >= 0")
+        scale = None
+    else:
+        lt = np.broadcast_to(np.asarray(1.0 if live_time_s is None else live_time_s, dtype=float), (B,))
+        if np.any(lt <= 0) or not np.all(np.isfinite(lt)):
+            raise SimulationError("live_time_s must be finite and > 0")
+        c = None
+        scale = lt * setup.exc.total_photons * setup.solid_angle_sr
+    pile = None
+    if count_rate_cps is not None:
+        rate = np.broadcast_to(np.asarray(count_rate_cps, dtype=float), (B,))
+        tau = float(getattr(instrument, "pileup_time_s", 0.0))
+        if np.any(rate < 0) or not np.all(np.isfinite(rate)):
+            raise SimulationError("count_rate_cps must be finite and >= 0")
+        if not hasattr(setup.response, "pileup"):
+            raise SimulationError("this instrument's detector response has no pile-up model")
+        pile = np.minimum(2.0 * rate * tau, 0.5)
+        if not np.any(pile > 0):
+            pile = None
+    gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+    C = setup.n_channels
+    out = np.empty((B, C), dtype=dtype)
+    step = 1024
+    starts = list(range(0, B, step))
+    children = gen.spawn(len(starts))
+    sampler = _sampler(rows, owners) if noise and method != "poisson" else None
+
+    def run(i: int) -> None:
+        b0 = starts[i]
+        b1 = min(B, b0 + step)
+        W = arr.weight_fraction[b0:b1]
+        mt = arr.mass_thickness_g_cm2[b0:b1]
+        per_layer = _fp.primary(W, mt, T)
+        inten = per_layer.sum(axis=1)
+        if keep is not None:
+            keep["primary"][b0:b1] = per_layer
+        if secondary:
+            inten += _fp.secondary_within_layers(W, mt, T).sum(axis=1)
+            inten += _fp.secondary_between_layers(W, mt, T).sum(axis=1)
+        parts = [inten * eff] if T.n_lines else []
+        if scatter:
+            ray, comp = _fp.scatter(W, mt, T)
+            parts += [ray * setup.eff_rayleigh, comp * setup.eff_compton]
+        if argon:
+            parts.append(np.broadcast_to(setup.argon, (b1 - b0, setup.argon.size)))
+        inten_r = np.concatenate(parts, axis=1)  # (b, R) per incident photon per sr
+        in_range = inten_r @ rowsum
+        if c is not None:
+            cc = c[b0:b1]
+            sc = np.where(in_range > 0, cc / np.where(in_range > 0, in_range, 1.0), 0.0)
+        else:
+            sc = scale[b0:b1]
+        inten_r *= sc[:, None]
+        if keep is not None:
+            keep["scale"][b0:b1] = sc
+        p_blk = None if pile is None else pile[b0:b1]
+        if p_blk is not None:
+            # with given counts, more photons: pairs record as one event, and the recorded totals stay
+            boost = 1.0 / (1.0 - 0.5 * p_blk) if c is not None else np.ones_like(p_blk)
+            inten_r *= boost[:, None]
+            if keep is not None:  # a line keeps the photons recorded alone
+                keep["scale"][b0:b1] *= (1.0 - p_blk) * boost
+        _render(inten_r, rows, rowsum, out[b0:b1], children[i], noise, method, sampler, p_blk, setup.response)
+
+    if keep is not None:
+        keep["primary"] = np.zeros((B, arr.weight_fraction.shape[1], T.n_lines))
+        keep["scale"] = np.zeros(B)
+        keep["line_detected"] = eff * rowsum[: T.n_lines] if T.n_lines else np.zeros(0)
+        keep["line_element"] = np.array([element_symbol(T.elements[i]) for i in T.line_element], dtype=object)
+        keep["line_energy_keV"] = T.line_energy_keV.copy()
+    n_threads = max(1, min(int(threads if threads is not None else os.cpu_count() or 1), len(starts)))
+    if n_threads == 1:
+        for i in range(len(starts)):
+            run(i)
+    else:
+        with ThreadPoolExecutor(n_threads) as pool:
+            list(pool.map(run, range(len(starts))))
+    return out
+
+
+def _render(inten_r: np.ndarray, rows: np.ndarray, rowsum: np.ndarray, out: np.ndarray,
+            gen: np.random.Generator, noise: bool, method: str, sampler: _GuideSampler | None,
+            pile: np.ndarray | None = None, response: Any = None) -> None:
+    """Spectra (b, C) into ``out`` from row intensities inten_r (b, R) (expected photons per row);
+    ``pile`` (b,): probability that a recorded event is a pile-up pair (``response.pileup``'s model)."""
+    C = rows.shape[1]
+    if not noise or method == "poisson" or sampler is None or (
+            method == "auto" and float(np.mean(inten_r @ rowsum)) > 2 * C):
+        lam = (inten_r.astype(np.float32) @ rows).astype(np.float64)
+        if pile is not None:
+            # response.pileup takes the count rate; give it the rate whose p = 2 R tau is this one
+            tau = float(response.instrument.pileup_time_s)
+            lam = response.pileup(lam, pile / (2.0 * tau), resolving_time_s=tau)
+        out[:] = gen.poisson(np.maximum(lam, 0.0)) if noise else lam
+        return
+    R = rows.shape[0]
+    n = gen.poisson(inten_r * rowsum).ravel()  # photons detected per (spectrum, row)
+    nz = np.nonzero(n)[0]
+    reps = n[nz]
+    r_idx = np.repeat((nz % R).astype(np.int32), reps)
+    ch = sampler.sample(r_idx, gen)
+    sid = np.repeat((nz // R).astype(np.int32), reps)
+    if pile is not None:
+        ch, sid = _pile_up_events(ch, sid, pile, response.channel_energy_keV, gen)
+    ch += sid * np.int32(C)
+    out[:] = np.bincount(ch, minlength=out.shape[0] * C).reshape(out.shape)
+
+
+def _pile_up_events(ch: np.ndarray, sid: np.ndarray, pile: np.ndarray, energy_keV: np.ndarray,
+                    gen: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Merge photons into pile-up pairs: each photon of spectrum ``sid`` joins a pair with probability
+    ``pile[sid]``; pairs of the same spectrum are formed at random and recorded at the channel of the sum
+    of their energies (split between the two nearest channels in proportion, as the expected-spectrum
+    model does); sums beyond the last channel are lost. Returns the recorded events' (channels, spectra)."""
+    piled = gen.random(ch.size) < pile[sid]
+    idx = np.flatnonzero(piled)
+    if idx.size < 2:
+        return ch, sid
+    idx = idx[np.lexsort((gen.random(idx.size), sid[idx]))]  # grouped by spectrum, random order inside
+    s_p = sid[idx]
+    # consecutive photons of one spectrum pair up: positions 0-1, 2-3, ... within each spectrum's run
+    start = np.r_[0, np.flatnonzero(np.diff(s_p)) + 1]
+    run_pos = np.arange(idx.size) - np.repeat(start, np.diff(np.r_[start, idx.size]))
+    first = np.flatnonzero((run_pos % 2 == 0) & (np.r_[s_p[1:], -1] == s_p))
+    a, b = idx[first], idx[first + 1]
+    e_sum = energy_keV[ch[a]] + energy_keV[ch[b]]
+    pos = np.interp(e_sum, energy_keV, np.arange(energy_keV.size, dtype=float), left=-1.0,
+                    right=float(energy_keV.size))
+    lo = np.floor(pos)
+    chan = lo + (gen.random(pos.size) < pos - lo)
+    keep = np.ones(ch.size, dtype=bool)
+    keep[b] = False
+    ok = (pos >= 0) & (chan <= energy_keV.size - 1)
+    keep[a[~ok]] = False
+    new_ch = ch.copy()
+    new_ch[a[ok]] = chan[ok].astype(ch.dtype)
+    return new_ch[keep], sid[keep]
+
+
+_ROWS: dict[tuple, tuple[tuple, np.ndarray]] = {}
+
+
+def _concat_rows(blocks: list[np.ndarray], owners: tuple) -> np.ndarray:
+    key = tuple(id(o) for o in owners)
+    hit = _ROWS.get(key)
+    if hit is None:
+        if len(_ROWS) > 8:
+            _ROWS.clear()
+        hit = _ROWS[key] = (owners, np.concatenate(blocks, axis=0))
+    return hit[1]
+
+
+_SAMPLERS: dict[tuple, tuple[tuple, _GuideSampler]] = {}
+
+
+def _sampler(rows: np.ndarray, owners: tuple) -> _GuideSampler:
+    """Cached sampler of the response rows built for ``owners`` (setup, tables, scatter and argon flags)."""
+    key = tuple(id(o) for o in owners)
+    hit = _SAMPLERS.get(key)
+    if hit is None or hit[1].shape != rows.shape:
+        if len(_SAMPLERS) > 8:
+            _SAMPLERS.clear()
+        hit = _SAMPLERS[key] = (owners, _GuideSampler(rows))  # owners kept alive: ids stay unique
+    return hit[1]

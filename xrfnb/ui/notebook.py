@@ -1,0 +1,163 @@
+"""One set-up call for the notebooks: display extensions with local resources only, small-data switch, output.
+
+Panel 1.9 honours ``pn.extension(inline=True)`` only at the first render of a Panel object: it inlines the
+stylesheets of that render (``Viewable._repr_mimebundle_``). Every HoloViews figure displayed as a cell
+output (rendered by HoloViews' own notebook renderer), and every Markdown/HTML pane whose text changes
+later (Panel hands it its cached stylesheet objects again), keeps Panel's stylesheets as links to
+``cdn.holoviz.org``: ``css/loading.css``, ``css/listpanel.css``, ``bundled/theme/default.css`` and
+``bundled/theme/native.css`` for each output, ``css/markdown.css`` and others by component. Offline, as on
+many museum networks, these requests fail. :func:`setup_notebook` loads the extensions with ``inline=True``
+and registers one Panel preprocessing hook (``Viewable._preprocessing_hooks``, the extension point Panel's
+own HoloViews pane and links use; it runs at every render and update) that points each such stylesheet
+object, in place, at a ``data:`` URL holding the file from Panel's installed ``dist`` folder. Changed in
+place, the objects stay local in Panel's caches, so later updates that reuse them stay local too.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import holoviews as hv
+import panel as pn
+from bokeh.models import ImportedStyleSheet, Model
+from panel.io.resources import CDN_DIST, DIST_DIR, LOCAL_DIST
+from panel.viewable import Viewable
+
+from .. import __version__
+
+__all__ = ["NotebookSetup", "setup_notebook"]
+
+#: environment switches the test suite sets (tests/test_notebooks.py)
+SMALL_ENV = "XRFNB_NOTEBOOK_SMALL"
+OUTPUT_ENV = "XRFNB_NOTEBOOK_OUTPUT"
+DEFAULT_OUTPUT = "xrfnb-output"
+
+#: URL prefixes of Panel's own static files: its CDN, the Panel server's and the Jupyter server extension's
+_DIST_PREFIXES = (CDN_DIST, "/panel-preview/" + LOCAL_DIST, "/" + LOCAL_DIST, LOCAL_DIST)
+
+
+@dataclass(frozen=True)
+class NotebookSetup:
+    """What :func:`setup_notebook` decided.
+
+    Attributes
+    ----------
+    small : bool
+        Small-data mode (small scans, tiny training runs): ``XRFNB_NOTEBOOK_SMALL=1``, as the tests run.
+    output_dir : pathlib.Path
+        Folder the notebook writes its results to (created).
+    """
+
+    small: bool
+    output_dir: Path
+
+
+def setup_notebook(
+    output_dir: str | os.PathLike[str] | None = None, *, small: bool | None = None, announce: bool = True
+) -> NotebookSetup:
+    """Prepare a Jupyter session for xrfnb: local display resources only, small-data switch, output folder.
+
+    Loads HoloViews' Bokeh backend and Panel with inline resources (``hv.extension("bokeh", inline=True)``,
+    ``pn.extension(inline=True)``) and makes every Panel stylesheet of every Panel/HoloViews output of the
+    session inline, including those of models created or updated later by widgets and callbacks, so that
+    nothing is requested from a CDN (Panel 1.9 would otherwise link four stylesheets per output from
+    ``cdn.holoviz.org``). Calling it again is harmless.
+
+    Parameters
+    ----------
+    output_dir : path-like, optional
+        Where the notebook writes its results. Default: ``$XRFNB_NOTEBOOK_OUTPUT``, else ``xrfnb-output``
+        (relative to the notebook's folder). Created if missing.
+    small : bool, optional
+        Small-data mode. Default: ``$XRFNB_NOTEBOOK_SMALL == "1"`` (set by the test suite).
+    announce : bool
+        Print one line with xrfnb's version, the mode and the output folder.
+
+    Returns
+    -------
+    NotebookSetup
+        The mode and the (created) output folder.
+
+    Examples
+    --------
+    The first code cell of each of xrfnb's notebooks:
+
+    >>> import xrfnb
+    >>> setup = xrfnb.setup_notebook(announce=False)  # doctest: +SKIP
+    >>> SMALL, OUT = setup.small, setup.output_dir  # doctest: +SKIP
+    """
+    if small is None:
+        small = os.environ.get(SMALL_ENV, "0") == "1"
+    if output_dir is None:
+        output_dir = os.environ.get(OUTPUT_ENV) or DEFAULT_OUTPUT
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    hv.extension("bokeh", inline=True, logo=False)
+    pn.extension(inline=True)
+    if _localize_panel_stylesheets not in Viewable._preprocessing_hooks:
+        Viewable._preprocessing_hooks.append(_localize_panel_stylesheets)
+    if announce:
+        print(f"xrfnb {__version__}; small-data mode: {small}; results go to {out.resolve()}")
+    return NotebookSetup(small=bool(small), output_dir=out)
+
+
+@cache
+def _local_url(url: str) -> str | None:
+    """A ``data:`` URL holding the file of Panel's ``dist`` folder that ``url`` names, or None if none."""
+    path = url.split("?", 1)[0].split("#", 1)[0]
+    for prefix in _DIST_PREFIXES:
+        if path.startswith(prefix):
+            relative = path[len(prefix) :]
+            break
+    else:
+        return None
+    dist = DIST_DIR.resolve()
+    file = (dist / relative).resolve()
+    if not file.is_relative_to(dist) or file.suffix != ".css" or not file.is_file():
+        return None
+    return "data:text/css;base64," + base64.b64encode(file.read_bytes()).decode("ascii")
+
+
+def localize_stylesheets(models: Iterable[Model]) -> int:
+    """Point every stylesheet link to Panel's static files among ``models`` at an inline ``data:`` copy.
+
+    The stylesheet objects are changed in place rather than replaced, because Panel caches them per
+    document (and per design) and hands the same objects to the models it updates later (e.g. a Markdown
+    pane whose text changes).
+
+    Parameters
+    ----------
+    models : iterable of bokeh.models.Model
+        Models to look at; those that are not ``ImportedStyleSheet`` are skipped.
+
+    Returns
+    -------
+    int
+        Number of stylesheets changed. Links to other places (a user's own stylesheet) are kept.
+    """
+    changed = 0
+    for sheet in models:
+        if isinstance(sheet, ImportedStyleSheet):
+            local = _local_url(str(sheet.url))
+            if local is not None:
+                sheet.url = local
+                changed += 1
+    return changed
+
+
+def _localize_panel_stylesheets(
+    viewable: Viewable, root: Model, changed: Viewable | None = None, old_models: Any = None
+) -> None:
+    """Panel preprocessing hook (every render and update): make the root's stylesheets local.
+
+    It walks the whole root each time (about 30 ms for the dashboard's 300 models): an update can give new
+    stylesheets to models outside the object that changed (tests/test_notebook_offline.py finds a
+    ``loading.css`` link left when only the changed object's models are walked).
+    """
+    localize_stylesheets(root.select({"type": ImportedStyleSheet}))
