@@ -26,14 +26,18 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
+import holoviews as hv
 import numpy as np
+from numpy.typing import ArrayLike
 
-from .._errors import DataError, FitError, ModelError, XRFNBError
-from ..core.lines import LINE_GROUPS, atomic_number, line_energy_keV, parse_line
-from ..model.model import load_model
+from .._errors import DataError, FitError, ModelError
+from ..core.lines import DEFAULT_LINES, LineMarker, atomic_number, element_lines, parse_line
+from ..core.spectrum import Spectrum
+from ..model.model import PigmentModel, load_model
 from ..model.train import train_model
+from ..physics.detector import FWHM_PER_SIGMA
 
 __all__ = [
     "LineMarker",
@@ -56,30 +60,13 @@ __all__ = [
     "spectrum_plot",
 ]
 
-#: FWHM of a Gaussian in units of its standard deviation, 2 sqrt(2 ln 2)
-FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 #: colour of each line family's markers
 FAMILY_COLORS = {"K": "#d62728", "L": "#1f77b4", "M": "#2ca02c"}
-DEFAULT_LINES = ("Ka", "Kb", "La", "Lb", "Lg", "Ma")
 
 
 # ---------------------------------------------------------------------------------------------------------
 # line markers
 # ---------------------------------------------------------------------------------------------------------
-class LineMarker(NamedTuple):
-    """One emission line to mark on a spectrum."""
-
-    element: str
-    line: str
-    family: str
-    energy_keV: float
-
-    @property
-    def label(self) -> str:
-        """``"Fe Ka"``."""
-        return f"{self.element} {self.line}"
-
-
 def line_markers(
     elements: Sequence[str],
     e_min_keV: float = 0.0,
@@ -108,29 +95,16 @@ def line_markers(
     XRFNBError
         Unknown element symbol or line group.
     """
-    out: list[LineMarker] = []
-    for el in elements:
-        symbol = str(el).strip()
-        atomic_number(symbol)
-        for line in lines:
-            if line not in LINE_GROUPS:
-                raise XRFNBError(f"unknown line group {line!r}; use one of {', '.join(LINE_GROUPS)}")
-            try:
-                e = line_energy_keV(symbol, line)
-            except XRFNBError:
-                continue
-            if line.startswith("M") and e < 1.5:
-                continue
-            if e_min_keV <= e <= e_max_keV:
-                out.append(LineMarker(symbol, line, line[0], float(e)))
-    out.sort(key=lambda m: m.energy_keV)
-    return out
+    return sorted(
+        (m for el in elements for m in element_lines(el, e_min_keV, e_max_keV, lines)),
+        key=lambda m: m.energy_keV,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
 # scores of presence maps
 # ---------------------------------------------------------------------------------------------------------
-def _flat_pair(pred: Any, truth: Any) -> tuple[np.ndarray, np.ndarray]:
+def _flat_pair(pred: ArrayLike, truth: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     p = np.asarray(pred, dtype=bool)
     t = np.asarray(truth, dtype=bool)
     if p.shape != t.shape or p.ndim < 1:
@@ -139,7 +113,9 @@ def _flat_pair(pred: Any, truth: Any) -> tuple[np.ndarray, np.ndarray]:
     return p.reshape(-1, k), t.reshape(-1, k)
 
 
-def presence_scores(pred: Any, truth: Any, valid: Any = None) -> dict[str, np.ndarray]:
+def presence_scores(
+    pred: ArrayLike, truth: ArrayLike, valid: ArrayLike | None = None
+) -> dict[str, np.ndarray]:
     """Per-class precision, recall, F1 and support of presence decisions against ground truth.
 
     Parameters
@@ -180,7 +156,9 @@ def presence_scores(pred: Any, truth: Any, valid: Any = None) -> dict[str, np.nd
     }
 
 
-def confusion_matrix(pred: Any, truth: Any, valid: Any = None, *, normalize: bool = True) -> np.ndarray:
+def confusion_matrix(
+    pred: ArrayLike, truth: ArrayLike, valid: ArrayLike | None = None, *, normalize: bool = True
+) -> np.ndarray:
     """Confusion matrix of multi-label presence decisions, one row per true class.
 
     A pixel can hold several classes, so the classical one-label confusion matrix does not apply. Here
@@ -281,7 +259,7 @@ def _members(line: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def fit_peak(
-    spectrum: Any,
+    spectrum: Spectrum,
     line: str,
     *,
     fwhm_guess_keV: float = 0.15,
@@ -389,7 +367,7 @@ class ResolutionFit:
     fwhm_sigma_keV: np.ndarray
     lines: tuple[str, ...] = ()
 
-    def fwhm_at(self, energy_keV: Any) -> np.ndarray:
+    def fwhm_at(self, energy_keV: ArrayLike) -> np.ndarray:
         """Fitted FWHM in keV at ``energy_keV`` (any shape)."""
         e = np.maximum(np.asarray(energy_keV, dtype=float), 0.0)
         return np.sqrt(self.noise_keV**2 + FWHM_PER_SIGMA**2 * self.fano * self.pair_energy_eV * 1e-3 * e)
@@ -403,9 +381,9 @@ class ResolutionFit:
 def fit_resolution(
     peaks: Sequence[PeakFit] | None = None,
     *,
-    energies_keV: Any = None,
-    fwhm_keV: Any = None,
-    fwhm_sigma_keV: Any = None,
+    energies_keV: ArrayLike | None = None,
+    fwhm_keV: ArrayLike | None = None,
+    fwhm_sigma_keV: ArrayLike | None = None,
     pair_energy_eV: float = 3.64,
     fano: float | None = None,
 ) -> ResolutionFit:
@@ -498,7 +476,7 @@ TINY_TRAINING: dict[str, Any] = {
 
 def demo_model(
     cache_dir: str | os.PathLike, *, name: str = "default", progress: bool = False
-) -> tuple[Any, str]:
+) -> tuple[PigmentModel, str]:
     """The model for a demonstration: the shipped one when it exists, else a tiny stand-in trained here.
 
     Parameters
@@ -537,14 +515,8 @@ def demo_model(
 # ---------------------------------------------------------------------------------------------------------
 # figures
 # ---------------------------------------------------------------------------------------------------------
-def _hv() -> Any:
-    import holoviews as hv
-
-    return hv
-
-
 def spectrum_plot(
-    spectrum: Any,
+    spectrum: Spectrum,
     *,
     elements: Sequence[str] = (),
     lines: Sequence[str] = DEFAULT_LINES,
@@ -552,11 +524,11 @@ def spectrum_plot(
     log_y: bool = True,
     title: str | None = None,
     label: str = "spectrum",
-    model_counts: Any = None,
+    model_counts: ArrayLike | None = None,
     model_label: str = "fit",
     width: int = 700,
     height: int = 320,
-) -> Any:
+) -> hv.Overlay:
     """A spectrum on a keV axis with markers at the K, L and M lines of some elements.
 
     Parameters
@@ -587,7 +559,6 @@ def spectrum_plot(
     -------
     holoviews.Overlay
     """
-    hv = _hv()
     counts = np.asarray(spectrum.counts, dtype=float)
     energy = np.asarray(spectrum.energy_keV, dtype=float)
     lo, hi = energy_range_keV or (max(1.0, float(energy[0])), min(40.0, float(energy[-1])))
@@ -645,15 +616,15 @@ def spectrum_plot(
 
 def probability_plot(
     classes: Sequence[str],
-    probability: Any,
-    thresholds: Any,
+    probability: ArrayLike,
+    thresholds: ArrayLike,
     *,
     colors: Sequence[str] | None = None,
     top: int | None = 12,
     title: str = "Pigment class probabilities",
     width: int = 640,
     height: int = 380,
-) -> Any:
+) -> hv.Overlay:
     """Horizontal bars of class probabilities with each class's decision threshold marked.
 
     Parameters
@@ -674,7 +645,6 @@ def probability_plot(
     holoviews.Overlay
         Bars (legend "probability") and threshold markers (legend "threshold").
     """
-    hv = _hv()
     p = np.asarray(probability, dtype=float).reshape(-1)
     t = np.broadcast_to(np.asarray(thresholds, dtype=float), p.shape)
     k = len(classes)
@@ -737,7 +707,7 @@ def pixel_at(
 
 
 def map_image(
-    values: Any,
+    values: ArrayLike,
     *,
     title: str,
     clabel: str,
@@ -746,7 +716,7 @@ def map_image(
     clim: tuple[float, float] | None = None,
     width: int = 360,
     height: int = 320,
-) -> Any:
+) -> hv.Image:
     """A map (rows, cols) as an image with a colour bar; row 0 at the top, as the scan was taken.
 
     Parameters
@@ -769,7 +739,6 @@ def map_image(
     holoviews.Image
         Key dimensions ``x`` and ``y`` (mm or pixel), value dimension ``value``.
     """
-    hv = _hv()
     arr = np.asarray(values, dtype=float)
     if arr.ndim != 2:
         raise DataError(f"a map must have shape (rows, cols), got {arr.shape}")
@@ -790,14 +759,14 @@ def map_image(
 
 
 def rgb_image(
-    rgb: Any,
+    rgb: ArrayLike,
     *,
     title: str,
     pixel_size_um: float | None = None,
     legend: Mapping[str, str] | None = None,
     width: int = 420,
     height: int = 320,
-) -> Any:
+) -> hv.RGB:
     """An RGB composite (rows, cols, 3) uint8 (e.g. :meth:`PigmentMaps.composite_rgb`), with a colour key.
 
     Parameters
@@ -815,7 +784,6 @@ def rgb_image(
     -------
     holoviews.RGB or holoviews.Overlay
     """
-    hv = _hv()
     arr = np.asarray(rgb)
     if arr.ndim != 3 or arr.shape[2] != 3:
         raise DataError(f"an RGB composite must have shape (rows, cols, 3), got {arr.shape}")
@@ -834,7 +802,7 @@ def rgb_image(
 
 
 def confusion_plot(
-    matrix: Any,
+    matrix: ArrayLike,
     true_classes: Sequence[str],
     called_classes: Sequence[str],
     *,
@@ -842,7 +810,7 @@ def confusion_plot(
     clabel: str = "fraction of the pixels where the true class is present",
     width: int | None = None,
     height: int | None = None,
-) -> Any:
+) -> hv.HeatMap:
     """A confusion matrix (e.g. from :func:`confusion_matrix`) as a heat map with a colour bar.
 
     Parameters
@@ -858,7 +826,6 @@ def confusion_plot(
     -------
     holoviews.HeatMap
     """
-    hv = _hv()
     m = np.asarray(matrix, dtype=float)
     if m.shape != (len(true_classes), len(called_classes)):
         raise DataError(f"matrix {m.shape} does not match {len(true_classes)} x {len(called_classes)} names")
@@ -882,14 +849,14 @@ def confusion_plot(
 
 def score_bars(
     classes: Sequence[str],
-    scores: Mapping[str, Any],
+    scores: Mapping[str, ArrayLike],
     *,
     title: str,
     ylabel: str = "F1 score",
     unit: str = "0-1",
     width: int = 760,
     height: int = 360,
-) -> Any:
+) -> hv.Bars:
     """Grouped bars: one group per class, one bar per method (legend: the methods).
 
     Parameters
@@ -905,7 +872,6 @@ def score_bars(
     -------
     holoviews.Bars
     """
-    hv = _hv()
     rows = []
     for method, vals in scores.items():
         v = np.asarray(vals, dtype=float).reshape(-1)
@@ -923,8 +889,8 @@ def score_bars(
 
 
 def curves_plot(
-    x: Any,
-    curves: Mapping[str, Any],
+    x: ArrayLike,
+    curves: Mapping[str, ArrayLike],
     *,
     title: str,
     xlabel: str,
@@ -936,7 +902,7 @@ def curves_plot(
     markers: bool = True,
     width: int = 600,
     height: int = 340,
-) -> Any:
+) -> hv.Overlay:
     """Several labelled curves (lines, with points unless ``markers=False``) over one x axis, with a legend.
 
     Parameters
@@ -954,7 +920,6 @@ def curves_plot(
     -------
     holoviews.Overlay
     """
-    hv = _hv()
     xv = np.asarray(x, dtype=float).reshape(-1)
     xd = hv.Dimension("x", label=xlabel, unit=xunit)
     yd = hv.Dimension("y", label=ylabel, unit=yunit)
@@ -982,7 +947,7 @@ def resolution_plot(
     title: str = "Detector resolution",
     reference: Mapping[str, tuple[float, float, float]] | None = None,
     e_max_keV: float | None = None,
-) -> Any:
+) -> hv.Overlay:
     """Measured peak FWHM against energy with the fitted noise + Fano curve (and optional reference curves).
 
     Parameters
@@ -1000,7 +965,6 @@ def resolution_plot(
     -------
     holoviews.Overlay
     """
-    hv = _hv()
     e_hi = e_max_keV or 1.2 * float(np.max(fit.energies_keV))
     grid = np.linspace(0.5, e_hi, 200)
     ed = hv.Dimension("energy", label="Energy", unit="keV")
