@@ -82,9 +82,17 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 
     Examples
     --------
-    >>> with atomic_path("maps.h5") as tmp:          # doctest: +SKIP
+    >>> import tempfile
+    >>> import h5py
+    >>> import numpy as np
+    >>> folder = tempfile.TemporaryDirectory()
+    >>> target = Path(folder.name) / "maps.h5"
+    >>> with atomic_path(target) as tmp:
     ...     with h5py.File(tmp, "w") as f:
-    ...         write_scan(f.create_group("scan"), scan)
+    ...         f["counts"] = np.arange(3)
+    >>> sorted(p.name for p in target.parent.iterdir())  # renamed into place, no temporary file left
+    ['maps.h5']
+    >>> folder.cleanup()
     """
     target = Path(os.fspath(path))
     folder = target.parent if str(target.parent) else Path(".")

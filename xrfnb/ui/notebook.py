@@ -86,10 +86,11 @@ def setup_notebook(
 
     Examples
     --------
-    The first code cell of each of xrfnb's notebooks:
+    The first code cell of each of xrfnb's notebooks (not run by the doctests: it changes the display
+    set-up of the whole Python session, HoloViews' and Panel's extensions and a Panel hook):
 
     >>> import xrfnb
-    >>> setup = xrfnb.setup_notebook(announce=False)  # doctest: +SKIP
+    >>> setup = xrfnb.setup_notebook()  # doctest: +SKIP
     >>> SMALL, OUT = setup.small, setup.output_dir  # doctest: +SKIP
     """
     if small is None:

@@ -1103,8 +1103,17 @@ def write_report(
 
     Examples
     --------
-    >>> maps = xrfnb.map_pigments(scan)                                    # doctest: +SKIP
-    >>> xrfnb.write_report(maps, "report.html", scan=scan, instrument="bruker-m6")  # doctest: +SKIP
+    A tiny simulated scan, mapped with the shipped model:
+
+    >>> import tempfile
+    >>> import xrfnb
+    >>> scan, _ = xrfnb.render_scan("hidden-painting", shape=(8, 8))
+    >>> maps = xrfnb.map_pigments(scan, progress=False)
+    >>> folder = tempfile.TemporaryDirectory()
+    >>> path = xrfnb.write_report(maps, Path(folder.name) / "report.html", scan=scan, instrument="bruker-m6")
+    >>> path.name, path.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
+    ('report.html', True)
+    >>> folder.cleanup()
     """
     target = Path(os.fspath(path))
     suffix = target.suffix.lower()
