@@ -23,12 +23,15 @@ __all__ = [
     "FAMILY_LINES",
     "LINE_GROUPS",
     "M_LINE_MIN_KEV",
+    "NAMED_LINES",
     "LineMarker",
     "atomic_number",
     "element_lines",
     "element_symbol",
     "families_shown",
     "line_energy_keV",
+    "line_group",
+    "line_table_family",
     "parse_line",
 ]
 
@@ -50,6 +53,95 @@ _SIEGBAHN = {
     "La1": "L3M5", "La2": "L3M4", "Lb1": "L2M4", "Lb3": "L1M3", "Lb4": "L1M2", "Lg1": "L2N4",
     "Lg3": "L1N3", "Ln": "L2M1", "Ma1": "M5N7", "Ma2": "M5N6",
 }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# IUPAC line -> Siegbahn group: the one rule
+# ---------------------------------------------------------------------------------------------------------
+def line_group(iupac: str) -> str:
+    """Siegbahn line group of an IUPAC line: the peak a spectroscopist names it by.
+
+    K lines are ``"Ka"`` (to L) or ``"Kb"`` (to M, N, O ...). L3 lines are ``"La"`` (to M4, M5), ``"Ll"``
+    (to M1) or ``"Lb"`` (the rest: Lb2,15, Lb5, Lb6 ...); L2 lines ``"Ln"`` (to M1), ``"Lb"`` (to M) or
+    ``"Lg"`` (to N, O ...); L1 lines ``"Lb"`` (to M) or ``"Lg"``. M5 lines are ``"Ma"`` (to N6, N7) or
+    ``"Mz"``, M4 lines ``"Mb"`` (to N6) or ``"Mz"``, M1-M3 lines ``"Mg"``. Every line gets a group, so
+    lines without a Siegbahn name of their own join the group nearest in origin (the element fit frees
+    line ratios per group); :func:`line_table_family` is the stricter view a line table shows.
+
+    Parameters
+    ----------
+    iupac : str
+        IUPAC line name (``"KL3"``, ``"L2M4"``, ``"M5N7"``); merged lines (``"M5N7+M5N6"``) take the
+        group of their first member.
+
+    Returns
+    -------
+    str
+        ``"Ka"``, ``"Kb"``, ``"La"``, ``"Lb"``, ``"Lg"``, ``"Ll"``, ``"Ln"``, ``"Ma"``, ``"Mb"``, ``"Mg"``
+        or ``"Mz"``.
+
+    Examples
+    --------
+    >>> [line_group(n) for n in ("KL3", "KM3", "L3M5", "L2M4", "L2N4", "M5N7")]
+    ['Ka', 'Kb', 'La', 'Lb', 'Lg', 'Ma']
+    """
+    first = iupac.split("+")[0]
+    init, final = (first[0], first[1:]) if first[0] == "K" else (first[:2], first[2:])
+    if init == "K":
+        return "Ka" if final.startswith("L") else "Kb"
+    if init == "L3":
+        if final in ("M4", "M5"):
+            return "La"
+        return "Ll" if final == "M1" else "Lb"
+    if init == "L2":
+        if final == "M1":
+            return "Ln"
+        return "Lb" if final.startswith("M") else "Lg"
+    if init == "L1":
+        return "Lb" if final.startswith("M") else "Lg"
+    if init == "M5":
+        return "Ma" if final in ("N6", "N7") else "Mz"
+    if init == "M4":
+        return "Mb" if final == "N6" else "Mz"
+    return "Mg"
+
+
+#: L and M lines (IUPAC) with a Siegbahn name of their own (La1, Lb2, Lb5, Lg6, Ll, Ln, Ma1, Mb, Mg, Mz ...):
+#: a line table labels them with their :func:`line_group`. Every K line is a Ka or a Kb.
+NAMED_LINES: frozenset[str] = frozenset({
+    "L3M5", "L3M4", "L3M1", "L2M1",
+    "L2M4", "L3N5", "L3N4", "L1M3", "L1M2", "L3O45", "L3O4", "L3O5", "L3N1", "L1M4", "L1M5", "L2M3",
+    "L2N4", "L1N2", "L1N3", "L2O4", "L1O2", "L1O3", "L2N1", "L1O23",
+    "M5N7", "M5N6", "M4N6", "M3N5", "M3N4", "M4N2", "M5N3",
+})
+
+
+def line_table_family(iupac: str) -> str:
+    """Siegbahn family a line table (:class:`xrfnb.LineTable`) gives an IUPAC line.
+
+    K lines and the named L and M lines (:data:`NAMED_LINES`) get their :func:`line_group`; other (minor)
+    L and M lines keep their initial shell's letter (``"L3O1"`` -> ``"L"``, ``"M4N3"`` -> ``"M"``), so that
+    ``table.total("Pb", "Lb")`` sums named Lb lines only while ``table.total("Pb", "L")`` sums them all.
+
+    Parameters
+    ----------
+    iupac : str
+        IUPAC line name; merged lines (``"KM3+KM2"``) take the family of their first member.
+
+    Returns
+    -------
+    str
+        A line group (``"Ka"``, ``"Lb"``, ``"Ma"`` ...) or a shell letter (``"L"``, ``"M"``).
+
+    Examples
+    --------
+    >>> line_table_family("KM3+KM2"), line_table_family("L3N5"), line_table_family("L3O1")
+    ('Kb', 'Lb', 'L')
+    """
+    first = iupac.split("+")[0]
+    if first.startswith("K") or first in NAMED_LINES:
+        return line_group(first)
+    return first[0]
 
 
 @functools.lru_cache(maxsize=256)

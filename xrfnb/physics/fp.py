@@ -80,7 +80,6 @@ __all__ = [
     "Tables",
     "build_tables",
     "element_lines",
-    "line_family",
     "primary",
     "rebin_excitation",
     "scatter",
@@ -98,32 +97,6 @@ _ALL_LINES: tuple[tuple[str, int, str], ...] = tuple(
     for name in dir(xraylib)
     if (m := _LINE_RE.fullmatch(name))
 )
-
-# Siegbahn family of IUPAC lines (the peaks a spectroscopist names)
-_FAMILY = {
-    "KL2": "Ka", "KL3": "Ka", "KL1": "Ka",
-    "L3M5": "La", "L3M4": "La", "L3M1": "Ll", "L2M1": "Ln",
-    "L2M4": "Lb", "L3N5": "Lb", "L3N4": "Lb", "L1M3": "Lb", "L1M2": "Lb", "L3O45": "Lb", "L3O4": "Lb",
-    "L3O5": "Lb", "L3N1": "Lb", "L1M4": "Lb", "L1M5": "Lb", "L2M3": "Lb",
-    "L2N4": "Lg", "L1N2": "Lg", "L1N3": "Lg", "L2O4": "Lg", "L1O2": "Lg", "L1O3": "Lg", "L2N1": "Lg",
-    "L1O23": "Lg",
-    "M5N7": "Ma", "M5N6": "Ma", "M4N6": "Mb", "M3N5": "Mg", "M3N4": "Mg", "M4N2": "Mz", "M5N3": "Mz",
-}
-
-
-def line_family(iupac: str) -> str:
-    """Siegbahn family ("Ka", "Kb", "La", "Lb", "Lg", "Ll", "Ma", "Mb", ...) of an IUPAC line name.
-
-    Merged lines ("M5N7+M5N6") take the family of their first member. Lines without a common family
-    name get their initial shell's family letter ("K", "L", "M").
-    """
-    first = iupac.split("+")[0]
-    if first in _FAMILY:
-        return _FAMILY[first]
-    if first.startswith("K"):
-        return "Kb"
-    return first[0]
-
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Excitation:

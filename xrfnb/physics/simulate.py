@@ -27,7 +27,7 @@ import numpy as np
 import xraylib
 
 from .._errors import InstrumentError, SimulationError
-from ..core.lines import element_symbol
+from ..core.lines import element_symbol, line_table_family
 from ..core.spectrum import Spectrum
 from . import fp as _fp
 from .materials import STANDARD_PRESSURE_MBAR, _composition, mass_attenuation_cm2_g
@@ -457,7 +457,7 @@ def line_intensities(stack: Stack, instrument: Any, *, secondary: bool = True) -
     symbols = [element_symbol(T.elements[T.line_element[i]]) for i in ll]
     return LineTable(
         element=tuple(symbols), line=tuple(T.line_name[i] for i in ll),
-        family=tuple(_fp.line_family(T.line_name[i]) for i in ll), energy_keV=T.line_energy_keV[ll].copy(),
+        family=tuple(line_table_family(T.line_name[i]) for i in ll), energy_keV=T.line_energy_keV[ll].copy(),
         layer=jj.astype(int), intensity=tot[jj, ll], primary=prim[jj, ll], secondary=sec[jj, ll],
         detector_efficiency=eff[ll].copy())
 
