@@ -19,7 +19,8 @@ import pytest
 
 import xrfnb
 import xrfnb.ui.cli as cli
-from xrfnb.maps.mapping import PigmentMaps, map_pigments
+from xrfnb.maps.mapping import map_pigments
+from xrfnb.maps.pigmentmaps import PigmentMaps
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_mapping import CAL, LinearTestModel, make_counts
@@ -365,7 +366,7 @@ _NO_SPACE_CHECK = textwrap.dedent(
     from test_mapping import LinearTestModel
     cli._load_model = lambda name, precision="auto": LinearTestModel()
     if {fill_during_run!r}:  # the disk fills after the up-front check (another program writing)
-        mapping._check_free_space = lambda *a, **k: None
+        mapping.check_free_space = lambda *a, **k: None
     sys.exit(cli.main({argv!r}))
     """
 )

@@ -18,7 +18,8 @@ import pytest
 
 import xrfnb
 from xrfnb import EnergyCalibration, Scan
-from xrfnb.maps.mapping import MASK_DEAD, MASK_INVALID, MASK_SATURATED, PigmentMaps, map_pigments
+from xrfnb.maps.mapping import map_pigments
+from xrfnb.maps.pigmentmaps import MASK_DEAD, MASK_INVALID, MASK_SATURATED, PigmentMaps
 
 CAL = EnergyCalibration(0.0, 0.01)  # 10 eV per channel
 N_CH = 2048
@@ -239,12 +240,12 @@ def test_failed_write_leaves_previous_file_intact(tmp_path, counts_truth, model,
     path = maps.to_hdf5(tmp_path / "maps.h5")
     before = path.read_bytes()
 
-    import xrfnb.maps.mapping as mapping
+    import xrfnb.maps.pigmentmaps as pigmentmaps
 
     def boom(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(mapping, "_write_element_maps", boom)
+    monkeypatch.setattr(pigmentmaps, "write_element_maps", boom)
     broken = dataclasses.replace(maps, element_maps=object())
     with pytest.raises(RuntimeError, match="disk full"):
         broken.to_hdf5(path)

@@ -27,8 +27,10 @@ import pytest
 
 import xrfnb
 import xrfnb.maps.mapping as mapping
+import xrfnb.maps.storage as storage
 from xrfnb import Scan
-from xrfnb.maps.mapping import PigmentMaps, map_pigments
+from xrfnb.maps.mapping import map_pigments
+from xrfnb.maps.pigmentmaps import PigmentMaps
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_mapping import CAL, LinearTestModel, _h5_scan, _write_h5, make_counts
@@ -192,7 +194,7 @@ def _written_bytes(counts, tmp_path) -> int:
 def test_too_little_free_space_is_refused_up_front(tmp_path, counts, monkeypatch):
     real = _written_bytes(counts, tmp_path)
     usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(mapping.shutil, "disk_usage", lambda p: usage._replace(free=real // 2))
+    monkeypatch.setattr(storage.shutil, "disk_usage", lambda p: usage._replace(free=real // 2))
     scan_dir = tmp_path / "run"
     scan_dir.mkdir()
     with pytest.raises(xrfnb.FormatError, match=r"no space left on .* \(about [\d.]+ MB needed") as info:
@@ -241,7 +243,7 @@ def test_a_disk_that_fills_during_the_run_keeps_the_blocks_for_resume(tmp_path, 
 
         monkeypatch.setattr(mapping.np, "savez", savez)
     else:  # every block is written, the disk fills while the maps file is assembled
-        monkeypatch.setattr(mapping, "_open_for_hdf5", lambda p: _FullDisk(p, 20_000))
+        monkeypatch.setattr(storage, "_open_for_hdf5", lambda p: _FullDisk(p, 20_000))
     with pytest.raises(xrfnb.FormatError, match="no space left on") as info:
         map_pigments(_h5_scan(src), model, chunk_pixels=20, progress=False, out=out)
     message = str(info.value)
@@ -264,9 +266,9 @@ _FULL_DISK_CHILD = textwrap.dedent(
     import errno, os, sys
     import numpy as np
     sys.path.insert(0, {tests!r})
-    import xrfnb, xrfnb.maps.mapping as mapping
+    import xrfnb, xrfnb.maps.storage as storage
     from test_output_safety import _FullDisk
-    mapping._open_for_hdf5 = lambda p: _FullDisk(p, {capacity})
+    storage._open_for_hdf5 = lambda p: _FullDisk(p, {capacity})
     rng = np.random.default_rng(0)
     p = rng.random((64, 64, 31), dtype=np.float32)
     maps = xrfnb.PigmentMaps(classes=[f"c{{i}}" for i in range(31)], probability=p, buried_probability=p / 2,
@@ -298,7 +300,7 @@ def test_a_crafted_maps_file_cannot_read_other_files(tmp_path):
     import h5py
 
     import xrfnb.ui.cli as cli
-    from xrfnb.maps.mapping import PigmentMaps
+    from xrfnb.maps.pigmentmaps import PigmentMaps
 
     secret = tmp_path / "private" / "secret.bin"
     secret.parent.mkdir()

@@ -70,7 +70,7 @@ _LAZY: dict[str, str] = {
     "load_model": ".model.model",
     "train_model": ".model.train",
     # whole-scan maps
-    "PigmentMaps": ".maps.mapping",
+    "PigmentMaps": ".maps.pigmentmaps",
     "map_pigments": ".maps.mapping",
     # reports for the conservation file
     "write_report": ".ui.report",

@@ -27,7 +27,9 @@ from ..fitting.elements import DetectedElement, detect_elements
 from ..io.atomic import atomic_path as _atomic_output
 from ..io.hdf5 import preflight
 from ..io.load import load
-from ..maps.mapping import PigmentMaps, _check_input_outside_working_folder, _check_output_path, map_pigments
+from ..maps.mapping import map_pigments
+from ..maps.pigmentmaps import PigmentMaps
+from ..maps.storage import check_input_outside_working_folder, check_output_path
 from ..physics.instrument import DEFAULT_INSTRUMENT, resolve_instrument
 from .report import _find_chromium, write_report
 
@@ -178,8 +180,8 @@ def _cmd_identify(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if out.suffix.lower() not in (".h5", ".hdf5", ".nxs"):
         raise DataError(f"output {out} should be an HDF5 file ending in .h5")
-    _check_output_path(out)  # before the input and the model are loaded: nothing is created
-    _check_input_outside_working_folder(out, args.input)
+    check_output_path(out)  # before the input and the model are loaded: nothing is created
+    check_input_outside_working_folder(out, args.input)
     if args.report is not None:
         _check_report_path(Path(args.report))
     data = _load_calibrated(args, args.input)

@@ -36,12 +36,12 @@ from ..core.calibration import EnergyCalibration
 from ..core.calls import is_buried, is_present
 from ..core.spectrum import Scan, Spectrum
 from ..io.atomic import atomic_path
-from ..maps.mapping import MASK_REASONS, PigmentMaps
+from ..maps.pigmentmaps import MASK_REASONS, PigmentMaps
 from ..physics.instrument import Instrument, instruments
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..core.spectrum import Scan, Spectrum
-    from ..maps.mapping import PigmentMaps
+    from ..maps.pigmentmaps import PigmentMaps
     from ..physics.instrument import Instrument
 
 __all__ = ["write_report"]
