@@ -28,7 +28,7 @@ import numpy as np
 import xraylib
 
 import xrfnb
-from xrfnb.physics.simulate import _setup, simulate_batch, stack_arrays
+from xrfnb.physics.simulate import simulate_batch, simulation_setup, stack_arrays
 
 
 def random_stacks(n: int, rng: np.random.Generator) -> list[xrfnb.Stack]:
@@ -55,7 +55,7 @@ def time_fisx(stacks: list[xrfnb.Stack], inst: xrfnb.Instrument) -> float | None
         return None
     elements = fisx.Elements()
     elements.initializeAsPyMca()
-    exc = _setup(inst).exc
+    exc = simulation_setup(inst).exc
     total = 0.0
     for i, stack in enumerate(stacks):
         xrf = fisx.XRF()

@@ -68,12 +68,12 @@ def test_simulate_spectrum_peaks_where_lines_are(m6, painting) -> None:
 
 def test_rayleigh_and_compton_peaks_of_the_anode_line(m6) -> None:
     from xrfnb.physics import fp as _fp
-    from xrfnb.physics.simulate import _setup, _tables_for
+    from xrfnb.physics.simulate import simulation_setup, tables_for
 
     stack = Stack([Layer({"C57H98O6": 1.0}, binder=None, thickness_um=2000, density_g_cm3=1.0)])
-    setup = _setup(m6)
+    setup = simulation_setup(m6)
     arr = stack_arrays([stack])
-    T = _tables_for(arr.elements, setup)
+    T = tables_for(arr.elements, setup)
     ray, comp = _fp.scatter(arr.weight_fraction, arr.mass_thickness_g_cm2, T)
     ray_spec = ((ray * setup.eff_rayleigh) @ setup.rayleigh_rows)[0]
     comp_spec = ((comp * setup.eff_compton) @ setup.compton_rows)[0]
@@ -204,7 +204,7 @@ def test_monochromatic_source_excites_only_edges_below_it() -> None:
 
 def test_batch_hands_out_the_line_counts_behind_its_spectra(m6, painting) -> None:
     """The per-layer line intensities the training labels are built from add up to the spectrum."""
-    from xrfnb.physics.simulate import _setup, _tables_for
+    from xrfnb.physics.simulate import simulation_setup, tables_for
 
     arr = stack_arrays([painting, painting])
     keep: dict = {}
@@ -217,7 +217,7 @@ def test_batch_hands_out_the_line_counts_behind_its_spectra(m6, painting) -> Non
     np.testing.assert_allclose(spec.sum(axis=1), counts, rtol=1e-6)
     np.testing.assert_allclose(line_counts.sum(axis=(1, 2)), counts, rtol=1e-6)
     # each line comes from the layers that hold its element: Hg from the top layer, Pb from the second
-    T = _tables_for(arr.elements, _setup(m6))
+    T = tables_for(arr.elements, simulation_setup(m6))
     el = np.array([xraylib.AtomicNumberToSymbol(int(z)) for z in T.elements])[T.line_element]
     # keep names the lines too: element symbols and xraylib energies of the simulator's lines
     np.testing.assert_array_equal(keep["line_element"], el)

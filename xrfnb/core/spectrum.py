@@ -11,11 +11,25 @@ import numpy as np
 from .._errors import DataError
 from .calibration import EnergyCalibration
 
-__all__ = ["Scan", "Spectrum"]
+__all__ = ["Scan", "Spectrum", "check_counts"]
 
 
-def _check_counts(counts: np.ndarray, where: str) -> None:
-    """Reject NaN, infinite and negative counts in a loaded block, naming the first bad position."""
+def check_counts(counts: np.ndarray, where: str) -> None:
+    """Reject NaN, infinite and negative counts in a loaded block, naming the first bad position.
+
+    Parameters
+    ----------
+    counts : numpy.ndarray
+        Counts of any shape (a spectrum (channels,), a block of a scan (..., channels)); integer or
+        float dtype.
+    where : str
+        What the counts are (a file name, ``"identify_batch"``): the start of the error message.
+
+    Raises
+    ------
+    DataError
+        Negative, NaN or infinite counts (the first bad index named), or a non-numeric dtype.
+    """
     if counts.dtype.kind in "iu":
         if counts.dtype.kind == "i" and counts.size and counts.min() < 0:
             idx = np.unravel_index(int(np.argmin(counts)), counts.shape)
@@ -63,7 +77,7 @@ class Spectrum:
             raise DataError(f"{where}: a spectrum's counts must be 1-D, got shape {counts.shape}")
         if counts.size < 2:
             raise DataError(f"{where}: a spectrum needs at least 2 channels, got {counts.size}")
-        _check_counts(counts, where)
+        check_counts(counts, where)
         if not isinstance(self.calibration, EnergyCalibration):
             raise DataError(
                 f"{where}: calibration must be an EnergyCalibration, got {type(self.calibration)}"
@@ -326,7 +340,7 @@ class Scan:
                 if isinstance(self.live_time_s, np.ndarray)
                 else self.live_time_s * self.shape[0] * self.shape[1]
             )
-        _check_counts(total, str(self.metadata.get("source", "scan")))
+        check_counts(total, str(self.metadata.get("source", "scan")))
         return Spectrum(
             total, self.calibration, live_time_s=lt, metadata={**self.metadata, "reduction": "sum"}
         )
@@ -336,7 +350,7 @@ class Scan:
         out = np.zeros(self.n_channels, dtype=np.float64)
         for _, block in self.iter_blocks(max_pixels):
             np.maximum(out, block.reshape(-1, block.shape[-1]).max(axis=0), out=out)
-        _check_counts(out, str(self.metadata.get("source", "scan")))
+        check_counts(out, str(self.metadata.get("source", "scan")))
         return Spectrum(out, self.calibration, metadata={**self.metadata, "reduction": "max-pixel"})
 
     def total_counts_image(self, max_pixels: int = 65536) -> np.ndarray:

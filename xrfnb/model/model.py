@@ -73,7 +73,8 @@ from .._errors import CalibrationError, DataError, ModelError, XRFNBError
 from ..core.calibration import EnergyCalibration
 from ..core.calls import is_buried, is_present
 from ..core.lines import line_energy_keV
-from ..core.spectrum import Spectrum, _check_counts
+from ..core.spectrum import Spectrum, check_counts
+from ..physics.detector import si_ka_keV
 from .nn import PigmentNet, energy_grid_edges_keV, features_from_binned, rebin_counts
 
 __all__ = [
@@ -94,7 +95,6 @@ _PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt")
 #: elements whose lines never count as unexplained: argon in air, ground/dirt impurities, tube anodes
 ALWAYS_EXPLAINED = ("Ar", "Si", "K", "Ca", "Fe", "Rh", "Mo")
 _LINES_FOR_MASK = ("Ka", "Kb", "La", "Lb", "Lb2", "Lg", "Ma")
-_SI_ESCAPE_keV = 1.74
 _INFER_CHUNK = 2048  # spectra per inference chunk: (2048, 512) float32 arrays stay in cache
 
 
@@ -321,7 +321,8 @@ def element_mask(element: str, centers_keV: np.ndarray, noise_keV: float, e_max_
     mask = np.zeros(centers_keV.size, dtype=bool)
     energies = element_line_energies_keV(element, float(centers_keV[0]) - 0.2, e_max_keV)
     strong = energies[:2]
-    for e in [*energies, *(x - _SI_ESCAPE_keV for x in strong if x - _SI_ESCAPE_keV > 1.0)]:
+    escape_keV = si_ka_keV()
+    for e in [*energies, *(x - escape_keV for x in strong if x - escape_keV > 1.0)]:
         half = 1.2 * float(_grid_fwhm_keV(e, noise_keV))
         mask |= np.abs(centers_keV - e) <= half
     return mask
@@ -762,7 +763,7 @@ class PigmentModel:
             counts = counts[None]
         if counts.ndim != 2:
             raise DataError(f"identify_batch needs counts of shape (n, channels), got {counts.shape}")
-        _check_counts(counts, "identify_batch")
+        check_counts(counts, "identify_batch")
         if live_time_s is not None:
             lt = np.asarray(live_time_s, dtype=float)
             if lt.ndim not in (0, 1) or (lt.ndim == 1 and lt.size != counts.shape[0]):

@@ -60,7 +60,7 @@ from ..core.calibration import EnergyCalibration
 from ..core.lines import atomic_number, element_symbol
 from ..physics.instrument import Instrument
 from ..physics.pigments import pigments
-from ..physics.simulate import StackArrays, _setup, _tables_for, simulate_batch
+from ..physics.simulate import StackArrays, simulate_batch, simulation_setup, tables_for
 from .nn import energy_grid_edges_keV, rebin_counts
 
 __all__ = ["DataConfig", "StackBatch", "TrainingData", "sample_stacks"]
@@ -722,7 +722,7 @@ class TrainingData:
         rate = _loguniform(rng, *self.cfg.count_rate_cps, len(total)) if self.cfg.pileup else None
         raw = simulate_batch(arr, inst, counts=total, rng=rng, keep=parts, count_rate_cps=rate,
                              argon=self.cfg.argon, secondary=self.cfg.secondary)
-        T = _tables_for(tab.elements, _setup(inst))
+        T = tables_for(tab.elements, simulation_setup(inst))
         line_counts = parts["primary"] * parts["line_detected"][None, None, :] * parts["scale"][:, None, None]
         sim_el = np.array([tab.elements.index(element_symbol(z)) for z in T.elements], dtype=np.int64)
         labels = visibility_labels(

@@ -42,10 +42,10 @@ from .detector import FWHM_PER_SIGMA, MN_KA_KEV, DetectorResponse
 from .materials import (
     STANDARD_PRESSURE_MBAR,
     Absorber,
-    _atmosphere_absorber,
+    atmosphere_absorber,
     mass_attenuation_cm2_g,
 )
-from .tube import TubeSpectrum, _anode_z, tube_spectrum
+from .tube import TubeSpectrum, anode_z, tube_spectrum
 
 __all__ = ["DEFAULT_INSTRUMENT", "Instrument", "instruments", "resolve_instrument"]
 
@@ -204,7 +204,7 @@ class Instrument:
 
         if self.anode is not None:
 
-            _anode_z(self.anode)
+            anode_z(self.anode)
             need(
                 5.0 <= self.tube_voltage_kV <= 100.0,
                 f"tube voltage must be 5-100 kV, got {self.tube_voltage_kV}",
@@ -906,7 +906,7 @@ class Instrument:
         absorbers = [
             self.tube_window,
             *self.tube_filters,
-            _atmosphere_absorber(self.atmosphere, self.beam_path_mm, self.atmosphere_pressure_mbar),
+            atmosphere_absorber(self.atmosphere, self.beam_path_mm, self.atmosphere_pressure_mbar),
         ]
         for a in absorbers:
             if a is not None:
@@ -978,7 +978,7 @@ class Instrument:
         if ok.any():
             eo = flat[ok]
             t = np.ones_like(eo)
-            gas = _atmosphere_absorber(self.atmosphere, self.detector_path_mm, self.atmosphere_pressure_mbar)
+            gas = atmosphere_absorber(self.atmosphere, self.detector_path_mm, self.atmosphere_pressure_mbar)
             for a in (gas, self.detector_window, *self.detector_filters):
                 if a is not None:
                     t = t * a.transmission(eo)
@@ -1028,7 +1028,7 @@ def _filters_and_gas(inst: Instrument, e: np.ndarray) -> np.ndarray:
     t = np.ones_like(e)
     for a in (
         *inst.tube_filters,
-        _atmosphere_absorber(inst.atmosphere, inst.beam_path_mm, inst.atmosphere_pressure_mbar),
+        atmosphere_absorber(inst.atmosphere, inst.beam_path_mm, inst.atmosphere_pressure_mbar),
     ):
         if a is not None:
             t = t * a.transmission(e)

@@ -13,7 +13,13 @@ import xraylib
 
 from .._errors import InstrumentError
 
-__all__ = ["STANDARD_PRESSURE_MBAR", "Absorber", "mass_attenuation_cm2_g"]
+__all__ = [
+    "STANDARD_PRESSURE_MBAR",
+    "Absorber",
+    "atmosphere_absorber",
+    "composition",
+    "mass_attenuation_cm2_g",
+]
 
 
 #: named materials: name -> (xraylib NIST compound name or element symbol, density g/cm3)
@@ -29,11 +35,33 @@ _NAMED_MATERIALS: dict[str, tuple[str, float | None]] = {
 
 
 @functools.lru_cache(maxsize=256)
-def _composition(material: str, named: bool = True) -> tuple[np.ndarray, np.ndarray, float | None, str]:
-    """(Z (k,), weight fractions (k,), default density or None, canonical name) of a material.
+def composition(material: str, named: bool = True) -> tuple[np.ndarray, np.ndarray, float | None, str]:
+    """Elemental composition of a material, by mass (cached).
 
-    Accepts named materials (``"air"``, ``"helium"``, ``"kapton"``, ``"mylar"``), element symbols,
-    xraylib NIST compound names and chemical formulas (xraylib ``CompoundParser``).
+    Parameters
+    ----------
+    material : str
+        A named material (``"air"``, ``"helium"``, ``"kapton"``, ``"mylar"``, ``"polypropylene"``), an
+        element symbol, an xraylib NIST compound name, a chemical formula (xraylib ``CompoundParser``) or
+        a mixture by mass ``"formula:fraction, formula:fraction"``.
+    named : bool, optional
+        Look ``material`` up among the named materials first (default).
+
+    Returns
+    -------
+    z : numpy.ndarray
+        Atomic numbers, shape (k,), int.
+    weight_fraction : numpy.ndarray
+        Mass fractions, shape (k,), summing to 1.
+    density_g_cm3 : float or None
+        Default density, g/cm3 (None for formulas and mixtures: give it with the absorber).
+    name : str
+        Canonical name (lower case for named materials).
+
+    Raises
+    ------
+    InstrumentError
+        Empty or unknown material name, or an unreadable mixture.
     """
     key = str(material).strip()
     if not key:
@@ -41,7 +69,7 @@ def _composition(material: str, named: bool = True) -> tuple[np.ndarray, np.ndar
     alias = _NAMED_MATERIALS.get(key.lower()) if named else None
     if alias is not None:
         source, density = alias
-        z, w, d, _ = _composition(source, named=False)
+        z, w, d, _ = composition(source, named=False)
         return z, w, density if density is not None else d, key.lower()
     if ":" in key:
         return _mixture(key)
@@ -110,7 +138,7 @@ def mass_attenuation_cm2_g(material: str, energy_keV: np.ndarray, *, kind: str =
     numpy.ndarray
         cm2/g, shape (n,).
     """
-    z, w, _, _ = _composition(material)
+    z, w, _, _ = composition(material)
     e = np.atleast_1d(np.asarray(energy_keV, dtype=float))
     if e.size and not np.all(e > 0):
         raise InstrumentError(f"photon energies must be > 0 keV, got minimum {e.min():g} keV")
@@ -151,7 +179,7 @@ class Absorber:
     density_g_cm3: float | None = None
 
     def __post_init__(self) -> None:
-        _, _, default_density, _ = _composition(self.material)
+        _, _, default_density, _ = composition(self.material)
         try:
             thickness = float(self.thickness_um)
         except (TypeError, ValueError):
@@ -210,12 +238,28 @@ class Absorber:
 STANDARD_PRESSURE_MBAR = 1013.25
 
 
-def _atmosphere_absorber(
+def atmosphere_absorber(
     atmosphere: str, path_mm: float, pressure_mbar: float = STANDARD_PRESSURE_MBAR
 ) -> Absorber | None:
+    """The gas on a beam path as an :class:`Absorber` (None where nothing absorbs).
+
+    Parameters
+    ----------
+    atmosphere : str
+        ``"air"``, ``"helium"`` or ``"vacuum"``.
+    path_mm : float
+        Length of the gas path, mm.
+    pressure_mbar : float, optional
+        Gas pressure, mbar; the density of an ideal gas scales with it (default one atmosphere).
+
+    Returns
+    -------
+    Absorber or None
+        None for vacuum, a zero path or zero pressure.
+    """
     if atmosphere == "vacuum" or path_mm == 0 or pressure_mbar == 0:
         return None
     if pressure_mbar == STANDARD_PRESSURE_MBAR:
         return Absorber(atmosphere, path_mm * 1000.0)
-    density = _composition(atmosphere)[2]  # ideal gas: the density scales with the pressure
+    density = composition(atmosphere)[2]  # ideal gas: the density scales with the pressure
     return Absorber(atmosphere, path_mm * 1000.0, float(density) * pressure_mbar / STANDARD_PRESSURE_MBAR)

@@ -36,7 +36,8 @@ from ..io.atomic import atomic_path
 from ..io.hdf5 import trust_written_file, write_hdf5
 from .instrument import DEFAULT_INSTRUMENT, Instrument, resolve_instrument
 from .pigments import pigments
-from .simulate import _GuideSampler, simulate_batch
+from .sampling import GuideSampler
+from .simulate import simulate_batch
 from .stack import Layer, Stack
 
 __all__ = ["GroundTruth", "render_scan", "scenes"]
@@ -503,7 +504,7 @@ def render_scan(
     if np.any(rate_cps <= 0):
         raise SimulationError("a scene stack gives no detected photons with this instrument")
     expected = inst.detector_response().pileup(expected, rate_cps)
-    sampler = _GuideSampler(expected)
+    sampler = GuideSampler(expected)
     n_pix = gen.lognormal(np.log(counts_per_pixel), counts_spread, size=(rows, cols))
     n_ch = inst.n_channels
     counts = np.empty((rows, cols, n_ch), dtype=np.uint16)

@@ -21,7 +21,7 @@ import functools
 import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import xraylib
@@ -30,11 +30,14 @@ from .._errors import InstrumentError, SimulationError
 from ..core.lines import element_symbol, line_table_family
 from ..core.spectrum import Spectrum
 from . import fp as _fp
-from .materials import STANDARD_PRESSURE_MBAR, _composition, mass_attenuation_cm2_g
+from .detector import DetectorResponse
+from .instrument import Instrument
+from .materials import STANDARD_PRESSURE_MBAR, composition, mass_attenuation_cm2_g
+from .sampling import GuideSampler
 from .stack import Stack
 
-__all__ = ["LineRow", "LineTable", "StackArrays", "argon_lines", "line_intensities", "simulate",
-           "simulate_batch", "stack_arrays"]
+__all__ = ["LineRow", "LineTable", "SimulationSetup", "StackArrays", "argon_lines", "line_intensities",
+           "simulate", "simulate_batch", "simulation_setup", "stack_arrays", "tables_for"]
 
 #: Half-width (1 sigma) of the electron momentum distribution used for Compton (Doppler) broadening,
 #: atomic units. Compton profiles of C, N, O (the bulk of paint binders) have a FWHM of about 2-2.5 a.u.
@@ -118,7 +121,7 @@ class LineTable:
             m &= self.layer == layer
         return m
 
-    def select(self, **criteria: Any) -> LineTable:
+    def select(self, **criteria: str | int | None) -> LineTable:
         """Rows matching ``element=``, ``family=``, ``layer=``, ``line=`` (see :meth:`mask`)."""
         m = self.mask(**criteria)
         idx = np.nonzero(m)[0]
@@ -210,14 +213,42 @@ def stack_arrays(stacks: Sequence[Stack], elements: Sequence[str] | None = None)
 # --- instrument adapter ------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class _Setup:
-    """What the simulator needs from an instrument, computed once per instrument."""
+class SimulationSetup:
+    """What the simulator needs from an instrument, computed once per instrument (see
+    :func:`simulation_setup`).
+
+    ``n`` is the number of excitation bins (``exc.energy_keV.size``), ``C`` the number of channels and
+    ``a`` the number of argon lines (0 without air on the beam path).
+
+    Attributes
+    ----------
+    exc : xrfnb.physics.fp.Excitation
+        The incident spectrum rebinned for the FP computation.
+    incidence_deg, takeoff_deg : float
+        Angles of the incident and detected beams, degrees from the sample surface.
+    solid_angle_sr : float
+        Solid angle of the detector, sr.
+    response : DetectorResponse
+        The instrument's detector response.
+    n_channels : int
+        Channels of the spectra (C).
+    rayleigh_rows, compton_rows : numpy.ndarray
+        (n, C) float32 detector response to the Rayleigh and Compton scatter of each excitation bin.
+    eff_rayleigh, eff_compton : numpy.ndarray
+        (n,) detector efficiency at the Rayleigh and Compton energies.
+    argon_keV : numpy.ndarray
+        (a,) Ar K line energies, keV.
+    argon : numpy.ndarray
+        (a,) their detected intensity per incident photon and sr of the detector.
+    argon_rows : numpy.ndarray
+        (a, C) float32 detector response rows of the argon lines.
+    """
 
     exc: _fp.Excitation
     incidence_deg: float
     takeoff_deg: float
     solid_angle_sr: float
-    response: Any
+    response: DetectorResponse
     n_channels: int
     rayleigh_rows: np.ndarray  # (n, C) float32
     compton_rows: np.ndarray  # (n, C) float32
@@ -228,7 +259,7 @@ class _Setup:
     argon_rows: np.ndarray  # (a, C) float32 detector response rows
 
 
-def _efficiency(instrument: Any, energy_keV: np.ndarray, what: str) -> np.ndarray:
+def _efficiency(instrument: Instrument, energy_keV: np.ndarray, what: str) -> np.ndarray:
     eff = np.asarray(instrument.detector_efficiency(np.asarray(energy_keV, dtype=float)), dtype=float)
     bad = ~np.isfinite(eff) | (eff < 0) | (eff > 1 + 1e-9)
     if eff.shape != np.shape(energy_keV) or bad.any():
@@ -240,7 +271,7 @@ def _efficiency(instrument: Any, energy_keV: np.ndarray, what: str) -> np.ndarra
     return eff
 
 
-def _setup_uncached(instrument: Any, max_bins: int) -> _Setup:
+def _setup_uncached(instrument: Instrument, max_bins: int) -> SimulationSetup:
     try:
         energy, photons = instrument.excitation()
         incidence = float(instrument.incidence_deg)
@@ -277,7 +308,7 @@ def _setup_uncached(instrument: Any, max_bins: int) -> _Setup:
     ar_keV, ar = _argon_intensity(instrument, exc)
     ar = ar * _efficiency(instrument, ar_keV, "argon fluorescence")
     ar_rows = response.matrix(ar_keV, dtype=np.float32) if ar_keV.size else np.zeros((0, n_ch), np.float32)
-    return _Setup(exc, incidence, takeoff, solid, response, n_ch, ray, comp, eff_r, eff_c,
+    return SimulationSetup(exc, incidence, takeoff, solid, response, n_ch, ray, comp, eff_r, eff_c,
                   ar_keV, ar, ar_rows)
 
 
@@ -286,13 +317,13 @@ _ARGON_LINES = (("Ka", xraylib.KA_LINE), ("Kb", xraylib.KB_LINE))
 _ARGON_NODES = 64
 
 
-def _argon_intensity(instrument: Any, exc: _fp.Excitation) -> tuple[np.ndarray, np.ndarray]:
+def _argon_intensity(instrument: Instrument, exc: _fp.Excitation) -> tuple[np.ndarray, np.ndarray]:
     """Ar K line energies (a,) and intensities (a,) from the irradiated air, per incident photon and sr
     of the detector as seen from the beam spot, before detector efficiency (see :func:`argon_lines`)."""
     path_mm = float(getattr(instrument, "beam_path_mm", 0.0))
     if getattr(instrument, "atmosphere", None) != "air" or path_mm <= 0:
         return np.zeros(0), np.zeros(0)
-    z, w, rho, _ = _composition("air")
+    z, w, rho, _ = composition("air")
     # an ideal gas: density (so emission and attenuation per cm) scales with the chamber's pressure
     pressure = float(getattr(instrument, "atmosphere_pressure_mbar", STANDARD_PRESSURE_MBAR))
     rho *= pressure / STANDARD_PRESSURE_MBAR
@@ -327,7 +358,7 @@ def _argon_intensity(instrument: Any, exc: _fp.Excitation) -> tuple[np.ndarray, 
     return np.array(energies), np.array(out)
 
 
-def argon_lines(instrument: Any) -> dict[str, float]:
+def argon_lines(instrument: Instrument) -> dict[str, float]:
     """Detected intensity of the argon K lines from the air the beam crosses, photons/s of live time.
 
     Air holds 1.28 wt % argon, and the beam excites it on its ``beam_path_mm`` through air before the
@@ -358,17 +389,35 @@ def argon_lines(instrument: Any) -> dict[str, float]:
     >>> xrfnb.argon_lines(xrfnb.Instrument.preset("synchrotron"))  # a helium path
     {}
     """
-    setup = _setup(instrument)
+    setup = simulation_setup(instrument)
     scale = setup.exc.total_photons * setup.solid_angle_sr
     return {name: float(v * scale) for (name, _), v in zip(_ARGON_LINES, setup.argon, strict=False)}
 
 
 @functools.lru_cache(maxsize=16)
-def _setup_cached(instrument: Any, max_bins: int) -> _Setup:
+def _setup_cached(instrument: Instrument, max_bins: int) -> SimulationSetup:
     return _setup_uncached(instrument, max_bins)
 
 
-def _setup(instrument: Any, max_bins: int = 48) -> _Setup:
+def simulation_setup(instrument: Instrument, max_bins: int = 48) -> SimulationSetup:
+    """What the simulator needs from an instrument (cached for hashable instruments).
+
+    Parameters
+    ----------
+    instrument : Instrument
+        Excitation, geometry and detector.
+    max_bins : int, optional
+        Most excitation bins of the rebinned incident spectrum.
+
+    Returns
+    -------
+    SimulationSetup
+
+    Raises
+    ------
+    InstrumentError
+        Not an instrument, or no valid detector efficiency at an energy the simulation needs.
+    """
     try:
         hash(instrument)
     except TypeError:
@@ -377,12 +426,12 @@ def _setup(instrument: Any, max_bins: int = 48) -> _Setup:
 
 
 @functools.lru_cache(maxsize=64)
-def _line_rows(instrument: Any, line_energy_key: bytes) -> np.ndarray:
+def _line_rows(instrument: Instrument, line_energy_key: bytes) -> np.ndarray:
     energy = np.frombuffer(line_energy_key, dtype=float)
     return instrument.detector_response().matrix(energy, dtype=np.float32)
 
 
-def _rows_for_lines(setup: _Setup, instrument: Any, energy_keV: np.ndarray) -> np.ndarray:
+def _rows_for_lines(setup: SimulationSetup, instrument: Instrument, energy_keV: np.ndarray) -> np.ndarray:
     try:
         hash(instrument)
     except TypeError:
@@ -390,20 +439,34 @@ def _rows_for_lines(setup: _Setup, instrument: Any, energy_keV: np.ndarray) -> n
     return _line_rows(instrument, np.ascontiguousarray(energy_keV, dtype=float).tobytes())
 
 
-def _tables_for(elements: Sequence[str], setup: _Setup) -> _fp.Tables:
+def tables_for(elements: Sequence[str], setup: SimulationSetup) -> _fp.Tables:
+    """FP line and attenuation tables of some elements under an instrument's excitation and geometry.
+
+    Parameters
+    ----------
+    elements : sequence of str
+        Element symbols, shape (Z,), in the order of the stacks' weight fractions.
+    setup : SimulationSetup
+        From :func:`simulation_setup`.
+
+    Returns
+    -------
+    xrfnb.physics.fp.Tables
+        Cached by :func:`xrfnb.physics.fp.build_tables`.
+    """
     zs = tuple(int(xraylib.SymbolToAtomicNumber(e)) for e in elements)
     return _fp.build_tables(zs, setup.exc, setup.incidence_deg, setup.takeoff_deg)
 
 
 # --- single stack --------------------------------------------------------------------------------------
 
-def _check_stack(stack: Any) -> Stack:
+def _check_stack(stack: object) -> Stack:
     if not isinstance(stack, Stack):
         raise SimulationError(f"expected an xrfnb.Stack, got {type(stack).__name__}")
     return stack
 
 
-def line_intensities(stack: Stack, instrument: Any, *, secondary: bool = True) -> LineTable:
+def line_intensities(stack: Stack, instrument: Instrument, *, secondary: bool = True) -> LineTable:
     """Detected intensity of every fluorescence line of every layer of a stack.
 
     Parameters
@@ -437,9 +500,9 @@ def line_intensities(stack: Stack, instrument: Any, *, secondary: bool = True) -
     True
     """
     stack = _check_stack(stack)
-    setup = _setup(instrument)
+    setup = simulation_setup(instrument)
     arr = stack_arrays([stack])
-    T = _tables_for(arr.elements, setup)
+    T = tables_for(arr.elements, setup)
     W, mt = arr.weight_fraction, arr.mass_thickness_g_cm2
     prim = _fp.primary(W, mt, T)[0]  # (N, L)
     if secondary:
@@ -462,28 +525,28 @@ def line_intensities(stack: Stack, instrument: Any, *, secondary: bool = True) -
         detector_efficiency=eff[ll].copy())
 
 
-def _scatter_expected(W: np.ndarray, mt: np.ndarray, T: _fp.Tables, setup: _Setup) -> np.ndarray:
+def _scatter_expected(W: np.ndarray, mt: np.ndarray, T: _fp.Tables, setup: SimulationSetup) -> np.ndarray:
     ray, comp = _fp.scatter(W, mt, T)
     return (ray * setup.eff_rayleigh) @ setup.rayleigh_rows + (comp * setup.eff_compton) @ setup.compton_rows
 
 
-def expected_spectrum(stack: Stack, instrument: Any, *, secondary: bool = True,
+def expected_spectrum(stack: Stack, instrument: Instrument, *, secondary: bool = True,
                       scatter: bool = True, argon: bool = True) -> np.ndarray:
     """Expected detected counts per channel per second of live time (no pile-up, no noise), (channels,)."""
     return _expected(stack, instrument, secondary, scatter, argon)[0]
 
 
-def _expected(stack: Stack, instrument: Any, secondary: bool, scatter: bool,
+def _expected(stack: Stack, instrument: Instrument, secondary: bool, scatter: bool,
               argon: bool = True) -> tuple[np.ndarray, LineTable]:
     stack = _check_stack(stack)
-    setup = _setup(instrument)
+    setup = simulation_setup(instrument)
     table = line_intensities(stack, instrument, secondary=secondary)
     out = np.zeros(setup.n_channels)
     if len(table):
         out += table.intensity @ _rows_for_lines(setup, instrument, table.energy_keV)
     if scatter:
         arr = stack_arrays([stack])
-        T = _tables_for(arr.elements, setup)
+        T = tables_for(arr.elements, setup)
         out += _scatter_expected(arr.weight_fraction, arr.mass_thickness_g_cm2, T, setup)[0] \
             * (setup.exc.total_photons * setup.solid_angle_sr)
     if argon and setup.argon.size:
@@ -491,9 +554,10 @@ def _expected(stack: Stack, instrument: Any, secondary: bool, scatter: bool,
     return out, table
 
 
-def simulate(stack: Stack, instrument: Any, *, counts: float | None = None, live_time_s: float | None = None,
-             rng: np.random.Generator | int | None = None, noise: bool = True, secondary: bool = True,
-             scatter: bool = True, pileup: bool = True, argon: bool = True) -> Spectrum:
+def simulate(stack: Stack, instrument: Instrument, *, counts: float | None = None,
+             live_time_s: float | None = None, rng: np.random.Generator | int | None = None,
+             noise: bool = True, secondary: bool = True, scatter: bool = True, pileup: bool = True,
+             argon: bool = True) -> Spectrum:
     """Simulate the measured spectrum of a stack.
 
     Parameters
@@ -537,7 +601,7 @@ def simulate(stack: Stack, instrument: Any, *, counts: float | None = None, live
     rate, table = _expected(stack, instrument, secondary, scatter, argon)
     count_rate = float(rate.sum())
     expected = rate * lt
-    setup = _setup(instrument)
+    setup = simulation_setup(instrument)
     if pileup and count_rate > 0 and hasattr(setup.response, "pileup"):
         expected = setup.response.pileup(expected, count_rate)
     if counts is not None:
@@ -554,67 +618,9 @@ def simulate(stack: Stack, instrument: Any, *, counts: float | None = None, live
 
 # --- batches -------------------------------------------------------------------------------------------
 
-class _GuideSampler:
-    """Exact sampling of channels from fixed discrete distributions (rows) by guide-table inversion.
-
-    For every row a guide table of ``K`` entries (``k_factor * channels`` rounded up to a power of 2)
-    gives, for ``u`` in ``[q/K, (q+1)/K)``, the first channel whose cumulative probability exceeds
-    ``q/K``; when that channel is not yet the inverse-CDF channel of ``u``, a vectorised bisection up to
-    the next guide entry finds it (Chen and Asau, 1974). Exact; about 30-50 ns per photon.
-    """
-
-    def __init__(self, rows: np.ndarray, k_factor: int = 1) -> None:
-        rows = np.asarray(rows, dtype=np.float64)
-        r, c = rows.shape
-        sums = rows.sum(axis=1, keepdims=True)
-        cdf = np.cumsum(rows / np.where(sums > 0, sums, 1.0), axis=1).astype(np.float32)
-        # every u < 1 stops at the last channel of non-zero probability at the latest (float32 sums
-        # may end just below 1)
-        last = c - 1 - np.argmax(rows[:, ::-1] > 0, axis=1)
-        cdf[np.arange(c)[None, :] >= last[:, None]] = 2.0
-        self.k = 1 << int(np.ceil(np.log2(k_factor * c)))  # a power of 2: u * k is exact in float32
-        grid = (np.arange(self.k) / self.k).astype(np.float32)
-        guide = np.empty((r, self.k), dtype=np.int32)
-        for i in range(r):
-            guide[i] = np.searchsorted(cdf[i], grid, side="right")
-        np.minimum(guide, c - 1, out=guide)
-        guide += (np.arange(r, dtype=np.int32) * c)[:, None]  # flat index into cdf
-        self.guide = guide.ravel()
-        self.flat_cdf = cdf.ravel()
-        self.c = c
-        self.shape = rows.shape
-
-    def sample(self, row: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """Channels (int32, shape like ``row``) drawn from the distributions of rows ``row`` (int32)."""
-        u = rng.random(row.size, dtype=np.float32)
-        q = (u * np.float32(self.k)).astype(np.int32)
-        np.minimum(q, self.k - 1, out=q)
-        q += row * np.int32(self.k)
-        flat = self.guide[q]
-        todo = np.nonzero(self.flat_cdf[flat] <= u)[0]
-        if todo.size:
-            # the answer lies in (flat, guide[q + 1]]: vectorised bisection on the few that need it
-            lo = flat[todo]
-            qn = q[todo] + 1
-            last_cell = (qn % self.k) == 0
-            hi = np.where(last_cell, (row[todo] + 1) * self.c - 1, self.guide[np.where(last_cell, 0, qn)])
-            ut = u[todo]
-            while True:
-                gap = hi - lo > 1
-                if not gap.any():
-                    break
-                mid = (lo + hi) // 2
-                below = gap & (self.flat_cdf[mid] <= ut)
-                lo = np.where(below, mid, lo)
-                hi = np.where(gap & ~below, mid, hi)
-            flat[todo] = hi
-        flat -= row * np.int32(self.c)
-        return flat
-
-
 def simulate_batch(
     stacks: Sequence[Stack] | StackArrays,
-    instrument: Any,
+    instrument: Instrument,
     *,
     counts: float | np.ndarray | None = None,
     live_time_s: float | np.ndarray | None = None,
@@ -689,9 +695,73 @@ def simulate_batch(
     arr = stacks if isinstance(stacks, StackArrays) else stack_arrays(stacks)
     if method not in ("auto", "events", "poisson"):
         raise SimulationError(f"method must be 'auto', 'events' or 'poisson', got {method!r}")
-    B = len(arr)
-    setup = _setup(instrument)
-    T = _tables_for(arr.elements, setup)
+    n = len(arr)
+    plan = _batch_plan(arr, instrument, scatter=scatter, argon=argon)
+    targets = _batch_targets(n, counts, live_time_s, plan.setup)
+    pile = _pileup_probability(n, count_rate_cps, instrument, plan.setup)
+    gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+    out = np.empty((n, plan.setup.n_channels), dtype=dtype)
+    starts = list(range(0, n, _BLOCK))
+    children = gen.spawn(len(starts))
+    sampler = _sampler(plan.rows, plan.owners) if noise and method != "poisson" else None
+    draw = _Draw(noise, method, sampler, secondary)
+    if keep is not None:
+        _start_keep(keep, arr, plan)
+    ends = [min(n, b0 + _BLOCK) for b0 in starts]
+    block = functools.partial(_simulate_block, plan=plan, arr=arr, out=out, draw=draw, targets=targets,
+                              pile=pile, keep=keep)
+    n_threads = max(1, min(int(threads if threads is not None else os.cpu_count() or 1), len(starts)))
+    if n_threads == 1:
+        for b0, b1, child in zip(starts, ends, children, strict=True):
+            block(b0, b1, child)
+    else:
+        with ThreadPoolExecutor(n_threads) as pool:
+            list(pool.map(block, starts, ends, children))
+    return out
+
+
+#: spectra per block: each block is simulated in one go (a worker thread's unit) with its own generator
+_BLOCK = 1024
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _BatchPlan:
+    """What every block of a batch shares: the instrument's setup, the sample's line tables and the
+    detector response rows (sample lines, then Rayleigh and Compton bins, then the air's argon lines)."""
+
+    setup: SimulationSetup
+    tables: _fp.Tables
+    line_efficiency: np.ndarray  # (L,) detector efficiency at the line energies
+    rows: np.ndarray  # (R, C) float32 response rows
+    rowsum: np.ndarray  # (R,) float64: the in-range fraction of each row
+    scatter: bool
+    argon: bool
+    owners: tuple  # what the cached rows and sampler belong to (kept alive so ids stay unique)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Draw:
+    """How a batch's spectra are drawn (see :func:`simulate_batch`)."""
+
+    noise: bool
+    method: str
+    sampler: GuideSampler | None
+    secondary: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class _Targets:
+    """Absolute scale of a batch: given expected totals ``counts`` (B,) or a ``scale`` (B,) turning
+    intensities per incident photon and sr into expected counts (live time, flux, solid angle)."""
+
+    counts: np.ndarray | None
+    scale: np.ndarray | None
+
+
+def _batch_plan(arr: StackArrays, instrument: Instrument, *, scatter: bool, argon: bool) -> _BatchPlan:
+    """The shared part of a batch: setup, line tables, line efficiencies and the response rows (cached)."""
+    setup = simulation_setup(instrument)
+    T = tables_for(arr.elements, setup)
     eff = _efficiency(instrument, T.line_energy_keV, "fluorescence line") if T.n_lines else np.zeros(0)
     row_blocks = [_rows_for_lines(setup, instrument, T.line_energy_keV)] if T.n_lines else []
     if scatter:
@@ -704,92 +774,98 @@ def simulate_batch(
     owners = (setup, T, scatter, argon)
     rows = _concat_rows(row_blocks, owners)
     rowsum = rows.sum(axis=1, dtype=np.float64)
+    return _BatchPlan(setup, T, eff, rows, rowsum, scatter, argon, owners)
+
+
+def _batch_targets(n: int, counts: float | np.ndarray | None, live_time_s: float | np.ndarray | None,
+                   setup: SimulationSetup) -> _Targets:
+    """Checked totals (n,) when ``counts`` is given, else the absolute scale (n,) of ``live_time_s``."""
     if counts is not None:
-        c = np.broadcast_to(np.asarray(counts, dtype=float), (B,))
+        c = np.broadcast_to(np.asarray(counts, dtype=float), (n,))
         if np.any(c < 0) or not np.all(np.isfinite(c)):
             raise SimulationError("counts must be finite and >= 0")
-        scale = None
-    else:
-        lt = np.broadcast_to(np.asarray(1.0 if live_time_s is None else live_time_s, dtype=float), (B,))
-        if np.any(lt <= 0) or not np.all(np.isfinite(lt)):
-            raise SimulationError("live_time_s must be finite and > 0")
-        c = None
-        scale = lt * setup.exc.total_photons * setup.solid_angle_sr
-    pile = None
-    if count_rate_cps is not None:
-        rate = np.broadcast_to(np.asarray(count_rate_cps, dtype=float), (B,))
-        tau = float(getattr(instrument, "pileup_time_s", 0.0))
-        if np.any(rate < 0) or not np.all(np.isfinite(rate)):
-            raise SimulationError("count_rate_cps must be finite and >= 0")
-        if not hasattr(setup.response, "pileup"):
-            raise SimulationError("this instrument's detector response has no pile-up model")
-        pile = np.minimum(2.0 * rate * tau, 0.5)
-        if not np.any(pile > 0):
-            pile = None
-    gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
-    C = setup.n_channels
-    out = np.empty((B, C), dtype=dtype)
-    step = 1024
-    starts = list(range(0, B, step))
-    children = gen.spawn(len(starts))
-    sampler = _sampler(rows, owners) if noise and method != "poisson" else None
+        return _Targets(c, None)
+    lt = np.broadcast_to(np.asarray(1.0 if live_time_s is None else live_time_s, dtype=float), (n,))
+    if np.any(lt <= 0) or not np.all(np.isfinite(lt)):
+        raise SimulationError("live_time_s must be finite and > 0")
+    return _Targets(None, lt * setup.exc.total_photons * setup.solid_angle_sr)
 
-    def run(i: int) -> None:
-        b0 = starts[i]
-        b1 = min(B, b0 + step)
-        W = arr.weight_fraction[b0:b1]
-        mt = arr.mass_thickness_g_cm2[b0:b1]
-        per_layer = _fp.primary(W, mt, T)
-        inten = per_layer.sum(axis=1)
-        if keep is not None:
-            keep["primary"][b0:b1] = per_layer
-        if secondary:
-            inten += _fp.secondary_within_layers(W, mt, T).sum(axis=1)
-            inten += _fp.secondary_between_layers(W, mt, T).sum(axis=1)
-        parts = [inten * eff] if T.n_lines else []
-        if scatter:
-            ray, comp = _fp.scatter(W, mt, T)
-            parts += [ray * setup.eff_rayleigh, comp * setup.eff_compton]
-        if argon:
-            parts.append(np.broadcast_to(setup.argon, (b1 - b0, setup.argon.size)))
-        inten_r = np.concatenate(parts, axis=1)  # (b, R) per incident photon per sr
-        in_range = inten_r @ rowsum
-        if c is not None:
-            cc = c[b0:b1]
-            sc = np.where(in_range > 0, cc / np.where(in_range > 0, in_range, 1.0), 0.0)
-        else:
-            sc = scale[b0:b1]
-        inten_r *= sc[:, None]
-        if keep is not None:
-            keep["scale"][b0:b1] = sc
-        p_blk = None if pile is None else pile[b0:b1]
-        if p_blk is not None:
-            # with given counts, more photons: pairs record as one event, and the recorded totals stay
-            boost = 1.0 / (1.0 - 0.5 * p_blk) if c is not None else np.ones_like(p_blk)
-            inten_r *= boost[:, None]
-            if keep is not None:  # a line keeps the photons recorded alone
-                keep["scale"][b0:b1] *= (1.0 - p_blk) * boost
-        _render(inten_r, rows, rowsum, out[b0:b1], children[i], noise, method, sampler, p_blk, setup.response)
 
+def _pileup_probability(n: int, count_rate_cps: float | np.ndarray | None, instrument: Instrument,
+                        setup: SimulationSetup) -> np.ndarray | None:
+    """Probability (n,) that a recorded event is a pile-up pair, ``min(2 R tau, 0.5)``; None without."""
+    if count_rate_cps is None:
+        return None
+    rate = np.broadcast_to(np.asarray(count_rate_cps, dtype=float), (n,))
+    tau = float(getattr(instrument, "pileup_time_s", 0.0))
+    if np.any(rate < 0) or not np.all(np.isfinite(rate)):
+        raise SimulationError("count_rate_cps must be finite and >= 0")
+    if not hasattr(setup.response, "pileup"):
+        raise SimulationError("this instrument's detector response has no pile-up model")
+    pile = np.minimum(2.0 * rate * tau, 0.5)
+    return pile if np.any(pile > 0) else None
+
+
+def _start_keep(keep: dict[str, np.ndarray], arr: StackArrays, plan: _BatchPlan) -> None:
+    """Fill ``keep`` with the batch-wide entries and the arrays the blocks write into."""
+    T = plan.tables
+    keep["primary"] = np.zeros((len(arr), arr.weight_fraction.shape[1], T.n_lines))
+    keep["scale"] = np.zeros(len(arr))
+    keep["line_detected"] = plan.line_efficiency * plan.rowsum[: T.n_lines] if T.n_lines else np.zeros(0)
+    keep["line_element"] = np.array([element_symbol(T.elements[i]) for i in T.line_element], dtype=object)
+    keep["line_energy_keV"] = T.line_energy_keV.copy()
+
+
+def _row_intensities(plan: _BatchPlan, W: np.ndarray, mt: np.ndarray, secondary: bool
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Primary line intensities per layer (b, N, L) and the intensity of every response row (b, R), per
+    incident photon and sr, detector efficiency included, for stacks ``W`` (b, N, Z), ``mt`` (b, N)."""
+    T, setup = plan.tables, plan.setup
+    per_layer = _fp.primary(W, mt, T)
+    inten = per_layer.sum(axis=1)
+    if secondary:
+        inten += _fp.secondary_within_layers(W, mt, T).sum(axis=1)
+        inten += _fp.secondary_between_layers(W, mt, T).sum(axis=1)
+    parts = [inten * plan.line_efficiency] if T.n_lines else []
+    if plan.scatter:
+        ray, comp = _fp.scatter(W, mt, T)
+        parts += [ray * setup.eff_rayleigh, comp * setup.eff_compton]
+    if plan.argon:
+        parts.append(np.broadcast_to(setup.argon, (W.shape[0], setup.argon.size)))
+    return per_layer, np.concatenate(parts, axis=1)
+
+
+def _simulate_block(b0: int, b1: int, gen: np.random.Generator, *, plan: _BatchPlan, arr: StackArrays,
+                    out: np.ndarray, draw: _Draw, targets: _Targets, pile: np.ndarray | None,
+                    keep: dict[str, np.ndarray] | None) -> None:
+    """Spectra ``b0:b1`` of a batch into ``out[b0:b1]`` (and their share of ``keep``), drawn with ``gen``."""
+    per_layer, inten_r = _row_intensities(
+        plan, arr.weight_fraction[b0:b1], arr.mass_thickness_g_cm2[b0:b1], draw.secondary)
     if keep is not None:
-        keep["primary"] = np.zeros((B, arr.weight_fraction.shape[1], T.n_lines))
-        keep["scale"] = np.zeros(B)
-        keep["line_detected"] = eff * rowsum[: T.n_lines] if T.n_lines else np.zeros(0)
-        keep["line_element"] = np.array([element_symbol(T.elements[i]) for i in T.line_element], dtype=object)
-        keep["line_energy_keV"] = T.line_energy_keV.copy()
-    n_threads = max(1, min(int(threads if threads is not None else os.cpu_count() or 1), len(starts)))
-    if n_threads == 1:
-        for i in range(len(starts)):
-            run(i)
+        keep["primary"][b0:b1] = per_layer
+    if targets.counts is not None:
+        in_range = inten_r @ plan.rowsum
+        cc = targets.counts[b0:b1]
+        sc = np.where(in_range > 0, cc / np.where(in_range > 0, in_range, 1.0), 0.0)
     else:
-        with ThreadPoolExecutor(n_threads) as pool:
-            list(pool.map(run, range(len(starts))))
-    return out
+        sc = targets.scale[b0:b1]
+    inten_r *= sc[:, None]
+    if keep is not None:
+        keep["scale"][b0:b1] = sc
+    p_blk = None if pile is None else pile[b0:b1]
+    if p_blk is not None:
+        # with given counts, more photons: pairs record as one event, and the recorded totals stay
+        boost = 1.0 / (1.0 - 0.5 * p_blk) if targets.counts is not None else np.ones_like(p_blk)
+        inten_r *= boost[:, None]
+        if keep is not None:  # a line keeps the photons recorded alone
+            keep["scale"][b0:b1] *= (1.0 - p_blk) * boost
+    _render(inten_r, plan.rows, plan.rowsum, out[b0:b1], gen, draw.noise, draw.method, draw.sampler, p_blk,
+            plan.setup.response)
 
 
 def _render(inten_r: np.ndarray, rows: np.ndarray, rowsum: np.ndarray, out: np.ndarray,
-            gen: np.random.Generator, noise: bool, method: str, sampler: _GuideSampler | None,
-            pile: np.ndarray | None = None, response: Any = None) -> None:
+            gen: np.random.Generator, noise: bool, method: str, sampler: GuideSampler | None,
+            pile: np.ndarray | None = None, response: DetectorResponse | None = None) -> None:
     """Spectra (b, C) into ``out`` from row intensities inten_r (b, R) (expected photons per row);
     ``pile`` (b,): probability that a recorded event is a pile-up pair (``response.pileup``'s model)."""
     C = rows.shape[1]
@@ -859,15 +935,15 @@ def _concat_rows(blocks: list[np.ndarray], owners: tuple) -> np.ndarray:
     return hit[1]
 
 
-_SAMPLERS: dict[tuple, tuple[tuple, _GuideSampler]] = {}
+_SAMPLERS: dict[tuple, tuple[tuple, GuideSampler]] = {}
 
 
-def _sampler(rows: np.ndarray, owners: tuple) -> _GuideSampler:
+def _sampler(rows: np.ndarray, owners: tuple) -> GuideSampler:
     """Cached sampler of the response rows built for ``owners`` (setup, tables, scatter and argon flags)."""
     key = tuple(id(o) for o in owners)
     hit = _SAMPLERS.get(key)
     if hit is None or hit[1].shape != rows.shape:
         if len(_SAMPLERS) > 8:
             _SAMPLERS.clear()
-        hit = _SAMPLERS[key] = (owners, _GuideSampler(rows))  # owners kept alive: ids stay unique
+        hit = _SAMPLERS[key] = (owners, GuideSampler(rows))  # owners kept alive: ids stay unique
     return hit[1]

@@ -50,7 +50,7 @@ import xraylib
 
 from .._errors import InstrumentError
 
-__all__ = ["TubeSpectrum", "anode_lines", "ebel_continuum", "tube_spectrum"]
+__all__ = ["TubeSpectrum", "anode_lines", "anode_z", "ebel_continuum", "tube_spectrum"]
 
 #: Ebel's constant of the continuum, photons / (s sr mA keV)
 CONTINUUM_CONST = 1.35e9
@@ -76,7 +76,24 @@ def _radiative_lines() -> tuple[tuple[str, str, int], ...]:
     return tuple(sorted(out))
 
 
-def _anode_z(anode: str) -> int:
+def anode_z(anode: str) -> int:
+    """Atomic number of a pure-element tube anode.
+
+    Parameters
+    ----------
+    anode : str
+        Chemical symbol of the anode (``"Rh"``, ``"Mo"``, ``"W"`` ...).
+
+    Returns
+    -------
+    int
+        Atomic number, 4-92.
+
+    Raises
+    ------
+    InstrumentError
+        Not the symbol of an element 4-92.
+    """
     try:
         z = xraylib.SymbolToAtomicNumber(str(anode).strip())
     except ValueError:
@@ -147,7 +164,7 @@ def ebel_continuum(
     numpy.ndarray
         Photons / (s sr mA keV), shape (n,); zero at and above ``voltage_kV`` and at non-positive energies.
     """
-    z = _anode_z(anode)
+    z = anode_z(anode)
     sin_e, sin_x = _check_angles(electron_incidence_deg, takeoff_deg)
     e = np.atleast_1d(np.asarray(energy_keV, dtype=float))
     out = np.zeros_like(e)
@@ -215,7 +232,7 @@ def anode_lines(
     photons : numpy.ndarray
         Line intensities, photons / (s sr mA), shape (n,).
     """
-    z = _anode_z(anode)
+    z = anode_z(anode)
     sin_e, sin_x = _check_angles(electron_incidence_deg, takeoff_deg)
     symbol = xraylib.AtomicNumberToSymbol(z)
     names, energies, intensities = [], [], []
