@@ -25,20 +25,24 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import tomllib
 from collections.abc import Mapping
-from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import xraylib
 
 from .._errors import CalibrationError, InstrumentError
 from ..core.calibration import EnergyCalibration
-from ..io.bruker import read_xrf_header
-from ..io.detect import detect_format
 from .detector import FWHM_PER_SIGMA, MN_KA_KEV, DetectorResponse
+from .instrument_files import (
+    bruker_header,
+    bruker_settings,
+    preset_tables,
+    pymca_settings,
+    toml_settings,
+    toml_text,
+    write_toml,
+)
 from .materials import (
     STANDARD_PRESSURE_MBAR,
     Absorber,
@@ -176,130 +180,13 @@ class Instrument:
 
     # ------------------------------------------------------------------ validation
     def __post_init__(self) -> None:
-        put = functools.partial(object.__setattr__, self)
-        floats = (
-            "tube_voltage_kV", "tube_current_mA", "electron_incidence_deg", "anode_takeoff_deg",
-            "polycapillary_cutoff_keV", "source_solid_angle_sr", "flux_photons_s", "incidence_deg",
-            "takeoff_deg", "atmosphere_pressure_mbar", "beam_path_mm", "detector_path_mm",
-            "detector_area_mm2",
-            "detector_thickness_um",
-            "dead_layer_um", "noise_keV", "fano", "pair_energy_eV", "icc_layer_um", "shelf_share",
-            "tail_length_fwhm", "pileup_time_s",
-        )  # fmt: skip
-        for field in floats:
-            value = getattr(self, field)
-            try:
-                value = float(value)
-            except (TypeError, ValueError):
-                raise InstrumentError(
-                    f"instrument {self.name!r}: {field} must be a number, got {value!r}"
-                ) from None
-            if not math.isfinite(value):
-                raise InstrumentError(f"instrument {self.name!r}: {field} must be finite, got {value!r}")
-            put(field, value)
-
-        def need(cond: bool, msg: str) -> None:
-            if not cond:
-                raise InstrumentError(f"instrument {self.name!r}: {msg}")
-
-        if self.anode is not None:
-
-            anode_z(self.anode)
-            need(
-                5.0 <= self.tube_voltage_kV <= 100.0,
-                f"tube voltage must be 5-100 kV, got {self.tube_voltage_kV}",
-            )
-        if self.monochromatic_keV is not None:
-            mono = float(self.monochromatic_keV)
-            need(math.isfinite(mono) and mono > 0, f"monochromatic energy must be > 0 keV, got {mono!r}")
-            if self.anode is not None:
-                need(
-                    mono <= self.tube_voltage_kV,
-                    f"monochromatic energy {mono:g} keV lies above the tube voltage "
-                    f"{self.tube_voltage_kV:g} kV: a tube cannot emit photons above its voltage",
-                )
-            put("monochromatic_keV", mono)
-            need(self.flux_photons_s > 0, f"flux must be > 0 photons/s, got {self.flux_photons_s}")
-        elif self.anode is None:
-            raise InstrumentError(
-                f"instrument {self.name!r}: give an anode (tube source) or monochromatic_keV "
-                "(monochromatic beam)"
-            )
-        put("tube_window", Absorber.coerce(self.tube_window, "tube_window"))
-        put("detector_window", Absorber.coerce(self.detector_window, "detector_window"))
-        put("tube_filters", tuple(Absorber.coerce(f, "tube_filters") for f in self.tube_filters))
-        put("detector_filters", tuple(Absorber.coerce(f, "detector_filters") for f in self.detector_filters))
-        need(self.tube_current_mA > 0, f"tube current must be > 0 mA, got {self.tube_current_mA}")
-        for field in ("electron_incidence_deg", "anode_takeoff_deg", "incidence_deg", "takeoff_deg"):
-            need(
-                0.0 < getattr(self, field) <= 90.0,
-                f"{field} must be in (0, 90] degrees, got {getattr(self, field)}",
-            )
-        need(
-            self.optics in ("none", "polycapillary"),
-            f"optics must be 'none' or 'polycapillary', got {self.optics!r}",
-        )
-        need(self.polycapillary_cutoff_keV > 0, "polycapillary_cutoff_keV must be > 0")
-        need(0 < self.source_solid_angle_sr <= 2 * math.pi, "source_solid_angle_sr must be in (0, 2 pi]")
-        need(
-            self.atmosphere in ("air", "helium", "vacuum"),
-            f"atmosphere must be 'air', 'helium' or 'vacuum', got {self.atmosphere!r}",
-        )
-        for field in (
-            "beam_path_mm", "detector_path_mm", "dead_layer_um", "icc_layer_um", "pileup_time_s",
-            "atmosphere_pressure_mbar",
-        ):  # fmt: skip
-            need(getattr(self, field) >= 0, f"{field} must be >= 0, got {getattr(self, field)}")
-        if self.detector_distance_mm is not None:
-            dist = float(self.detector_distance_mm)
-            need(math.isfinite(dist) and dist > 0, f"detector distance must be > 0 mm, got {dist!r}")
-            put("detector_distance_mm", dist)
-        need(self.detector_area_mm2 > 0, f"detector area must be > 0 mm2, got {self.detector_area_mm2}")
-        need(
-            self.detector_thickness_um > 0,
-            f"detector thickness must be > 0 um, got {self.detector_thickness_um}",
-        )
-        need(
-            0.0 <= self.noise_keV <= 1.0, f"electronic noise (FWHM) must be 0-1 keV, got {self.noise_keV} keV"
-        )
-        need(0.01 <= self.fano <= 1.0, f"Fano factor must be 0.01-1 (silicon: ~0.114), got {self.fano}")
-        need(
-            2.0 <= self.pair_energy_eV <= 6.0,
-            f"pair energy must be 2-6 eV (Si: 3.64), got {self.pair_energy_eV}",
-        )
-        fwhm_mn = float(self.fwhm_keV(MN_KA_KEV))
-        need(
-            0.06 <= fwhm_mn <= 1.0,
-            f"FWHM at Mn Ka is {1000 * fwhm_mn:.0f} eV; a silicon detector has 60-1000 eV "
-            "(the Fano limit of Si is ~115 eV): check noise_keV, fano and pair_energy_eV",
-        )
-        need(0.0 <= self.shelf_share <= 1.0, f"shelf_share must be in [0, 1], got {self.shelf_share}")
-        need(self.tail_length_fwhm > 0, f"tail_length_fwhm must be > 0, got {self.tail_length_fwhm}")
-        if not isinstance(self.calibration, EnergyCalibration):
-            try:
-                put("calibration", EnergyCalibration.from_dict(self.calibration))
-            except (CalibrationError, TypeError, AttributeError) as exc:
-                raise InstrumentError(f"instrument {self.name!r}: invalid calibration: {exc}") from None
-        try:
-            n_ch = int(self.n_channels)
-        except (TypeError, ValueError):
-            raise InstrumentError(f"instrument {self.name!r}: n_channels must be an integer") from None
-        need(
-            n_ch >= 16 and n_ch == self.n_channels,
-            f"n_channels must be an integer >= 16, got {self.n_channels!r}",
-        )
-        put("n_channels", n_ch)
-        try:
-            self.calibration.check_monotonic(n_ch)
-        except CalibrationError as exc:
-            raise InstrumentError(f"instrument {self.name!r}: {exc}") from None
-        put("escape", bool(self.escape))
+        _validate(self)
 
     # ------------------------------------------------------------------ constructors
     @classmethod
     def preset(cls, name: str) -> Instrument:
         """A shipped preset (see :func:`instruments`), e.g. ``Instrument.preset("bruker-m6")``."""
-        table = _presets()
+        table = preset_tables()
         key = str(name).strip().lower()
         if key not in table:
             raise InstrumentError(f"unknown instrument preset {name!r}; known presets: {', '.join(table)}")
@@ -348,24 +235,8 @@ class Instrument:
         ``{material = "Be", thickness_um = 12.5}``, calibration as ``{offset_keV = ..., gain_keV = ...}``),
         plus ``fwhm_mnka_eV`` and ``base`` (a preset to start from).
         """
-        path = Path(path)
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise InstrumentError(f"cannot read instrument file {path}: {exc}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise InstrumentError(f"{path} is not valid TOML: {exc}") from None
-        tables = {k: v for k, v in data.items() if isinstance(v, dict) and k not in ("calibration",)}
-        tables = {k: v for k, v in tables.items() if k not in ("tube_window", "detector_window")}
-        if name is None and (not tables or set(data) - set(tables)):
-            return cls.from_dict(data, name=data.get("name", path.stem))
-        if name is None:
-            if len(tables) != 1:
-                raise InstrumentError(f"{path} defines instruments {', '.join(tables)}: pass name=")
-            name = next(iter(tables))
-        if name not in tables:
-            raise InstrumentError(f"{path} has no instrument {name!r}; it defines {', '.join(tables)}")
-        return cls.from_dict(tables[name], name=name)
+        settings, name = toml_settings(path, name)
+        return cls.from_dict(settings, name=name)
 
     @classmethod
     def from_pymca(cls, path: str | Path, *, n_channels: int = 4096, name: str | None = None) -> Instrument:
@@ -393,151 +264,7 @@ class Instrument:
         InstrumentError
             Unreadable file, a non-Si detector, or settings xrfnb cannot represent.
         """
-        import configparser
-
-        path = Path(path)
-        cfg = configparser.ConfigParser(interpolation=None, strict=False)
-        cfg.optionxform = str  # type: ignore[assignment,method-assign]
-        try:
-            with path.open(encoding="utf-8", errors="replace") as fh:
-                cfg.read_file(fh)
-        except (OSError, configparser.Error) as exc:
-            raise InstrumentError(f"cannot read PyMca configuration {path}: {exc}") from None
-        where = f"PyMca configuration {path.name}"
-
-        def items(section: str) -> Mapping[str, str]:
-            return cfg[section] if cfg.has_section(section) else {}
-
-        def floats(text: str) -> list[float | None]:
-            out: list[float | None] = []
-            for tok in text.split(","):
-                try:
-                    out.append(float(tok))
-                except ValueError:
-                    out.append(None)
-            return out
-
-        def absorber(material: str, density: float, thickness_cm: float, what: str) -> Absorber:
-            section = f"materials.{material}"
-            if cfg.has_section(section) and "CompoundList" in cfg[section]:
-                formulas = [f.strip() for f in cfg[section]["CompoundList"].split(",")]
-                fractions = [f.strip() for f in cfg[section]["CompoundFraction"].split(",")]
-                material = ", ".join(f"{f}:{x}" for f, x in zip(formulas, fractions, strict=False))
-            try:
-                return Absorber(material, round(thickness_cm * 1e4, 9), density)
-            except InstrumentError as exc:
-                raise InstrumentError(f"{where}: {what}: {exc}") from None
-
-        settings: dict[str, Any] = {"name": name or path.stem, "n_channels": n_channels, "optics": "none"}
-        settings["description"] = f"read from PyMca configuration {path.name}"
-        settings["atmosphere"] = "vacuum"
-        settings["beam_path_mm"] = 0.0
-        settings["detector_window"] = None
-        tube_filters: list[Absorber] = []
-        det_filters: list[Absorber] = []
-        for key, value in items("attenuators").items():
-            parts = [p.strip() for p in value.split(",")]
-            if len(parts) < 4 or floats(parts[0])[0] != 1 or parts[1] in ("-", ""):
-                continue
-            material = parts[1]
-            density, thickness = [*floats(",".join(parts[2:4])), None, None][:2]
-            if key == "Matrix":
-                angles = floats(",".join(parts[4:6]))
-                if len(angles) == 2 and None not in angles:
-                    settings["incidence_deg"], settings["takeoff_deg"] = angles
-                continue
-            if density is None or thickness is None or thickness <= 0:
-                continue
-            funny = floats(parts[4])[0] if len(parts) > 4 else 1.0
-            if funny is not None and abs(funny - 1.0) > 1e-9:
-                raise InstrumentError(
-                    f"{where}: attenuator {key!r} has a 'funny factor' {funny:g} (a partially covering "
-                    "filter), which xrfnb does not model: set it to 1 in PyMca or adjust the thickness"
-                )
-            if key == "atmosphere":
-                kind = material.lower()
-                if kind.startswith("air"):
-                    settings["atmosphere"] = "air"
-                elif kind.startswith("he"):
-                    settings["atmosphere"] = "helium"
-                else:
-                    det_filters.append(absorber(material, density, thickness, key))
-                    continue
-                settings["detector_path_mm"] = thickness * 10.0
-            elif key.startswith("BeamFilter"):
-                tube_filters.append(absorber(material, density, thickness, key))
-            elif key == "Detector":
-                if not material.startswith("Si") or material.rstrip("1") != "Si":
-                    raise InstrumentError(
-                        f"{where}: detector material {material!r}: xrfnb models silicon detectors only"
-                    )
-                settings["detector_thickness_um"] = round(thickness * 1e4, 9)
-            elif key == "window":
-                settings["detector_window"] = absorber(material, density, thickness, key)
-            elif key == "deadlayer" and material.rstrip("1") == "Si":
-                settings["dead_layer_um"] = round(thickness * 1e4, 9)
-            else:
-                det_filters.append(absorber(material, density, thickness, key))
-        settings["tube_filters"] = tuple(tube_filters)
-        settings["detector_filters"] = tuple(det_filters)
-
-        fit = items("fit")
-        energies = floats(fit.get("energy", ""))
-        flags = floats(fit.get("energyflag", ""))
-        weights = floats(fit.get("energyweight", ""))
-        used = [
-            (e, w)
-            for e, f, w in zip(
-                energies, flags + [None] * len(energies), weights + [1.0] * len(energies), strict=False
-            )
-            if e is not None and f == 1 and (w is None or w > 0)
-        ]
-        tube = items("tube")
-        if len(used) == 1:
-            settings["anode"] = None
-            settings["monochromatic_keV"] = used[0][0]
-        elif tube:
-            try:
-                settings["anode"] = tube["anode"].strip()
-                settings["tube_voltage_kV"] = float(tube["voltage"])
-                settings["electron_incidence_deg"] = float(tube.get("alphae", 90.0))
-                settings["anode_takeoff_deg"] = float(tube.get("alphax", 90.0))
-                win_t = float(tube.get("windowthickness", 0.0))
-                settings["tube_window"] = (
-                    absorber(tube["window"].strip(), float(tube["windowdensity"]), win_t, "tube window")
-                    if win_t > 0
-                    else None
-                )
-            except (KeyError, ValueError) as exc:
-                raise InstrumentError(f"{where}: incomplete [tube] section ({exc})") from None
-        else:
-            raise InstrumentError(
-                f"{where}: {len(used)} excitation energies and no [tube] section: xrfnb needs one "
-                "monochromatic energy or a tube (anode and voltage)"
-            )
-        if "escapeflag" in fit:
-            settings["escape"] = floats(fit["escapeflag"])[0] == 1
-
-        det = items("detector")
-        try:
-            settings["noise_keV"] = float(det["noise"])
-            settings["fano"] = float(det["fano"])
-            settings["calibration"] = EnergyCalibration(float(det["zero"]), float(det["gain"]))
-        except (KeyError, ValueError) as exc:
-            raise InstrumentError(f"{where}: incomplete [detector] section ({exc})") from None
-        except CalibrationError as exc:
-            raise InstrumentError(f"{where}: {exc}") from None
-        settings["pair_energy_eV"] = 3.85  # PyMca's FWHM convention
-        conc = items("concentrations")
-        flux = floats(conc.get("flux", ""))[0] if conc else None
-        if flux and flux > 0:
-            settings["flux_photons_s"] = flux
-        area = floats(conc.get("area", ""))[0] if conc else None
-        distance = floats(conc.get("distance", ""))[0] if conc else None
-        if area and area > 0 and distance and distance > 0:
-            settings["detector_area_mm2"] = area * 100.0
-            settings["detector_distance_mm"] = distance * 10.0
-        return cls(**settings)
+        return cls(**pymca_settings(path, n_channels=n_channels, name=name))
 
     @classmethod
     def from_file(cls, path: str | Path, *, preset: str = "bruker-m6", name: str | None = None) -> Instrument:
@@ -573,154 +300,9 @@ class Instrument:
             The file cannot be read or its header is damaged.
         """
         path = Path(path)
-        if not path.is_file():
-            raise InstrumentError(f"{path}: no such file (give a Bruker .spx or .bcf file)")
-        fmt = detect_format(path)
-        if fmt not in ("spx", "bcf"):
-            raise InstrumentError(
-                f"{path}: Instrument.from_file reads Bruker .spx/.bcf XRF headers; this is a {fmt} file "
-                "(use Instrument.preset(...).with_(...) for it)"
-            )
-        h = read_xrf_header(path, fmt)
-        if not h:
-            raise InstrumentError(
-                f"{path}: holds no XRF instrument header (no TRTXrfHeader: an electron-microscope file?); "
-                f"use Instrument.preset({preset!r}) instead"
-            )
+        header = bruker_header(path, preset)
         base = cls.preset(preset)
-        settings: dict[str, Any] = {}
-        origin: dict[str, str] = {}
-        notes: list[str] = []
-
-        def take(field: str, value: Any, where: str) -> None:
-            settings[field] = value
-            origin[field] = f"header {where}"
-
-        def element(z: int, what: str) -> str | None:
-            try:
-                return str(xraylib.AtomicNumberToSymbol(int(z)))
-            except (ValueError, TypeError):
-                notes.append(f"{what}: atomic number {z} unknown, left out")
-                return None
-
-        def absorbers(layers: list[dict[str, float]], what: str) -> list[Absorber]:
-            out = []
-            for layer in layers:
-                if layer.get("relative_area", 1.0) < 1.0:
-                    raise InstrumentError(
-                        f"{path}: {what} layer Z={layer['Z']} covers {layer['relative_area']:g} of the beam "
-                        "(RelativeArea); xrfnb models only full-area filters"
-                    )
-                symbol = element(layer["Z"], what)
-                if symbol is not None and layer["thickness_um"] > 0:
-                    out.append(Absorber(symbol, layer["thickness_um"]))
-            return out
-
-        if "anode_z" in h and (symbol := element(int(h["anode_z"]), "Anode")) is not None:
-            take("anode", symbol, "TRTXrfHeader/Anode")
-        for field, key, tag in (
-            ("tube_voltage_kV", "tube_voltage_kV", "Voltage"),
-            ("electron_incidence_deg", "tube_incidence_deg", "TubeIncidentAngle"),
-            ("anode_takeoff_deg", "tube_takeoff_deg", "TubeTakeOffAngle"),
-            ("incidence_deg", "excitation_angle_deg", "ExcitationAngle"),
-            ("takeoff_deg", "detection_angle_deg", "DetectionAngle"),
-            ("beam_path_mm", "excitation_path_mm", "ExcitationPathLength"),
-            ("detector_path_mm", "detection_path_mm", "DetectionPathLength"),
-            ("atmosphere_pressure_mbar", "chamber_pressure_mbar", "ChamberPressure"),
-        ):
-            if key in h:
-                take(field, h[key], f"TRTXrfHeader/{tag}")
-        if h.get("tube_current_uA", 0) > 0:
-            take("tube_current_mA", h["tube_current_uA"] / 1000.0, "TRTXrfHeader/Current (uA)")
-        if "tube_window_layers" in h:
-            window = absorbers(h["tube_window_layers"], "TubeWindow")
-            take("tube_window", window[0] if window else None, "TRTXrfHeader/TubeWindow")
-            extra_filters = window[1:]
-        else:
-            extra_filters = []
-        if "filter_layers" in h:
-            filters = absorbers(h["filter_layers"], "ExcitationFilter")
-            take(
-                "tube_filters",
-                tuple(extra_filters + filters),
-                f"TRTXrfHeader/ExcitationFilter {h.get('filter_name') or ''!r}".strip(),
-            )
-        if "optic" in h:
-            optic = h["optic"].strip().lower()
-            take(
-                "optics",
-                "polycapillary" if optic in ("lens", "polycapillary") else "none",
-                f"TRTXrfHeader/Optic {h['optic']!r}",
-            )
-        if "atmosphere" in h:
-            gas = {"air": "air", "helium": "helium", "he": "helium", "vacuum": "vacuum"}.get(
-                h["atmosphere"].strip().lower()
-            )
-            if gas is None:
-                notes.append(f"Atmosphere {h['atmosphere']!r} unknown: preset's {base.atmosphere!r} kept")
-            else:
-                take("atmosphere", gas, f"TRTXrfHeader/Atmosphere {h['atmosphere']!r}")
-        if h.get("detector_thickness_um", 0) > 0:
-            take(
-                "detector_thickness_um",
-                h["detector_thickness_um"],
-                "TRTDetectorHeader/DetectorThickness (mm)",
-            )
-        if "dead_layer_um" in h:
-            take("dead_layer_um", h["dead_layer_um"], "TRTDetectorHeader/SiDeadLayerThickness")
-        if "detector_window_layers" in h:
-            window = absorbers(h["detector_window_layers"], "WindowLayers")
-            take("detector_window", window[0] if window else None, "TRTDetectorHeader/WindowLayers")
-            if window[1:]:
-                take("detector_filters", tuple(window[1:]), "TRTDetectorHeader/WindowLayers")
-        omega = h.get("detection_solid_angle_sr", 0.0)
-        if 0 < omega < 2 * math.pi:
-            c = 1.0 - omega / (2 * math.pi)  # on-axis disc: omega = 2 pi (1 - d / sqrt(d^2 + r^2))
-            r = math.sqrt(base.detector_area_mm2 / math.pi)
-            take(
-                "detector_distance_mm",
-                round(r * c / math.sqrt(1.0 - c * c), 6),
-                f"TRTXrfHeader/SolidAngleDetection {omega:g} sr, preset area {base.detector_area_mm2:g} mm2",
-            )
-        sig_abs, sig_lin = h.get("sigma_abs_keV2"), h.get("sigma_lin_keV")
-        if sig_abs is not None and sig_lin is not None and sig_abs >= 0 and sig_lin > 0:
-            noise = FWHM_PER_SIGMA * math.sqrt(sig_abs)
-            fano = sig_lin / (base.pair_energy_eV * 1e-3)
-            if 0.01 <= fano <= 1.0 and noise <= 1.0:
-                take("noise_keV", noise, "TRTSpectrumHeader/SigmaAbs")
-                take(
-                    "fano",
-                    fano,
-                    f"TRTSpectrumHeader/SigmaLin with the preset's {base.pair_energy_eV:g} eV/pair",
-                )
-            else:
-                notes.append(
-                    f"SigmaAbs {sig_abs:g} keV2 / SigmaLin {sig_lin:g} keV give Fano {fano:.3g} and noise "
-                    f"{noise:.3g} keV, outside what a Si detector has: the preset's resolution kept"
-                )
-        if "calibration_offset_keV" in h and h.get("calibration_gain_keV", 0) > 0:
-            take(
-                "calibration",
-                EnergyCalibration(h["calibration_offset_keV"], h["calibration_gain_keV"]),
-                "TRTSpectrumHeader/CalibAbs, CalibLin",
-            )
-        if h.get("n_channels", 0) >= 16:
-            take("n_channels", int(h["n_channels"]), "TRTSpectrumHeader/ChannelCount")
-        for layer_key, what in (("detector_layers", "DetLayers"), ("optic_params", "OpticParam")):
-            if h.get(layer_key):
-                notes.append(
-                    f"{what} in the header is not modelled (kept in load()'s metadata['bruker_header'])"
-                )
-        fields = [f.name for f in dataclasses.fields(cls) if f.name not in ("name", "description")]
-        lines = [
-            f"Instrument from the XRF header of {path.name} "
-            f"({h.get('tube_type', 'tube ?')}, {h.get('detector_type', 'detector ?')}); "
-            f"what it lacks from preset {base.name}.",
-            *(f"  {f}: {origin.get(f, 'preset ' + base.name)}" for f in fields),
-            *(f"  note: {n}" for n in notes),
-        ]
-        settings["name"] = name or path.stem
-        settings["description"] = "\n".join(lines)
+        settings = bruker_settings(path, header, base, name=name)
         try:
             return base.with_(**settings)
         except InstrumentError as exc:
@@ -782,29 +364,9 @@ class Instrument:
         str
             TOML text.
         """
-        def value(v: Any) -> str:
-            if v is None:
-                return "false"
-            if isinstance(v, bool):
-                return "true" if v else "false"
-            if isinstance(v, (int, float)):
-                return repr(float(v)) if isinstance(v, float) else str(v)
-            if isinstance(v, str):
-                return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
-            if isinstance(v, Mapping):
-                return "{ " + ", ".join(f"{k} = {value(x)}" for k, x in v.items() if x is not None) + " }"
-            return "[" + ", ".join(value(x) for x in v) + "]"
-
-        lines = [f'["{self.name}"]'] + [f"{k} = {value(v)}" for k, v in self.to_dict().items() if k != "name"]
-        text = "\n".join(lines) + "\n"
+        text = toml_text(self.name, self.to_dict())
         if path is not None:
-            path = Path(path)
-            tmp = path.with_name(path.name + ".tmp")
-            try:
-                tmp.write_text(text, encoding="utf-8")
-                tmp.replace(path)
-            except OSError as exc:
-                raise InstrumentError(f"cannot write instrument file {path}: {exc}") from None
+            write_toml(path, text)
         return text
 
     def describe(self) -> str:
@@ -990,9 +552,132 @@ class Instrument:
             out[ok] = t * (tau / mu) * -np.expm1(-mu * rho * self.detector_thickness_um * 1e-4)
         return out.reshape(e.shape)
 
-    def detector_response(self, channel_energy_keV: np.ndarray | None = None) -> Any:
+    def detector_response(self, channel_energy_keV: np.ndarray | None = None) -> DetectorResponse:
         """The :class:`xrfnb.physics.detector.DetectorResponse` of this instrument."""
         return DetectorResponse(self, channel_energy_keV)
+
+
+def _validate(inst: Instrument) -> None:
+    """Check every setting of a new instrument and store them normalised (floats, absorbers, tuples, a
+    calibration), raising :class:`InstrumentError` that names the instrument and the setting."""
+    put = functools.partial(object.__setattr__, inst)
+    floats = (
+        "tube_voltage_kV", "tube_current_mA", "electron_incidence_deg", "anode_takeoff_deg",
+        "polycapillary_cutoff_keV", "source_solid_angle_sr", "flux_photons_s", "incidence_deg",
+        "takeoff_deg", "atmosphere_pressure_mbar", "beam_path_mm", "detector_path_mm",
+        "detector_area_mm2",
+        "detector_thickness_um",
+        "dead_layer_um", "noise_keV", "fano", "pair_energy_eV", "icc_layer_um", "shelf_share",
+        "tail_length_fwhm", "pileup_time_s",
+    )  # fmt: skip
+    for field in floats:
+        value = getattr(inst, field)
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise InstrumentError(
+                f"instrument {inst.name!r}: {field} must be a number, got {value!r}"
+            ) from None
+        if not math.isfinite(value):
+            raise InstrumentError(f"instrument {inst.name!r}: {field} must be finite, got {value!r}")
+        put(field, value)
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise InstrumentError(f"instrument {inst.name!r}: {msg}")
+
+    if inst.anode is not None:
+
+        anode_z(inst.anode)
+        need(
+            5.0 <= inst.tube_voltage_kV <= 100.0,
+            f"tube voltage must be 5-100 kV, got {inst.tube_voltage_kV}",
+        )
+    if inst.monochromatic_keV is not None:
+        mono = float(inst.monochromatic_keV)
+        need(math.isfinite(mono) and mono > 0, f"monochromatic energy must be > 0 keV, got {mono!r}")
+        if inst.anode is not None:
+            need(
+                mono <= inst.tube_voltage_kV,
+                f"monochromatic energy {mono:g} keV lies above the tube voltage "
+                f"{inst.tube_voltage_kV:g} kV: a tube cannot emit photons above its voltage",
+            )
+        put("monochromatic_keV", mono)
+        need(inst.flux_photons_s > 0, f"flux must be > 0 photons/s, got {inst.flux_photons_s}")
+    elif inst.anode is None:
+        raise InstrumentError(
+            f"instrument {inst.name!r}: give an anode (tube source) or monochromatic_keV "
+            "(monochromatic beam)"
+        )
+    put("tube_window", Absorber.coerce(inst.tube_window, "tube_window"))
+    put("detector_window", Absorber.coerce(inst.detector_window, "detector_window"))
+    put("tube_filters", tuple(Absorber.coerce(f, "tube_filters") for f in inst.tube_filters))
+    put("detector_filters", tuple(Absorber.coerce(f, "detector_filters") for f in inst.detector_filters))
+    need(inst.tube_current_mA > 0, f"tube current must be > 0 mA, got {inst.tube_current_mA}")
+    for field in ("electron_incidence_deg", "anode_takeoff_deg", "incidence_deg", "takeoff_deg"):
+        need(
+            0.0 < getattr(inst, field) <= 90.0,
+            f"{field} must be in (0, 90] degrees, got {getattr(inst, field)}",
+        )
+    need(
+        inst.optics in ("none", "polycapillary"),
+        f"optics must be 'none' or 'polycapillary', got {inst.optics!r}",
+    )
+    need(inst.polycapillary_cutoff_keV > 0, "polycapillary_cutoff_keV must be > 0")
+    need(0 < inst.source_solid_angle_sr <= 2 * math.pi, "source_solid_angle_sr must be in (0, 2 pi]")
+    need(
+        inst.atmosphere in ("air", "helium", "vacuum"),
+        f"atmosphere must be 'air', 'helium' or 'vacuum', got {inst.atmosphere!r}",
+    )
+    for field in (
+        "beam_path_mm", "detector_path_mm", "dead_layer_um", "icc_layer_um", "pileup_time_s",
+        "atmosphere_pressure_mbar",
+    ):  # fmt: skip
+        need(getattr(inst, field) >= 0, f"{field} must be >= 0, got {getattr(inst, field)}")
+    if inst.detector_distance_mm is not None:
+        dist = float(inst.detector_distance_mm)
+        need(math.isfinite(dist) and dist > 0, f"detector distance must be > 0 mm, got {dist!r}")
+        put("detector_distance_mm", dist)
+    need(inst.detector_area_mm2 > 0, f"detector area must be > 0 mm2, got {inst.detector_area_mm2}")
+    need(
+        inst.detector_thickness_um > 0,
+        f"detector thickness must be > 0 um, got {inst.detector_thickness_um}",
+    )
+    need(
+        0.0 <= inst.noise_keV <= 1.0, f"electronic noise (FWHM) must be 0-1 keV, got {inst.noise_keV} keV"
+    )
+    need(0.01 <= inst.fano <= 1.0, f"Fano factor must be 0.01-1 (silicon: ~0.114), got {inst.fano}")
+    need(
+        2.0 <= inst.pair_energy_eV <= 6.0,
+        f"pair energy must be 2-6 eV (Si: 3.64), got {inst.pair_energy_eV}",
+    )
+    fwhm_mn = float(inst.fwhm_keV(MN_KA_KEV))
+    need(
+        0.06 <= fwhm_mn <= 1.0,
+        f"FWHM at Mn Ka is {1000 * fwhm_mn:.0f} eV; a silicon detector has 60-1000 eV "
+        "(the Fano limit of Si is ~115 eV): check noise_keV, fano and pair_energy_eV",
+    )
+    need(0.0 <= inst.shelf_share <= 1.0, f"shelf_share must be in [0, 1], got {inst.shelf_share}")
+    need(inst.tail_length_fwhm > 0, f"tail_length_fwhm must be > 0, got {inst.tail_length_fwhm}")
+    if not isinstance(inst.calibration, EnergyCalibration):
+        try:
+            put("calibration", EnergyCalibration.from_dict(inst.calibration))
+        except (CalibrationError, TypeError, AttributeError) as exc:
+            raise InstrumentError(f"instrument {inst.name!r}: invalid calibration: {exc}") from None
+    try:
+        n_ch = int(inst.n_channels)
+    except (TypeError, ValueError):
+        raise InstrumentError(f"instrument {inst.name!r}: n_channels must be an integer") from None
+    need(
+        n_ch >= 16 and n_ch == inst.n_channels,
+        f"n_channels must be an integer >= 16, got {inst.n_channels!r}",
+    )
+    put("n_channels", n_ch)
+    try:
+        inst.calibration.check_monotonic(n_ch)
+    except CalibrationError as exc:
+        raise InstrumentError(f"instrument {inst.name!r}: {exc}") from None
+    put("escape", bool(inst.escape))
 
 
 def _noise_for_fwhm(fwhm_keV: float, fano: float, pair_energy_eV: float) -> float:
@@ -1035,16 +720,9 @@ def _filters_and_gas(inst: Instrument, e: np.ndarray) -> np.ndarray:
     return t
 
 
-@functools.cache
-def _presets() -> dict[str, dict[str, Any]]:
-    text = resources.files("xrfnb").joinpath("data/instruments.toml").read_text(encoding="utf-8")
-    data = tomllib.loads(text)
-    return {k.lower(): v for k, v in data.items()}
-
-
 def instruments() -> tuple[str, ...]:
     """Names of the shipped instrument presets (use with :meth:`Instrument.preset`)."""
-    return tuple(_presets())
+    return tuple(preset_tables())
 
 
 #: the preset used where neither the user nor the file names an instrument (a Bruker M6 Jetstream)
