@@ -21,13 +21,36 @@ from ..core.calibration import EnergyCalibration
 from ..core.spectrum import Scan, Spectrum
 from .common import make_spectrum, read_text, short_repr
 
-__all__ = ["read_bcf", "read_rpl", "read_spx"]
+__all__ = ["read_bcf", "read_rpl", "read_spx", "read_xrf_header", "rsciio_read", "write_rpl"]
 
 _LENGTH_TO_UM = {"nm": 1e-3, "um": 1.0, "µm": 1.0, "μm": 1.0, "micron": 1.0, "mm": 1e3, "cm": 1e4, "m": 1e6}
 
 
-def _rsciio(func: Callable[..., Any], path: Path, what: str, **kwargs: Any) -> list[dict[str, Any]]:
-    """Call a rosettasciio reader, turning every failure into FormatError."""
+def rsciio_read(func: Callable[..., Any], path: Path, what: str, **kwargs: Any) -> list[dict[str, Any]]:
+    """Call a rosettasciio reader, turning every failure into :class:`FormatError`.
+
+    Parameters
+    ----------
+    func : callable
+        The reader (``rsciio.bruker.file_reader`` ...), called as ``func(str(path), **kwargs)`` with
+        rosettasciio's log messages and warnings silenced.
+    path : Path
+        The file.
+    what : str
+        What the file should be (``"Bruker .spx spectrum"``), for the messages.
+    **kwargs
+        Passed to ``func``.
+
+    Returns
+    -------
+    list of dict
+        rosettasciio's items; the first holds ``"data"``.
+
+    Raises
+    ------
+    FormatError
+        The reader failed (anything it raises, a MemoryError included) or returned no spectrum data.
+    """
     logger = logging.getLogger("rsciio")
     level = logger.level
     logger.setLevel(logging.ERROR)
@@ -95,7 +118,7 @@ def read_spx(path: Path) -> Spectrum:
     """Bruker ``.spx`` spectrum: counts, ``CalibAbs``/``CalibLin`` calibration, live/real time."""
     from rsciio.bruker import file_reader
 
-    item = _rsciio(file_reader, path, "Bruker .spx spectrum")[0]
+    item = rsciio_read(file_reader, path, "Bruker .spx spectrum")[0]
     counts = np.asarray(item["data"])
     if counts.ndim != 1:
         raise DataError(f"{path}: .spx data has shape {counts.shape}, expected one spectrum")
@@ -271,7 +294,7 @@ def read_bcf(path: Path) -> Scan:
         ]
 
     _check_sfs(path)
-    item = _rsciio(open_map, path, "Bruker .bcf hypermap")[0]
+    item = rsciio_read(open_map, path, "Bruker .bcf hypermap")[0]
     header: dict[str, Any] = {}
     with contextlib.suppress(XRFNBError):  # the header is extra: the map loads without it
         header = read_xrf_header(path, "bcf")
@@ -359,7 +382,7 @@ def read_rpl(path: Path) -> Spectrum | Scan:
             f"{raw}: holds {have} bytes but {path.name} describes {width} x {height} x {depth} values of "
             f"{length} bytes from offset {offset} ({need} bytes): truncated file or mismatched header"
         )
-    item = _rsciio(file_reader, path, "ripple .rpl/.raw pair", lazy=True)[0]
+    item = rsciio_read(file_reader, path, "ripple .rpl/.raw pair", lazy=True)[0]
     data = item["data"]
     if record_by == "image":
         data = data.reshape(depth, height, width).transpose(1, 2, 0)
@@ -608,7 +631,20 @@ def xrf_header(xml: bytes, path: Path) -> dict[str, Any]:
 
 
 def read_xrf_header(path: Path, fmt: str) -> dict[str, Any]:
-    """:func:`xrf_header` of a ``.spx`` file or of a ``.bcf`` container's ``EDSDatabase/HeaderData``."""
+    """:func:`xrf_header` of a ``.spx`` file or of a ``.bcf`` container's ``EDSDatabase/HeaderData``.
+
+    Parameters
+    ----------
+    path : Path
+        The file.
+    fmt : {"spx", "bcf"}
+        Its format.
+
+    Returns
+    -------
+    dict
+        The parsed XRF, detector and spectrum header fields; empty without an XRF header.
+    """
     if fmt == "spx":
         try:
             return xrf_header(path.read_bytes(), path)
@@ -622,6 +658,6 @@ def read_xrf_header(path: Path, fmt: str) -> dict[str, Any]:
         sfs = bruker.SFS_reader(filename)
         return [{"data": sfs.get_file("EDSDatabase/HeaderData").get_as_BytesIO_string().getvalue()}]
 
-    raw = _rsciio(header_bytes, path, "Bruker .bcf header")[0]["data"]
+    raw = rsciio_read(header_bytes, path, "Bruker .bcf header")[0]["data"]
     start = raw.find(b"<")
     return xrf_header(raw[max(start, 0) :].rstrip(b"\x00"), path)

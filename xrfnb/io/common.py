@@ -18,6 +18,7 @@ __all__ = [
     "calibration_from_points",
     "make_spectrum",
     "parse_float",
+    "parse_floats",
     "read_text",
     "short_repr",
     "with_given_calibration",

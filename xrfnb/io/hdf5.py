@@ -49,9 +49,13 @@ __all__ = [
     "CheckedDataset",
     "check_self_contained",
     "check_stored_size",
+    "chunk_text",
+    "json_default",
+    "preflight",
     "read_hdf5",
     "read_scan",
     "read_spectrum",
+    "trust_written_file",
     "write_hdf5",
     "write_scan",
     "write_spectrum",
@@ -68,7 +72,9 @@ MAX_COMPRESSION_RATIO = 1032
 _CLAIM_FLOOR_BYTES = 64 << 20
 
 
-def _json_default(obj: Any) -> Any:
+def json_default(obj: object) -> Any:
+    """JSON form of what :func:`json.dumps` cannot write (its ``default=``): numpy scalars and arrays,
+    sets and tuples as lists, paths as text, an :class:`EnergyCalibration` as its dict, else its repr."""
     if isinstance(obj, np.generic):
         return obj.item()
     if isinstance(obj, np.ndarray):
@@ -83,7 +89,7 @@ def _json_default(obj: Any) -> Any:
 
 
 def _metadata_json(metadata: dict[str, Any]) -> str:
-    return json.dumps(dict(metadata), default=_json_default, allow_nan=True)
+    return json.dumps(dict(metadata), default=json_default, allow_nan=True)
 
 
 def _write_common(

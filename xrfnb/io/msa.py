@@ -23,7 +23,7 @@ import numpy as np
 from .._errors import CalibrationError, FormatError
 from ..core.calibration import EnergyCalibration
 from ..core.spectrum import Spectrum
-from .bruker import _rsciio
+from .bruker import rsciio_read
 from .common import calibration_from_axis, make_spectrum, read_text, short_repr
 
 __all__ = ["looks_like_msa", "read_msa"]
@@ -324,7 +324,7 @@ def read_msa(path: Path) -> Spectrum:
 
     text = read_text(path)
     header, xs, ys, lines = _scan(text, path)
-    item = _rsciio(
+    item = rsciio_read(
         lambda _name: parse_msa_string("\n".join(lines), filename=str(path)), path, "EMSA/MAS spectrum"
     )[0]
     counts = np.asarray(item["data"], dtype=float)

@@ -21,7 +21,7 @@ from .._errors import CalibrationError, DataError, FormatError, XRFNBError
 from ..core.calibration import EnergyCalibration
 from ..core.spectrum import Scan, Spectrum
 from .common import make_spectrum, read_text, short_repr
-from .hdf5 import _json_default
+from .hdf5 import json_default
 
 __all__ = ["read_npy", "read_npz", "sidecar_json", "sidecar_path", "write_npy_sidecar", "write_npz"]
 
@@ -172,7 +172,7 @@ def sidecar_json(obj: Spectrum | Scan) -> str:
     else:
         info["pixel_size_um"] = obj.pixel_size_um
         info["live_time_s"] = obj.live_time_s
-    return json.dumps(info, default=_json_default, indent=1)
+    return json.dumps(info, default=json_default, indent=1)
 
 
 def _counts_array(obj: Spectrum | Scan) -> np.ndarray:

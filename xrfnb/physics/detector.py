@@ -59,7 +59,16 @@ FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 #: Mn K-alpha energy (keV), the conventional energy at which detector resolution is quoted
 MN_KA_KEV = 5.8988
 
-__all__ = ["DetectorResponse", "escape_fraction", "icc_fraction", "poisson_counts", "si_ka_keV", "si_kb_keV"]
+__all__ = [
+    "FWHM_PER_SIGMA",
+    "MN_KA_KEV",
+    "DetectorResponse",
+    "escape_fraction",
+    "icc_fraction",
+    "poisson_counts",
+    "si_ka_keV",
+    "si_kb_keV",
+]
 
 _SI_DENSITY_G_CM3 = 2.33
 _SQRT2 = math.sqrt(2.0)
