@@ -9,7 +9,7 @@ import xraylib
 
 import xrfnb
 from xrfnb import FitError
-from xrfnb.fitting.elements import DetectedElement, detect_elements
+from xrfnb.fitting.detect import DetectedElement, detect_elements
 
 #: the simulator renders the scattered tube continuum on coarse energy bins above ~16 keV (a comb of
 #: narrow peaks that no real spectrum has); detection is validated below it

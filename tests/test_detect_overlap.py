@@ -14,7 +14,7 @@ import pytest
 import xraylib
 
 import xrfnb
-from xrfnb.fitting.elements import detect_elements
+from xrfnb.fitting.detect import detect_elements
 
 #: five paint layers of 30 um on a chalk ground (CaCO3), as in issue 4's report of false elements
 STACKS = {

@@ -11,7 +11,9 @@ import pytest
 
 import xrfnb
 from xrfnb import EnergyCalibration, FitError, Scan, Spectrum, XRFNBError
-from xrfnb.fitting.elements import ElementMaps, fit_elements, roi_maps, snip_background
+from xrfnb.fitting.background import snip_background
+from xrfnb.fitting.elements import ElementMaps, fit_elements
+from xrfnb.fitting.roi import roi_maps
 
 M6 = "bruker-m6"
 #: the simulator renders the scattered tube continuum on coarse energy bins above ~16 keV (a comb of

@@ -14,7 +14,9 @@ import pytest
 
 import xrfnb
 from xrfnb import EnergyCalibration
-from xrfnb.fitting.elements import detect_elements, fit_elements, roi_maps
+from xrfnb.fitting.detect import detect_elements
+from xrfnb.fitting.elements import fit_elements
+from xrfnb.fitting.roi import roi_maps
 from xrfnb.physics.instrument import Instrument
 from xrfnb.physics.materials import Absorber
 

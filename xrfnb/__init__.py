@@ -56,12 +56,12 @@ _LAZY: dict[str, str] = {
     "StackFit": ".fitting.stackfit",
     "fit_stack": ".fitting.stackfit",
     # element detection, maps and the expert baseline
-    "DetectedElement": ".fitting.elements",
+    "DetectedElement": ".fitting.detect",
     "ElementMaps": ".fitting.elements",
-    "detect_elements": ".fitting.elements",
+    "detect_elements": ".fitting.detect",
     "fit_elements": ".fitting.elements",
-    "roi_maps": ".fitting.elements",
-    "snip_background": ".fitting.elements",
+    "roi_maps": ".fitting.roi",
+    "snip_background": ".fitting.background",
     "BaselineAssignment": ".fitting.baseline",
     "assign_pigments_by_elements": ".fitting.baseline",
     # deep-learning identification

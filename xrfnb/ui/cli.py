@@ -23,7 +23,7 @@ from .._errors import CalibrationError, DataError, XRFNBError
 from ..core.calibration import EnergyCalibration
 from ..core.spectrum import Scan, Spectrum
 from ..fitting.calibration import calibrate
-from ..fitting.elements import DetectedElement, detect_elements
+from ..fitting.detect import DetectedElement, detect_elements
 from ..io.atomic import atomic_path as _atomic_output
 from ..io.hdf5 import preflight
 from ..io.load import load
