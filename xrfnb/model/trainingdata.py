@@ -65,7 +65,6 @@ from .nn import energy_grid_edges_keV, rebin_counts
 
 __all__ = ["DataConfig", "StackBatch", "TrainingData", "sample_stacks"]
 
-SILENT_GROUP_HINT = "silent"
 BINDERS = ("linseed oil", "egg tempera", "gum arabic")
 BINDER_WEIGHTS = (0.7, 0.2, 0.1)
 IMPURITIES = ("Si", "K", "Ca", "Fe")
