@@ -15,7 +15,7 @@ from .._errors import FitError
 from ..core.calibration import EnergyCalibration
 from ..core.lines import atomic_number, element_symbol, line_group
 from ..core.spectrum import Scan, Spectrum
-from ..physics.detector import DetectorResponse, escape_fraction, si_ka_keV
+from ..physics.detector import FWHM_PER_SIGMA, DetectorResponse, escape_fraction, si_ka_keV
 from ..physics.fp import compton_energy_keV, scattering_angle_rad
 from ..physics.instrument import Instrument
 from .background import snip_background
@@ -140,7 +140,7 @@ def _escape_template(
         if w_l * f_l <= 0:
             continue
         e_esc = e_l - si_ka_keV()
-        s = max(float(np.asarray(instrument.fwhm_keV(e_esc))) / 2.3548, 1e-3)
+        s = max(float(np.asarray(instrument.fwhm_keV(e_esc))) / FWHM_PER_SIGMA, 1e-3)
         u = (energy_axis_keV - e_esc) / s
         near = np.abs(u) < 6
         out[near] += w_l * f_l * np.exp(-0.5 * u[near] ** 2) / (np.sqrt(2 * np.pi) * s) * width[near]
@@ -155,7 +155,7 @@ def _doppler_template(
     shifted = compton_energy_keV(energies_keV, np.radians(angle_deg))
     theta = np.radians(angle_deg)
     q_keV = np.sqrt(energies_keV**2 + shifted**2 - 2 * energies_keV * shifted * np.cos(theta))
-    sigma_keV = profile_fwhm_au * q_keV / 137.036 / 2.3548
+    sigma_keV = profile_fwhm_au * q_keV / 137.036 / FWHM_PER_SIGMA
     offsets = np.linspace(-3.0, 3.0, 13)
     g = np.exp(-0.5 * offsets**2)
     g /= g.sum()
