@@ -28,11 +28,11 @@ import dataclasses
 import itertools
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 
 from .._errors import DataError, SimulationError
+from ..physics.instrument import Instrument
 from ..physics.simulate import simulate_batch
 from ..physics.stack import Layer, Stack
 
@@ -64,7 +64,7 @@ class StackFit:
         Per layer (surface first), pigment -> weight fraction.
     """
 
-    stack: Any
+    stack: Stack
     expected: np.ndarray
     deviance: float
     n_channels_fitted: int
@@ -127,7 +127,7 @@ def _combos(names: Sequence[str], levels: Sequence[float], load: float) -> list[
 
 def fit_stack(
     counts: np.ndarray,
-    instrument: Any,
+    instrument: Instrument,
     surface: Sequence[str],
     buried: Sequence[str] = (),
     *,
