@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 import xrfnb
-from xrfnb.model.train import evaluate_model, evaluate_scenes
+from xrfnb.model.evaluate import evaluate_model, evaluate_scenes
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 REAL_FILES = ("Steel.spe", "xrf_spectra.mca", "srm1832.mca", "axorf4_21kev_i050.xrf", "XRFSpectrum.mca")

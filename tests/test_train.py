@@ -268,7 +268,7 @@ def test_init_from_starts_a_new_run_from_trained_weights(tiny_run, tmp_path):
 
 
 def test_evaluate_runs_on_a_tiny_model(tiny_run):
-    from xrfnb.model.train import evaluate_model
+    from xrfnb.model.evaluate import evaluate_model
 
     _, model = tiny_run
     rep = evaluate_model(model, n_per_cell=16, counts=(1000,), sets=("single", "buried"), baseline=False,
@@ -292,7 +292,7 @@ def test_validation_and_evaluation_sets_span_the_instrument_variants(tiny_run, m
     """Calibration and evaluation draw an instrument variant per group of GROUP_SIZE spectra, not one per
     ``variants_per_batch`` (2) for the whole set: thresholds, temperature and OOD references must see
     the whole instrument envelope, and each evaluation cell must cover the held-out one."""
-    from xrfnb.model.train import evaluate_model
+    from xrfnb.model.evaluate import evaluate_model
 
     cfg = load_config({**TINY, "data": {"n_instrument_variants": 8, "variants_per_batch": 2},
                        "optim": {**TINY["optim"], "n_val": 4 * GROUP_SIZE}})

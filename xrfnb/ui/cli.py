@@ -55,7 +55,7 @@ def _heavy(name: str) -> Callable[..., Any]:
 
         return train_model
     if name == "evaluate_model":
-        from ..model.train import evaluate_model
+        from ..model.evaluate import evaluate_model
 
         return evaluate_model
     if name == "serve":
