@@ -166,8 +166,8 @@ def test_every_stylesheet_of_notebook_outputs_is_local(panel_hooks, tmp_path):
     urls, _ = _stylesheets(before)
     assert any(_off_machine(u) for u in urls), "control: Panel no longer links its CDN stylesheets"
 
-    setup = xrfnb.setup_notebook(tmp_path / "out", small=True, announce=False)
-    assert setup == xrfnb.NotebookSetup(small=True, output_dir=tmp_path / "out")
+    setup = xrfnb.setup_notebook(tmp_path / "out", small=True, announce=False, real_data=tmp_path / "real")
+    assert setup == xrfnb.NotebookSetup(small=True, output_dir=tmp_path / "out", real_data=tmp_path / "real")
     assert setup.output_dir.is_dir() and pn.config.inline
     before = set(state._views)
     html = _render_and_update(scan, maps)
@@ -207,6 +207,20 @@ def test_setup_notebook_reads_the_test_switches(monkeypatch, tmp_path, capsys, p
     assert xrfnb.setup_notebook(announce=False).small is False
 
 
+def test_setup_notebook_names_the_real_data_folder(monkeypatch, tmp_path, panel_hooks):
+    """Notebook 04's measured spectra: ``$XRFNB_REAL_DATA``, else ../shared/data/real beside the repo."""
+    monkeypatch.delenv("XRFNB_REAL_DATA", raising=False)
+    monkeypatch.chdir(NOTEBOOKS)  # Jupyter starts a notebook's kernel in the notebook's folder
+    out = tmp_path / "out"
+    default = xrfnb.setup_notebook(out, announce=False).real_data
+    assert default == Path("..", "..", "shared", "data", "real")
+    assert Path(os.path.abspath(default)) == NOTEBOOKS.parent.parent / "shared" / "data" / "real"
+    monkeypatch.setenv("XRFNB_REAL_DATA", str(tmp_path / "spectra"))
+    assert xrfnb.setup_notebook(out, announce=False).real_data == tmp_path / "spectra"
+    assert not (tmp_path / "spectra").exists()  # named, not created
+    assert xrfnb.setup_notebook(out, announce=False, real_data="here").real_data == Path("here")
+
+
 def test_every_notebook_uses_the_setup_helper():
     for path in sorted(NOTEBOOKS.glob("*.ipynb")):
         cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
@@ -231,8 +245,9 @@ _CELLS_DONE_JS = """() => {
   return cells.every(c => /\\[\\d+\\]/.test(c.querySelector('.jp-InputPrompt').textContent));
 }"""
 
-_TITLE_JS = """(text) => (window.Bokeh ? Bokeh.documents : []).some(
-  d => [...d.all_models].some(m => m.text === text))"""
+# the dashboard's main map (named xrfnb-main) in some live document has a title starting with the prefix
+_MAIN_TITLE_JS = """(prefix) => (window.Bokeh ? Bokeh.documents : []).some(
+  d => [...d.all_models].some(m => m.name === 'xrfnb-main' && m.title && m.title.text.startsWith(prefix)))"""
 
 
 @pytest.mark.browser
@@ -307,24 +322,22 @@ def test_quickstart_in_jupyterlab_requests_nothing_off_the_machine(tmp_path):
                 assert errors.count() == 0, errors.first.inner_text()[:2000]
                 text = page.locator(".jp-Notebook").inner_text()
                 assert "precision" in text and "wrote" in text, text[-2000:]
-                # the explorer: pick another class; its map is re-rendered from Python (P(class) title)
+                # the dashboard in the notebook: switch its view; the main map is re-rendered from Python
                 page.wait_for_function("() => window.Bokeh && Bokeh.documents.length > 0", timeout=30_000)
-                select = page.locator(".jp-Notebook .bk-input-group select").last
-                select.scroll_into_view_if_needed()
-                options = select.evaluate("s => [...s.options].map(o => o.value)")
-                assert len(options) >= 2, options
-                # a change made before the output's comm is open is lost: pick again until the map follows
+                page.wait_for_function(_MAIN_TITLE_JS, arg="Composite pigment map", timeout=30_000)
+                # a change made before the output's comm is open is lost: switch again until the map follows
+                views = ("OOD score", "Total counts")
                 for attempt in range(4):
-                    choice = options[1 + attempt % (len(options) - 1)]
-                    select.select_option(options[0])
-                    select.select_option(choice)
+                    choice, other = views[attempt % 2], views[(attempt + 1) % 2]
+                    page.get_by_text(other, exact=True).last.click()
+                    page.get_by_text(choice, exact=True).last.click()
                     try:
-                        page.wait_for_function(_TITLE_JS, arg=f"P({choice})", timeout=15_000)
+                        page.wait_for_function(_MAIN_TITLE_JS, arg=choice, timeout=15_000)
                         break
                     except sync_api.TimeoutError:
                         continue
                 else:
-                    pytest.fail(f"the class map never followed the Select (last choice {choice!r})")
+                    pytest.fail(f"the dashboard's map never followed its view buttons (last {choice!r})")
                 page.wait_for_timeout(1500)  # let any stylesheet the new models link be requested
             finally:
                 browser.close()

@@ -1,9 +1,11 @@
 """The guided notebooks: committed without outputs, and each one runs top to bottom (nbclient) on small data.
 
-The notebooks read ``XRFNB_NOTEBOOK_SMALL=1`` (small scans, tiny training runs) and write their results under
-``XRFNB_NOTEBOOK_OUTPUT``. They run in one shared temporary folder, so a tiny stand-in model trained by the
-first notebook (only while no shipped model exists) is reused by the others. The kernel is this interpreter
-(the project's venv), through a kernel spec written into a temporary ``JUPYTER_PATH``.
+The notebooks read ``XRFNB_NOTEBOOK_SMALL=1`` (small scans, tiny training runs), write their results under
+``XRFNB_NOTEBOOK_OUTPUT`` and find the measured spectra of notebook 04 in ``XRFNB_REAL_DATA``, all through
+``xrfnb.setup_notebook()``. They run in one shared temporary folder (not in ``notebooks/``), so a tiny
+stand-in model trained by the first notebook (only while no shipped model exists) is reused by the others.
+The kernel is this interpreter (the project's venv), through a kernel spec written into a temporary
+``JUPYTER_PATH``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ EXPECTED = (
     "04_your_instrument",
     "05_compare_with_element_maps",
 )
+#: the project's shared real spectra, ../shared/data/real beside the repository (notebooks/README.md)
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 
 
@@ -63,6 +66,34 @@ def test_only_xrfnb_and_display_libraries_imported(name):
                 assert "xrfnb._" not in line and " _" not in line.split("import", 1)[-1], line
 
 
+def _code(name: str) -> str:
+    return "\n".join(c.source for c in _read(name).cells if c.cell_type == "code")
+
+
+@pytest.mark.parametrize("name", EXPECTED)
+def test_one_setup_call_and_nothing_repeated(name):
+    code = _code(name)
+    assert code.count("xrfnb.setup_notebook(") == 1, name
+    env_reads = ('environ.get("XRFNB_NOTEBOOK', 'environ["XRFNB_NOTEBOOK')
+    for repeated in ("pn.extension(", "hv.extension(", *env_reads):
+        assert repeated not in code, f"{name}: {repeated!r} is setup_notebook()'s job"
+
+
+@pytest.mark.parametrize("name", ["01_quickstart", "02_spectrum_explorer"])
+def test_the_explorer_is_the_package_dashboard(name):
+    code = _code(name)
+    assert "xrfnb.Dashboard(scan=scan, maps=maps" in code, name
+    for by_hand in ("hv.streams", "DynamicMap", ".observe(", "ipywidgets", "clear_output"):
+        assert by_hand not in code, f"{name}: {by_hand!r}: the map/spectrum explorer rebuilt by hand"
+
+
+def test_04_finds_its_data_through_the_documented_setting():
+    code = _code("04_your_instrument")
+    assert "setup.real_data" in code
+    for walking in (".parents", ".parent", "__file__", "Path.cwd()"):
+        assert walking not in code, f"notebook 04 looks for its data by {walking!r}"
+
+
 def write_kernel_spec(jupyter_dir: Path) -> None:
     """A ``python3`` kernel spec in ``jupyter_dir/kernels`` that runs this interpreter (the test venv)."""
     spec = jupyter_dir / "kernels" / "python3"
@@ -90,6 +121,7 @@ def notebook_env(tmp_path_factory):
         mp.setenv("JUPYTER_PATH", str(root / "jupyter"))
         mp.setenv("XRFNB_NOTEBOOK_SMALL", "1")
         mp.setenv("XRFNB_NOTEBOOK_OUTPUT", str(work / "out"))
+        mp.setenv("XRFNB_REAL_DATA", str(REAL))
         mp.setenv("MPLBACKEND", "Agg")
         yield work
 
@@ -161,4 +193,3 @@ def test_05_compare_with_element_maps_runs(notebook_env):
     _, text = _execute("05_compare_with_element_maps", notebook_env)
     _model_note(text)
     assert text.count("macro F1") >= 4  # model and baseline on both scenes
-

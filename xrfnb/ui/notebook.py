@@ -37,6 +37,11 @@ __all__ = ["NotebookSetup", "setup_notebook"]
 SMALL_ENV = "XRFNB_NOTEBOOK_SMALL"
 OUTPUT_ENV = "XRFNB_NOTEBOOK_OUTPUT"
 DEFAULT_OUTPUT = "xrfnb-output"
+#: the folder of measured spectra notebook 04 reads: ``$XRFNB_REAL_DATA``, else the project's shared data
+#: beside the repository (``../shared/data/real`` from the repository root), relative to the notebook's
+#: folder (``notebooks/``), where Jupyter starts the notebook's kernel
+REAL_DATA_ENV = "XRFNB_REAL_DATA"
+DEFAULT_REAL_DATA = Path("..", "..", "shared", "data", "real")
 
 #: URL prefixes of Panel's own static files: its CDN, the Panel server's and the Jupyter server extension's
 _DIST_PREFIXES = (CDN_DIST, "/panel-preview/" + LOCAL_DIST, "/" + LOCAL_DIST, LOCAL_DIST)
@@ -52,14 +57,22 @@ class NotebookSetup:
         Small-data mode (small scans, tiny training runs): ``XRFNB_NOTEBOOK_SMALL=1``, as the tests run.
     output_dir : pathlib.Path
         Folder the notebook writes its results to (created).
+    real_data : pathlib.Path
+        Folder of measured spectra to read (``$XRFNB_REAL_DATA``, else ``../../shared/data/real`` from the
+        notebook's folder); it may not exist: check the files you need.
     """
 
     small: bool
     output_dir: Path
+    real_data: Path
 
 
 def setup_notebook(
-    output_dir: str | os.PathLike[str] | None = None, *, small: bool | None = None, announce: bool = True
+    output_dir: str | os.PathLike[str] | None = None,
+    *,
+    small: bool | None = None,
+    announce: bool = True,
+    real_data: str | os.PathLike[str] | None = None,
 ) -> NotebookSetup:
     """Prepare a Jupyter session for xrfnb: local display resources only, small-data switch, output folder.
 
@@ -78,11 +91,14 @@ def setup_notebook(
         Small-data mode. Default: ``$XRFNB_NOTEBOOK_SMALL == "1"`` (set by the test suite).
     announce : bool
         Print one line with xrfnb's version, the mode and the output folder.
+    real_data : path-like, optional
+        Folder of measured spectra. Default: ``$XRFNB_REAL_DATA``, else ``../../shared/data/real``
+        (relative to the notebook's folder: the project's shared data beside the repository). Not created.
 
     Returns
     -------
     NotebookSetup
-        The mode and the (created) output folder.
+        The mode, the (created) output folder and the folder of measured spectra.
 
     Examples
     --------
@@ -105,7 +121,9 @@ def setup_notebook(
         Viewable._preprocessing_hooks.append(_localize_panel_stylesheets)
     if announce:
         print(f"xrfnb {__version__}; small-data mode: {small}; results go to {out.resolve()}")
-    return NotebookSetup(small=bool(small), output_dir=out)
+    if real_data is None:
+        real_data = os.environ.get(REAL_DATA_ENV) or DEFAULT_REAL_DATA
+    return NotebookSetup(small=bool(small), output_dir=out, real_data=Path(real_data))
 
 
 @cache
