@@ -14,6 +14,7 @@ import doctest
 import importlib
 import io
 import pkgutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -39,6 +40,17 @@ def test_the_walk_finds_the_rooms():
     rooms = {name.split(".")[1] for name in MODULES if name.count(".") >= 1}
     assert {"core", "io", "physics", "fitting", "model", "maps", "ui"} <= rooms
     assert len(MODULES) > 30
+
+
+def test_every_source_file_is_collected():
+    """Nothing is skipped silently: every ``.py`` file under ``xrfnb/`` is a walked module (a folder without
+    ``__init__.py`` would hide its modules from the walk)."""
+    package = Path(xrfnb.__file__).resolve().parent
+    files = {
+        ".".join(path.relative_to(package.parent).with_suffix("").parts).removesuffix(".__init__")
+        for path in package.rglob("*.py")
+    }
+    assert sorted(files - set(MODULES)) == []
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
