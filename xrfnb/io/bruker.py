@@ -10,6 +10,7 @@ import contextlib
 import logging
 import struct
 import warnings
+import xml.etree.ElementTree as ET
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -535,7 +536,7 @@ def _number_or_none(text: str | None) -> float | None:
     return value if np.isfinite(value) else None
 
 
-def _filter_layers(node: Any) -> list[dict[str, float]]:
+def _filter_layers(node: ET.Element) -> list[dict[str, float]]:
     """``<AtomicNumber>13,22</AtomicNumber><Thickness>1E2,2.5E1</Thickness>`` -> [{Z, thickness_um, ...}]."""
     if node is None:
         return []
@@ -554,7 +555,7 @@ def _filter_layers(node: Any) -> list[dict[str, float]]:
     return layers
 
 
-def _atom_layers(node: Any) -> list[dict[str, float]]:
+def _atom_layers(node: ET.Element) -> list[dict[str, float]]:
     """``<Layer0 Atom="4" Thickness="1.3E1"/>`` children -> [{Z, thickness_um}] (Esprit: um)."""
     layers = []
     for child in list(node) if node is not None else []:
@@ -576,8 +577,6 @@ def xrf_header(xml: bytes, path: Path) -> dict[str, Any]:
     pulse density in counts/s). Only what the file holds is returned; an empty mapping when no
     ``TRTXrfHeader`` is found (an electron-microscope file). Unparsable values are left out.
     """
-    import xml.etree.ElementTree as ET
-
     try:
         root = ET.fromstring(xml)
     except ET.ParseError as exc:

@@ -17,18 +17,22 @@ import concurrent.futures
 import functools
 import os
 import zlib
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .._errors import DataError
 from .hdf5 import chunk_text
 
+if TYPE_CHECKING:
+    import h5py
+
 __all__ = ["ChunkReader", "inflate", "inflater"]
 
 
 @functools.cache
-def inflater() -> Any:
+def inflater() -> Callable[[bytes, int, int], bytes]:
     """``decompress(data, wbits, bufsize)`` of ISA-L's zlib-compatible module, or of :mod:`zlib`."""
     try:
         from isal import isal_zlib
@@ -70,7 +74,7 @@ class ChunkReader:
         Decompression threads.
     """
 
-    def __init__(self, dset: Any, filters: list[int], threads: int) -> None:
+    def __init__(self, dset: h5py.Dataset, filters: list[int], threads: int) -> None:
         self.dset = dset
         self.filters = filters  # write order
         self.pool = concurrent.futures.ThreadPoolExecutor(
@@ -82,7 +86,7 @@ class ChunkReader:
         self._errors = _inflate_errors()
 
     @classmethod
-    def maybe(cls, dset: Any, threads: int | None = None) -> ChunkReader | None:
+    def maybe(cls, dset: h5py.Dataset, threads: int | None = None) -> ChunkReader | None:
         """A reader for ``dset``, or None when its layout or filters are not handled here."""
         try:
             import h5py

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from .._errors import CalibrationError, DataError, FormatError, XRFNBError
 from ..core.calibration import EnergyCalibration
@@ -46,7 +47,7 @@ def read_text(path: Path, max_bytes: int = 512 * 1024 * 1024) -> str:
         return raw.decode("latin-1")
 
 
-def short_repr(value: Any, n_chars: int = 40) -> str:
+def short_repr(value: object, n_chars: int = 40) -> str:
     """``repr(value)`` cut to about ``n_chars`` characters, for messages (header values can be huge)."""
     if isinstance(value, int) and value.bit_length() >= 128:
         return f"<{len(str(value))}-digit number>"
@@ -112,7 +113,7 @@ def calibration_from_axis(energy_keV: np.ndarray, path: Path, what: str = "energ
 
 
 def make_spectrum(
-    counts: Any,
+    counts: ArrayLike,
     calibration: EnergyCalibration | None,
     path: Path,
     *,

@@ -311,7 +311,7 @@ def check_self_contained(f: h5py.File, path: Path) -> None:
               "with h5py: f2.create_dataset(name, data=f1[name][()])) or load the other file directly")
     problem: list[str] = []
 
-    def link(name: bytes, info: Any) -> bool | None:
+    def link(name: bytes, info: h5l.LinkInfo) -> bool | None:
         where = "/" + name.decode("utf-8", "replace")
         if info.type == h5l.TYPE_EXTERNAL:
             target = f.get(where, getlink=True)
@@ -470,7 +470,7 @@ class CheckedDataset(h5py.Dataset):
         except (OSError, RuntimeError) as exc:
             raise DataError(self._damage_message(args, exc)) from None
 
-    def _damage_message(self, args: Any, exc: BaseException) -> str:
+    def _damage_message(self, args: object, exc: BaseException) -> str:
         where = f"{self.file.filename}:{self.name}"
         bad = self._find_bad_chunk(args)
         what = (f"reading {args!r} failed" if bad is None
@@ -478,7 +478,7 @@ class CheckedDataset(h5py.Dataset):
         return (f"{where}: {what}: the compressed data cannot be decoded ({exc}); the file is corrupted "
                 "(other chunks may still read): re-copy it from the instrument or a backup")
 
-    def _find_bad_chunk(self, args: Any) -> tuple[int, ...] | None:
+    def _find_bad_chunk(self, args: object) -> tuple[int, ...] | None:
         if self.chunks is None:
             return None
         bounds = _selection_bounds(args, self.shape)
@@ -507,7 +507,7 @@ def chunk_text(offset: tuple[int, ...], chunks: tuple[int, ...] | None, shape: t
     return f"the storage chunk at offset {offset}"
 
 
-def _selection_bounds(args: Any, shape: tuple[int, ...]) -> list[tuple[int, int]]:
+def _selection_bounds(args: object, shape: tuple[int, ...]) -> list[tuple[int, int]]:
     """Per-axis [lo, hi) bounds of an index expression (the whole axis where it is not a plain slice/int)."""
     items = list(args) if isinstance(args, tuple) else [args]
     if Ellipsis in items:

@@ -95,7 +95,7 @@ def _build(
             calibration_source="JSON side-car",
         )
     if counts.ndim == 3:
-        live: Any = live_array
+        live: np.ndarray | None = live_array
         if live is None and info.get("live_time_s") is not None:
             try:
                 live = np.asarray(info["live_time_s"], dtype=float)

@@ -50,7 +50,7 @@ import bisect
 import dataclasses
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -174,11 +174,8 @@ class DataConfig:
             raise ModelError(f"[data] counts range must be positive and increasing, got {self.counts}")
 
 
-def _instrument_of(entry: Any) -> Any:
+def _instrument_of(entry: str | Mapping[str, Any]) -> Instrument:
     """An instrument of ``DataConfig.instruments``: a preset name or a mapping of Instrument settings."""
-    from collections.abc import Mapping
-
-
     if isinstance(entry, Mapping):
         return Instrument.from_dict(entry)
     return Instrument.preset(entry)
@@ -298,7 +295,8 @@ class StackBatch:
         return int(self.W.shape[0])
 
 
-def _loguniform(rng: np.random.Generator, lo: float, hi: float, size: Any = None) -> np.ndarray:
+def _loguniform(rng: np.random.Generator, lo: float, hi: float,
+                size: int | tuple[int, ...] | None = None) -> np.ndarray:
     return np.exp(rng.uniform(math.log(lo), math.log(hi), size))
 
 
@@ -542,7 +540,7 @@ class TrainingData:
         self.cfg = cfg
         self.table = pigment_table()
         self.edges_keV = energy_grid_edges_keV(n_bins, e_min_keV, e_max_keV, grid_noise_keV)
-        self._variants: dict[int, list[Any]] = {}
+        self._variants: dict[int, list[Instrument]] = {}
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -664,7 +662,7 @@ class TrainingData:
         return binned, labels, raws, stacks
 
     # -- instruments ------------------------------------------------------------------------------------
-    def _instrument(self, rng: np.random.Generator, wider: bool) -> Any:
+    def _instrument(self, rng: np.random.Generator, wider: bool) -> Instrument:
         """One of ``n_instrument_variants`` randomised instruments (presets in proportion to their weights).
 
         The variants are fixed per run (drawn from their own seed), because the simulator caches its
@@ -688,7 +686,7 @@ class TrainingData:
         variants = self._variants[key]
         return variants[int(rng.integers(len(variants)))]
 
-    def _make_variant(self, preset: str, rng: np.random.Generator, wider: bool) -> Any:
+    def _make_variant(self, preset: str, rng: np.random.Generator, wider: bool) -> Instrument:
         inst = _instrument_of(preset)
         cfg = self.cfg
         lo, hi = (0.8, 1.3) if wider else cfg.fwhm_scale
@@ -705,7 +703,7 @@ class TrainingData:
         return inst.with_(**changes)
 
     # -- physics ----------------------------------------------------------------------------------------
-    def _simulate_group(self, stacks: StackBatch, inst: Any, total: np.ndarray,
+    def _simulate_group(self, stacks: StackBatch, inst: Instrument, total: np.ndarray,
                         rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """Noisy spectra from the simulator's batch path, and visibility labels.
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -146,7 +146,9 @@ def mass_attenuation_cm2_g(material: str, energy_keV: np.ndarray, *, kind: str =
     return _cross_section(fn, z, w, e)
 
 
-def _cross_section(fn: Any, z: np.ndarray, w: np.ndarray, e: np.ndarray) -> np.ndarray:
+def _cross_section(
+    fn: Callable[[int, float], float], z: np.ndarray, w: np.ndarray, e: np.ndarray
+) -> np.ndarray:
     """Weighted sum over elements of an xraylib cross section, cm2/g, shape (n,).
 
     A plain loop over xraylib's scalar functions: xraylib_np's OpenMP threads are tens of times

@@ -35,7 +35,7 @@ from ..core.spectrum import Scan
 from ..io.atomic import atomic_path
 from ..io.hdf5 import trust_written_file, write_hdf5
 from .instrument import DEFAULT_INSTRUMENT, Instrument, resolve_instrument
-from .pigments import pigments
+from .pigments import PigmentLibrary, pigments
 from .sampling import GuideSampler
 from .simulate import simulate_batch
 from .stack import Layer, Stack
@@ -133,7 +133,9 @@ class GroundTruth:
         """Boolean map (rows, cols) of where ``pigment`` is in the surface paint layer."""
         return self.layer_index[..., self._index(pigment)] == 0
 
-    def group_maps(self, library: Any = None) -> tuple[tuple[str, ...], np.ndarray, np.ndarray]:
+    def group_maps(
+        self, library: PigmentLibrary | None = None
+    ) -> tuple[tuple[str, ...], np.ndarray, np.ndarray]:
         """Presence per ambiguity group of the pigment library.
 
         Returns
@@ -210,7 +212,7 @@ class GroundTruth:
             raise FormatError(f"{path}: cannot open as HDF5 ({exc})") from None
 
 
-def _library() -> Any:
+def _library() -> PigmentLibrary:
     return pigments()
 
 

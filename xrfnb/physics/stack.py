@@ -13,13 +13,12 @@ import difflib
 import functools
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import numpy as np
 import xraylib
 
 from .._errors import PigmentError, SimulationError, XRFNBError
-from .pigments import pigments
+from .pigments import PigmentLibrary, pigments
 
 __all__ = ["DEFAULT_GROUND_THICKNESS_UM", "Layer", "Stack", "resolve_component"]
 
@@ -40,7 +39,7 @@ class Component:
     kind: str  # "pigment", "binder", "element", "formula"
 
 
-def _library() -> Any:
+def _library() -> PigmentLibrary:
     """The default pigment library."""
     return pigments()
 
