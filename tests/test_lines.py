@@ -71,7 +71,7 @@ def test_group_energies_lie_between_their_members_nearer_the_stronger() -> None:
 
 def test_unknown_lines_and_elements_are_errors() -> None:
     with pytest.raises(XRFNBError, match="no La line"):
-        line_energy_keV("Na", "La")  # xraylib has no L lines for sodium
+        line_energy_keV("Na", "La")  # xraylib has no La line for sodium
     with pytest.raises(XRFNBError, match="unknown X-ray line"):
         line_energy_keV("Fe", "Kz")
     with pytest.raises(XRFNBError, match="unknown element"):
