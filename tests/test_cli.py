@@ -331,7 +331,7 @@ def test_disk_full_while_writing_blocks_is_one_line_and_resumable(tmp_path, test
     """A simulated ENOSPC (runs everywhere): the 4th block file cannot be written."""
     import errno
 
-    import xrfnb.maps.mapping as mapping
+    import xrfnb.maps.sinks as sinks
 
     src, _, _ = _save_scan(tmp_path / "scan.h5")
     out = tmp_path / "maps.h5"
@@ -343,7 +343,7 @@ def test_disk_full_while_writing_blocks_is_one_line_and_resumable(tmp_path, test
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real_savez(fh, **arrays)
 
-    monkeypatch.setattr(mapping.np, "savez", savez)
+    monkeypatch.setattr(sinks.np, "savez", savez)
     rc = cli.main(["identify", str(src), "-o", str(out), "--chunk-pixels", "20", "-q"])
     err = capsys.readouterr().err.splitlines()
     assert rc == 2
@@ -351,7 +351,7 @@ def test_disk_full_while_writing_blocks_is_one_line_and_resumable(tmp_path, test
     assert err[1].startswith("xrfnb: error: no space left on ")
     assert "MB needed" in err[1] and "--resume" in err[1]
     assert len(list((tmp_path / "maps.h5.partial").glob("rows_*.npz"))) == 3 and not out.exists()
-    monkeypatch.setattr(mapping.np, "savez", real_savez)
+    monkeypatch.setattr(sinks.np, "savez", real_savez)
     assert cli.main(["identify", str(src), "-o", str(out), "--chunk-pixels", "20", "-q", "--resume"]) == 0
     assert test_model.calls == 4 + 21  # 4 blocks computed before the failure (the 4th lost), 21 after
     _assert_bit_identical(PigmentMaps.from_hdf5(out), _uninterrupted(src, tmp_path / "ref"))
@@ -363,10 +363,11 @@ _NO_SPACE_CHECK = textwrap.dedent(
     sys.path.insert(0, {tests!r})
     import xrfnb.ui.cli as cli
     import xrfnb.maps.mapping as mapping
+    import xrfnb.maps.sinks as sinks
     from test_mapping import LinearTestModel
     cli._load_model = lambda name, precision="auto": LinearTestModel()
-    if {fill_during_run!r}:  # the disk fills after the up-front check (another program writing)
-        mapping.check_free_space = lambda *a, **k: None
+    if {fill_during_run!r}:  # the disk fills after the up-front checks (another program writing)
+        mapping.check_free_space = sinks.check_free_space = lambda *a, **k: None
     sys.exit(cli.main({argv!r}))
     """
 )

@@ -645,7 +645,7 @@ def test_use_dask_on_an_hdf5_scan_reads_by_path(tmp_path, counts_truth, model):
     import pickle
 
     distributed = pytest.importorskip("distributed")
-    from xrfnb.maps.mapping import dask_scan
+    from xrfnb.maps.daskpath import dask_scan
 
     counts, _ = counts_truth
     scan = _h5_scan(_write_h5(tmp_path / "scan.h5", counts))

@@ -27,6 +27,7 @@ import pytest
 
 import xrfnb
 import xrfnb.maps.mapping as mapping
+import xrfnb.maps.sinks as sinks
 import xrfnb.maps.storage as storage
 from xrfnb import Scan
 from xrfnb.maps.mapping import map_pigments
@@ -241,7 +242,7 @@ def test_a_disk_that_fills_during_the_run_keeps_the_blocks_for_resume(tmp_path, 
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             return real_savez(fh, **arrays)
 
-        monkeypatch.setattr(mapping.np, "savez", savez)
+        monkeypatch.setattr(sinks.np, "savez", savez)
     else:  # every block is written, the disk fills while the maps file is assembled
         monkeypatch.setattr(storage, "_open_for_hdf5", lambda p: _FullDisk(p, 20_000))
     with pytest.raises(xrfnb.FormatError, match="no space left on") as info:

@@ -11,7 +11,7 @@ import numpy as np
 from .._errors import DataError
 from .calibration import EnergyCalibration
 
-__all__ = ["Scan", "Spectrum", "check_counts"]
+__all__ = ["Scan", "Spectrum", "check_counts", "is_dask"]
 
 
 def check_counts(counts: np.ndarray, where: str) -> None:
@@ -135,7 +135,8 @@ class Spectrum:
         )
 
 
-def _is_dask(a: Any) -> bool:
+def is_dask(a: Any) -> bool:
+    """Whether ``a`` is a dask collection (a :class:`dask.array.Array` of counts), without importing dask."""
     return type(a).__module__.startswith("dask")
 
 
@@ -297,7 +298,7 @@ class Scan:
         if not (0 <= r < rows and 0 <= c < cols):
             raise DataError(f"pixel ({index[0]}, {index[1]}) is outside the {rows} x {cols} scan")
         block = self.counts[r, c]
-        block = np.asarray(block.compute() if _is_dask(block) else block)
+        block = np.asarray(block.compute() if is_dask(block) else block)
         meta = {**self.metadata, "pixel": (r, c)}
         return Spectrum(block, self.calibration, live_time_s=self.pixel_live_time_s(r, c), metadata=meta)
 
@@ -306,10 +307,10 @@ class Scan:
         rows, cols, _ = self.shape
         per = max(1, max_pixels // max(cols, 1))
         chunks = getattr(self.counts, "chunks", None)
-        if chunks and not _is_dask(self.counts):
+        if chunks and not is_dask(self.counts):
             crow = int(chunks[0])
             per = max(crow, (per // crow) * crow)
-        elif _is_dask(self.counts):
+        elif is_dask(self.counts):
             crow = int(self.counts.chunks[0][0])
             per = max(crow, (per // crow) * crow)
         return min(per, rows)
@@ -325,7 +326,7 @@ class Scan:
         for r0 in range(0, rows, step):
             sl = slice(r0, min(rows, r0 + step))
             block = self.counts[sl]
-            block = block.compute() if _is_dask(block) else np.asarray(block)
+            block = block.compute() if is_dask(block) else np.asarray(block)
             yield sl, block
 
     def sum_spectrum(self, max_pixels: int = 65536) -> Spectrum:

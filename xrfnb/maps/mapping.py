@@ -1,4 +1,4 @@
-"""Whole-scan pigment maps: streaming and dask inference, masking of bad pixels, HDF5/TIFF output.
+"""Whole-scan pigment maps (:func:`map_pigments`): streaming and dask inference, masking of bad pixels.
 
 Memory model
 ------------
@@ -15,6 +15,10 @@ meanwhile), passes ``batch_pixels`` spectra at a time to the model, and writes t
 The dask path (a :class:`~xrfnb.Scan` whose counts are a :class:`dask.array.Array`) runs the same per-block
 function with :func:`dask.array.blockwise`, locally or on a ``dask.distributed`` cluster; the client receives
 only the maps.
+
+The parts live beside this module: :mod:`.blocks` (one block of pixels), :mod:`.sinks` (in memory, or
+``OUT.partial/`` with resume), :mod:`.daskpath` (the dask path), :mod:`.pigmentmaps` (the result) and
+:mod:`.storage` (writing it safely).
 """
 
 from __future__ import annotations
@@ -22,385 +26,46 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
-import functools
-import json
-import logging
 import os
-import re
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .._errors import DataError, FitError, FormatError, ModelError
-from ..core.calibration import EnergyCalibration
-from ..core.spectrum import Scan, Spectrum, _is_dask
-from ..fitting.elements import fit_elements
-from ..io.atomic import atomic_path
+from ..core.spectrum import Scan, Spectrum, is_dask
+from ..fitting.elements import ElementMaps, fit_elements
 from ..io.chunks import ChunkReader
-from ..physics.instrument import resolve_instrument
-from .pigmentmaps import MASK_DEAD, MASK_INVALID, MASK_OK, MASK_REASONS, MASK_SATURATED, PigmentMaps
+from ..physics.instrument import Instrument, resolve_instrument
+from .blocks import default_saturation, process_block
+from .daskpath import dask_scan, map_dask
+from .pigmentmaps import MASK_OK, MASK_REASONS, PigmentMaps
+from .sinks import PARTIAL_FORMAT, RESUME_HINT, MemorySink, PartialSink, block_file_bytes
 from .storage import (
     check_free_space,
     check_input_outside_working_folder,
     check_output_path,
-    create_map_datasets,
     format_bytes,
-    h5_writer,
     maps_file_bytes,
     partial_dir,
-    write_element_maps,
-    write_error,
-    write_header,
 )
 
-__all__ = ["classify_pixels", "dask_scan", "map_pigments"]
+if TYPE_CHECKING:  # pragma: no cover
+    from ..model.model import PigmentModel
 
-_PARTIAL_FORMAT = "xrfnb-pigment-maps-partial"
+__all__ = ["map_pigments"]
+
 _DEFAULT_CHUNK_PIXELS = 8192
 _DEFAULT_BATCH_PIXELS = 4096
-#: files xrfnb writes in ``OUT.partial/`` (nothing else there is ever deleted)
-_PARTIAL_ENTRY = re.compile(r"manifest\.json|\.manifest\.json\.tmp|\.?rows_(\d{7})_(\d{7})\.npz(\.tmp)?")
-_BLOCK_FILE = re.compile(r"rows_(\d{7})_(\d{7})\.npz")
-_BLOCK_ARRAYS = ("probability", "buried_probability", "ood_score", "mask_reason")
-_NPZ_OVERHEAD_BYTES = 4096  # zip directory and .npy headers of one block file
-
-_log = logging.getLogger("xrfnb.mapping")
-
-
-def _block_file_bytes(n_pixels: int, k: int) -> int:
-    """Size of one ``rows_*.npz`` block file of ``n_pixels`` pixels (uncompressed npz)."""
-    return n_pixels * (8 * k + 4 + 1) + _NPZ_OVERHEAD_BYTES
-
-
-# ------------------------------------------------------------------------------------------------------
-# per-block computation (shared by the streaming and the dask paths)
-# ------------------------------------------------------------------------------------------------------
-def classify_pixels(counts: np.ndarray, saturation_counts: float | None) -> np.ndarray:
-    """Mask reason per spectrum: 0 valid, 1 dead, 2 saturated, 3 invalid.
-
-    Parameters
-    ----------
-    counts : numpy.ndarray, shape (n, channels)
-        Raw counts in any numeric dtype.
-    saturation_counts : float or None
-        A channel at or above this value marks the pixel saturated (None: never).
-
-    Returns
-    -------
-    numpy.ndarray, shape (n,), uint8
-    """
-    kind = counts.dtype.kind
-    reason = np.zeros(counts.shape[0], dtype=np.uint8)
-    if counts.shape[0] == 0:
-        return reason
-    mx = counts.max(axis=1)
-    if kind == "u":
-        invalid = np.zeros(counts.shape[0], dtype=bool)
-    else:
-        mn = counts.min(axis=1)
-        with np.errstate(invalid="ignore"):
-            invalid = (mn < 0) if kind in "iu" else ~(np.isfinite(mx) & np.isfinite(mn)) | (mn < 0)
-    with np.errstate(invalid="ignore"):
-        dead = mx == 0
-        if saturation_counts is not None:
-            reason[mx >= saturation_counts] = MASK_SATURATED
-    reason[dead] = MASK_DEAD
-    reason[invalid] = MASK_INVALID
-    return reason
-
-
-def _default_saturation(dtype: np.dtype) -> float | None:
-    dtype = np.dtype(dtype)
-    if dtype.kind in "iu":
-        return float(np.iinfo(dtype).max)
-    return None
-
-
-def _process_block(
-    block: np.ndarray,
-    model: Any,
-    calibration: EnergyCalibration,
-    live_time_s: float | np.ndarray | None,
-    saturation_counts: float | None,
-    batch_pixels: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Identify one block of pixels.
-
-    Parameters
-    ----------
-    block : numpy.ndarray, shape (r, c, channels)
-    live_time_s : float, numpy.ndarray of shape (r, c), or None
-
-    Returns
-    -------
-    probability, buried_probability : (r, c, K) float32, NaN at masked pixels
-    ood_score : (r, c) float32
-    reason : (r, c) uint8 mask reasons
-    """
-    r, c, ch = block.shape
-    k = len(model.classes)
-    flat = block.reshape(r * c, ch)
-    reason = classify_pixels(flat, saturation_counts)
-    prob = np.full((r * c, k), np.nan, dtype=np.float32)
-    bur = np.full((r * c, k), np.nan, dtype=np.float32)
-    ood = np.full(r * c, np.nan, dtype=np.float32)
-    valid_idx = np.flatnonzero(reason == MASK_OK)
-    all_valid = valid_idx.size == r * c
-    lt_flat = (
-        None if live_time_s is None or np.ndim(live_time_s) == 0 else np.asarray(live_time_s).reshape(-1)
-    )
-    for s in range(0, valid_idx.size, batch_pixels):
-        if all_valid:
-            sel: Any = slice(s, min(s + batch_pixels, r * c))
-        else:
-            sel = valid_idx[s : s + batch_pixels]
-        x = flat[sel]  # raw dtype: the model rebins any numeric dtype (no float copy of the block)
-        lt = live_time_s if lt_flat is None else lt_flat[sel]
-        res = model.identify_batch(x, calibration, live_time_s=lt)
-        n = x.shape[0]
-        p = np.asarray(res.probability, dtype=np.float32)
-        b = np.asarray(res.buried_probability, dtype=np.float32)
-        o = np.asarray(res.ood_score, dtype=np.float32).reshape(-1)
-        if p.shape != (n, k) or b.shape != (n, k) or o.shape != (n,):
-            raise ModelError(
-                f"model returned probability {p.shape}, buried {b.shape}, ood {o.shape} for {n} spectra "
-                f"and {k} classes"
-            )
-        prob[sel], bur[sel], ood[sel] = p, b, o
-    return prob.reshape(r, c, k), bur.reshape(r, c, k), ood.reshape(r, c), reason.reshape(r, c)
-
-
-def _dask_block(
-    counts: np.ndarray,
-    *maybe_lt: np.ndarray,
-    model: Any,
-    calibration: EnergyCalibration,
-    live_time_s: float | None,
-    saturation_counts: float | None,
-    batch_pixels: int,
-) -> np.ndarray:
-    """Per-chunk function of the dask path: (r, c, channels) -> (r, c, 2 K + 2) float32 packed results."""
-    lt = maybe_lt[0] if maybe_lt else live_time_s
-    prob, bur, ood, reason = _process_block(
-        np.asarray(counts), model, calibration, lt, saturation_counts, batch_pixels
-    )
-    return np.concatenate([prob, bur, ood[..., None], reason[..., None].astype(np.float32)], axis=-1)
-
-
-# ------------------------------------------------------------------------------------------------------
-# sinks: in memory, or completed blocks on disk with resume
-# ------------------------------------------------------------------------------------------------------
-class _MemorySink:
-    def __init__(self, rows: int, cols: int, k: int) -> None:
-        self.prob = np.full((rows, cols, k), np.nan, dtype=np.float32)
-        self.bur = np.full((rows, cols, k), np.nan, dtype=np.float32)
-        self.ood = np.full((rows, cols), np.nan, dtype=np.float32)
-        self.reason = np.zeros((rows, cols), dtype=np.uint8)
-
-    def done(self, sl: slice) -> bool:
-        return False
-
-    def write(self, sl: slice, prob, bur, ood, reason) -> None:
-        self.prob[sl], self.bur[sl], self.ood[sl], self.reason[sl] = prob, bur, ood, reason
-
-
-_RESUME_HINT = (
-    ": the completed blocks are kept in {dir}; free some space, then rerun with --resume (resume=True) "
-    "to continue from them"
-)
-
-
-class _PartialSink:
-    """Completed blocks as ``OUT.partial/rows_<r0>_<r1>.npz`` files, each written atomically.
-
-    The folder is xrfnb's when it holds a ``manifest.json`` of format ``xrfnb-pigment-maps-partial``
-    (written first, before any block). Only the files xrfnb writes there (the manifest, ``rows_*.npz``
-    and their ``.tmp`` files, recognised by name) are ever deleted; a folder of that name that is not
-    xrfnb's is refused, and anything else found in xrfnb's folder is left alone (the folder then stays).
-    """
-
-    def __init__(self, out: Path, manifest: dict[str, Any], resume: bool, bytes_left: int = 0) -> None:
-        self.out = out
-        self.dir = partial_dir(out)
-        self.manifest = manifest
-        self.bytes_left = bytes_left  # still to write (blocks and final file), for the no-space message
-        self.completed: set[tuple[int, int]] = set()
-        exists = self.dir.is_dir() and not self.dir.is_symlink()
-        if exists and resume and (self.dir / "manifest.json").exists():
-            self._load_existing()
-            return
-        if exists:
-            if not self._is_ours():
-                raise FormatError(
-                    f"{self.dir} exists and is not an xrfnb working folder (no xrfnb manifest.json; it "
-                    f"holds {', '.join(sorted(p.name for p in self.dir.iterdir())[:5])}): xrfnb never "
-                    f"deletes what it did not write; move that folder away or choose another output"
-                )
-            self._clear()
-        else:
-            try:
-                self.dir.mkdir()
-            except OSError as exc:
-                raise write_error(exc, self.dir / "manifest.json", _NPZ_OVERHEAD_BYTES) from None
-        try:
-            _write_json_atomic(self.dir / "manifest.json", manifest)
-        except OSError as exc:
-            raise write_error(exc, self.dir / "manifest.json", _NPZ_OVERHEAD_BYTES) from None
-
-    def _is_ours(self) -> bool:
-        """The folder holds xrfnb's manifest, or nothing but xrfnb's files (a run killed before the
-        manifest was in place), or nothing at all."""
-        try:
-            manifest = json.loads((self.dir / "manifest.json").read_text())
-        except (OSError, ValueError):
-            manifest = None
-        if isinstance(manifest, dict) and manifest.get("format") == _PARTIAL_FORMAT:
-            return True
-        names = [p.name for p in self.dir.iterdir()]
-        return all(n == ".manifest.json.tmp" for n in names)
-
-    def _clear(self) -> None:
-        """Delete the files xrfnb wrote in the folder (by name), nothing else."""
-        for p in self.dir.iterdir():
-            if _PARTIAL_ENTRY.fullmatch(p.name) and (p.is_file() or p.is_symlink()):
-                p.unlink()
-
-    def _load_existing(self) -> None:
-        try:
-            old = json.loads((self.dir / "manifest.json").read_text())
-        except (OSError, ValueError) as exc:
-            raise FormatError(
-                f"cannot resume: {self.dir / 'manifest.json'} is unreadable ({exc}); "
-                f"delete {self.dir} or run "
-                "without --resume to start over"
-            ) from None
-        if not isinstance(old, dict) or old.get("format") != _PARTIAL_FORMAT:
-            raise FormatError(
-                f"cannot resume: {self.dir} is not an xrfnb working folder (its manifest.json is not "
-                "xrfnb's); move that folder away or choose another output"
-            )
-        for key in ("format", "input", "model", "shape", "block_rows"):
-            if old.get(key) != self.manifest.get(key):
-                raise DataError(
-                    f"cannot resume: the partial results in {self.dir} were made with a different {key} "
-                    f"({old.get(key)!r} != {self.manifest.get(key)!r}); run without --resume to start over"
-                )
-        for p in self.dir.iterdir():
-            m = _BLOCK_FILE.fullmatch(p.name)
-            if m is None:
-                continue
-            block = slice(int(m.group(1)), int(m.group(2)))
-            problem = self._check_block(p, block)
-            if problem is None:
-                self.completed.add((block.start, block.stop))
-                continue
-            _log.warning(
-                "damaged block file %s (%s): computing rows %d-%d again", p, problem, block.start, block.stop
-            )
-            with contextlib.suppress(OSError):
-                p.unlink()
-
-    def _check_block(self, path: Path, sl: slice) -> str | None:
-        """Why a block file cannot be used (truncated, unreadable, wrong arrays), or None."""
-        rows, cols = self.manifest["shape"]
-        k = len(self.manifest["model"]["classes"])
-        n = sl.stop - sl.start
-        if not 0 <= sl.start < sl.stop <= rows:
-            return f"rows outside the scan's {rows}"
-        expect = {"probability": (n, cols, k), "buried_probability": (n, cols, k), "ood_score": (n, cols),
-                  "mask_reason": (n, cols)}
-        try:
-            with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as z:  # fh: closed on errors too
-                if sorted(z.files) != sorted(_BLOCK_ARRAYS):
-                    return f"arrays {sorted(z.files)}"
-                for name, shape in expect.items():
-                    a = z[name]  # reads the whole member: a truncated file fails its CRC or its size here
-                    if a.shape != shape:
-                        return f"{name} has shape {a.shape}, expected {shape}"
-        except Exception as exc:  # zipfile, zlib, numpy and OS errors alike: redo the block
-            return f"{type(exc).__name__}: {exc}"
-        return None
-
-    def done(self, sl: slice) -> bool:
-        return (sl.start, sl.stop) in self.completed
-
-    def write(self, sl: slice, prob, bur, ood, reason) -> None:
-        target = self.dir / f"rows_{sl.start:07d}_{sl.stop:07d}.npz"
-        tmp = self.dir / f".{target.name}.tmp"
-        try:
-            with open(tmp, "wb") as fh:
-                np.savez(fh, probability=prob, buried_probability=bur, ood_score=ood, mask_reason=reason)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, target)
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise write_error(exc, target, self.bytes_left, _RESUME_HINT.format(dir=self.dir)) from None
-        self.completed.add((sl.start, sl.stop))
-        with contextlib.suppress(OSError):
-            self.bytes_left = max(0, self.bytes_left - target.stat().st_size)
-
-    def read(self, sl: slice) -> dict[str, np.ndarray]:
-        path = self.dir / f"rows_{sl.start:07d}_{sl.stop:07d}.npz"
-        try:
-            with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as z:  # fh: closed on errors too
-                return {n: z[n] for n in z.files}
-        except Exception as exc:  # damaged after it was checked: say which file
-            raise FormatError(
-                f"block file {path} is damaged ({type(exc).__name__}: {exc}); rerun with --resume "
-                "(resume=True) to compute its rows again"
-            ) from None
-
-    def assemble(
-        self, classes, colors, thresholds, ood_threshold, metadata, slices: list[slice], element_maps
-    ) -> None:
-        rows, cols = self.manifest["shape"]
-        needed = maps_file_bytes(rows, cols, len(classes), element_maps)
-        hint = _RESUME_HINT.format(dir=self.dir)
-        check_free_space(self.out.parent, needed, self.out, hint)
-        with atomic_path(self.out) as tmp, h5_writer(tmp, self.out, needed, hint) as (f, failed):
-            write_header(f, classes, colors, thresholds, ood_threshold, metadata)
-            d = create_map_datasets(f, rows, cols, len(classes), MASK_REASONS)
-            for sl in slices:
-                if failed():
-                    break
-                z = self.read(sl)
-                d["probability"][sl] = z["probability"]
-                d["buried_probability"][sl] = z["buried_probability"]
-                d["ood_score"][sl] = z["ood_score"]
-                d["mask_reason"][sl] = z["mask_reason"]
-                d["mask"][sl] = z["mask_reason"] != MASK_OK
-            if element_maps is not None and not failed():
-                write_element_maps(f, element_maps)
-        self.remove()
-
-    def remove(self) -> None:
-        """Delete xrfnb's files and then the folder, if nothing else is left in it."""
-        with contextlib.suppress(OSError):
-            self._clear()
-            self.dir.rmdir()
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(json.dumps(obj, indent=1))
-        os.replace(tmp, path)
-    except OSError:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
 
 
 # ------------------------------------------------------------------------------------------------------
 # the public entry point
 # ------------------------------------------------------------------------------------------------------
-def _model_identity(model: Any) -> dict[str, Any]:
+def _model_identity(model: PigmentModel) -> dict[str, Any]:
     return {
         "name": str(getattr(model, "name", type(model).__name__)),
         "classes": list(model.classes),
@@ -426,9 +91,9 @@ def _input_identity(scan: Scan) -> dict[str, Any]:
     return ident
 
 
-def _resolve_model(model: Any) -> Any:
+def _resolve_model(model: PigmentModel | str | os.PathLike | None) -> PigmentModel:
     if model is None or isinstance(model, str | os.PathLike):
-        # the model room loads torch (~2 s): imported when a model is named, so that reading maps
+        # deferred: the model room loads torch (~2 s): imported when a model is named, so that reading maps
         # (PigmentMaps.from_hdf5, xrfnb info, reports) never pays for it
         from ..model.model import load_model
 
@@ -439,7 +104,7 @@ def _resolve_model(model: Any) -> Any:
     return model
 
 
-def _as_scan(scan: Any) -> Scan:
+def _as_scan(scan: Scan | Spectrum) -> Scan:
     if isinstance(scan, Scan):
         return scan
 
@@ -450,13 +115,13 @@ def _as_scan(scan: Any) -> Scan:
 
 def map_pigments(
     scan: Scan,
-    model: Any = None,
+    model: PigmentModel | str | os.PathLike | None = None,
     *,
     chunk_pixels: int = _DEFAULT_CHUNK_PIXELS,
     batch_pixels: int = _DEFAULT_BATCH_PIXELS,
     progress: bool | Callable[[int, int], object] = True,
     element_maps: bool = False,
-    instrument: Any = None,
+    instrument: Instrument | str | None = None,
     out: str | os.PathLike | None = None,
     resume: bool = False,
     saturation_counts: float | None = None,
@@ -519,7 +184,7 @@ def map_pigments(
     if chunk_pixels < 1 or batch_pixels < 1:
         raise DataError(f"chunk_pixels and batch_pixels must be >= 1, got {chunk_pixels}, {batch_pixels}")
     if saturation_counts is None:
-        saturation_counts = _default_saturation(scan.counts.dtype)
+        saturation_counts = default_saturation(scan.counts.dtype)
     rows, cols, _ = scan.shape
     classes = tuple(model.classes)
     k = len(classes)
@@ -536,42 +201,42 @@ def map_pigments(
         "shape": [rows, cols],
     }
 
-    if use_dask or (use_dask is None and _is_dask(scan.counts)):
+    if use_dask or (use_dask is None and is_dask(scan.counts)):
         # the client receives the whole maps: packed (2 K + 2 planes) and then split into their arrays
         _check_memory(2 * rows * cols * (2 * k + 2) * 4, rows, cols, k)
         if out_path is not None:
             check_free_space(out_path.parent, maps_file_bytes(rows, cols, k), out_path)
         scan = dask_scan(scan, rows_per_chunk=scan.block_rows(chunk_pixels))
-        prob, bur, ood, reason = _map_dask(scan, model, saturation_counts, batch_pixels, progress)
+        prob, bur, ood, reason = map_dask(scan, model, saturation_counts, batch_pixels, progress)
         if callable(progress):
             progress(rows * cols, rows * cols)
-        sink: Any = None
+        sink: MemorySink | PartialSink | None = None
     else:
         step = scan.block_rows(chunk_pixels)
         slices = [slice(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
         if out_path is not None:
             manifest = {
-                "format": _PARTIAL_FORMAT,
+                "format": PARTIAL_FORMAT,
                 "input": _input_identity(scan),
                 "model": _model_identity(model),
                 "shape": [rows, cols],
                 "block_rows": step,
             }
-            hint = _RESUME_HINT.format(dir=partial_dir(out_path))
+            hint = RESUME_HINT.format(dir=partial_dir(out_path))
 
             def needed(todo: list[slice]) -> int:  # bytes still to write: the blocks left, then the file
-                blocks = sum(_block_file_bytes((sl.stop - sl.start) * cols, k) for sl in todo)
+                blocks = sum(block_file_bytes((sl.stop - sl.start) * cols, k) for sl in todo)
                 return blocks + maps_file_bytes(rows, cols, k)
 
             if not (resume and partial_dir(out_path).is_dir()):  # nothing created before this check
                 check_free_space(out_path.parent, needed(slices), out_path)
-            sink = _PartialSink(out_path, manifest, resume)
+            sink = PartialSink(out_path, manifest, resume)
             sink.bytes_left = needed([sl for sl in slices if not sink.done(sl)])
             if resume:
                 check_free_space(out_path.parent, sink.bytes_left, out_path, hint)
         else:
             _check_memory(rows * cols * ((2 * k + 1) * 4 + 2), rows, cols, k)
-            sink = _MemorySink(rows, cols, k)
+            sink = MemorySink(rows, cols, k)
         metadata["timing_s"] = _stream(scan, model, sink, slices, saturation_counts, batch_pixels, progress)
 
     elapsed = time.perf_counter() - t0
@@ -590,13 +255,13 @@ def map_pigments(
     metadata["elapsed_s"] = round(elapsed, 3)
     metadata["spectra_per_s"] = round(rows * cols / max(elapsed, 1e-9), 1)
 
-    if isinstance(sink, _PartialSink):
+    if isinstance(sink, PartialSink):
         masked = _count_reasons_blocks(sink, slices)
         metadata["masked"] = masked
         sink.assemble(classes, model.colors, model.thresholds, model.ood_threshold, metadata, slices, em)
         maps = PigmentMaps.from_hdf5(out_path, lazy=True)
         return dataclasses.replace(maps, element_maps=em) if em is not None else maps
-    if isinstance(sink, _MemorySink):
+    if isinstance(sink, MemorySink):
         prob, bur, ood, reason = sink.prob, sink.bur, sink.ood, sink.reason
     metadata["masked"] = {name: int((reason == code).sum()) for code, name in MASK_REASONS.items()}
     maps = PigmentMaps(
@@ -670,7 +335,7 @@ def _check_memory(needed_bytes: int, rows: int, cols: int, k: int) -> None:
         )
 
 
-def _count_reasons_blocks(sink: _PartialSink, slices: list[slice]) -> dict[str, int]:
+def _count_reasons_blocks(sink: PartialSink, slices: list[slice]) -> dict[str, int]:
     counts = dict.fromkeys(MASK_REASONS.values(), 0)
     for sl in slices:
         reason = sink.read(sl)["mask_reason"]
@@ -681,8 +346,8 @@ def _count_reasons_blocks(sink: _PartialSink, slices: list[slice]) -> dict[str, 
 
 def _stream(
     scan: Scan,
-    model: Any,
-    sink: Any,
+    model: PigmentModel,
+    sink: MemorySink | PartialSink,
     slices: list[slice],
     saturation_counts: float | None,
     batch_pixels: int,
@@ -733,7 +398,7 @@ def _stream(
             t1 = time.perf_counter()
             pending = pool.submit(read, todo[i + 1]) if i + 1 < len(todo) else None
             lt = lt_all[sl] if isinstance(lt_all, np.ndarray) else lt_all
-            prob, bur, ood, reason = _process_block(
+            prob, bur, ood, reason = process_block(
                 block, model, scan.calibration, lt, saturation_counts, batch_pixels
             )
             del block
@@ -750,194 +415,6 @@ def _stream(
     return {k: round(v, 3) for k, v in timing.items()}
 
 
-def _read_rows_by_path(path: str, dataset: str, r0: int, r1: int) -> np.ndarray:
-    import h5py
-
-    with h5py.File(path, "r") as f:
-        return np.asarray(f[dataset][r0:r1])
-
-
-def dask_scan(scan: Scan, rows_per_chunk: int | None = None) -> Scan:
-    """The same scan with its counts as a :class:`dask.array.Array` of whole-row blocks.
-
-    An HDF5-backed scan becomes tasks that open the file read-only *by path* (they pickle, so they run on
-    ``dask.distributed`` workers that see the same file system); an in-memory scan is wrapped with
-    :func:`dask.array.from_array`; a dask scan is returned unchanged.
-
-    Parameters
-    ----------
-    scan : Scan
-        Shape (rows, cols, channels).
-    rows_per_chunk : int, optional
-        Rows per dask chunk (default: :meth:`Scan.block_rows`, aligned to the HDF5 chunks).
-    """
-    import dask
-    import dask.array as da
-
-    if _is_dask(scan.counts):
-        return scan
-    rows, cols, n_ch = scan.shape
-    step = int(rows_per_chunk or scan.block_rows())
-    counts = scan.counts
-    try:
-        import h5py
-
-        is_h5 = isinstance(counts, h5py.Dataset)
-    except ImportError:  # pragma: no cover
-        is_h5 = False
-    if is_h5:
-        path, name = str(counts.file.filename), str(counts.name)
-        read = dask.delayed(_read_rows_by_path, pure=True)
-        blocks = [
-            da.from_delayed(
-                read(path, name, r0, min(rows, r0 + step)),
-                shape=(min(rows, r0 + step) - r0, cols, n_ch),
-                dtype=counts.dtype,
-            )
-            for r0 in range(0, rows, step)
-        ]
-        arr = da.concatenate(blocks, axis=0)
-    else:
-        arr = da.from_array(counts, chunks=(step, cols, n_ch))
-    return dataclasses.replace(scan, counts=arr)
-
-
-def _map_dask(
-    scan: Scan,
-    model: Any,
-    saturation_counts: float | None,
-    batch_pixels: int,
-    progress: bool | Callable[[int, int], object],
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    import dask.array as da
-
-    k = len(model.classes)
-    counts = scan.counts.rechunk({2: -1})
-    lt = scan.live_time_s
-    fn = functools.partial(
-        _dask_block,
-        model=model,
-        calibration=scan.calibration,
-        live_time_s=None if isinstance(lt, np.ndarray) else lt,
-        saturation_counts=saturation_counts,
-        batch_pixels=batch_pixels,
-    )
-    args: list[Any] = [counts, "ijc"]
-    if isinstance(lt, np.ndarray):
-        args += [da.from_array(lt, chunks=(counts.chunks[0], counts.chunks[1])), "ij"]
-    packed = da.blockwise(
-        fn,
-        "ijz",
-        *args,
-        new_axes={"z": 2 * k + 2},
-        concatenate=True,
-        dtype=np.float32,
-        meta=np.empty((0, 0, 0), dtype=np.float32),
-    )
-    total_px = int(scan.shape[0] * scan.shape[1])
-    result = _compute(packed, progress, total_px)
-    prob = result[..., :k]
-    bur = result[..., k : 2 * k]
-    ood = np.ascontiguousarray(result[..., 2 * k])
-    reason = result[..., 2 * k + 1].astype(np.uint8)
-    return np.ascontiguousarray(prob), np.ascontiguousarray(bur), ood, reason
-
-
-def _compute(arr: Any, progress: bool | Callable[[int, int], object], total_px: int) -> np.ndarray:
-    try:
-        from distributed import get_client
-
-        client = get_client()
-    except (ImportError, ValueError):
-        client = None
-    if callable(progress):
-        return _compute_reporting(arr, progress, total_px, client)
-    if client is not None:
-        if progress:
-            from distributed import progress as dprogress
-
-            fut = client.compute(arr)
-            with contextlib.suppress(Exception):
-                dprogress(fut, notebook=False)
-            return np.asarray(fut.result())
-        return np.asarray(client.compute(arr).result())
-    if progress:
-        from tqdm.dask import TqdmCallback
-
-        with TqdmCallback(desc="pigment maps"):
-            return np.asarray(arr.compute())
-    return np.asarray(arr.compute())
-
-
-def _compute_reporting(
-    arr: Any, report: Callable[[int, int], object], total_px: int, client: Any
-) -> np.ndarray:
-    """Compute a (rows, cols, z) dask array, calling ``report(done_pixels, total_pixels)`` as blocks finish.
-
-    On a ``dask.distributed`` client the row-column blocks are submitted as futures and reported as they
-    complete; with a local scheduler a :class:`dask.callbacks.Callback` reports the share of finished tasks.
-    The callback always runs in the calling thread.
-    """
-    report(0, total_px)
-    if client is not None:
-        from distributed import as_completed
-
-        blocks = arr.to_delayed()  # object array (n_row_blocks, n_col_blocks, 1) of delayed blocks
-        futures = client.compute(list(blocks.ravel()))
-        where = {f.key: i for i, f in enumerate(futures)}
-        sizes = [r * c for r in arr.chunks[0] for c in arr.chunks[1]]
-        results: list[Any] = [None] * len(futures)
-        done = 0
-        for fut in as_completed(futures):
-            i = where[fut.key]
-            results[i] = fut.result()
-            done += sizes[i]
-            report(done, total_px)
-        grid = np.empty(blocks.shape[:2], dtype=object)
-        for i, part in enumerate(results):
-            grid[np.unravel_index(i, grid.shape)] = part
-        return np.concatenate([np.concatenate(list(row), axis=1) for row in grid], axis=0)
-
-    import queue
-
-    from dask.callbacks import Callback
-
-    finished: queue.SimpleQueue[int] = queue.SimpleQueue()
-
-    class _Count(Callback):
-        def _start_state(self, dsk: Any, state: Any) -> None:
-            self.total = max(1, len(state["ready"]) + len(state["waiting"]) + len(state["running"]))
-
-        def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:
-            finished.put(len(state["finished"]))
-
-    counter = _Count()
-    out: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            with counter:
-                out["value"] = np.asarray(arr.compute())
-        except BaseException as exc:  # re-raised in the calling thread
-            out["error"] = exc
-        finally:
-            finished.put(-1)
-
-    worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="xrfnb-dask")
-    with worker:
-        worker.submit(run)
-        while True:
-            n = finished.get()
-            if n < 0:
-                break
-            total = getattr(counter, "total", 0)
-            if total:
-                report(min(total_px - 1, total_px * n // total), total_px)
-    if "error" in out:
-        raise out["error"]
-    return out["value"]
-
-
 def _note(message: str) -> None:
     """A progress message on stderr that does not break a tqdm bar."""
     from tqdm.auto import tqdm
@@ -945,5 +422,5 @@ def _note(message: str) -> None:
     tqdm.write(message, file=sys.stderr)
 
 
-def _element_maps(scan: Scan, instrument: Any, progress: bool) -> Any:
+def _element_maps(scan: Scan, instrument: Instrument | str | None, progress: bool) -> ElementMaps:
     return fit_elements(scan, resolve_instrument(instrument, scan.metadata), progress=progress)
