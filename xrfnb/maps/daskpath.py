@@ -211,7 +211,7 @@ def _compute_reporting(
         futures = client.compute(list(blocks.ravel()))
         where = {f.key: i for i, f in enumerate(futures)}
         sizes = [r * c for r in arr.chunks[0] for c in arr.chunks[1]]
-        results: list[Any] = [None] * len(futures)
+        results: list[np.ndarray | None] = [None] * len(futures)
         done = 0
         for fut in as_completed(futures):
             i = where[fut.key]

@@ -282,7 +282,7 @@ class PartialSink:
             self.dir.rmdir()
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
+def _write_json_atomic(path: Path, obj: Mapping[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         tmp.write_text(json.dumps(obj, indent=1))

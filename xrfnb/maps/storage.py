@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import json
 import os
 import shutil
@@ -53,7 +54,7 @@ _FORMAT_VERSION = 1
 _H5_OVERHEAD_BYTES = 1 << 18  # HDF5 header, chunk index and attributes of a maps file (generous)
 
 
-def _open_for_hdf5(path: Path) -> Any:
+def _open_for_hdf5(path: Path) -> io.FileIO:
     """The raw, unbuffered file :class:`_GuardedFile` writes through (tests put a full disk here)."""
     return open(path, "w+b", buffering=0)  # closed by _GuardedFile.close
 
