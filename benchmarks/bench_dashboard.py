@@ -31,7 +31,9 @@ from bokeh.document import Document
 from bokeh.models import ColumnDataSource, GlyphRenderer, Plot
 
 import xrfnb
-from xrfnb.ui.dashboard import _ABSENT_COLOR, _THUMB_PX, Dashboard
+from xrfnb.ui.dashboard import Dashboard
+from xrfnb.ui.dashboard.common import ABSENT_COLOR
+from xrfnb.ui.dashboard.gallery import THUMB_PX
 
 TARGET_MS = 200.0
 
@@ -113,10 +115,10 @@ class DocumentCheck:
     def __init__(self, doc: Document, maps: xrfnb.PigmentMaps) -> None:
         self.doc, self.maps = doc, maps
         rows, cols = maps.probability.shape[:2]
-        stride = max(1, -(-max(rows, cols) // _THUMB_PX))
+        stride = max(1, -(-max(rows, cols) // THUMB_PX))
         valid = ~np.asarray(maps.mask)[::stride, ::stride]
         self.thumbs = np.asarray(maps.probability[::stride, ::stride], dtype=float)[valid]  # (n, K)
-        self.absent_rgb = tuple(int(_ABSENT_COLOR[i : i + 2], 16) for i in (1, 3, 5))
+        self.absent_rgb = tuple(int(ABSENT_COLOR[i : i + 2], 16) for i in (1, 3, 5))
 
     def __call__(self, view: str, thresholds: np.ndarray, focus: int = 0) -> None:
         main = image_renderer(self.doc, "xrfnb-main")
@@ -178,7 +180,7 @@ def main() -> None:
 
     def tap(i: int) -> None:
         r, c = pixels[i]
-        dash._tap.event(x=c + 0.5, y=r + 0.5)
+        dash.map_panel.tap.event(x=c + 0.5, y=r + 0.5)
 
     def tapped(i: int) -> None:
         r, c = pixels[i]

@@ -21,6 +21,13 @@ import pytest
 import xrfnb
 from xrfnb.ui import dashboard as _dashboard
 from xrfnb.ui.dashboard import Dashboard, resolve_inside
+from xrfnb.ui.dashboard import common as _common
+from xrfnb.ui.dashboard import data as _data
+from xrfnb.ui.dashboard import files as _files
+from xrfnb.ui.dashboard import job as _job
+from xrfnb.ui.dashboard import maps as _maps
+from xrfnb.ui.dashboard import server as _server
+from xrfnb.ui.dashboard import spectrum as _spectrum
 
 ROWS, COLS, CHANNELS = 32, 32, 4096
 GAIN_KEV = 0.01
@@ -162,9 +169,9 @@ def test_construct_shows_scan_maps_and_controls(dash, scene):
         "vermilion (19%)",
         "red ochre (38%)",
     ]
-    assert set(dash._class_sliders) == set(CLASSES)
+    assert set(dash.threshold_panel.class_sliders) == set(CLASSES)
     assert "32 x 32" in dash.status_text
-    plot = render(dash._main_dmap)
+    plot = render(dash.map_panel.main.dmap)
     tools = {type(t).__name__ for t in plot.state.tools}
     assert {"TapTool", "BoxSelectTool", "LassoSelectTool", "HoverTool"} <= tools
     assert type(plot.handles["glyph"]).__name__ == "ImageRGBA"
@@ -190,9 +197,9 @@ def test_tap_shows_that_pixels_spectrum_with_line_markers(dash, scene):
     scan, _, truth = scene
     r, c = 16, 12  # lead white and vermilion, no iron
     assert truth["lead white"][r, c] and truth["vermilion"][r, c] and not truth["red ochre"][r, c]
-    dash._tap.event(x=(c + 0.5) * PIXEL_MM, y=(r + 0.5) * PIXEL_MM)
+    dash.map_panel.tap.event(x=(c + 0.5) * PIXEL_MM, y=(r + 0.5) * PIXEL_MM)
     assert dash.pixel == (r, c)
-    overlay = dash._spectrum_dmap[()]
+    overlay = dash.spectrum_panel.spectrum.dmap[()]
     curve = elements_of(overlay, hv.Curve)[0]
     np.testing.assert_array_equal(curve.dimension_values("Counts"), np.asarray(scan.counts[r, c], float))
     np.testing.assert_allclose(
@@ -205,9 +212,9 @@ def test_tap_shows_that_pixels_spectrum_with_line_markers(dash, scene):
     labels = elements_of(overlay, hv.Labels)[0]
     assert {"Pb La", "Hg La", "S Ka"} <= set(labels.dimension_values("line"))
     np.testing.assert_allclose(labels.dimension_values(0), lines)
-    assert f"row {r}, col {c}" in dash._info.object
+    assert f"row {r}, col {c}" in dash.selection_info.info.object
     # class probabilities as bars with the thresholds drawn
-    bars_overlay = dash._prob_dmap[()]
+    bars_overlay = dash.spectrum_panel.prob.dmap[()]
     bars = elements_of(bars_overlay, hv.Bars)[0]
     np.testing.assert_allclose(bars.dimension_values("probability"), scene[1].probability[r, c])
     marks = elements_of(bars_overlay, hv.Scatter)[0]
@@ -216,10 +223,10 @@ def test_tap_shows_that_pixels_spectrum_with_line_markers(dash, scene):
 
 def test_log_scale_switches_the_spectrum_axis(dash):
     dash.log_scale = True
-    plot = render(dash._spectrum_dmap)
+    plot = render(dash.spectrum_panel.spectrum.dmap)
     assert type(plot.state.y_scale).__name__ == "LogScale"
     dash.log_scale = False
-    plot = render(dash._spectrum_dmap)
+    plot = render(dash.spectrum_panel.spectrum.dmap)
     assert type(plot.state.y_scale).__name__ == "LinearScale"
 
 
@@ -228,7 +235,7 @@ def test_threshold_changes_maps_without_rerunning_model(dash, scene):
     _, maps, truth = scene
     k = CLASSES.index("vermilion")
     valid = ~maps.mask
-    before_lead = dash._tiles["lead white"]
+    before_lead = dash.gallery.tiles["lead white"]
     tile = gallery_tile(dash, k)
     absent, invalid = np.all(tile == (0xE6, 0xE6, 0xE6), axis=-1), np.all(tile == (0x80, 0x80, 0x80), axis=-1)
     np.testing.assert_array_equal(invalid, maps.mask)
@@ -237,7 +244,7 @@ def test_threshold_changes_maps_without_rerunning_model(dash, scene):
     dash.view = "Pigment"
     _, img = dash.main_array()
     np.testing.assert_array_equal(np.isfinite(img), valid)  # NaN only at the invalid pixel
-    mapper = render(dash._main_dmap).handles["color_mapper"]
+    mapper = render(dash.map_panel.main.dmap).handles["color_mapper"]
     assert (mapper.low, mapper.high) == (0.5, 1.0)  # below the threshold: drawn as "absent"
     png = png_map(dash.export_png())
     absent = np.all(png == (0xE6, 0xE6, 0xE6), axis=-1)
@@ -245,22 +252,22 @@ def test_threshold_changes_maps_without_rerunning_model(dash, scene):
 
     dash.set_threshold("vermilion", 0.95)  # above every probability (0.9 + at most 0.04)
     assert not dash.binary_maps()[..., k].any()
-    mapper = render(dash._main_dmap).handles["color_mapper"]
+    mapper = render(dash.map_panel.main.dmap).handles["color_mapper"]
     assert mapper.low == 0.95
     png = png_map(dash.export_png())
     assert np.all(png[valid] == (0xE6, 0xE6, 0xE6))
     tile = gallery_tile(dash, k)
     assert np.all(tile[valid] == (0xE6, 0xE6, 0xE6))
-    assert "vermilion (0%)" in [t for *_, t in dash._gallery_shown["labels"]]
-    assert dash._tiles["lead white"] is before_lead  # untouched class: not recoloured
-    assert dash._class_sliders["vermilion"].value == 0.95
+    assert "vermilion (0%)" in [t for *_, t in dash.gallery.shown["labels"]]
+    assert dash.gallery.tiles["lead white"] is before_lead  # untouched class: not recoloured
+    assert dash.threshold_panel.class_sliders["vermilion"].value == 0.95
     # the global slider sets every class
     dash.global_threshold = 0.05
     assert dash.thresholds == dict.fromkeys(CLASSES, 0.05)
     expected = np.nan_to_num(maps.probability, nan=-1) >= 0.05
     expected &= valid[..., None]
     np.testing.assert_array_equal(dash.binary_maps(), expected)
-    assert all(s.value == 0.05 for s in dash._class_sliders.values())
+    assert all(s.value == 0.05 for s in dash.threshold_panel.class_sliders.values())
     dash.reset_thresholds()
     assert dash.thresholds == dict.fromkeys(CLASSES, 0.5)
 
@@ -290,7 +297,7 @@ def test_views_surface_buried_ood_elements_total(dash, scene):
     dash.log_scale = True
     _, logtotal = dash.main_array()
     np.testing.assert_allclose(logtotal, np.log10(1 + np.asarray(scan.counts).sum(axis=-1)))
-    plot = render(dash._main_dmap)
+    plot = render(dash.map_panel.main.dmap)
     assert type(plot.handles["glyph"]).__name__ == "Image"
 
 
@@ -315,7 +322,7 @@ def test_box_and_lasso_selection_give_mean_spectrum_and_area_fractions(dash, sce
     scan, _, truth = scene
     counts = np.asarray(scan.counts, dtype=float)
     # box over the left half: lead white everywhere valid there
-    dash._box.event(bounds=(0.0, 0.0, COLS / 2 * PIXEL_MM, ROWS * PIXEL_MM))
+    dash.map_panel.box.event(bounds=(0.0, 0.0, COLS / 2 * PIXEL_MM, ROWS * PIXEL_MM))
     assert dash.pixel is None and dash.region.sum() == ROWS * COLS // 2
     _, _, mean = dash.current_spectrum()
     np.testing.assert_allclose(mean, counts[:, : COLS // 2].reshape(-1, CHANNELS).mean(axis=0))
@@ -324,16 +331,16 @@ def test_box_and_lasso_selection_give_mean_spectrum_and_area_fractions(dash, sce
     left = np.zeros((ROWS, COLS), bool)
     left[:, : COLS // 2] = True
     assert fr["vermilion"] == pytest.approx(truth["vermilion"][left].mean())
-    assert "lead white | 100.0 %" in dash._fractions.object
+    assert "lead white | 100.0 %" in dash.selection_info.fractions.object
     # lasso: a triangle; pixel centres inside by construction (below the diagonal of the top-left square)
-    dash._lasso.event(geometry=np.array([[0.0, 0.0], [16.0, 16.0], [0.0, 16.0]]) * PIXEL_MM)
+    dash.map_panel.lasso.event(geometry=np.array([[0.0, 0.0], [16.0, 16.0], [0.0, 16.0]]) * PIXEL_MM)
     rr, cc = np.mgrid[:ROWS, :COLS] + 0.5
     expected = (cc < rr) & (rr < 16) & (cc > 0)
     np.testing.assert_array_equal(dash.region, expected)
     _, _, mean = dash.current_spectrum()
     np.testing.assert_allclose(mean, counts[expected].mean(axis=0))
     # a tap goes back to single pixels
-    dash._tap.event(x=1.5 * PIXEL_MM, y=2.5 * PIXEL_MM)
+    dash.map_panel.tap.event(x=1.5 * PIXEL_MM, y=2.5 * PIXEL_MM)
     assert dash.region is None and dash.pixel == (2, 1)
 
 
@@ -347,7 +354,7 @@ def test_sessions_are_independent(scene):
     assert not a.binary_maps()[..., k].any()
     assert b.binary_maps()[..., k].sum() == (~maps.mask).sum()
     assert a.thresholds["lead white"] == 0.5 and b.thresholds["vermilion"] == 0.05
-    b._tap.event(x=5.5 * PIXEL_MM, y=6.5 * PIXEL_MM)
+    b.map_panel.tap.event(x=5.5 * PIXEL_MM, y=6.5 * PIXEL_MM)
     assert a.pixel == (ROWS // 2, COLS // 2) and b.pixel == (6, 5)
     np.testing.assert_array_equal(maps.thresholds, [0.5, 0.5, 0.5])  # shared result untouched
 
@@ -400,7 +407,7 @@ def test_exports(dash, scene, tmp_path):
         names = zf.namelist()
     assert names and all(n.endswith((".tif", ".tiff", ".json", ".txt", ".csv")) for n in names)
     # the download buttons produce the same bytes
-    assert dash._dl_csv.callback().getvalue() == dash.export_spectrum_csv()
+    assert dash.export_panel.csv.callback().getvalue() == dash.export_spectrum_csv()
 
 
 def test_path_traversal_refused(tmp_path, scene):
@@ -426,7 +433,7 @@ def test_path_traversal_refused(tmp_path, scene):
 
 
 def test_bad_file_and_oversized_upload_become_notifications(tmp_path, monkeypatch):
-    monkeypatch.setattr(_dashboard, "available_models", list)
+    monkeypatch.setattr(_data, "available_models", list)
     root = tmp_path / "served"
     root.mkdir()
     # an HDF5 signature (so it is listed) followed by garbage: the reader's error becomes a notification
@@ -436,7 +443,7 @@ def test_bad_file_and_oversized_upload_become_notifications(tmp_path, monkeypatc
     level, message = dash.last_message
     assert level == "error" and "garbage.h5" in message
     assert dash.scan is None
-    dash._upload.value = {"big.h5": b"0" * 5000}
+    dash.data_panel.upload.value = {"big.h5": b"0" * 5000}
     level, message = dash.last_message
     assert level == "error" and "limit" in message and "big.h5" in message
     assert dash.scan is None
@@ -457,11 +464,11 @@ def test_upload_limit_is_enforced_on_the_server_as_chunks_arrive(tmp_path, monke
     """A client that ignores the browser's size check sends chunks straight to the widget: the server
     stops buffering at the chunk that crosses the limit, ignores the rest and says so; a file under the
     limit, sent the same way, still opens."""
-    monkeypatch.setattr(_dashboard, "available_models", list)
+    monkeypatch.setattr(_data, "available_models", list)
     limit_mb = 0.05
     limit = int(limit_mb * 2**20)
     dash = Dashboard(max_upload_mb=limit_mb)
-    widget = dash._upload
+    widget = dash.data_panel.upload
     held = []
     for event in _upload_events("huge.h5", b"\x89HDF\r\n\x1a\n" + bytes(50 * limit), chunk_bytes=4096):
         widget._process_event(event)
@@ -482,22 +489,23 @@ def test_upload_limit_is_enforced_on_the_server_as_chunks_arrive(tmp_path, monke
 
 
 def test_upload_without_model_says_so(tmp_path, monkeypatch, scene):
-    monkeypatch.setattr(_dashboard, "available_models", list)
+    monkeypatch.setattr(_data, "available_models", list)
     scan, _, _ = scene
     path = xrfnb.save(scan, tmp_path / "scan.h5")
     dash = Dashboard()
     assert "No scan open" in dash.status_text and "No trained pigment model" in dash.status_text
-    dash._upload.value = {"../../evil/scan.h5": Path(path).read_bytes()}
+    dash.data_panel.upload.value = {"../../evil/scan.h5": Path(path).read_bytes()}
     assert dash.scan is not None and dash.scan.shape == scan.shape
-    assert [f.name for f in dash._upload_dir.iterdir()] == ["scan.h5"]  # folders stripped from the name
+    # folders stripped from the name
+    assert [f.name for f in dash.data_panel.upload_dir.iterdir()] == ["scan.h5"]
     assert dash.maps is None
     assert "No trained pigment model" in dash.status_text
-    kind = dash._main_dmap[()]
+    kind = dash.map_panel.main.dmap[()]
     assert isinstance(kind, hv.Text) and "model" in kind.text  # composite needs a model: says so
     dash.view = "Total counts"
     _, total = dash.main_array()
     np.testing.assert_allclose(total, np.asarray(scan.counts).sum(axis=-1))
-    assert "No trained model" in dash._gallery.objects[0].object
+    assert "No trained model" in dash.gallery.column.objects[0].object
     with pytest.raises(xrfnb.DataError, match="no pigment maps"):
         dash.export_hdf5()
 
@@ -505,10 +513,10 @@ def test_upload_without_model_says_so(tmp_path, monkeypatch, scene):
 def test_upload_written_inside_private_folder(tmp_path, scene):
     scan, _, _ = scene
     path = xrfnb.save(scan, tmp_path / "scan.h5")
-    dash = Dashboard(model=object())  # a given model object; mapping needs the real one, not tested here
-    dash._blocking = True
+    # a given model object; mapping needs the real one, not tested here
+    dash = Dashboard(model=object(), blocking=True)
     dash.load_upload("../../../../tmp/evil name.h5", Path(path).read_bytes())
-    files = list(dash._upload_dir.iterdir())
+    files = list(dash.data_panel.upload_dir.iterdir())
     assert [f.name for f in files] == ["evil_name.h5"]
     assert dash.scan.shape == scan.shape
 
@@ -545,17 +553,17 @@ def test_symlink_loop_and_non_data_files_are_not_listed(tmp_path, scene, caplog)
 def test_serve_target_and_data_folder_checks(tmp_path):
     f = tmp_path / "a.h5"
     f.write_bytes(b"x")
-    assert _dashboard._serve_target(f) == (tmp_path.resolve(), "a.h5")
-    assert _dashboard._serve_target(tmp_path) == (tmp_path.resolve(), None)
-    assert _dashboard._serve_target(None) == (None, None)
+    assert _files.serve_target(f) == (tmp_path.resolve(), "a.h5")
+    assert _files.serve_target(tmp_path) == (tmp_path.resolve(), None)
+    assert _files.serve_target(None) == (None, None)
     with pytest.raises(xrfnb.DataError):
-        _dashboard._serve_target(tmp_path / "missing")
+        _files.serve_target(tmp_path / "missing")
     with pytest.raises(xrfnb.DataError):
         Dashboard(tmp_path / "missing")
 
 
 def test_polygon_mask_matches_box():
-    m = _dashboard._polygon_mask(np.array([2.0, 6.0, 6.0, 2.0]), np.array([1.0, 1.0, 5.0, 5.0]), 8, 8)
+    m = _maps.polygon_mask(np.array([2.0, 6.0, 6.0, 2.0]), np.array([1.0, 1.0, 5.0, 5.0]), 8, 8)
     expected = np.zeros((8, 8), bool)
     expected[1:5, 2:6] = True
     np.testing.assert_array_equal(m, expected)
@@ -563,12 +571,13 @@ def test_polygon_mask_matches_box():
 
 def test_invalid_pixel_and_outside_pixel(dash, scene):
     dash.select_pixel(*DEAD)
-    overlay = dash._prob_dmap[()]
+    overlay = dash.spectrum_panel.prob.dmap[()]
     assert "invalid pixel" in overlay.opts.get().kwargs["title"]
-    assert "pigments: none above threshold" in dash._info.object
+    assert "pigments: none above threshold" in dash.selection_info.info.object
     with pytest.raises(xrfnb.DataError, match="outside"):
         dash.select_pixel(ROWS, 0)
-    dash._tap.event(x=(COLS + 3.0) * PIXEL_MM, y=1.0 * PIXEL_MM)  # outside the map: reported, not raised
+    # outside the map: reported, not raised
+    dash.map_panel.tap.event(x=(COLS + 3.0) * PIXEL_MM, y=1.0 * PIXEL_MM)
     assert dash.last_message[0] == "error" and "outside" in dash.last_message[1]
 
 
@@ -595,7 +604,7 @@ def test_live_document_follows_view_and_axis_changes(dash):
         dash.log_scale = log
         assert type(plot_named("xrfnb-spectrum").y_scale).__name__ == ("LogScale" if log else "LinearScale")
     # taps still reach the dashboard after the main plot was rebuilt
-    dash._tap.event(x=7.5 * PIXEL_MM, y=9.5 * PIXEL_MM)
+    dash.map_panel.tap.event(x=7.5 * PIXEL_MM, y=9.5 * PIXEL_MM)
     assert dash.pixel == (9, 7)
 
 
@@ -617,14 +626,14 @@ def test_simulated_spectrum_of_the_predicted_stack(dash, scene):
     assert expected[fitted].sum() == pytest.approx(counts[fitted].sum())
     # it is the best of the stacks searched: better than the same pigments at the default guess
     guess = xrfnb.Stack([xrfnb.Layer({"lead white": 0.3, "vermilion": 0.3}, thickness_um=20.0)])
-    g = xrfnb.simulate_batch([guess], dash._instrument(), noise=False)[0][fitted]
+    g = xrfnb.simulate_batch([guess], dash.spectrum_panel.instrument(), noise=False)[0][fitted]
     from xrfnb.fitting.stackfit import poisson_deviance
 
     assert fit.deviance <= poisson_deviance(counts[fitted], g / g.sum() * counts[fitted].sum()) + 1e-6
     # the simulator's strongest fluorescence lines lie on the Hg/Pb L lines (published energies)
     peak_keV = energy[np.argmax(np.where(energy > 3.0, expected, 0))]
     assert min(abs(peak_keV - PUBLISHED_KEV["Pb La1"]), abs(peak_keV - PUBLISHED_KEV["Hg La1"])) < 0.1
-    residual = dash._residual.dmap[()]
+    residual = dash.spectrum_panel.residual.dmap[()]
     assert isinstance(residual, hv.Overlay)
     np.testing.assert_allclose(elements_of(residual, hv.Curve)[0].dimension_values(1), counts - expected)
     title = residual.opts.get().kwargs["title"]
@@ -632,8 +641,8 @@ def test_simulated_spectrum_of_the_predicted_stack(dash, scene):
     # the whole description is in the title, wrapped onto lines that fit the plot rather than cut off
     desc, _ = dash.simulated_spectrum()
     assert title.split() == f"Residual vs fitted stack: {desc}".split()
-    assert max(len(line) for line in title.splitlines()) <= _dashboard._TITLE_CHARS
-    overlay = dash._spectrum_dmap[()]
+    assert max(len(line) for line in title.splitlines()) <= _spectrum.TITLE_CHARS
+    overlay = dash.spectrum_panel.spectrum.dmap[()]
     assert len(elements_of(overlay, hv.Curve)) == 2  # measured and simulated
     # red ochre predicted as buried under lead white -> two layers, lead white on top
     dash.select_pixel(28, 5)
@@ -642,13 +651,13 @@ def test_simulated_spectrum_of_the_predicted_stack(dash, scene):
     assert len(stack.layers) == 2 and desc.startswith("lead white ") and " over red ochre " in desc
     assert "µm)" in desc and " um" not in desc  # the surface thickness, in micrometres
     full = f"Residual vs fitted stack: {dash.simulated_spectrum()[0]}"
-    title = dash._residual.dmap[()].opts.get().kwargs["title"]
-    chars = _dashboard._TITLE_CHARS
+    title = dash.spectrum_panel.residual.dmap[()].opts.get().kwargs["title"]
+    chars = _spectrum.TITLE_CHARS
     assert title.split() == full.split() and max(len(line) for line in title.splitlines()) <= chars
     assert ("\n" in title) == (len(full) > chars)
     dash.simulate_stack = False
     assert dash.simulated_spectrum() is None
-    residual = dash._residual.dmap[()]
+    residual = dash.spectrum_panel.residual.dmap[()]
     assert "No simulated spectrum: switched off" in residual.opts.get().kwargs["title"]
     assert len(elements_of(residual, hv.Curve)[0]) == 0
 
@@ -663,7 +672,7 @@ def test_new_maps_arrive_in_a_live_document(dash):
     doc = Document()
     doc.add_root(dash.__panel__().get_root(doc))
     other = dataclasses.replace(dash.maps, classes=("a", "b", "c"), thresholds=np.array([0.25, 0.5, 0.75]))
-    dash._set_maps(other)
+    dash.set_maps(other)
     assert dash.thresholds == {"a": 0.25, "b": 0.5, "c": 0.75} and dash.focus == "a"
     assert not hasattr(dash, "last_message")  # no error was notified
     (main,) = [p for p in doc.select({"type": Plot}) if p.name == "xrfnb-main"]
@@ -753,8 +762,8 @@ def test_threshold_change_patches_the_live_documents_maps(dash, scene, monkeypat
     main, gallery = plot_in(doc, "xrfnb-main"), plot_in(doc, "xrfnb-gallery")
     main_source = image_source(main).data_source
     calls = []
-    element = dash._main._element
-    monkeypatch.setattr(dash._main, "_element", lambda: calls.append(1) or element())
+    element = dash.map_panel.main._element
+    monkeypatch.setattr(dash.map_panel.main, "_element", lambda: calls.append(1) or element())
     np.testing.assert_allclose(document_rgb(main), expected_composite(maps, [0.5] * 3), atol=1)
     check_gallery(doc, dash, maps, [0.5] * 3)
 
@@ -775,11 +784,11 @@ def test_threshold_change_patches_the_live_documents_maps(dash, scene, monkeypat
     check_gallery(doc, dash, maps, [0.05] * 3)
     assert calls == []  # the main map was patched, not re-rendered through HoloViews
     # a fresh HoloViews render of the current state draws exactly what the document holds
-    fresh = render(dash._main_dmap).handles["source"].data["image"][0]
+    fresh = render(dash.map_panel.main.dmap).handles["source"].data["image"][0]
     np.testing.assert_array_equal(main_source.data["image"][0], fresh)
     fresh = [
         sub.handles["source"].data["image"][0]
-        for sub in render(dash._gallery.objects[0].object).subplots.values()
+        for sub in render(dash.gallery.column.objects[0].object).subplots.values()
         if "image" in sub.handles["source"].data
     ]
     np.testing.assert_array_equal(image_source(gallery).data_source.data["image"][0], fresh[0])
@@ -830,7 +839,8 @@ def test_threshold_change_updates_the_probability_bars_in_the_document(dash, sce
         s for s in doc.select({"type": ColumnDataSource}) if "threshold" in s.data and "color" not in s.data
     ]
     np.testing.assert_allclose(marks.data["threshold"], [0.5, 0.95, 0.5])
-    assert "pigments: lead white" in dash._info.object and "vermilion" not in dash._info.object
+    info = dash.selection_info.info.object
+    assert "pigments: lead white" in info and "vermilion" not in info
 
 
 def test_sessions_patch_only_their_own_documents(scene):
@@ -860,36 +870,37 @@ def test_mapping_job_reports_progress_per_block_and_can_be_cancelled(scene):
     rows, cols = scan.shape[:2]
     seen: list[tuple[int, int]] = []
 
-    class Job(dict):
-        def __setitem__(self, key, value):
-            super().__setitem__(key, value)
-            if key == "done":
-                seen.append((value, self["total"]))
+    class Job(_job.MappingJob):
+        def __setattr__(self, key, value):
+            super().__setattr__(key, value)
+            if key == "done" and hasattr(self, "total"):
+                seen.append((value, self.total))
 
-    job = Job(done=0, total=1)
-    maps = _dashboard._map_with_progress(scan, model, job, chunk_pixels=cols, element_maps=False)
-    assert job["done"] == job["total"] == rows * cols
+    job = Job("map", scan=scan)
+    seen.clear()  # the values the dataclass starts with are not progress reports
+    maps = _job.map_with_progress(scan, model, job, chunk_pixels=cols, element_maps=False)
+    assert job.done == job.total == rows * cols
     assert seen[0][0] == 0 and len(seen) >= rows  # one report per row block of one row (plus start)
     assert [d for d, _ in seen] == sorted(d for d, _ in seen)
     ref = xrfnb.map_pigments(scan, model, progress=False)
     np.testing.assert_array_equal(maps.probability, ref.probability)
 
-    job = {"done": 0, "total": 1, "cancel": True}
-    with pytest.raises(_dashboard._Cancelled):
-        _dashboard._map_with_progress(scan, model, job, chunk_pixels=cols, element_maps=False)
-    assert job["done"] == 0  # stopped at the first report, before any block was identified
+    job = _job.MappingJob("map", scan=scan, cancelled=True)
+    with pytest.raises(_job.Cancelled):
+        _job.map_with_progress(scan, model, job, chunk_pixels=cols, element_maps=False)
+    assert job.done == 0  # stopped at the first report, before any block was identified
 
 
 def test_opening_another_scan_cancels_the_running_job_silently(scene):
     scan, maps, _ = scene
     dash = Dashboard(scan=scan, maps=maps)
     other = xrfnb.Scan(np.asarray(scan.counts)[:, ::-1].copy(), scan.calibration)
-    job = {"done": 0, "total": 1, "scan": scan, "error": None, "finished": False, "result": None, "key": None}
-    dash._job = job
+    job = _job.MappingJob("map", scan=scan)
+    dash.data_panel.jobs.job = job
     dash.set_scan(other, maps=maps)
-    assert job["cancel"] is True  # the worker thread stops at its next progress report
-    job.update(error=_dashboard._Cancelled(), finished=True)
-    dash._finish_job(job)  # no notification, maps of the new scan stay
+    assert job.cancelled is True  # the worker thread stops at its next progress report
+    job.error, job.finished = _job.Cancelled(), True
+    dash.data_panel.finish_job(job)  # no notification, maps of the new scan stay
     assert not hasattr(dash, "last_message") and dash.scan is other and dash.maps is maps
 
 
@@ -904,7 +915,7 @@ def test_serve_app_refuses_callables_panel_would_render_as_text():
 def test_serve_warns_when_binding_beyond_loopback(monkeypatch, caplog):
     """Binding every interface says, on one line, that anyone on the network can open the folder."""
     calls = []
-    monkeypatch.setattr(_dashboard, "serve_app", lambda app, **kw: calls.append(kw))
+    monkeypatch.setattr(_server, "serve_app", lambda app, **kw: calls.append(kw))
     with caplog.at_level("WARNING", logger="xrfnb.ui.dashboard"):
         _dashboard.serve(None, port=5999, address="127.0.0.1")
         _dashboard.serve(None, port=5999, address="localhost")
@@ -991,11 +1002,10 @@ def test_a_slow_file_in_one_session_does_not_freeze_the_others(tmp_path, monkeyp
     import threading
     import time
 
-    monkeypatch.setattr(_dashboard, "available_models", list)  # no mapping: only the read is slow
+    monkeypatch.setattr(_data, "available_models", list)  # no mapping: only the read is slow
     scan, _, _ = scene
     xrfnb.save(scan, tmp_path / "slow.h5")
     started, release = threading.Event(), threading.Event()
-    real_attr = _dashboard._xrfnb_attr
 
     def slow_load(path, **kwargs):
         if Path(path).name == "slow.h5":
@@ -1003,7 +1013,7 @@ def test_a_slow_file_in_one_session_does_not_freeze_the_others(tmp_path, monkeyp
             assert release.wait(120)
         return xrfnb.load(path, **kwargs)
 
-    monkeypatch.setattr(_dashboard, "_xrfnb_attr", lambda n: slow_load if n == "load" else real_attr(n))
+    monkeypatch.setattr(_data, "load", slow_load)
     sessions = []
 
     def app():
@@ -1050,7 +1060,8 @@ def test_a_slow_file_in_one_session_does_not_freeze_the_others(tmp_path, monkeyp
             assert time.monotonic() < deadline, "session 1 never showed the scan it read"
             time.sleep(0.2)
         assert sessions[0].scan.shape == scan.shape and sessions[1].scan is None
-        np.testing.assert_allclose(sessions[0]._total, np.asarray(scan.counts, dtype=float).sum(axis=-1))
+        total = np.asarray(scan.counts, dtype=float).sum(axis=-1)
+        np.testing.assert_allclose(sessions[0].total_counts, total)
     finally:
         release.set()
         server.stop()
@@ -1067,10 +1078,10 @@ def test_opening_a_smaller_scan_after_a_larger_one(scene):
     dash.set_scan(small_scan, maps=small_maps, label="small")
     assert not hasattr(dash, "last_message"), dash.last_message
     assert dash.pixel == (12, 12) and dash.region is None
-    assert "pixel (row 12, col 12)" in dash._info.object
+    assert "pixel (row 12, col 12)" in dash.selection_info.info.object
     main = plot_in(doc, "xrfnb-main")
     assert document_rgb(main).shape[:2] == (24, 24)
-    spectrum = dash._spectrum_dmap[()]
+    spectrum = dash.spectrum_panel.spectrum.dmap[()]
     assert "pixel (row 12, col 12)" in spectrum.opts.get().kwargs["title"]
     np.testing.assert_array_equal(
         elements_of(spectrum, hv.Curve)[0].dimension_values(1), np.asarray(small_scan.counts[12, 12], float)
@@ -1094,24 +1105,25 @@ def test_out_of_distribution_banner(scene):
     valid = ~maps.mask
     with np.errstate(invalid="ignore"):
         ood = (maps.ood_score > maps.ood_threshold) & valid
-    assert dash._ood_alert.visible
-    assert f"{100 * ood.sum() / valid.sum():.1f} %" in dash._ood_alert.object
-    assert f"({int(ood.sum())} of {int(valid.sum())};" in dash._ood_alert.object
+    assert dash.selection_info.ood_alert.visible
+    assert f"{100 * ood.sum() / valid.sum():.1f} %" in dash.selection_info.ood_alert.object
+    assert f"({int(ood.sum())} of {int(valid.sum())};" in dash.selection_info.ood_alert.object
     r, c = map(int, np.argwhere(ood)[0])
     dash.select_pixel(r, c)
-    assert "selected pixel is out of distribution" in dash._ood_alert.object
-    assert dash._ood_alert.alert_type == "danger"
-    assert "OUT OF DISTRIBUTION" in dash._prob_dmap[()].opts.get().kwargs["title"]
-    assert "out of distribution" in dash._info.object
+    assert "selected pixel is out of distribution" in dash.selection_info.ood_alert.object
+    assert dash.selection_info.ood_alert.alert_type == "danger"
+    assert "OUT OF DISTRIBUTION" in dash.spectrum_panel.prob.dmap[()].opts.get().kwargs["title"]
+    assert "out of distribution" in dash.selection_info.info.object
     r, c = map(int, np.argwhere(valid & ~ood)[0])
     dash.select_pixel(r, c)
-    assert "selected pixel" not in dash._ood_alert.object and dash._ood_alert.alert_type == "warning"
+    alert = dash.selection_info.ood_alert
+    assert "selected pixel" not in alert.object and alert.alert_type == "warning"
     # every pixel unfamiliar (a real spectrum far from the training set): "All", in red
-    dash._set_maps(dataclasses.replace(maps, ood_score=np.where(valid, 9.3, np.nan).astype(np.float32)))
-    assert dash._ood_alert.visible and dash._ood_alert.object.count("All of this scan") == 1
-    assert dash._ood_alert.alert_type == "danger"
-    dash._set_maps(dataclasses.replace(maps, ood_score=np.where(valid, 0.1, np.nan).astype(np.float32)))
-    assert not dash._ood_alert.visible
+    dash.set_maps(dataclasses.replace(maps, ood_score=np.where(valid, 9.3, np.nan).astype(np.float32)))
+    assert alert.visible and alert.object.count("All of this scan") == 1
+    assert dash.selection_info.ood_alert.alert_type == "danger"
+    dash.set_maps(dataclasses.replace(maps, ood_score=np.where(valid, 0.1, np.nan).astype(np.float32)))
+    assert not dash.selection_info.ood_alert.visible
 
 
 def test_only_buried_pigments_are_fitted_as_one_layer_not_an_internal_error(dash, monkeypatch):
@@ -1121,37 +1133,33 @@ def test_only_buried_pigments_are_fitted_as_one_layer_not_an_internal_error(dash
     assert dash.predicted_pigments() == ((), ("red ochre",))
     stack, desc = dash.predicted_stack()
     assert len(stack.layers) == 1 and "red ochre" in desc
-    title = dash._residual.dmap[()].opts.get().kwargs["title"]
+    title = dash.spectrum_panel.residual.dmap[()].opts.get().kwargs["title"]
     assert title.startswith("Residual vs fitted stack") and "mapping" not in title
     # a simulator failure is told in words about the pigments, its internals go to the log only
     monkeypatch.setattr(
-        _dashboard,
-        "_xrfnb_attr",
-        lambda n, real=_dashboard._xrfnb_attr: (
-            (lambda *a, **k: (_ for _ in ()).throw(xrfnb.SimulationError("layer: internals")))
-            if n == "fit_stack"
-            else real(n)
-        ),
+        _spectrum,
+        "fit_stack",
+        lambda *a, **k: (_ for _ in ()).throw(xrfnb.SimulationError("layer: internals")),
     )
-    _dashboard._FITS._d.clear()
+    _files.FITS.clear()
     dash.select_pixel(28, 27)
-    title = dash._residual.dmap[()].opts.get().kwargs["title"]
+    title = dash.spectrum_panel.residual.dmap[()].opts.get().kwargs["title"]
     assert "red ochre could not be simulated" in title and "internals" not in title
 
 
 def test_long_messages_make_short_notifications(tmp_path, monkeypatch):
     """A non-data upload: the reader's message lists every format; the toast keeps its first clause,
     the status line keeps all of it."""
-    monkeypatch.setattr(_dashboard, "available_models", list)
+    monkeypatch.setattr(_data, "available_models", list)
     shown = []
 
     class Notifications:
         def error(self, text, duration):
             shown.append(text)
 
-    monkeypatch.setattr(type(_dashboard.pn.state), "notifications", property(lambda self: Notifications()))
+    monkeypatch.setattr(type(_common.pn.state), "notifications", property(lambda self: Notifications()))
     dash = Dashboard()
-    dash._upload.value = {"notes.md": b"# Provenance\n\nMeasured in 2019 by the museum's lab.\n"}
+    dash.data_panel.upload.value = {"notes.md": b"# Provenance\n\nMeasured in 2019 by the museum's lab.\n"}
     level, message = dash.last_message
     assert level == "error" and message.startswith("notes.md: ") and len(message) > 300
     assert "xrfnb-upload" not in message  # the private temporary folder is not shown
@@ -1178,20 +1186,20 @@ def test_maps_have_legends_labelled_colour_bars_and_mm_axes(dash, scene):
     entries = dict((text.split(" (")[0], color) for color, text in dash.legend_entries())
     for name, color in zip(CLASSES, COLORS, strict=True):
         assert entries[name] == color
-    area = {c: f for c, f in zip(CLASSES, dash._legend_fractions(), strict=True)}
+    area = {c: f for c, f in zip(CLASSES, dash.map_panel.legend_fractions(), strict=True)}
     for name in CLASSES:
         expected = truth[name][~maps.mask].mean()
         assert area[name] == pytest.approx(expected, abs=1e-9)
-        assert name in dash._legend.object
+        assert name in dash.map_panel.legend.object
     dash.set_threshold("vermilion", 0.99)  # vermilion nowhere now: not in the legend
-    assert "vermilion" not in dash._legend.object and "lead white" in dash._legend.object
+    assert "vermilion" not in dash.map_panel.legend.object and "lead white" in dash.map_panel.legend.object
 
     dash.focus, dash.view = "red ochre", "Surface vs buried"
     main = plot_in(doc, "xrfnb-main")
     assert not [a for a in main.right if isinstance(a, ColorBar)]
     texts = [t for _, t in dash.legend_entries()]
     assert texts[0] == "red ochre at the surface" and texts[1].startswith("red ochre buried only")
-    assert "buried only" in dash._legend.object
+    assert "buried only" in dash.map_panel.legend.object
 
     for view, element, label in (
         ("Pigment", None, "probability"),
@@ -1219,7 +1227,7 @@ def test_map_axes_in_pixels_without_a_pixel_size(scene):
     main = plot_in(live_document(dash), "xrfnb-main")
     assert main.xaxis[0].axis_label == "column" and main.x_range.end == COLS
     assert not [a for a in main.center if isinstance(a, ScaleBar)]
-    dash._tap.event(x=7.5, y=9.5)
+    dash.map_panel.tap.event(x=7.5, y=9.5)
     assert dash.pixel == (9, 7)
     assert "xrfnb:scale_bar" not in __import__("PIL.Image").Image.open(io.BytesIO(dash.export_png())).info
 
@@ -1257,9 +1265,9 @@ def test_a_single_spectrum_gets_a_spectrum_view(scene):
     scan1, maps1 = single_spectrum_scene(scene)
     dash = Dashboard(scan=scan1, maps=maps1)
     assert dash.single_spectrum and dash.pixel == (0, 0)
-    assert not dash._map_column.visible and not dash._gallery_section.visible
-    assert dash._gallery.objects == [] and not dash._map_exports.visible
-    assert dash._calls.visible
+    assert not dash._map_column.visible and not dash.gallery.section.visible
+    assert dash.gallery.column.objects == [] and not dash.export_panel.map_row.visible
+    assert dash.selection_info.calls.visible
     rows = dash.calls_table()
     calls = {row["class"]: row["call"] for row in rows}
     assert calls == {"lead white": "surface", "vermilion": "surface", "red ochre": ""}
@@ -1270,19 +1278,20 @@ def test_a_single_spectrum_gets_a_spectrum_view(scene):
     assert "Pb 501 ± 22 counts" in lw["evidence"]
     ochre = next(row for row in rows if row["class"] == "red ochre")
     assert "Fe not detected (< 30)" in ochre["evidence"]
-    table = dash._calls.object
+    table = dash.selection_info.calls.object
     assert "| lead white |" in table and "**surface**" in table and "absent" in table
     # the spectrum with the markers of the elements found, and the residual of the fitted stack
-    spectrum = dash._spectrum_dmap[()]
+    spectrum = dash.spectrum_panel.spectrum.dmap[()]
     np.testing.assert_array_equal(
         elements_of(spectrum, hv.Curve)[0].dimension_values(1), np.asarray(scan.counts[16, 12], float)
     )
-    assert {name.split()[0] for name, _ in dash.marker_lines()} == {"Pb", "Hg", "S"}
-    assert "fitted stack" in dash._residual.dmap[()].opts.get().kwargs["title"]
+    markers = elements_of(spectrum, hv.Labels)[0].dimension_values("line")
+    assert {name.split()[0] for name in markers} == {"Pb", "Hg", "S"}
+    assert "fitted stack" in dash.spectrum_panel.residual.dmap[()].opts.get().kwargs["title"]
     # a map opened afterwards gets the map view back
     dash.set_scan(scan, maps=maps)
-    assert not dash.single_spectrum and dash._map_column.visible and dash._gallery_section.visible
-    assert not dash._calls.visible and dash._gallery.objects
+    assert not dash.single_spectrum and dash._map_column.visible and dash.gallery.section.visible
+    assert not dash.selection_info.calls.visible and dash.gallery.column.objects
 
 
 def test_new_maps_keep_their_per_class_thresholds(scene):
@@ -1325,17 +1334,18 @@ def test_report_export_has_the_sessions_thresholds_scan_and_instrument(dash, sce
     assert "vermilion" not in summary and "red ochre" in summary
     assert html.count("data:image/png;base64,") >= 4  # composite, per-class, OOD and element maps
     # the download button writes the same report (its date line aside)
-    got = dash._dl_report.callback().getvalue().decode()
+    got = dash.export_panel.report.callback().getvalue().decode()
     strip = re.compile(r"Report made [^<]*")
     assert strip.sub("", got) == strip.sub("", html)
-    assert dash._dl_report.filename.endswith(".html") and dash._dl_report.label == "Report (HTML)"
+    button = dash.export_panel.report
+    assert button.filename.endswith(".html") and button.label == "Report (HTML)"
 
 
 def test_report_export_without_maps_says_so(scene):
     scan, _, _ = scene
     dash = Dashboard(scan=scan, model=None)
-    dash._set_maps(None)
-    assert dash._dl_report.callback() is None
+    dash.set_maps(None)
+    assert dash.export_panel.report.callback() is None
     assert dash.last_message[0] == "error" and "no pigment maps" in dash.last_message[1]
 
 
@@ -1349,20 +1359,20 @@ def test_an_uncalibrated_file_leads_to_the_calibration_card_and_maps_after_apply
     reference = xrfnb.load(STEEL).calibration  # Steel.spe with its PyMca Steel.cfg beside it
     shutil.copy(STEEL, tmp_path / "Steel.spe")  # alone: read at 1 keV per channel
     dash = Dashboard(tmp_path)
-    assert dash.model_name != _dashboard._NO_MODEL, "a trained model ships with the package"
+    assert dash.model_name != _common.NO_MODEL, "a trained model ships with the package"
     dash.open("Steel.spe")
     # the model is not run on a channel axis; the status says what to do and the card is open
     assert dash.maps is None and dash.needs_calibration()
     assert "no energy calibration" in dash.status_text and "Energy calibration" in dash.status_text
     assert "Traceback" not in dash.status_text and "EnergyCalibration(" not in dash.status_text
-    panel = dash._calibration
+    panel = dash.calibration_panel
     assert not panel.card.collapsed
-    assert "needs an energy calibration" in dash._calls.object
+    assert "needs an energy calibration" in dash.selection_info.calls.object
     # a click on the spectrum (x in the present calibration: keV = channel) enters the chosen line
     from bokeh import events
 
     panel.line.value = "Fe Kb"
-    figure = render(dash._spectrum.dmap).state  # the rendered figure, as in a page
+    figure = render(dash.spectrum_panel.spectrum.dmap).state  # the rendered figure, as in a page
     figure._trigger_event(events.Tap(figure, x=593.0, y=10.0))
     assert panel.peaks.value == "Fe Kb=593"
     # a malformed entry is a message, not a traceback
@@ -1389,7 +1399,7 @@ def test_an_uncalibrated_file_leads_to_the_calibration_card_and_maps_after_apply
 
 
 def test_calibration_peaks_are_parsed_strictly():
-    from xrfnb.ui.dashboard_parts import parse_peaks
+    from xrfnb.ui.dashboard.calibration import parse_peaks
 
     parsed = parse_peaks("Fe Ka=537, Ni  Ka = 627;\nCr Ka=454.5")
     assert parsed == {"Fe Ka": 537, "Ni Ka": 627, "Cr Ka": 454.5}
@@ -1408,7 +1418,7 @@ def test_a_multi_element_epics_file_says_how_its_detectors_were_combined(tmp_pat
     dash = Dashboard(tmp_path)
     dash.open("four.mca")
     text = dash.scan_info_text()
-    assert dash._scan_info.object == text
+    assert dash.selection_info.scan_info.object == text
     assert "**Detector:** 4 detector elements" in text
     assert "sum of all detector elements, each rebinned onto element 0's energy axis" in text
     assert "live time 8.5 s" in text  # the mean of the four elements' live times
@@ -1418,7 +1428,7 @@ def test_a_multi_element_epics_file_says_how_its_detectors_were_combined(tmp_pat
     assert total == pytest.approx(sum(float(c.sum()) for c in counts), rel=0.01)
     # a one-detector file says nothing about detectors
     dash.set_scan(make_scene(8, 8, 1400)[0], label="one")
-    info = dash._scan_info.object
+    info = dash.selection_info.scan_info.object
     assert "Detector" not in info and "8 x 8 pixels x 1400 channels" in info and "pixel 100 µm" in info
 
 
@@ -1431,12 +1441,12 @@ def test_the_selected_pixel_is_marked_on_the_main_map_and_the_marker_follows_tap
         return {k: list(v) for k, v in renderer.data_source.data.items()}
 
     # a tap at the centre of pixel (row 5, col 8) in mm (0.1 mm pixels, row 0 at the top)
-    dash._on_tap(x=(8 + 0.5) * PIXEL_MM, y=(5 + 0.5) * PIXEL_MM)
+    dash.map_panel.on_tap(x=(8 + 0.5) * PIXEL_MM, y=(5 + 0.5) * PIXEL_MM)
     assert dash.pixel == (5, 8)
     got = marker()
     assert got["x"] == pytest.approx([0.85]) and got["y"] == pytest.approx([0.55])
     assert got["w"] == pytest.approx([PIXEL_MM]) and got["h"] == pytest.approx([PIXEL_MM])
-    dash._on_tap(x=0.31, y=2.05)  # pixel (row 20, col 3)
+    dash.map_panel.on_tap(x=0.31, y=2.05)  # pixel (row 20, col 3)
     got = marker()
     assert dash.pixel == (20, 3) and got["x"] == pytest.approx([0.35]) and got["y"] == pytest.approx([2.05])
     # another view makes a new figure: it marks the same pixel
@@ -1451,7 +1461,7 @@ def test_the_selected_pixel_is_marked_on_the_main_map_and_the_marker_follows_tap
 
 def test_an_rgb_overlay_of_three_element_maps(dash, scene):
     _, maps, truth = scene
-    views = dash._element_views
+    views = dash.element_views
     assert views.section.visible
 
     def title(el):
@@ -1484,7 +1494,7 @@ def test_no_element_section_without_element_maps(scene):
 
     scan, maps, _ = scene
     dash = Dashboard(scan=scan, maps=dataclasses.replace(maps, element_maps=None))
-    assert not dash._element_views.section.visible and dash._element_views.overlay.object is None
+    assert not dash.element_views.section.visible and dash.element_views.overlay.object is None
 
 
 def test_a_dashboard_outside_a_server_links_no_stylesheet_from_a_cdn(dash):
@@ -1493,9 +1503,9 @@ def test_a_dashboard_outside_a_server_links_no_stylesheet_from_a_cdn(dash):
     from bokeh.models import ImportedStyleSheet
     from panel.viewable import Viewable
 
-    from xrfnb.ui.notebook import _localize_panel_stylesheets
+    from xrfnb.ui.notebook import localize_panel_stylesheets
 
-    assert _localize_panel_stylesheets in Viewable._preprocessing_hooks
+    assert localize_panel_stylesheets in Viewable._preprocessing_hooks
     root = dash.__panel__().get_root(Document())
     urls = [s.url for s in root.select({"type": ImportedStyleSheet})]
     assert urls, "Panel's widgets carry stylesheets"

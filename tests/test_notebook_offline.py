@@ -159,7 +159,7 @@ def test_every_stylesheet_of_notebook_outputs_is_local(panel_hooks, tmp_path):
     hv.extension("bokeh", inline=True, logo=False)
     pn.extension(inline=True)
     Viewable._preprocessing_hooks[:] = [
-        h for h in Viewable._preprocessing_hooks if h is not _notebook._localize_panel_stylesheets
+        h for h in Viewable._preprocessing_hooks if h is not _notebook.localize_panel_stylesheets
     ]
     before = set(state._views)
     _render_and_update(scan, maps, dashboard=False)
@@ -178,7 +178,7 @@ def test_every_stylesheet_of_notebook_outputs_is_local(panel_hooks, tmp_path):
     for text in html:
         assert "cdn.holoviz.org" not in text and "cdn.jsdelivr.net" not in text
     assert xrfnb.setup_notebook(tmp_path / "out", announce=False).output_dir == tmp_path / "out"
-    assert Viewable._preprocessing_hooks.count(_notebook._localize_panel_stylesheets) == 1
+    assert Viewable._preprocessing_hooks.count(_notebook.localize_panel_stylesheets) == 1
 
 
 def test_localize_keeps_foreign_stylesheets_and_refuses_paths_outside_panel():

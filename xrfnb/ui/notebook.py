@@ -31,7 +31,7 @@ from panel.viewable import Viewable
 
 from .. import __version__
 
-__all__ = ["NotebookSetup", "setup_notebook"]
+__all__ = ["NotebookSetup", "localize_panel_stylesheets", "setup_notebook"]
 
 #: environment switches the test suite sets (tests/test_notebooks.py)
 SMALL_ENV = "XRFNB_NOTEBOOK_SMALL"
@@ -117,8 +117,8 @@ def setup_notebook(
     out.mkdir(parents=True, exist_ok=True)
     hv.extension("bokeh", inline=True, logo=False)
     pn.extension(inline=True)
-    if _localize_panel_stylesheets not in Viewable._preprocessing_hooks:
-        Viewable._preprocessing_hooks.append(_localize_panel_stylesheets)
+    if localize_panel_stylesheets not in Viewable._preprocessing_hooks:
+        Viewable._preprocessing_hooks.append(localize_panel_stylesheets)
     if announce:
         print(f"xrfnb {__version__}; small-data mode: {small}; results go to {out.resolve()}")
     if real_data is None:
@@ -170,11 +170,27 @@ def localize_stylesheets(models: Iterable[Model]) -> int:
     return changed
 
 
-def _localize_panel_stylesheets(
+def localize_panel_stylesheets(
     viewable: Viewable, root: Model, changed: Viewable | None = None, old_models: Any = None
 ) -> None:
     """Panel preprocessing hook (every render and update): make the root's stylesheets local.
 
+    Registered in ``panel.viewable.Viewable._preprocessing_hooks`` by :func:`setup_notebook` and by the
+    dashboard when it is shown outside a server session.
+
+    Parameters
+    ----------
+    viewable : panel.viewable.Viewable
+        The object rendered or updated.
+    root : bokeh.models.Model
+        Its root model; every ``ImportedStyleSheet`` under it is made local (:func:`localize_stylesheets`).
+    changed : panel.viewable.Viewable, optional
+        The object that changed (an update), as Panel passes it; unused.
+    old_models : object, optional
+        As Panel passes it; unused.
+
+    Notes
+    -----
     It walks the whole root each time (about 30 ms for the dashboard's 300 models): an update can give new
     stylesheets to models outside the object that changed (tests/test_notebook_offline.py finds a
     ``loading.css`` link left when only the changed object's models are walked).

@@ -1,0 +1,304 @@
+"""The dashboard's "Data" section: the scan chooser, the upload dropper, the model chooser and the
+progress bar, and the work behind them: opening a scan and mapping its pigments (off the event loop in a
+server session, :mod:`.job`)."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable, Hashable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import panel as pn
+import param
+
+from ..._errors import DataError
+from ...core.spectrum import Scan
+from ...io.load import load
+from ...physics.scenes import render_scan
+from .common import DEMO_LABEL, NO_MODEL, NO_SCAN, guarded, size_text
+from .files import (
+    MAPS,
+    SCANS,
+    BoundedFileDropper,
+    available_models,
+    list_data_files,
+    load_model_cached,
+    resolve_inside,
+    safe_filename,
+    to_scan,
+)
+from .job import Cancelled, JobRunner, MappingJob, map_with_progress, reraise_for_user
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .app import Dashboard
+
+__all__ = ["DataPanel"]
+
+
+class DataPanel(pn.viewable.Viewer):
+    """Opening scans and mapping their pigments for a :class:`~xrfnb.ui.dashboard.Dashboard`.
+
+    Parameters
+    ----------
+    dash : Dashboard
+        The dashboard that shows what is opened.
+    data_dir : pathlib.Path or None
+        The served data folder (resolved), or None.
+    max_upload_bytes : int
+        Largest accepted upload.
+    blocking : bool or None
+        Run work in the caller's thread (None: when no server session is active).
+
+    Attributes
+    ----------
+    upload_dir : pathlib.Path or None
+        The session's private folder of uploads (removed with the session).
+    jobs : JobRunner
+        The background work of the session.
+    """
+
+    def __init__(
+        self, dash: Dashboard, data_dir: Path | None, max_upload_bytes: int, blocking: bool | None
+    ) -> None:
+        super().__init__()
+        self._dash = dash
+        self._data_dir = data_dir
+        self.max_upload_bytes = max_upload_bytes
+        self._blocking = blocking
+        self.upload_dir: Path | None = None
+        self.jobs = JobRunner(self._on_job_progress, self.finish_job)
+        self.progress_bar = pn.indicators.Progress(
+            value=0, max=100, width=280, visible=False, bar_color="info"
+        )
+        dash.param.watch(lambda e: setattr(self.progress_bar, "value", e.new), "progress")
+        self.source_w = pn.widgets.Select.from_param(
+            dash.param.source, label="Scan (served folder)", width=280
+        )
+        self.upload = BoundedFileDropper(
+            max_upload_bytes,
+            self._on_upload_refused,
+            max_file_size=f"{max(1, int(max_upload_bytes / 2**20))}MB",
+            multiple=False,
+            width=280,
+            height=90,
+        )
+        self.upload.param.watch(self._on_upload, "value")
+        self.model_w = pn.widgets.Select.from_param(dash.param.model_name, label="Model", width=280)
+
+    def __panel__(self) -> pn.viewable.Viewable:
+        return pn.Column(self.source_w, self.upload, self.model_w, self.progress_bar)
+
+    def notify(self, message: str, level: str = "error") -> None:
+        """Tell the user (the dashboard's status line and notifications)."""
+        self._dash.notify(message, level)
+
+    def refresh_choices(self) -> None:
+        """The scans (demo and served folder) and models that can be chosen."""
+        d = self._dash
+        sources = [NO_SCAN, DEMO_LABEL]
+        if self._data_dir is not None:
+            sources.extend(list_data_files(self._data_dir))
+        d.param.source.objects = sources
+        if d.source not in sources:
+            d.source = NO_SCAN
+        models = available_models() if d.model_obj is None else ["(given model)"]
+        d.param.model_name.objects = models or [NO_MODEL]
+        if d.model_name not in d.param.model_name.objects:
+            with param.parameterized.discard_events(d):
+                d.model_name = d.param.model_name.objects[0]
+
+    def __del__(self) -> None:
+        if getattr(self, "upload_dir", None) is not None:
+            shutil.rmtree(self.upload_dir, ignore_errors=True)
+
+    # -- loading ----------------------------------------------------------------------------------
+    @guarded
+    def on_source(self, event: param.parameterized.Event) -> None:
+        if event.new == NO_SCAN:
+            return
+        self.open(event.new)
+
+    def open(self, name: str) -> None:
+        """Open a scan: a path inside the served folder, or :data:`DEMO_LABEL`; then map it.
+
+        In a server session the file is read (and its total-counts image made) in a worker thread, so
+        that one large file never stalls the other sessions; the scan is shown when it is ready.
+        """
+        if name == DEMO_LABEL:
+            self.load_in_background(self.demo_scan, DEMO_LABEL, ("demo",))
+            return
+        if self._data_dir is None:
+            raise DataError(
+                "no data folder is served: start the dashboard with a folder to open files from it"
+            )
+        path = resolve_inside(self._data_dir, name)
+        self.open_path(path, label=name)
+
+    def open_path(self, path: Path, label: str, cache: bool = True) -> None:
+        stat = path.stat()
+        key = (str(path), stat.st_mtime_ns, stat.st_size)
+
+        def read() -> Scan:
+            scan = SCANS.get(key) if cache else None
+            if scan is None:
+                scan = to_scan(load(path), label)
+                if cache:
+                    SCANS.put(key, scan)
+            return scan
+
+        self.load_in_background(read, label, key if cache else None)
+
+    def demo_scan(self) -> Scan:
+        scan = SCANS.get(("demo",))
+        if scan is None:
+            scan = to_scan(render_scan("hidden-painting"), DEMO_LABEL)
+            SCANS.put(("demo",), scan)
+        return scan
+
+    def is_blocking(self) -> bool:
+        """Whether work runs in the caller's thread (no server session: tests, notebooks)."""
+        return self._blocking if self._blocking is not None else pn.state.curdoc is None
+
+    def load_in_background(self, read: Callable[[], Scan], label: str, cache_key: Hashable | None) -> None:
+        """``read()`` the scan and make its total-counts image off the event loop, then show and map it.
+
+        Blocking (no server session): all at once, here. In a session: a worker thread does the
+        reading; the session's periodic poll (:class:`~xrfnb.ui.dashboard.job.JobRunner`, on the
+        document's event loop, so with the document lock held) shows the result. Opening something
+        else meanwhile drops this job.
+        """
+        d = self._dash
+
+        def work(job: MappingJob) -> None:
+            scan = read()
+            job.loaded = (scan, scan.total_counts_image())
+
+        if self.is_blocking():
+            scan = read()
+            d.set_scan(scan, label=label, total=scan.total_counts_image())
+            self.map_current(cache_key=cache_key)
+            return
+        d.show_status(f"Opening {label} ...")
+        self.start_job(MappingJob("load", label=label, key=cache_key), work)
+
+    @guarded
+    def _on_upload(self, event: param.parameterized.Event) -> None:
+        value = event.new or {}
+        if not value:
+            return
+        name, data = next(iter(value.items()))
+        self.load_upload(name, data)
+
+    def _on_upload_refused(self, filename: str, received_bytes: int) -> None:
+        d = self._dash
+        d.notify(
+            f"upload {safe_filename(filename)!r} refused after {size_text(received_bytes)}: larger than "
+            f"the {size_text(self.max_upload_bytes)} limit; copy it into the served data folder instead",
+            "error",
+        )
+
+    def load_upload(self, filename: str, data: bytes | str) -> None:
+        """Open an uploaded file (bytes) after checking its size; it is kept in a private temp folder."""
+        if isinstance(data, str):
+            data = data.encode()
+        if len(data) > self.max_upload_bytes:
+            raise DataError(
+                f"upload {filename!r} is {size_text(len(data))}, larger than the "
+                f"{size_text(self.max_upload_bytes)} limit: copy it into the served data folder instead"
+            )
+        if not data:
+            raise DataError(f"upload {filename!r} is empty")
+        if self.upload_dir is None:
+            self.upload_dir = Path(tempfile.mkdtemp(prefix="xrfnb-upload-"))
+            try:
+                pn.state.on_session_destroyed(lambda ctx: shutil.rmtree(self.upload_dir, ignore_errors=True))
+            except Exception:  # no session (tests): removed by __del__
+                pass
+        path = self.upload_dir / safe_filename(filename)
+        path.write_bytes(data)
+        self.open_path(path, label=f"upload: {safe_filename(filename)}", cache=False)
+
+    # -- mapping ----------------------------------------------------------------------------------
+    def map_current(self, cache_key: Hashable | None = None) -> None:
+        """Run the model on the current scan (background thread in a server session) with progress."""
+        d = self._dash
+        if d.scan is None or d.maps is not None:
+            return
+        if not d.model_available():
+            d.update_status()
+            return
+        if d.needs_calibration():  # the model would refuse it: lead the user to the calibration card
+            d.calibration_panel.card.collapsed = False
+            d.update_status()
+            return
+        name = d.model_name
+        given = d.model_obj
+        key = None if cache_key is None else (cache_key, name if given is None else id(given))
+        cached = MAPS.get(key) if key is not None else None
+        if cached is not None:
+            d.set_maps(cached)
+            d.update_status()
+            return
+        job = MappingJob("map", label=d.label, scan=d.scan, key=key)
+
+        def work(job: MappingJob) -> None:
+            model = given if given is not None else load_model_cached(name)
+            job.maps = map_with_progress(job.scan, model, job)
+
+        d.show_status(f"Mapping pigments in {d.label} ...", visible=None)
+        if self.is_blocking():
+            d.busy = True
+            try:
+                work(job)
+            except Exception as exc:  # worded for the user by _finish_job, as from a worker
+                job.error = exc
+            job.finished = True
+            self.finish_job(job)
+            return
+        self.start_job(job, work)
+
+    def start_job(self, job: MappingJob, work: Callable[[MappingJob], None]) -> None:
+        d = self._dash
+        d.busy = True
+        d.progress = 0
+        self.progress_bar.visible = True
+        self.jobs.start(job, work)
+
+    def _on_job_progress(self, percent: int) -> None:
+        d = self._dash
+        d.progress = percent
+
+    @guarded
+    def finish_job(self, job: MappingJob) -> None:
+        d = self._dash
+        d.busy = False
+        self.progress_bar.visible = False
+        d.progress = 100
+        if job.kind == "load":
+            if job.error is not None:
+                d.update_status()
+                reraise_for_user(job.error, "opening the scan failed")
+            scan, total = job.loaded
+            d.set_scan(scan, label=job.label, total=total)
+            self.map_current(cache_key=job.key)
+            return
+        if isinstance(job.error, Cancelled) or job.scan is not d.scan:
+            return  # the user opened something else meanwhile
+        if job.error is not None:
+            reraise_for_user(job.error, "pigment mapping failed")
+        if job.key is not None:
+            MAPS.put(job.key, job.maps)
+        d.set_maps(job.maps)
+        d.update_status()
+        if job.warning:
+            d.notify(job.warning, "warning")
+
+    @guarded
+    def on_model(self, event: param.parameterized.Event) -> None:
+        d = self._dash
+        if d.scan is None or event.new == NO_MODEL:
+            return
+        d.set_maps(None)
+        self.map_current(cache_key=None)

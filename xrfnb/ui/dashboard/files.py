@@ -1,0 +1,326 @@
+"""What the dashboard reads and keeps: the served folder (only files inside it open), uploads bounded
+in size as the bytes arrive, and the caches of scans, maps, models and fits shared by the sessions.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from pathlib import Path
+from typing import Generic, TypeVar
+
+import panel as pn
+
+from ..._errors import DataError, FormatError, XRFNBError
+from ...core.spectrum import Scan, Spectrum
+from ...fitting.stackfit import StackFit
+from ...io.detect import detect_format
+from ...maps.pigmentmaps import PigmentMaps
+from ...model.model import DEFAULT_MODEL, PigmentModel, load_model
+from ...model.model import available_models as shipped_models
+from ...physics.instrument import Instrument
+
+__all__ = [
+    "FITS",
+    "INSTRUMENTS",
+    "MAPS",
+    "MAX_LISTED_FILES",
+    "MODELS",
+    "SCANS",
+    "BoundedFileDropper",
+    "LRUCache",
+    "available_models",
+    "list_data_files",
+    "load_model_cached",
+    "readable_format",
+    "resolve_inside",
+    "safe_filename",
+    "serve_target",
+    "to_scan",
+]
+
+log = logging.getLogger(__name__)
+
+#: at most this many files are listed from the served folder
+MAX_LISTED_FILES = 500
+
+V = TypeVar("V")
+
+
+def resolve_inside(root: Path, name: str | os.PathLike[str]) -> Path:
+    """Resolve ``name`` relative to ``root`` and refuse anything outside ``root``.
+
+    Parameters
+    ----------
+    root : pathlib.Path
+        The served data folder.
+    name : str or path-like
+        A path relative to ``root`` (absolute paths are accepted only if they lie inside ``root``).
+
+    Returns
+    -------
+    pathlib.Path
+        The resolved path (symlinks followed), guaranteed to lie inside ``root``.
+
+    Raises
+    ------
+    DataError
+        If the path escapes the folder (``..``, absolute path elsewhere, symlink out), is a symlink
+        loop, or is not a file.
+    """
+    root = Path(root).resolve()
+    text = os.fspath(name)
+    if "\x00" in text:
+        raise DataError(f"refused to open {text!r}: invalid character in the file name")
+    try:
+        path = (root / text).resolve()
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop (Python < 3.13)
+        raise DataError(
+            f"cannot open {text!r}: it is a symbolic link that points back to itself (a link loop); "
+            f"fix or remove the link in the served data folder {root}"
+        ) from None
+    if not path.is_relative_to(root):
+        raise DataError(
+            f"refused to open {text!r}: only files inside the served data folder {root} can be opened"
+        )
+    if not path.is_file():
+        raise DataError(f"cannot open {text!r}: no such file in the served data folder {root}")
+    return path
+
+
+def readable_format(path: Path) -> str | None:
+    """The xrfnb reader format of ``path`` sniffed from its first bytes, or None when no reader fits.
+
+    A ripple ``.raw`` data file is not listed on its own when its ``.rpl`` header is beside it (the
+    header opens both).
+    """
+    try:
+        fmt = detect_format(path)
+    except (XRFNBError, OSError, ValueError):
+        return None
+    if fmt == "rpl" and path.suffix.lower() == ".raw":
+        return None
+    return fmt
+
+
+def list_data_files(root: Path, max_files: int = MAX_LISTED_FILES, readable_only: bool = True) -> list[str]:
+    """Regular, non-hidden files under ``root`` that xrfnb can read (relative POSIX paths, sorted).
+
+    Parameters
+    ----------
+    root : pathlib.Path
+        The served data folder; nothing outside it is listed (symlinks pointing out are skipped).
+    max_files : int, optional
+        Stop after this many files.
+    readable_only : bool, optional
+        List only files whose content one of xrfnb's readers recognises (sniffed from the first bytes,
+        the readers' content sniffing): notes, configuration files and images are left out.
+
+    Returns
+    -------
+    list of str
+
+    Notes
+    -----
+    An entry that cannot be resolved (a symbolic link loop such as ``a.h5 -> b.h5 -> a.h5``, a link
+    into an unreadable folder) is skipped with a one-line warning in the server log; it never stops the
+    listing of the other files.
+    """
+    root = Path(root).resolve()
+    out: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith((".", "__")))
+        for fn in sorted(filenames):
+            if fn.startswith("."):
+                continue
+            p = Path(dirpath) / fn
+            try:
+                if not p.resolve().is_relative_to(root) or not p.is_file():
+                    continue
+            except (OSError, RuntimeError) as exc:  # RuntimeError: symlink loop on Python < 3.13
+                log.warning("skipped %s in the served folder: %s", p, _unresolvable_reason(exc))
+                continue
+            if readable_only and readable_format(p) is None:
+                continue
+            out.append(p.relative_to(root).as_posix())
+            if len(out) >= max_files:
+                return out
+    return out
+
+
+def _unresolvable_reason(exc: BaseException) -> str:
+    if isinstance(exc, RuntimeError) or getattr(exc, "errno", None) == errno.ELOOP:
+        return "symbolic link loop"
+    return getattr(exc, "strerror", None) or str(exc)
+
+
+def safe_filename(name: str) -> str:
+    """A file name stripped of folders and unusual characters (keeps the suffix for format detection)."""
+    base = Path(str(name).replace("\\", "/")).name
+    base = re.sub(r"[^A-Za-z0-9._-]+", "_", base).lstrip(".")
+    return base[:120] or "upload.bin"
+
+
+def to_scan(obj: object, source: str) -> Scan:
+    """Accept what a reader returns (Scan, Spectrum, or a tuple starting with one) as a Scan; a spectrum
+    becomes a one-pixel scan whose metadata names ``source``."""
+    if isinstance(obj, tuple) and obj:
+        obj = obj[0]
+    if isinstance(obj, Scan):
+        return obj
+    if isinstance(obj, Spectrum):
+        return Scan.from_spectrum(obj, metadata={"source": source})
+    raise FormatError(f"{source}: the reader returned {type(obj).__name__}, not a scan or spectrum")
+
+
+def serve_target(path: str | os.PathLike[str] | None) -> tuple[Path | None, str | None]:
+    """(served data folder, file to open first) for ``xrfnb serve [FILE_OR_DIR]``."""
+    if path is None:
+        return None, None
+    p = Path(path).expanduser().resolve()
+    if p.is_dir():
+        return p, None
+    if p.is_file():
+        return p.parent, p.name
+    raise DataError(f"cannot serve {path}: no such file or folder")
+
+
+# --------------------------------------------------------------------------------------------------
+# caches shared by sessions (read-only data only; per-session state lives on the Dashboard)
+# --------------------------------------------------------------------------------------------------
+class LRUCache(Generic[V]):
+    """A small thread-safe least-recently-used cache.
+
+    Parameters
+    ----------
+    size : int
+        Entries kept.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._d: OrderedDict[Hashable, V] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable) -> V | None:
+        """The value under ``key``, or None."""
+        with self._lock:
+            if key in self._d:
+                self._d.move_to_end(key)
+                return self._d[key]
+        return None
+
+    def put(self, key: Hashable, value: V) -> None:
+        """Keep ``value`` under ``key``, dropping the least recently used entry when full."""
+        with self._lock:
+            self._d[key] = value
+            self._d.move_to_end(key)
+            while len(self._d) > self.size:
+                self._d.popitem(last=False)
+
+    def clear(self) -> None:
+        """Forget every entry."""
+        with self._lock:
+            self._d.clear()
+
+
+#: scans read, by (path, mtime, size) or ("demo",)
+SCANS: LRUCache[Scan] = LRUCache(4)
+#: pigment maps, by (scan key, model)
+MAPS: LRUCache[PigmentMaps] = LRUCache(8)
+#: trained models, by name
+MODELS: LRUCache[PigmentModel] = LRUCache(3)
+#: instruments matched to a scan's calibration, by (preset, calibration, channels)
+INSTRUMENTS: LRUCache[Instrument] = LRUCache(4)
+#: stack fits of the called pigments, by (pigments, instrument, spectrum)
+FITS: LRUCache[StackFit] = LRUCache(256)
+
+
+def available_models() -> list[str]:
+    """Names of the trained models that can be chosen (``"default"`` first when it exists).
+
+    The models shipped with the package (:func:`xrfnb.model.model.available_models`) and the model
+    folders under the folders listed in ``$XRFNB_MODELS``; an empty list means no model has been trained
+    or shipped.
+    """
+    names = list(shipped_models())
+    for root in filter(None, os.environ.get("XRFNB_MODELS", "").split(os.pathsep)):
+        folder = Path(root)
+        if folder.is_dir():
+            names += [d.name for d in sorted(folder.iterdir()) if (d / "model.json").is_file()]
+    names = list(dict.fromkeys(names))
+    if DEFAULT_MODEL in names:
+        names.remove(DEFAULT_MODEL)
+        names.insert(0, "default")
+    return names
+
+
+def load_model_cached(name: str) -> PigmentModel:
+    """The trained model ``name`` (:func:`xrfnb.load_model`), loaded once for all sessions."""
+    model = MODELS.get(name)
+    if model is None:
+        model = load_model(name)
+        MODELS.put(name, model)
+    return model
+
+
+class BoundedFileDropper(pn.widgets.FileDropper):
+    """A FileDropper that enforces the upload size limit on the server, chunk by chunk, as bytes arrive.
+
+    Panel's FileDropper checks ``max_file_size`` only in the browser and buffers every chunk a client
+    sends until the last one; a client that ignores the browser check could fill the server's memory.
+    Here the bytes buffered for the widget (all files together) never exceed ``max_bytes`` by more than
+    the one chunk that crosses the limit: that chunk drops the file's buffer, the rest of the file is
+    ignored as it arrives, and ``on_refused(name, received_bytes)`` is called once.
+
+    Parameters
+    ----------
+    max_bytes : int
+        Largest accepted upload in bytes (all files of one upload together).
+    on_refused : callable
+        Called as ``on_refused(name, received_bytes)`` when a file is refused.
+    **params
+        FileDropper parameters.
+    """
+
+    def __init__(self, max_bytes: int, on_refused: Callable[[str, int], None], **params: object) -> None:
+        super().__init__(**params)
+        self._max_bytes = int(max_bytes)
+        self._on_refused = on_refused
+        self._received: dict[str, int] = {}
+        self._refused: set[str] = set()
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes of unfinished uploads held on the server now."""
+        return sum(len(piece) for pieces in self._file_buffer.values() for piece in pieces)
+
+    def _process_event(self, event: object) -> None:
+        data = getattr(event, "data", None)
+        if getattr(event, "event_name", None) != "upload_event":
+            return super()._process_event(event)
+        if not isinstance(data, dict) or not {"name", "chunk", "total_chunks", "data", "type"} <= set(data):
+            log.warning("ignored a malformed upload message (fields: %s)", sorted(data or ()))
+            return
+        name, chunk, piece = str(data["name"]), data["chunk"], data["data"]
+        if chunk == 1:  # a new file (or the same name again): start counting afresh
+            self._refused.discard(name)
+            self._file_buffer.pop(name, None)
+            self._received[name] = 0
+        elif name in self._refused or name not in self._file_buffer:
+            return  # the rest of a refused file, or chunks without a first one
+        self._received[name] = self._received.get(name, 0) + len(piece or b"")
+        if sum(self._received.values()) > self._max_bytes:
+            self._file_buffer.pop(name, None)
+            received = self._received.pop(name)
+            self._refused.add(name)
+            self._on_refused(name, received)
+            return
+        if chunk == data["total_chunks"]:
+            self._received.pop(name, None)
+        super()._process_event(event)
