@@ -701,3 +701,38 @@ def test_element_maps_step_reports_progress(model, capsys):
     err = capsys.readouterr().err
     start = err.index("element maps: summing the scan's spectra, detecting its elements")
     assert start < err.index("fit_elements") < err.index("fitted in")
+
+
+def test_calls_at_one_pixel_follow_the_one_rule():
+    """PigmentMaps.calls_at: per class the probability, threshold, present and buried (strictly more
+    likely buried than at the surface: a tie is surface), most probable first, a masked pixel's NaN last."""
+    classes = ("a", "b", "c", "d")
+    prob = np.array([[[0.9, 0.6, 0.3, np.nan], [0.8, 0.8, 0.8, 0.8]]], np.float32)
+    bur = np.array([[[0.3, 0.3, 0.25, np.nan], [0.41, 0.0, 0.0, 0.0]]], np.float32)
+    maps = PigmentMaps(
+        classes=classes,
+        probability=prob,
+        buried_probability=bur,
+        ood_score=np.zeros((1, 2), np.float32),
+        thresholds=np.array([0.5, 0.5, 0.5, 0.5]),
+        ood_threshold=1.0,
+        mask=np.zeros((1, 2), bool),
+        colors=("#000000", "#111111", "#222222", "#333333"),
+    )
+    calls = maps.calls_at(0, 0)
+    assert [c.class_name for c in calls] == ["a", "b", "c", "d"]
+    by_name = {c.class_name: c for c in calls}
+    assert by_name["a"].call == "surface"  # 0.3 < 0.9 / 2
+    assert by_name["b"].call == "surface"  # 0.3 == 0.6 / 2: a tie is surface
+    assert by_name["c"].call == "" and not by_name["c"].present  # below its threshold
+    assert by_name["d"].call == "" and np.isnan(by_name["d"].probability)
+    assert by_name["a"].probability == pytest.approx(0.9) and by_name["a"].threshold == 0.5
+    # the same calls as the whole-map rule
+    binary, buried = maps.binary(), maps.buried()
+    for k, name in enumerate(classes):
+        assert by_name[name].present == binary[0, 0, k] and by_name[name].buried == buried[0, 0, k]
+    # thresholds as for binary(): by name
+    assert {c.class_name: c.call for c in maps.calls_at(0, 1, {"a": 0.85})}["a"] == ""
+    assert maps.calls_at(0, 1)[0].call == "buried"  # 0.41 > 0.8 / 2
+    with pytest.raises(xrfnb.DataError, match="outside"):
+        maps.calls_at(1, 0)

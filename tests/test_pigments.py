@@ -370,3 +370,13 @@ def test_bad_files(lib, tmp_path, content: str, message: str) -> None:
 def test_missing_file(lib, tmp_path) -> None:
     with pytest.raises(PigmentError, match="cannot read pigment file"):
         lib.with_file(tmp_path / "absent.toml")
+
+
+def test_representative_of_a_class(lib) -> None:
+    """A model class (an ambiguity group) is stood for by its first member in table order; a class named
+    by a pigment (or an alias) by that pigment; anything else by nothing."""
+    for group, members in lib.groups().items():
+        assert lib.representative(group) == members[0]
+    assert lib.representative("vermilion") == "vermilion"
+    assert lib.representative("Flake White") == lib["lead white"].name
+    assert lib.representative("no such pigment") is None

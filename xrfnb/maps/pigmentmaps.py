@@ -48,6 +48,7 @@ __all__ = [
     "MASK_SATURATED",
     "MapSummary",
     "PigmentMaps",
+    "PixelCall",
 ]
 
 #: reasons a pixel is masked (values of :attr:`PigmentMaps.mask_reason`)
@@ -152,6 +153,36 @@ def _row_blocks(n_rows: int, n_cols: int, per_block: int = 262144) -> Iterator[s
     step = max(1, per_block // max(1, n_cols))
     for r0 in range(0, n_rows, step):
         yield slice(r0, min(n_rows, r0 + step))
+
+
+@dataclasses.dataclass(frozen=True)
+class PixelCall:
+    """The call of one pigment class at one pixel (:meth:`PigmentMaps.calls_at`).
+
+    Attributes
+    ----------
+    class_name : str
+        The pigment class.
+    probability : float
+        P(present) at the pixel; NaN at a masked pixel.
+    threshold : float
+        The class's decision threshold.
+    present : bool
+        ``probability >= threshold``.
+    buried : bool
+        Present and more likely only below the surface (:func:`xrfnb.core.calls.is_buried`).
+    """
+
+    class_name: str
+    probability: float
+    threshold: float
+    present: bool
+    buried: bool
+
+    @property
+    def call(self) -> str:
+        """``"surface"``, ``"buried"``, or ``""`` when the class is not present."""
+        return ("buried" if self.buried else "surface") if self.present else ""
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -301,6 +332,50 @@ class PigmentMaps:
                 out[sl] = is_present(p, thr) & is_buried(p, b)
             out[sl] &= ~_rows_of(self.mask, sl)[..., None]
         return out
+
+    def calls_at(
+        self, row: int, col: int, thresholds: float | np.ndarray | Mapping[str, float] | None = None
+    ) -> list[PixelCall]:
+        """The calls of every class at one pixel, most probable first (NaN, a masked pixel, last).
+
+        Parameters
+        ----------
+        row, col : int
+            The pixel.
+        thresholds : float, numpy.ndarray (K,), mapping or None
+            As for :meth:`binary` (None: the model's thresholds).
+
+        Returns
+        -------
+        list of PixelCall
+            One per class: its probability, threshold, and whether it is present and buried there
+            (the rule of :mod:`xrfnb.core.calls`).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> maps = PigmentMaps(classes=("lead white", "vermilion"),
+        ...     probability=np.array([[[0.9, 0.3]]], np.float32),
+        ...     buried_probability=np.array([[[0.6, 0.0]]], np.float32),
+        ...     ood_score=np.zeros((1, 1), np.float32), thresholds=np.array([0.5, 0.5]), ood_threshold=1.0,
+        ...     mask=np.zeros((1, 1), bool), colors=("#f0f0f0", "#e34234"))
+        >>> [(c.class_name, c.call) for c in maps.calls_at(0, 0)]
+        [('lead white', 'buried'), ('vermilion', '')]
+        """
+        rows, cols = self.shape
+        if not (0 <= row < rows and 0 <= col < cols):
+            raise DataError(f"pixel ({row}, {col}) is outside the {rows} x {cols} maps")
+        thr = self.resolve_thresholds(thresholds).astype(float)
+        prob = np.asarray(self.probability[row, col], dtype=float)
+        bur = np.asarray(self.buried_probability[row, col], dtype=float)
+        with np.errstate(invalid="ignore"):
+            present = is_present(prob, thr)
+            buried = present & is_buried(prob, bur)
+        calls = [
+            PixelCall(name, float(prob[k]), float(thr[k]), bool(present[k]), bool(buried[k]))
+            for k, name in enumerate(self.classes)
+        ]
+        return sorted(calls, key=lambda c: -c.probability if np.isfinite(c.probability) else 1.0)
 
     def ood(self) -> np.ndarray:
         """Pixels unlike the training data (``ood_score > ood_threshold``), shape (rows, cols), bool."""

@@ -548,6 +548,39 @@ class PigmentLibrary:
             out.setdefault(p.group, []).append(p.name)
         return {g: tuple(v) for g, v in out.items()}
 
+    def representative(self, class_name: str) -> str | None:
+        """The pigment that stands for a model class (an ambiguity group, or a pigment's own name).
+
+        XRF cannot tell a group's members apart, so the first member of the group (table order) stands
+        for it, e.g. in the paint stack fitted to a spectrum's calls.
+
+        Parameters
+        ----------
+        class_name : str
+            A group name, or a pigment name or alias.
+
+        Returns
+        -------
+        str or None
+            The pigment's canonical name; None when the name is neither a group nor a pigment.
+
+        Examples
+        --------
+        >>> import xrfnb
+        >>> lib = xrfnb.pigments()
+        >>> lib.representative("lead pigments (Pb)")
+        'lead white'
+        >>> lib.representative("Flake White")
+        'lead white'
+        >>> lib.representative("no such pigment") is None
+        True
+        """
+        members = self.groups().get(class_name)
+        if members:
+            return members[0]
+        pigment = self.get(class_name)
+        return pigment.name if pigment is not None else None
+
     def group_elements(self) -> dict[str, tuple[str, ...]]:
         """Key elements of each ambiguity group (shared by all its members)."""
         out: dict[str, tuple[str, ...]] = {}

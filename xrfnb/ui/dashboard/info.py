@@ -123,7 +123,8 @@ class SelectionInfo(pn.viewable.Viewer):
         return self._class_element_cache[key]
 
     def calls_table(self) -> list[dict[str, Any]]:
-        """The pigment calls at the selected pixel with their evidence, most probable first.
+        """The pigment calls at the selected pixel (:meth:`xrfnb.PigmentMaps.calls_at`) with their
+        evidence, most probable first.
 
         Returns
         -------
@@ -137,9 +138,6 @@ class SelectionInfo(pn.viewable.Viewer):
         if maps is None or d.pixel is None:
             return []
         r, c = d.pixel
-        prob = np.asarray(maps.probability[r, c], dtype=float)
-        thr = d.threshold_array()
-        present, buried = d.selection_layers(d.thresholds)
         em = getattr(maps, "element_maps", None)
         fit: dict[str, tuple[float, float, float, bool]] = {}
         if em is not None:
@@ -152,9 +150,9 @@ class SelectionInfo(pn.viewable.Viewer):
                     bool(det[i]),
                 )
         rows = []
-        for k, cls in enumerate(d.classes):
+        for call in maps.calls_at(r, c, d.threshold_array()):
             evidence = []
-            for el in self.class_elements(cls):
+            for el in self.class_elements(call.class_name):
                 if el not in fit:
                     continue
                 value, sigma, limit, detected = fit[el]
@@ -163,17 +161,15 @@ class SelectionInfo(pn.viewable.Viewer):
                     if detected
                     else f"{el} not detected (< {limit:,.0f})"
                 )
-            call = ("buried" if buried[k] else "surface") if present[k] else ""
             rows.append(
                 {
-                    "class": cls,
-                    "probability": float(prob[k]),
-                    "threshold": float(thr[k]),
-                    "call": call,
+                    "class": call.class_name,
+                    "probability": call.probability,
+                    "threshold": call.threshold,
+                    "call": call.call,
                     "evidence": "; ".join(evidence) if evidence else "no element lines fitted",
                 }
             )
-        rows.sort(key=lambda row: -row["probability"] if np.isfinite(row["probability"]) else 1.0)
         return rows
 
     def update_calls(self) -> None:

@@ -184,17 +184,11 @@ class SpectrumPanel(pn.viewable.Viewer):
 
     # -- the fitted stack of the called pigments --------------------------------------------------
     def representative(self, cls: str) -> str | None:
-        """The library pigment standing for a class (first member of its group), cached per maps."""
+        """The library pigment standing for a class (:meth:`xrfnb.PigmentLibrary.representative`),
+        cached per maps."""
         key = (id(self._dash.maps), cls)
         if key not in self._pigment_cache:
-            library = pigments()
-            members = library.groups().get(cls)
-            if not members:  # a class named by a pigment rather than by its group
-                try:
-                    members = (library[cls].name,)
-                except XRFNBError:
-                    members = (None,)
-            self._pigment_cache[key] = members[0]
+            self._pigment_cache[key] = pigments().representative(cls)
         return self._pigment_cache[key]
 
     def predicted_pigments(self) -> tuple[tuple[str, ...], tuple[str, ...]] | str:
