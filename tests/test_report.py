@@ -352,7 +352,7 @@ def test_bad_paths_and_mismatched_scan_are_clear_errors(tmp_path):
 
 
 def test_pdf_without_chromium_is_a_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(report, "_find_chromium", lambda: None)
+    monkeypatch.setattr(report, "find_chromium", lambda: None)
     with pytest.raises(xrfnb.XRFNBError, match=r"PDF report needs Chromium.*\.html"):
         xrfnb.write_report(make_maps(), tmp_path / "report.pdf")
     assert list(tmp_path.iterdir()) == []
@@ -360,7 +360,7 @@ def test_pdf_without_chromium_is_a_clear_error(tmp_path, monkeypatch):
 
 @pytest.mark.browser
 def test_pdf_with_chromium(tmp_path):
-    if report._find_chromium() is None:
+    if report.find_chromium() is None:
         pytest.skip("Chromium is not installed: PDF reports need it")
     out = xrfnb.write_report(make_maps(), tmp_path / "report.pdf", scan=make_scan())
     data = out.read_bytes()

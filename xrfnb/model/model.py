@@ -69,10 +69,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .._errors import CalibrationError, DataError, ModelError, XRFNBError
+from .._errors import CalibrationError, DataError, ModelError
 from ..core.calibration import EnergyCalibration
 from ..core.calls import is_buried, is_present
-from ..core.lines import line_energy_keV
+from ..core.lines import element_lines
 from ..core.spectrum import Spectrum, check_counts
 from ..physics.detector import si_ka_keV
 from .nn import PigmentNet, energy_grid_edges_keV, features_from_binned, rebin_counts
@@ -302,17 +302,7 @@ def _grid_fwhm_keV(energy_keV: np.ndarray, noise_keV: float) -> np.ndarray:
 
 def element_line_energies_keV(element: str, e_min_keV: float, e_max_keV: float) -> list[float]:
     """Energies of an element's main line groups (K, L, M) inside ``[e_min_keV, e_max_keV]``."""
-    out = []
-    for line in _LINES_FOR_MASK:
-        try:
-            e = line_energy_keV(element, line)
-        except XRFNBError:
-            continue
-        if line == "Ma" and e < 1.5:  # M lines of light elements are not resolved / not fluorescent
-            continue
-        if e_min_keV <= e <= e_max_keV:
-            out.append(e)
-    return out
+    return [m.energy_keV for m in element_lines(element, e_min_keV, e_max_keV, _LINES_FOR_MASK)]
 
 
 def element_mask(element: str, centers_keV: np.ndarray, noise_keV: float, e_max_keV: float) -> np.ndarray:

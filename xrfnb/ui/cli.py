@@ -31,7 +31,7 @@ from ..maps.mapping import map_pigments
 from ..maps.pigmentmaps import PigmentMaps
 from ..maps.storage import check_input_outside_working_folder, check_output_path
 from ..physics.instrument import DEFAULT_INSTRUMENT, resolve_instrument
-from .report import _find_chromium, write_report
+from .report import find_chromium, write_report
 
 __all__ = ["main"]
 
@@ -226,7 +226,7 @@ def _check_report_path(report: Path) -> None:
     parent = report.parent if str(report.parent) else Path(".")
     if not parent.is_dir():
         raise DataError(f"cannot write the report {report}: folder {parent} does not exist")
-    if suffix == ".pdf" and _find_chromium() is None:
+    if suffix == ".pdf" and find_chromium() is None:
         raise DataError(
             f"cannot write {report}: a PDF report needs Chromium, which was not found; write an .html "
             "report instead (and print it to PDF from a browser)"

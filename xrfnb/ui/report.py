@@ -26,7 +26,7 @@ import tempfile
 import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -36,15 +36,10 @@ from ..core.calibration import EnergyCalibration
 from ..core.calls import is_buried, is_present
 from ..core.spectrum import Scan, Spectrum
 from ..io.atomic import atomic_path
-from ..maps.pigmentmaps import MASK_REASONS, PigmentMaps
+from ..maps.pigmentmaps import MASK_REASONS, MapSummary, PigmentMaps
 from ..physics.instrument import Instrument, instruments
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ..core.spectrum import Scan, Spectrum
-    from ..maps.pigmentmaps import PigmentMaps
-    from ..physics.instrument import Instrument
-
-__all__ = ["write_report"]
+__all__ = ["find_chromium", "write_report"]
 
 #: colours shared with the dashboard: invalid (masked) pixels, below a pigment's threshold, and the
 #: surface-vs-buried categories (absent, surface, buried only)
@@ -261,7 +256,7 @@ def _num(x: float) -> str:
     return f"{x:.3g}" if abs(x) < 100 else f"{x:.0f}"
 
 
-def _e(text: Any) -> str:
+def _e(text: object) -> str:
     return html.escape(str(text), quote=True)
 
 
@@ -376,7 +371,7 @@ def _source_name(source: str) -> str:
     return Path(s).name if ("/" in s or os.sep in s) else s
 
 
-def _calibration(maps: PigmentMaps, scan: Any) -> EnergyCalibration | None:
+def _calibration(maps: PigmentMaps, scan: Scan | None) -> EnergyCalibration | None:
     if scan is not None:
         return scan.calibration
     d = maps.metadata.get("calibration")
@@ -386,7 +381,7 @@ def _calibration(maps: PigmentMaps, scan: Any) -> EnergyCalibration | None:
     return None
 
 
-def _live_time_text(lt: Any) -> str:
+def _live_time_text(lt: float | np.ndarray | None) -> str:
     if lt is None:
         return "unknown"
     arr = np.asarray(lt, dtype=float)
@@ -407,7 +402,9 @@ def _detectors_text(meta: Mapping[str, Any]) -> str | None:
     return f"{n} detector elements; element {meta.get('element')} only"
 
 
-def _instrument_info(instrument: Any, scan_meta: Mapping[str, Any], maps: PigmentMaps) -> tuple[str, str]:
+def _instrument_info(
+    instrument: Instrument | str | None, scan_meta: Mapping[str, Any], maps: PigmentMaps
+) -> tuple[str, str]:
     """(name, description) of the instrument: given, or named by the scan; '' when unknown."""
     if instrument is None:
         instrument = scan_meta.get("instrument") or maps.metadata.get("instrument")
@@ -423,7 +420,7 @@ def _instrument_info(instrument: Any, scan_meta: Mapping[str, Any], maps: Pigmen
 
 
 def _provenance(
-    maps: PigmentMaps, scan: Any, instrument: Any, summary: Any
+    maps: PigmentMaps, scan: Scan | None, instrument: Instrument | str | None, summary: MapSummary
 ) -> tuple[list[tuple[str, str]], list[str]]:
     """Rows (label, HTML) of the provenance table, and notices to show above it."""
     meta: Mapping[str, Any] = dict(getattr(scan, "metadata", {}) or {}) if scan is not None else {}
@@ -511,7 +508,7 @@ def _provenance(
     return rows, notices
 
 
-def _pixel_size(maps: PigmentMaps, scan: Any) -> float | None:
+def _pixel_size(maps: PigmentMaps, scan: Scan | None) -> float | None:
     px = getattr(scan, "pixel_size_um", None) if scan is not None else None
     if px is None:
         px = maps.metadata.get("pixel_size_um")
@@ -571,7 +568,7 @@ def _thresholds_tables(maps: PigmentMaps, thr: np.ndarray, present: np.ndarray |
 # --------------------------------------------------------------------------------------------------
 # the report
 # --------------------------------------------------------------------------------------------------
-def _ood_warning(summary: Any) -> str:
+def _ood_warning(summary: MapSummary) -> str:
     if not summary.n_ood:
         return ""
     n_in = summary.n_valid - summary.n_ood
@@ -584,7 +581,7 @@ def _ood_warning(summary: Any) -> str:
     )
 
 
-def _summary_section(maps: PigmentMaps, summary: Any, present: np.ndarray) -> str:
+def _summary_section(maps: PigmentMaps, summary: MapSummary, present: np.ndarray) -> str:
     parts = ['<h2 id="summary">Pigments found</h2>', _ood_warning(summary)]
     n_ood = summary.n_ood
     order = sorted(
@@ -632,7 +629,7 @@ def _summary_section(maps: PigmentMaps, summary: Any, present: np.ndarray) -> st
 
 
 def _map_sections(
-    maps: PigmentMaps, thr: np.ndarray, summary: Any, present: np.ndarray, px_um: float | None
+    maps: PigmentMaps, thr: np.ndarray, summary: MapSummary, present: np.ndarray, px_um: float | None
 ) -> str:
     rows, cols = maps.shape
     mask = np.asarray(maps.mask[()], dtype=bool)
@@ -989,7 +986,7 @@ def render_report_html(
 # --------------------------------------------------------------------------------------------------
 # writing: HTML, PDF
 # --------------------------------------------------------------------------------------------------
-def _find_chromium() -> str | None:
+def find_chromium() -> str | None:
     """Path of a Chromium (or Chrome) executable: ``$XRFNB_CHROMIUM``, then the usual names on PATH."""
     env = os.environ.get("XRFNB_CHROMIUM")
     if env:
@@ -1002,7 +999,7 @@ def _find_chromium() -> str | None:
 
 
 def _print_pdf(document: str, target: Path) -> None:
-    exe = _find_chromium()
+    exe = find_chromium()
     if exe is None:
         raise XRFNBError(
             f"cannot write {target}: a PDF report needs Chromium, which was not found (install the "
