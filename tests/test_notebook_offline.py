@@ -181,6 +181,39 @@ def test_every_stylesheet_of_notebook_outputs_is_local(panel_hooks, tmp_path):
     assert Viewable._preprocessing_hooks.count(_notebook.localize_panel_stylesheets) == 1
 
 
+def test_text_updates_pushed_to_a_notebook_link_no_cdn_stylesheet(panel_hooks, tmp_path, monkeypatch):
+    """A Markdown/HTML pane whose text changes after display (the dashboard's legend) is updated without
+    Panel's preprocessing hooks and pushed over the comm at once; the stylesheets it gets then (looked up
+    in Panel's per-document cache under the update's ``static/extensions/panel/`` key, not the render's
+    CDN key) must already be local in the message sent (they linked ``cdn.holoviz.org/.../loading.css``)."""
+    import panel.io.notebook as pn_notebook
+
+    xrfnb.setup_notebook(tmp_path / "out", announce=False)
+    sent: list[str] = []
+    monkeypatch.setattr(pn_notebook, "send", lambda comm, msg: sent.append(msg.content_json))
+    html = pn.pane.HTML("<b>a</b>")
+    markdown = pn.pane.Markdown("m")
+    col = pn.Column(html, markdown, pn.widgets.Button(label="b"))
+    bundle = col._repr_mimebundle_()[0]["text/html"]
+    assert "cdn.holoviz.org" not in bundle
+    ref = next(r for r, view in state._views.items() if view[0] is col)
+    comm = state._views[ref][3]
+    monkeypatch.setattr(comm, "_comm", object())  # the comm counts as open: push sends at once
+    for text in ("<b>b</b>", "", "<i>c</i>"):
+        html.object = text
+    markdown.object = "**n**"
+    col.append(pn.pane.Markdown("new"))
+    assert len(sent) >= 5, "no update was pushed"
+    for message in sent:
+        assert "cdn.holoviz.org" not in message, message[:500]
+    sheets = [s for s in html._models[ref][0].stylesheets if isinstance(s, ImportedStyleSheet)]
+    assert sheets and all(str(s.url).startswith("data:text/css;base64,") for s in sheets)
+    # calling the hook again keeps the one cache (idempotent)
+    cache = state._stylesheets[state._views[ref][2]]
+    _notebook.localize_panel_stylesheets(col, state._views[ref][1])
+    assert state._stylesheets[state._views[ref][2]] is cache
+
+
 def test_localize_keeps_foreign_stylesheets_and_refuses_paths_outside_panel():
     own = ImportedStyleSheet(url="https://example.org/house.css")
     cdn = ImportedStyleSheet(url=f"{_notebook.CDN_DIST}css/listpanel.css?v=1")

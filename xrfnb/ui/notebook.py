@@ -8,9 +8,25 @@ later (Panel hands it its cached stylesheet objects again), keeps Panel's styles
 ``bundled/theme/native.css`` for each output, ``css/markdown.css`` and others by component. Offline, as on
 many museum networks, these requests fail. :func:`setup_notebook` loads the extensions with ``inline=True``
 and registers one Panel preprocessing hook (``Viewable._preprocessing_hooks``, the extension point Panel's
-own HoloViews pane and links use; it runs at every render and update) that points each such stylesheet
-object, in place, at a ``data:`` URL holding the file from Panel's installed ``dist`` folder. Changed in
-place, the objects stay local in Panel's caches, so later updates that reuse them stay local too.
+own HoloViews pane and links use; it runs at every render and at the updates that re-render part of an
+output) that points each such stylesheet object, in place, at a ``data:`` URL holding the file from Panel's
+installed ``dist`` folder.
+
+The hook alone is not enough: a Markdown/HTML pane whose text changes (Panel's ``_updates`` panes, e.g. the
+dashboard's legend) is updated without running the preprocessing hooks, and the update is pushed over the
+comm (``panel.io.notebook.push``) right away. Such an update looks its stylesheets up in Panel's
+per-document cache (``panel.io.state.state._stylesheets[doc]``), but under another key than the render
+stored them: the render runs in Panel's ``inline`` resource mode, where ``get_dist_path()`` is the CDN, the
+update in the session's default (``server``) mode, where it is ``static/extensions/panel/``. The lookup
+misses, a fresh ``ImportedStyleSheet`` is made, ``Reactive._get_properties`` points it at the CDN
+(``patch_stylesheet`` with no ``dist_url`` in a notebook document) and the browser fetches
+``cdn.holoviz.org/.../css/loading.css``. So the hook also gives each document it sees a cache that makes
+local every stylesheet stored in it (:class:`_LocalStylesheetCache`): every stylesheet such an update (or
+a design) creates goes through that cache before it reaches the model, so it is local before the push.
+
+Not covered: reassigning ``.stylesheets`` (or ``.design``) of an object already displayed; Panel then makes
+fresh stylesheet objects that bypass the cache and links ``loading.css`` from the CDN again. Neither xrfnb
+nor its notebooks do that.
 """
 
 from __future__ import annotations
@@ -27,6 +43,7 @@ import holoviews as hv
 import panel as pn
 from bokeh.models import ImportedStyleSheet, Model
 from panel.io.resources import CDN_DIST, DIST_DIR, LOCAL_DIST
+from panel.io.state import state
 from panel.viewable import Viewable
 
 from .. import __version__
@@ -163,7 +180,11 @@ def localize_stylesheets(models: Iterable[Model]) -> int:
     changed = 0
     for sheet in models:
         if isinstance(sheet, ImportedStyleSheet):
-            local = _local_url(str(sheet.url))
+            try:
+                url = str(sheet.url)
+            except Exception:  # an unset url (bokeh's UnsetValueError): nothing to point anywhere
+                continue
+            local = _local_url(url)
             if local is not None:
                 sheet.url = local
                 changed += 1
@@ -193,6 +214,55 @@ def localize_panel_stylesheets(
     -----
     It walks the whole root each time (about 30 ms for the dashboard's 300 models): an update can give new
     stylesheets to models outside the object that changed (tests/test_notebook_offline.py finds a
-    ``loading.css`` link left when only the changed object's models are walked).
+    ``loading.css`` link left when only the changed object's models are walked). It also gives the root's
+    document the cache :class:`_LocalStylesheetCache` (once; later calls keep it), so that the updates
+    that do not run the hooks (a Markdown/HTML pane's new text) get local stylesheets too.
     """
-    localize_stylesheets(root.select({"type": ImportedStyleSheet}))
+    sheets = list(root.select({"type": ImportedStyleSheet}))
+    localize_stylesheets(sheets)
+    if root.document is not None:
+        docs = [root.document]
+    else:  # a first render: Panel runs the hooks before it adds the root to its document; find the
+        # document by the cache Panel filled while it made the root's models (same stylesheet objects)
+        ids = {id(sheet) for sheet in sheets}
+        docs = [
+            doc
+            for doc, cache in list(state._stylesheets.items())
+            if not isinstance(cache, _LocalStylesheetCache) and any(id(s) in ids for s in cache.values())
+        ]
+    for doc in docs:
+        cache = state._stylesheets.get(doc, {})
+        if not isinstance(cache, _LocalStylesheetCache):
+            state._stylesheets[doc] = _LocalStylesheetCache(cache)
+
+
+class _LocalStylesheetCache(dict[str, Any]):
+    """Panel's per-document stylesheet cache (``state._stylesheets[doc]``) that makes what it stores local.
+
+    Panel (1.9) stores every ``ImportedStyleSheet`` it makes for a document's models in this cache
+    (``Reactive._get_properties``, the design's ``_apply_hooks``/``_patch_modifiers``) before it hands it to
+    a model, and takes the cached object when it finds one; an update of a Markdown/HTML pane's text goes
+    this way without running the preprocessing hooks. Storing a sheet here points it, in place, at its
+    ``data:`` copy (:func:`localize_stylesheets`), so that no stylesheet Panel takes from or puts into the
+    cache is a link to Panel's files (Panel's ``patch_stylesheet`` leaves a ``data:`` URL alone). Other
+    links (a user's own stylesheets) are kept. Installed by :func:`localize_panel_stylesheets`, which
+    replaces a plain cache by this one (its sheets made local) once per document; Panel then keeps it
+    (``state._stylesheets.get(doc, {})``). The cache lives and dies with the document (a weak mapping).
+    """
+
+    def __init__(self, sheets: dict[str, Any]) -> None:
+        super().__init__(sheets)
+        localize_stylesheets(self.values())
+
+    def __setitem__(self, url: str, sheet: Any) -> None:
+        localize_stylesheets([sheet])
+        super().__setitem__(url, sheet)
+
+    def setdefault(self, url: str, sheet: Any = None) -> Any:
+        if url not in self:
+            self[url] = sheet
+        return self[url]
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        for url, sheet in dict(*args, **kwargs).items():
+            self[url] = sheet
