@@ -11,19 +11,14 @@ out HTML faithfully); without Chromium a PDF request is a clear error and the HT
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import dataclasses
 import datetime
-import html
 import math
 import os
 import re
 import shutil
-import struct
 import subprocess
 import tempfile
-import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,16 +33,31 @@ from ..core.spectrum import Scan, Spectrum
 from ..io.atomic import atomic_path
 from ..maps.pigmentmaps import MASK_REASONS, MapSummary, PigmentMaps
 from ..physics.instrument import Instrument, instruments
+from .report_html import (
+    ABSENT,
+    INVALID,
+    NONE_PRESENT,
+    OOD_COLOR,
+    SURFACE_BURIED,
+    Geometry,
+    Row,
+    categorical,
+    color_table,
+    colorbar,
+    colorize,
+    esc,
+    figure,
+    hex_rgb,
+    legend_html,
+    num,
+    percent,
+    swatch,
+    table,
+    tick,
+)
 
 __all__ = ["find_chromium", "write_report"]
 
-#: colours shared with the dashboard: invalid (masked) pixels, below a pigment's threshold, and the
-#: surface-vs-buried categories (absent, surface, buried only)
-_INVALID = "#808080"
-_ABSENT = "#e6e6e6"
-_NONE_PRESENT = "#000000"
-_SURFACE_BURIED = ("#f2f2f2", "#d95f02", "#1b9e77")
-_OOD_COLOR = "#d62728"
 #: largest side of a map in the report, CSS pixels (two per-class maps side by side fit an A4 page)
 _CLASS_PX = 300
 _COMPOSITE_PX = 420
@@ -105,262 +115,6 @@ ul.legend li { margin: 2px 0; }
 .note { font-size: 11px; color: #444; max-width: 700px; }
 pre.desc { white-space: pre-wrap; font-family: inherit; margin: 0; }
 """
-
-
-# --------------------------------------------------------------------------------------------------
-# PNG and colours
-# --------------------------------------------------------------------------------------------------
-def _png(rgb: np.ndarray, text: Mapping[str, str] | None = None) -> bytes:
-    """Encode an image as PNG (8-bit RGB, no filter, zlib), with optional ``tEXt`` chunks.
-
-    Parameters
-    ----------
-    rgb : numpy.ndarray
-        Shape (height, width, 3), uint8.
-    text : mapping of str to str, optional
-        Latin-1 keyword -> value text chunks (``Title``, ``Software`` ...).
-    """
-    rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
-    if rgb.ndim != 3 or rgb.shape[2] != 3 or min(rgb.shape[:2]) < 1:
-        raise DataError(f"an image must have shape (height, width, 3), got {rgb.shape}")
-    h, w = rgb.shape[:2]
-    raw = np.zeros((h, 1 + 3 * w), dtype=np.uint8)  # filter byte 0 (none) before every row
-    raw[:, 1:] = rgb.reshape(h, 3 * w)
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
-
-    out = [b"\x89PNG\r\n\x1a\n", chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))]
-    for key, value in (text or {}).items():
-        out.append(
-            chunk(b"tEXt", key.encode("latin-1", "replace") + b"\0" + value.encode("latin-1", "replace"))
-        )
-    out.append(chunk(b"IDAT", zlib.compress(raw.tobytes(), 6)))
-    out.append(chunk(b"IEND", b""))
-    return b"".join(out)
-
-
-def _data_uri(png: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
-
-
-def _hex_rgb(color: str) -> tuple[int, int, int]:
-    c = str(color).lstrip("#")
-    if len(c) != 6:
-        return (136, 136, 136)
-    try:
-        return (int(c[0:2], 16), int(c[2:4], 16), int(c[4:6], 16))
-    except ValueError:
-        return (136, 136, 136)
-
-
-def _lut(name: str) -> np.ndarray:
-    """256 x 3 uint8 colour table: ``viridis``, ``inferno`` (Bokeh's palettes) or ``greys`` (white->black)."""
-    if name == "greys":
-        ramp = np.linspace(235, 40, 256).round().astype(np.uint8)
-        return np.stack([ramp, ramp, ramp], axis=1)
-    from bokeh import palettes
-
-    table = {"viridis": palettes.Viridis256, "inferno": palettes.Inferno256}[name]
-    return np.array([_hex_rgb(c) for c in table], dtype=np.uint8)
-
-
-def _colorize(values: np.ndarray, lut: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """(rows, cols) float -> (rows, cols, 3) uint8 on ``lut`` over ``lo .. hi``; NaN -> invalid grey."""
-    values = np.asarray(values, dtype=np.float64)
-    finite = np.isfinite(values)
-    span = hi - lo if hi > lo else 1.0
-    idx = np.clip(np.rint((np.where(finite, values, lo) - lo) / span * (len(lut) - 1)), 0, len(lut) - 1)
-    rgb = lut[idx.astype(np.intp)]
-    rgb[~finite] = _hex_rgb(_INVALID)
-    return rgb
-
-
-def _categorical(cat: np.ndarray, colors: Sequence[str]) -> np.ndarray:
-    """(rows, cols) int categories (-1 = invalid) -> (rows, cols, 3) uint8 in ``colors``."""
-    palette = np.array([_hex_rgb(c) for c in (*colors, _INVALID)], dtype=np.uint8)
-    return palette[np.where(cat < 0, len(colors), cat)]
-
-
-# --------------------------------------------------------------------------------------------------
-# geometry: display size, scale bar, pixel axes
-# --------------------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class _Geometry:
-    """How a (rows, cols) map is shown: every ``step``-th pixel, each as ``up`` x ``up`` screen pixels."""
-
-    rows: int
-    cols: int
-    step: int
-    up: int
-    pixel_size_um: float | None
-
-    @classmethod
-    def fit(cls, rows: int, cols: int, target_px: int, pixel_size_um: float | None) -> _Geometry:
-        n = max(rows, cols)
-        if n <= target_px:
-            return cls(rows, cols, 1, max(1, target_px // n), pixel_size_um)
-        return cls(rows, cols, math.ceil(n / target_px), 1, pixel_size_um)
-
-    @property
-    def width_px(self) -> int:
-        return math.ceil(self.cols / self.step) * self.up
-
-    @property
-    def height_px(self) -> int:
-        return math.ceil(self.rows / self.step) * self.up
-
-    @property
-    def screen_px_per_pixel(self) -> float:
-        return self.up / self.step
-
-    def image(self, rgb: np.ndarray) -> np.ndarray:
-        sub = np.asarray(rgb)[:: self.step, :: self.step]
-        if self.up > 1:
-            sub = np.repeat(np.repeat(sub, self.up, axis=0), self.up, axis=1)
-        return sub
-
-
-def _nice_length(target: float) -> float:
-    """The 1, 2 or 5 x 10^k nearest below ``target`` (> 0)."""
-    k = math.floor(math.log10(target))
-    for m in (5.0, 2.0, 1.0):
-        if m * 10**k <= target:
-            return m * 10**k
-    return 10.0**k
-
-
-def _scale_html(geom: _Geometry) -> str:
-    """A scale bar in mm under the map (pixel size known), else a line saying the axes are pixels."""
-    if geom.pixel_size_um:
-        mm_per_px = geom.pixel_size_um / 1000.0
-        width_mm = geom.cols * mm_per_px
-        length_mm = _nice_length(0.25 * width_mm)
-        bar_px = round(length_mm / mm_per_px * geom.screen_px_per_pixel)
-        extent = (
-            f"{_num(width_mm)} x {_num(geom.rows * mm_per_px)} mm "
-            f"({geom.cols} x {geom.rows} pixels of {_num(geom.pixel_size_um)} µm)"
-        )
-        return (
-            f'<div class="scalebar" data-length-mm="{length_mm:g}" data-bar-px="{bar_px}">'
-            f'<span class="bar" style="width:{bar_px}px"></span><span>{length_mm:g} mm</span></div>'
-            f'<div class="extent">{_e(extent)}</div>'
-        )
-    return (
-        f'<div class="extent">pixel size unknown: axes in pixels (columns 0 to {geom.cols - 1} left to '
-        f"right, rows 0 to {geom.rows - 1} top to bottom)</div>"
-    )
-
-
-def _num(x: float) -> str:
-    return f"{x:.3g}" if abs(x) < 100 else f"{x:.0f}"
-
-
-def _e(text: object) -> str:
-    return html.escape(str(text), quote=True)
-
-
-def _pct(fraction: float) -> str:
-    pct = 100.0 * float(fraction)
-    if pct == 0:
-        return "0 %"
-    return f"{pct:.1f} %" if pct >= 0.1 else "< 0.1 %"
-
-
-# --------------------------------------------------------------------------------------------------
-# HTML pieces
-# --------------------------------------------------------------------------------------------------
-def _img(rgb: np.ndarray, alt: str, kind: str, width: int, height: int) -> str:
-    png = _png(rgb, {"Title": alt, "Software": "xrfnb"})
-    return f'<img class="{kind}" src="{_data_uri(png)}" width="{width}" height="{height}" alt="{_e(alt)}">'
-
-
-def _tick(value: float, fmt: str) -> str:
-    """A colour-bar tick: ``fmt``, but counts of 1000 and more as whole numbers (1030, not 1.03e+03)."""
-    return f"{value:.0f}" if abs(value) >= 1000 else fmt.format(value)
-
-
-def _colorbar(lut: np.ndarray, lo: float, hi: float, label: str, fmt: str = "{:.2f}") -> str:
-    width, height = 200, 12
-    idx = np.linspace(0, len(lut) - 1, width).round().astype(np.intp)
-    strip = np.repeat(lut[idx][None, :, :], height, axis=0)
-    mid = 0.5 * (lo + hi)
-    ticks = "".join(f"<span>{_e(_tick(v, fmt))}</span>" for v in (lo, mid, hi))
-    return (
-        f'<div class="cbar">{_img(strip, label, "cbar-strip", width, height)}'
-        f'<div class="ticks">{ticks}</div><div class="label">{_e(label)}</div></div>'
-    )
-
-
-def _legend(entries: Sequence[tuple[str, str, str]]) -> str:
-    """``(colour or '', text, data-class or '')`` -> a legend list."""
-    items = []
-    for color, text, cls in entries:
-        sw = f'<span class="sw" style="background:{_e(color)}"></span>' if color else ""
-        data = f' data-class="{_e(cls)}"' if cls else ""
-        items.append(f"<li{data}>{sw}{_e(text)}</li>")
-    return f'<ul class="legend">{"".join(items)}</ul>'
-
-
-def _figure(
-    rgb: np.ndarray,
-    geom: _Geometry,
-    *,
-    title: str,
-    map_id: str,
-    side: str,
-    note: str = "",
-    narrow: bool = False,
-) -> str:
-    img = _img(geom.image(rgb), title, "map", geom.width_px, geom.height_px)
-    if geom.pixel_size_um:
-        box = f'<div class="map-box">{img}{_scale_html(geom)}</div>'
-    else:
-        axes = (
-            f'<span class="ax x0">0</span><span class="ax x1">{geom.cols}</span>'
-            f'<span class="ax y0">0</span><span class="ax y1">{geom.rows}</span>'
-        )
-        box = f'<div class="map-box pixel-axes">{axes}{img}</div>{_scale_html(geom)}'
-        box = f"<div>{box}</div>"
-    shown = ""
-    if geom.step > 1:
-        shown = f" Shown at 1/{geom.step} of the scan's resolution (every {geom.step}th pixel)."
-    note_html = f'<p class="note">{_e(note)}{_e(shown)}</p>' if note or shown else ""
-    cls = "map narrow" if narrow else "map"
-    return (
-        f'<figure class="{cls}" data-map="{_e(map_id)}"><div class="map-title">{_e(title)}</div>'
-        f'<div class="map-row">{box}<div class="map-side">{side}</div></div>{note_html}</figure>'
-    )
-
-
-def _table(
-    header: Sequence[str], rows: Sequence[Sequence[str]], num_cols: Sequence[int] = (), **attrs: str
-) -> str:
-    """An HTML table; cells are HTML already (escape text before); ``num_cols`` are right-aligned."""
-    def cell(tag: str, i: int, content: str) -> str:
-        cls = ' class="num"' if i in num_cols else ""
-        return f"<{tag}{cls}>{content}</{tag}>"
-
-    extra = "".join(f' {k.rstrip("_")}="{_e(v)}"' for k, v in attrs.items())
-    head = "<tr>" + "".join(cell("th", i, _e(h)) for i, h in enumerate(header)) + "</tr>"
-    body = []
-    for row in rows:
-        row_cls = ""
-        if isinstance(row, _Row):
-            row_cls = f' class="{row.cls}"' if row.cls else ""
-            row = row.cells
-        body.append(f"<tr{row_cls}>" + "".join(cell("td", i, c) for i, c in enumerate(row)) + "</tr>")
-    return f"<table{extra}><thead>{head}</thead><tbody>{''.join(body)}</tbody></table>"
-
-
-@dataclasses.dataclass(frozen=True)
-class _Row:
-    cells: Sequence[str]
-    cls: str = ""
-
-
-def _swatch(color: str) -> str:
-    return f'<span class="sw" style="background:{_e(color)}"></span>'
 
 
 # --------------------------------------------------------------------------------------------------
@@ -430,8 +184,8 @@ def _provenance(
     source = str(meta.get("source") or mm.get("source") or "")
     if source:
         name = _source_name(source)
-        full = f'<br><span class="meta">{_e(source)}</span>' if name != source else ""
-        rows.append(("Scan", f"{_e(name)}{full}"))
+        full = f'<br><span class="meta">{esc(source)}</span>' if name != source else ""
+        rows.append(("Scan", f"{esc(name)}{full}"))
     else:
         rows.append(("Scan", "not recorded"))
     maps_source = str(mm.get("source") or "")
@@ -441,7 +195,7 @@ def _provenance(
             f"{meta.get('source')}: check that they belong together."
         )
     if mm.get("file"):
-        rows.append(("Pigment-maps file", _e(mm["file"])))
+        rows.append(("Pigment-maps file", esc(mm["file"])))
     if meta.get("simulated"):
         rows.append(
             (
@@ -455,37 +209,37 @@ def _provenance(
         fmt = meta.get("format") or (
             "none (simulated in memory)" if meta.get("simulated") else "not recorded"
         )
-        rows.append(("Format", _e(fmt)))
+        rows.append(("Format", esc(fmt)))
     else:
         rows.append(("Format", "not recorded in the maps (give the scan for its format and live time)"))
     r, c = maps.shape
     shape = f"{r} x {c} pixels"
     if scan is not None:
         shape += f" x {scan.counts.shape[-1]} channels"
-    rows.append(("Shape", _e(shape)))
+    rows.append(("Shape", esc(shape)))
     px = _pixel_size(maps, scan)
     if px:
         rows.append(
-            ("Pixel size", _e(f"{_num(px)} µm (scan area {_num(c * px / 1000)} x {_num(r * px / 1000)} mm)"))
+            ("Pixel size", esc(f"{num(px)} µm (scan area {num(c * px / 1000)} x {num(r * px / 1000)} mm)"))
         )
     else:
         rows.append(("Pixel size", "unknown (maps in pixels, no scale bar)"))
     if scan is not None:
-        rows.append(("Live time", _e(_live_time_text(scan.live_time_s))))
+        rows.append(("Live time", esc(_live_time_text(scan.live_time_s))))
     cal = _calibration(maps, scan)
     if cal is not None:
         text = str(cal)
         if scan is not None:
             e = cal.energies_keV(int(scan.counts.shape[-1]))
             text += f" (channels cover {e[0]:.2f} to {e[-1]:.2f} keV)"
-        rows.append(("Energy calibration", _e(text)))
+        rows.append(("Energy calibration", esc(text)))
     det = _detectors_text(meta) or _detectors_text(mm)
     if det:
-        rows.append(("Detectors", _e(det)))
+        rows.append(("Detectors", esc(det)))
     name, desc = _instrument_info(instrument, meta, maps)
     if name:
         desc = re.sub(r"(\d) um\b", "\\1 µm", desc)  # presets write um for micrometres
-        body = _e(name) + (f'<br><pre class="desc">{_e(desc)}</pre>' if desc else "")
+        body = esc(name) + (f'<br><pre class="desc">{esc(desc)}</pre>' if desc else "")
         rows.append(("Instrument", body))
     else:
         rows.append(("Instrument", "not given"))
@@ -493,7 +247,7 @@ def _provenance(
     rows.append(
         (
             "Masked pixels",
-            _e(
+            esc(
                 f"{summary.n_masked} of {summary.n_pixels}"
                 + (f" ({reasons}): not identified" if reasons else "")
             ),
@@ -502,9 +256,9 @@ def _provenance(
     em = maps.element_maps
     if em is not None:
         fitted = ", ".join(f"{el} {fam}" for el, fam in zip(em.elements, em.families, strict=True))
-        rows.append(("Element maps", _e(f"fitted: {fitted}")))
+        rows.append(("Element maps", esc(f"fitted: {fitted}")))
     elif mm.get("element_maps_error"):
-        rows.append(("Element maps", _e(f"none: {mm['element_maps_error']}")))
+        rows.append(("Element maps", esc(f"none: {mm['element_maps_error']}")))
     return rows, notices
 
 
@@ -522,12 +276,12 @@ def _pixel_size(maps: PigmentMaps, scan: Scan | None) -> float | None:
 def _model_rows(maps: PigmentMaps, thr: np.ndarray) -> tuple[list[tuple[str, str]], str]:
     mm = maps.metadata
     rows = [
-        ("Model", _e(mm.get("model", "not recorded"))),
-        ("Arithmetic", _e(mm.get("model_precision", "not recorded"))),
-        ("Pigment classes", _e(f"{len(maps.classes)} (ambiguity groups of the pigment library)")),
+        ("Model", esc(mm.get("model", "not recorded"))),
+        ("Arithmetic", esc(mm.get("model_precision", "not recorded"))),
+        ("Pigment classes", esc(f"{len(maps.classes)} (ambiguity groups of the pigment library)")),
         (
             "Out-of-distribution threshold",
-            _e(f"{maps.ood_threshold:.3g} (pixels scoring above it are unlike the training spectra)"),
+            esc(f"{maps.ood_threshold:.3g} (pixels scoring above it are unlike the training spectra)"),
         ),
     ]
     changed = _changed(maps, thr)
@@ -536,7 +290,7 @@ def _model_rows(maps: PigmentMaps, thr: np.ndarray) -> tuple[list[tuple[str, str
         text = f"{len(changed)} changed from the model's: {parts}; the others are the model's."
     else:
         text = "all the model's (none changed)."
-    rows.append(("Decision thresholds", _e(text)))
+    rows.append(("Decision thresholds", esc(text)))
     return rows, text
 
 
@@ -545,7 +299,7 @@ def _changed(maps: PigmentMaps, thr: np.ndarray) -> list[int]:
 
 
 def _prov_table(rows: Sequence[tuple[str, str]]) -> str:
-    body = "".join(f"<tr><th>{_e(k)}</th><td>{v}</td></tr>" for k, v in rows)
+    body = "".join(f"<tr><th>{esc(k)}</th><td>{v}</td></tr>" for k, v in rows)
     return f'<table class="prov"><tbody>{body}</tbody></table>'
 
 
@@ -555,11 +309,11 @@ def _thresholds_tables(maps: PigmentMaps, thr: np.ndarray, present: np.ndarray |
     for k, name in enumerate(maps.classes):
         note = f"changed (model {maps.thresholds[k]:.2f})" if k in changed else "model's"
         cls = "changed" if k in changed else ""
-        rows.append(_Row([_swatch(maps.colors[k]) + _e(name), f"{thr[k]:.2f}", _e(note)], cls))
+        rows.append(Row([swatch(maps.colors[k]) + esc(name), f"{thr[k]:.2f}", esc(note)], cls))
     half = math.ceil(len(rows) / 2) if len(rows) > 12 else len(rows)
     header = ("pigment class", "threshold", "")
     tables = [
-        _table(header, rows[i : i + half], num_cols=(1,), **{"class_": "thresholds"})
+        table(header, rows[i : i + half], num_cols=(1,), **{"class_": "thresholds"})
         for i in range(0, len(rows), half)
     ]
     return f'<div class="two-tables">{"".join(tables)}</div>'
@@ -575,7 +329,7 @@ def _ood_warning(summary: MapSummary) -> str:
     extra = " No pixel is in distribution." if n_in == 0 else ""
     return (
         f'<div class="warning" id="ood-warning">Out of distribution: {summary.n_ood} of '
-        f"{summary.n_valid} identified pixels ({_pct(summary.ood_fraction)}) are unlike the spectra the "
+        f"{summary.n_valid} identified pixels ({percent(summary.ood_fraction)}) are unlike the spectra the "
         "model was trained on. Their pigment calls are unreliable: they are left out of the area "
         f"fractions below and shown in a column apart; the OOD map shows where they are.{extra}</div>"
     )
@@ -597,12 +351,12 @@ def _summary_section(maps: PigmentMaps, summary: MapSummary, present: np.ndarray
             continue
         name = maps.classes[k]
         cells = [
-            _swatch(maps.colors[k]) + _e(name),
-            _pct(summary.area_fraction[name]),
-            _pct(summary.buried_fraction[name]),
+            swatch(maps.colors[k]) + esc(name),
+            percent(summary.area_fraction[name]),
+            percent(summary.buried_fraction[name]),
         ]
         if n_ood:
-            cells.append(_pct(summary.ood_area_fraction.get(name, 0.0)))
+            cells.append(percent(summary.ood_area_fraction.get(name, 0.0)))
         rows.append(cells)
     header = ["pigment class", "area", "buried only"] + (["on OOD pixels (unreliable)"] if n_ood else [])
     n_in = summary.n_valid - n_ood
@@ -612,18 +366,18 @@ def _summary_section(maps: PigmentMaps, summary: MapSummary, present: np.ndarray
         "at the surface. A pixel can hold several classes, so the shares need not add up to 100 %.</p>"
     )
     if rows:
-        parts.append(_table(header, rows, num_cols=tuple(range(1, len(header))), **{"class_": "summary"}))
+        parts.append(table(header, rows, num_cols=tuple(range(1, len(header))), **{"class_": "summary"}))
     else:
         parts.append("<p><b>No pigment class is above its threshold anywhere.</b></p>")
     absent = [maps.classes[k] for k in range(len(maps.classes)) if not present[k]]
     if absent:
         parts.append(
-            f'<p class="note">Not found (no pixel above its threshold): {_e(", ".join(absent))}.</p>'
+            f'<p class="note">Not found (no pixel above its threshold): {esc(", ".join(absent))}.</p>'
         )
     reasons = ", ".join(f"{k} {v}" for k, v in summary.masked_by_reason.items())
     parts.append(
-        f'<p class="note">Pixels: {summary.n_pixels}; masked {summary.n_masked} ({_e(reasons)}); out of '
-        f"distribution {n_ood} ({_pct(summary.ood_fraction)} of the identified pixels).</p>"
+        f'<p class="note">Pixels: {summary.n_pixels}; masked {summary.n_masked} ({esc(reasons)}); out of '
+        f"distribution {n_ood} ({percent(summary.ood_fraction)} of the identified pixels).</p>"
     )
     return "".join(parts)
 
@@ -640,7 +394,7 @@ def _map_sections(
     out: list[str] = []
 
     # composite
-    geom = _Geometry.fit(rows, cols, _COMPOSITE_PX, px_um)
+    geom = Geometry.fit(rows, cols, _COMPOSITE_PX, px_um)
     order = [
         k
         for k in sorted(range(len(maps.classes)), key=lambda k: -summary.area_fraction[maps.classes[k]])
@@ -650,13 +404,13 @@ def _map_sections(
     for k in order:
         name = maps.classes[k]
         area = summary.area_fraction[name]
-        label = f"{name} ({_pct(area)})" if area > 0 else f"{name} (only on out-of-distribution pixels)"
+        label = f"{name} ({percent(area)})" if area > 0 else f"{name} (only on out-of-distribution pixels)"
         entries.append((maps.colors[k], label, name))
-    entries.append((_NONE_PRESENT, "no pigment above its threshold", ""))
+    entries.append((NONE_PRESENT, "no pigment above its threshold", ""))
     if len(order) > 1:
         entries.append(("", "pixels holding several pigments show their colours blended", ""))
     if mask.any():
-        entries.append((_INVALID, "invalid pixel (masked, not identified)", ""))
+        entries.append((INVALID, "invalid pixel (masked, not identified)", ""))
     note = (
         "Each pixel shows the colour of the pigment classes called present there, mixed in proportion "
         "to their probabilities."
@@ -668,41 +422,40 @@ def _map_sections(
         )
     out.append('<h2 id="composite">Composite pigment map</h2>')
     out.append(
-        _figure(
+        figure(
             maps.composite_rgb(thr),
             geom,
             title="The pigment classes called present, in their colours",
             map_id="composite",
-            side=_legend(entries),
+            side=legend_html(entries),
             note=note,
         )
     )
 
     # one map per present class
-    geom = _Geometry.fit(rows, cols, _CLASS_PX, px_um)
-    viridis = _lut("viridis")
+    geom = Geometry.fit(rows, cols, _CLASS_PX, px_um)
+    viridis = color_table("viridis")
     cards = []
     for k in order:
         name = maps.classes[k]
         p = np.asarray(maps[name], dtype=np.float64)
         lo = float(thr[k])
-        rgb = _colorize(p, viridis, lo, max(1.0, lo + 1e-3))
+        rgb = colorize(p, viridis, lo, max(1.0, lo + 1e-3))
         with np.errstate(invalid="ignore"):
-            rgb[np.isfinite(p) & (p < lo)] = _hex_rgb(_ABSENT)
-        rgb[mask] = _hex_rgb(_INVALID)
-        legend = [(_ABSENT, f"below its threshold {lo:.2f}: not called", "")]
+            rgb[np.isfinite(p) & (p < lo)] = hex_rgb(ABSENT)
+        rgb[mask] = hex_rgb(INVALID)
+        legend = [(ABSENT, f"below its threshold {lo:.2f}: not called", "")]
         if mask.any():
-            legend.append((_INVALID, "invalid pixel (masked)", ""))
-        side = _colorbar(viridis, lo, max(1.0, lo + 1e-3), f"probability that {name} is present") + _legend(
-            legend
-        )
+            legend.append((INVALID, "invalid pixel (masked)", ""))
+        bar = colorbar(viridis, lo, max(1.0, lo + 1e-3), f"probability that {name} is present")
+        side = bar + legend_html(legend)
         area = summary.area_fraction[name]
         n_px = int(np.count_nonzero(binary[..., k] & ~ood))
         if n_px:
-            title = f"{name}: {_pct(area)} of the area ({n_px} pixel{'s' if n_px != 1 else ''})"
+            title = f"{name}: {percent(area)} of the area ({n_px} pixel{'s' if n_px != 1 else ''})"
         else:
             title = f"{name}: only on out-of-distribution pixels (unreliable)"
-        cards.append(_figure(rgb, geom, title=title, map_id=f"class:{name}", side=side, narrow=True))
+        cards.append(figure(rgb, geom, title=title, map_id=f"class:{name}", side=side, narrow=True))
     if cards:
         out.append('<h2 id="classes">Map of each pigment found</h2>')
         out.append(
@@ -717,15 +470,15 @@ def _map_sections(
     any_buried = buried.any(axis=-1)
     cat = np.where(any_buried, 2, np.where(any_present, 1, 0))
     cat[mask] = -1
-    absent_c, surface_c, buried_c = _SURFACE_BURIED
+    absent_c, surface_c, buried_c = SURFACE_BURIED
     legend = [
         (surface_c, "pigments at the surface only", ""),
         (buried_c, "a pigment buried under another layer (not at the surface)", ""),
         (absent_c, "no pigment above its threshold", ""),
     ]
     if mask.any():
-        legend.append((_INVALID, "invalid pixel (masked)", ""))
-    geom_c = _Geometry.fit(rows, cols, _COMPOSITE_PX, px_um)
+        legend.append((INVALID, "invalid pixel (masked)", ""))
+    geom_c = Geometry.fit(rows, cols, _COMPOSITE_PX, px_um)
     n_buried = int(any_buried.sum())
     note = (
         f"{n_buried} pixels hold a pigment more likely below the surface than at it."
@@ -733,12 +486,12 @@ def _map_sections(
         else "No pigment is found below the surface."
     )
     out.append(
-        _figure(
-            _categorical(cat, _SURFACE_BURIED),
+        figure(
+            categorical(cat, SURFACE_BURIED),
             geom_c,
             title="Surface vs buried: all pigments",
             map_id="surface-buried",
-            side=_legend(legend),
+            side=legend_html(legend),
             note=note,
         )
     )
@@ -760,14 +513,14 @@ def _map_sections(
             (buried_c, f"{name} buried only (under another layer)", ""),
             (absent_c, f"no {name} (below its threshold {thr[k]:.2f})", ""),
         ]
-        title = f"{name}: buried only, {_pct(summary.buried_fraction[name])} of the area"
+        title = f"{name}: buried only, {percent(summary.buried_fraction[name])} of the area"
         cards.append(
-            _figure(
-                _categorical(cat, _SURFACE_BURIED),
+            figure(
+                categorical(cat, SURFACE_BURIED),
                 geom,
                 title=title,
                 map_id=f"buried:{name}",
-                side=_legend(legend),
+                side=legend_html(legend),
                 narrow=True,
             )
         )
@@ -776,33 +529,33 @@ def _map_sections(
     if few:
         out.append(
             f'<p class="note">Buried only on fewer than {min_px} pixels each (not mapped; in-distribution '
-            f"pixels in brackets): {_e(', '.join(few))}.</p>"
+            f"pixels in brackets): {esc(', '.join(few))}.</p>"
         )
 
     # OOD
     out.append('<h2 id="ood">Out-of-distribution score</h2>')
     score = np.asarray(maps.ood_score[()], dtype=np.float64)
-    greys = _lut("greys")
+    greys = color_table("greys")
     t = float(maps.ood_threshold)
-    rgb = _colorize(score, greys, 0.0, t if t > 0 else 1.0)
+    rgb = colorize(score, greys, 0.0, t if t > 0 else 1.0)
     with np.errstate(invalid="ignore"):
         flagged = np.isfinite(score) & (score > t)
-    rgb[flagged] = _hex_rgb(_OOD_COLOR)
+    rgb[flagged] = hex_rgb(OOD_COLOR)
     legend = [
         (
-            _OOD_COLOR,
+            OOD_COLOR,
             f"out of distribution (score above {t:.3g}): calls unreliable, "
-            f"{summary.n_ood} pixels ({_pct(summary.ood_fraction)})",
+            f"{summary.n_ood} pixels ({percent(summary.ood_fraction)})",
             "",
         )
     ]
     if mask.any():
-        legend.append((_INVALID, "invalid pixel (masked)", ""))
-    side = _colorbar(greys, 0.0, t if t > 0 else 1.0, "OOD score (in distribution)", "{:.3g}") + _legend(
+        legend.append((INVALID, "invalid pixel (masked)", ""))
+    side = colorbar(greys, 0.0, t if t > 0 else 1.0, "OOD score (in distribution)", "{:.3g}") + legend_html(
         legend
     )
     out.append(
-        _figure(
+        figure(
             rgb,
             geom_c,
             title="Out-of-distribution score",
@@ -817,20 +570,20 @@ def _map_sections(
     if em is not None:
         intensity = np.asarray(em.intensity, dtype=np.float64)
         if intensity.shape[:2] == (rows, cols):
-            inferno = _lut("inferno")
+            inferno = color_table("inferno")
             cards = []
             for j, (el, fam) in enumerate(zip(em.elements, em.families, strict=True)):
                 plane = np.where(mask, np.nan, intensity[..., j])
                 finite = plane[np.isfinite(plane)]
                 hi = float(np.percentile(finite, 99.5)) if finite.size else 1.0
                 hi = hi if hi > 0 else 1.0
-                rgb = _colorize(np.minimum(plane, hi), inferno, 0.0, hi)
-                label = f"{el} {fam} fitted counts per pixel (brighter above {_tick(hi, '{:.3g}')})"
-                side = _colorbar(inferno, 0.0, hi, label, "{:.3g}")
+                rgb = colorize(np.minimum(plane, hi), inferno, 0.0, hi)
+                label = f"{el} {fam} fitted counts per pixel (brighter above {tick(hi, '{:.3g}')})"
+                side = colorbar(inferno, 0.0, hi, label, "{:.3g}")
                 if mask.any():
-                    side += _legend([(_INVALID, "invalid pixel (masked)", "")])
+                    side += legend_html([(INVALID, "invalid pixel (masked)", "")])
                 cards.append(
-                    _figure(
+                    figure(
                         rgb, geom, title=f"{el} {fam}", map_id=f"element:{el} {fam}", side=side, narrow=True
                     )
                 )
@@ -856,7 +609,7 @@ def _spectrum_section(maps: PigmentMaps, thr: np.ndarray) -> str:
 
             reason = MASK_REASONS.get(int(np.asarray(maps.mask_reason[()]).reshape(-1)[0]), "")
         parts.append(
-            f'<div class="warning">The spectrum is invalid ({_e(reason or "masked")}: all channels zero, '
+            f'<div class="warning">The spectrum is invalid ({esc(reason or "masked")}: all channels zero, '
             "saturated, or NaN/negative counts) and was not identified.</div>"
         )
         return "".join(parts)
@@ -876,13 +629,13 @@ def _spectrum_section(maps: PigmentMaps, thr: np.ndarray) -> str:
         call = ("buried only" if is_buried(p[k], b[k]) else "present") if present else ""
         note = f" (changed; model {maps.thresholds[k]:.2f})" if k in changed else ""
         rows.append(
-            _Row(
+            Row(
                 [
-                    _swatch(maps.colors[k]) + _e(maps.classes[k]),
+                    swatch(maps.colors[k]) + esc(maps.classes[k]),
                     f"{p[k]:.3f}",
                     f"{b[k]:.3f}",
-                    _e(f"{thr[k]:.2f}{note}"),
-                    _e(call),
+                    esc(f"{thr[k]:.2f}{note}"),
+                    esc(call),
                 ],
                 "present" if present else "",
             )
@@ -892,7 +645,7 @@ def _spectrum_section(maps: PigmentMaps, thr: np.ndarray) -> str:
         "only below the surface, and the decision threshold: a class is called present at or above it.</p>"
     )
     parts.append(
-        _table(
+        table(
             ("pigment class", "probability", "buried only", "threshold", "call"),
             rows,
             num_cols=(1, 2, 3),
@@ -905,11 +658,11 @@ def _spectrum_section(maps: PigmentMaps, thr: np.ndarray) -> str:
         sig = np.asarray(em.sigma, dtype=np.float64).reshape(-1, len(em.elements))[0]
         dl = np.asarray(em.detection_limit, dtype=np.float64).reshape(-1, len(em.elements))[0]
         erows = [
-            [_e(f"{el} {fam}"), f"{inten[j]:.0f} ± {sig[j]:.0f}", f"{dl[j]:.0f}"]
+            [esc(f"{el} {fam}"), f"{inten[j]:.0f} ± {sig[j]:.0f}", f"{dl[j]:.0f}"]
             for j, (el, fam) in enumerate(zip(em.elements, em.families, strict=True))
         ]
         parts.append('<h2 id="elements">Element fit</h2>')
-        parts.append(_table(("line family", "fitted counts", "detection limit"), erows, num_cols=(1, 2)))
+        parts.append(table(("line family", "fitted counts", "detection limit"), erows, num_cols=(1, 2)))
     return "".join(parts)
 
 
@@ -946,8 +699,9 @@ def render_report_html(
     px_um = _pixel_size(maps, scan)
 
     body = [
-        f"<h1>{_e(title)}</h1>",
-        f'<p class="meta">Report made {_e(now.strftime("%Y-%m-%d %H:%M %Z"))} by xrfnb {_e(__version__)}</p>',
+        f"<h1>{esc(title)}</h1>",
+        f'<p class="meta">Report made {esc(now.strftime("%Y-%m-%d %H:%M %Z"))} '
+        f"by xrfnb {esc(__version__)}</p>",
     ]
     if single:
         p_ood = float(np.asarray(maps.ood_score[()], dtype=np.float64).reshape(-1)[0])
@@ -958,7 +712,7 @@ def render_report_html(
             )
     else:
         body.append(_ood_warning(summary).replace(' id="ood-warning"', ""))
-    body.extend(f'<div class="notice">{_e(n)}</div>' for n in notices)
+    body.extend(f'<div class="notice">{esc(n)}</div>' for n in notices)
     body.append('<h2 id="provenance">Scan and provenance</h2>')
     body.append(_prov_table(prov))
     body.append('<h2 id="model">Model</h2>')
@@ -972,13 +726,13 @@ def render_report_html(
         body.append('<h2 id="thresholds">Decision thresholds</h2>')
         body.append(
             "<p>A class is called present where its probability is at or above its threshold. Thresholds: "
-            + _e(thresholds_text)
+            + esc(thresholds_text)
             + "</p>"
         )
         body.append(_thresholds_tables(maps, thr, present))
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        f'<title>{_e(title)}</title><meta name="generator" content="xrfnb {_e(__version__)}">'
+        f'<title>{esc(title)}</title><meta name="generator" content="xrfnb {esc(__version__)}">'
         f"<style>{_CSS}</style></head><body>{''.join(body)}</body></html>\n"
     )
 
