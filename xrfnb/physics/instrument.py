@@ -53,6 +53,9 @@ from .tube import TubeSpectrum, anode_z, tube_spectrum
 
 __all__ = ["DEFAULT_INSTRUMENT", "Instrument", "instruments", "resolve_instrument"]
 
+#: the preset used where neither the user nor the file names an instrument (a Bruker M6 Jetstream)
+DEFAULT_INSTRUMENT = "bruker-m6"
+
 
 #: default channel calibration: 10 eV channels from -0.955 keV (Bruker M6 4096-channel spectra)
 _DEFAULT_CALIBRATION = EnergyCalibration(-0.955, 0.01)
@@ -267,7 +270,9 @@ class Instrument:
         return cls(**pymca_settings(path, n_channels=n_channels, name=name))
 
     @classmethod
-    def from_file(cls, path: str | Path, *, preset: str = "bruker-m6", name: str | None = None) -> Instrument:
+    def from_file(
+        cls, path: str | Path, *, preset: str = DEFAULT_INSTRUMENT, name: str | None = None
+    ) -> Instrument:
         """Instrument from the XRF header of a Bruker ``.spx`` spectrum or ``.bcf`` hypermap.
 
         From the header (Esprit's ``TRTXrfHeader``, ``TRTDetectorHeader``, ``TRTSpectrumHeader``): anode,
@@ -724,9 +729,6 @@ def instruments() -> tuple[str, ...]:
     """Names of the shipped instrument presets (use with :meth:`Instrument.preset`)."""
     return tuple(preset_tables())
 
-
-#: the preset used where neither the user nor the file names an instrument (a Bruker M6 Jetstream)
-DEFAULT_INSTRUMENT = "bruker-m6"
 
 
 def resolve_instrument(

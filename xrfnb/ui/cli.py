@@ -16,7 +16,8 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from types import FrameType
+from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from .._errors import CalibrationError, DataError, XRFNBError
@@ -32,6 +33,9 @@ from ..maps.pigmentmaps import PigmentMaps
 from ..maps.storage import check_input_outside_working_folder, check_output_path
 from ..physics.instrument import DEFAULT_INSTRUMENT, resolve_instrument
 from .report import find_chromium, write_report
+
+if TYPE_CHECKING:  # the model room loads torch: see _heavy
+    from ..model.model import PigmentModel
 
 __all__ = ["main"]
 
@@ -66,7 +70,7 @@ def _heavy(name: str) -> Callable[..., Any]:
 
 
 # -- loading (module-level so tests can substitute them) -----------------------------------------------
-def _parse_calibration(text: str) -> Any:
+def _parse_calibration(text: str) -> EnergyCalibration:
     """``OFFSET_KEV,GAIN_KEV[,QUADRATIC_KEV]`` -> EnergyCalibration (``--calibration``)."""
     parts = [t.strip() for t in text.split(",")]
     try:
@@ -99,7 +103,7 @@ def _parse_peaks(text: str) -> dict[str, float]:
     return peaks
 
 
-def _load_calibrated(args: argparse.Namespace, path: str) -> Any:
+def _load_calibrated(args: argparse.Namespace, path: str) -> Spectrum | Scan:
     """Load ``path`` for a subcommand, applying ``--element``, ``--calibration`` or ``--calibrate``."""
     p = Path(path)
     if not p.exists():
@@ -171,7 +175,7 @@ def _describe_detectors(meta: dict) -> str | None:
     return f"{n} detector elements; showing element {meta.get('element')} only (--element sum for all)"
 
 
-def _load_model(name: str | None, precision: str = "auto") -> Any:
+def _load_model(name: str | None, precision: str = "auto") -> PigmentModel:
     return _heavy("load_model")(name or "default", precision=precision)
 
 
@@ -588,7 +592,7 @@ def _info(message: str) -> None:
     print(f"xrfnb: {message}", file=sys.stderr)
 
 
-def _on_sigterm(signum: int, frame: Any) -> None:
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
