@@ -11,7 +11,7 @@ import contextlib
 import functools
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import holoviews as hv
 import numpy as np
@@ -19,6 +19,12 @@ import panel as pn
 import param
 from bokeh import events
 from holoviews import streams
+
+if TYPE_CHECKING:
+    from bokeh.events import Tap
+    from bokeh.model import Model
+    from holoviews.plotting.bokeh.element import ElementPlot
+    from param.parameterized import Event
 
 __all__ = [
     "DocumentHold",
@@ -55,7 +61,7 @@ def rgba_u32(rgb: np.ndarray) -> np.ndarray:
     return rgba.view(np.uint32).reshape(rows, cols)
 
 
-def write_to_plot(plot: Any, write: Callable[[], None]) -> None:
+def write_to_plot(plot: ElementPlot, write: Callable[[], None]) -> None:
     """Run ``write`` (which changes Bokeh models of ``plot``) the way HoloViews applies a plot refresh.
 
     In a server session whose document lock this thread does not hold, the change is scheduled on the
@@ -79,7 +85,7 @@ def write_to_plot(plot: Any, write: Callable[[], None]) -> None:
 def name_hook(name: str) -> Callable[[Any, Any], None]:
     """A plot hook naming the Bokeh figure ``name`` (tests and the browser find figures by it)."""
 
-    def hook(plot: Any, element: Any) -> None:
+    def hook(plot: ElementPlot, element: hv.Element) -> None:
         plot.state.name = name
 
     return hook
@@ -95,7 +101,7 @@ def weak_hook(method: Callable[[Any, Any], None]) -> Callable[[Any, Any], None]:
     """
     ref = weakref.WeakMethod(method)
 
-    def hook(plot: Any, element: Any) -> None:
+    def hook(plot: ElementPlot, element: hv.Element) -> None:
         bound = ref()
         if bound is not None:
             bound(plot, element)
@@ -114,7 +120,7 @@ class TapSubscriptions:
     def __init__(self) -> None:
         self._seen: set[tuple[str, str]] = set()
 
-    def subscribe(self, figure: Any, handler: Callable[[Any], None]) -> None:
+    def subscribe(self, figure: Model, handler: Callable[[Tap], None]) -> None:
         """Call ``handler(event)`` on tap events of the Bokeh ``figure`` (once per figure and handler)."""
         key = (figure.id, handler.__name__)
         if key in self._seen:
@@ -232,7 +238,7 @@ class SwitchingPlot:
         """The HoloViews plots of the current DynamicMap, one per rendered root (document)."""
         return rendered_plots(self.pane)
 
-    def sync(self, *events: Any) -> None:
+    def sync(self, *events: Event) -> None:
         """Called once per batch of changes of ``params``: new plot, refresh, patch, or nothing.
 
         ``unchanged(events)`` says when the changes cannot alter the element (e.g. a threshold change

@@ -13,7 +13,7 @@ import logging
 import math
 import re
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import holoviews as hv
 import numpy as np
@@ -24,6 +24,9 @@ from panel.viewable import Viewable
 
 from ..._errors import XRFNBError
 from ..notebook import localize_panel_stylesheets
+
+if TYPE_CHECKING:
+    from holoviews.plotting.bokeh.element import ElementPlot
 
 __all__ = [
     "ABSENT_COLOR",
@@ -214,7 +217,7 @@ def rgb_image(arr: np.ndarray, scale: float = 1.0, axes: tuple[str, str] = ("col
     )
 
 
-def scale_bar_hook(plot: Any, element: Any) -> None:
+def scale_bar_hook(plot: ElementPlot, element: hv.Element) -> None:
     """Add a scale bar (Bokeh's ScaleBar, data units in mm) to a map figure, once (a plot hook)."""
     figure = plot.state
     if any(isinstance(a, ScaleBar) for a in figure.center):

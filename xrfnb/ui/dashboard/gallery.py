@@ -31,6 +31,10 @@ from .common import (
 )
 
 if TYPE_CHECKING:  # pragma: no cover
+    from bokeh.events import Tap
+    from bokeh.models import ColumnDataSource
+    from holoviews.plotting.bokeh.element import ElementPlot
+
     from .app import Dashboard
 
 __all__ = ["GALLERY_COLUMNS", "GALLERY_WIDTH", "THUMB_PX", "TILE_LABEL_CHARS", "Gallery"]
@@ -158,13 +162,13 @@ class Gallery(pn.viewable.Viewer):
         )
 
     # -- taps -------------------------------------------------------------------------------------
-    def _gallery_tap_hook(self, plot: Any, element: Any) -> None:
+    def _gallery_tap_hook(self, plot: ElementPlot, element: hv.Element) -> None:
         """Listen to clicks on the rendered gallery figure (once per figure); its x, y are mosaic pixels,
         y downwards (:class:`~xrfnb.ui.dashboard.bokeh.TapSubscriptions`)."""
         self._taps.subscribe(plot.state, self._on_gallery_click)
 
     @guarded
-    def _on_gallery_click(self, event: Any) -> None:
+    def _on_gallery_click(self, event: Tap) -> None:
         self.on_tap(x=event.x, y=event.y)
 
     def on_tap(self, x: float | None = None, y: float | None = None) -> None:
@@ -260,7 +264,7 @@ class Gallery(pn.viewable.Viewer):
                 return False
             targets.append((plot, images[0], labels[0]))
 
-        def write(image_source: Any, label_source: Any) -> None:
+        def write(image_source: ColumnDataSource, label_source: ColumnDataSource) -> None:
             image_source.data["image"] = [img]
             old_text = label_source.data["text"]
             label_source.data["text"] = (

@@ -37,6 +37,9 @@ from .common import (
 )
 
 if TYPE_CHECKING:  # pragma: no cover
+    from holoviews.plotting.bokeh.element import ElementPlot
+    from param.parameterized import Event
+
     from .app import Dashboard
 
 __all__ = ["MapPanel", "polygon_mask"]
@@ -327,7 +330,7 @@ class MapPanel(pn.viewable.Viewer):
             if clim is not None and handles.get("color_mapper") is None:
                 return False
 
-        def write(plot: Any) -> None:
+        def write(plot: ElementPlot) -> None:
             if img is not None:
                 plot.handles["source"].data["image"] = [img]
             if clim is not None:
@@ -350,7 +353,7 @@ class MapPanel(pn.viewable.Viewer):
         r, c = d.pixel
         return {"x": [(c + 0.5) * mm], "y": [(r + 0.5) * mm], "w": [mm], "h": [mm]}
 
-    def _pixel_marker_hook(self, plot: Any, element: Any) -> None:
+    def _pixel_marker_hook(self, plot: ElementPlot, element: hv.Element) -> None:
         """Draw the selected pixel on a main-map figure: its outline (data units) and a ring of fixed
         screen size around it (visible when a pixel is smaller than a screen pixel), each white under
         black so that they show on every colour map; added once per figure, moved by
@@ -397,7 +400,7 @@ class MapPanel(pn.viewable.Viewer):
 
             write_to_plot(plot, write)
 
-    def _on_selection(self, *events: Any) -> None:
+    def _on_selection(self, *events: Event) -> None:
         self.move_pixel_marker()
 
     # -- selection tools --------------------------------------------------------------------------

@@ -26,6 +26,10 @@ from .common import guarded, message_plot, micro
 from .files import FITS, INSTRUMENTS
 
 if TYPE_CHECKING:  # pragma: no cover
+    from bokeh.events import Tap
+    from bokeh.models import ColumnDataSource
+    from holoviews.plotting.bokeh.element import ElementPlot
+
     from .app import Dashboard
 
 __all__ = ["TITLE_CHARS", "SpectrumPanel", "marker_lines"]
@@ -169,13 +173,13 @@ class SpectrumPanel(pn.viewable.Viewer):
             ),
         )
 
-    def _spectrum_tap_hook(self, plot: Any, element: Any) -> None:
+    def _spectrum_tap_hook(self, plot: ElementPlot, element: hv.Element) -> None:
         """Listen to clicks on the rendered spectrum figure (once per figure): a HoloViews Tap stream on
         a DynamicMap of overlays gets no callback."""
         self._taps.subscribe(plot.state, self._on_spectrum_click)
 
     @guarded
-    def _on_spectrum_click(self, event: Any) -> None:
+    def _on_spectrum_click(self, event: Tap) -> None:
         """A click on the spectrum while the calibration card is open enters the chosen line there."""
         d = self._dash
         if event.x is None or d.scan is None or d.calibration_panel.card.collapsed:
@@ -417,7 +421,7 @@ class SpectrumPanel(pn.viewable.Viewer):
                 return False
             targets.append((plot, bars[0], marks[0]))
 
-        def write(bar_source: Any, mark_source: Any) -> None:
+        def write(bar_source: ColumnDataSource, mark_source: ColumnDataSource) -> None:
             bar_source.data.update(threshold=table["threshold"], color=table["color"])
             mark_source.data["threshold"] = table["threshold"]
 
