@@ -83,14 +83,16 @@ _CHUNK = 0x1000  # SFS chunk size; chunk n occupies [0x118 + n*_CHUNK, 0x118 + (
 _USABLE = _CHUNK - 32  # each chunk starts with a 32-byte header
 
 
-def _sfs_container(files: list[tuple[str, int, bytes | None]]) -> bytes:
+def _sfs_container(files: list[tuple[str, int, bytes | None]], chunk: int = _CHUNK) -> bytes:
     """AidAim SFS container (what a ``.bcf`` is), uncompressed, as rosettasciio's SFS_reader reads it.
 
     ``files``: (name, parent item index or -1, content or None for a folder), in item order.
-    Chunk 0 holds the file header, chunk 1 the item tree; then per file a pointer-table chunk and its
-    data chunks.
+    Chunk 0 holds the file header, chunk 1 the item tree; then per file its pointer-table chunks (chained
+    through their chunk headers when the table spans several) and its data chunks.
     """
+    usable = chunk - 32
     chunks: dict[int, bytes] = {}
+    heads: dict[int, bytes] = {}
     next_chunk = 2
     items = []
     for name, parent, content in files:
@@ -101,18 +103,22 @@ def _sfs_container(files: list[tuple[str, int, bytes | None]]) -> bytes:
                 )
             )
             continue
-        n_data = max(1, -(-len(content) // _USABLE))
-        assert n_data * 4 <= _USABLE, "pointer table must fit one chunk"
-        table_chunk = next_chunk
-        data_chunks = list(range(table_chunk + 1, table_chunk + 1 + n_data))
+        n_data = max(1, -(-len(content) // usable))
+        n_table = -(-n_data * 4 // usable)
+        table_chunks = list(range(next_chunk, next_chunk + n_table))
+        data_chunks = list(range(table_chunks[-1] + 1, table_chunks[-1] + 1 + n_data))
         next_chunk = data_chunks[-1] + 1
-        chunks[table_chunk] = struct.pack(f"<{n_data}I", *data_chunks)
+        table = struct.pack(f"<{n_data}I", *data_chunks)
+        for k, c in enumerate(table_chunks):
+            chunks[c] = table[k * usable : (k + 1) * usable]
+            if k + 1 < n_table:
+                heads[c] = struct.pack("<I", table_chunks[k + 1])
         for k, c in enumerate(data_chunks):
-            chunks[c] = content[k * _USABLE : (k + 1) * _USABLE]
+            chunks[c] = content[k * usable : (k + 1) * usable]
         items.append(
             struct.pack(
                 "<iQQQQIi176s?3s256s32s",
-                table_chunk,
+                table_chunks[0],
                 len(content),
                 0,
                 0,
@@ -126,21 +132,101 @@ def _sfs_container(files: list[tuple[str, int, bytes | None]]) -> bytes:
                 b"",
             )
         )
-    assert len(items) * 0x200 <= _USABLE
+    assert len(items) * 0x200 <= usable
     chunks[1] = b"".join(items)
-    out = bytearray(0x118 + next_chunk * _CHUNK)
+    out = bytearray(0x118 + next_chunk * chunk)
     out[0:8] = b"AAMVHFSS"
-    out[0x124:0x12C] = struct.pack("<fI", 2.6, _CHUNK)
+    out[0x124:0x12C] = struct.pack("<fI", 2.6, chunk)
     out[0x140:0x14C] = struct.pack("<III", 1, len(items), next_chunk)
     for n, payload in chunks.items():
-        start = 0x118 + n * _CHUNK + 32
+        start = 0x118 + n * chunk + 32
         out[start : start + len(payload)] = payload
+    for n, head in heads.items():
+        start = 0x118 + n * chunk
+        out[start : start + len(head)] = head
     return bytes(out)
 
 
-def write_bcf(
-    path: Path,
-    cube: np.ndarray,
+def pack_pulses12(channels: np.ndarray) -> bytes:
+    """Channels (< 4096) of a pixel's pulses packed 12-bit, four pulses in six bytes (Bruker flag 1)."""
+    ch = np.zeros(-(-channels.size // 4) * 4, np.int64)
+    ch[: channels.size] = channels
+    c0, c1, c2, c3 = ch[0::4], ch[1::4], ch[2::4], ch[3::4]
+    out = np.empty((c0.size, 6), np.uint8)
+    out[:, 0] = ((c0 & 0xF) << 4) | (c1 >> 8)
+    out[:, 1] = c0 >> 4
+    out[:, 2] = c2 >> 4
+    out[:, 3] = c1 & 0xFF
+    out[:, 4] = c3 & 0xFF
+    out[:, 5] = ((c2 & 0xF) << 4) | (c3 >> 8)
+    return out.tobytes()
+
+
+def pack_instructed(counts: np.ndarray, bunch: int = 13) -> bytes:
+    """A pixel's counts (< 65536) as Delphi "instructed" bunches (Bruker flag > 1): runs of empty channels,
+    then bunches of up to ``bunch`` channels as a gain plus 4-bit, 8-bit or 16-bit offsets."""
+    out = bytearray()
+    k, n = 0, counts.size
+    while k < n:
+        if counts[k] == 0:
+            j = k
+            while j < n and counts[j] == 0 and j - k < 255:
+                j += 1
+            out += bytes([0, j - k])
+            k = j
+            continue
+        part = counts[k : k + bunch].astype(np.int64)
+        gain = int(part.min())
+        span = int(part.max()) - gain
+        if span < 16 and gain < 256:  # a one-byte gain and 4-bit offsets, two per byte
+            vals = np.zeros(-(-part.size // 2) * 2, np.int64)
+            vals[: part.size] = part - gain
+            out += bytes([1, part.size, gain]) + (vals[0::2] | (vals[1::2] << 4)).astype(np.uint8).tobytes()
+        elif span < 256:
+            out += bytes([2, part.size]) + struct.pack("<H", gain) + (part - gain).astype(np.uint8).tobytes()
+        else:
+            out += bytes([4, part.size]) + struct.pack("<I", gain) + (part - gain).astype("<u2").tobytes()
+        k += part.size
+    return bytes(out)
+
+
+def bcf_stream(cube: np.ndarray, packing: str = "pulse16", skip_empty: bool = False) -> bytes:
+    """The pulse stream of a hypermap (rows, cols, channels) in one packing: ``"pulse16"`` (flag 0),
+    ``"pulse12"`` (flag 1), ``"instructed"`` (flag 2, with the last channel's counts as extra pulses)
+    or ``"mixed"`` (the three in turn); ``skip_empty`` leaves pixels without counts out of their row."""
+    rows, cols, n_ch = cube.shape
+    data = bytearray(struct.pack("<ii", rows, cols))
+    data += bytes(0x1A0 - len(data))
+    kinds = ("pulse16", "pulse12", "instructed")
+    for r in range(rows):
+        pix = [c for c in range(cols) if not (skip_empty and not cube[r, c].any())]
+        data += struct.pack("<i", len(pix))
+        for c in pix:
+            kind = kinds[(r * cols + c) % 3] if packing == "mixed" else packing
+            counts = cube[r, c].astype(np.int64)
+            if kind == "instructed":
+                extra = int(counts[-1]) if n_ch > 1 else 0
+                body = pack_instructed(np.concatenate([counts[:-1], [0]]) if extra else counts)
+                data += struct.pack("<IHHIHHHI", c, n_ch, n_ch, 0, 2, 0, extra, len(body) + 4)
+                data += body
+                data += struct.pack("<I", 2 * extra) + np.full(extra, n_ch - 1, "<u2").tobytes()
+                continue
+            pulses = np.repeat(np.arange(n_ch, dtype="<u2"), counts)
+            assert pulses.size < 0x10000
+            if kind == "pulse12":
+                body = pack_pulses12(pulses)
+                data += struct.pack("<IHHIHHHI", c, n_ch, n_ch, 0, 1, 0, pulses.size, len(body))
+            else:
+                body = pulses.tobytes()
+                data += struct.pack("<IHHIHHHI", c, n_ch, n_ch, 0, 0, 0, pulses.size, len(body))
+            data += body
+    return bytes(data)
+
+
+def bcf_header(
+    rows: int,
+    cols: int,
+    total: np.ndarray,
     *,
     offset_keV: float,
     gain_keV: float,
@@ -148,12 +234,18 @@ def write_bcf(
     live_time_s: float,
     real_time_s: float,
     voltage_kV: float = 50.0,
-) -> Path:
-    """Write a small Bruker ``.bcf`` hypermap of counts (rows, cols, channels) (16-bit pulse packing)."""
-    rows, cols, n_ch = cube.shape
-    total = cube.sum(axis=(0, 1))
+    n_maps: int = 1,
+) -> bytes:
+    """The ``EDSDatabase/HeaderData`` XML of a ``.bcf`` hypermap of (rows, cols, len(total)) counts."""
+    n_ch = len(total)
+    spectra = "".join(
+        f"<SpectrumData{k}>"
+        + _spectrum_instance(total, offset_keV, gain_keV, live_time_s, real_time_s, voltage_kV, "sum")
+        + f"</SpectrumData{k}>\n"
+        for k in range(n_maps)
+    )
     image = base64.b64encode(np.zeros(rows * cols, "<u2").tobytes()).decode("ascii")
-    header = f"""<?xml version="1.0" encoding="WINDOWS-1252" standalone="yes"?>
+    return f"""<?xml version="1.0" encoding="WINDOWS-1252" standalone="yes"?>
 <TRTSpectrumDatabase>
 <ClassInstance Type="TRTSpectrumDatabase" Name="test map">
 <Header><Date>25.11.2026</Date><Time>12:00:00</Time><FileVersion>2</FileVersion></Header>
@@ -167,22 +259,49 @@ def write_bcf(
 <LineCounter>{",".join(["1"] * rows)},</LineCounter>
 <ChCount>{n_ch}</ChCount>
 <DetectorCount>1</DetectorCount>
-<SpectrumData0>{_spectrum_instance(total, offset_keV, gain_keV, live_time_s, real_time_s, voltage_kV, "sum")}
-</SpectrumData0>
+{spectra}
 </ClassInstance>
 </TRTSpectrumDatabase>
 """.encode("cp1252")
-    data = bytearray(struct.pack("<ii", rows, cols))
-    data += bytes(0x1A0 - len(data))
-    for r in range(rows):
-        data += struct.pack("<i", cols)
-        for c in range(cols):
-            pulses = np.repeat(np.arange(n_ch, dtype="<u2"), cube[r, c].astype(int))
-            assert pulses.size < 0x10000
-            data += struct.pack("<IHHIHHHI", c, n_ch, n_ch, 0, 0, 0, pulses.size, 2 * pulses.size)
-            data += pulses.tobytes()
-    files = [("EDSDatabase", -1, None), ("HeaderData", 0, header), ("SpectrumData0", 0, bytes(data))]
-    path.write_bytes(_sfs_container(files))
+
+
+def write_bcf(
+    path: Path,
+    cube: np.ndarray,
+    *,
+    offset_keV: float,
+    gain_keV: float,
+    pixel_um: float,
+    live_time_s: float,
+    real_time_s: float,
+    voltage_kV: float = 50.0,
+    packing: str = "pulse16",
+    skip_empty: bool = False,
+    chunk: int = _CHUNK,
+    extra_maps: int = 0,
+) -> Path:
+    """Write a Bruker ``.bcf`` hypermap of counts (rows, cols, channels).
+
+    ``packing`` and ``skip_empty``: see :func:`bcf_stream`; ``chunk``: the container's chunk size;
+    ``extra_maps``: further hypermaps ``SpectrumData1`` ... holding ``cube + k``."""
+    rows, cols, _ = cube.shape
+    header = bcf_header(
+        rows,
+        cols,
+        cube.sum(axis=(0, 1)),
+        offset_keV=offset_keV,
+        gain_keV=gain_keV,
+        pixel_um=pixel_um,
+        live_time_s=live_time_s,
+        real_time_s=real_time_s,
+        voltage_kV=voltage_kV,
+        n_maps=extra_maps + 1,
+    )
+    data = bcf_stream(cube, packing, skip_empty)
+    files = [("EDSDatabase", -1, None), ("HeaderData", 0, header), ("SpectrumData0", 0, data)]
+    for k in range(1, extra_maps + 1):
+        files.append((f"SpectrumData{k}", 0, bcf_stream(cube + k, packing, skip_empty)))
+    path.write_bytes(_sfs_container(files, chunk))
     return path
 
 
@@ -209,3 +328,79 @@ def write_ripple(
         np.ascontiguousarray(data, dtype=counts.dtype.newbyteorder("<")).tobytes()
     )
     return rpl
+
+
+def write_bcf_streamed(
+    path: Path, header: bytes, rows: int, cols: int, row_bytes, chunk: int = _CHUNK
+) -> Path:
+    """Write a ``.bcf`` of any size as a stream: ``row_bytes`` yields the pulse-stream bytes of the rows in
+    order (see :func:`bcf_stream`); the map's data chunks are written as they come, its pointer table
+    (a chain of chunks) after them, so memory stays that of one row."""
+    usable = chunk - 32
+    with open(path, "wb") as fh:
+        # chunks 0 (container header) and 1 (tree), then HeaderData (table + data), then the stream
+        n_head = max(1, -(-len(header) // usable))
+        head_table = 2
+        head_data = list(range(3, 3 + n_head))
+        assert n_head * 4 <= usable
+        first = 3 + n_head
+        fh.truncate(0x118 + first * chunk)
+
+        def put(n: int, payload: bytes, chunk_head: bytes = b"") -> None:
+            fh.seek(0x118 + n * chunk)
+            fh.write(chunk_head.ljust(32, b"\0") + payload.ljust(usable, b"\0"))
+
+        put(head_table, struct.pack(f"<{n_head}I", *head_data))
+        for k, c in enumerate(head_data):
+            put(c, header[k * usable : (k + 1) * usable])
+        pending = bytearray(struct.pack("<ii", rows, cols).ljust(0x1A0, b"\0"))
+        n, size = first, 0
+        for data in row_bytes:
+            pending += data
+            while len(pending) >= usable:
+                put(n, bytes(pending[:usable]))
+                del pending[:usable]
+                n, size = n + 1, size + usable
+        if pending or n == first:
+            put(n, bytes(pending))
+            n, size = n + 1, size + len(pending)
+        data_chunks = list(range(first, n))
+        table = struct.pack(f"<{len(data_chunks)}I", *data_chunks)
+        n_table = -(-len(table) // usable)
+        table_chunks = list(range(n, n + n_table))
+        for k, c in enumerate(table_chunks):
+            link = struct.pack("<I", table_chunks[k + 1]) if k + 1 < n_table else b""
+            put(c, table[k * usable : (k + 1) * usable], link)
+        total_chunks = n + n_table
+
+        def item(pointer: int, length: int, parent: int, name: str, is_dir: bool) -> bytes:
+            return struct.pack(
+                "<iQQQQIi176s?3s256s32s",
+                pointer,
+                length,
+                0,
+                0,
+                0,
+                0,
+                parent,
+                b"",
+                is_dir,
+                b"",
+                name.encode(),
+                b"",
+            )
+
+        tree = (
+            item(0, 0, -1, "EDSDatabase", True)
+            + item(head_table, len(header), 0, "HeaderData", False)
+            + item(table_chunks[0], size, 0, "SpectrumData0", False)
+        )
+        assert len(tree) <= usable, "the item tree must fit one chunk"
+        put(1, tree)
+        fh.seek(0)
+        fh.write(b"AAMVHFSS")
+        fh.seek(0x124)
+        fh.write(struct.pack("<fI", 2.6, chunk))
+        fh.seek(0x140)
+        fh.write(struct.pack("<III", 1, 3, total_chunks))
+    return path

@@ -20,6 +20,7 @@ import numpy as np
 from .._errors import CalibrationError, DataError, FormatError, XRFNBError
 from ..core.calibration import EnergyCalibration
 from ..core.spectrum import Scan, Spectrum
+from .bcf import BcfRows, SfsStream, index_bcf_rows
 from .common import make_spectrum, read_text, short_repr
 
 __all__ = ["read_bcf", "read_rpl", "read_spx", "read_xrf_header", "rsciio_read", "write_rpl"]
@@ -178,119 +179,58 @@ def _check_sfs(path: Path) -> None:
             )
 
 
-def _check_bcf_stream(data: bytes, rows: int, cols: int, block: int, path: Path) -> np.dtype:
-    """Walk a ``.bcf`` hypermap pulse stream and check every record stays inside it.
+def read_bcf(path: Path, index: int | None = None) -> Scan:
+    """Bruker ``.bcf`` hypermap as a lazy :class:`Scan`: rows decoded on demand, any map size.
 
-    rosettasciio's compiled decoder trusts the stream (no bounds checks), so a corrupted file can crash
-    the process instead of raising; this pure-Python pass over the pixel and bunch headers makes sure
-    it only ever sees a consistent stream. Returns the dtype that holds any pixel's counts.
-    """
-    total = len(data)
+    One pass over the pulse stream checks every pixel header and records where each row starts; the
+    scan's counts are then a :class:`~xrfnb.io.bcf.BcfRows` that reads, checks (every record, every
+    packed bunch) and decodes only the rows asked for, with rosettasciio's compiled decoder, one block
+    of rows (about 48 MB of counts) at a time. Counts are ``uint16`` for pulse-list files and ``uint32``
+    when some pixel is "instructed"-packed, so no pixel can overflow.
 
-    def need(offset: int, length: int, what: str) -> None:
-        if length < 0 or offset + length > total:
-            raise FormatError(f"{path}: hypermap stream truncated or corrupted ({what} at byte {offset})")
-        if length > block:
-            raise FormatError(f"{path}: hypermap record of {length} bytes exceeds the container block size")
+    Parameters
+    ----------
+    path : Path
+        The file.
+    index : int, optional
+        Which hypermap of the file (``SpectrumData<index>``); default the first.
 
-    need(0, 0x1A0, "stream header")
-    height, width = struct.unpack_from("<ii", data, 0)
-    if height != rows or width != cols:
-        raise FormatError(
-            f"{path}: hypermap stream is {height} x {width} but the header says {rows} x {cols}"
-        )
-    wide = False
-    off = 0x1A0
-    for _ in range(height):
-        need(off, 4, "line header")
-        (n_pix,) = struct.unpack_from("<i", data, off)
-        off += 4
-        if not 0 <= n_pix <= cols:
-            raise FormatError(f"{path}: hypermap line holds {n_pix} pixels for {cols} columns (corrupted)")
-        for _ in range(n_pix):
-            need(off, 22, "pixel header")
-            x, _c1, _c2, _d, flag, _s1, n_pulses, size2 = struct.unpack_from("<IHHIHHHI", data, off)
-            off += 22
-            if x >= cols:
-                raise FormatError(f"{path}: hypermap pixel x={x} outside the {cols} columns (corrupted)")
-            if flag == 0:
-                need(off, max(size2, 2 * n_pulses), "16-bit pulses")
-                off += size2
-            elif flag == 1:
-                need(off, max(size2, 6 * ((n_pulses + 3) // 4)), "12-bit pulses")
-                off += size2
-            else:
-                if size2 < 4:
-                    raise FormatError(f"{path}: hypermap pixel record of {size2} bytes (corrupted)")
-                need(off, size2 - 4, "packed spectrum")
-                end = (size2 - 4) & 0xFFFF  # the decoder walks a uint16 length
-                o = 0
-                while o < end:
-                    need(off + o, 2, "bunch header")
-                    size_b, n_ch = data[off + o], data[off + o + 1]
-                    o += 2
-                    if size_b == 0:
-                        continue
-                    gain_bytes = size_b if size_b in (1, 2, 4) else 8
-                    if size_b == 1:
-                        length, reach = (n_ch + 1) // 2, (n_ch + 1) // 2
-                    elif size_b == 2:
-                        length, reach = n_ch, n_ch
-                    elif size_b == 4:
-                        length, reach = 2 * n_ch, 2 * n_ch
-                    else:
-                        length, reach = n_ch * size_b // 2, 2 * n_ch + 2
-                    wide = wide or size_b > 2
-                    need(off + o, max(gain_bytes, size_b + max(length, reach)), "bunch data")
-                    o += size_b + length
-                off += size2 - 4
-                if n_pulses > 0:
-                    need(off, 4 + 2 * n_pulses, "additional pulses")
-                    off += 4 + 2 * n_pulses
-                else:
-                    need(off, 4, "pixel trailer")
-                    off += 4
-    return np.dtype(np.uint32 if wide else np.uint16)
-
-
-def read_bcf(path: Path) -> Scan:
-    """Bruker ``.bcf`` hypermap (first map in the file) as an in-memory :class:`Scan`.
-
-    The packed pulse stream is checked record by record, then decoded by rosettasciio into
-    ``uint16`` counts (``uint32`` when the file packs wider values), so no pixel can overflow. For
-    maps larger than memory, export them from Esprit to ripple (``.rpl``/``.raw``), which loads lazily.
-    The live time stored in a ``.bcf`` is that of the whole map's sum spectrum; the scan's per-pixel
-    ``live_time_s`` is that total divided by the number of pixels (the total is kept in
-    ``metadata["bcf_total_live_time_s"]``).
+    Returns
+    -------
+    Scan
+        Counts (rows, cols, channels), lazy. The live time stored in a ``.bcf`` is that of the whole
+        map's sum spectrum; the scan's per-pixel ``live_time_s`` is that total divided by the number of
+        pixels (the total is kept in ``metadata["bcf_total_live_time_s"]``).
     """
     from rsciio.bruker import _api as bruker
 
     def open_map(filename: str) -> list[dict[str, Any]]:
         reader = bruker.BCF_reader(filename)
-        index = reader.def_index
-        eds = reader.header.get_spectra_metadata(index)
+        which = reader.def_index if index is None else index
+        if which not in reader.available_indexes:
+            raise DataError(
+                f"{path}: index={index!r}: the file holds hypermaps {sorted(reader.available_indexes)}"
+            )
+        eds = reader.header.get_spectra_metadata(which)
         rows, cols = reader.header.image.height, reader.header.image.width
         n_ch = int(eds.data.size)
-        vfile = reader.get_file(f"EDSDatabase/SpectrumData{index}")
-        _, block, _ = vfile.get_iter_and_properties()
-        stream = vfile.get_as_BytesIO_string().getvalue()
-        dtype = _check_bcf_stream(stream, rows, cols, int(block), path)
         if rows < 1 or cols < 1 or n_ch < 2:
             raise FormatError(f"{path}: hypermap of {rows} x {cols} pixels x {n_ch} channels")
-        if bruker.fast_unbcf:
-            cube = bruker.unbcf_fast.parse_to_numpy(vfile, (rows, cols, n_ch), dtype)
-        else:  # pragma: no cover - rosettasciio built without its compiled decoder
-            cube = bruker.py_parse_hypermap(vfile, (rows, cols, n_ch), np.dtype(f"i{dtype.itemsize}"))
+        stream = SfsStream(path, reader.get_file(f"EDSDatabase/SpectrumData{which}"))
+        offsets, packed = index_bcf_rows(stream, rows, cols, path)
+        dtype = np.dtype(np.uint32 if packed else np.uint16)
         hw = eds.hardware_metadata
         return [
             {
-                "data": np.asarray(cube),
+                "data": BcfRows(stream, offsets, (rows, cols, n_ch), dtype, path),
                 "offset": eds.offset,
                 "scale": eds.scale,
                 "live_time": hw.get("LifeTime"),
                 "real_time": hw.get("RealTime"),
                 "pixel": {"scale": reader.header.x_res, "units": reader.header.units},
                 "name": reader.header.name,
+                "index": which,
+                "indexes": sorted(reader.available_indexes),
             }
         ]
 
@@ -309,6 +249,8 @@ def read_bcf(path: Path) -> Scan:
         "calibrated": True,
         "name": item["name"],
         "calibration_source": "file header (hypermap sum spectrum CalibAbs/CalibLin)",
+        "bcf_index": item["index"],
+        "bcf_indexes": item["indexes"],
     }
     if header:
         meta["bruker_header"] = header

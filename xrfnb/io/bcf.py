@@ -1,0 +1,526 @@
+"""Bruker ``.bcf`` hypermaps of any size: a row index over the pulse stream, rows decoded on demand.
+
+A ``.bcf`` is an AidAim SFS container; a hypermap is its file ``EDSDatabase/SpectrumData<i>``, a
+*pulse stream*: a 0x1A0-byte header (height, width, ...), then per image row a 4-byte pixel count and
+per pixel a 22-byte header (x index, channel counts, packing flag, number of pulses, data size)
+followed by its packed counts: 16-bit pulse list (flag 0), 12-bit pulse list (flag 1) or Delphi
+"instructed" bunches (flag > 1, plus optional 16-bit extra pulses).
+
+:func:`index_bcf_rows` walks the stream once, reading pixel headers and skipping payloads, and keeps
+the byte offset where each row starts (``rows + 1`` integers). :class:`BcfRows` is then a lazy,
+read-only array of counts (rows, cols, channels): indexing it reads only the bytes of the rows asked
+for, checks them record by record (:func:`check_bcf_block`: every pixel header, every instructed
+bunch, vectorised over the block's pixels) and decodes them with rosettasciio's compiled decoder,
+fed a stream that holds just those rows. Peak memory is one block of rows, whatever the map's size.
+
+The container's stream is read through its chunk pointer table (:class:`SfsStream`), so a byte
+range of the stream is read without reading what comes before it; zlib-compressed containers are
+read through their table of compressed blocks.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .._errors import FormatError
+
+__all__ = [
+    "STREAM_HEADER_BYTES",
+    "BcfRows",
+    "SfsStream",
+    "check_bcf_block",
+    "decode_bcf_block",
+    "index_bcf_rows",
+]
+
+#: bytes of the hypermap stream header (height and width are its first two int32)
+STREAM_HEADER_BYTES = 0x1A0
+#: zero bytes after a block handed to the decoder: one instructed bunch reads at most 2 + 8 + 512
+#: bytes from a position inside its pixel record, so no read can leave the buffer
+_PAD = 1024
+#: bytes of stream read at a time by the index pass
+_WINDOW = 8 << 20
+#: decoded bytes per block of rows (at least one row per block)
+BLOCK_BYTES = 48 << 20
+
+
+class SfsStream:
+    """Random access to one file of a ``.bcf`` (SFS) container: ``read(offset, length)``.
+
+    Parameters
+    ----------
+    path : Path
+        The container.
+    item : object
+        rosettasciio's ``SFSTreeItem`` of the file (its ``pointers`` table: the container byte address of
+        each data chunk; ``size``: the file's length in bytes; ``sfs``: the container's chunk sizes and
+        compression).
+
+    Attributes
+    ----------
+    size : int
+        Length of the (uncompressed) file in bytes.
+    """
+
+    def __init__(self, path: Path, item: Any) -> None:
+        self.path = path
+        self._pointers = np.asarray(item.pointers, dtype=np.int64)
+        self._usable = int(item.sfs.usable_chunk)
+        self._chunk = int(item.sfs.chunksize)
+        self._raw_size = int(item.size)
+        self.compressed = item.sfs.compression == "zlib"
+        if self.compressed:
+            self._block = int(item.uncompressed_blk_size)
+            self._blocks = self._compressed_blocks(int(item.no_of_compr_blk))
+            self.size = self._uncompressed_size()
+        else:
+            self.size = self._raw_size
+
+    # -- the container's chunks ------------------------------------------------------------------
+    def _read_raw(self, offset: int, length: int) -> bytes:
+        """Bytes ``offset:offset+length`` of the file as stored (maybe compressed), via the chunk table."""
+        if offset < 0 or length < 0 or offset + length > self._raw_size:
+            raise FormatError(
+                f"{self.path}: .bcf stream read of {length} bytes at {offset} outside its {self._raw_size} "
+                "bytes (truncated or corrupted)"
+            )
+        if length == 0:
+            return b""
+        first, last = offset // self._usable, (offset + length - 1) // self._usable
+        if last >= self._pointers.size:
+            raise FormatError(f"{self.path}: .bcf chunk table is shorter than the stream (corrupted)")
+        starts = self._pointers[first : last + 1]
+        skip = offset - first * self._usable
+        out = bytearray()
+        with open(self.path, "rb") as fh:
+            k = 0
+            n = starts.size
+            while k < n:
+                # a run of chunks stored one after the other: one read, the 32-byte headers cut out
+                j = k + 1
+                while j < n and starts[j] == starts[j - 1] + self._chunk:
+                    j += 1
+                fh.seek(int(starts[k]))
+                raw = fh.read((j - k - 1) * self._chunk + self._usable)
+                if len(raw) < (j - k - 1) * self._chunk + self._usable and j == n:
+                    raw = raw + bytes((j - k - 1) * self._chunk + self._usable - len(raw))
+                elif len(raw) < (j - k - 1) * self._chunk + self._usable:
+                    raise FormatError(f"{self.path}: .bcf container is truncated (chunk at {int(starts[k])})")
+                view = np.frombuffer(raw + bytes(self._chunk - self._usable), np.uint8).reshape(j - k, -1)
+                out += view[:, : self._usable].tobytes()
+                k = j
+        piece = bytes(out[skip : skip + length])
+        if len(piece) < length:
+            raise FormatError(f"{self.path}: .bcf container is truncated (stream byte {offset + len(piece)})")
+        return piece
+
+    def _compressed_blocks(self, n_blocks: int) -> np.ndarray:
+        """(stored offset, stored size) of each zlib block: headers of 16 bytes from stored byte 0x80."""
+        table = np.empty((n_blocks, 2), np.int64)
+        off = 0x80
+        for k in range(n_blocks):
+            (size,) = struct.unpack_from("<I", self._read_raw(off, 16))
+            table[k] = off + 16, size
+            off += 16 + size
+        return table
+
+    def _uncompressed_size(self) -> int:
+        if self._blocks.shape[0] == 0:
+            return 0
+        last = zlib.decompress(self._read_raw(*(int(v) for v in self._blocks[-1])))
+        return (self._blocks.shape[0] - 1) * self._block + len(last)
+
+    # -- the file's bytes ------------------------------------------------------------------------
+    def read(self, offset: int, length: int) -> bytes:
+        """Bytes ``offset:offset+length`` of the (uncompressed) file; fewer only at its end.
+
+        Parameters
+        ----------
+        offset, length : int
+            Byte range in the file.
+
+        Returns
+        -------
+        bytes
+            At most ``length`` bytes.
+
+        Raises
+        ------
+        FormatError
+            The container is truncated or a compressed block does not decompress.
+        """
+        length = max(0, min(length, self.size - offset))
+        if not self.compressed:
+            return self._read_raw(offset, length)
+        if length == 0:
+            return b""
+        first, last = offset // self._block, (offset + length - 1) // self._block
+        parts = []
+        for k in range(first, last + 1):
+            try:
+                parts.append(zlib.decompress(self._read_raw(*(int(v) for v in self._blocks[k]))))
+            except zlib.error as exc:
+                raise FormatError(f"{self.path}: compressed .bcf block {k} is damaged ({exc})") from None
+        data = b"".join(parts)
+        skip = offset - first * self._block
+        return data[skip : skip + length]
+
+
+def _walk_row(
+    data: bytes, off: int, limit: int, cols: int, where: str, payloads: list[int] | None
+) -> tuple[int, bool]:
+    """Check one row's pixel records in ``data[off:limit]``.
+
+    Returns the offset after the row (-1 when the row runs past ``limit``) and whether it holds an
+    instructed-packed pixel; ``payloads`` (when given) receives the (start, end) offsets of each
+    instructed payload, the span the decoder walks.
+    """
+    unpack = struct.unpack_from
+    if off + 4 > limit:
+        return -1, False
+    (n_pix,) = unpack("<i", data, off)
+    off += 4
+    if not 0 <= n_pix <= cols:
+        raise FormatError(f"{where}: the row holds {n_pix} pixels for {cols} columns (corrupted file)")
+    packed = False
+    for _ in range(n_pix):
+        if off + 22 > limit:
+            return -1, packed
+        x, _c1, _c2, _d, flag, _s1, n_pulses, size2 = unpack("<IHHIHHHI", data, off)
+        off += 22
+        if x >= cols:
+            raise FormatError(f"{where}: pixel x={x} outside the {cols} columns (corrupted file)")
+        if flag == 0:
+            if size2 < 2 * n_pulses:
+                raise FormatError(f"{where}: 16-bit pulse record of {size2} bytes for {n_pulses} pulses")
+            off += size2
+        elif flag == 1:
+            if size2 < 6 * ((n_pulses + 3) // 4):
+                raise FormatError(f"{where}: 12-bit pulse record of {size2} bytes for {n_pulses} pulses")
+            off += size2
+        else:
+            if size2 < 4:
+                raise FormatError(f"{where}: packed pixel record of {size2} bytes (corrupted file)")
+            packed = True
+            if payloads is not None:
+                payloads.append(off)
+                payloads.append(off + ((size2 - 4) & 0xFFFF))  # the decoder walks a uint16 length
+            off += size2 + (2 * n_pulses if n_pulses > 0 else 0)
+        if off > limit:
+            return -1, packed
+    return off, packed
+
+
+def index_bcf_rows(stream: SfsStream, rows: int, cols: int, path: Path) -> tuple[np.ndarray, bool]:
+    """One pass over a hypermap stream: where each row starts, every pixel header checked.
+
+    Parameters
+    ----------
+    stream : SfsStream
+        The container's ``SpectrumData<i>`` file.
+    rows, cols : int
+        The map's size from the ``.bcf`` header.
+    path : Path
+        The file, for the messages.
+
+    Returns
+    -------
+    offsets : numpy.ndarray
+        int64 (rows + 1,): byte offset in the stream of each row's start, and of the end of the last.
+    packed : bool
+        True when some pixel is "instructed"-packed (its counts may need 32 bits).
+
+    Raises
+    ------
+    FormatError
+        The stream's size differs from the header's, or a record is damaged or runs past the stream
+        (the message names the row).
+    """
+    head = stream.read(0, STREAM_HEADER_BYTES)
+    if len(head) < STREAM_HEADER_BYTES:
+        raise FormatError(f"{path}: hypermap stream truncated or corrupted (header of {len(head)} bytes)")
+    height, width = struct.unpack_from("<ii", head, 0)
+    if height != rows or width != cols:
+        raise FormatError(
+            f"{path}: hypermap stream is {height} x {width} but the header says {rows} x {cols}"
+        )
+    offsets = np.empty(rows + 1, np.int64)
+    total = stream.size
+    pos = STREAM_HEADER_BYTES
+    window = _WINDOW
+    buf, buf_at = b"", -1  # buf holds the stream's bytes buf_at ...
+    packed = False
+    r = 0
+    while r < rows:
+        end = -1
+        if buf_at >= 0:
+            end, row_packed = _walk_row(buf, pos - buf_at, len(buf), cols, f"{path}: hypermap row {r}", None)
+        if end < 0:
+            if buf_at >= 0 and buf_at + len(buf) >= total:
+                raise FormatError(
+                    f"{path}: hypermap stream truncated or corrupted (row {r} runs past its end at byte "
+                    f"{total}); the file is damaged"
+                )
+            if buf_at == pos:
+                window *= 2  # a row longer than the window
+            buf, buf_at = stream.read(pos, window), pos
+            continue
+        packed = packed or row_packed
+        offsets[r] = pos
+        pos = buf_at + end
+        r += 1
+    offsets[rows] = pos
+    return offsets, packed
+
+
+def check_bcf_block(data: bytes, n_rows: int, cols: int, where: str, first_row: int = 0) -> None:
+    """Check the records of ``n_rows`` rows of a pulse stream so the compiled decoder stays inside them.
+
+    Every pixel header (column, record sizes) and every bunch of every instructed-packed pixel is
+    checked: the bunches are walked for all the block's pixels at once, one bunch per pixel per step.
+
+    Parameters
+    ----------
+    data : bytes
+        The rows' bytes, from the start of the first row to the end of the last.
+    n_rows, cols : int
+        Rows in ``data``; columns of the map.
+    where : str
+        The file, for the messages.
+    first_row : int
+        Map row of the first row in ``data``, for the messages.
+
+    Raises
+    ------
+    FormatError
+        A record is damaged or runs past the rows' bytes; the message names the row.
+    """
+    limit = len(data)
+    payloads: list[int] = []
+    marks = [0]
+    off = 0
+    for r in range(n_rows):
+        off, _ = _walk_row(data, off, limit, cols, f"{where}: hypermap row {first_row + r}", payloads)
+        if off < 0:
+            raise FormatError(
+                f"{where}: hypermap row {first_row + r} is truncated or corrupted (its records run past the "
+                "row's end)"
+            )
+        marks.append(len(payloads) // 2)
+    if off != limit:
+        raise FormatError(
+            f"{where}: hypermap rows {first_row}-{first_row + n_rows - 1} changed since indexing"
+        )
+    if not payloads:
+        return
+    spans = np.asarray(payloads, np.int64).reshape(-1, 2)
+    pos, ends = spans[:, 0].copy(), spans[:, 1]
+    buf = np.frombuffer(data + bytes(2), np.uint8)
+    bound = limit + _PAD  # the decoder's buffer holds _PAD zero bytes after the rows
+    alive = np.flatnonzero(pos < ends)
+    while alive.size:
+        p = pos[alive]
+        if int(p.max()) + 2 > limit:
+            bad = alive[p + 2 > limit][0]
+            raise _bunch_error(where, first_row, marks, int(bad))
+        size_b = buf[p].astype(np.int64)
+        n_ch = buf[p + 1].astype(np.int64)
+        length = np.select(
+            [size_b == 1, size_b == 2, size_b == 4], [(n_ch + 1) // 2, n_ch, 2 * n_ch], n_ch * size_b // 2
+        )
+        plain = (size_b == 1) | (size_b == 2) | (size_b == 4)
+        reach = np.where(plain, length, 2 * n_ch + 2)  # rosettasciio reads 32-bit values at a 2-byte step
+        gain = np.where(plain, size_b, 8)
+        need = np.where(size_b == 0, 0, np.maximum(gain, size_b + np.maximum(length, reach)))
+        over = p + 2 + need > bound
+        if over.any():
+            raise _bunch_error(where, first_row, marks, int(alive[over][0]))
+        pos[alive] = p + 2 + np.where(size_b == 0, 0, size_b + length)
+        alive = alive[pos[alive] < ends[alive]]
+
+
+def _bunch_error(where: str, first_row: int, marks: list[int], pixel: int) -> FormatError:
+    row = first_row + int(np.searchsorted(np.asarray(marks), pixel, side="right")) - 1
+    return FormatError(
+        f"{where}: hypermap row {row}: a packed spectrum runs past its record (truncated or corrupted file)"
+    )
+
+
+class _OneChunk:
+    """What rosettasciio's decoder reads a stream from: a virtual file yielding one chunk."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    def get_iter_and_properties(self) -> tuple[Any, int, int]:
+        return iter([self._data]), len(self._data), 1
+
+
+def decode_bcf_block(data: bytes, n_rows: int, cols: int, n_channels: int, dtype: np.dtype) -> np.ndarray:
+    """Decode ``n_rows`` checked rows of a pulse stream with rosettasciio's decoder.
+
+    Parameters
+    ----------
+    data : bytes
+        The rows' bytes (checked by :func:`check_bcf_block`).
+    n_rows, cols, n_channels : int
+        The block's shape.
+    dtype : numpy.dtype
+        ``uint16`` or ``uint32``.
+
+    Returns
+    -------
+    numpy.ndarray
+        Counts (n_rows, cols, n_channels) of ``dtype``; pixels the stream skips are zero.
+    """
+    from rsciio.bruker import _api as bruker  # deferred: heavy (rosettasciio's Bruker reader)
+
+    head = struct.pack("<ii", n_rows, cols) + bytes(STREAM_HEADER_BYTES - 8)
+    vfile = _OneChunk(head + data + bytes(_PAD))
+    shape = (n_rows, cols, n_channels)
+    if bruker.fast_unbcf:
+        return bruker.unbcf_fast.parse_to_numpy(vfile, shape, np.dtype(dtype))
+    # pragma: no cover - rosettasciio built without its compiled decoder
+    return bruker.py_parse_hypermap(vfile, shape, np.dtype(dtype)).astype(dtype, copy=False)
+
+
+class BcfRows:
+    """Lazy counts of a ``.bcf`` hypermap (rows, cols, channels): rows decoded when indexed.
+
+    Supports what :class:`~xrfnb.core.spectrum.Scan` and the readers of a scan use: ``shape``, ``dtype``,
+    ``ndim``, ``chunks`` (rows per decoded block, all columns, all channels), NumPy-style indexing
+    (ints, slices, integer arrays on the rows, anything NumPy takes on columns and channels) and
+    ``np.asarray`` (the whole map: only for maps that fit in memory). Thread-safe.
+
+    Parameters
+    ----------
+    stream : SfsStream
+        The map's pulse stream.
+    offsets : numpy.ndarray
+        Row start offsets from :func:`index_bcf_rows`.
+    shape : tuple of int
+        (rows, cols, channels).
+    dtype : numpy.dtype
+        Counts type.
+    path : Path
+        The file, for the messages.
+    block_rows : int, optional
+        Rows decoded at a time (default: about 48 MB of counts).
+    """
+
+    def __init__(
+        self,
+        stream: SfsStream,
+        offsets: np.ndarray,
+        shape: tuple[int, int, int],
+        dtype: np.dtype,
+        path: Path,
+        block_rows: int | None = None,
+    ) -> None:
+        self._stream = stream
+        self._offsets = offsets
+        self.shape = tuple(int(s) for s in shape)
+        self.dtype = np.dtype(dtype)
+        self.path = path
+        rows, cols, n_ch = self.shape
+        if block_rows is None:
+            block_rows = BLOCK_BYTES // max(1, cols * n_ch * self.dtype.itemsize)
+        self.block_rows = int(min(max(1, block_rows), rows))
+        self.chunks = (self.block_rows, cols, n_ch)
+        self._lock = threading.Lock()
+        self._cache: tuple[int, np.ndarray] | None = None
+
+    @property
+    def ndim(self) -> int:
+        """3."""
+        return 3
+
+    @property
+    def size(self) -> int:
+        """Number of values."""
+        return int(np.prod(self.shape))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the decoded map."""
+        return self.size * self.dtype.itemsize
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        return (
+            f"BcfRows({self.path.name}, shape={self.shape}, dtype={self.dtype}, block_rows={self.block_rows})"
+        )
+
+    def read_block(self, k: int) -> np.ndarray:
+        """Decoded block ``k`` (rows ``k * block_rows`` ...), read-only; the last one is cached.
+
+        Raises
+        ------
+        FormatError
+            The block's records are damaged (the message names the file and row).
+        """
+        with self._lock:
+            if self._cache is not None and self._cache[0] == k:
+                return self._cache[1]
+        r0 = k * self.block_rows
+        r1 = min(self.shape[0], r0 + self.block_rows)
+        start, stop = int(self._offsets[r0]), int(self._offsets[r1])
+        data = self._stream.read(start, stop - start)
+        if len(data) != stop - start:
+            raise FormatError(f"{self.path}: hypermap rows {r0}-{r1 - 1} are truncated")
+        check_bcf_block(data, r1 - r0, self.shape[1], str(self.path), first_row=r0)
+        block = decode_bcf_block(data, r1 - r0, self.shape[1], self.shape[2], self.dtype)
+        block.flags.writeable = False
+        with self._lock:
+            self._cache = (k, block)
+        return block
+
+    def read_rows(self, start: int, stop: int) -> np.ndarray:
+        """Counts of rows ``start:stop`` (a new array)."""
+        return self[start:stop]
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        if not isinstance(key, tuple):
+            key = (key,)
+        if any(k is Ellipsis for k in key):
+            i = next(n for n, k in enumerate(key) if k is Ellipsis)
+            key = key[:i] + (slice(None),) * (3 - len(key) + 1) + key[i + 1 :]
+        row_key, rest = (key[0] if key else slice(None)), key[1:]
+        rows = self.shape[0]
+        scalar = isinstance(row_key, (int, np.integer))
+        if scalar:
+            r = int(row_key)
+            if not -rows <= r < rows:
+                raise IndexError(f"row {r} is outside the {rows} rows of {self.path.name}")
+            wanted = np.array([r % rows])
+        elif isinstance(row_key, slice):
+            wanted = np.arange(rows)[row_key]
+        else:
+            wanted = np.arange(rows)[np.asarray(row_key)]
+        parts = []
+        blocks = wanted // self.block_rows
+        k = 0
+        while k < wanted.size:  # consecutive wanted rows of one block: one decode
+            j = k + 1
+            while j < wanted.size and blocks[j] == blocks[k]:
+                j += 1
+            block = self.read_block(int(blocks[k]))
+            sel = block[wanted[k:j] - blocks[k] * self.block_rows]
+            parts.append(sel[(slice(None), *rest)])
+            k = j
+        if not parts:
+            return np.empty((0, *self.shape[1:]), self.dtype)[(slice(None), *rest)]
+        out = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+        return out[0] if scalar else out
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = self[:]
+        return out if dtype is None else out.astype(dtype, copy=False)
