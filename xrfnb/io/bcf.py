@@ -20,6 +20,7 @@ read through their table of compressed blocks.
 
 from __future__ import annotations
 
+import functools
 import struct
 import threading
 import zlib
@@ -323,26 +324,32 @@ def check_bcf_block(data: bytes, n_rows: int, cols: int, where: str, first_row: 
     pos, ends = spans[:, 0].copy(), spans[:, 1]
     buf = np.frombuffer(data + bytes(2), np.uint8)
     bound = limit + _PAD  # the decoder's buffer holds _PAD zero bytes after the rows
+    need_of, step_of = _bunch_tables()
     alive = np.flatnonzero(pos < ends)
     while alive.size:
         p = pos[alive]
-        if int(p.max()) + 2 > limit:
-            bad = alive[p + 2 > limit][0]
-            raise _bunch_error(where, first_row, marks, int(bad))
-        size_b = buf[p].astype(np.int64)
-        n_ch = buf[p + 1].astype(np.int64)
-        length = np.select(
-            [size_b == 1, size_b == 2, size_b == 4], [(n_ch + 1) // 2, n_ch, 2 * n_ch], n_ch * size_b // 2
-        )
-        plain = (size_b == 1) | (size_b == 2) | (size_b == 4)
-        reach = np.where(plain, length, 2 * n_ch + 2)  # rosettasciio reads 32-bit values at a 2-byte step
-        gain = np.where(plain, size_b, 8)
-        need = np.where(size_b == 0, 0, np.maximum(gain, size_b + np.maximum(length, reach)))
-        over = p + 2 + need > bound
-        if over.any():
-            raise _bunch_error(where, first_row, marks, int(alive[over][0]))
-        pos[alive] = p + 2 + np.where(size_b == 0, 0, size_b + length)
-        alive = alive[pos[alive] < ends[alive]]
+        code = (buf[p].astype(np.int64) << 8) | buf[p + 1]
+        if int((p + need_of[code]).max()) > bound:
+            raise _bunch_error(where, first_row, marks, int(alive[p + need_of[code] > bound][0]))
+        p += step_of[code]
+        pos[alive] = p
+        alive = alive[p < ends[alive]]
+
+
+@functools.cache
+def _bunch_tables() -> tuple[np.ndarray, np.ndarray]:
+    """Per bunch header ``size << 8 | channels``: bytes the decoder may read from the bunch's start, and
+    its step to the next bunch (the rules of rosettasciio's ``unpack_instructed``)."""
+    size_b, n_ch = np.divmod(np.arange(1 << 16, dtype=np.int64), 256)
+    plain = (size_b == 1) | (size_b == 2) | (size_b == 4)
+    length = np.select(
+        [size_b == 1, size_b == 2, size_b == 4], [(n_ch + 1) // 2, n_ch, 2 * n_ch], n_ch * size_b // 2
+    )
+    reach = np.where(plain, length, 2 * n_ch + 2)  # 32-bit values read at a 2-byte step
+    gain = np.where(plain, size_b, 8)
+    need = 2 + np.where(size_b == 0, 0, np.maximum(gain, size_b + np.maximum(length, reach)))
+    step = 2 + np.where(size_b == 0, 0, size_b + length)
+    return need, step
 
 
 def _bunch_error(where: str, first_row: int, marks: list[int], pixel: int) -> FormatError:
