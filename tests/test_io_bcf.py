@@ -166,3 +166,22 @@ def test_bcf_truncated_stream_and_bad_index(tmp_path):
 def test_real_bcf_bit_for_bit(path):  # pragma: no cover - only where real .bcf files are present
     scan = xrfnb.load(path)
     assert np.array_equal(np.asarray(scan.counts), _rsciio_full(path, 0, scan.shape, scan.counts.dtype))
+
+
+def test_convert_bcf_to_hdf5(tmp_path, monkeypatch, capsys):
+    """``xrfnb convert map.bcf map.h5``: the chunked HDF5 holds the same counts, calibration, pixel size."""
+    from xrfnb.ui.cli import main
+
+    monkeypatch.setattr(bcf, "BLOCK_BYTES", 1)
+    cube = _cube(4)
+    path = _write(tmp_path, cube, packing="mixed")
+    out = tmp_path / "map.h5"
+    assert main(["convert", str(path), str(out)]) == 0
+    back = xrfnb.load(out)
+    np.testing.assert_array_equal(np.asarray(back.counts), cube)
+    assert back.calibration == xrfnb.EnergyCalibration(-0.1, 0.01) and back.pixel_size_um == 5.0
+    assert back.live_time_s == pytest.approx(2.0 / 35)
+    assert "converting" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["map.bcf", "map.h5"]  # no temporary left
+    assert main(["convert", str(path), str(tmp_path / "map.mca"), "-q"]) == 2
+    assert "should end in .h5" in capsys.readouterr().err

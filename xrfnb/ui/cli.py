@@ -1,4 +1,4 @@
-"""The ``xrfnb`` command line: identify, report, info, train, evaluate, serve.
+"""The ``xrfnb`` command line: identify, report, info, convert, train, evaluate, serve.
 
 Every error a user can cause is reported as one line ``xrfnb: error: ...`` on stderr with exit status 2;
 an interruption (Ctrl-C, SIGTERM) exits with status 130 and leaves no corrupt output. The model room
@@ -19,6 +19,9 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+from tqdm import tqdm
+
 from .. import __version__
 from .._errors import CalibrationError, DataError, XRFNBError
 from ..core.calibration import EnergyCalibration
@@ -27,7 +30,7 @@ from ..fitting.calibration import calibrate
 from ..fitting.detect import DetectedElement, detect_elements
 from ..io.atomic import atomic_path as _atomic_output
 from ..io.hdf5 import preflight
-from ..io.load import load
+from ..io.load import SAVE_FORMATS, load, save
 from ..maps.mapping import map_pigments
 from ..maps.pigmentmaps import PigmentMaps
 from ..maps.storage import check_input_outside_working_folder, check_output_path
@@ -217,6 +220,50 @@ def _cmd_identify(args: argparse.Namespace) -> int:
 
         write_report(maps, args.report, scan=data, instrument=args.instrument)
         _info(f"wrote the report {args.report}")
+    return 0
+
+
+class _ProgressRows:
+    """A scan's counts that advance a progress bar by the rows read (``xrfnb convert``)."""
+
+    def __init__(self, counts: Any, bar: tqdm) -> None:
+        self._counts, self._bar = counts, bar
+        self.shape, self.dtype = tuple(counts.shape), np.dtype(counts.dtype)
+        self.chunks = getattr(counts, "chunks", None)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        block = np.asarray(self._counts[key])
+        if isinstance(key, slice):
+            self._bar.update(len(range(*key.indices(self.shape[0]))))
+        return block
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    out = Path(args.output)
+    if SAVE_FORMATS.get(out.suffix.lower()) not in ("hdf5", "npz", "npy", "rpl"):
+        raise DataError(f"output {out} should end in .h5 (xrfnb's chunked HDF5), .npz, .npy or .rpl")
+    if out.is_dir():
+        raise DataError(f"output {out} is a folder; give a file name, e.g. {out / 'scan.h5'}")
+    if not (out.parent if str(out.parent) else Path(".")).is_dir():
+        raise DataError(f"cannot write {out}: folder {out.parent} does not exist")
+    if out.exists() and out.resolve() == Path(args.input).resolve():
+        raise DataError(f"output {out} is the input file; choose another name")
+    data = _load_calibrated(args, args.input)
+    rows = data.shape[0] if isinstance(data, Scan) else 1
+    _info(f"{args.input} -> {out}")
+    with tqdm(total=rows, disable=args.quiet, desc="converting", unit="row", file=sys.stderr) as bar:
+        if isinstance(data, Scan):
+            data = Scan(
+                _ProgressRows(data.counts, bar),
+                data.calibration,
+                pixel_size_um=data.pixel_size_um,
+                live_time_s=data.live_time_s,
+                metadata=data.metadata,
+            )
+        save(data, out)  # block by block into a temporary file, renamed into place when complete
+        if not isinstance(data, Scan):
+            bar.update(1)
+    _info(f"wrote {out}")
     return 0
 
 
@@ -491,6 +538,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-elements", action="store_true", help="skip element detection")
     _add_load_options(s)
     s.set_defaults(func=_cmd_info)
+
+    s = sub.add_parser(
+        "convert",
+        help="convert a spectrum or scan (e.g. a Bruker .bcf of any size) into xrfnb's chunked HDF5 (.h5), "
+        "block by block with bounded memory, written atomically",
+    )
+    s.add_argument("input", metavar="INPUT")
+    s.add_argument("output", metavar="OUTPUT.h5")
+    _add_load_options(s)
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=_cmd_convert)
 
     s = sub.add_parser("train", help="train a pigment model from a TOML config")
     s.add_argument("--config", required=True, metavar="CONFIG")
