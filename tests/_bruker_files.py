@@ -83,7 +83,19 @@ _CHUNK = 0x1000  # SFS chunk size; chunk n occupies [0x118 + n*_CHUNK, 0x118 + (
 _USABLE = _CHUNK - 32  # each chunk starts with a 32-byte header
 
 
-def _sfs_container(files: list[tuple[str, int, bytes | None]], chunk: int = _CHUNK) -> bytes:
+def sfs_zlib(content: bytes, block: int = 0x8000) -> bytes:
+    """A file's content as stored in a zlib-compressed SFS container: an ``AACS`` header (uncompressed
+    block size, number of blocks) padded to 0x80 bytes, then per block a 16-byte header and its zlib data."""
+    parts = [zlib.compress(content[k : k + block]) for k in range(0, max(len(content), 1), block)]
+    out = bytearray(struct.pack("<IIII", 0x53434141, block, 0, len(parts)).ljust(0x80, b"\0"))
+    for part in parts:
+        out += struct.pack("<IIII", len(part), block, 0, len(part) + 16) + part
+    return bytes(out)
+
+
+def _sfs_container(
+    files: list[tuple[str, int, bytes | None]], chunk: int = _CHUNK, compressed: bool = False
+) -> bytes:
     """AidAim SFS container (what a ``.bcf`` is), uncompressed, as rosettasciio's SFS_reader reads it.
 
     ``files``: (name, parent item index or -1, content or None for a folder), in item order.
@@ -91,6 +103,8 @@ def _sfs_container(files: list[tuple[str, int, bytes | None]], chunk: int = _CHU
     through their chunk headers when the table spans several) and its data chunks.
     """
     usable = chunk - 32
+    if compressed:
+        files = [(name, parent, None if c is None else sfs_zlib(c)) for name, parent, c in files]
     chunks: dict[int, bytes] = {}
     heads: dict[int, bytes] = {}
     next_chunk = 2
@@ -279,11 +293,13 @@ def write_bcf(
     skip_empty: bool = False,
     chunk: int = _CHUNK,
     extra_maps: int = 0,
+    compressed: bool = False,
 ) -> Path:
     """Write a Bruker ``.bcf`` hypermap of counts (rows, cols, channels).
 
     ``packing`` and ``skip_empty``: see :func:`bcf_stream`; ``chunk``: the container's chunk size;
-    ``extra_maps``: further hypermaps ``SpectrumData1`` ... holding ``cube + k``."""
+    ``extra_maps``: further hypermaps ``SpectrumData1`` ... holding ``cube + k``; ``compressed``: a
+    zlib-compressed container."""
     rows, cols, _ = cube.shape
     header = bcf_header(
         rows,
@@ -301,7 +317,7 @@ def write_bcf(
     files = [("EDSDatabase", -1, None), ("HeaderData", 0, header), ("SpectrumData0", 0, data)]
     for k in range(1, extra_maps + 1):
         files.append((f"SpectrumData{k}", 0, bcf_stream(cube + k, packing, skip_empty)))
-    path.write_bytes(_sfs_container(files, chunk))
+    path.write_bytes(_sfs_container(files, chunk, compressed))
     return path
 
 

@@ -111,6 +111,18 @@ def test_bcf_pointer_table_over_several_chunks(tmp_path, monkeypatch):
     np.testing.assert_array_equal(scan.counts[40:50, 3], cube[40:50, 3])
 
 
+def test_bcf_zlib_container(tmp_path, monkeypatch):
+    """A zlib-compressed container: rows read through its table of compressed blocks."""
+    monkeypatch.setattr(bcf, "BLOCK_BYTES", 1)
+    cube = np.random.default_rng(2).poisson(2.0, (40, 30, 256)).astype(np.uint16)  # several 32 KiB blocks
+    path = _write(tmp_path, cube, packing="mixed", compressed=True)
+    scan = xrfnb.load(path)
+    assert scan.counts._stream.compressed
+    np.testing.assert_array_equal(np.asarray(scan.counts), cube)
+    np.testing.assert_array_equal(scan.counts[17:23, 4], cube[17:23, 4])
+    assert np.array_equal(np.asarray(scan.counts), _rsciio_full(path, 0, cube.shape, np.uint32))
+
+
 def test_bcf_written_as_a_stream(tmp_path):
     """The benchmark's writer (rows streamed to disk, pointer table after the data) reads back the same."""
     cube = _cube(11, (9, 6, 256))
