@@ -1534,3 +1534,37 @@ def test_a_closed_session_frees_its_dashboard():
         del dash, viewable, root
     gc.collect()
     assert [r() is None for r in refs] == [True, True]
+
+
+def test_served_session_documents_link_panel_stylesheets_locally_before_their_page_is_drawn(monkeypatch):
+    """Until Panel renders a session's page, its document has no ``dist_url`` and Panel points every
+    stylesheet it patches at cdn.holoviz.org; the dashboard pins the local one when a session starts
+    (the ten-session browser test saw default.css, native.css and loading.css fetched from the CDN under
+    load). The notebook hook, which would hide this by inlining stylesheets, is taken out here."""
+    import panel as pn
+    from bokeh.document import Document
+    from bokeh.models import ImportedStyleSheet
+    from panel.io.resources import LOCAL_DIST, set_resource_mode
+    from panel.viewable import Viewable
+
+    from xrfnb.ui.dashboard.common import pin_local_dist_url
+    from xrfnb.ui.notebook import localize_panel_stylesheets
+
+    hooks = [h for h in Viewable._preprocessing_hooks if h is not localize_panel_stylesheets]
+    monkeypatch.setattr(Viewable, "_preprocessing_hooks", hooks)
+
+    def urls(doc: Document) -> list[str]:
+        pane = pn.pane.Markdown("a")
+        with set_resource_mode("server"):  # as under `xrfnb serve`
+            root = pane.get_root(doc)
+            doc.add_root(root)  # a served session's models live in its document
+            pane.object = "b"  # an update, as when a session's first maps arrive
+        return [str(s.url) for m in root.references() for s in (getattr(m, "stylesheets", None) or [])
+                if isinstance(s, ImportedStyleSheet)]
+
+    assert any("cdn.holoviz.org" in u for u in urls(Document()))  # Panel's own fallback, without the pin
+    doc = Document()
+    pin_local_dist_url(doc)
+    assert doc._template_variables["dist_url"] == LOCAL_DIST
+    pinned = urls(doc)
+    assert pinned and not any("cdn.holoviz.org" in u for u in pinned), pinned

@@ -20,12 +20,14 @@ import numpy as np
 import panel as pn
 from bokeh.models import MetricLength, ScaleBar
 from bokeh.palettes import Cividis256, Greys256, Inferno256, Magma256, Viridis256
+from panel.io.resources import LOCAL_DIST
 from panel.viewable import Viewable
 
 from ..._errors import XRFNBError
 from ..notebook import localize_panel_stylesheets
 
 if TYPE_CHECKING:
+    from bokeh.document import Document
     from holoviews.plotting.bokeh.element import ElementPlot
 
 __all__ = [
@@ -50,6 +52,7 @@ __all__ = [
     "palette_lut",
     "percent",
     "pigment_clim",
+    "pin_local_dist_url",
     "rgb_image",
     "scale_bar_hook",
     "size_text",
@@ -118,8 +121,26 @@ def ensure_extensions() -> None:
     if doc is None or doc.session_context is None:
         if localize_panel_stylesheets not in Viewable._preprocessing_hooks:
             Viewable._preprocessing_hooks.append(localize_panel_stylesheets)
+    else:
+        pin_local_dist_url(doc)
     pn.config.inline = True
     pn.config.notifications = True
+
+
+def pin_local_dist_url(doc: Document) -> None:
+    """Give a served session's document Panel's local ``dist`` URL from the start.
+
+    Panel sets ``dist_url`` (where its stylesheets are served from) only when it renders the session's
+    page. Until then, every stylesheet Panel patches for a model of that document (a pane whose text
+    changes, a theme's ``default.css`` and ``native.css``, ``loading.css``) is pointed at
+    ``cdn.holoviz.org``: Panel's fallback when the document has no ``dist_url``. The dashboard starts
+    reading and mapping as soon as a session opens, so on a loaded machine its first updates could land
+    before the page was rendered, and the page then asked the CDN for those stylesheets (seen by
+    tests/test_browser_sessions.py under load). The value is the one Panel sets itself for server
+    resources (``panel.io.server.server_html_page_for_session``).
+    """
+    rel_path = pn.state.rel_path
+    doc._template_variables.setdefault("dist_url", f"{rel_path}/{LOCAL_DIST}" if rel_path else LOCAL_DIST)
 
 
 def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
