@@ -34,11 +34,11 @@ from ..io.atomic import atomic_path
 from ..maps.pigmentmaps import MASK_REASONS, MapSummary, PigmentMaps
 from ..physics.instrument import Instrument, instruments
 from .report_html import (
-    ABSENT,
-    INVALID,
-    NONE_PRESENT,
+    ABSENT_COLOR,
+    INVALID_COLOR,
+    NONE_PRESENT_COLOR,
     OOD_COLOR,
-    SURFACE_BURIED,
+    SURFACE_BURIED_COLORS,
     Geometry,
     Row,
     categorical,
@@ -406,11 +406,11 @@ def _map_sections(
         area = summary.area_fraction[name]
         label = f"{name} ({percent(area)})" if area > 0 else f"{name} (only on out-of-distribution pixels)"
         entries.append((maps.colors[k], label, name))
-    entries.append((NONE_PRESENT, "no pigment above its threshold", ""))
+    entries.append((NONE_PRESENT_COLOR, "no pigment above its threshold", ""))
     if len(order) > 1:
         entries.append(("", "pixels holding several pigments show their colours blended", ""))
     if mask.any():
-        entries.append((INVALID, "invalid pixel (masked, not identified)", ""))
+        entries.append((INVALID_COLOR, "invalid pixel (masked, not identified)", ""))
     note = (
         "Each pixel shows the colour of the pigment classes called present there, mixed in proportion "
         "to their probabilities."
@@ -442,11 +442,11 @@ def _map_sections(
         lo = float(thr[k])
         rgb = colorize(p, viridis, lo, max(1.0, lo + 1e-3))
         with np.errstate(invalid="ignore"):
-            rgb[np.isfinite(p) & (p < lo)] = hex_rgb(ABSENT)
-        rgb[mask] = hex_rgb(INVALID)
-        legend = [(ABSENT, f"below its threshold {lo:.2f}: not called", "")]
+            rgb[np.isfinite(p) & (p < lo)] = hex_rgb(ABSENT_COLOR)
+        rgb[mask] = hex_rgb(INVALID_COLOR)
+        legend = [(ABSENT_COLOR, f"below its threshold {lo:.2f}: not called", "")]
         if mask.any():
-            legend.append((INVALID, "invalid pixel (masked)", ""))
+            legend.append((INVALID_COLOR, "invalid pixel (masked)", ""))
         bar = colorbar(viridis, lo, max(1.0, lo + 1e-3), f"probability that {name} is present")
         side = bar + legend_html(legend)
         area = summary.area_fraction[name]
@@ -470,14 +470,14 @@ def _map_sections(
     any_buried = buried.any(axis=-1)
     cat = np.where(any_buried, 2, np.where(any_present, 1, 0))
     cat[mask] = -1
-    absent_c, surface_c, buried_c = SURFACE_BURIED
+    absent_c, surface_c, buried_c = SURFACE_BURIED_COLORS
     legend = [
         (surface_c, "pigments at the surface only", ""),
         (buried_c, "a pigment buried under another layer (not at the surface)", ""),
         (absent_c, "no pigment above its threshold", ""),
     ]
     if mask.any():
-        legend.append((INVALID, "invalid pixel (masked)", ""))
+        legend.append((INVALID_COLOR, "invalid pixel (masked)", ""))
     geom_c = Geometry.fit(rows, cols, _COMPOSITE_PX, px_um)
     n_buried = int(any_buried.sum())
     note = (
@@ -487,7 +487,7 @@ def _map_sections(
     )
     out.append(
         figure(
-            categorical(cat, SURFACE_BURIED),
+            categorical(cat, SURFACE_BURIED_COLORS),
             geom_c,
             title="Surface vs buried: all pigments",
             map_id="surface-buried",
@@ -516,7 +516,7 @@ def _map_sections(
         title = f"{name}: buried only, {percent(summary.buried_fraction[name])} of the area"
         cards.append(
             figure(
-                categorical(cat, SURFACE_BURIED),
+                categorical(cat, SURFACE_BURIED_COLORS),
                 geom,
                 title=title,
                 map_id=f"buried:{name}",
@@ -550,7 +550,7 @@ def _map_sections(
         )
     ]
     if mask.any():
-        legend.append((INVALID, "invalid pixel (masked)", ""))
+        legend.append((INVALID_COLOR, "invalid pixel (masked)", ""))
     side = colorbar(greys, 0.0, t if t > 0 else 1.0, "OOD score (in distribution)", "{:.3g}") + legend_html(
         legend
     )
@@ -581,7 +581,7 @@ def _map_sections(
                 label = f"{el} {fam} fitted counts per pixel (brighter above {tick(hi, '{:.3g}')})"
                 side = colorbar(inferno, 0.0, hi, label, "{:.3g}")
                 if mask.any():
-                    side += legend_html([(INVALID, "invalid pixel (masked)", "")])
+                    side += legend_html([(INVALID_COLOR, "invalid pixel (masked)", "")])
                 cards.append(
                     figure(
                         rgb, geom, title=f"{el} {fam}", map_id=f"element:{el} {fam}", side=side, narrow=True

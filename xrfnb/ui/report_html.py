@@ -19,11 +19,11 @@ import numpy as np
 from .._errors import DataError
 
 __all__ = [
-    "ABSENT",
-    "INVALID",
-    "NONE_PRESENT",
+    "ABSENT_COLOR",
+    "INVALID_COLOR",
+    "NONE_PRESENT_COLOR",
     "OOD_COLOR",
-    "SURFACE_BURIED",
+    "SURFACE_BURIED_COLORS",
     "Geometry",
     "Row",
     "categorical",
@@ -47,20 +47,15 @@ __all__ = [
 ]
 
 
-#: colours shared with the dashboard: invalid (masked) pixels, below a pigment's threshold, and the
-#: surface-vs-buried categories (absent, surface, buried only)
-INVALID = "#808080"
-
-
-ABSENT = "#e6e6e6"
-
-
-NONE_PRESENT = "#000000"
-
-
-SURFACE_BURIED = ("#f2f2f2", "#d95f02", "#1b9e77")
-
-
+#: colour of invalid (masked) pixels, in the report and the dashboard
+INVALID_COLOR = "#808080"
+#: colour of pixels below a pigment's threshold
+ABSENT_COLOR = "#e6e6e6"
+#: colour of pixels where no class is present (the composite map)
+NONE_PRESENT_COLOR = "#000000"
+#: colours of the surface-vs-buried categories: absent, surface, buried only
+SURFACE_BURIED_COLORS = ("#f2f2f2", "#d95f02", "#1b9e77")
+#: colour of the out-of-distribution warning
 OOD_COLOR = "#d62728"
 
 
@@ -131,13 +126,13 @@ def colorize(values: np.ndarray, lut: np.ndarray, lo: float, hi: float) -> np.nd
     span = hi - lo if hi > lo else 1.0
     idx = np.clip(np.rint((np.where(finite, values, lo) - lo) / span * (len(lut) - 1)), 0, len(lut) - 1)
     rgb = lut[idx.astype(np.intp)]
-    rgb[~finite] = hex_rgb(INVALID)
+    rgb[~finite] = hex_rgb(INVALID_COLOR)
     return rgb
 
 
 def categorical(cat: np.ndarray, colors: Sequence[str]) -> np.ndarray:
     """(rows, cols) int categories (-1 = invalid) -> (rows, cols, 3) uint8 in ``colors``."""
-    palette = np.array([hex_rgb(c) for c in (*colors, INVALID)], dtype=np.uint8)
+    palette = np.array([hex_rgb(c) for c in (*colors, INVALID_COLOR)], dtype=np.uint8)
     return palette[np.where(cat < 0, len(colors), cat)]
 
 

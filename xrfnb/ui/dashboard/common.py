@@ -25,6 +25,7 @@ from panel.viewable import Viewable
 
 from ..._errors import XRFNBError
 from ..notebook import localize_panel_stylesheets
+from ..report_html import ABSENT_COLOR, INVALID_COLOR, SURFACE_BURIED_COLORS
 
 if TYPE_CHECKING:
     from bokeh.document import Document
@@ -88,12 +89,6 @@ NO_SCAN = "(choose a scan)"
 #: the model selector's only entry when no trained model exists
 NO_MODEL = "(no trained model found)"
 
-#: colours of the surface-vs-buried categories: absent, surface, buried only
-SURFACE_BURIED_COLORS = ("#f2f2f2", "#d95f02", "#1b9e77")
-#: colour of pixels below a pigment's threshold
-ABSENT_COLOR = "#e6e6e6"
-#: colour of invalid (masked) pixels
-INVALID_COLOR = "#808080"
 #: the main map's longer side on screen, pixels
 MAIN_PX = 460
 

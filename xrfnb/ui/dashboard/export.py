@@ -21,6 +21,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from ..._errors import DataError, XRFNBError
 from ..report import write_report
+from ..report_html import nice_length
 from .common import (
     ABSENT_COLOR,
     INVALID_COLOR,
@@ -36,18 +37,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from ...maps.pigmentmaps import PigmentMaps
     from .app import Dashboard
 
-__all__ = ["ExportPanel", "figure_png", "nice_length"]
+__all__ = ["ExportPanel", "figure_png"]
 
 log = logging.getLogger(__name__)
-
-
-def nice_length(target: float) -> float:
-    """The 1, 2 or 5 x 10^k nearest below ``target`` (> 0)."""
-    k = math.floor(math.log10(target))
-    for m in (5.0, 2.0, 1.0):
-        if m * 10**k <= target:
-            return m * 10**k
-    return 10.0**k
 
 
 def figure_png(
