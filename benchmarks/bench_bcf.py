@@ -32,9 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,7 +44,8 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 
 from _bruker_files import bcf_header, write_bcf_streamed  # noqa: E402
-from bench_mapping import N_CHANNELS, _fallback_model, _SyntheticCounts  # noqa: E402
+from bench_mapping import N_CHANNELS, _fallback_model, _rss_mb, _SyntheticCounts  # noqa: E402
+from bench_mapping import _subprocess as _run_script  # noqa: E402
 
 GAIN_keV = 0.01
 BUNCH = 16
@@ -149,10 +148,6 @@ def generate(path: Path, n: int) -> dict:
     return {"ok": True, "check_sum": int(check.sum())}
 
 
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
 def worker_decode(path: Path) -> dict:
     import xrfnb
 
@@ -211,16 +206,7 @@ def worker_map(path: Path, out: Path, chunk_pixels: int) -> dict:
 
 
 def _subprocess(args: list[str], timeout_s: float) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), *args]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout_s:.0f} s"}
-    if proc.returncode != 0:
-        return {
-            "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"rc {proc.returncode}"
-        }
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return _run_script(args, timeout_s, script=__file__)
 
 
 def main() -> int:

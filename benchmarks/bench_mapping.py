@@ -201,8 +201,10 @@ def worker_fit(path: Path) -> dict:
     }
 
 
-def _subprocess(args: list[str], timeout_s: float) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), *args]
+def _subprocess(args: list[str], timeout_s: float, script: str = __file__) -> dict:
+    """Run ``script`` (this benchmark by default) with ``args`` in a fresh process; its last stdout line
+    is a JSON result (a fresh process per size, so peak RSS is that run's own)."""
+    cmd = [sys.executable, os.path.abspath(script), *args]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
