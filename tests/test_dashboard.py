@@ -1568,3 +1568,10 @@ def test_served_session_documents_link_panel_stylesheets_locally_before_their_pa
     assert doc._template_variables["dist_url"] == LOCAL_DIST
     pinned = urls(doc)
     assert pinned and not any("cdn.holoviz.org" in u for u in pinned), pinned
+
+
+def test_model_selector_shows_the_model_in_use():
+    """The Model select shows the chosen model, not its placeholder (the split dashboard set the first
+    model without events after the Select existed, so the served page showed an empty selector)."""
+    dash = Dashboard()
+    assert dash.data_panel.model_w.value == dash.model_name

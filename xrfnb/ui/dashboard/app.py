@@ -91,7 +91,6 @@ class Dashboard(DashboardState):
         self._loading = False
         super().__init__(model=model, **params)
         self.data_panel = DataPanel(self, self._data_dir, self.max_upload_bytes, blocking)
-        self.data_panel.refresh_choices()
         self._build_parts()
         self._layout = self._build_layout()
         self.document_hold.layout = self._layout

@@ -73,6 +73,9 @@ class DataPanel(pn.viewable.Viewer):
             value=0, max=100, width=280, visible=False, bar_color="info"
         )
         dash.param.watch(lambda e: setattr(self.progress_bar, "value", e.new), "progress")
+        # the choices before the widgets: the model's first choice is set without events (no reload), which
+        # a Select made earlier would never see (it showed the placeholder instead of "default")
+        self.refresh_choices()
         self.source_w = pn.widgets.Select.from_param(
             dash.param.source, label="Scan (served folder)", width=280
         )
