@@ -11,7 +11,9 @@ from __future__ import annotations
 import base64
 import struct
 import zlib
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -249,15 +251,29 @@ def bcf_header(
     real_time_s: float,
     voltage_kV: float = 50.0,
     n_maps: int = 1,
+    detector_count: int = 1,
+    map_headers: Sequence[Mapping[str, Any]] = (),
 ) -> bytes:
-    """The ``EDSDatabase/HeaderData`` XML of a ``.bcf`` hypermap of (rows, cols, len(total)) counts."""
+    """The ``EDSDatabase/HeaderData`` XML of a ``.bcf`` hypermap of (rows, cols, len(total)) counts.
+
+    ``n_maps`` sum spectra ``SpectrumData0`` ...; ``map_headers[k]`` overrides ``total``, ``offset_keV``,
+    ``gain_keV``, ``live_time_s`` or ``real_time_s`` of ``SpectrumData<k>``; ``detector_count`` is the
+    header's ``DetectorCount``."""
     n_ch = len(total)
-    spectra = "".join(
-        f"<SpectrumData{k}>"
-        + _spectrum_instance(total, offset_keV, gain_keV, live_time_s, real_time_s, voltage_kV, "sum")
-        + f"</SpectrumData{k}>\n"
-        for k in range(n_maps)
-    )
+    base = {
+        "total": total,
+        "offset_keV": offset_keV,
+        "gain_keV": gain_keV,
+        "live_time_s": live_time_s,
+        "real_time_s": real_time_s,
+    }
+    spectra = ""
+    for k in range(n_maps):
+        h = {**base, **(map_headers[k] if k < len(map_headers) else {})}
+        inner = _spectrum_instance(
+            h["total"], h["offset_keV"], h["gain_keV"], h["live_time_s"], h["real_time_s"], voltage_kV, "sum"
+        )
+        spectra += f"<SpectrumData{k}>{inner}</SpectrumData{k}>\n"
     image = base64.b64encode(np.zeros(rows * cols, "<u2").tobytes()).decode("ascii")
     return f"""<?xml version="1.0" encoding="WINDOWS-1252" standalone="yes"?>
 <TRTSpectrumDatabase>
@@ -272,7 +288,7 @@ def bcf_header(
 <PlaneCount>1</PlaneCount><Plane0><Data>{image}</Data></Plane0></ClassInstance>
 <LineCounter>{",".join(["1"] * rows)},</LineCounter>
 <ChCount>{n_ch}</ChCount>
-<DetectorCount>1</DetectorCount>
+<DetectorCount>{detector_count}</DetectorCount>
 {spectra}
 </ClassInstance>
 </TRTSpectrumDatabase>
@@ -294,13 +310,28 @@ def write_bcf(
     chunk: int = _CHUNK,
     extra_maps: int = 0,
     compressed: bool = False,
+    detectors: Sequence[Mapping[str, Any]] = (),
 ) -> Path:
     """Write a Bruker ``.bcf`` hypermap of counts (rows, cols, channels).
 
     ``packing`` and ``skip_empty``: see :func:`bcf_stream`; ``chunk``: the container's chunk size;
     ``extra_maps``: further hypermaps ``SpectrumData1`` ... holding ``cube + k``; ``compressed``: a
-    zlib-compressed container."""
+    zlib-compressed container.
+
+    ``detectors``: the file of a system with several EDS detectors, as Esprit writes it (rosettasciio
+    issue #516: an M4 Tornado's two detectors are ``SpectrumData0`` and ``SpectrumData1``, their sum is
+    the vendor's pixel spectrum): ``cube`` is detector 0's hypermap and each mapping of ``detectors``
+    one more detector's (``cube``: its counts, same rows and columns; optional ``offset_keV``,
+    ``gain_keV``, ``live_time_s``, ``real_time_s`` of its sum spectrum); the header's ``DetectorCount``
+    is the number of detectors."""
+    if detectors and extra_maps:
+        raise ValueError("give detectors= or extra_maps=, not both")
     rows, cols, _ = cube.shape
+    cubes = [cube + k for k in range(extra_maps + 1)] + [np.asarray(d["cube"]) for d in detectors]
+    map_headers = [{}] + [
+        {"total": c.sum(axis=(0, 1)), **{k: v for k, v in d.items() if k != "cube"}}
+        for c, d in zip(cubes[1:], detectors, strict=False)
+    ]
     header = bcf_header(
         rows,
         cols,
@@ -311,12 +342,13 @@ def write_bcf(
         live_time_s=live_time_s,
         real_time_s=real_time_s,
         voltage_kV=voltage_kV,
-        n_maps=extra_maps + 1,
+        n_maps=len(cubes),
+        detector_count=len(detectors) + 1,
+        map_headers=map_headers if detectors else (),
     )
-    data = bcf_stream(cube, packing, skip_empty)
-    files = [("EDSDatabase", -1, None), ("HeaderData", 0, header), ("SpectrumData0", 0, data)]
-    for k in range(1, extra_maps + 1):
-        files.append((f"SpectrumData{k}", 0, bcf_stream(cube + k, packing, skip_empty)))
+    files = [("EDSDatabase", -1, None), ("HeaderData", 0, header)]
+    for k, c in enumerate(cubes):
+        files.append((f"SpectrumData{k}", 0, bcf_stream(c, packing, skip_empty)))
     path.write_bytes(_sfs_container(files, chunk, compressed))
     return path
 

@@ -174,6 +174,113 @@ def test_bcf_truncated_stream_and_bad_index(tmp_path):
         xrfnb.load(path)
 
 
+def _two_detectors(tmp_path, gain1=0.01, packing="mixed"):
+    """A map of a two-detector system: detector 1 counts differently and has its own live time."""
+    cube0 = _cube(21)
+    cube1 = np.random.default_rng(22).poisson(0.5, cube0.shape).astype(np.uint16)
+    cube1[4, 3, 200] = 1500
+    det1 = {"cube": cube1, "gain_keV": gain1, "live_time_s": 3.0, "real_time_s": 3.5}
+    return cube0, cube1, _write(tmp_path, cube0, packing=packing, detectors=[det1])
+
+
+def test_bcf_two_detectors_sum_by_default(tmp_path, monkeypatch):
+    """One hypermap per detector (DetectorCount 2): loaded as their lazy sum, each bit for bit alone."""
+    monkeypatch.setattr(bcf, "BLOCK_BYTES", 2 * 5 * 300 * 4)
+    cube0, cube1, path = _two_detectors(tmp_path)
+    scan = xrfnb.load(path)
+    assert isinstance(scan.counts, bcf.BcfDetectorSum) and scan.counts.dtype == np.uint32
+    np.testing.assert_array_equal(np.asarray(scan.counts), cube0.astype(np.uint32) + cube1)
+    np.testing.assert_array_equal(scan.counts[2:5, 3, 7:9], (cube0.astype(np.uint32) + cube1)[2:5, 3, 7:9])
+    np.testing.assert_array_equal(scan[4, 3].counts, cube0[4, 3].astype(np.uint32) + cube1[4, 3])
+    np.testing.assert_array_equal(
+        np.concatenate([b for _, b in scan.iter_blocks(max_pixels=1)]), cube0.astype(np.uint32) + cube1
+    )
+    assert scan.metadata["bcf_detector"] == "sum" and scan.metadata["bcf_detectors"] == 2
+    assert scan.metadata["bcf_summed_indexes"] == [0, 1]
+    assert scan.metadata["bcf_detector_live_time_s"] == [2.0, 3.0]
+    assert scan.live_time_s == pytest.approx(2.5 / 35)  # the mean of the detectors' totals, per pixel
+    for det, cube in ((0, cube0), (1, cube1), (-1, cube1)):
+        one = xrfnb.load(path, detector=det)
+        assert isinstance(one.counts, bcf.BcfRows) and one.metadata["bcf_detector"] == det % 2
+        got = np.asarray(one.counts)
+        np.testing.assert_array_equal(got, cube)
+        assert np.array_equal(got, _rsciio_full(path, det % 2, cube.shape, got.dtype))
+        assert one.live_time_s == pytest.approx((2.0, 3.0)[det] / 35)
+    by_index = read_bcf(path, index=1)
+    assert by_index.metadata["bcf_detector"] == 1 and by_index.metadata["bcf_index"] == 1
+    assert read_bcf(path, index=1, detector=1).metadata["bcf_index"] == 1
+
+
+def test_bcf_two_detectors_with_different_calibrations(tmp_path):
+    """A detector on another energy axis is rebinned onto detector 0's before the sum (counts kept)."""
+    from xrfnb.io.mca import rebin_counts
+
+    cube0, cube1, path = _two_detectors(tmp_path, gain1=0.0103)
+    scan = xrfnb.load(path)
+    assert scan.counts.dtype == np.float32 and scan.counts.rebinned == (False, True)
+    assert "rebinned onto detector 0's energy axis" in scan.metadata["sum_note"]
+    cal0, cal1 = xrfnb.EnergyCalibration(-0.1, 0.01), xrfnb.EnergyCalibration(-0.1, 0.0103)
+    assert scan.calibration == cal0
+    expect = cube0 + np.array(
+        [[rebin_counts(cube1[r, c], cal1, cal0, 300) for c in range(5)] for r in range(7)]
+    )
+    np.testing.assert_allclose(np.asarray(scan.counts), expect, rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(scan.counts[1:3, 2, 50:60], expect[1:3, 2, 50:60], rtol=1e-5, atol=1e-3)
+    assert np.asarray(xrfnb.load(path, detector=1).counts).dtype == np.uint32  # alone: as stored
+
+
+def test_bcf_detector_and_index_errors_name_the_choices(tmp_path):
+    cube0, _, path = _two_detectors(tmp_path)
+    choices = r"map\.bcf: detector=2: the file holds detectors 0\.\.1 or 'sum'"
+    with pytest.raises(xrfnb.DataError, match=choices):
+        xrfnb.load(path, detector=2)
+    with pytest.raises(xrfnb.DataError, match=r"map\.bcf: detector='all': give a detector number"):
+        xrfnb.load(path, detector="all")
+    with pytest.raises(xrfnb.DataError, match=r"index=1 is detector 1, not detector=0"):
+        read_bcf(path, index=1, detector=0)
+    with pytest.raises(xrfnb.DataError, match=r"index=2: the file holds hypermaps \[0, 1\]"):
+        read_bcf(path, index=2)
+    (tmp_path / "one").mkdir()
+    single = _write(tmp_path / "one", cube0)
+    assert xrfnb.load(single, detector=0).metadata["bcf_index"] == 0
+    assert "bcf_detector" not in xrfnb.load(single, detector="sum").metadata
+    with pytest.raises(xrfnb.DataError, match=r"map\.bcf: detector=1: the file holds one detector"):
+        xrfnb.load(single, detector=1)
+    h5 = xrfnb.save(xrfnb.load(single), tmp_path / "one.h5")
+    with pytest.raises(xrfnb.DataError, match=r"one\.h5: detector=1 applies only to Bruker \.bcf files"):
+        xrfnb.load(h5, detector=1)
+
+
+def test_bcf_detector_count_without_as_many_maps(tmp_path):
+    """A header declaring 3 detectors over 2 hypermaps: the maps stay readable by index, not by detector."""
+    cube = _cube(6)
+    path = _write(tmp_path, cube, extra_maps=1)
+    raw = path.read_bytes()
+    assert raw.count(b"<DetectorCount>1</DetectorCount>") == 1
+    path.write_bytes(raw.replace(b"<DetectorCount>1</DetectorCount>", b"<DetectorCount>3</DetectorCount>"))
+    np.testing.assert_array_equal(np.asarray(xrfnb.load(path).counts), cube)
+    np.testing.assert_array_equal(np.asarray(read_bcf(path, index=1).counts), cube + 1)
+    with pytest.raises(xrfnb.FormatError, match=r"declares 3 detectors but the file holds 2 hypermaps"):
+        xrfnb.load(path, detector=0)
+
+
+def test_bcf_select_maps_rules():
+    sel = bcf.select_bcf_maps
+    p = Path("x.bcf")
+    assert sel(p, [1, 0], 2) == bcf.BcfSelection((0, 1), "sum", 2)
+    assert sel(p, [0, 1], 2, detector="sum") == bcf.BcfSelection((0, 1), "sum", 2)
+    assert sel(p, [0, 1], 2, index=0) == bcf.BcfSelection((0,), 0, 2)
+    assert sel(p, [0, 1, 2], 1) == bcf.BcfSelection((0,), None, 1)  # a stack of maps of one detector
+    assert sel(p, [0, 1, 2], 1, index=2, detector=0) == bcf.BcfSelection((2,), None, 1)
+    assert sel(p, [0], 0) == bcf.BcfSelection((0,), None, 1)  # DetectorCount 0: one detector
+    with pytest.raises(xrfnb.DataError, match="give a detector number"):
+        sel(p, [0, 1], 2, detector=True)
+    with pytest.raises(xrfnb.DataError, match="index='1'"):
+        sel(p, [0, 1], 2, index="1")
+    with pytest.raises(xrfnb.FormatError, match="holds no hypermap"):
+        sel(p, [], 1)
+
+
 def test_real_bcf_bit_for_bit():
     """Every real ``.bcf`` in the shared data decodes as rosettasciio's whole-stream decoder does."""
     paths = sorted(REAL.rglob("*.bcf")) if REAL.is_dir() else []

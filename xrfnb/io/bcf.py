@@ -16,6 +16,17 @@ fed a stream that holds just those rows. Peak memory is one block of rows, whate
 The container's stream is read through its chunk pointer table (:class:`SfsStream`), so a byte
 range of the stream is read without reading what comes before it; zlib-compressed containers are
 read through their table of compressed blocks.
+
+Several detectors. A file from a system with more than one EDS detector (an M4 Tornado or M6 Jetstream
+with two SDDs) holds one hypermap per detector, ``SpectrumData0``, ``SpectrumData1``, ..., each with its
+own sum spectrum (calibration, live time) in the header, whose ``DetectorCount`` says how many there
+are; the vendor software shows their sum. :func:`select_bcf_maps` decides which hypermaps a request
+(``index=``, ``detector=``) stands for, and :class:`BcfDetectorSum` sums the detectors' rows lazily
+(each rebinned onto detector 0's energy axis where their calibrations differ).
+
+Live time. A pixel record holds its column, two channel counts, a 4-byte value that is the same in
+every known file, the packing flag, two sizes and the number of pulses: no live or real time. The only
+times in the file are those of each hypermap's sum spectrum (``LifeTime``/``RealTime`` in the header).
 """
 
 from __future__ import annotations
@@ -24,20 +35,26 @@ import functools
 import struct
 import threading
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from .._errors import FormatError
+from .._errors import DataError, FormatError
+from ..core.calibration import EnergyCalibration
 
 __all__ = [
     "STREAM_HEADER_BYTES",
+    "BcfDetectorSum",
     "BcfRows",
+    "BcfSelection",
     "SfsStream",
     "check_bcf_block",
     "decode_bcf_block",
     "index_bcf_rows",
+    "rebin_rows",
+    "select_bcf_maps",
 ]
 
 #: bytes of the hypermap stream header (height and width are its first two int32)
@@ -527,6 +544,238 @@ class BcfRows:
             return np.empty((0, *self.shape[1:]), self.dtype)[(slice(None), *rest)]
         out = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
         return out[0] if scalar else out
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = self[:]
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+
+# -- several detectors --------------------------------------------------------------------------------
+class BcfSelection(NamedTuple):
+    """The hypermaps of a ``.bcf`` that a request stands for (:func:`select_bcf_maps`).
+
+    Attributes
+    ----------
+    indexes : tuple of int
+        ``SpectrumData<i>`` numbers to read: one, or every detector's for a sum.
+    detector : int, "sum" or None
+        The detector (position among the file's detectors), ``"sum"``, or None when the file's
+        hypermaps are not detectors of one map (one detector, or a stack of maps).
+    n_detectors : int
+        Detectors whose hypermaps the file holds (1 unless ``DetectorCount`` says more and the file
+        holds that many hypermaps).
+    """
+
+    indexes: tuple[int, ...]
+    detector: int | str | None
+    n_detectors: int
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def select_bcf_maps(
+    path: Path,
+    indexes: Sequence[int],
+    detector_count: int,
+    index: int | None = None,
+    detector: int | str | None = None,
+) -> BcfSelection:
+    """Which hypermaps of a ``.bcf`` to read for ``index=`` / ``detector=``.
+
+    The file's hypermaps are its detectors when the header's ``DetectorCount`` is above 1 and the file
+    holds that many ``SpectrumData`` files (detector ``k`` is the ``k``-th in number order); otherwise
+    they are separate maps of one detector, chosen with ``index=``.
+
+    Parameters
+    ----------
+    path : Path
+        The file, for the messages.
+    indexes : sequence of int
+        Numbers of the file's ``SpectrumData<i>`` files.
+    detector_count : int
+        ``DetectorCount`` of the header.
+    index : int, optional
+        A hypermap by number (default: the first; on a multi-detector file, the sum of all).
+    detector : int or "sum", optional
+        A detector by position (negative counts from the end), or ``"sum"`` of all; default ``"sum"``
+        on a multi-detector file, the only detector otherwise.
+
+    Returns
+    -------
+    BcfSelection
+
+    Raises
+    ------
+    DataError
+        An index or detector the file does not hold, or ``index=`` and ``detector=`` naming different
+        hypermaps; the message names the file and the valid choices.
+    FormatError
+        ``detector=`` on a file whose header declares several detectors but holds another number of
+        hypermaps (which hypermap is which detector is then unknown).
+
+    Examples
+    --------
+    >>> select_bcf_maps(Path("two.bcf"), [0, 1], 2)
+    BcfSelection(indexes=(0, 1), detector='sum', n_detectors=2)
+    >>> select_bcf_maps(Path("two.bcf"), [0, 1], 2, detector=-1)
+    BcfSelection(indexes=(1,), detector=1, n_detectors=2)
+    >>> select_bcf_maps(Path("one.bcf"), [0], 1)
+    BcfSelection(indexes=(0,), detector=None, n_detectors=1)
+    """
+    indexes = sorted(int(i) for i in indexes)
+    if not indexes:
+        raise FormatError(f"{path}: the .bcf holds no hypermap (no EDSDatabase/SpectrumData file)")
+    if detector is not None and not (_is_int(detector) or detector == "sum"):
+        raise DataError(f"{path}: detector={detector!r}: give a detector number (0, 1, ...) or 'sum'")
+    if index is not None and (not _is_int(index) or int(index) not in indexes):
+        raise DataError(f"{path}: index={index!r}: the file holds hypermaps {indexes}")
+    n_det = int(detector_count) if detector_count else 1
+    if n_det > 1 and n_det == len(indexes):
+        choices = f"detectors 0..{n_det - 1} or 'sum'"
+        if index is not None:
+            pos = indexes.index(int(index))
+            agrees = _is_int(detector) and -n_det <= int(detector) < n_det and int(detector) % n_det == pos
+            if detector is not None and not agrees:
+                raise DataError(
+                    f"{path}: index={index} is detector {pos}, not detector={detector!r}; give one of them "
+                    f"(the file holds {choices})"
+                )
+            return BcfSelection((int(index),), pos, n_det)
+        if detector is None or detector == "sum":
+            return BcfSelection(tuple(indexes), "sum", n_det)
+        if not -n_det <= int(detector) < n_det:
+            raise DataError(f"{path}: detector={int(detector)}: the file holds {choices}")
+        pos = int(detector) % n_det
+        return BcfSelection((indexes[pos],), pos, n_det)
+    if n_det > 1 and detector is not None:
+        raise FormatError(
+            f"{path}: the header declares {n_det} detectors but the file holds {len(indexes)} hypermaps "
+            f"{indexes}: which hypermap belongs to which detector is not known; read them one at a time "
+            "with index= instead of detector="
+        )
+    if detector is not None and detector != "sum" and int(detector) not in (0, -1):
+        raise DataError(f"{path}: detector={int(detector)}: the file holds one detector (0, or 'sum')")
+    return BcfSelection((indexes[0] if index is None else int(index),), None, 1)
+
+
+def _same_axis(a: EnergyCalibration, b: EnergyCalibration, n_channels: int) -> bool:
+    """Whether two calibrations put every channel within 1 % of a channel width of each other."""
+    ch = np.array([0.0, n_channels - 1.0, (n_channels - 1.0) / 2])
+    return bool(np.max(np.abs(a.energy_keV(ch) - b.energy_keV(ch))) <= 0.01 * a.gain_keV)
+
+
+def rebin_rows(
+    counts: np.ndarray, source: EnergyCalibration, target: EnergyCalibration, n_target: int
+) -> np.ndarray:
+    """Counts of many spectra (..., channels) moved onto another energy axis, conserving counts.
+
+    The rule of :func:`xrfnb.io.mca.rebin_counts` (each source channel's counts spread evenly between
+    its half-channel edges, counts outside the target axis dropped), vectorised over the leading axes.
+
+    Parameters
+    ----------
+    counts : numpy.ndarray
+        Counts (..., n_source), any numeric dtype.
+    source, target : EnergyCalibration
+        Calibrations of the source and target axes.
+    n_target : int
+        Channels of the target axis.
+
+    Returns
+    -------
+    numpy.ndarray
+        Counts (..., n_target), float32.
+    """
+    n_src = counts.shape[-1]
+    edges = np.clip(source.channel(target.energy_keV(np.arange(n_target + 1) - 0.5)) + 0.5, 0.0, n_src)
+    i = np.minimum(np.floor(edges).astype(np.intp), n_src - 1)
+    t = edges - i
+    cum = np.zeros((*counts.shape[:-1], n_src + 1), np.float64)
+    np.cumsum(counts, axis=-1, dtype=np.float64, out=cum[..., 1:])
+    at = cum[..., i] * (1.0 - t) + cum[..., i + 1] * t
+    return np.diff(at, axis=-1).astype(np.float32)
+
+
+class BcfDetectorSum:
+    """Lazy sum of the hypermaps of several detectors of one ``.bcf`` (rows, cols, channels).
+
+    Indexing it indexes every detector's :class:`BcfRows` and adds the results: counts of detectors on
+    detector 0's energy axis add as integers (``uint32``); a detector whose calibration puts some
+    channel more than 1 % of a channel width away from detector 0's is first rebinned onto detector
+    0's axis (:func:`rebin_rows`, conserving counts) and the sum is ``float32``. Same interface as
+    :class:`BcfRows`.
+
+    Parameters
+    ----------
+    parts : sequence of BcfRows
+        The detectors' hypermaps (same rows and columns).
+    calibrations : sequence of EnergyCalibration
+        Each detector's calibration.
+    """
+
+    def __init__(self, parts: Sequence[BcfRows], calibrations: Sequence[EnergyCalibration]) -> None:
+        self.parts = tuple(parts)
+        self.calibrations = tuple(calibrations)
+        first = self.parts[0]
+        if any(p.shape[:2] != first.shape[:2] for p in self.parts):
+            raise FormatError(f"{first.path}: the detectors' hypermaps differ in size")
+        n_ch = first.shape[2]
+        self.rebinned = tuple(
+            not (p.shape[2] == n_ch and _same_axis(self.calibrations[0], cal, n_ch))
+            for p, cal in zip(self.parts, self.calibrations, strict=True)
+        )
+        self.shape = first.shape
+        self.dtype = np.dtype(np.float32 if any(self.rebinned) else np.uint32)
+        self.path = first.path
+        self.block_rows = min(p.block_rows for p in self.parts)
+        self.chunks = (self.block_rows, *self.shape[1:])
+
+    @property
+    def ndim(self) -> int:
+        """3."""
+        return 3
+
+    @property
+    def size(self) -> int:
+        """Number of values."""
+        return int(np.prod(self.shape))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the summed map."""
+        return self.size * self.dtype.itemsize
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        return (
+            f"BcfDetectorSum({self.path.name}, {len(self.parts)} detectors, shape={self.shape}, "
+            f"dtype={self.dtype})"
+        )
+
+    def read_rows(self, start: int, stop: int) -> np.ndarray:
+        """Summed counts of rows ``start:stop`` (a new array)."""
+        return self[start:stop]
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        if not isinstance(key, tuple):
+            key = (key,)
+        if any(k is Ellipsis for k in key):
+            i = next(n for n, k in enumerate(key) if k is Ellipsis)
+            key = key[:i] + (slice(None),) * (3 - len(key) + 1) + key[i + 1 :]
+        key = key + (slice(None),) * (3 - len(key))
+        out = None
+        for part, cal, rebin in zip(self.parts, self.calibrations, self.rebinned, strict=True):
+            if rebin:  # rebinning needs every channel of the part: the channel key applies after it
+                piece = rebin_rows(part[key[:2]], cal, self.calibrations[0], self.shape[2])[..., key[2]]
+            else:
+                piece = part[key]
+            out = piece.astype(self.dtype) if out is None else np.add(out, piece, out=out, casting="unsafe")
+        assert out is not None
+        return out
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         out = self[:]

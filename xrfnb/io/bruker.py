@@ -20,7 +20,7 @@ import numpy as np
 from .._errors import CalibrationError, DataError, FormatError, XRFNBError
 from ..core.calibration import EnergyCalibration
 from ..core.spectrum import Scan, Spectrum
-from .bcf import BcfRows, SfsStream, index_bcf_rows
+from .bcf import BcfDetectorSum, BcfRows, SfsStream, index_bcf_rows, select_bcf_maps
 from .common import make_spectrum, read_text, short_repr
 
 __all__ = ["read_bcf", "read_rpl", "read_spx", "read_xrf_header", "rsciio_read", "write_rpl"]
@@ -179,7 +179,7 @@ def _check_sfs(path: Path) -> None:
             )
 
 
-def read_bcf(path: Path, index: int | None = None) -> Scan:
+def read_bcf(path: Path, index: int | None = None, detector: int | str | None = None) -> Scan:
     """Bruker ``.bcf`` hypermap as a lazy :class:`Scan`: rows decoded on demand, any map size.
 
     One pass over the pulse stream checks every pixel header and records where each row starts; the
@@ -193,79 +193,125 @@ def read_bcf(path: Path, index: int | None = None) -> Scan:
     path : Path
         The file.
     index : int, optional
-        Which hypermap of the file (``SpectrumData<index>``); default the first.
+        Which hypermap of the file (``SpectrumData<index>``); default the first (on a file of several
+        detectors: the sum of all, see ``detector``).
+    detector : int or "sum", optional
+        Files from systems with several EDS detectors (an M4 or M6 with two SDDs) hold one hypermap per
+        detector, their number in the header's ``DetectorCount``: one detector (0, 1, ...; its own
+        calibration and live time) or ``"sum"`` (the default, what Esprit shows): the detectors' counts
+        added (as integers when their calibrations agree to 1 % of a channel, else each rebinned onto
+        detector 0's energy axis, as ``float32``), lazily, with the mean of their live times.
 
     Returns
     -------
     Scan
-        Counts (rows, cols, channels), lazy. The live time stored in a ``.bcf`` is that of the whole
-        map's sum spectrum; the scan's per-pixel ``live_time_s`` is that total divided by the number of
-        pixels (the total is kept in ``metadata["bcf_total_live_time_s"]``).
+        Counts (rows, cols, channels), lazy. Live time: a pixel record of the pulse stream holds its
+        column, channel counts, packing flag, sizes and number of pulses, but no live or real time; the
+        only times in a ``.bcf`` are those of each hypermap's sum spectrum (header ``LifeTime`` and
+        ``RealTime``, milliseconds). The scan's ``live_time_s`` is therefore that total divided by the
+        number of pixels, the same for every pixel (the totals are kept in
+        ``metadata["bcf_total_live_time_s"]`` and ``["bcf_total_real_time_s"]``, per detector in
+        ``["bcf_detector_live_time_s"]``). ``metadata["bcf_detector"]`` is the detector read (or
+        ``"sum"``) on multi-detector files.
+
+    Raises
+    ------
+    DataError
+        An ``index`` or ``detector`` the file does not hold (the message lists the valid choices).
+    FormatError
+        A damaged file, or ``detector=`` where the header's ``DetectorCount`` does not match the number
+        of hypermaps.
     """
     from rsciio.bruker import _api as bruker
 
-    def open_map(filename: str) -> list[dict[str, Any]]:
+    def open_maps(filename: str) -> list[dict[str, Any]]:
         reader = bruker.BCF_reader(filename)
-        which = reader.def_index if index is None else index
-        if which not in reader.available_indexes:
-            raise DataError(
-                f"{path}: index={index!r}: the file holds hypermaps {sorted(reader.available_indexes)}"
-            )
-        eds = reader.header.get_spectra_metadata(which)
+        sel = select_bcf_maps(path, reader.available_indexes, reader.header.mapping_count, index, detector)
         rows, cols = reader.header.image.height, reader.header.image.width
-        n_ch = int(eds.data.size)
-        if rows < 1 or cols < 1 or n_ch < 2:
-            raise FormatError(f"{path}: hypermap of {rows} x {cols} pixels x {n_ch} channels")
-        stream = SfsStream(path, reader.get_file(f"EDSDatabase/SpectrumData{which}"))
-        offsets, packed = index_bcf_rows(stream, rows, cols, path)
-        dtype = np.dtype(np.uint32 if packed else np.uint16)
-        hw = eds.hardware_metadata
+        maps = []
+        for which in sel.indexes:
+            eds = reader.header.get_spectra_metadata(which)
+            n_ch = int(eds.data.size)
+            if rows < 1 or cols < 1 or n_ch < 2:
+                raise FormatError(f"{path}: hypermap of {rows} x {cols} pixels x {n_ch} channels")
+            stream = SfsStream(path, reader.get_file(f"EDSDatabase/SpectrumData{which}"))
+            offsets, packed = index_bcf_rows(stream, rows, cols, path)
+            dtype = np.dtype(np.uint32 if packed else np.uint16)
+            hw = eds.hardware_metadata
+            maps.append(
+                {
+                    "rows": BcfRows(stream, offsets, (rows, cols, n_ch), dtype, path),
+                    "offset": eds.offset,
+                    "scale": eds.scale,
+                    "live_time": hw.get("LifeTime"),
+                    "real_time": hw.get("RealTime"),
+                }
+            )
         return [
             {
-                "data": BcfRows(stream, offsets, (rows, cols, n_ch), dtype, path),
-                "offset": eds.offset,
-                "scale": eds.scale,
-                "live_time": hw.get("LifeTime"),
-                "real_time": hw.get("RealTime"),
+                "data": maps,
+                "selection": sel,
                 "pixel": {"scale": reader.header.x_res, "units": reader.header.units},
                 "name": reader.header.name,
-                "index": which,
                 "indexes": sorted(reader.available_indexes),
             }
         ]
 
     _check_sfs(path)
-    item = rsciio_read(open_map, path, "Bruker .bcf hypermap")[0]
+    item = rsciio_read(open_maps, path, "Bruker .bcf hypermap")[0]
     header: dict[str, Any] = {}
     with contextlib.suppress(XRFNBError):  # the header is extra: the map loads without it
         header = read_xrf_header(path, "bcf")
-    data = item["data"]
-    cal = _energy_calibration(
-        {"offset": item["offset"], "scale": item["scale"], "units": "keV"}, path, data.shape[2]
-    )
+    sel = item["selection"]
+    maps = item["data"]
+    cals = [
+        _energy_calibration(
+            {"offset": m["offset"], "scale": m["scale"], "units": "keV"}, path, m["rows"].shape[2]
+        )
+        for m in maps
+    ]
     meta: dict[str, Any] = {
         "format": "bcf",
         "source": str(path),
         "calibrated": True,
         "name": item["name"],
         "calibration_source": "file header (hypermap sum spectrum CalibAbs/CalibLin)",
-        "bcf_index": item["index"],
         "bcf_indexes": item["indexes"],
     }
+    if len(maps) == 1:
+        data: BcfRows | BcfDetectorSum = maps[0]["rows"]
+        meta["bcf_index"] = sel.indexes[0]
+    else:
+        data = BcfDetectorSum([m["rows"] for m in maps], cals)
+        meta["bcf_summed_indexes"] = list(sel.indexes)
+        meta["sum_note"] = (
+            f"sum of the {len(maps)} detectors' hypermaps"
+            + (", each rebinned onto detector 0's energy axis" if any(data.rebinned) else "")
+            + "; live_time_s is the mean of the detectors' live times"
+        )
+    if sel.detector is not None:
+        meta["bcf_detector"] = sel.detector
+        meta["bcf_detectors"] = sel.n_detectors
+        meta["bcf_detector_calibrations"] = [c.to_dict() for c in cals]
     if header:
         meta["bruker_header"] = header
-    live = None
-    try:
-        if item["live_time"] is not None:
-            total_s = float(item["live_time"]) / 1000.0  # Esprit stores milliseconds
-            meta["bcf_total_live_time_s"] = total_s
-            live = total_s / (data.shape[0] * data.shape[1])
-        if item["real_time"] is not None:
-            meta["bcf_total_real_time_s"] = float(item["real_time"]) / 1000.0
+    n_pixels = data.shape[0] * data.shape[1]
+    try:  # Esprit stores milliseconds
+        lives = [None if m["live_time"] is None else float(m["live_time"]) / 1000.0 for m in maps]
+        reals = [None if m["real_time"] is None else float(m["real_time"]) / 1000.0 for m in maps]
     except (TypeError, ValueError, OverflowError):
         raise FormatError(f"{path}: LifeTime/RealTime in the .bcf header are not numbers") from None
+    live = None
+    if all(v is not None for v in lives):
+        meta["bcf_total_live_time_s"] = float(np.mean(lives))
+        live = meta["bcf_total_live_time_s"] / n_pixels
+        if len(maps) > 1:
+            meta["bcf_detector_live_time_s"] = lives
+    if all(v is not None for v in reals):
+        meta["bcf_total_real_time_s"] = float(np.mean(reals))
     try:
-        return Scan(data, cal, pixel_size_um=_pixel_size_um(item["pixel"]), live_time_s=live, metadata=meta)
+        pixel = _pixel_size_um(item["pixel"])
+        return Scan(data, cals[0], pixel_size_um=pixel, live_time_s=live, metadata=meta)
     except XRFNBError as exc:
         raise type(exc)(f"{path}: {exc}") from None
 
@@ -438,7 +484,11 @@ _XRF_NUMBERS: tuple[tuple[str, str, str, float], ...] = (
     ("TRTXrfHeader", "DetectionAngle", "detection_angle_deg", 1.0),
     ("TRTXrfHeader", "ExcitationPathLength", "excitation_path_mm", 1.0),
     ("TRTXrfHeader", "DetectionPathLength", "detection_path_mm", 1.0),
-    ("TRTXrfHeader", "SolidAngleDetection", "detection_solid_angle_sr", 1.0),
+    # Esprit stores the fraction of the full sphere, not sr: 0.0065 (every M4 and M6 file here) is
+    # 0.082 sr, a 30 mm2 XFlash at 19 mm, beside the header's 16-20 mm DetectionPathLength; read as sr it
+    # would need a 2.6 mm2 detector at 20 mm, and the M4 blanks' absolute count rate says 4 pi
+    # (benchmarks/bench_physics_real.py).
+    ("TRTXrfHeader", "SolidAngleDetection", "detection_solid_angle_sr", 4.0 * 3.141592653589793),
     ("TRTXrfHeader", "ChamberPressure", "chamber_pressure_mbar", 1.0),
     ("TRTXrfHeader", "AzimutAngleAbs", "azimuth_angle_deg", 1.0),
     ("TRTXrfHeader", "DetAzimutAngle", "detector_azimuth_angle_deg", 1.0),

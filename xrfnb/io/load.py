@@ -53,6 +53,7 @@ def load(
     element: int | str | None = None,
     dataset: str | None = None,
     calibration: EnergyCalibration | None = None,
+    detector: int | str | None = None,
 ) -> Spectrum | Scan:
     """Load a spectrum or a scan from a file, detecting its format from its content.
 
@@ -75,6 +76,10 @@ def load(
     calibration : EnergyCalibration, optional
         Replace the file's calibration (needed for files that state none: those load with
         ``energy_keV`` equal to the channel number and ``metadata["calibrated"] is False``).
+    detector : int or "sum", optional
+        Bruker ``.bcf`` files from systems with several EDS detectors (one hypermap per detector): one
+        detector (0, 1, ...) or ``"sum"`` (the default): their counts added, lazily (see
+        :func:`xrfnb.io.bruker.read_bcf`).
 
     Returns
     -------
@@ -89,7 +94,8 @@ def load(
     FormatError
         Missing, empty, truncated, corrupted or unsupported file.
     DataError
-        Negative or NaN counts, wrong shape, mismatched channel counts, bad ``element``.
+        Negative or NaN counts, wrong shape, mismatched channel counts, bad ``element`` or ``detector``
+        (the message lists the file's choices).
     CalibrationError
         An invalid calibration in the file.
     """
@@ -104,13 +110,18 @@ def load(
     if element is not None and fmt != "epics_mca":
         if not (element == 0 or element == "sum"):
             raise DataError(f"{p}: element={element!r} applies only to multi-element EPICS/XIA MCA files")
+    if detector is not None and fmt != "bcf":
+        raise DataError(
+            f"{p}: detector={detector!r} applies only to Bruker .bcf files, this is {FORMATS[fmt]}"
+            + (" (its detector elements: element=)" if fmt == "epics_mca" else "")
+        )
     if dataset is not None and fmt != "hdf5":
         raise DataError(f"{p}: dataset={dataset!r} applies only to HDF5 files, this is {FORMATS[fmt]}")
     if fmt == "hdf5":
 
         return read_hdf5(p, dataset=dataset, calibration=calibration)
     try:
-        obj = _read(fmt, p, element)
+        obj = _read(fmt, p, element, detector)
     except RecursionError:
         raise FormatError(f"{p}: nesting too deep to parse (corrupted file?)") from None
     except MemoryError:
@@ -122,7 +133,7 @@ def load(
     return obj
 
 
-def _read(fmt: str, p: Path, element: int | str | None) -> Spectrum | Scan:
+def _read(fmt: str, p: Path, element: int | str | None, detector: int | str | None) -> Spectrum | Scan:
     if fmt == "epics_mca":
 
         return read_epics_mca(p, element=element)
@@ -149,7 +160,7 @@ def _read(fmt: str, p: Path, element: int | str | None) -> Spectrum | Scan:
         return read_msa(p)
     if fmt == "bcf":
 
-        return read_bcf(p)
+        return read_bcf(p, detector=detector)
     if fmt == "rpl":
 
         return read_rpl(p)
