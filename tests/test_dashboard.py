@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 import xrfnb
+from xrfnb.physics.instrument import resolve_instrument
 from xrfnb.ui import dashboard as _dashboard
 from xrfnb.ui.dashboard import Dashboard, resolve_inside
 from xrfnb.ui.dashboard import common as _common
@@ -889,6 +890,64 @@ def test_mapping_job_reports_progress_per_block_and_can_be_cancelled(scene):
     with pytest.raises(_job.Cancelled):
         _job.map_with_progress(scan, model, job, chunk_pixels=cols, element_maps=False)
     assert job.done == 0  # stopped at the first report, before any block was identified
+
+
+def test_every_step_of_a_job_reports_what_it_does(scene):
+    """Reading, the element fit's sum spectrum, its detection and set-up (nothing to count: the bar
+    moves to and fro) and its pixel fit each report a stage; the counted stages count the rows read,
+    and the element maps equal a direct fit_elements run. The progress line says the stage, how far
+    and the seconds so far."""
+    scan, _, _ = scene
+    rows = scan.shape[0]
+    seen: list[tuple[str, bool, int]] = []
+
+    class Job(_job.MappingJob):
+        def __setattr__(self, key, value):
+            super().__setattr__(key, value)
+            if key == "done" and hasattr(self, "stage_started"):  # set_stage sets it last
+                seen.append((self.stage, self.determinate, self.done))
+
+    job = Job("load")
+    loaded, total = _job.read_with_progress(lambda: scan, "synthetic.h5", job)
+    assert loaded is scan
+    np.testing.assert_allclose(total, np.asarray(scan.counts, dtype=float).sum(axis=-1))
+    assert seen[0][:2] == ("reading synthetic.h5", False)
+    assert seen[-1] == ("summing each pixel's counts", True, rows)
+
+    seen.clear()
+    job = Job("map", scan=scan)
+    em = _job.fit_elements_with_progress(scan, job)
+    stages = list(dict.fromkeys(stage for stage, _, _ in seen))
+    assert stages == [
+        "element maps: summing the spectra",
+        "element maps: detecting the elements, setting up the fit",
+        "element maps: fitting the pixels",
+    ]
+    for stage, counted in zip(stages, (True, False, True), strict=True):
+        assert {d for st, d, _ in seen if st == stage} == {counted}
+        done = [n for st, _, n in seen if st == stage]
+        assert done == sorted(done) and (done[-1] == rows if counted else set(done) == {0})
+    ref = xrfnb.fit_elements(scan, resolve_instrument(None, scan.metadata), progress=False)
+    assert em.elements == ref.elements
+    np.testing.assert_allclose(em.intensity, ref.intensity)
+
+    # the line under the bar, and the bar: moving to and fro (-1) while nothing is counted
+    dash = Dashboard(scan=scan)
+    job = _job.MappingJob("map", scan=scan)
+    job.set_stage("element maps: detecting the elements, setting up the fit")
+    job.stage_started -= 3.2
+    dash.data_panel.show_progress(job)
+    line = dash.data_panel.progress_text
+    assert dash.data_panel.progress_bar.value == -1
+    assert line.object == "element maps: detecting the elements, setting up the fit (3 s)"
+    job.set_stage("element maps: fitting the pixels", total=rows)
+    job.report(rows // 2, rows)
+    dash.data_panel.show_progress(job)
+    assert dash.data_panel.progress_bar.value == 50
+    assert line.object == f"element maps: fitting the pixels, {rows // 2} of {rows} rows ..."
+    job.cancelled = True
+    with pytest.raises(_job.Cancelled):
+        job.set_stage("element maps: fitting the pixels", total=rows)
 
 
 def test_opening_another_scan_cancels_the_running_job_silently(scene):

@@ -177,6 +177,7 @@ class Dashboard(DashboardState):
             data.upload,
             data.model_w,
             data.progress_bar,
+            data.progress_text,
             self.calibration_panel.card,
             pn.pane.Markdown("### Export"),
             exports.map_row,

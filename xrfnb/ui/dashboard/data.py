@@ -29,7 +29,7 @@ from .files import (
     safe_filename,
     to_scan,
 )
-from .job import Cancelled, JobRunner, MappingJob, map_with_progress, reraise_for_user
+from .job import Cancelled, JobRunner, MappingJob, map_with_progress, read_with_progress, reraise_for_user
 
 if TYPE_CHECKING:  # pragma: no cover
     from .app import Dashboard
@@ -72,7 +72,10 @@ class DataPanel(pn.viewable.Viewer):
         self.progress_bar = pn.indicators.Progress(
             value=0, max=100, width=280, visible=False, bar_color="info"
         )
-        dash.param.watch(lambda e: setattr(self.progress_bar, "value", e.new), "progress")
+        #: what the background work is doing, how far it has got and for how long, under the bar
+        self.progress_text = pn.pane.Str(
+            "", width=280, visible=False, styles={"font-size": "12px"}, css_classes=["xrfnb-progress"]
+        )
         # the choices before the widgets: the model's first choice is set without events (no reload), which
         # a Select made earlier would never see (it showed the placeholder instead of "default")
         self.refresh_choices()
@@ -91,7 +94,7 @@ class DataPanel(pn.viewable.Viewer):
         self.model_w = pn.widgets.Select.from_param(dash.param.model_name, label="Model", width=280)
 
     def __panel__(self) -> pn.viewable.Viewable:
-        return pn.Column(self.source_w, self.upload, self.model_w, self.progress_bar)
+        return pn.Column(self.source_w, self.upload, self.model_w, self.progress_bar, self.progress_text)
 
     def notify(self, message: str, level: str = "error") -> None:
         """Tell the user (the dashboard's status line and notifications)."""
@@ -175,8 +178,7 @@ class DataPanel(pn.viewable.Viewer):
         d = self._dash
 
         def work(job: MappingJob) -> None:
-            scan = read()
-            job.loaded = (scan, scan.total_counts_image())
+            job.loaded = read_with_progress(read, label, job)
 
         if self.is_blocking():
             scan = read()
@@ -184,7 +186,7 @@ class DataPanel(pn.viewable.Viewer):
             self.map_current(cache_key=cache_key)
             return
         d.show_status(f"Opening {label} ...")
-        self.start_job(MappingJob("load", label=label, key=cache_key), work)
+        self.start_job(MappingJob("load", label=label, key=cache_key, stage=f"reading {label}"), work)
 
     @guarded
     def _on_upload(self, event: param.parameterized.Event) -> None:
@@ -244,9 +246,10 @@ class DataPanel(pn.viewable.Viewer):
             d.set_maps(cached)
             d.update_status()
             return
-        job = MappingJob("map", label=d.label, scan=d.scan, key=key)
+        job = MappingJob("map", label=d.label, scan=d.scan, key=key, stage="loading the model")
 
         def work(job: MappingJob) -> None:
+            job.set_stage("loading the model")
             model = given if given is not None else load_model_cached(name)
             job.maps = map_with_progress(job.scan, model, job)
 
@@ -267,17 +270,31 @@ class DataPanel(pn.viewable.Viewer):
         d.busy = True
         d.progress = 0
         self.progress_bar.visible = True
+        self.progress_text.visible = True
+        self.show_progress(job)
         self.jobs.start(job, work)
 
-    def _on_job_progress(self, percent: int) -> None:
+    def _on_job_progress(self, job: MappingJob) -> None:
+        self.show_progress(job)
+
+    def show_progress(self, job: MappingJob) -> None:
+        """Show what ``job`` is doing: the bar (moving to and fro for a step with nothing to count) and
+        the line under it (stage, how far, seconds so far)."""
         d = self._dash
-        d.progress = percent
+        d.progress = job.percent
+        value = job.percent if job.determinate else -1
+        if self.progress_bar.value != value:
+            self.progress_bar.value = value
+        text = job.describe()
+        if self.progress_text.object != text:
+            self.progress_text.object = text
 
     @guarded
     def finish_job(self, job: MappingJob) -> None:
         d = self._dash
         d.busy = False
         self.progress_bar.visible = False
+        self.progress_text.visible = False
         d.progress = 100
         if job.kind == "load":
             if job.error is not None:
