@@ -674,3 +674,232 @@ def test_identify_on_a_damaged_compressed_chunk_is_one_line_naming_the_chunk(tmp
     assert "damaged" in error[0]
     assert path.read_bytes() == before
     assert not (tmp_path / "maps.h5").exists()
+
+
+# -- xrfnb convert: resumable conversion to HDF5, .bcf detectors (issue 21) ------------------------------
+_CONVERT_RUNNER = textwrap.dedent(
+    """
+    import signal
+    import sys
+    import time
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # see _RUNNER
+    import xrfnb.io.bcf as bcf
+    import xrfnb.io.hdf5 as hdf5
+    import xrfnb.ui.cli as cli
+    bcf.BLOCK_BYTES = 1  # one row per decoded block
+    hdf5.WRITE_BLOCK_BYTES = 1  # one row per written block
+    read_block = bcf.BcfRows.read_block
+    def slow(self, k):
+        time.sleep({delay})
+        return read_block(self, k)
+    bcf.BcfRows.read_block = slow
+    class Bar:  # reports the rows done on stdout, for the test to time its signal
+        def __init__(self, *args, **kwargs):
+            self.n = 0
+        def __enter__(self):
+            return self
+        def __exit__(self, *exc):
+            return False
+        def update(self, n):
+            self.n += n
+            print("rows", self.n, flush=True)
+    cli.tqdm = Bar
+    sys.exit(cli.main({argv!r}))
+    """
+)
+
+
+def _bcf_input(tmp_path: Path, rows: int = 12, seed: int = 3, **kw) -> tuple[Path, np.ndarray]:
+    from _bruker_files import write_bcf
+
+    cube = np.random.default_rng(seed).poisson(0.4, (rows, 6, 256)).astype(np.uint16)
+    cube[2, 3, 40] = 700
+    path = write_bcf(
+        tmp_path / f"scan{seed}.bcf",
+        cube,
+        offset_keV=-0.1,
+        gain_keV=0.02,
+        pixel_um=50.0,
+        live_time_s=3.0,
+        real_time_s=3.3,
+        packing="mixed",
+        **kw,
+    )
+    return path, cube
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _assert_same_hdf5(a: Path, b: Path) -> None:
+    """Every group, dataset and attribute of two HDF5 files equal, dataset values bit for bit."""
+    import h5py
+
+    def attrs(obj) -> dict:
+        return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in obj.attrs.items()}
+
+    with h5py.File(a, "r") as fa, h5py.File(b, "r") as fb:
+        names_a, names_b = [], []
+        fa.visit(names_a.append)
+        fb.visit(names_b.append)
+        assert names_a == names_b
+        assert attrs(fa) == attrs(fb)
+        for name in names_a:
+            x, y = fa[name], fb[name]
+            assert attrs(x) == attrs(y), name
+            if isinstance(x, h5py.Dataset):
+                layout = ("dtype", "shape", "chunks", "compression", "compression_opts", "shuffle")
+                assert [getattr(x, k) for k in layout] == [getattr(y, k) for k in layout], name
+                assert np.asarray(x[()]).tobytes() == np.asarray(y[()]).tobytes(), name
+
+
+class _InterruptingBar:
+    """A progress bar that raises KeyboardInterrupt (Ctrl-C) after ``after`` updates."""
+
+    after = 3
+
+    def __init__(self, *args, **kwargs):
+        self.n = 0
+        self.updates = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, n):
+        self.n += n
+        if n:
+            self.updates += 1
+        if self.updates >= self.after:
+            raise KeyboardInterrupt
+
+
+def test_convert_interrupted_then_resumed_equals_an_uninterrupted_conversion(tmp_path, monkeypatch, capsys):
+    import h5py
+
+    from xrfnb.io import bcf, hdf5
+
+    monkeypatch.setattr(bcf, "BLOCK_BYTES", 1)
+    monkeypatch.setattr(hdf5, "WRITE_BLOCK_BYTES", 1)  # one row per block
+    src, cube = _bcf_input(tmp_path)
+    digest = _sha256(src)
+    out = tmp_path / "scan.h5"
+    partial = tmp_path / "scan.h5.partial"
+    with monkeypatch.context() as mp:
+        mp.setattr(cli, "tqdm", _InterruptingBar)
+        assert cli.main(["convert", str(src), str(out)]) == 130
+    err = capsys.readouterr().err
+    assert f"rows converted so far are kept in {partial}: rerun with --resume" in err
+    assert not out.exists() and partial.is_file()
+    with h5py.File(partial, "r") as f:
+        assert f.attrs["xrfnb_partial_rows"] == 3  # three blocks of one row flushed
+    reads: list[int] = []
+    read_block = bcf.BcfRows.read_block
+    monkeypatch.setattr(bcf.BcfRows, "read_block", lambda self, k: reads.append(k) or read_block(self, k))
+    assert cli.main(["convert", str(src), str(out), "--resume", "-q"]) == 0
+    assert reads == list(range(2, 12))  # the last complete row checked against the input, then the rest
+    assert not partial.exists() and out.is_file()
+    ref = tmp_path / "ref" / "scan.h5"
+    ref.parent.mkdir()
+    assert cli.main(["convert", str(src), str(ref), "-q"]) == 0
+    _assert_same_hdf5(out, ref)
+    back = xrfnb.load(out)
+    np.testing.assert_array_equal(np.asarray(back.counts), cube)
+    assert back.live_time_s == pytest.approx(3.0 / 72) and back.pixel_size_um == 50.0
+    with h5py.File(out, "r") as f:
+        assert "xrfnb_partial" not in f.attrs and "xrfnb_partial_rows" not in f.attrs
+    assert _sha256(src) == digest  # the input is never touched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ref", "scan.h5", src.name]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_convert_killed_then_resumed_equals_an_uninterrupted_conversion(tmp_path, sig):
+    src, cube = _bcf_input(tmp_path, rows=40)
+    digest = _sha256(src)
+    out = tmp_path / "scan.h5"
+    code = _CONVERT_RUNNER.format(delay=0.15, argv=["convert", str(src), str(out)])
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    for line in proc.stdout:
+        if line.startswith("rows") and int(line.split()[1]) >= 4:
+            break
+    os.kill(proc.pid, sig)
+    _, stderr = proc.communicate(timeout=60)
+    if sig == signal.SIGKILL:
+        assert proc.returncode == -signal.SIGKILL
+    else:
+        assert proc.returncode == 130 and "Traceback" not in stderr
+        assert "kept in" in stderr and "rerun with --resume to continue" in stderr
+    assert not out.exists() and (tmp_path / "scan.h5.partial").is_file()
+    assert cli.main(["convert", str(src), str(out), "--resume", "-q"]) == 0
+    ref = tmp_path / "ref" / "scan.h5"
+    ref.parent.mkdir()
+    assert cli.main(["convert", str(src), str(ref), "-q"]) == 0
+    _assert_same_hdf5(out, ref)
+    np.testing.assert_array_equal(np.asarray(xrfnb.load(out).counts), cube)
+    assert _sha256(src) == digest
+
+
+def test_convert_resume_refuses_another_input_and_foreign_files(tmp_path, monkeypatch, capsys):
+    from xrfnb.io import bcf, hdf5
+
+    monkeypatch.setattr(bcf, "BLOCK_BYTES", 1)
+    monkeypatch.setattr(hdf5, "WRITE_BLOCK_BYTES", 1)
+    src, _ = _bcf_input(tmp_path)
+    other, _ = _bcf_input(tmp_path, seed=4)
+    out = tmp_path / "scan.h5"
+    partial = tmp_path / "scan.h5.partial"
+    with monkeypatch.context() as mp:
+        mp.setattr(cli, "tqdm", _InterruptingBar)
+        assert cli.main(["convert", str(src), str(out), "-q"]) == 130
+    capsys.readouterr()
+    before = partial.read_bytes()
+    assert cli.main(["convert", str(other), str(out), "--resume", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot resume: {partial} was made from a different input" in err and "without --resume" in err
+    assert partial.read_bytes() == before and not out.exists()
+    assert cli.main(["convert", str(src), str(out), "--calibration", "0,0.02", "--resume", "-q"]) == 2
+    assert f"cannot resume: {partial} was made from a different calibration" in capsys.readouterr().err
+    os.utime(src, ns=(src.stat().st_atime_ns, src.stat().st_mtime_ns + 10**9))  # the input changed since
+    assert cli.main(["convert", str(src), str(out), "--resume", "-q"]) == 2
+    assert "different input" in capsys.readouterr().err
+    assert partial.read_bytes() == before
+    # without --resume the unfinished conversion is replaced
+    assert cli.main(["convert", str(src), str(out), "-q"]) == 0
+    assert "starting over" in capsys.readouterr().err and not partial.exists()
+    # a file of that name that xrfnb did not write is never deleted
+    for foreign in (b"my notes", None):
+        if foreign is None:
+            import h5py
+
+            with h5py.File(partial, "w") as f:
+                f["x"] = 1
+        else:
+            partial.write_bytes(foreign)
+        keep = partial.read_bytes()
+        for extra in ([], ["--resume"]):
+            assert cli.main(["convert", str(src), str(out), "-q", *extra]) == 2
+            err = capsys.readouterr().err
+            assert "is not an unfinished xrfnb conversion" in err and "never deletes" in err
+            assert partial.read_bytes() == keep
+    assert cli.main(["convert", str(src), str(tmp_path / "scan.npz"), "--resume", "-q"]) == 2
+    assert "--resume continues conversions to HDF5" in capsys.readouterr().err
+
+
+def test_convert_a_detector_of_a_two_detector_bcf(tmp_path, capsys):
+    cube1 = np.random.default_rng(8).poisson(0.6, (12, 6, 256)).astype(np.uint16)
+    src, cube0 = _bcf_input(tmp_path, detectors=[{"cube": cube1, "live_time_s": 4.0}])
+    for det, expect in (("1", cube1), ("sum", cube0.astype(np.uint32) + cube1)):
+        out = tmp_path / f"det{det}.h5"
+        assert cli.main(["convert", str(src), str(out), "--detector", det, "-q"]) == 0
+        back = xrfnb.load(out)
+        np.testing.assert_array_equal(np.asarray(back.counts), expect)
+        assert back.metadata["bcf_detector"] == (1 if det == "1" else "sum")
+    assert cli.main(["convert", str(src), str(tmp_path / "x.h5"), "--detector", "2", "-q"]) == 2
+    assert "detector=2: the file holds detectors 0..1 or 'sum'" in capsys.readouterr().err

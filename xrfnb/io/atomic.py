@@ -16,7 +16,7 @@ from .._errors import FormatError
 
 log = logging.getLogger(__name__)
 
-__all__ = ['atomic_path']
+__all__ = ["atomic_path", "publish"]
 
 
 def _new_file(folder: Path, prefix: str, suffix: str) -> Path:
@@ -101,13 +101,45 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     _remove_stale_temporaries(folder, target)
     tmp = _new_file(folder, f".{target.name}.{_owner_tag()}-", f".tmp{target.suffix}")
     try:
-        with contextlib.suppress(OSError):
-            old = os.stat(target)
-            if stat.S_ISREG(old.st_mode):  # replacing a file keeps its permissions, as open(path, "w") does
-                os.chmod(tmp, stat.S_IMODE(old.st_mode) & 0o777)
+        _keep_mode(tmp, target)
         yield tmp
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+def _keep_mode(tmp: Path, target: Path) -> None:
+    """Give ``tmp`` the permissions of the regular file ``target`` it will replace (if any)."""
+    with contextlib.suppress(OSError):
+        old = os.stat(target)
+        if stat.S_ISREG(old.st_mode):  # replacing a file keeps its permissions, as open(path, "w") does
+            os.chmod(tmp, stat.S_IMODE(old.st_mode) & 0o777)
+
+
+def publish(done: str | os.PathLike[str], path: str | os.PathLike[str]) -> None:
+    """Rename a finished file ``done`` to ``path`` atomically, as :func:`atomic_path` does at its end.
+
+    ``done`` is flushed to disk first and gets the permissions of the file it replaces (if any); after the
+    rename its folder is flushed too, so ``path`` is either the old file or the whole new one, even after a
+    power loss. For files written in place over several runs (``xrfnb convert``'s ``OUT.partial``).
+
+    Parameters
+    ----------
+    done : path-like
+        The finished file, in the same folder as ``path``.
+    path : path-like
+        Its final name.
+    """
+    src, target = Path(os.fspath(done)), Path(os.fspath(path))
+    with open(src, "rb") as fh:
+        os.fsync(fh.fileno())
+    _keep_mode(src, target)
+    os.replace(src, target)
+    with contextlib.suppress(OSError):  # a folder cannot be opened for fsync on every system
+        fd = os.open(target.parent if str(target.parent) else ".", os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

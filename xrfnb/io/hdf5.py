@@ -23,6 +23,8 @@ the scan (and every spectrum or dataset taken from it) is garbage collected.
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import itertools
 import json
 import math
@@ -30,6 +32,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,23 +43,30 @@ from h5py import h5d, h5l
 from .._errors import CalibrationError, DataError, FormatError, XRFNBError
 from ..core.calibration import EnergyCalibration
 from ..core.spectrum import Scan, Spectrum
+from .atomic import publish
 from .common import UNCALIBRATED, calibration_from_axis, make_spectrum, with_given_calibration
 
 __all__ = [
     "LAYOUT_NAME",
     "LAYOUT_VERSION",
     "MAX_COMPRESSION_RATIO",
+    "PARTIAL_CONVERSION_FORMAT",
+    "WRITE_BLOCK_BYTES",
     "CheckedDataset",
     "check_self_contained",
     "check_stored_size",
     "chunk_text",
     "json_default",
+    "partial_path",
     "preflight",
     "read_hdf5",
     "read_scan",
     "read_spectrum",
+    "scan_identity",
     "trust_written_file",
+    "write_block_pixels",
     "write_hdf5",
+    "write_hdf5_resumable",
     "write_scan",
     "write_spectrum",
 ]
@@ -112,8 +122,9 @@ def write_scan(
 ) -> None:
     """Write a :class:`Scan` into an (empty) HDF5 group in xrfnb's NXdata layout.
 
-    Counts are written block by block (a lazy scan is never loaded whole), stored with chunks of
-    shape ``(1, c, channels)`` (about ``chunk_bytes`` each) so a pixel row reads without the rest.
+    Counts are written block by block (a lazy scan is never loaded whole: about
+    :data:`WRITE_BLOCK_BYTES` at a time), stored with chunks of shape ``(1, c, channels)`` (about
+    ``chunk_bytes`` each) so a pixel row reads without the rest.
 
     Parameters
     ----------
@@ -126,6 +137,22 @@ def write_scan(
     chunk_bytes : int, optional
         Target chunk size in bytes.
     """
+    dset = _create_scan_layout(group, scan, compression, chunk_bytes)
+    for sl, block in scan.iter_blocks(write_block_pixels(scan)):
+        dset[sl] = block
+
+
+#: bytes of counts read and written at a time by :func:`write_scan` and :func:`write_hdf5_resumable`
+WRITE_BLOCK_BYTES = 64 << 20
+
+
+def write_block_pixels(scan: Scan) -> int:
+    """Pixels per block of about :data:`WRITE_BLOCK_BYTES` of ``scan``'s counts (at least one)."""
+    return max(1, WRITE_BLOCK_BYTES // max(1, scan.n_channels * np.dtype(scan.counts.dtype).itemsize))
+
+
+def _create_scan_layout(group: h5py.Group, scan: Scan, compression: str, chunk_bytes: int) -> h5py.Dataset:
+    """Everything of :func:`write_scan` but the counts' values; returns the (unwritten) counts dataset."""
     rows, cols, n_ch = scan.shape
     dtype = np.dtype(scan.counts.dtype)
     per_chunk = int(np.clip(chunk_bytes // max(1, n_ch * dtype.itemsize), 1, cols))
@@ -140,8 +167,6 @@ def write_scan(
         "counts", shape=(rows, cols, n_ch), dtype=dtype, chunks=(1, per_chunk, n_ch), **opts
     )
     dset.attrs["units"] = "counts"
-    for sl, block in scan.iter_blocks():
-        dset[sl] = block
     if scan.pixel_size_um is not None:
         group.attrs["pixel_size_um"] = float(scan.pixel_size_um)
         group.attrs["y_indices"] = 0
@@ -152,6 +177,7 @@ def write_scan(
     if scan.live_time_s is not None:
         lt = group.create_dataset("live_time", data=np.asarray(scan.live_time_s, dtype=float))
         lt.attrs["units"] = "s"
+    return dset
 
 
 def write_spectrum(group: h5py.Group, spectrum: Spectrum) -> None:
@@ -250,18 +276,264 @@ def preflight(path: Path, timeout_s: float = 120.0) -> None:
 def write_hdf5(obj: Scan | Spectrum, path: Path) -> None:
     """Write a whole xrfnb HDF5 file (``/entry/data``) at ``path`` (not atomic: use :func:`xrfnb.save`)."""
     with h5py.File(path, "w") as f:
-        f.attrs["NX_class"] = "NXroot"
-        f.attrs["default"] = "entry"
-        f.attrs["xrfnb_layout"] = LAYOUT_NAME
-        f.attrs["xrfnb_layout_version"] = LAYOUT_VERSION
-        entry = f.create_group("entry")
-        entry.attrs["NX_class"] = "NXentry"
-        entry.attrs["default"] = "data"
-        data = entry.create_group("data")
+        data = _root_groups(f)
         if isinstance(obj, Scan):
             write_scan(data, obj)
         else:
             write_spectrum(data, obj)
+
+
+def _root_groups(f: h5py.File) -> h5py.Group:
+    """The NXroot attributes and ``/entry`` of a new xrfnb file; returns the empty ``/entry/data``."""
+    f.attrs["NX_class"] = "NXroot"
+    f.attrs["default"] = "entry"
+    f.attrs["xrfnb_layout"] = LAYOUT_NAME
+    f.attrs["xrfnb_layout_version"] = LAYOUT_VERSION
+    entry = f.create_group("entry")
+    entry.attrs["NX_class"] = "NXentry"
+    entry.attrs["default"] = "data"
+    return entry.create_group("data")
+
+
+# -- resumable conversion ---------------------------------------------------------------------------------
+#
+# ``xrfnb convert SCAN OUT.h5`` writes OUT.h5.partial, an xrfnb HDF5 file whose root attribute
+# ``xrfnb_partial`` (JSON) says what it is being made from and ``xrfnb_partial_rows`` how many rows of counts
+# are complete (updated after each block's data is flushed to the file). An interrupted conversion leaves
+# it; ``--resume`` checks that it belongs to the same input and continues after its last complete block;
+# the finished file loses the two attributes and is renamed to OUT.h5 atomically. HDF5's metadata cache
+# does not evict between flushes, so the file on disk is the state of the last flush even after a hard
+# kill (SIGKILL, power loss: checked when resuming, refused if damaged).
+
+#: ``format`` of the ``xrfnb_partial`` attribute of an unfinished conversion
+PARTIAL_CONVERSION_FORMAT = "xrfnb-convert-partial"
+#: identity entries compared when resuming, in the order the messages name them
+_IDENTITY_KEYS = (
+    "format", "input", "shape", "dtype", "calibration", "pixel_size_um", "live_time", "metadata"
+)
+
+
+def partial_path(out: Path) -> Path:
+    """The unfinished file of a conversion to ``out``: ``OUT.partial`` beside it."""
+    return out.with_name(out.name + ".partial")
+
+
+def scan_identity(scan: Scan) -> dict[str, Any]:
+    """What a scan is, for telling whether unfinished output was made from it.
+
+    Parameters
+    ----------
+    scan : Scan
+        The scan.
+
+    Returns
+    -------
+    dict
+        JSON-able: ``input`` (the source file's resolved path, size and modification time, when the scan
+        names one in ``metadata["source"]``), ``shape``, ``dtype``, ``calibration``, ``pixel_size_um``,
+        ``live_time`` (the value, or a SHA-256 of a per-pixel array) and ``metadata`` (a SHA-256 of the
+        metadata's JSON: the load options, such as the ``.bcf`` detector, are in it).
+    """
+    source = scan.metadata.get("source")
+    ident: dict[str, Any] = {"input": None}
+    if source:
+        p = Path(str(source))
+        try:
+            st = os.stat(p)
+            ident["input"] = {"path": str(p.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        except OSError:
+            ident["input"] = {"path": str(p)}
+    lt = scan.live_time_s
+    if isinstance(lt, np.ndarray):
+        lt = "sha256:" + hashlib.sha256(np.ascontiguousarray(lt, dtype="<f8").tobytes()).hexdigest()
+    ident.update(
+        shape=list(scan.shape),
+        dtype=np.dtype(scan.counts.dtype).str,
+        calibration=scan.calibration.to_dict(),
+        pixel_size_um=scan.pixel_size_um,
+        live_time=lt,
+        metadata="sha256:" + hashlib.sha256(_metadata_json(dict(scan.metadata)).encode()).hexdigest(),
+    )
+    return ident
+
+
+def _no_evictions(f: h5py.File) -> None:
+    """Keep dirty metadata in HDF5's cache until a flush, so a killed process leaves the last flush's file."""
+    try:
+        config = f.id.get_mdc_config()
+        config.evictions_enabled = False
+        config.incr_mode = config.decr_mode = config.flash_incr_mode = 0  # required with evictions off
+        f.id.set_mdc_config(config)
+    except Exception:  # an HDF5 build that refuses: the file is still right after a clean interruption
+        pass
+
+
+def _open_partial(part: Path, ident: dict[str, Any], resume: bool) -> tuple[h5py.File, int] | None:
+    """An existing ``OUT.partial`` opened for resuming, with its rows done; None to start over (it is then
+    deleted). Refuses a file that is not xrfnb's, or (resuming) one made from other input."""
+    if part.is_symlink() or not part.is_file():
+        raise FormatError(
+            f"{part} exists and is not a file xrfnb made; xrfnb never deletes what it did not write: move it "
+            "away or choose another output"
+        )
+    how = "rerun without --resume (resume=False) to start over"
+    try:
+        preflight(part)
+        f = h5py.File(part, "r+" if resume else "r")
+    except (OSError, FormatError) as exc:
+        if not _hdf5_magic(part):
+            raise FormatError(
+                f"{part} exists and is not an unfinished xrfnb conversion (not an HDF5 file); xrfnb never "
+                "deletes what it did not write: move it away or choose another output"
+            ) from None
+        raise FormatError(
+            f"cannot {'resume from' if resume else 'replace'} {part}: it cannot be read "
+            f"({_one_line(str(exc))}; a conversion killed hard?); delete it, then convert again"
+        ) from None
+    try:
+        raw = f.attrs.get("xrfnb_partial")
+        old = json.loads(raw) if isinstance(raw, (str, bytes)) else None
+        if not isinstance(old, dict) or old.get("format") != PARTIAL_CONVERSION_FORMAT:
+            raise FormatError(
+                f"{part} exists and is not an unfinished xrfnb conversion (no xrfnb_partial attribute); "
+                "xrfnb never deletes what it did not write: move it away or choose another output"
+            )
+        if not resume:
+            f.close()
+            part.unlink()
+            return None
+        for key in _IDENTITY_KEYS:
+            if old.get(key) != ident.get(key):
+                raise DataError(
+                    f"cannot resume: {part} was made from a different {key} ({old.get(key)!r} != "
+                    f"{ident.get(key)!r}); {how}"
+                )
+        done = int(f.attrs.get("xrfnb_partial_rows", 0))
+        counts = f.get("entry/data/counts")
+        if not isinstance(counts, h5py.Dataset) or list(counts.shape) != ident["shape"]:
+            raise FormatError(f"cannot resume: {part} has no counts of shape {ident['shape']}; {how}")
+        if not 0 <= done <= ident["shape"][0]:
+            raise FormatError(f"cannot resume: {part} says {done} rows are done; {how}")
+    except BaseException:
+        if f.id.valid:
+            f.close()
+        raise
+    return f, done
+
+
+def _hdf5_magic(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(8) == b"\x89HDF\r\n\x1a\n"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def write_hdf5_resumable(
+    scan: Scan,
+    out: Path,
+    *,
+    resume: bool = False,
+    progress: Callable[[int, int], object] | None = None,
+) -> Path:
+    """Write a scan as xrfnb's HDF5 file ``out``, block by block through ``OUT.partial``, resumably.
+
+    The rows are written a block (about :data:`WRITE_BLOCK_BYTES` of counts) at a time into
+    ``OUT.partial`` (:func:`partial_path`), each block flushed to disk before it counts as done. An
+    interruption (Ctrl-C, SIGTERM, an error) leaves ``OUT.partial``; called again with ``resume=True`` on
+    the same input it continues after the last complete block. When every row is written the file is
+    renamed to ``out`` atomically, so ``out`` is either absent, the previous file, or complete. The file
+    is the same, value for value, as an uninterrupted conversion's (and as :func:`xrfnb.save` writes).
+
+    Parameters
+    ----------
+    scan : Scan
+        The scan (lazy scans are read a block at a time).
+    out : Path
+        The HDF5 file to write.
+    resume : bool
+        Continue from ``OUT.partial`` when it exists (else start over, replacing an unfinished
+        conversion's ``OUT.partial``).
+    progress : callable, optional
+        ``progress(rows_done, rows)``: once at the start (with the rows already done when resuming) and
+        after every block.
+
+    Returns
+    -------
+    Path
+        ``out``.
+
+    Raises
+    ------
+    DataError
+        Resuming from ``OUT.partial`` made from other input (another file, or the same file changed since,
+        another shape, dtype, calibration, pixel size, live time or load options).
+    FormatError
+        ``OUT.partial`` is not xrfnb's (never deleted), or is damaged; no space left (the message says that
+        the completed rows are kept and how to continue).
+    """
+    out = Path(out)
+    part = partial_path(out)
+    ident = {"format": PARTIAL_CONVERSION_FORMAT, **scan_identity(scan)}
+    rows = scan.shape[0]
+    opened = _open_partial(part, ident, resume) if (part.exists() or part.is_symlink()) else None
+    hint = f"the completed rows are kept in {part}: free some space, then rerun with --resume to continue"
+    try:
+        if opened is None:
+            f, done = h5py.File(part, "w"), 0
+        else:
+            f, done = opened
+        with f:
+            _no_evictions(f)
+            if opened is None:
+                dset = _create_scan_layout(_root_groups(f), scan, "gzip", CHUNK_BYTES)
+                f.attrs["xrfnb_partial"] = json.dumps(ident, default=json_default)
+                f.attrs["xrfnb_partial_rows"] = 0
+                f.flush()
+            else:
+                dset = f["entry/data/counts"]
+                _check_last_block(scan, dset, done, part)
+            if progress is not None:
+                progress(done, rows)
+            step = scan.block_rows(write_block_pixels(scan))
+            for r0 in range(done, rows, step):
+                sl = slice(r0, min(rows, r0 + step))
+                block = np.asarray(scan.counts[sl])
+                dset[sl] = block
+                f.flush()  # the block's chunks on disk before it counts as done
+                f.attrs["xrfnb_partial_rows"] = sl.stop
+                f.flush()
+                if progress is not None:
+                    progress(sl.stop, rows)
+            del f.attrs["xrfnb_partial"]
+            del f.attrs["xrfnb_partial_rows"]
+        publish(part, out)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(exc):
+            raise FormatError(f"{out}: no space left on the device; {hint}") from None
+        raise
+    trust_written_file(out)
+    return out
+
+
+def _check_last_block(scan: Scan, dset: h5py.Dataset, done: int, part: Path) -> None:
+    """Resuming: the last complete block of ``OUT.partial`` reads back and equals the input's rows."""
+    if done == 0:
+        return
+    r0 = max(0, done - scan.block_rows(write_block_pixels(scan)))
+    try:
+        same = np.array_equal(dset[r0:done], np.asarray(scan.counts[r0:done]))
+    except (OSError, RuntimeError) as exc:
+        raise FormatError(
+            f"cannot resume: rows {r0}-{done - 1} of {part} cannot be read ({_one_line(str(exc))}); rerun "
+            "without --resume (resume=False) to start over"
+        ) from None
+    if not same:
+        raise DataError(
+            f"cannot resume: rows {r0}-{done - 1} of {part} differ from the input's; rerun without --resume "
+            "(resume=False) to start over"
+        )
 
 
 # -- containment --------------------------------------------------------------------------------------

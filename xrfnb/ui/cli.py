@@ -29,7 +29,7 @@ from ..core.spectrum import Scan, Spectrum
 from ..fitting.calibration import calibrate
 from ..fitting.detect import DetectedElement, detect_elements
 from ..io.atomic import atomic_path as _atomic_output
-from ..io.hdf5 import preflight
+from ..io.hdf5 import partial_path, preflight, write_hdf5_resumable
 from ..io.load import SAVE_FORMATS, load, save
 from ..maps.mapping import map_pigments
 from ..maps.pigmentmaps import PigmentMaps
@@ -112,13 +112,14 @@ def _load_calibrated(args: argparse.Namespace, path: str) -> Spectrum | Scan:
     if not p.exists():
         raise DataError(f"{path}: no such file")
     element = getattr(args, "element", None)
+    detector = getattr(args, "detector", None)  # xrfnb convert --detector (Bruker .bcf)
     calibration = getattr(args, "calibration", None)
     peaks = getattr(args, "calibrate", None)
     if calibration is not None and peaks is not None:
         raise CalibrationError("give either --calibration or --calibrate, not both")
     if calibration is not None:
-        return load(p, element=element, calibration=_parse_calibration(calibration))
-    data = load(p, element=element)
+        return load(p, element=element, calibration=_parse_calibration(calibration), detector=detector)
+    data = load(p, element=element, detector=detector)
     if peaks is None:
         return data
 
@@ -128,7 +129,7 @@ def _load_calibrated(args: argparse.Namespace, path: str) -> Spectrum | Scan:
     for line, ch, e, r in zip(fit.lines, fit.channels, fit.energies_keV, fit.residuals_keV, strict=True):
         _info(f"  {line:<8} channel {ch:8.2f}  {e:7.4f} keV  residual {r * 1e3:+6.1f} eV")
     _info(f"  rms residual {fit.rms_residual_keV * 1e3:.1f} eV")
-    return load(p, element=element, calibration=fit.calibration)
+    return load(p, element=element, calibration=fit.calibration, detector=detector)
 
 
 def _add_load_options(s: argparse.ArgumentParser) -> None:
@@ -224,7 +225,7 @@ def _cmd_identify(args: argparse.Namespace) -> int:
 
 
 class _ProgressRows:
-    """A scan's counts that advance a progress bar by the rows read (``xrfnb convert``)."""
+    """A scan's counts that advance a progress bar by the rows read (``xrfnb convert`` to .npz/.npy/.rpl)."""
 
     def __init__(self, counts: Any, bar: tqdm) -> None:
         self._counts, self._bar = counts, bar
@@ -240,29 +241,43 @@ class _ProgressRows:
 
 def _cmd_convert(args: argparse.Namespace) -> int:
     out = Path(args.output)
-    if SAVE_FORMATS.get(out.suffix.lower()) not in ("hdf5", "npz", "npy", "rpl"):
+    fmt = SAVE_FORMATS.get(out.suffix.lower())
+    if fmt not in ("hdf5", "npz", "npy", "rpl"):
         raise DataError(f"output {out} should end in .h5 (xrfnb's chunked HDF5), .npz, .npy or .rpl")
+    if args.resume and fmt != "hdf5":
+        raise DataError(f"--resume continues conversions to HDF5 (.h5); {out} is written in one go")
     if out.is_dir():
         raise DataError(f"output {out} is a folder; give a file name, e.g. {out / 'scan.h5'}")
     if not (out.parent if str(out.parent) else Path(".")).is_dir():
         raise DataError(f"cannot write {out}: folder {out.parent} does not exist")
-    if out.exists() and out.resolve() == Path(args.input).resolve():
-        raise DataError(f"output {out} is the input file; choose another name")
+    for what, path in (("output", out), ("output's unfinished file", partial_path(out))):
+        if path.exists() and path.resolve() == Path(args.input).resolve():
+            raise DataError(f"{what} {path} is the input file; choose another name")
     data = _load_calibrated(args, args.input)
     rows = data.shape[0] if isinstance(data, Scan) else 1
     _info(f"{args.input} -> {out}")
     with tqdm(total=rows, disable=args.quiet, desc="converting", unit="row", file=sys.stderr) as bar:
-        if isinstance(data, Scan):
-            data = Scan(
-                _ProgressRows(data.counts, bar),
-                data.calibration,
-                pixel_size_um=data.pixel_size_um,
-                live_time_s=data.live_time_s,
-                metadata=data.metadata,
-            )
-        save(data, out)  # block by block into a temporary file, renamed into place when complete
-        if not isinstance(data, Scan):
-            bar.update(1)
+        if isinstance(data, Scan) and fmt == "hdf5":
+            # block by block into OUTPUT.partial, renamed into place when complete; an interrupted run
+            # leaves it for --resume
+            def progress(done: int, total: int) -> None:
+                bar.update(done - bar.n)
+
+            if partial_path(out).exists() and not args.resume:
+                _info(f"starting over: replacing the unfinished {partial_path(out)} (--resume continues it)")
+            write_hdf5_resumable(data, out, resume=args.resume, progress=progress)
+        else:
+            if isinstance(data, Scan):
+                data = Scan(
+                    _ProgressRows(data.counts, bar),
+                    data.calibration,
+                    pixel_size_um=data.pixel_size_um,
+                    live_time_s=data.live_time_s,
+                    metadata=data.metadata,
+                )
+            save(data, out)  # block by block into a temporary file, renamed into place when complete
+            if not isinstance(data, Scan):
+                bar.update(1)
     _info(f"wrote {out}")
     return 0
 
@@ -542,10 +557,23 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser(
         "convert",
         help="convert a spectrum or scan (e.g. a Bruker .bcf of any size) into xrfnb's chunked HDF5 (.h5), "
-        "block by block with bounded memory, written atomically",
+        "block by block with bounded memory, written atomically; an interrupted conversion to .h5 continues "
+        "with --resume",
     )
     s.add_argument("input", metavar="INPUT")
     s.add_argument("output", metavar="OUTPUT.h5")
+    s.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted conversion to .h5 from OUTPUT.h5.partial (same input only)",
+    )
+    s.add_argument(
+        "--detector",
+        type=_element_arg,
+        default=None,
+        metavar="N|sum",
+        help="Bruker .bcf files of several EDS detectors: one detector (0, 1, ...) or 'sum' (the default)",
+    )
     _add_load_options(s)
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_cmd_convert)
@@ -713,6 +741,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         msg = "interrupted"
         if getattr(args, "command", None) == "identify":
             msg += f"; completed blocks are kept in {args.output}.partial: rerun with --resume to continue"
+        elif getattr(args, "command", None) == "convert" and partial_path(Path(args.output)).is_file():
+            msg += (
+                f"; the rows converted so far are kept in {partial_path(Path(args.output))}: rerun with "
+                "--resume to continue"
+            )
         print(f"xrfnb: {msg}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except XRFNBError as exc:
