@@ -37,9 +37,11 @@ def test_bruker_m6_preset_matches_specification() -> None:
     assert m6.detector_thickness_um == 450.0
     assert m6.atmosphere == "air" and m6.optics == "polycapillary"
     assert m6.n_channels == 4096
-    assert m6.calibration.offset_keV == pytest.approx(-0.955)
-    assert m6.calibration.gain_keV == pytest.approx(0.01)
-    assert float(m6.fwhm_keV(5.8988)) == pytest.approx(0.145, abs=1e-4)
+    # the real M6 file's header (../shared/data/real/bruker_m6_jetstream_p059.spx)
+    assert m6.calibration.offset_keV == pytest.approx(-0.9555)
+    assert m6.calibration.gain_keV == pytest.approx(0.009999)
+    assert float(m6.fwhm_keV(5.8988)) == pytest.approx(0.142, abs=1e-3)
+    assert (m6.incidence_deg, m6.takeoff_deg, m6.scattering_angle_deg) == (90.0, 60.0, pytest.approx(150.0))
 
 
 def test_fwhm_formula_noise_plus_fano() -> None:
@@ -153,9 +155,11 @@ def test_instrument_is_frozen_and_hashable() -> None:
 
 def test_polycapillary_transmission_falls_at_high_energy() -> None:
     m6 = Instrument.preset("bruker-m6")
-    t = m6.optics_transmission(np.array([5.0, 10.0, 20.0, 30.0, 40.0]))
+    t = m6.optics_transmission(np.array([8.0, 10.0, 20.0, 30.0, 40.0]))
     assert np.all(np.diff(t) < 0)
-    assert t[2] == pytest.approx(0.5)
+    # half of the reflected part at the cut-off (less the small low-energy loss)
+    half = (1 - m6.polycapillary_floor) / 2 + m6.polycapillary_floor
+    assert m6.optics_transmission(m6.polycapillary_cutoff_keV) == pytest.approx(half, rel=0.02)
     np.testing.assert_allclose(m6.with_(optics="none").optics_transmission(np.array([5.0, 40.0])), 1.0)
 
 
@@ -256,5 +260,6 @@ def test_to_toml_round_trip(tmp_path: Path, preset: str) -> None:
 
 def test_describe_summarises_the_instrument() -> None:
     text = Instrument.preset("bruker-m6").describe()
-    assert "Rh tube 50 kV" in text and "145 eV at Mn Ka" in text and "4096 x 10 eV" in text
+    assert "Rh tube 50 kV" in text and "142 eV at Mn Ka" in text and "4096 x 9.999 eV" in text
+    assert "scattering angle 150 deg" in text
     assert "<pre>" in Instrument.preset("synchrotron")._repr_html_()

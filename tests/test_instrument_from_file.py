@@ -60,7 +60,9 @@ def test_header_values_become_the_instrument(path):
     assert inst.detector_path_mm == _f(xrf, "DetectionPathLength")
     assert inst.atmosphere == xrf.findtext("Atmosphere").lower()
     assert inst.atmosphere_pressure_mbar == _f(xrf, "ChamberPressure")
-    assert inst.detector_solid_angle_sr == pytest.approx(_f(xrf, "SolidAngleDetection"), rel=1e-6)
+    # Esprit's SolidAngleDetection is a fraction of the full sphere (see tests/test_physics_real.py)
+    omega = 4 * math.pi * _f(xrf, "SolidAngleDetection")
+    assert inst.detector_solid_angle_sr == pytest.approx(omega, rel=1e-6)
     assert inst.detector_thickness_um == pytest.approx(1000 * _f(det, "DetectorThickness"))  # mm in the file
     assert inst.dead_layer_um == _f(det, "SiDeadLayerThickness")
     layer = det.find("WindowLayers")[0]

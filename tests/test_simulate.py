@@ -79,10 +79,10 @@ def test_rayleigh_and_compton_peaks_of_the_anode_line(m6) -> None:
     comp_spec = ((comp * setup.eff_compton) @ setup.compton_rows)[0]
     e = m6.channel_energy_keV
     rh_ka = xrfnb.line_energy_keV("Rh", "Ka")
-    # beam normal to the painting, detector 40 deg above it on the far side: the photon turns by
-    # psi1 + psi2 = 130 deg (PyMca's and fisx's convention, setGeometry(alphaIn, alphaOut))
-    assert (m6.incidence_deg, m6.takeoff_deg) == (90.0, 40.0)
-    theta = np.radians(130.0)
+    # beam normal to the painting, detector 60 deg above it (the M6 header): the photon turns by
+    # psi1 + psi2 = 150 deg (PyMca's and fisx's convention, setGeometry(alphaIn, alphaOut))
+    assert (m6.incidence_deg, m6.takeoff_deg) == (90.0, 60.0)
+    theta = np.radians(150.0)
     # Compton shift: E' = E / (1 + E/mc^2 (1 - cos theta)), written out independently
     e_c = rh_ka / (1 + rh_ka / 510.99895 * (1 - np.cos(theta)))
     assert compton_energy_keV(rh_ka, theta) == pytest.approx(e_c)

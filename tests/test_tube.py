@@ -121,11 +121,11 @@ def test_continuum_agrees_with_pymca_ebel_implementation() -> None:
         np.testing.assert_allclose(ours, theirs, rtol=0.01)
 
 
-def test_k_lines_agree_with_pymca_up_to_ebel_constant() -> None:
-    """PyMca uses the single constant 6.0e13 of Ebel's conclusion; we use his K-shell constant 5.0e13.
+def test_k_lines_agree_with_pymca() -> None:
+    """PyMca and xrfnb both use the constant 6.0e13 of Ebel's conclusion for K lines.
 
-    Everything else (stopping factor, backscatter, self-absorption, yields, rates) must agree, so the
-    ratio of K-line intensities must be 5/6 within the difference of the atomic databases (3 %).
+    Everything else (stopping factor, backscatter, self-absorption, yields, rates) must agree too, so the
+    K-line intensities must agree within the difference of the atomic databases (3 %).
     """
     ebel = pytest.importorskip("PyMca5.PyMcaPhysics.xrf.XRayTubeEbel")
     for anode, voltage in (("Mo", 40.0), ("Cu", 30.0)):
@@ -133,7 +133,7 @@ def test_k_lines_agree_with_pymca_up_to_ebel_constant() -> None:
         their_total = sum(x[1] for x in theirs)
         names, _, ours = anode_lines(anode, voltage, electron_incidence_deg=90.0, takeoff_deg=20.0)
         our_total = sum(i for n, i in zip(names, ours, strict=True) if n.split()[1].startswith("K"))
-        assert our_total / their_total == pytest.approx(5.0 / 6.0, rel=0.03)
+        assert our_total / their_total == pytest.approx(1.0, rel=0.03)
 
 
 def test_characteristic_share_is_plausible() -> None:

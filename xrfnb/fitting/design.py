@@ -122,10 +122,11 @@ def family_template(fm: FamilyModel, response: DetectorResponse) -> np.ndarray:
 
 
 def _scatter_angle_deg(instrument: Instrument) -> float:
-    """Scattering angle (incidence + take-off geometry) of an instrument, degrees."""
+    """Scattering angle (incidence, take-off and azimuth geometry) of an instrument, degrees."""
     inc = float(getattr(instrument, "incidence_deg", 45.0))
     out = float(getattr(instrument, "takeoff_deg", 45.0))
-    return float(np.degrees(scattering_angle_rad(inc, out)))
+    azimuth = float(getattr(instrument, "detector_azimuth_deg", 180.0))
+    return float(np.degrees(scattering_angle_rad(inc, out, azimuth)))
 
 
 def _escape_template(

@@ -42,7 +42,8 @@ enhancement factors (P+S)/P agree to about 1-2 % (see ``tests/test_fisx.py``).
 
 *Scatter*: Rayleigh and Compton scattering of every excitation bin with the xraylib differential
 cross-sections ``DCS_Rayl`` and ``DCS_Compt`` (unpolarised beam, form factors and incoherent
-scattering functions) at the scattering angle ``theta = psi1 + psi2``, using the same
+scattering functions) at the scattering angle ``theta`` (``psi1 + psi2`` in the plane of incidence;
+see :func:`scattering_angle_rad` for a detector at another azimuth), using the same
 attenuation/self-absorption factor with the outgoing energy ``E`` (Rayleigh) or the Compton energy
 ``E' = E / (1 + E/(m_e c^2) (1 - cos theta))``. Scattering of the tube continuum is the continuum
 background of the spectrum.
@@ -250,12 +251,15 @@ _ELEMENT_LINES_CACHE: dict[tuple, ElementLines] = {}
 
 
 def element_lines(z: int, exc: Excitation, *, min_energy_keV: float = 0.9,
-                  rel_threshold: float = 2e-3) -> ElementLines:
+                  rel_threshold: float = 2e-4) -> ElementLines:
     """Lines of element ``z`` worth computing for the excitation ``exc``.
 
     A line is kept when its excitation-weighted production cross-section is at least
     ``rel_threshold`` times that of the element's strongest line and its energy is at least
-    ``min_energy_keV`` (lower lines do not pass an SDD's Be window and air path).
+    ``min_energy_keV`` (lower lines do not pass an SDD's Be window and air path). The threshold is low
+    because L lines are produced far more than the K lines of the same element where the optics pass
+    little above the K edge: under the Bruker M4's polycapillary lens Sn Kb is produced at 1.3e-3 of
+    Sn La, yet it is a clear peak of the measured tin spectrum.
     """
     key = (z, exc.key, min_energy_keV, rel_threshold)
     hit = _ELEMENT_LINES_CACHE.get(key)
@@ -360,15 +364,29 @@ class Tables:
         return int(self.line_energy_keV.size)
 
 
-def scattering_angle_rad(incidence_deg: float, takeoff_deg: float) -> float:
-    """Scattering angle of the detected scatter, rad: ``psi1 + psi2``.
+def scattering_angle_rad(incidence_deg: float, takeoff_deg: float, azimuth_deg: float = 180.0) -> float:
+    """Scattering angle of the detected scatter, rad.
 
-    The beam arrives at ``psi1`` above the surface and the detector looks at it from ``psi2`` above the
-    surface on the other side of the normal, so the photon turns by ``psi1 + psi2`` (90 deg for 45/45,
-    130 deg for a beam normal to the surface and a detector at 40 deg); the convention of PyMca and fisx
-    (``setGeometry(alphaIn, alphaOut)``).
+    The beam arrives at ``psi1`` above the surface, the detector looks at the spot from ``psi2`` above it,
+    and ``azimuth_deg`` is the angle around the surface normal between the tube's and the detector's
+    directions. The photon turns by ``theta`` with
+    ``cos theta = -sin psi1 sin psi2 - cos psi1 cos psi2 cos(azimuth)``.
+    At the default 180 deg (detector opposite the tube, in the plane of incidence) ``theta = psi1 + psi2``
+    (90 deg for 45/45, 130 deg for a beam normal to the surface and a detector at 40 deg), the
+    convention of PyMca and fisx (``setGeometry(alphaIn, alphaOut)``); at 0 deg (detector beside the tube)
+    ``theta = 180 - |psi1 - psi2|``. With the beam normal to the surface the azimuth does not matter.
+
+    Examples
+    --------
+    >>> round(float(np.degrees(scattering_angle_rad(45.0, 45.0))), 6)
+    90.0
+    >>> round(float(np.degrees(scattering_angle_rad(50.0, 50.0, 0.0))), 6)
+    180.0
     """
-    return float(np.radians(incidence_deg) + np.radians(takeoff_deg))
+    s1, s2 = np.sin(np.radians(incidence_deg)), np.sin(np.radians(takeoff_deg))
+    c1, c2 = np.cos(np.radians(incidence_deg)), np.cos(np.radians(takeoff_deg))
+    cos_theta = -s1 * s2 - c1 * c2 * np.cos(np.radians(azimuth_deg))
+    return float(np.arccos(np.clip(cos_theta, -1.0, 1.0)))
 
 
 def compton_energy_keV(energy_keV: np.ndarray, theta_rad: float) -> np.ndarray:
@@ -381,9 +399,14 @@ _TABLES_CACHE: dict[tuple, Tables] = {}
 
 
 def build_tables(elements: tuple[int, ...], exc: Excitation, incidence_deg: float, takeoff_deg: float,
-                 *, min_energy_keV: float = 0.9) -> Tables:
-    """Precompute (and cache) every atomic quantity the FP computation needs (see :class:`Tables`)."""
-    key = (tuple(elements), exc.key, float(incidence_deg), float(takeoff_deg), min_energy_keV)
+                 *, azimuth_deg: float = 180.0, min_energy_keV: float = 0.9) -> Tables:
+    """Precompute (and cache) every atomic quantity the FP computation needs (see :class:`Tables`).
+
+    ``azimuth_deg``: angle around the sample normal between tube and detector (see
+    :func:`scattering_angle_rad`); it sets the scattering angle only.
+    """
+    key = (tuple(elements), exc.key, float(incidence_deg), float(takeoff_deg), float(azimuth_deg),
+           min_energy_keV)
     hit = _TABLES_CACHE.get(key)
     if hit is not None:
         return hit
@@ -427,7 +450,7 @@ def build_tables(elements: tuple[int, ...], exc: Excitation, incidence_deg: floa
             major[sl] = strength[sl] >= 0.01 * strength[sl].max()
     tau_at_line[~major, :] = 0.0
     tau_at_line[:, ~major] = 0.0
-    theta = scattering_angle_rad(incidence_deg, takeoff_deg)
+    theta = scattering_angle_rad(incidence_deg, takeoff_deg, azimuth_deg)
     e_c_r = compton_energy_keV(e_r, theta)
     e_c = compton_energy_keV(exc.energy_keV, theta)
     th = np.array([theta])

@@ -13,7 +13,7 @@ Example
 >>> import xrfnb
 >>> m6 = xrfnb.Instrument.preset("bruker-m6")
 >>> round(float(m6.fwhm_keV(5.8988)), 3)
-0.145
+0.142
 >>> energy_keV, photons = m6.excitation()          # photons/s on the sample per bin or line
 >>> wider = m6.with_(fwhm_scale=1.2, tube_voltage_kV=40.0)
 
@@ -34,6 +34,7 @@ import numpy as np
 from .._errors import CalibrationError, InstrumentError
 from ..core.calibration import EnergyCalibration
 from .detector import FWHM_PER_SIGMA, MN_KA_KEV, DetectorResponse
+from .fp import scattering_angle_rad
 from .instrument_files import (
     bruker_header,
     bruker_settings,
@@ -86,8 +87,13 @@ class Instrument:
         Primary-beam filters.
     optics : {"none", "polycapillary"}
         Focusing optics; ``"polycapillary"`` applies :meth:`optics_transmission`.
-    polycapillary_cutoff_keV : float
-        Energy at which the (approximate) polycapillary transmission falls to half its low-energy value.
+    polycapillary_cutoff_keV, polycapillary_slope, polycapillary_floor : float
+        Shape of the polycapillary transmission (see :meth:`optics_transmission`): the energy at which
+        the reflected part falls to half, keV; how steeply it falls above (``T ~ E^-slope``); and the
+        energy-independent share that passes without reflection.
+    polycapillary_low_keV : float
+        Energy below which the polycapillary transmission falls again (absorption at each reflection),
+        keV; 0: no low-energy loss.
     source_solid_angle_sr : float
         Solid angle of tube emission that reaches the sample spot, sr (with polycapillary optics, its
         capture solid angle).
@@ -98,6 +104,11 @@ class Instrument:
         Monochromatic beam flux on the sample, photons/s.
     incidence_deg, takeoff_deg : float
         Angles of the incident beam and of the detected beam, degrees from the sample surface.
+    detector_azimuth_deg : float
+        Angle around the sample normal between the tube's and the detector's directions, degrees: 180
+        (default) puts the detector opposite the tube in the plane of incidence (PyMca's and fisx's
+        geometry, scattering angle ``incidence + takeoff``); 0 beside the tube. With the two angles it
+        sets :attr:`scattering_angle_deg`, and so the Compton shift and the scatter cross-sections.
     atmosphere : {"air", "helium", "vacuum"}
         Gas on the beam paths.
     atmosphere_pressure_mbar : float
@@ -132,6 +143,9 @@ class Instrument:
         exponential tail).
     tail_length_fwhm : float
         Decay length of the exponential tail in units of the FWHM at the line energy.
+    partial_collection : float
+        Share of absorbed photons of any energy that lose a random part of their charge (flat shelf from
+        0 to E; see :mod:`xrfnb.physics.detector`).
     escape : bool
         Whether to model Si K escape peaks.
     pileup_time_s : float
@@ -154,11 +168,15 @@ class Instrument:
     tube_filters: tuple[Absorber, ...] = ()
     optics: Optics = "none"
     polycapillary_cutoff_keV: float = 20.0
+    polycapillary_slope: float = 4.0
+    polycapillary_floor: float = 0.0
+    polycapillary_low_keV: float = 0.0
     source_solid_angle_sr: float = 1e-3
     monochromatic_keV: float | None = None
     flux_photons_s: float = 1e10
     incidence_deg: float = 45.0
     takeoff_deg: float = 45.0
+    detector_azimuth_deg: float = 180.0
     atmosphere: Atmosphere = "air"
     atmosphere_pressure_mbar: float = STANDARD_PRESSURE_MBAR
     beam_path_mm: float = 10.0
@@ -175,6 +193,7 @@ class Instrument:
     icc_layer_um: float = 0.2
     shelf_share: float = 0.3
     tail_length_fwhm: float = 1.0
+    partial_collection: float = 0.0
     escape: bool = True
     pileup_time_s: float = 5e-7
     calibration: EnergyCalibration = _DEFAULT_CALIBRATION
@@ -396,6 +415,7 @@ class Instrument:
                 f"Instrument {self.name!r}",
                 f"  source:    {source}; filters {absorbers(self.tube_filters)}",
                 f"  geometry:  incidence {self.incidence_deg:g} deg, take-off {self.takeoff_deg:g} deg, "
+                f"scattering angle {self.scattering_angle_deg:.0f} deg, "
                 f"{self.atmosphere}{pressure} {self.beam_path_mm:g} mm + {self.detector_path_mm:g} mm",
                 f"  detector:  Si {self.detector_thickness_um:g} um, {self.detector_area_mm2:g} mm2, window "
                 f"{absorbers((self.detector_window, *self.detector_filters))}, FWHM "
@@ -419,6 +439,13 @@ class Instrument:
     def channel_energy_keV(self) -> np.ndarray:
         """Energy of every channel, keV, shape (n_channels,)."""
         return self.calibration.energies_keV(self.n_channels)
+
+    @property
+    def scattering_angle_deg(self) -> float:
+        """Angle by which detected scatter turned, degrees (from incidence, take-off and azimuth; see
+        :func:`xrfnb.physics.fp.scattering_angle_rad`)."""
+        angle = scattering_angle_rad(self.incidence_deg, self.takeoff_deg, self.detector_azimuth_deg)
+        return math.degrees(angle)
 
     @property
     def detector_solid_angle_sr(self) -> float:
@@ -451,15 +478,29 @@ class Instrument:
         """Relative transmission of the focusing optics (1 without optics), shape like ``energy_keV``.
 
         Polycapillary lenses guide X-rays by total external reflection below the critical angle
-        ``theta_c ~ 30 mrad / E[keV]`` of glass, so their transmission falls at high energy
-        (C.A. MacDonald, X-Ray Optics Instrum. 2010, 867049). This approximate, documented shape is used:
-        ``T(E) = 1 / (1 + (E / E_c)^4)`` with ``E_c = polycapillary_cutoff_keV`` (half transmission);
-        the absolute capture efficiency is part of ``source_solid_angle_sr``. It is not a measured curve.
+        ``theta_c ~ 30 mrad / E[keV]`` of glass, so the captured divergence, and with it the transmission,
+        falls steeply at high energy, the more so the more reflections a photon needs (C.A. MacDonald,
+        X-Ray Optics Instrum. 2010, 867049); a small share passes the channels without reflection
+        whatever its energy. At low energy absorption at each reflection lowers it again, so measured
+        transmission curves peak at a few keV. With ``E_c = polycapillary_cutoff_keV``,
+        ``n = polycapillary_slope``, ``f = polycapillary_floor`` and ``E_l = polycapillary_low_keV``::
+
+            T(E) = [(1 - f) / (1 + (E / E_c)^n) + f] / (1 + (E_l / E)^3)
+
+        ``T`` is about 1 between ``E_l`` and ``E_c``; the absolute capture efficiency is part of
+        ``source_solid_angle_sr``.
+        The ``bruker-m4`` and ``bruker-m6`` presets carry ``E_c``, ``n`` and ``f`` fitted to the
+        measured Bruker blanks (``benchmarks/bench_physics_real.py``, README "Physics against real
+        spectra").
         """
         e = np.asarray(energy_keV, dtype=float)
         if self.optics == "none":
             return np.ones_like(e)
-        return 1.0 / (1.0 + (e / self.polycapillary_cutoff_keV) ** 4)
+        f = self.polycapillary_floor
+        t = (1.0 - f) / (1.0 + (e / self.polycapillary_cutoff_keV) ** self.polycapillary_slope) + f
+        if self.polycapillary_low_keV > 0:
+            t = t / (1.0 + (self.polycapillary_low_keV / np.maximum(e, 1e-6)) ** 3)
+        return t
 
     def incident_transmission(self, energy_keV: np.ndarray) -> np.ndarray:
         """Transmission from the anode to the sample: tube window, filters, optics and gas path.
@@ -568,12 +609,13 @@ def _validate(inst: Instrument) -> None:
     put = functools.partial(object.__setattr__, inst)
     floats = (
         "tube_voltage_kV", "tube_current_mA", "electron_incidence_deg", "anode_takeoff_deg",
-        "polycapillary_cutoff_keV", "source_solid_angle_sr", "flux_photons_s", "incidence_deg",
-        "takeoff_deg", "atmosphere_pressure_mbar", "beam_path_mm", "detector_path_mm",
-        "detector_area_mm2",
+        "polycapillary_cutoff_keV", "polycapillary_slope", "polycapillary_floor", "polycapillary_low_keV",
+        "source_solid_angle_sr",
+        "flux_photons_s", "incidence_deg", "takeoff_deg", "detector_azimuth_deg", "atmosphere_pressure_mbar",
+        "beam_path_mm", "detector_path_mm", "detector_area_mm2",
         "detector_thickness_um",
         "dead_layer_um", "noise_keV", "fano", "pair_energy_eV", "icc_layer_um", "shelf_share",
-        "tail_length_fwhm", "pileup_time_s",
+        "tail_length_fwhm", "partial_collection", "pileup_time_s",
     )  # fmt: skip
     for field in floats:
         value = getattr(inst, field)
@@ -625,10 +667,18 @@ def _validate(inst: Instrument) -> None:
             f"{field} must be in (0, 90] degrees, got {getattr(inst, field)}",
         )
     need(
+        0.0 <= inst.detector_azimuth_deg <= 180.0,
+        f"detector_azimuth_deg must be in [0, 180] degrees, got {inst.detector_azimuth_deg}",
+    )
+    need(
         inst.optics in ("none", "polycapillary"),
         f"optics must be 'none' or 'polycapillary', got {inst.optics!r}",
     )
     need(inst.polycapillary_cutoff_keV > 0, "polycapillary_cutoff_keV must be > 0")
+    need(0.5 <= inst.polycapillary_slope <= 20.0, "polycapillary_slope must be in [0.5, 20]")
+    need(0.0 <= inst.polycapillary_floor < 1.0, "polycapillary_floor must be in [0, 1)")
+    need(0.0 <= inst.polycapillary_low_keV < inst.polycapillary_cutoff_keV,
+         "polycapillary_low_keV must be >= 0 and below polycapillary_cutoff_keV")
     need(0 < inst.source_solid_angle_sr <= 2 * math.pi, "source_solid_angle_sr must be in (0, 2 pi]")
     need(
         inst.atmosphere in ("air", "helium", "vacuum"),
@@ -663,6 +713,10 @@ def _validate(inst: Instrument) -> None:
         "(the Fano limit of Si is ~115 eV): check noise_keV, fano and pair_energy_eV",
     )
     need(0.0 <= inst.shelf_share <= 1.0, f"shelf_share must be in [0, 1], got {inst.shelf_share}")
+    need(
+        0.0 <= inst.partial_collection <= 0.2,
+        f"partial_collection must be in [0, 0.2], got {inst.partial_collection}",
+    )
     need(inst.tail_length_fwhm > 0, f"tail_length_fwhm must be > 0, got {inst.tail_length_fwhm}")
     if not isinstance(inst.calibration, EnergyCalibration):
         try:

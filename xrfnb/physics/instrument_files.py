@@ -478,7 +478,8 @@ def bruker_settings(path: Path, h: Mapping[str, Any], base: Instrument, *, name:
         take(
             "detector_distance_mm",
             round(r * c / math.sqrt(1.0 - c * c), 6),
-            f"TRTXrfHeader/SolidAngleDetection {omega:g} sr, preset area {base.detector_area_mm2:g} mm2",
+            f"TRTXrfHeader/SolidAngleDetection ({omega:.4g} sr: the header's fraction of 4 pi), "
+            f"preset area {base.detector_area_mm2:g} mm2",
         )
     sig_abs, sig_lin = h.get("sigma_abs_keV2"), h.get("sigma_lin_keV")
     if sig_abs is not None and sig_lin is not None and sig_abs >= 0 and sig_lin > 0:

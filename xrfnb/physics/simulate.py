@@ -226,6 +226,9 @@ class SimulationSetup:
         The incident spectrum rebinned for the FP computation.
     incidence_deg, takeoff_deg : float
         Angles of the incident and detected beams, degrees from the sample surface.
+    azimuth_deg : float
+        Angle around the sample normal between tube and detector, degrees (180: in the plane of
+        incidence, opposite the tube); with the two angles it sets the scattering angle.
     solid_angle_sr : float
         Solid angle of the detector, sr.
     response : DetectorResponse
@@ -257,6 +260,7 @@ class SimulationSetup:
     argon_keV: np.ndarray  # (a,) Ar K line energies (empty without air)
     argon: np.ndarray  # (a,) their detected intensity per incident photon and sr of the detector
     argon_rows: np.ndarray  # (a, C) float32 detector response rows
+    azimuth_deg: float = 180.0
 
 
 def _efficiency(instrument: Instrument, energy_keV: np.ndarray, what: str) -> np.ndarray:
@@ -276,12 +280,13 @@ def _setup_uncached(instrument: Instrument, max_bins: int) -> SimulationSetup:
         energy, photons = instrument.excitation()
         incidence = float(instrument.incidence_deg)
         takeoff = float(instrument.takeoff_deg)
+        azimuth = float(getattr(instrument, "detector_azimuth_deg", 180.0))
     except AttributeError as exc:
         raise InstrumentError(f"not an xrfnb.Instrument: {exc}") from None
     max_e = getattr(instrument, "max_energy_keV", None)
     exc = _fp.rebin_excitation(energy, photons, max_bins=max_bins, tube_voltage_kV=max_e)
     response = instrument.detector_response()
-    theta = _fp.scattering_angle_rad(incidence, takeoff)
+    theta = _fp.scattering_angle_rad(incidence, takeoff, azimuth)
     e_r = exc.render_energy_keV
     n = exc.energy_keV.size
     n_ch = int(instrument.n_channels)
@@ -309,7 +314,7 @@ def _setup_uncached(instrument: Instrument, max_bins: int) -> SimulationSetup:
     ar = ar * _efficiency(instrument, ar_keV, "argon fluorescence")
     ar_rows = response.matrix(ar_keV, dtype=np.float32) if ar_keV.size else np.zeros((0, n_ch), np.float32)
     return SimulationSetup(exc, incidence, takeoff, solid, response, n_ch, ray, comp, eff_r, eff_c,
-                  ar_keV, ar, ar_rows)
+                  ar_keV, ar, ar_rows, azimuth)
 
 
 #: argon lines drawn (xraylib line macros) and the quadrature points along the beam path
@@ -340,7 +345,8 @@ def _argon_intensity(instrument: Instrument, exc: _fp.Excitation) -> tuple[np.nd
     d_cm = max(float(instrument.detector_path_mm if d_mm is None else d_mm), 1e-3) / 10.0
     # points along the beam, s cm before the spot; phi: angle at the spot between source and detector
     s_cm, ds = np.linspace(0.0, path_mm / 10.0, _ARGON_NODES, retstep=True)
-    phi = np.pi - _fp.scattering_angle_rad(instrument.incidence_deg, instrument.takeoff_deg)
+    phi = np.pi - _fp.scattering_angle_rad(
+        instrument.incidence_deg, instrument.takeoff_deg, getattr(instrument, "detector_azimuth_deg", 180.0))
     r = np.sqrt(d_cm**2 + s_cm**2 - 2.0 * d_cm * s_cm * np.cos(phi))
     # solid angle of the detector (facing the spot) from each point, relative to that from the spot
     omega = np.clip(d_cm**2 * (d_cm - s_cm * np.cos(phi)) / r**3, 0.0, None)
@@ -455,7 +461,8 @@ def tables_for(elements: Sequence[str], setup: SimulationSetup) -> _fp.Tables:
         Cached by :func:`xrfnb.physics.fp.build_tables`.
     """
     zs = tuple(int(xraylib.SymbolToAtomicNumber(e)) for e in elements)
-    return _fp.build_tables(zs, setup.exc, setup.incidence_deg, setup.takeoff_deg)
+    return _fp.build_tables(zs, setup.exc, setup.incidence_deg, setup.takeoff_deg,
+                            azimuth_deg=setup.azimuth_deg)
 
 
 # --- single stack --------------------------------------------------------------------------------------

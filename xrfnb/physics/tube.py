@@ -12,7 +12,7 @@ The model is the semi-empirical description of thick-target (reflection) X-ray t
       N = const_q * (1/S) * R * omega_q * p_line * f(chi)       photons / (s sr mA)
 
   with the stopping-power factor ``1/S`` and backscatter factor ``R`` of Ebel (1999), eqs. 11-13,
-  ``const_K = 5.0e13`` and the subshell constants of Ebel (2003): ``const_L3 = 4.94e13``,
+  ``const_K = 6.0e13`` and the subshell constants of Ebel (2003): ``const_L3 = 4.94e13``,
   ``const_L2 = 2.70e13 * f_corr(Z)``, ``const_L1 = 0.71e13 * f_corr(Z)``.
 
 * anode self-absorption of the photons generated at the mean depth of the depth distribution::
@@ -27,8 +27,10 @@ The model is the semi-empirical description of thick-target (reflection) X-ray t
 All atomic data (fluorescence yields, radiative rates, edge and line energies, atomic weights,
 photo-absorption cross sections) come from xraylib. Ebel (2003) multiplies the L constants by a mean
 L-shell fluorescence yield; here each subshell's own yield (xraylib ``FluorYield``) is used. Ebel's
-conclusion also quotes a single constant 6.0e13 for all lines (used by PyMca's implementation); the
-shell-specific constants above are used here, so K lines are 5/6 of PyMca's. Ebel validated the model
+conclusion gives 6.0e13 for K lines (used by PyMca's implementation too); his 1999 paper's 5.0e13 is
+not used: the Bruker M4 blanks (``../shared/data/real/bruker_m4_rh50kv``) put the scattered Rh K lines at
+1.25 times the simulated line-to-continuum ratio with 5.0e13, 1.1 times with 6.0e13
+(``benchmarks/bench_physics_real.py``). Ebel validated the model
 for 5-50 kV, electron incidence 50-90 deg and take-off 5-90 deg; it is used here up to 100 kV.
 
 References
@@ -54,8 +56,8 @@ __all__ = ["TubeSpectrum", "anode_lines", "anode_z", "ebel_continuum", "tube_spe
 
 #: Ebel's constant of the continuum, photons / (s sr mA keV)
 CONTINUUM_CONST = 1.35e9
-#: Ebel's (1999) constant of the K lines, photons / (s sr mA)
-K_CONST = 5.0e13
+#: Ebel's constant of the K lines (his conclusion; PyMca's too), photons / (s sr mA)
+K_CONST = 6.0e13
 #: Ebel's (2003) constants of the L subshells, photons / (s sr mA)
 L_CONST = {"L1": 0.71e13, "L2": 2.70e13, "L3": 4.94e13}
 #: z_q b_q of the stopping factor for K and L shells (Ebel 1999, eq. 12)

@@ -1,0 +1,220 @@
+"""The simulator against real Bruker spectra (issue: hold the simulator to real Rh-tube spectra).
+
+References are measurements nobody in this project made, read from ``../shared/data/real`` (see its
+PROVENANCE.md): NIST's Bruker M4 acrylic blanks behind six primary filters (``.spx`` with full XRF
+headers), NIST's pure-element spectra from the same kind of instrument (``.msa``), and a Bruker M6
+Jetstream spectrum. The ``bruker-m4`` preset's lens, source solid angle and partial collection were
+fitted to the blanks f1-f3 only; the f4 blank (Al + Ti filter), the pure elements' count rates and the
+M6 spectrum are checks it was not fitted to. The full table is ``benchmarks/bench_physics_real.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xraylib
+
+import xrfnb
+from xrfnb import Instrument
+from xrfnb.physics.fp import scattering_angle_rad
+
+REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
+M4 = REAL / "bruker_m4_rh50kv"
+BLANKS = M4 / "acrylic_blanks"
+ELEMENTS = M4 / "pure_elements"
+M6_FILE = REAL / "bruker_m6_jetstream_p059.spx"
+needs_real = pytest.mark.skipif(not BLANKS.is_dir(), reason=f"real Bruker spectra not found in {M4}")
+
+#: the issue's acceptance band for simulated / measured, and the count threshold for a window
+BAND = (0.8, 1.25)
+MIN_COUNTS = 2000
+#: electron rest energy, keV (CODATA 2018), for the Compton shift measured here independently
+ME_C2_KEV = 510.99895
+#: an infinitely thick PMMA blank (C5H8O2, 1.18 g/cm3)
+PMMA = xrfnb.Stack([], substrate=xrfnb.Layer({"C5H8O2": 1.0}, binder=None, thickness_um=10_000.0,
+                                             density_g_cm3=1.18))
+
+
+def _sum(spec: xrfnb.Spectrum, lo: float, hi: float) -> float:
+    e = spec.energy_keV
+    return float(np.asarray(spec.counts, dtype=float)[(e >= lo) & (e < hi)].sum())
+
+
+def _compton_angle_deg(spec: xrfnb.Spectrum, fwhm_keV: float) -> float:
+    """Scattering angle from the centroid of the net Rh Ka Compton peak (counts above a straight line
+    through side bands), by inverting the Compton formula at the Rh Ka energy from xraylib."""
+    ka = xraylib.LineEnergy(45, xraylib.KA1_LINE) * 0.667 + xraylib.LineEnergy(45, xraylib.KA2_LINE) * 0.333
+
+    def compton(theta_deg: float) -> float:
+        return ka / (1 + ka / ME_C2_KEV * (1 - math.cos(math.radians(theta_deg))))
+
+    lo, hi = compton(180.0) - 2 * fwhm_keV, min(compton(90.0) + 2 * fwhm_keV, 20.07 - 2 * fwhm_keV)
+    e, c = spec.energy_keV, np.asarray(spec.counts, dtype=float)
+    inside = (e >= lo) & (e < hi)
+    left, right = (e >= lo - fwhm_keV) & (e < lo), (e >= hi) & (e < hi + fwhm_keV / 2)
+    bg = np.interp(e[inside], [e[left].mean(), e[right].mean()], [c[left].mean(), c[right].mean()])
+    net = np.clip(c[inside] - bg, 0, None)
+    centroid = float((e[inside] * net).sum() / net.sum())
+    return math.degrees(math.acos(1 - (ka / centroid - 1) * ME_C2_KEV / ka))
+
+
+def test_scattering_angle_geometry():
+    """In the plane of incidence the angle is psi1 + psi2 (PyMca/fisx); beside the tube 180 - |psi1 - psi2|;
+    with the beam normal to the surface the azimuth does not matter; between, spherical trigonometry."""
+    deg = math.degrees
+    assert deg(scattering_angle_rad(45.0, 45.0)) == pytest.approx(90.0)
+    assert deg(scattering_angle_rad(90.0, 40.0)) == pytest.approx(130.0)
+    assert deg(scattering_angle_rad(50.0, 50.0, 0.0)) == pytest.approx(180.0)
+    assert deg(scattering_angle_rad(30.0, 60.0, 0.0)) == pytest.approx(150.0)
+    for az in (0.0, 45.0, 90.0, 180.0):
+        assert deg(scattering_angle_rad(90.0, 60.0, az)) == pytest.approx(150.0)
+    # 90 deg apart in azimuth: the two directions' dot product is only the vertical part
+    assert math.cos(scattering_angle_rad(50.0, 50.0, 90.0)) == pytest.approx(-math.sin(math.radians(50)) ** 2)
+    inst = Instrument.preset("lab-mo").with_(incidence_deg=50.0, takeoff_deg=50.0, detector_azimuth_deg=90.0)
+    assert inst.scattering_angle_deg == pytest.approx(deg(math.acos(-math.sin(math.radians(50)) ** 2)))
+
+
+def test_compton_peak_moves_with_the_azimuth():
+    """The simulated Compton peak follows the scattering angle the geometry gives (not only psi1 + psi2)."""
+    base = Instrument.preset("bruker-m4")
+    peaks = {}
+    for az in (180.0, 60.0):  # 100 and 142.5 deg at 50/50
+        inst = base.with_(detector_azimuth_deg=az)
+        sim = xrfnb.simulate(PMMA, inst, live_time_s=100.0, noise=False, pileup=False)
+        peaks[az] = _compton_angle_deg(sim, float(inst.fwhm_keV(19.0)))
+        assert peaks[az] == pytest.approx(inst.scattering_angle_deg, abs=4.0)
+    assert peaks[60.0] > peaks[180.0] + 35
+
+
+@needs_real
+def test_measured_compton_shifts_give_the_scattering_angles():
+    """The M6 file's header geometry (beam normal, detector at 60 deg: 150 deg) is what its Compton peak
+    says; the M4 blanks' header angles (50/50) would give 100 deg in the plane, but their Compton peak sits
+    at about 132 deg, which the bruker-m4 preset's azimuth reproduces."""
+    m6 = xrfnb.load(M6_FILE)
+    inst6 = Instrument.from_file(M6_FILE)
+    assert inst6.scattering_angle_deg == pytest.approx(150.0)
+    assert _compton_angle_deg(m6, float(inst6.fwhm_keV(19.0))) == pytest.approx(150.0, abs=3.0)
+    blank = BLANKS / "20170510_D1_Rh_50kv_100mA_acryl_f2_0.spx"
+    measured = _compton_angle_deg(xrfnb.load(blank), 0.2)
+    assert 128.0 < measured < 137.0
+    m4 = Instrument.from_file(blank, preset="bruker-m4")
+    assert m4.incidence_deg + m4.takeoff_deg == pytest.approx(100.0)
+    assert m4.scattering_angle_deg == pytest.approx(measured, abs=2.0)
+
+
+@needs_real
+def test_header_solid_angle_is_a_fraction_of_the_sphere():
+    """Esprit's SolidAngleDetection (0.0065) read as a fraction of 4 pi is a 30 mm2 detector at 19 mm,
+    beside the header's 20 mm detection path; the simulated blank's absolute count rate agrees with the
+    measured one within the band only with that reading."""
+    path = BLANKS / "20170510_D1_Rh_50kv_100mA_acryl_f2_0.spx"
+    inst = Instrument.from_file(path, preset="bruker-m4")
+    assert inst.detector_solid_angle_sr == pytest.approx(0.0065 * 4 * math.pi, rel=1e-3)
+    assert 15.0 < inst.detector_distance_mm < inst.detector_path_mm
+    spec = xrfnb.load(path)
+    sim = xrfnb.simulate(PMMA, inst, live_time_s=spec.live_time_s, noise=False)
+    ratio = _sum(sim, 0.2, 41.0) / _sum(spec, 0.2, 41.0)
+    assert BAND[0] <= ratio <= BAND[1]
+
+
+def _windows(inst: Instrument) -> list[tuple[str, float, float]]:
+    """The issue's seven windows of a Rh blank, keV."""
+    fw = float(inst.fwhm_keV(20.2))
+    return [("Rh L", 2.70 - 0.17, 2.95), ("cont 4-8", 4.0, 8.0), ("cont 8-14", 8.0, 14.0),
+            ("cont 14-18", 14.0, 18.0), ("cont 24-35", 24.0, 35.0),
+            ("Rh Ka Compton", 18.8, 20.216 - 2 * fw), ("Rh Ka Rayleigh", 20.216 - 2 * fw, 20.216 + 2 * fw)]
+
+
+@needs_real
+@pytest.mark.parametrize("name", ["acryl__f1_0", "acryl_f2_0", "acryl_f4_0", "acryl_f5_0"])
+def test_rh_blank_windows_within_the_band(name):
+    """simulated / measured (scaled to the measured counts in 2-40 keV, as the issue states) within
+    [0.8, 1.25] in every window holding >= 2,000 counts. f4 and f5 were not used to fit the lens."""
+    path = BLANKS / f"20170510_D1_Rh_50kv_100mA_{name}.spx"
+    spec = xrfnb.load(path)
+    inst = Instrument.from_file(path, preset="bruker-m4")
+    sim = xrfnb.simulate(PMMA, inst, live_time_s=spec.live_time_s, noise=False)
+    scale = _sum(spec, 2.0, 40.0) / _sum(sim, 2.0, 40.0)
+    checked = 0
+    for window, lo, hi in _windows(inst):
+        measured = _sum(spec, lo, hi)
+        if measured < MIN_COUNTS:
+            continue
+        checked += 1
+        ratio = scale * _sum(sim, lo, hi) / measured
+        assert BAND[0] <= ratio <= BAND[1], f"{name} {window}: simulated/measured {ratio:.2f}"
+    assert checked >= 5
+
+
+@needs_real
+def test_shelf_behind_thick_filter_is_partial_collection():
+    """Behind 630 um of Al no primary photon below 8 keV reaches the blank, yet 4-7 keV holds counts: the
+    flat shelf of the 10-25 keV photons. Without partial collection the simulation has almost none."""
+    path = BLANKS / "20170510_D1_Rh_50kv_100mA_acryl_f3_0.spx"
+    spec = xrfnb.load(path)
+    inst = Instrument.from_file(path, preset="bruker-m4")
+    measured = _sum(spec, 4.0, 5.0) + _sum(spec, 5.5, 5.75)  # between the chamber's Cr, Fe and Ni lines
+    with_shelf = xrfnb.simulate(PMMA, inst, live_time_s=spec.live_time_s, noise=False)
+    without = xrfnb.simulate(PMMA, inst.with_(partial_collection=0.0), live_time_s=spec.live_time_s,
+                             noise=False)
+    sim = _sum(with_shelf, 4.0, 5.0) + _sum(with_shelf, 5.5, 5.75)
+    assert 0.7 <= sim / measured <= 1.4
+    assert _sum(without, 4.0, 5.0) < 0.2 * _sum(spec, 4.0, 5.0)
+
+
+def test_partial_collection_is_a_flat_shelf():
+    """A 20 keV line with partial collection p puts p / 20 of its photons per keV anywhere in 2-15 keV
+    (far from the peak, its escape peak and its exponential tail), and p less in the peak."""
+    inst = Instrument.preset("bruker-m4").with_(icc_layer_um=0.0, escape=False, partial_collection=0.0)
+    e = inst.channel_energy_keV
+    gain = inst.calibration.gain_keV
+    plain = inst.detector_response().matrix(np.array([20.0]), dtype=np.float64)[0]
+    shelf = inst.with_(partial_collection=0.01).detector_response().matrix(np.array([20.0]),
+                                                                            dtype=np.float64)[0]
+    band = (e > 2.0) & (e < 15.0)
+    assert np.allclose(shelf[band] / gain, 0.01 / 20.0, rtol=0.02)
+    peak = np.abs(e - 20.0) < 0.5
+    assert shelf[peak].sum() == pytest.approx(plain[peak].sum() - 0.01 * (1 - 0.5 / 20.0), rel=2e-3)
+
+
+def test_lens_transmission_shape():
+    """Low-energy loss, a plateau, the steep fall above E_c and the energy-independent floor."""
+    inst = Instrument.preset("bruker-m4")
+    t = inst.optics_transmission(np.array([1.0, 3.2, 8.0, inst.polycapillary_cutoff_keV, 40.0, 1000.0]))
+    assert t[0] < 0.05 and t[1] == pytest.approx(0.5, rel=0.05)
+    assert 0.8 < t[2] <= 1.0
+    assert t[3] == pytest.approx((1 - inst.polycapillary_floor) / 2 + inst.polycapillary_floor, rel=0.03)
+    assert t[4] < 0.01 and t[5] == pytest.approx(inst.polycapillary_floor, rel=1e-3)
+    assert np.all(Instrument.preset("lab-mo").optics_transmission(np.array([1.0, 30.0])) == 1.0)
+
+
+@needs_real
+@pytest.mark.parametrize("element", ["Ti", "Cr", "Fe", "Ni", "Cu"])
+def test_pure_element_count_rates(element):
+    """Thick pure metals in vacuum at the files' 50 uA: the bruker-m4 preset (fitted to the blanks only)
+    gives the measured count rate within the band."""
+    spec = xrfnb.load(ELEMENTS / f"{element}_50kv_50_ma_Rh_vac_D1.msa")
+    inst = Instrument.preset("bruker-m4").with_(atmosphere="vacuum", tube_current_mA=0.05,
+                                                calibration=spec.calibration, n_channels=spec.n_channels)
+    target = xrfnb.Stack([xrfnb.Layer({element: 1.0}, binder=None, thickness_um=10_000.0)])
+    sim = xrfnb.simulate(target, inst, live_time_s=spec.live_time_s, noise=False)
+    ratio = _sum(sim, 0.2, 41.0) / _sum(spec, 0.2, 41.0)
+    assert BAND[0] <= ratio <= BAND[1]
+
+
+@needs_real
+def test_tin_k_lines_are_simulated():
+    """Sn K lines are produced at ~1e-3 of Sn L under the lens, yet measured clearly; Kb/Ka of the gross
+    windows agree with the measurement within 10 %."""
+    spec = xrfnb.load(ELEMENTS / "Sn_50kv_50_ma_Rh_vac_D1.msa")
+    inst = Instrument.preset("bruker-m4").with_(atmosphere="vacuum", tube_current_mA=0.05,
+                                                calibration=spec.calibration, n_channels=spec.n_channels)
+    sim = xrfnb.simulate(xrfnb.Stack([xrfnb.Layer({"Sn": 1.0}, binder=None, thickness_um=10_000.0)]), inst,
+                         live_time_s=spec.live_time_s, noise=False)
+    ka, kb = (24.9, 25.6), (28.2, 28.9)
+    measured = _sum(spec, *kb) / _sum(spec, *ka)
+    assert _sum(sim, *kb) / _sum(sim, *ka) == pytest.approx(measured, rel=0.10)
