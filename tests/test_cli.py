@@ -688,11 +688,11 @@ _CONVERT_RUNNER = textwrap.dedent(
     import xrfnb.ui.cli as cli
     bcf.BLOCK_BYTES = 1  # one row per decoded block
     hdf5.WRITE_BLOCK_BYTES = 1  # one row per written block
-    read_block = bcf.BcfRows.read_block
-    def slow(self, k):
+    decode_rows = bcf.BcfRows.decode_rows
+    def slow(self, start, stop):
         time.sleep({delay})
-        return read_block(self, k)
-    bcf.BcfRows.read_block = slow
+        return decode_rows(self, start, stop)
+    bcf.BcfRows.decode_rows = slow
     class Bar:  # reports the rows done on stdout, for the test to time its signal
         def __init__(self, *args, **kwargs):
             self.n = 0
@@ -798,11 +798,13 @@ def test_convert_interrupted_then_resumed_equals_an_uninterrupted_conversion(tmp
     assert not out.exists() and partial.is_file()
     with h5py.File(partial, "r") as f:
         assert f.attrs["xrfnb_partial_rows"] == 3  # three blocks of one row flushed
-    reads: list[int] = []
-    read_block = bcf.BcfRows.read_block
-    monkeypatch.setattr(bcf.BcfRows, "read_block", lambda self, k: reads.append(k) or read_block(self, k))
+    reads: list[tuple[int, int]] = []
+    decode_rows = bcf.BcfRows.decode_rows
+    monkeypatch.setattr(
+        bcf.BcfRows, "decode_rows", lambda self, a, b: reads.append((a, b)) or decode_rows(self, a, b)
+    )
     assert cli.main(["convert", str(src), str(out), "--resume", "-q"]) == 0
-    assert reads == list(range(2, 12))  # the last complete row checked against the input, then the rest
+    assert reads == [(r, r + 1) for r in range(2, 12)]  # the last complete row checked, then the rest
     assert not partial.exists() and out.is_file()
     ref = tmp_path / "ref" / "scan.h5"
     ref.parent.mkdir()

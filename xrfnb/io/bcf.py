@@ -337,20 +337,24 @@ def check_bcf_block(data: bytes, n_rows: int, cols: int, where: str, first_row: 
         )
     if not payloads:
         return
-    spans = np.asarray(payloads, np.int64).reshape(-1, 2)
-    pos, ends = spans[:, 0].copy(), spans[:, 1]
+    spans = np.asarray(payloads, np.intp).reshape(-1, 2)
+    pixel = np.flatnonzero(spans[:, 0] < spans[:, 1])  # the pixels still walked, their position and end
+    p, end = spans[pixel, 0], spans[pixel, 1]
     buf = np.frombuffer(data + bytes(2), np.uint8)
     bound = limit + _PAD  # the decoder's buffer holds _PAD zero bytes after the rows
     need_of, step_of = _bunch_tables()
-    alive = np.flatnonzero(pos < ends)
-    while alive.size:
-        p = pos[alive]
-        code = (buf[p].astype(np.int64) << 8) | buf[p + 1]
-        if int((p + need_of[code]).max()) > bound:
-            raise _bunch_error(where, first_row, marks, int(alive[p + need_of[code] > bound][0]))
+    while p.size:
+        code = buf[p].astype(np.intp)
+        code <<= 8
+        code |= buf[p + 1]
+        reach = need_of[code]
+        reach += p
+        if reach.max() > bound:
+            raise _bunch_error(where, first_row, marks, int(pixel[reach > bound][0]))
         p += step_of[code]
-        pos[alive] = p
-        alive = alive[p < ends[alive]]
+        more = p < end
+        if not more.all():
+            p, end, pixel = p[more], end[more], pixel[more]
 
 
 @functools.cache
@@ -366,7 +370,7 @@ def _bunch_tables() -> tuple[np.ndarray, np.ndarray]:
     gain = np.where(plain, size_b, 8)
     need = 2 + np.where(size_b == 0, 0, np.maximum(gain, size_b + np.maximum(length, reach)))
     step = 2 + np.where(size_b == 0, 0, size_b + length)
-    return need, step
+    return need.astype(np.intp), step.astype(np.intp)
 
 
 def _bunch_error(where: str, first_row: int, marks: list[int], pixel: int) -> FormatError:
@@ -420,7 +424,9 @@ class BcfRows:
     Supports what :class:`~xrfnb.core.spectrum.Scan` and the readers of a scan use: ``shape``, ``dtype``,
     ``ndim``, ``chunks`` (rows per decoded block, all columns, all channels), NumPy-style indexing
     (ints, slices, integer arrays on the rows, anything NumPy takes on columns and channels) and
-    ``np.asarray`` (the whole map: only for maps that fit in memory). Thread-safe.
+    ``np.asarray`` (the whole map: only for maps that fit in memory). Thread-safe. Whole rows
+    (``counts[a:b]``, how scans are streamed) are decoded straight into the array returned
+    (:meth:`decode_rows`); other selections go through blocks of ``block_rows`` rows, the last one kept.
 
     Parameters
     ----------
@@ -483,6 +489,22 @@ class BcfRows:
             f"BcfRows({self.path.name}, shape={self.shape}, dtype={self.dtype}, block_rows={self.block_rows})"
         )
 
+    def decode_rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` read, checked and decoded in one pass (a new, writable array).
+
+        Raises
+        ------
+        FormatError
+            The rows' records are damaged (the message names the file and row).
+        """
+        start, stop = int(start), int(stop)
+        a, b = int(self._offsets[start]), int(self._offsets[stop])
+        data = self._stream.read(a, b - a)
+        if len(data) != b - a:
+            raise FormatError(f"{self.path}: hypermap rows {start}-{stop - 1} are truncated")
+        check_bcf_block(data, stop - start, self.shape[1], str(self.path), first_row=start)
+        return decode_bcf_block(data, stop - start, self.shape[1], self.shape[2], self.dtype)
+
     def read_block(self, k: int) -> np.ndarray:
         """Decoded block ``k`` (rows ``k * block_rows`` ...), read-only; the last one is cached.
 
@@ -495,13 +517,7 @@ class BcfRows:
             if self._cache is not None and self._cache[0] == k:
                 return self._cache[1]
         r0 = k * self.block_rows
-        r1 = min(self.shape[0], r0 + self.block_rows)
-        start, stop = int(self._offsets[r0]), int(self._offsets[r1])
-        data = self._stream.read(start, stop - start)
-        if len(data) != stop - start:
-            raise FormatError(f"{self.path}: hypermap rows {r0}-{r1 - 1} are truncated")
-        check_bcf_block(data, r1 - r0, self.shape[1], str(self.path), first_row=r0)
-        block = decode_bcf_block(data, r1 - r0, self.shape[1], self.shape[2], self.dtype)
+        block = self.decode_rows(r0, min(self.shape[0], r0 + self.block_rows))
         block.flags.writeable = False
         with self._lock:
             self._cache = (k, block)
@@ -519,6 +535,13 @@ class BcfRows:
             key = key[:i] + (slice(None),) * (3 - len(key) + 1) + key[i + 1 :]
         row_key, rest = (key[0] if key else slice(None)), key[1:]
         rows = self.shape[0]
+        whole = all(isinstance(k, slice) and k == slice(None) for k in rest)
+        if isinstance(row_key, slice) and row_key.step in (None, 1) and whole:
+            # whole rows start:stop (how scans are streamed): decoded straight into the array returned, one
+            # pass over the records whatever the blocks, no copy
+            start, stop, _ = row_key.indices(rows)
+            if stop > start:
+                return self.decode_rows(start, stop)
         scalar = isinstance(row_key, (int, np.integer))
         if scalar:
             r = int(row_key)
