@@ -14,11 +14,28 @@ those of ``bench_mapping.py`` (Poisson samples of pigment templates, about 2,000
 At two sizes four times apart (512^2 and 1024^2; ``--small``: 128^2 and 256^2). Targets: >= 20,000 spectra/s
 end to end and peak RSS < 1 GB at both sizes.
 
-On the 2-core project machine (shared with a test run; shipped model on the CPU): decode 34,100 spectra/s
-at 512^2 and 38,000 at 1024^2 (index pass 1.5 s / 5.6 s), peak RSS 313 / 389 MB; map_pigments straight
-from the ``.bcf`` 3,600 / 6,000 spectra/s, peak RSS 945 / 977 MB (+32 MB for 4x the pixels). The end-to-end
-rate is the network's (identify 167 s of 174 s at 1024^2, the decoding thread 63 s): below the 20,000 target
-on two CPU cores, with the decoder not the limit.
+Figures on the 2-core project machine (shipped model, float32 on this CPU), shared with other users'
+test runs, so they depend on the load (the 1-minute load average, printed by the benchmark with each
+figure):
+
+* before the speed work (commit 8973a58, load 1.3 rising to 3.5-4.5): decode 30,900 / 30,300 spectra/s
+  at 512^2 / 1024^2; map_pigments from the ``.bcf`` 2,071 / 2,823 spectra/s (identify 123 s of 127 s /
+  362 s of 371 s), peak RSS 956 / 1,030 MB;
+* after it (commit 9e93c22, load 6.3 rising to 8.5): decode 22,900 / 27,000 spectra/s; map_pigments
+  6,130 / 5,179 spectra/s (identify 39 s of 43 s / 190 s of 203 s), peak RSS 897 / 909 MB (+12 MB for 4x
+  the pixels).
+
+Where the time went: torch's OpenMP threads spin for about 300,000 turns whenever they wait; with the block
+decoder's thread and other processes on the same two cores they took the CPU the work needed
+(``identify_batch`` on 8,192 spectra at load 4-5, three runs each: 121-236 us of CPU per spectrum with
+spinning threads, 82-107 us once they wait passively: the model room sets ``OMP_WAIT_POLICY=PASSIVE``). The
+same 64 x 512 map, old and new code alternating at load 7: 1,600-1,800 against 4,000-5,300 spectra/s, 258-317
+against 105-124 us of CPU per spectrum end to end. Decoding alone, old and new alternating at load 6.5: 25
+against 21 us of CPU per spectrum (whole-row slices decoded without the per-block copies). Of the ~110 us end
+to end: decoding ~21 (rosettasciio's decoder ~12, the record check ~6, reading ~2), rebinning ~10, the network
+and the out-of-distribution terms the rest. At ~110 us of CPU per spectrum two cores give at most ~18,000
+spectra/s with nothing else running: the 20,000 target needs fewer CPU-seconds per spectrum than the float32
+network leaves (a CPU with native bfloat16, or more cores), not a faster reader.
 
 Usage::
 
@@ -173,6 +190,7 @@ def worker_decode(path: Path) -> dict:
         "peak_rss_mb": _rss_mb(),
         "mean_counts": total / (rows * cols),
         "block_rows": scan.counts.block_rows,
+        "load": os.getloadavg()[0],
     }
 
 
@@ -202,6 +220,7 @@ def worker_map(path: Path, out: Path, chunk_pixels: int) -> dict:
         "peak_rss_mb": _rss_mb(),
         "masked": maps.summary().n_masked,
         "timing_s": maps.metadata.get("timing_s", {}),
+        "load": os.getloadavg()[0],
     }
 
 
@@ -254,7 +273,7 @@ def main() -> int:
                 f"  decode: {d['spectra_per_s']:,.0f} spectra/s ({d['elapsed_s']:.1f} s, index pass "
                 f"{d['index_s']:.1f} s, {d['block_rows']} rows per block), "
                 f"peak RSS {d['peak_rss_mb']:.0f} MB, "
-                f"{d['mean_counts']:.0f} counts per pixel"
+                f"{d['mean_counts']:.0f} counts per pixel; load average {d['load']:.1f}"
             )
             m: dict = {"skipped": "--no-map"}
             if not args.no_map:
@@ -268,7 +287,7 @@ def main() -> int:
                 print(
                     f"  map_pigments from the .bcf: {m['spectra_per_s']:,.0f} spectra/s "
                     f"({m['elapsed_s']:.1f} s), peak RSS {m['peak_rss_mb']:.0f} MB "
-                    f"(after imports and model {m['baseline_rss_mb']:.0f} MB)"
+                    f"(after imports and model {m['baseline_rss_mb']:.0f} MB); load average {m['load']:.1f}"
                 )
             results.append((n, d, m))
             path.unlink(missing_ok=True)
