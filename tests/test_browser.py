@@ -53,6 +53,27 @@ _MAIN_FRAME_JS = """() => {
   return null;
 }"""
 
+# the screen box of the frame (the data area) of the figure named NAME, or null
+_FRAME_OF_JS = """(name) => {
+  if (!window.Bokeh || !Bokeh.index || !Bokeh.index.all_views) return null;
+  for (const v of Bokeh.index.all_views()) {
+    if (v.model && v.model.name === name && v.frame) {
+      const f = v.frame.bbox, r = v.el.getBoundingClientRect();
+      return {left: r.left + f.x0, top: r.top + f.y0, width: f.width, height: f.height};
+    }
+  }
+  return null;
+}"""
+
+# the x range (start, end) of the figure named NAME, or null
+_X_RANGE_JS = """(name) => {
+  if (!window.Bokeh || !Bokeh.documents.length) return null;
+  for (const m of Bokeh.documents[0].all_models) {
+    if (m.name === name && m.x_range) return [m.x_range.start, m.x_range.end];
+  }
+  return null;
+}"""
+
 _SOURCES_JS = """() => {
   const out = {counts: [], images: 0, image_sum: 0, image_finite: 0};
   const doc = Bokeh.documents[0];
@@ -210,6 +231,36 @@ def test_dashboard_in_headless_chromium(server):
                 f"Math.abs(m.y[0] - {(r + 0.5) * 0.1}) < 1e-9; }}",
                 timeout=15000,
             )
+            # the element maps side by side: each drawn (a frame of its size, not an empty box)
+            page.locator(".xrfnb-element-maps").first.scroll_into_view_if_needed()
+            for label in ("S K", "Fe K", "Hg L", "Pb L"):
+                drawn = f"(f => f && f.width > 100)(({_FRAME_OF_JS})('xrfnb-element:{label}'))"
+                page.wait_for_function(f"() => {drawn}", timeout=20000)
+            # a click on an element map selects that pixel: its spectrum replaces the previous one
+            r, c = 20, 3
+            frame = page.evaluate(f"() => ({_FRAME_OF_JS})('xrfnb-element:Fe K')")
+            page.mouse.click(
+                frame["left"] + (c + 0.5) * frame["width"] / COLS,
+                frame["top"] + (r + 0.5) * frame["height"] / ROWS,
+            )
+            expected = float(counts[r, c].sum())
+            _wait_for_counts(page, expected, timeout_ms=15000)
+            assert sessions[-1].pixel == (r, c)
+            # dragging an element map pans every map: the main map's x range moves with it, in the browser
+            start = page.evaluate(f"() => ({_X_RANGE_JS})('xrfnb-main')")
+            x0, y0 = frame["left"] + frame["width"] / 2, frame["top"] + frame["height"] / 2
+            page.mouse.move(x0, y0)
+            page.mouse.down()
+            page.mouse.move(x0 + frame["width"] / 4, y0, steps=8)
+            page.mouse.up()
+            page.wait_for_function(
+                f"() => ({_X_RANGE_JS})('xrfnb-main')[0] < {start[0]} - 0.3", timeout=10000
+            )
+            moved = page.evaluate(f"() => ({_X_RANGE_JS})('xrfnb-main')")
+            assert page.evaluate(f"() => ({_X_RANGE_JS})('xrfnb-element:Pb L')") == moved
+            assert moved[1] - moved[0] == pytest.approx(start[1] - start[0])  # a pan: the same width
+            page.evaluate("() => window.scrollTo(0, 0)")
+
             # the log toggle switches the spectrum's y axis to a log scale and back
             assert page.evaluate(_Y_SCALE_JS) == "LinearScale"
             log_box = page.locator(".xrfnb-log input[type=checkbox]")
@@ -223,11 +274,6 @@ def test_dashboard_in_headless_chromium(server):
             handle = page.locator(".xrfnb-global-threshold .noUi-handle").first
             handle.click()
             handle.press("End")
-            page.wait_for_function(
-                f"() => ({_SOURCES_JS})().image_sum !== {before['image_sum']}", timeout=15000
-            )
-            assert sessions[-1].thresholds == dict.fromkeys(CLASSES, 1.0)
-            assert not sessions[-1].binary_maps().any()
             # the browser holds the new maps: no pigment anywhere, so the composite is black at every
             # valid pixel (grey at the invalid one) and every gallery tile is "absent" grey there
             n_valid = int((~maps.mask).sum())
@@ -237,6 +283,8 @@ def test_dashboard_in_headless_chromium(server):
                 f" === '[{n_valid},{ROWS * COLS - n_valid}]'",
                 timeout=15000,
             )
+            assert sessions[-1].thresholds == dict.fromkeys(CLASSES, 1.0)
+            assert not sessions[-1].binary_maps().any()
             page.wait_for_function(
                 f"() => JSON.stringify(({_PIXEL_COUNTS_JS})(['xrfnb-gallery', [{absent}]]))"
                 f" === '[{len(CLASSES) * n_valid}]'",

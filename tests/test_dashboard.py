@@ -1553,7 +1553,98 @@ def test_no_element_section_without_element_maps(scene):
 
     scan, maps, _ = scene
     dash = Dashboard(scan=scan, maps=dataclasses.replace(maps, element_maps=None))
-    assert not dash.element_views.section.visible and dash.element_views.overlay.object is None
+    views = dash.element_views
+    assert not views.shown and views.section.objects == []
+    assert views.overlay.object is None and views.mosaic.object is None
+    dash.set_maps(maps)  # maps with element maps arrive: the section fills
+    assert views.shown and len(views.mosaic.object) == len(maps.element_maps.elements)
+
+
+def test_element_maps_side_by_side(dash, scene):
+    """One small map per fitted element in one layout: titled with element and line family, its own
+    colour bar in counts from 0 to its 99.5th percentile, invalid pixels NaN (grey)."""
+    _, maps, _ = scene
+    em = maps.element_maps
+    views = dash.element_views
+    layout = views.mosaic.object
+    tiles = list(layout)
+    labels = [f"{e} {f}" for e, f in zip(em.elements, em.families, strict=True)]
+
+    def opts(el):
+        return hv.Store.lookup_options("bokeh", el, "plot").kwargs
+
+    assert [opts(t)["title"] for t in tiles] == labels
+    for j, tile in enumerate(tiles):
+        o = opts(tile)
+        assert o["colorbar"] is True and o["clabel"] == "counts"
+        plane = np.asarray(em.intensity[..., j], dtype=float)
+        assert o["clim"] == (0.0, pytest.approx(np.percentile(plane[~maps.mask], 99.5)))
+        # the image as drawn: row 0 at the top (hv.Image holds it upside down), NaN at the dead pixel
+        shown = np.flipud(tile.data)
+        np.testing.assert_array_equal(np.isnan(shown), maps.mask)
+        np.testing.assert_allclose(shown[~maps.mask], plane[~maps.mask])
+        # on the main map's axes: the scan's extent in mm
+        assert tile.bounds.lbrt() == pytest.approx((0, 0, COLS * PIXEL_MM, ROWS * PIXEL_MM))
+    assert "99.5th percentile of counts" in views.mosaic_note.object
+    # the log-scale toggle: log10(1 + counts), said on the colour bars
+    dash.log_scale = True
+    tile = list(views.mosaic.object)[labels.index("Pb L")]
+    assert opts(tile)["clabel"] == "log10(1 + counts)"
+    pb = np.asarray(em.intensity[..., labels.index("Pb L")], dtype=float)
+    shown = np.flipud(tile.data)
+    np.testing.assert_allclose(shown[~maps.mask], np.log10(1 + pb[~maps.mask]))
+
+
+def test_element_maps_pan_and_zoom_with_the_main_map_and_a_click_selects_a_pixel(dash):
+    """In a rendered document every element map, the RGB overlay and the main map share one pair of
+    ranges (a pan or zoom in one moves all), also after the main map changes view; each element map
+    has a scale bar; a click on an element map selects that pixel."""
+    from bokeh.models import Plot, ScaleBar
+
+    doc = live_document(dash)
+
+    def figures():
+        return {p.name: p for p in doc.select({"type": Plot}) if p.name and p.name.startswith("xrfnb-")}
+
+    figs = figures()
+    maps_ = [f for n, f in figs.items() if n.startswith("xrfnb-element") or n == "xrfnb-main"]
+    assert len(maps_) == 4 + 2  # S, Fe, Hg, Pb, the RGB overlay and the main map
+    x, y = figs["xrfnb-main"].x_range, figs["xrfnb-main"].y_range
+    assert all(f.x_range is x and f.y_range is y for f in maps_)
+    assert figs["xrfnb-gallery"].x_range is not x  # the gallery's tiles are a mosaic, not a map
+    for name, f in figs.items():
+        if name.startswith("xrfnb-element:"):
+            (bar,) = [a for a in f.center if isinstance(a, ScaleBar)]
+            assert bar.range is x and bar.unit == "mm"
+    # a zoom (the browser writes the shared range) and another view: the new main map keeps it
+    x.start, x.end = 1.0, 2.0
+    dash.view = "Total counts"
+    main = figures()["xrfnb-main"]
+    assert main.x_range is x and (x.start, x.end) == (1.0, 2.0)
+    # a click on an element map at pixel (row 7, col 21)
+    fe = figures()["xrfnb-element:Fe K"]
+
+    class Click:
+        x, y = (21 + 0.5) * PIXEL_MM, (7 + 0.5) * PIXEL_MM
+
+    (handler,) = [cb for cb in fe._event_callbacks["tap"]]
+    handler(Click())
+    assert dash.pixel == (7, 21)
+    dash.element_views.on_tap(x=COLS * PIXEL_MM + 0.05, y=0.05)  # beside the scan: ignored
+    assert dash.pixel == (7, 21) and not hasattr(dash, "last_message")
+
+
+def test_block_means_of_large_element_maps():
+    from xrfnb.ui.dashboard.elements import block_mean
+
+    values = np.arange(35, dtype=float).reshape(5, 7)
+    values[0, 0] = np.nan
+    out = block_mean(values, 3)
+    assert out.shape == (2, 3)
+    assert out[0, 0] == pytest.approx(np.nanmean(values[:3, :3]))  # NaN ignored
+    assert out[1, 2] == pytest.approx(values[3:, 6:].mean())  # the last, partial block
+    assert np.isnan(block_mean(np.full((4, 4), np.nan), 2)).all()
+    np.testing.assert_array_equal(block_mean(values, 1), values)
 
 
 def test_a_dashboard_outside_a_server_links_no_stylesheet_from_a_cdn(dash):

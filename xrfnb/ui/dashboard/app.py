@@ -17,7 +17,7 @@ import param
 
 from ..._errors import DataError
 from ...core.spectrum import Scan
-from .bokeh import TapSubscriptions
+from .bokeh import LinkedRanges, TapSubscriptions
 from .calibration import CalibrationPanel
 from .common import DEMO_LABEL, MAIN_PX, ensure_extensions, size_text, toast_text
 from .data import DataPanel
@@ -42,6 +42,9 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["Dashboard", "make_app"]
 
 log = logging.getLogger(__name__)
+
+#: the sidebar's width on screen, pixels
+SIDEBAR_PX = 300
 
 
 class Dashboard(DashboardState):
@@ -99,6 +102,7 @@ class Dashboard(DashboardState):
         self.param.watch(self._on_global_threshold, "global_threshold")
         self.param.watch(self._on_thresholds, "thresholds")
         self.param.watch(self._on_cmap, "cmap")
+        self.param.watch(self._on_log_scale, "log_scale")
         self.param.watch(self._on_data_version, "data_version")
         legend = ["view", "focus", "element", "thresholds", "log_scale"]
         self.param.watch(self.map_panel.update_legend, legend)
@@ -155,10 +159,12 @@ class Dashboard(DashboardState):
             self.param.simulate_stack, label="simulate the predicted stack", width=280
         )
         taps = TapSubscriptions()
+        #: the map figures that pan and zoom together (main map, element maps, RGB overlay)
+        self.linked_ranges = LinkedRanges()
         self.threshold_panel = ThresholdPanel(self)
         self.export_panel = ExportPanel(self)
         self.calibration_panel = CalibrationPanel(self)
-        self.element_views = ElementViews(self)
+        self.element_views = ElementViews(self, taps)
         self.map_panel = MapPanel(self)
         self.spectrum_panel = SpectrumPanel(self, taps)
         self.gallery = Gallery(self, taps)
@@ -191,7 +197,7 @@ class Dashboard(DashboardState):
             thresholds.global_w,
             thresholds.reset_w,
             thresholds.card,
-            width=300,
+            width=SIDEBAR_PX,
         )
         # fixed width: the spectrum column beside it must fit on a 1440-px screen
         self._map_column = pn.Column(
@@ -207,12 +213,17 @@ class Dashboard(DashboardState):
                 info.calls,
             ),
             self.gallery.section,
-            self.element_views.section,
             sizing_mode="stretch_width",
         )
         header = pn.pane.Markdown("## xrfnb: pigment maps from XRF scans", sizing_mode="stretch_width")
+        # the element maps go below the row, indented by the sidebar's width: inside the row (beside the
+        # sidebar) Chromium drew their grid of figures as empty frames
+        self.element_views.section.margin = (5, 10, 5, SIDEBAR_PX + 10)
         return pn.Column(
-            header, pn.Row(sidebar, main, sizing_mode="stretch_width"), sizing_mode="stretch_width"
+            header,
+            pn.Row(sidebar, main, sizing_mode="stretch_width"),
+            self.element_views.section,
+            sizing_mode="stretch_width",
         )
 
     # -- showing a scan -------------------------------------------------------------------------
@@ -305,6 +316,9 @@ class Dashboard(DashboardState):
     def _on_cmap(self, event: param.parameterized.Event) -> None:
         self.gallery.update_thumbnails(list(self.classes))
         self.element_views.refresh()
+
+    def _on_log_scale(self, event: param.parameterized.Event) -> None:
+        self.element_views.refresh_mosaic()
 
     def _on_data_version(self, event: param.parameterized.Event) -> None:
         self.selection_info.update_scan_info()

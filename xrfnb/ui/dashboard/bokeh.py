@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DocumentHold",
+    "LinkedRanges",
     "Refresh",
     "SwitchingPlot",
     "TapSubscriptions",
@@ -127,6 +128,39 @@ class TapSubscriptions:
             return
         self._seen.add(key)
         figure.on_event(events.Tap, handler)
+
+
+class LinkedRanges:
+    """Map figures that pan and zoom together: every figure given to :meth:`link` (a plot hook) shares
+    the x and y ranges of the first one linked in the same rendered root (one per browser page or
+    notebook output).
+
+    The figures show the same scan on the same axes (mm or pixels), so one pair of Bokeh ranges serves
+    them all: a pan or zoom in one moves every other, in the browser, with no round trip to the server.
+    HoloViews writes a figure's new extent (a scan of another shape) into the shared ranges, and a
+    figure made later (another view of the main map, rebuilt element maps) joins them, keeping the
+    zoom. Bokeh models belong to one document, hence one pair per root.
+    """
+
+    def __init__(self) -> None:
+        self._ranges: dict[str, tuple[Model, Model]] = {}
+
+    def link(self, plot: ElementPlot, element: hv.Element) -> None:
+        """Plot hook: share the ranges of the figure's root (the first figure's become the shared
+        ones). Listed before hooks that use the figure's ranges (the scale bar)."""
+        root = getattr(plot, "root", None)
+        if root is None:
+            return
+        figure = plot.state
+        shared = self._ranges.setdefault(root.ref["id"], (figure.x_range, figure.y_range))
+        for axis, rng in zip(("x_range", "y_range"), shared, strict=True):
+            if getattr(figure, axis) is not rng:
+                setattr(figure, axis, rng)
+                plot.handles[axis] = rng
+
+    def ranges(self, root_id: str) -> tuple[Model, Model] | None:
+        """The shared ``(x_range, y_range)`` of a rendered root, or None before a figure is linked."""
+        return self._ranges.get(root_id)
 
 
 class DocumentHold:

@@ -237,7 +237,8 @@ class MapPanel(pn.viewable.Viewer):
         mm, axes = d.map_scale()
         unit = "mm" if axes[0].endswith("(mm)") else ""
         tools = ["tap", "box_select", "lasso_select"]
-        hooks = [name_hook("xrfnb-main"), weak_hook(self._pixel_marker_hook)]
+        # the shared ranges first: the scale bar follows the figure's ranges
+        hooks = [weak_hook(d.linked_ranges.link), name_hook("xrfnb-main"), weak_hook(self._pixel_marker_hook)]
         hooks += [scale_bar_hook] if unit else []
         common = {
             "title": self.main_title(),
