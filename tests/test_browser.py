@@ -65,6 +65,20 @@ _FRAME_OF_JS = """(name) => {
   return null;
 }"""
 
+# the sums of the kept regions' mean spectra in the page, one per curve
+_REGION_SUMS_JS = """() => {
+  const out = [];
+  if (!window.Bokeh || !Bokeh.documents.length) return out;
+  for (const m of Bokeh.documents[0].all_models) {
+    if (!m.data || typeof m.data !== 'object') continue;  // a FileDownload's data is a string
+    const d = m.data instanceof Map ? Object.fromEntries(m.data) : m.data;
+    if ('Mean counts per pixel' in d) {
+      let s = 0; for (const x of d['Mean counts per pixel']) s += x; out.push(s);
+    }
+  }
+  return out;
+}"""
+
 # the x range (start, end) of the figure named NAME, or null
 _X_RANGE_JS = """(name) => {
   if (!window.Bokeh || !Bokeh.documents.length) return null;
@@ -78,7 +92,7 @@ _SOURCES_JS = """() => {
   const out = {counts: [], images: 0, image_sum: 0, image_finite: 0};
   const doc = Bokeh.documents[0];
   for (const m of doc.all_models) {
-    if (!m.data) continue;
+    if (!m.data || typeof m.data !== 'object') continue;  // a FileDownload's data is a string
     const d = m.data instanceof Map ? Object.fromEntries(m.data) : m.data;
     if ('Counts' in d) {
       let s = 0; for (const x of d['Counts']) s += x; out.counts.push(s);
@@ -231,6 +245,35 @@ def test_dashboard_in_headless_chromium(server):
                 f"Math.abs(m.y[0] - {(r + 0.5) * 0.1}) < 1e-9; }}",
                 timeout=15000,
             )
+            # a box selection kept as a region: its mean spectrum is overlaid, and exported as CSV
+            page.locator(".xrfnb-main-map [title='Box Select']").first.click()
+            frame = page.evaluate(_MAIN_FRAME_JS)
+
+            def at(col: float, row: float) -> tuple[float, float]:
+                x = frame["left"] + col * frame["width"] / COLS
+                return x, frame["top"] + row * frame["height"] / ROWS
+
+            page.mouse.move(*at(3.1, 2.1))
+            page.mouse.down()
+            page.mouse.move(*at(9.9, 6.9), steps=8)
+            page.mouse.up()
+            page.get_by_text("Selected: region of 35 pixels").first.wait_for(timeout=15000)
+            page.locator(".xrfnb-keep-region button").first.click()
+            mean_sum = float(counts[2:7, 3:10].reshape(-1, counts.shape[-1]).mean(axis=0).sum())
+            page.wait_for_function(
+                f"() => ({_REGION_SUMS_JS})().some(s => Math.abs(s - {mean_sum}) < 1e-6 * {mean_sum})",
+                timeout=15000,
+            )
+            drawn = f"(f => f && f.width > 100)(({_FRAME_OF_JS})('xrfnb-region-spectra'))"
+            page.wait_for_function(f"() => {drawn}", timeout=15000)
+            page.get_by_text("Region 1: 35 pixels, rows 2-6, columns 3-9").first.wait_for(timeout=10000)
+            with page.expect_download(timeout=30000) as download:
+                page.locator(".xrfnb-regions-csv").get_by_text("Regions as CSV").click()
+            exported = Path(download.value.path()).read_text(encoding="utf-8").splitlines()
+            assert "# Region 1: 35 pixels, rows 2-6, columns 3-9" in exported[3]
+            assert exported[4] == "energy_keV,Region 1 mean (35 px)"
+            page.locator(".xrfnb-main-map [title='Tap']").first.click()  # back to picking pixels
+
             # the element maps side by side: each drawn (a frame of its size, not an empty box)
             page.locator(".xrfnb-element-maps").first.scroll_into_view_if_needed()
             for label in ("S K", "Fe K", "Hg L", "Pb L"):

@@ -684,6 +684,93 @@ def test_new_maps_arrive_in_a_live_document(dash):
 # --------------------------------------------------------------------------------------------------
 # threshold changes in a live Bokeh document: the rendered models themselves must hold the new maps
 # --------------------------------------------------------------------------------------------------
+def test_several_regions_are_kept_overlaid_removed_and_exported(dash, scene):
+    """Box and lasso regions kept side by side: each with its colour, pixel count and bounds; their mean
+    (or summed) spectra overlaid with a legend; outlined on the main map; removed one by one; exported
+    as one CSV (energy_keV and a column per region, under lines naming scan, values and regions)."""
+    from xrfnb.ui.dashboard.state import MAX_REGIONS
+
+    scan, _, _ = scene
+    counts = np.asarray(scan.counts, dtype=float)
+    panel = dash.region_panel
+    assert panel.keep_w.disabled and panel.plot_kind() == "Text"
+    with pytest.raises(xrfnb.DataError, match="select a region first"):
+        dash.keep_region()
+    # a box over rows 0-4, columns 0-9 and a lasso triangle
+    dash.map_panel.box.event(bounds=(0.0, 0.0, 10 * PIXEL_MM, 5 * PIXEL_MM))
+    assert not panel.keep_w.disabled
+    panel.keep_w.clicks += 1  # the button, as in the browser
+    box = np.zeros((ROWS, COLS), bool)
+    box[:5, :10] = True
+    dash.map_panel.lasso.event(geometry=np.array([[0.0, 0.0], [16.0, 16.0], [0.0, 16.0]]) * PIXEL_MM)
+    lasso = dash.region.copy()
+    dash.keep_region()
+    with pytest.raises(xrfnb.DataError, match="already kept as Region 2"):
+        dash.keep_region()
+    one, two = dash.kept_regions
+    assert (one.name, two.name) == ("Region 1", "Region 2") and one.color != two.color
+    np.testing.assert_array_equal(one.mask, box)
+    assert one.n_pixels == 50 and one.bounds == (0, 4, 0, 9)
+    assert one.describe(PIXEL_MM) == "Region 1: 50 pixels, rows 0-4, columns 0-9 (x 0-1 mm, y 0-0.5 mm)"
+    # the overlay: one curve per region, in its colour, labelled with its pixel count, mean counts
+    overlay = panel.plot.dmap[()]
+    curves = elements_of(overlay, hv.Curve)
+    assert [c.label for c in curves] == ["Region 1 (50 px)", f"Region 2 ({int(lasso.sum())} px)"]
+    colors = [hv.Store.lookup_options("bokeh", c, "style").kwargs["color"] for c in curves]
+    assert colors == [one.color, two.color]
+    np.testing.assert_allclose(curves[0].dimension_values(1), counts[box].mean(axis=0))
+    np.testing.assert_allclose(curves[1].dimension_values(1), counts[lasso].mean(axis=0))
+    assert curves[0].vdims[0].name == "Mean counts per pixel"
+    assert hv.Store.lookup_options("bokeh", overlay, "plot").kwargs["show_legend"] is True
+    # listed with their bounds, each with a Remove button
+    assert len(panel.list.objects) == 2 and "rows 0-4, columns 0-9" in panel.list.objects[0][0].object
+    # outlined on the main map, in their colours: the box's 30 pixel edges, in mm
+    lines, labels = dash.map_panel.region_outlines()
+    edges = zip(*(lines[k] for k in ("x0", "y0", "x1", "y1", "color")), strict=True)
+    drawn = {tuple(round(v / PIXEL_MM) for v in e[:4]) for e in edges if e[4] == one.color}
+    expected = {(x, y, x, y + 1) for x in (0, 10) for y in range(5)}
+    expected |= {(x, y, x + 1, y) for y in (0, 5) for x in range(10)}
+    assert drawn == expected and lines["color"].count(one.color) == 30
+    assert labels["text"] == ["Region 1", "Region 2"] and labels["color"] == [one.color, two.color]
+    # sums instead of means
+    dash.region_stat = "sum"
+    curves = elements_of(panel.plot.dmap[()], hv.Curve)
+    np.testing.assert_allclose(curves[0].dimension_values(1), counts[box].sum(axis=0))
+    assert curves[0].vdims[0].name == "Summed counts"
+    # one CSV with both
+    text = dash.export_regions_csv().decode()
+    comments = [line for line in text.splitlines() if line.startswith("#")]
+    assert comments[0] == "# xrfnb region spectra of synthetic (32 x 32 pixels, pixel 100 µm)"
+    assert comments[1] == "# values: summed counts over each region's pixels"
+    assert any(c.startswith("# Region 1: 50 pixels, rows 0-4, columns 0-9") for c in comments)
+    table = list(csv.reader(line for line in text.splitlines() if not line.startswith("#")))
+    assert table[0] == ["energy_keV", "Region 1 sum (50 px)", f"Region 2 sum ({int(lasso.sum())} px)"]
+    values = np.array(table[1:], dtype=float)
+    np.testing.assert_allclose(values[:, 0], scan.energy_keV, atol=1e-6)
+    np.testing.assert_allclose(values[:, 1], counts[box].sum(axis=0), rtol=1e-5)
+    np.testing.assert_allclose(values[:, 2], counts[lasso].sum(axis=0), rtol=1e-5)
+    # removed one by one (numbers are not reused), all at once; at most MAX_REGIONS
+    panel.list.objects[0][1].clicks += 1  # Region 1's Remove button
+    assert [k.name for k in dash.kept_regions] == ["Region 2"]
+    assert dash.map_panel.region_outlines()[1]["text"] == ["Region 2"]
+    for r in range(MAX_REGIONS - 1):
+        dash.select_region(np.eye(ROWS, COLS, k=r, dtype=bool))
+        dash.keep_region()
+    assert dash.kept_regions[-1].name == f"Region {MAX_REGIONS + 1}"
+    with pytest.raises(xrfnb.DataError, match=f"at most {MAX_REGIONS} regions"):
+        dash.select_region(box)
+        dash.keep_region()
+    panel.clear_w.clicks += 1
+    assert dash.kept_regions == [] and panel.plot_kind() == "Text"
+    with pytest.raises(xrfnb.DataError, match="no region kept"):
+        dash.export_regions_csv()
+    # a new scan forgets them
+    dash.select_region(box)
+    dash.keep_region()
+    dash.set_scan(scan, label="again")
+    assert dash.kept_regions == []
+
+
 def live_document(dash):
     from bokeh.document import Document
 

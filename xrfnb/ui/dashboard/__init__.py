@@ -14,9 +14,11 @@ Its modules, along the page:
 - :mod:`.state`: the parameters, the open scan and maps, the selection (:class:`DashboardState`);
 - :mod:`.app`: the :class:`Dashboard` that composes the parts below;
 - :mod:`.data`: opening scans and uploads, mapping pigments; :mod:`.job`: the background work;
-- :mod:`.maps` (main map, legend, selection tools), :mod:`.gallery`, :mod:`.spectrum` (spectrum,
-  fitted stack, residual, probability bars), :mod:`.info` (selection texts, calls of one spectrum),
-  :mod:`.thresholds`, :mod:`.export`, :mod:`.calibration` and :mod:`.elements`: one viewer per panel;
+- :mod:`.maps` (main map, legend, selection tools, kept regions' outlines), :mod:`.gallery`,
+  :mod:`.spectrum` (spectrum, fitted stack, residual, probability bars), :mod:`.regions` (kept regions
+  and their spectra overlaid), :mod:`.info` (selection texts, calls of one spectrum), :mod:`.thresholds`,
+  :mod:`.export`, :mod:`.calibration` and :mod:`.elements` (element maps side by side, RGB overlay): one
+  viewer per panel;
 - :mod:`.bokeh`: figure patching, document holds, hooks and tap subscriptions;
 - :mod:`.files`: the served folder, uploads and caches; :mod:`.server`: the server.
 """

@@ -29,6 +29,7 @@ from .files import (
 from .gallery import Gallery
 from .info import SelectionInfo
 from .maps import MapPanel
+from .regions import RegionPanel
 from .spectrum import SpectrumPanel
 from .state import DashboardState
 from .thresholds import ThresholdPanel
@@ -71,7 +72,7 @@ class Dashboard(DashboardState):
     Attributes
     ----------
     map_panel, gallery, spectrum_panel, threshold_panel, export_panel, selection_info,
-    calibration_panel, element_views
+    calibration_panel, element_views, region_panel
         The parts, one per panel of the page.
     """
 
@@ -169,6 +170,7 @@ class Dashboard(DashboardState):
         self.spectrum_panel = SpectrumPanel(self, taps)
         self.gallery = Gallery(self, taps)
         self.selection_info = SelectionInfo(self)
+        self.region_panel = RegionPanel(self)
         self.param.watch(self._on_pixel_region, ["pixel", "region", "thresholds"])
 
     def _build_layout(self) -> pn.viewable.Viewable:
@@ -188,7 +190,7 @@ class Dashboard(DashboardState):
             pn.pane.Markdown("### Export"),
             exports.map_row,
             pn.Row(exports.hdf5, exports.csv),
-            pn.Row(exports.report),
+            pn.Row(exports.report, exports.regions_csv),
             pn.pane.Markdown("### View"),
             maps.controls,
             self._log_w,
@@ -201,7 +203,12 @@ class Dashboard(DashboardState):
         )
         # fixed width: the spectrum column beside it must fit on a 1440-px screen
         self._map_column = pn.Column(
-            maps.main.pane, maps.legend, info.info, info.scan_info, width=MAIN_PX + 70
+            maps.main.pane,
+            maps.legend,
+            info.info,
+            info.scan_info,
+            self.region_panel.section,
+            width=MAIN_PX + 70,
         )
         spectra = self.spectrum_panel
         main = pn.Column(
@@ -262,6 +269,7 @@ class Dashboard(DashboardState):
                 self._total = total
                 self.region = None
                 self.pixel = (rows // 2, cols // 2)
+                self.clear_regions()
                 self.set_maps(maps, bump=False)
                 self.data_version += 1
         finally:
@@ -296,7 +304,9 @@ class Dashboard(DashboardState):
     def recalibrated(self, scan: Scan) -> None:
         """Show ``scan``, the open scan with a new energy calibration, and recompute its pigment maps
         (in a worker thread in a server session)."""
+        kept, number = self.kept_regions, self._region_number  # same pixels and counts: they stay
         self.set_scan(scan, label=self._label, total=self._total)
+        self.kept_regions, self._region_number = kept, number
         self.data_panel.map_current(cache_key=None)
         self.update_status()
 
@@ -339,7 +349,7 @@ class Dashboard(DashboardState):
         """The single-spectrum view: calls table shown, maps, gallery and map-only controls hidden."""
         single = self.single_spectrum
         map_only = (self._map_column, self.gallery.section, self.map_panel.controls)
-        for widget in (*map_only, self.export_panel.map_row):
+        for widget in (*map_only, self.export_panel.map_row, self.export_panel.regions_csv):
             widget.visible = not single
         self.selection_info.update_calls()
 
@@ -459,6 +469,11 @@ class Dashboard(DashboardState):
     def export_spectrum_csv(self) -> bytes:
         """The shown spectrum (pixel or region mean) as CSV: energy_keV, counts."""
         return self.export_panel.export_spectrum_csv()
+
+    def export_regions_csv(self) -> bytes:
+        """The kept regions' spectra as one CSV
+        (:meth:`~xrfnb.ui.dashboard.export.ExportPanel.export_regions_csv`)."""
+        return self.export_panel.export_regions_csv()
 
     def open(self, name: str) -> None:
         """Open a scan: a path inside the served folder, or :data:`DEMO_LABEL`; then map it

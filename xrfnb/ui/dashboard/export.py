@@ -1,8 +1,9 @@
 """The dashboard's exports: the main map as a PNG figure, the maps as TIFF or HDF5, the shown spectrum
-as CSV and the report for the conservation file, each a download button."""
+and the kept regions' spectra as CSV and the report for the conservation file, each a download button."""
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import io
 import logging
@@ -29,6 +30,7 @@ from .common import (
     SURFACE_BURIED_COLORS,
     colorize,
     hex_rgb,
+    micro,
     palette_lut,
     pigment_clim,
 )
@@ -170,6 +172,13 @@ class ExportPanel(pn.viewable.Viewer):
             label="Spectrum as CSV",
             width=135,
         )
+        self.regions_csv = pn.widgets.FileDownload(
+            callback=self._guard(self.export_regions_csv),
+            filename="region_spectra.csv",
+            label="Regions as CSV",
+            width=135,
+            css_classes=["xrfnb-regions-csv"],
+        )
         self.report = pn.widgets.FileDownload(
             callback=self._guard(self.export_report),
             filename="pigment_report.html",
@@ -181,7 +190,7 @@ class ExportPanel(pn.viewable.Viewer):
         self.map_row = pn.Row(self.png, self.tiff)
 
     def __panel__(self) -> pn.viewable.Viewable:
-        return pn.Column(self.map_row, pn.Row(self.hdf5, self.csv), pn.Row(self.report))
+        return pn.Column(self.map_row, pn.Row(self.hdf5, self.csv), pn.Row(self.report, self.regions_csv))
 
     def _guard(self, fn: Callable[[], bytes]) -> Callable[[], io.BytesIO | None]:
         def callback() -> io.BytesIO | None:
@@ -307,4 +316,32 @@ class ExportPanel(pn.viewable.Viewer):
         buf.write("energy_keV,counts\n")
         for e, c in zip(energy, counts, strict=True):
             buf.write(f"{e:.6f},{c:.6g}\n")
+        return buf.getvalue().encode()
+
+    def export_regions_csv(self) -> bytes:
+        """The kept regions' spectra as one CSV: a column ``energy_keV`` and one per region (its mean
+        counts per pixel, or its summed counts, as the dashboard shows them), under ``#`` lines naming
+        the scan, what the values are and each region's pixel count, bounds and colour."""
+        d = self._dash
+        if d.scan is None or not d.kept_regions:
+            raise DataError("no region kept: select one on the map (box or lasso) and keep it first")
+        energy, spectra = d.region_panel.spectra()
+        rows, cols = d.scan.shape[:2]
+        mm, axes = d.map_scale()
+        mm_per_px = mm if axes[0].endswith("(mm)") else None
+        scan_text = f"{d.label} ({rows} x {cols} pixels"
+        scan_text += micro(f", pixel {float(d.scan.pixel_size_um):g} um)") if d.scan.pixel_size_um else ")"
+        mean = d.region_stat == "mean"
+        buf = io.StringIO()
+        buf.write(f"# xrfnb region spectra of {scan_text}\n")
+        values = "mean counts per pixel" if mean else "summed counts"
+        buf.write(f"# values: {values} over each region's pixels\n")
+        buf.write("# rows and columns count from 0 at the top left; bounds are inclusive\n")
+        for kept, _ in spectra:
+            buf.write(f"# {micro(kept.describe(mm_per_px))}, colour {kept.color}\n")
+        writer = csv.writer(buf, lineterminator="\n")
+        stat = "mean" if mean else "sum"
+        writer.writerow(["energy_keV", *(f"{k.name} {stat} ({k.n_pixels} px)" for k, _ in spectra)])
+        for i, e in enumerate(energy):
+            writer.writerow([f"{e:.6f}", *(f"{counts[i]:.6g}" for _, counts in spectra)])
         return buf.getvalue().encode()

@@ -13,7 +13,7 @@ import holoviews as hv
 import numpy as np
 import panel as pn
 import param
-from bokeh.models import ColumnDataSource, GlyphRenderer, Rect, Scatter
+from bokeh.models import ColumnDataSource, GlyphRenderer, Rect, Scatter, Segment, Text
 from holoviews import streams
 
 from ..._errors import DataError, XRFNBError
@@ -42,7 +42,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from .app import Dashboard
 
-__all__ = ["MapPanel", "polygon_mask"]
+__all__ = ["MapPanel", "mask_outline", "polygon_mask"]
 
 
 def polygon_mask(xs: np.ndarray, ys: np.ndarray, rows: int, cols: int) -> np.ndarray:
@@ -77,6 +77,29 @@ def polygon_mask(xs: np.ndarray, ys: np.ndarray, rows: int, cols: int) -> np.nda
         xj, yj = xi, yi
     mask[r0:r1, c0:c1] = inside
     return mask
+
+
+def mask_outline(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The outline of a region: the edges between its pixels and the others, in pixel units.
+
+    Parameters
+    ----------
+    mask : numpy.ndarray
+        The region, (rows, cols) bool; pixel (r, c) covers x in [c, c + 1), y in [r, r + 1).
+
+    Returns
+    -------
+    (x0, y0, x1, y1) : tuple of numpy.ndarray
+        One unit segment per edge, each (n,) float.
+    """
+    padded = np.pad(np.asarray(mask, dtype=bool), 1)
+    vr, vc = np.nonzero(padded[1:-1, :-1] != padded[1:-1, 1:])  # vertical edge at x = c, rows r to r + 1
+    hr, hc = np.nonzero(padded[:-1, 1:-1] != padded[1:, 1:-1])  # horizontal edge at y = r, cols c to c + 1
+    x0 = np.concatenate([vc, hc]).astype(float)
+    y0 = np.concatenate([vr, hr]).astype(float)
+    x1 = np.concatenate([vc, hc + 1]).astype(float)
+    y1 = np.concatenate([vr + 1, hr]).astype(float)
+    return x0, y0, x1, y1
 
 
 class MapPanel(pn.viewable.Viewer):
@@ -117,6 +140,7 @@ class MapPanel(pn.viewable.Viewer):
             patch=self._patch_main,
         )
         dash.param.watch(self._on_selection, ["pixel", "region"])
+        dash.param.watch(self._on_kept_regions, ["kept_regions"])
 
     def __panel__(self) -> pn.viewable.Viewable:
         return self.main.pane
@@ -238,7 +262,8 @@ class MapPanel(pn.viewable.Viewer):
         unit = "mm" if axes[0].endswith("(mm)") else ""
         tools = ["tap", "box_select", "lasso_select"]
         # the shared ranges first: the scale bar follows the figure's ranges
-        hooks = [weak_hook(d.linked_ranges.link), name_hook("xrfnb-main"), weak_hook(self._pixel_marker_hook)]
+        hooks = [weak_hook(d.linked_ranges.link), name_hook("xrfnb-main"), weak_hook(self._regions_hook)]
+        hooks += [weak_hook(self._pixel_marker_hook)]
         hooks += [scale_bar_hook] if unit else []
         common = {
             "title": self.main_title(),
@@ -403,6 +428,79 @@ class MapPanel(pn.viewable.Viewer):
 
     def _on_selection(self, *events: Event) -> None:
         self.move_pixel_marker()
+
+    # -- kept regions -----------------------------------------------------------------------------
+    def region_outlines(self) -> tuple[dict[str, list[Any]], dict[str, list[Any]]]:
+        """The kept regions as the main map draws them, in its axis units: ``(outlines, labels)``, the
+        outlines' unit edges (``x0``, ``y0``, ``x1``, ``y1``, ``color``) and each region's name at the
+        top left of its box (``x``, ``y``, ``text``, ``color``)."""
+        d = self._dash
+        mm, _ = d.map_scale()
+        lines: dict[str, list[Any]] = {"x0": [], "y0": [], "x1": [], "y1": [], "color": []}
+        labels: dict[str, list[Any]] = {"x": [], "y": [], "text": [], "color": []}
+        for kept in d.kept_regions:
+            for key, values in zip(("x0", "y0", "x1", "y1"), mask_outline(kept.mask), strict=True):
+                lines[key].extend((values * mm).tolist())
+            lines["color"].extend([kept.color] * (len(lines["x0"]) - len(lines["color"])))
+            r0, _, c0, _ = kept.bounds
+            labels["x"].append(c0 * mm)
+            labels["y"].append(r0 * mm)
+            labels["text"].append(kept.name)
+            labels["color"].append(kept.color)
+        return lines, labels
+
+    def _regions_hook(self, plot: ElementPlot, element: hv.Element) -> None:
+        """Draw the kept regions on a main-map figure (outline and name, in the region's colour, over a
+        white halo); added once per figure, redrawn by :meth:`update_region_outlines`."""
+        figure = plot.state
+        if any(getattr(r, "name", None) == "xrfnb-region-outlines" for r in figure.renderers):
+            self.update_region_outlines([figure])
+            return
+        lines, labels = self.region_outlines()
+        line_source, label_source = ColumnDataSource(lines), ColumnDataSource(labels)
+        glyphs = [
+            ("xrfnb-region-halo", line_source, Segment(line_color="white", line_width=4, line_alpha=0.8)),
+            ("xrfnb-region-outlines", line_source, Segment(line_color="color", line_width=2)),
+            (
+                "xrfnb-region-labels",
+                label_source,
+                Text(
+                    text_color="color",
+                    text_font_size="11px",
+                    text_font_style="bold",
+                    text_baseline="bottom",
+                    background_fill_color="white",
+                    background_fill_alpha=0.75,
+                ),
+            ),
+        ]
+        for name, source, glyph in glyphs:
+            if isinstance(glyph, Segment):
+                glyph.update(x0="x0", y0="y0", x1="x1", y1="y1")
+            else:
+                glyph.update(x="x", y="y", text="text")
+            figure.renderers.append(GlyphRenderer(data_source=source, glyph=glyph, name=name))
+
+    def update_region_outlines(self, figures: Sequence[Any] | None = None) -> None:
+        """Redraw the kept regions on every rendered main map (one per document), or on ``figures``."""
+        lines, labels = self.region_outlines()
+
+        def write(figs: Sequence[Any]) -> None:
+            for figure in figs:
+                for r in figure.renderers:
+                    if getattr(r, "name", None) == "xrfnb-region-outlines":
+                        r.data_source.data = dict(lines)
+                    elif getattr(r, "name", None) == "xrfnb-region-labels":
+                        r.data_source.data = dict(labels)
+
+        if figures is not None:
+            write(figures)
+            return
+        for plot in self.main.plots():
+            write_to_plot(plot, functools.partial(write, [plot.state]))
+
+    def _on_kept_regions(self, *events: Event) -> None:
+        self.update_region_outlines()
 
     # -- selection tools --------------------------------------------------------------------------
     def _attach_selection_streams(self, dmap: hv.DynamicMap) -> None:

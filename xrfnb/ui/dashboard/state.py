@@ -8,6 +8,7 @@ the panels (:mod:`.maps`, :mod:`.spectrum`, ...) draw it and the Dashboard compo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import html
 from typing import TYPE_CHECKING
 
@@ -26,7 +27,74 @@ if TYPE_CHECKING:  # pragma: no cover
     from ...maps.pigmentmaps import PigmentMaps
     from ...model.model import PigmentModel
 
-__all__ = ["DashboardState"]
+__all__ = ["MAX_REGIONS", "REGION_COLORS", "DashboardState", "KeptRegion"]
+
+#: colours of kept regions, in order (Category10 without the red of the simulated spectrum)
+REGION_COLORS = (
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#17becf",
+    "#bcbd22",
+    "#7f7f7f",
+    "#393b79",
+)
+#: at most this many regions are kept at once (one colour each)
+MAX_REGIONS = len(REGION_COLORS)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class KeptRegion:
+    """A region of the open scan kept to compare its spectrum with others'.
+
+    Attributes
+    ----------
+    name : str
+        "Region 1", "Region 2", ... (numbers are not reused while the scan is open).
+    mask : numpy.ndarray
+        Its pixels, (rows, cols) bool.
+    color : str
+        Its colour ('#rrggbb') on the map and in the spectra.
+    summed_counts : numpy.ndarray
+        The sum of its pixels' spectra, (channels,) float64.
+    """
+
+    name: str
+    mask: np.ndarray
+    color: str
+    summed_counts: np.ndarray
+
+    @property
+    def n_pixels(self) -> int:
+        """How many pixels it holds."""
+        return int(self.mask.sum())
+
+    @property
+    def bounds(self) -> tuple[int, int, int, int]:
+        """``(first row, last row, first column, last column)`` of its bounding box (inclusive)."""
+        rr = np.flatnonzero(self.mask.any(axis=1))
+        cc = np.flatnonzero(self.mask.any(axis=0))
+        return int(rr[0]), int(rr[-1]), int(cc[0]), int(cc[-1])
+
+    def counts(self, stat: str) -> np.ndarray:
+        """Its spectrum: ``"mean"`` counts per pixel or ``"sum"`` of its pixels, (channels,) float64."""
+        return self.summed_counts / self.n_pixels if stat == "mean" else self.summed_counts
+
+    def describe(self, mm_per_px: float | None = None) -> str:
+        """'Region 1: 120 pixels, rows 3-12, columns 5-16' (and its box in mm when the pixel size is
+        known)."""
+        r0, r1, c0, c1 = self.bounds
+        n = self.n_pixels
+        text = f"{self.name}: {n} pixel{'s' if n != 1 else ''}, rows {r0}-{r1}, columns {c0}-{c1}"
+        if mm_per_px:
+            text += (
+                f" (x {c0 * mm_per_px:g}-{(c1 + 1) * mm_per_px:g} mm, y {r0 * mm_per_px:g}-"
+                f"{(r1 + 1) * mm_per_px:g} mm)"
+            )
+        return text
 
 
 class DashboardState(pn.viewable.Viewer):
@@ -52,6 +120,10 @@ class DashboardState(pn.viewable.Viewer):
     )
     pixel = param.Parameter(default=None, doc="(row, col) of the tapped pixel, or None")
     region = param.Parameter(default=None, doc="Selected region: bool mask (rows, cols), or None")
+    kept_regions = param.List(default=[], item_type=KeptRegion, doc="Regions kept to compare their spectra")
+    region_stat = param.Selector(
+        default="mean", objects=["mean", "sum"], doc="Kept regions' spectra: mean counts per pixel, or sum"
+    )
     data_version = param.Integer(default=0, precedence=-1, doc="Bumped whenever scan or maps change")
     busy = param.Boolean(default=False, precedence=-1)
     progress = param.Integer(default=0, bounds=(0, 100), precedence=-1)
@@ -63,6 +135,7 @@ class DashboardState(pn.viewable.Viewer):
         self._total: np.ndarray | None = None
         self._energy_keV: np.ndarray | None = None
         self._label = ""
+        self._region_number = 0
         self._hold = DocumentHold()
         super().__init__(**params)
 
@@ -202,6 +275,15 @@ class DashboardState(pn.viewable.Viewer):
             self.pixel = None
             self.region = mask
 
+    def region_sum(self, mask: np.ndarray) -> np.ndarray:
+        """The sum of the spectra of the pixels of ``mask`` (rows, cols) bool, (channels,) float64
+        (only the rows and columns of its bounding box are read)."""
+        rr = np.flatnonzero(mask.any(axis=1))
+        cc = np.flatnonzero(mask.any(axis=0))
+        block = np.asarray(self._scan.counts[rr[0] : rr[-1] + 1, cc[0] : cc[-1] + 1])
+        sub = mask[rr[0] : rr[-1] + 1, cc[0] : cc[-1] + 1]
+        return block[sub].astype(np.float64).sum(axis=0)
+
     def current_spectrum(self) -> tuple[str, np.ndarray, np.ndarray]:
         """``(label, energy_keV (channels,), counts (channels,))`` of the tapped pixel or region mean."""
         if self._scan is None:
@@ -209,17 +291,50 @@ class DashboardState(pn.viewable.Viewer):
         energy = self._energy_keV
         if self.region is not None:
             mask = self.region
-            rr = np.flatnonzero(mask.any(axis=1))
-            cc = np.flatnonzero(mask.any(axis=0))
-            block = np.asarray(self._scan.counts[rr[0] : rr[-1] + 1, cc[0] : cc[-1] + 1])
-            sub = mask[rr[0] : rr[-1] + 1, cc[0] : cc[-1] + 1]
-            counts = block[sub].astype(np.float64).mean(axis=0)
+            counts = self.region_sum(mask) / int(mask.sum())
             return f"mean of {int(mask.sum())} selected pixels", energy, counts
         if self.pixel is None:
             raise DataError("tap a pixel on the map to see its spectrum")
         r, c = self.pixel
         spec = self._scan[r, c]
         return f"pixel (row {r}, col {c})", energy, np.asarray(spec.counts, dtype=np.float64)
+
+    # -- kept regions -----------------------------------------------------------------------------
+    def keep_region(self) -> KeptRegion:
+        """Keep the selected region (box or lasso) to compare its spectrum with other kept regions';
+        returns it. At most :data:`MAX_REGIONS` at once; the same pixels are not kept twice."""
+        if self._scan is None:
+            raise DataError("no scan open")
+        if self.region is None:
+            raise DataError("select a region first: the box or lasso tool on the map")
+        mask = np.array(self.region, dtype=bool)
+        for kept in self.kept_regions:
+            if np.array_equal(kept.mask, mask):
+                raise DataError(f"these pixels are already kept as {kept.name}")
+        if len(self.kept_regions) >= MAX_REGIONS:
+            raise DataError(f"at most {MAX_REGIONS} regions can be kept: remove one first")
+        used = {k.color for k in self.kept_regions}
+        color = next(c for c in REGION_COLORS if c not in used)
+        self._region_number += 1
+        mask.flags.writeable = False
+        kept = KeptRegion(f"Region {self._region_number}", mask, color, self.region_sum(mask))
+        with self.action():
+            self.kept_regions = [*self.kept_regions, kept]
+        return kept
+
+    def remove_region(self, name: str) -> None:
+        """Forget the kept region called ``name``."""
+        if name not in {k.name for k in self.kept_regions}:
+            raise DataError(f"no kept region called {name!r}")
+        with self.action():
+            self.kept_regions = [k for k in self.kept_regions if k.name != name]
+
+    def clear_regions(self) -> None:
+        """Forget every kept region (a new scan forgets them too)."""
+        self._region_number = 0
+        if self.kept_regions:
+            with self.action():
+                self.kept_regions = []
 
     def present_elements(self) -> list[tuple[str, str | None]]:
         """``(element, family)`` of the elements detected at the pixel (or on half the region's pixels)
