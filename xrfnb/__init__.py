@@ -55,6 +55,8 @@ _LAZY: dict[str, str] = {
     "scenes": ".physics.scenes",
     "StackFit": ".fitting.stackfit",
     "fit_stack": ".fitting.stackfit",
+    "InstrumentFit": ".fitting.instrument_fit",
+    "fit_instrument": ".fitting.instrument_fit",
     # element detection, maps and the expert baseline
     "DetectedElement": ".fitting.detect",
     "ElementMaps": ".fitting.elements",
