@@ -700,6 +700,7 @@ def test_several_regions_are_kept_overlaid_removed_and_exported(dash, scene):
     dash.map_panel.box.event(bounds=(0.0, 0.0, 10 * PIXEL_MM, 5 * PIXEL_MM))
     assert not panel.keep_w.disabled
     panel.keep_w.clicks += 1  # the button, as in the browser
+    assert panel.keep_w.disabled  # kept: nothing new to keep until another selection
     box = np.zeros((ROWS, COLS), bool)
     box[:5, :10] = True
     dash.map_panel.lasso.event(geometry=np.array([[0.0, 0.0], [16.0, 16.0], [0.0, 16.0]]) * PIXEL_MM)

@@ -101,10 +101,14 @@ class RegionPanel(pn.viewable.Viewer):
         self._dash.remove_region(name)
 
     def _on_selection(self, *events: Event) -> None:
-        self.keep_w.disabled = self._dash.region is None
+        d = self._dash
+        # nothing to keep: no region selected, or the selected one is kept already
+        region = d.region
+        self.keep_w.disabled = region is None or any(np.array_equal(k.mask, region) for k in d.kept_regions)
 
     def _on_regions(self, *events: Event) -> None:
         d = self._dash
+        self._on_selection()
         self.clear_w.disabled = not d.kept_regions
         mm, axes = d.map_scale()
         mm_per_px = mm if axes[0].endswith("(mm)") else None
