@@ -185,6 +185,10 @@ def _reference_lines() -> tuple[_RefLine, ...]:
     return tuple(sorted(out, key=lambda t: t.energy_keV))
 
 
+#: Ka lines of K-line anodes: their Rayleigh peak is strong in every tube spectrum
+_TUBE_KA = ("Mo Ka", "Rh Ka", "Pd Ka", "Ag Ka")
+
+
 # ------------------------------------------------------------------------------------------ peak search
 class Peak(NamedTuple):
     """A peak found in the spectrum, fitted with a Gaussian on a straight background.
@@ -383,11 +387,13 @@ def _identify(
     """Assign peaks to anchor lines (:func:`_reference_lines`) within ``tolerance_keV`` under ``cal``.
 
     Skipped: peaks much wider or narrower than the detector (Compton peaks, humps, spikes), peaks where an
-    escape or sum peak of a strong peak falls, peaks with two candidate lines more than 15 eV apart (Ar Ka
-    and Ag La) or whose nearest candidate is not an anchor, and lines whose confirming line (Kb1 for Ka,
-    Lb1 for La, the element's main line for the others) is not found too: a lone peak that happens to sit
-    on a line is no evidence (``confirm=False`` drops this test: for peak widths, where a line's energy
-    matters less). A line is used once, by its strongest peak.
+    escape or sum peak of a strong peak falls, peaks with two candidate anchors more than 15 eV apart (Ar
+    Ka and Ag La) or with another line 10 eV closer than the anchor, and lines whose confirming line (Kb1
+    for Ka, Lb1 for La, the element's main line for the others) is not found too: a lone peak that happens
+    to sit on a line is no evidence (``confirm=False`` drops this test: for peak widths, where a line's
+    energy matters less). A strong peak (10 sigma) on the Ka line of a K-line anode (Mo, Rh, Pd, Ag) needs
+    no confirmation: nothing else sits there, Rayleigh-scattered or fluorescent. A line is used once, by its
+    strongest peak.
     """
     ref = _reference_lines()
     ref_e = np.array([r.energy_keV for r in ref])
@@ -410,16 +416,22 @@ def _identify(
         near = [
             ref[k]
             for k in np.nonzero(np.abs(ref_e - e) <= t)[0]
-            if not confirm or found(ref[k].partner_keV, max(t, 0.5 * fw))
+            if not confirm
+            or found(ref[k].partner_keV, max(t, 0.5 * fw))
+            or (ref[k].name in _TUBE_KA and p.significance >= 10)
         ]
         if not near:
             continue
-        energies_near = np.array([r.energy_keV for r in near])
-        if np.ptp(energies_near) > 0.015:
+        anchors = [r for r in near if r.anchor]
+        if not anchors:
             continue
-        r = near[int(np.argmin(np.abs(energies_near - e)))]
-        if not r.anchor:
-            continue
+        e_anchor = np.array([r.energy_keV for r in anchors])
+        if np.ptp(e_anchor) > 0.015:
+            continue  # two anchors (Ar Ka and Ag La): which one is it?
+        r = anchors[int(np.argmin(np.abs(e_anchor - e)))]
+        others = [abs(o.energy_keV - e) for o in near if not o.anchor]
+        if others and min(others) + 0.010 < abs(r.energy_keV - e):
+            continue  # another line explains the peak better
         if r.name not in out or out[r.name].peak.significance < p.significance:
             out[r.name] = IdentifiedPeak(r.name, r.energy_keV, p)
     return sorted(out.values(), key=lambda ip: ip.energy_keV)

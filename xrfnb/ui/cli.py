@@ -28,13 +28,14 @@ from ..core.calibration import EnergyCalibration
 from ..core.spectrum import Scan, Spectrum
 from ..fitting.calibration import calibrate
 from ..fitting.detect import DetectedElement, detect_elements
+from ..fitting.instrument_fit import fit_instrument
 from ..io.atomic import atomic_path as _atomic_output
 from ..io.hdf5 import partial_path, preflight, write_hdf5_resumable
 from ..io.load import SAVE_FORMATS, load, save
 from ..maps.mapping import map_pigments
 from ..maps.pigmentmaps import PigmentMaps
 from ..maps.storage import check_input_outside_working_folder, check_output_path
-from ..physics.instrument import DEFAULT_INSTRUMENT, resolve_instrument
+from ..physics.instrument import DEFAULT_INSTRUMENT, Instrument, resolve_instrument
 from .report import find_chromium, write_report
 
 if TYPE_CHECKING:  # the model room loads torch: see _heavy
@@ -373,6 +374,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
         f"calibration: E = {cal.offset_keV:.5g} keV + {cal.gain_keV:.5g} keV/ch x ch{quad} "
         f"({e[0]:.3f} .. {e[-1]:.3f} keV)"
     )
+    if args.fit_instrument:
+        _print_instrument_fit(args, path, spectrum, meta)
     if args.no_elements:
         return 0
     instrument = resolve_instrument(args.instrument, meta)
@@ -387,6 +390,22 @@ def _cmd_info(args: argparse.Namespace) -> int:
     if setup:
         print("setup lines: " + listed(setup))
     return 0
+
+
+def _print_instrument_fit(args: argparse.Namespace, path: Path, spectrum: Spectrum, meta: dict) -> None:
+    """``info --fit-instrument``: the instrument fitted to the (sum) spectrum, started from the named
+    preset, else the file's Bruker header, else the default preset."""
+    start = None
+    if args.instrument is not None:
+        start = resolve_instrument(args.instrument, meta)
+    elif path.suffix.lower() in (".spx", ".bcf"):
+        try:
+            start = Instrument.from_file(path)
+        except XRFNBError:
+            start = None
+    fit = fit_instrument(spectrum, start=start)
+    print("fitted instrument (xrfnb.fit_instrument):")
+    print("\n".join("  " + line for line in fit.summary().splitlines()))
 
 
 def _is_pigment_maps(path: Path) -> bool:
@@ -551,6 +570,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"instrument preset for element detection (default: the file's, else {DEFAULT_INSTRUMENT})",
     )
     s.add_argument("--no-elements", action="store_true", help="skip element detection")
+    s.add_argument(
+        "--fit-instrument",
+        action="store_true",
+        help="fit the instrument from the data (calibration, resolution, anode, voltage, scattering angle, "
+        "atmosphere, pile-up; xrfnb.fit_instrument) and print what was fitted and from which evidence",
+    )
     _add_load_options(s)
     s.set_defaults(func=_cmd_info)
 
