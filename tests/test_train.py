@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import xraylib
 
-from xrfnb import ModelError
+import xrfnb._errors as xrfnb_errors
+from xrfnb import Instrument, ModelError
 from xrfnb.model.model import PigmentModel
 from xrfnb.model.train import (
     GROUP_SIZE,
@@ -393,7 +394,8 @@ def test_argon_option_adds_the_air_lines_to_training_spectra():
                          variants_per_batch=1, argon=on, beam_path_mm=(18.0, 20.0) if on else None)
         data = TrainingData(cfg)
         inst = data._make_variant("bruker-m6", np.random.default_rng(0), False)
-        assert (18.0 <= inst.beam_path_mm <= 20.0) if on else inst.beam_path_mm == 10.0
+        preset_mm = Instrument.preset("bruker-m6").beam_path_mm
+        assert (18.0 <= inst.beam_path_mm <= 20.0) if on else inst.beam_path_mm == preset_mm
         sb = _stack(tab, [("ultramarine", 0.5, 40.0)])
         sb = StackBatch(np.repeat(sb.W, 200, 0), np.repeat(sb.mt, 200, 0), np.repeat(sb.pigment_wt, 200, 0),
                         np.repeat(sb.n_paint, 200))
@@ -426,3 +428,57 @@ def test_secondary_option_adds_the_enhancement_between_layers():
         share[on] = raw[:, fe].sum() / raw.sum()
     assert share[True] > 1.03 * share[False]
     np.testing.assert_array_equal(labels[True], labels[False])
+
+
+# -- the wider instrument envelope ----------------------------------------------------------------------
+def test_wider_envelope_draws_every_option_within_its_range():
+    """Each configured range is drawn per variant within its bounds; the channels reach 41 keV."""
+    cfg = DataConfig(
+        instruments=("bruker-m4", "synchrotron"), instrument_weights=(0.8, 0.2), n_instrument_variants=12,
+        anodes=("W", "Ag", "Cr"), anode_weights=(0.5, 0.3, 0.2), tube_voltage_kV=(20.0, 45.0),
+        incidence_deg=(45.0, 90.0), takeoff_deg=(35.0, 65.0), detector_azimuth_deg=(60.0, 180.0),
+        detector_thickness_um=(300.0, 1000.0), detector_window_um=(8.0, 25.0),
+        partial_collection=(0.0, 0.015), atmosphere_probs=(0.0, 0.5, 0.5), channel_gains_keV=(0.02, 0.04))
+    data = TrainingData(cfg, n_bins=64)
+    rng = np.random.default_rng(3)
+    seen_anodes, seen_gains = set(), set()
+    for preset in ("bruker-m4", "synchrotron") * 6:
+        inst = data._make_variant(preset, rng, False)
+        if preset == "synchrotron":
+            assert inst.anode is None and inst.monochromatic_keV == 18.0  # no tube to change
+        else:
+            seen_anodes.add(inst.anode)
+            assert 20.0 <= inst.tube_voltage_kV <= 45.0
+        assert 45.0 <= inst.incidence_deg <= 90.0 and 35.0 <= inst.takeoff_deg <= 65.0
+        assert 60.0 <= inst.detector_azimuth_deg <= 180.0
+        assert 300.0 <= inst.detector_thickness_um <= 1000.0
+        assert inst.detector_window.material == "Be" and 8.0 <= inst.detector_window.thickness_um <= 25.0
+        assert 0.0 <= inst.partial_collection <= 0.015
+        assert inst.atmosphere in ("helium", "vacuum")
+        seen_gains.add(inst.calibration.gain_keV)
+        gain = inst.calibration.gain_keV
+        assert 41.0 - gain - 1e-9 <= inst.channel_energy_keV[-1] < 41.0 + 1e-9
+    assert seen_anodes <= {"W", "Ag", "Cr"} and len(seen_anodes) >= 2
+    assert seen_gains == {0.02, 0.04}
+
+
+def test_unset_envelope_options_keep_older_configs_variants():
+    """A config without the new options draws exactly the instruments it drew before they existed (the
+    options are drawn after the older ones, and only when set)."""
+    data = TrainingData(DataConfig(), n_bins=64)
+    a = data._make_variant("bruker-m6", np.random.default_rng(11), False)
+    rng = np.random.default_rng(11)
+    base = TrainingData(DataConfig(), n_bins=64)._make_variant("bruker-m6", rng, False)
+    assert a == base
+    preset = load_config(None).data
+    assert preset.anodes and preset.channel_gains_keV  # the shipped config uses them
+    assert a.anode == "Rh" and a.calibration == base.calibration
+
+
+def test_envelope_options_are_checked_early():
+    with pytest.raises(ModelError, match="atmosphere_probs"):
+        DataConfig(atmosphere_probs=(1.0, 0.0))
+    with pytest.raises(ModelError, match="anode_weights"):
+        DataConfig(anodes=("Rh", "W"), anode_weights=(1.0,))
+    with pytest.raises(xrfnb_errors.InstrumentError):
+        DataConfig(anodes=("Xx",))

@@ -140,6 +140,7 @@ def evaluate_model(
     seed: int = EVAL_SEED,
     baseline: bool = True,
     progress: bool = True,
+    data: DataConfig | None = None,
 ) -> EvaluationReport:
     """Evaluate a model on held-out synthetic test sets, beside the expert element-map baseline.
 
@@ -168,6 +169,9 @@ def evaluate_model(
         Also score :func:`xrfnb.assign_pigments_by_elements` on :func:`xrfnb.fit_elements`.
     progress : bool
         Progress bar.
+    data : DataConfig, optional
+        Distribution of the test stacks and instruments (default: the model's own training envelope,
+        from its ``model.json``); give one to score several models on the same spectra.
 
     Returns
     -------
@@ -180,7 +184,7 @@ def evaluate_model(
     train_cfg = model.meta.get("training", {})
     data_table = {k: v for k, v in train_cfg.get("data", {}).items()}
     try:
-        dcfg = config_from_table(DataConfig, data_table, "model.json training.data")
+        dcfg = data or config_from_table(DataConfig, data_table, "model.json training.data")
     except ModelError:
         dcfg = DataConfig()
     grid = model.meta["energy_grid"]

@@ -59,8 +59,10 @@ from .._errors import ModelError
 from ..core.calibration import EnergyCalibration
 from ..core.lines import atomic_number, element_symbol
 from ..physics.instrument import Instrument
+from ..physics.materials import Absorber
 from ..physics.pigments import pigments
 from ..physics.simulate import StackArrays, simulate_batch, simulation_setup, tables_for
+from ..physics.tube import anode_z
 from .nn import energy_grid_edges_keV, rebin_counts
 
 __all__ = ["DataConfig", "StackBatch", "TrainingData", "sample_stacks"]
@@ -80,9 +82,25 @@ class DataConfig:
         Instrument presets and their sampling weights; an entry may also be a mapping of
         :class:`~xrfnb.Instrument` settings (``Instrument.to_dict()``, e.g. a user's calibrated instrument).
     n_instrument_variants : int
-        Randomised instruments (tube voltage, air path, FWHM) prepared in all, presets in proportion to
-        their weights; each training batch is split over ``variants_per_batch`` of them. Keep it <= 8:
-        the simulator caches the set-up of that many instruments.
+        Randomised instruments (tube voltage, air path, FWHM, and the ranges below) prepared in all,
+        presets in proportion to their weights; each training batch is split over ``variants_per_batch``
+        of them. Keep it <= 48: the simulator caches the set-up of about twice that many instruments.
+    anodes, anode_weights : tuple of str, tuple of float
+        Tube anodes drawn for the tube presets' variants, with their weights (empty: uniform); no
+        anodes: the preset's own.
+    tube_voltage_kV : (float, float) or None
+        Tube voltage range, kV, uniform (replaces ``tube_voltage_rel``); ``None``: the preset's +/- rel.
+    incidence_deg, takeoff_deg, detector_azimuth_deg : (float, float) or None
+        Geometry ranges, degrees, uniform (scattering angles from ``incidence + takeoff`` to
+        ``180 - |incidence - takeoff|``); ``None``: the preset's.
+    detector_thickness_um, detector_window_um : (float, float) or None
+        Si thickness and Be window ranges, um, uniform; ``None``: the preset's.
+    partial_collection : (float, float) or None
+        Range of the detector's flat partial-collection shelf (share of photons), uniform.
+    atmosphere_probs : (float, float, float) or None
+        Probabilities of air, helium and vacuum on the beam paths; ``None``: the preset's.
+    channel_gains_keV : tuple of float
+        Channel widths drawn (uniformly), with as many channels as reach 41 keV; empty: the preset's.
     fwhm_scale : (float, float)
         Range of the FWHM at Mn Ka relative to the preset (floored at the Fano limit + 10 eV).
     tube_voltage_rel : float
@@ -136,6 +154,17 @@ class DataConfig:
     variants_per_batch: int = 2
     fwhm_scale: tuple[float, float] = (0.85, 1.2)
     tube_voltage_rel: float = 0.1
+    anodes: tuple[str, ...] = ()
+    anode_weights: tuple[float, ...] = ()
+    tube_voltage_kV: tuple[float, float] | None = None
+    incidence_deg: tuple[float, float] | None = None
+    takeoff_deg: tuple[float, float] | None = None
+    detector_azimuth_deg: tuple[float, float] | None = None
+    detector_thickness_um: tuple[float, float] | None = None
+    detector_window_um: tuple[float, float] | None = None
+    partial_collection: tuple[float, float] | None = None
+    atmosphere_probs: tuple[float, ...] | None = None
+    channel_gains_keV: tuple[float, ...] = ()
     air_path_mm: tuple[float, float] = (3.0, 30.0)
     counts: tuple[float, float] = (100.0, 50000.0)
     count_rate_cps: tuple[float, float] = (1e3, 2e5)
@@ -164,6 +193,12 @@ class DataConfig:
                 raise ModelError(f"[data] {name} must be non-negative weights, got {getattr(self, name)}")
         if len(self.instrument_weights) != len(self.instruments):
             raise ModelError("[data] instrument_weights needs one weight per instrument")
+        if self.atmosphere_probs is not None and len(self.atmosphere_probs) != 3:
+            raise ModelError("[data] atmosphere_probs needs 3 weights: air, helium, vacuum")
+        for a in self.anodes:
+            anode_z(a)  # an unknown anode fails here, not in a training worker
+        if self.anode_weights and len(self.anode_weights) != len(self.anodes):
+            raise ModelError("[data] anode_weights needs one weight per anode")
         if len(self.ground_probs) != 4:
             raise ModelError("[data] ground_probs needs 4 weights: chalk, gypsum, lead white, none")
         if self.beam_path_mm is not None and not 0 <= self.beam_path_mm[0] <= self.beam_path_mm[1]:
@@ -700,6 +735,28 @@ class TrainingData:
             changes["tube_voltage_kV"] = inst.tube_voltage_kV * factor
         if cfg.beam_path_mm is not None:  # drawn last: configs without it keep their variants
             changes["beam_path_mm"] = rng.uniform(*cfg.beam_path_mm)
+        # the wider envelope, each drawn only where configured (older configs keep their variants)
+        tube = inst.anode is not None and inst.monochromatic_keV is None
+        if tube and cfg.anodes:
+            w = np.asarray(cfg.anode_weights or [1.0] * len(cfg.anodes), dtype=float)
+            changes["anode"] = str(cfg.anodes[int(rng.choice(len(cfg.anodes), p=w / w.sum()))])
+        if tube and cfg.tube_voltage_kV is not None:
+            changes["tube_voltage_kV"] = rng.uniform(*cfg.tube_voltage_kV)
+        for field in ("incidence_deg", "takeoff_deg", "detector_azimuth_deg", "detector_thickness_um",
+                      "partial_collection"):
+            span = getattr(cfg, field)
+            if span is not None:
+                changes[field] = rng.uniform(*span)
+        if cfg.detector_window_um is not None:
+            changes["detector_window"] = Absorber("Be", float(rng.uniform(*cfg.detector_window_um)))
+        if cfg.atmosphere_probs is not None:
+            w = np.asarray(cfg.atmosphere_probs, dtype=float)
+            changes["atmosphere"] = ("air", "helium", "vacuum")[int(rng.choice(3, p=w / w.sum()))]
+        if cfg.channel_gains_keV:
+            gain = float(cfg.channel_gains_keV[int(rng.integers(len(cfg.channel_gains_keV)))])
+            offset = float(rng.uniform(-0.1, 0.0)) if gain > 0.015 else inst.calibration.offset_keV
+            changes["calibration"] = EnergyCalibration(offset, gain)
+            changes["n_channels"] = math.ceil((41.0 - offset) / gain)
         return inst.with_(**changes)
 
     # -- physics ----------------------------------------------------------------------------------------

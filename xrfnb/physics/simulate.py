@@ -400,7 +400,9 @@ def argon_lines(instrument: Instrument) -> dict[str, float]:
     return {name: float(v * scale) for (name, _), v in zip(_ARGON_LINES, setup.argon, strict=False)}
 
 
-@functools.lru_cache(maxsize=16)
+#: instrument set-ups kept: training draws up to 48 instrument variants (xrfnb.model.trainingdata), and
+#: evaluation as many again
+@functools.lru_cache(maxsize=128)
 def _setup_cached(instrument: Instrument, max_bins: int) -> SimulationSetup:
     return _setup_uncached(instrument, max_bins)
 
@@ -431,7 +433,7 @@ def simulation_setup(instrument: Instrument, max_bins: int = 48) -> SimulationSe
     return _setup_cached(instrument, max_bins)
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=128)
 def _line_rows(instrument: Instrument, line_energy_key: bytes) -> np.ndarray:
     energy = np.frombuffer(line_energy_key, dtype=float)
     return instrument.detector_response().matrix(energy, dtype=np.float32)
