@@ -17,7 +17,7 @@ from ..._errors import DataError
 from ...core.spectrum import Scan
 from ...io.load import load
 from ...physics.scenes import render_scan
-from .common import DEMO_LABEL, NO_MODEL, NO_SCAN, guarded, size_text
+from .common import DEMO_LABEL, NO_MODEL, NO_SCAN, escape_html, guarded, size_text
 from .files import (
     MAPS,
     SCANS,
@@ -73,7 +73,7 @@ class DataPanel(pn.viewable.Viewer):
             value=0, max=100, width=280, visible=False, bar_color="info"
         )
         #: what the background work is doing, how far it has got and for how long, under the bar
-        self.progress_text = pn.pane.Str(
+        self.progress_text = pn.pane.HTML(
             "", width=280, visible=False, styles={"font-size": "12px"}, css_classes=["xrfnb-progress"]
         )
         # the choices before the widgets: the model's first choice is set without events (no reload), which
@@ -285,7 +285,7 @@ class DataPanel(pn.viewable.Viewer):
         value = job.percent if job.determinate else -1
         if self.progress_bar.value != value:
             self.progress_bar.value = value
-        text = job.describe()
+        text = escape_html(job.describe())
         if self.progress_text.object != text:
             self.progress_text.object = text
 

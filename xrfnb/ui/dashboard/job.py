@@ -300,7 +300,13 @@ def map_with_progress(
     """
     rows, cols, _ = scan.shape
     job.set_stage("pigment maps", total=rows * cols)
-    maps = map_pigments(scan, model, chunk_pixels=chunk_pixels, progress=job.report)
+
+    def on_pixels(done: int, total: int) -> None:
+        job.report(done, total)
+        if done >= total:  # every pixel identified: what map_pigments does next is not counted
+            job.set_stage("pigment maps: finishing")
+
+    maps = map_pigments(scan, model, chunk_pixels=chunk_pixels, progress=on_pixels)
     if not element_maps:
         return maps
     try:
