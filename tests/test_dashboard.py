@@ -1041,6 +1041,26 @@ def test_every_step_of_a_job_reports_what_it_does(scene):
         job.set_stage("element maps: fitting the pixels", total=rows)
 
 
+def test_a_failed_element_fit_is_said_in_words_for_the_page(scene, monkeypatch):
+    """The pigment maps stand without element maps; the warning leaves out the fit's advice to API
+    users (it reached the page as 'pass elements=[...] to fit chosen elements')."""
+    scan, maps, _ = scene
+    monkeypatch.setattr(_job, "map_pigments", lambda *args, **kwargs: maps)
+
+    def fail(scan, job):
+        raise xrfnb.FitError(
+            "no element was detected in the (sum) spectrum: pass elements=[...] to fit chosen elements"
+        )
+
+    monkeypatch.setattr(_job, "fit_elements_with_progress", fail)
+    job = _job.MappingJob("map", scan=scan)
+    assert _job.map_with_progress(scan, None, job) is maps
+    assert job.warning == (
+        "no element maps for this scan: no element was detected in the (sum) spectrum (the pigment "
+        "calls do not depend on them)"
+    )
+
+
 def test_opening_another_scan_cancels_the_running_job_silently(scene):
     scan, maps, _ = scene
     dash = Dashboard(scan=scan, maps=maps)

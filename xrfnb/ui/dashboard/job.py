@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Hashable
@@ -312,6 +313,8 @@ def map_with_progress(
     try:
         em = fit_elements_with_progress(scan, job)
     except XRFNBError as exc:
-        job.warning = f"element maps could not be fitted: {exc}"
+        # the fit's advice to API users ("pass elements=[...]") means nothing on the page
+        why = re.sub(r": pass elements=\[.*$", "", str(exc))
+        job.warning = f"no element maps for this scan: {why} (the pigment calls do not depend on them)"
         return maps
     return dataclasses.replace(maps, element_maps=em)
