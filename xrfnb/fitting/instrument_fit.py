@@ -172,7 +172,7 @@ def _reference_lines() -> tuple[_RefLine, ...]:
             try:
                 e = line_energy_keV(el, group)
                 if group == "Ka":
-                    partner = line_energy_keV(el, "Kb1") if z >= 19 else float("nan")
+                    partner = line_energy_keV(el, "Kb1") if z >= 17 else float("nan")
                 elif group == "La":
                     partner = line_energy_keV(el, "Lb1")
                 else:
@@ -390,7 +390,8 @@ def _identify(
     Ka and Ag La) or with another line 10 eV closer than the anchor, and lines whose confirming line (Kb1
     for Ka, Lb1 for La, the element's main line for the others) is not found too: a lone peak that happens
     to sit on a line is no evidence (``confirm=False`` drops this test: for peak widths, where a line's
-    energy matters less). A strong peak (10 sigma) on the Ka line of a K-line anode (Mo, Rh, Pd, Ag) needs
+    energy matters less); the Ka of Na to S, whose Kb is not resolved, needs 30 sigma instead. A strong
+    peak (10 sigma) on the Ka line of a K-line anode (Mo, Rh, Pd, Ag) needs
     no confirmation: nothing else sits there, Rayleigh-scattered or fluorescent. A line is used once, by its
     strongest peak.
     """
@@ -416,7 +417,10 @@ def _identify(
             ref[k]
             for k in np.nonzero(np.abs(ref_e - e) <= t)[0]
             if not confirm
-            or found(ref[k].partner_keV, max(t, 0.5 * fw))
+            or (
+                found(ref[k].partner_keV, max(t, 0.5 * fw))
+                and (np.isfinite(ref[k].partner_keV) or p.significance >= 30)
+            )
             or (ref[k].name in _TUBE_KA and p.significance >= 10)
         ]
         if not near:
@@ -557,8 +561,8 @@ def _families_for_blind_search() -> tuple[np.ndarray, np.ndarray, np.ndarray, np
 
 
 def _blind_calibration(
-    peaks: list[Peak], n_channels: int, fano: float, pair_eV: float
-) -> EnergyCalibration | None:
+    peaks: list[Peak], n_channels: int, fano: float, pair_eV: float, keep: int = 8
+) -> list[EnergyCalibration]:
     """A linear calibration for a spectrum without one.
 
     The peak widths bound the gain first: an SDD's squared FWHM grows linearly with energy,
@@ -567,11 +571,12 @@ def _blind_calibration(
     strong peaks on two main lines (Ka, La) is a hypothesis. Under each, an element family is present when
     its main line and the line that confirms it (Kb1, Lb1; light elements: Ka alone, at half weight) both
     sit on peaks; the hypothesis scores the peaks that lines of present families explain, each peak once,
-    weighted by its significance. The best hypothesis wins.
+    weighted by its significance. Returns the ``keep`` best distinct hypotheses, best first (the caller
+    refines each and keeps the one that identifies the most).
     """
     strong = sorted([p for p in peaks if p.significance > 8], key=lambda p: -p.significance)[:20]
     if len(strong) < 3:
-        return None
+        return []
     ch = np.array([p.channel for p in strong])
     wid = np.array([p.width_ch * FWHM_PER_SIGMA for p in strong])
     sig = np.log1p(np.array([p.significance for p in strong]))
@@ -590,9 +595,9 @@ def _blind_calibration(
     ok = (gain > g_lo) & (gain < g_hi) & (np.abs(offset) < 1.5)
     g, o = gain[ok], offset[ok]
     if g.size == 0:
-        return None
+        return []
     has_partner = np.isfinite(partner)
-    best, best_score = None, -1.0
+    scores = np.zeros(g.size)
     for start in range(0, g.size, 512):
         gg, oo = g[start : start + 512, None], o[start : start + 512, None]
         e = oo + gg * ch[None, :]  # (H, P) peak energies under each hypothesis
@@ -603,14 +608,23 @@ def _blind_calibration(
         w_line = (present * weight[None, :])[:, line_f]  # (H, L)
         hit_line = np.abs(e[:, :, None] - line_e[None, None, :]) < tol  # (H, P, L)
         explained = (hit_line * w_line[:, None, :]).max(axis=2)  # (H, P): each peak once
-        score = (explained * sig[None, :]).sum(axis=1)
-        kk = int(np.argmax(score))
-        if score[kk] > best_score:
-            best_score, best = float(score[kk]), (float(gg[kk, 0]), float(oo[kk, 0]))
-    try:
-        return EnergyCalibration(best[1], best[0]).check_monotonic(n_channels) if best else None
-    except CalibrationError:
-        return None
+        scores[start : start + 512] = (explained * sig[None, :]).sum(axis=1)
+    out: list[EnergyCalibration] = []
+    for k in np.argsort(-scores):
+        cal = EnergyCalibration(float(o[k]), float(g[k]))
+        e_mid = cal.energy_keV(0.5 * n_channels)
+        if any(
+            abs(c.gain_keV / cal.gain_keV - 1) < 0.01 and abs(c.energy_keV(0.5 * n_channels) - e_mid) < 0.1
+            for c in out
+        ):
+            continue  # the same hypothesis, found through other peak pairs
+        try:
+            out.append(cal.check_monotonic(n_channels))
+        except CalibrationError:
+            continue
+        if len(out) >= keep:
+            break
+    return out
 
 
 class _Calibration(NamedTuple):
@@ -634,18 +648,52 @@ def _fit_calibration(
         gain = np.gradient(e)
         return np.asarray(start.fwhm_keV(np.clip(e, 0.5, None)), dtype=float) / gain
 
-    if blind:
-        # widths in channels are unknown: search with a guess, fit the calibration, search again
-        peaks = find_peaks(y, np.full(n, max(3.0, n / 400.0)), first_channel=8)
-        cal0 = _blind_calibration(peaks, n, float(start.fano), float(start.pair_energy_eV))
-        if cal0 is None:
-            raise CalibrationError(
-                "the spectrum has no energy calibration and its peaks match no common lines: give one "
-                "(load(..., calibration=...)) or fit_instrument(..., start=Instrument(calibration=...))"
-            )
-        cal = cal0
-    else:
-        cal = start_cal
+    if not blind:
+        return _refine_calibration(y, start_cal, start_cal, start, False, spectrum, fwhm_ch)
+    # widths in channels are unknown: search with a guess, then refine the best hypotheses and keep the
+    # one that identifies the most lines (weighted by their significance)
+    peaks = find_peaks(y, np.full(n, max(3.0, n / 400.0)), first_channel=8)
+    best, best_score = None, -1.0
+    for cal0 in _blind_calibration(peaks, n, float(start.fano), float(start.pair_energy_eV)):
+        try:
+            c = _refine_calibration(y, cal0, start_cal, start, True, spectrum, fwhm_ch)
+        except CalibrationError:
+            continue
+        score = _blind_score(c)
+        if score > best_score:
+            best, best_score = c, score
+    if best is None or not best.lines:
+        raise CalibrationError(
+            "the spectrum has no energy calibration and its peaks match no common lines: give one "
+            "(load(..., calibration=...)) or fit_instrument(..., start=Instrument(calibration=...))"
+        )
+    return best
+
+
+def _blind_score(c: _Calibration) -> float:
+    """How well a calibration found blind explains its lines: each line's log significance, weighted down
+    by its residual (a true calibration puts every line within a few eV; a wrong one needs the quadratic
+    term to bend through them and still misses some)."""
+    score = 0.0
+    for ip in c.lines:
+        res = abs(float(c.calibration.energy_keV(ip.peak.channel)) - ip.energy_keV)
+        sd = max(3 * c.calibration.gain_keV * ip.peak.channel_sigma, 0.005)
+        score += math.log1p(ip.peak.significance) * math.exp(-0.5 * (res / sd) ** 2)
+    return score - (2.0 if c.quadratic else 0.0)
+
+
+def _refine_calibration(
+    y: np.ndarray,
+    cal: EnergyCalibration,
+    start_cal: EnergyCalibration,
+    start: Instrument,
+    blind: bool,
+    spectrum: Spectrum,
+    fwhm_ch: Any,
+) -> _Calibration:
+    """Identify peaks under ``cal`` and fit the calibration to them, three times (see
+    :func:`_fit_calibration`)."""
+    n = y.size
     first = int(np.searchsorted(cal.energies_keV(n), 0.7))
     peaks = find_peaks(y, fwhm_ch(cal), first_channel=max(first, 3))
     tol = 0.35 * np.asarray(start.fwhm_keV(np.clip([cal.energy_keV(p.channel) for p in peaks], 0.5, None)))
@@ -1774,9 +1822,9 @@ def _air_path(
             float("nan"),
             float("nan"),
             (
-                f"argon {ar_counts:.3g} counts against {compton:.3g} Compton counts of the tube lines: less than "
-                f"the start instrument predicts for {paths[0]:g} mm of air (its optics and window below 10 keV, "
-                "which excite the argon, are not the data's)"
+                f"argon {ar_counts:.3g} counts against {compton:.3g} Compton counts of the tube lines: "
+                f"less than the start instrument predicts for {paths[0]:g} mm of air (its optics and "
+                "window below 10 keV, which excite the argon, are not the data's)"
             ),
         )
     path = float(np.exp(np.interp(math.log(target), np.log(pred), np.log(paths))))
@@ -2035,6 +2083,7 @@ def _choose_source(
     fwhm: np.ndarray,
     peaks_e: np.ndarray,
     peak_narrow: np.ndarray,
+    peak_significance: np.ndarray,
     pileup: np.ndarray,
     families: Mapping[str, list[tuple[np.ndarray, np.ndarray]]],
 ) -> tuple[_ScatterEvidence | None, list[_ScatterEvidence], _ScatterEvidence | None]:
@@ -2058,9 +2107,10 @@ def _choose_source(
                 found.append(ev)
     found.sort(key=lambda ev: -_score(ev))
     best = found[0] if found and _score(found[0]) >= _MIN_SCATTER_Z else None
-    # a monochromatic beam: one of the highest-energy narrow peaks
+    # a monochromatic beam: one of the six most significant narrow peaks above 5 keV
     mono = None
-    cand = np.sort(peaks_e[peak_narrow & (peaks_e > 5.0)])[-3:]
+    sel = np.nonzero(peak_narrow & (peaks_e > 5.0))[0]
+    cand = peaks_e[sel[np.argsort(-peak_significance[sel])][:6]]
     for e0 in cand:
         lines = _TubeLines("beam", np.array([e0]), np.array([1.0]), np.array([0]), "beam")
         ev = _scatter_evidence(y, energy, fwhm, lines, peaks_e, thetas, pileup, families)
@@ -2077,16 +2127,25 @@ def _continuum_above(
     pileup_share: float,
     pileup_col: np.ndarray,
 ) -> float:
-    """Counts per keV above a line (beyond 4 FWHM, 2 keV wide), net of pile-up, over counts per keV in the
-    2 keV below its Compton partner at 180 deg: about 0 for a monochromatic beam."""
+    """Counts per keV above a line, over counts per keV in the 2 keV below its Compton partner at 180 deg:
+    about 0 for a monochromatic beam. Above the line (beyond 4 FWHM, six 0.5 keV bins) the second-lowest
+    bin counts, net of pile-up: sum peaks sit in some bins, a tube's continuum fills all of them."""
     fw = float(np.interp(e0, energy, fwhm))
-    above = (energy > e0 + 4 * fw) & (energy < e0 + 4 * fw + 2.0)
     e_c = float(compton_energy_keV(e0, math.pi))
     below = (energy > e_c - 2.0 - 3 * fw) & (energy < e_c - 3 * fw)
-    if not above.any() or not below.any():
+    if not below.any():
         return float("nan")
-    net = max(float(y[above].sum() - pileup_share * pileup_col[above].sum()), 0.0)
-    return net / max(float(y[below].sum()), 1.0)
+    dens = []
+    for k in range(6):
+        a = e0 + 4 * fw + 0.5 * k
+        sel = (energy >= a) & (energy < a + 0.5)
+        if sel.any():
+            net = float(y[sel].sum() - pileup_share * pileup_col[sel].sum())
+            dens.append(max(net, 0.0) / 0.5)
+    if len(dens) < 2:
+        return float("nan")
+    ref = float(y[below].sum()) / max(float(np.ptp(energy[below])) + float(np.mean(np.diff(energy))), 1e-6)
+    return sorted(dens)[1] / max(ref, 1.0)
 
 
 def fit_instrument(
@@ -2327,7 +2386,10 @@ def fit_instrument(
             if fm is not None:
                 pieces.extend(_family_pieces(fm))
         families[el] = pieces
-    best, found, mono = _choose_source(y, energy, fwhm, peaks_e, narrow, share * pile_col, families)
+    significance = np.array([p.significance for p in c.peaks])
+    best, found, mono = _choose_source(
+        y, energy, fwhm, peaks_e, narrow, significance, share * pile_col, families
+    )
     source_ev: _ScatterEvidence | None = None
     is_mono = False
     if anode_fixed:
@@ -2617,8 +2679,9 @@ def fit_instrument(
                 inst = inst.with_(atmosphere=atm)
             else:
                 why = (
-                    f"no significant argon ({ar[0]:.0f} +/- {ar[1]:.0f} counts), but up to {100 * limit:.0f} % "
-                    "of the counts at Ar Ka could be argon (lines of the sample and the tube there)"
+                    f"no significant argon ({ar[0]:.0f} +/- {ar[1]:.0f} counts), but up to "
+                    f"{100 * limit:.0f} % of the counts at Ar Ka could be argon (lines of the sample and "
+                    "the tube there)"
                 )
                 put("atmosphere", inst.atmosphere, None, "not determined", why)
                 put("air_path_mm", _air_path_of(inst), None, "not determined", why)
