@@ -421,8 +421,8 @@ def run_timing(n_channels: int) -> None:
     t_all = time.perf_counter() - t0
     p = fit.parameters
     print(
-        f"  fit_instrument(scan), the block-wise sum included: {t_all:.1f} s (the sum alone, timed separately: "
-        f"{t_sum:.1f} s; {total.total_counts:.3g} counts)"
+        f"  fit_instrument(scan), the block-wise sum included: {t_all:.1f} s (the sum alone, timed "
+        f"separately: {t_sum:.1f} s; {total.total_counts:.3g} counts)"
     )
     print(
         f"  found: anode {p['anode'].value}, {p['tube_voltage_kV'].value:.1f} kV "
