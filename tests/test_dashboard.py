@@ -222,6 +222,28 @@ def test_tap_shows_that_pixels_spectrum_with_line_markers(dash, scene):
     np.testing.assert_allclose(marks.dimension_values("threshold"), [0.5, 0.5, 0.5])
 
 
+def test_line_labels_do_not_overlap():
+    """Labels closer than a label's width go to a second row; a weak line (Kb) between two labelled
+    strong ones (Ka, La) loses its label, never a strong line to a weak one (the demo's pile of 'Ar Ka',
+    'Ca Ka', 'Ca Kb' labels at 3-4 keV was unreadable)."""
+    from xrfnb.core.lines import LineMarker
+    from xrfnb.ui.dashboard.spectrum import label_tiers
+
+    def m(el, line, e):
+        return LineMarker(el, line, line[0], e)
+
+    lines = [m("Hg", "La", 9.99), m("Pb", "La", 10.55), m("Xx", "Kb", 10.2), m("Fe", "Ka", 6.40)]
+    tiers = label_tiers(lines, gap_keV=0.8)
+    assert tiers == [0, 1, None, 0]  # Hg and Pb La both labelled, in two rows; the Kb between has no room
+    # in each row the labels are at least the gap apart
+    many = [m("X", g, e) for g, e in zip(["Ka", "Kb"] * 10, np.linspace(2.0, 12.0, 20), strict=True)]
+    tiers = label_tiers(many, gap_keV=0.8)
+    for t in (0, 1):
+        row = sorted(x.energy_keV for x, tt in zip(many, tiers, strict=True) if tt == t)
+        assert np.all(np.diff(row) >= 0.8)
+    assert all(t is not None for x, t in zip(many, tiers, strict=True) if x.line == "Ka")
+
+
 def test_log_scale_switches_the_spectrum_axis(dash):
     dash.log_scale = True
     plot = render(dash.spectrum_panel.spectrum.dmap)

@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from .app import Dashboard
 
-__all__ = ["TITLE_CHARS", "SpectrumPanel", "marker_lines"]
+__all__ = ["TITLE_CHARS", "SpectrumPanel", "label_tiers", "marker_lines"]
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,10 @@ log = logging.getLogger(__name__)
 TITLE_CHARS = 52
 #: lowest line energy marked on a spectrum, keV (below it the detector sees little)
 MARKER_MIN_KEV = 0.9
+#: screen width of one upright line label (8 pt), and of the spectrum's frame, pixels
+LABEL_PX, FRAME_PX = 13, 480
+#: rows of line labels above a spectrum at most, and the share of the plot's height each takes
+LABEL_TIERS, TIER_SHARE = 2, 0.2
 
 
 def marker_lines(element: str, family: str | None, max_keV: float) -> list[LineMarker]:
@@ -50,6 +54,26 @@ def marker_lines(element: str, family: str | None, max_keV: float) -> list[LineM
     groups = [g for fam in families for g in FAMILY_LINES.get(fam, ())]
     lines = element_lines(element, MARKER_MIN_KEV, max_keV, groups)
     return [m for m in lines if m.energy_keV > MARKER_MIN_KEV]
+
+
+def label_tiers(lines: Sequence[LineMarker], gap_keV: float, tiers: int = LABEL_TIERS) -> list[int | None]:
+    """The row of labels (0: the lowest) each line's label goes in, or None when it fits in none.
+
+    Labels closer than ``gap_keV`` overlap in one row: a label takes the lowest row that has room, the
+    strongest line groups (Ka, La, Ma) first, so that a weaker line (Kb, Lb, ...) next to them loses
+    its label (its dashed marker stays) rather than hiding theirs.
+    """
+    order = sorted(range(len(lines)), key=lambda i: (not lines[i].line.endswith("a"), lines[i].energy_keV))
+    placed: list[list[float]] = [[] for _ in range(tiers)]
+    out: list[int | None] = [None] * len(lines)
+    for i in order:
+        e = lines[i].energy_keV
+        for t in range(tiers):
+            if all(abs(e - other) >= gap_keV for other in placed[t]):
+                placed[t].append(e)
+                out[i] = t
+                break
+    return out
 
 
 class SpectrumPanel(pn.viewable.Viewer):
@@ -135,13 +159,35 @@ class SpectrumPanel(pn.viewable.Viewer):
         total = float(counts.sum())
         ymax = float(y.max()) if y.size else 1.0
         y0 = 0.5 if d.log_scale else 0.0
-        ytxt = ymax * (1.6 if d.log_scale else 1.06)
         lines = [m for el, fam in d.present_elements() for m in marker_lines(el, fam, float(energy[-1]))]
+        # line labels in up to two rows above the highest peak, where they do not overlap; the y range
+        # (framewise: it follows the shown spectrum) leaves a share of the plot's height to each row
+        gap = LABEL_PX * float(energy[-1] - energy[0]) / FRAME_PX if energy.size > 1 else 0.0
+        tiers = label_tiers(lines, gap)
+        rows = max((t + 1 for t in tiers if t is not None), default=0)
+
+        def axis(v: float) -> float:
+            return float(np.log10(v)) if d.log_scale else v
+
+        def value(u: float) -> float:
+            return float(10**u) if d.log_scale else u
+
+        u0, upeak = axis(y0), axis(max(ymax * 1.02, y0 + 1.0))
+        span = (upeak - u0) / (1.0 - TIER_SHARE * rows - 0.02)
+        top = value(u0 + span)
         seg = hv.Segments(
             [(m.energy_keV, y0, m.energy_keV, ymax * 1.02) for m in lines],
             ["Energy (keV)", "Counts", "x1", "y1"],
         )
-        labels = hv.Labels([(m.energy_keV, ytxt, m.label) for m in lines], ["Energy (keV)", "Counts"], "line")
+        labels = hv.Labels(
+            [
+                (m.energy_keV, value(upeak + (0.02 + TIER_SHARE * t) * span), m.label)
+                for m, t in zip(lines, tiers, strict=True)
+                if t is not None
+            ],
+            ["Energy (keV)", "Counts"],
+            "line",
+        )
         sim = self.simulated_spectrum()
         sim_y = np.zeros(0) if sim is None else (np.maximum(sim[1], 0.5) if d.log_scale else sim[1])
         sim_curve = hv.Curve((energy[: sim_y.size], sim_y), "Energy (keV)", "Counts", label="simulated").opts(
@@ -153,9 +199,6 @@ class SpectrumPanel(pn.viewable.Viewer):
             * seg.opts(color="#1f77b4", line_dash="dashed", line_width=1, alpha=0.7)
             * labels.opts(text_font_size="8pt", text_color="#1f77b4", angle=90, text_align="left")
         )
-        # the y range follows the shown spectrum (framewise) and leaves room above the highest peak for
-        # the vertical line labels, which start at 1.06 x the maximum
-        top = ytxt * (6.0 if d.log_scale else 1.3) if lines else ymax * (2.0 if d.log_scale else 1.08)
         return overlay.opts(
             hv.opts.Curve(framewise=True),
             hv.opts.Segments(framewise=True),
@@ -164,7 +207,7 @@ class SpectrumPanel(pn.viewable.Viewer):
                 title=f"Spectrum of {label}: {total:.0f} counts",
                 width=560,
                 height=300,
-                ylim=(y0, max(top, y0 + 1.0)),
+                ylim=(y0, top),
                 logy=d.log_scale,
                 show_legend=False,
                 tools=["hover"],
