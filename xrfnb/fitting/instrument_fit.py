@@ -2184,7 +2184,9 @@ def fit_instrument(
       and Doppler profile, thick scatterers) and its Poisson deviance against the spectrum above the
       anode lines' Compton peaks minimised; the continuum's shape is free up to five powers of the
       energy, where it ends and how it is shifted are physics. The voltage is "not determined" (with a
-      lower bound) where the continuum runs past the spectrum's last channel.
+      lower bound) unless the fitted voltage, plus two FWHM and two sigma, lies inside the spectrum: a
+      continuum that runs past the last channel (a Bruker spectrum stops at 40 keV) shows where its
+      scattered end is only through its shape, which the start instrument's optics also set.
     * **atmosphere**, ``air_path_mm``: the argon K lines (fitted in 2.4-3.8 keV beside the sample's and
       the anode's lines there); their counts against the tube lines' Compton counts, compared with the
       simulator's argon (:func:`xrfnb.argon_lines`) for trial air paths, give the air on the beam path at
@@ -2596,10 +2598,9 @@ def fit_instrument(
         elif (
             av.kv is not None
             and av.kv_sd is not None
-            and float(compton_energy_keV(av.kv, math.radians(av.theta_deg)))
-            + 2 * float(np.interp(av.kv, energy, fwhm))
-            < energy[-1]
+            and av.kv + 2 * float(np.interp(av.kv, energy, fwhm)) + 2 * av.kv_sd < energy[-1]
         ):
+            # the continuum's end (the Rayleigh-scattered tube voltage) lies inside the spectrum: seen
             put("tube_voltage_kV", av.kv, av.kv_sd, "fitted", f"where the continuum ends: {scat}")
             inst = inst.with_(tube_voltage_kV=float(np.clip(av.kv, 5.0, 100.0)))
         else:
