@@ -16,6 +16,16 @@ The dask path (a :class:`~xrfnb.Scan` whose counts are a :class:`dask.array.Arra
 function with :func:`dask.array.blockwise`, locally or on a ``dask.distributed`` cluster; the client receives
 only the maps.
 
+Calls checked by physics
+------------------------
+With ``check_physics`` (the default) the streaming path gathers each pixel's call pattern (the called set
+and the count level, ``floor(log2 counts)``) while it maps, with the mean spectrum of up to 256 pixels of
+each pattern (:class:`~xrfnb.model.physics_check.CallPatterns`), and then checks each pattern once by
+paint-stack fits (:func:`~xrfnb.model.physics_check.check_calls`), the most frequent first: the cost grows
+with the number of patterns, not of pixels. The maps carry the pattern of every pixel and the checks
+(:attr:`PigmentMaps.pattern`, :attr:`PigmentMaps.patterns`); the network's probabilities are kept as
+they are. The dask path does not check (its spectra never reach the client).
+
 The parts live beside this module: :mod:`.blocks` (one block of pixels), :mod:`.sinks` (in memory, or
 ``OUT.partial/`` with resume), :mod:`.daskpath` (the dask path), :mod:`.pigmentmaps` (the result) and
 :mod:`.storage` (writing it safely).
@@ -39,10 +49,12 @@ from .._errors import DataError, FitError, FormatError, ModelError
 from ..core.spectrum import Scan, Spectrum, is_dask
 from ..fitting.elements import ElementMaps, fit_elements
 from ..io.chunks import ChunkReader
+from ..model import physics_check
+from ..model.physics_check import CRITERION, DEFAULT_MARGIN, CallPattern, CallPatterns
 from ..physics.instrument import Instrument, resolve_instrument
 from .blocks import default_saturation, process_block
 from .daskpath import dask_scan, map_dask
-from .pigmentmaps import MASK_OK, MASK_REASONS, PigmentMaps
+from .pigmentmaps import MASK_OK, MASK_REASONS, PigmentMaps, write_call_patterns
 from .sinks import PARTIAL_FORMAT, RESUME_HINT, MemorySink, PartialSink, block_file_bytes
 from .storage import (
     check_free_space,
@@ -60,6 +72,12 @@ __all__ = ["map_pigments"]
 
 _DEFAULT_CHUNK_PIXELS = 8192
 _DEFAULT_BATCH_PIXELS = 4096
+#: patterns with fewer pixels are not checked by physics while mapping
+PHYSICS_MIN_PIXELS = 16
+#: patterns fitted while mapping: this many, or one per this many pixels where that is more (the others
+#: keep their mean spectrum, for PigmentMaps.check_pattern on demand)
+PHYSICS_MIN_CHECKS = 4
+PHYSICS_PIXELS_PER_CHECK = 65_536
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -126,6 +144,7 @@ def map_pigments(
     resume: bool = False,
     saturation_counts: float | None = None,
     use_dask: bool | None = None,
+    check_physics: bool = True,
 ) -> PigmentMaps:
     """Pigment maps of a whole scan, streamed block by block with bounded memory.
 
@@ -155,7 +174,8 @@ def map_pigments(
         impossible (e.g. no element detected) the pigment maps are still returned, without element maps,
         and ``metadata["element_maps_error"]`` says why.
     instrument : Instrument or str, optional
-        Instrument for the element fit (default: ``scan.metadata["instrument"]`` or ``"bruker-m6"``).
+        Instrument for the element fit and the physics check (default: ``scan.metadata["instrument"]``
+        or ``"bruker-m6"``; the scan's calibration and channel count replace the instrument's).
     out : path-like, optional
         Write the maps to this HDF5 file while mapping (completed blocks go to ``OUT.partial/`` first and
         the file appears atomically at the end); the returned maps then read from it lazily.
@@ -170,6 +190,14 @@ def map_pigments(
         is wrapped in a dask array whose tasks open the file by path (see :func:`dask_scan`), so workers of
         a cluster that share the file system can read it. The dask path ignores ``resume``; with ``out``
         the maps are written (atomically) when the computation ends.
+    check_physics : bool
+        Check each call pattern (called set and count level) once by paint-stack fits against its merge,
+        split, drop and swap alternatives (see the module docstring): the maps then carry ``pattern`` and
+        ``patterns``, and ``metadata["physics_check"]`` says how many patterns there were, how many were
+        checked and changed, and the seconds it took. Patterns of fewer than :data:`PHYSICS_MIN_PIXELS`
+        pixels are left unchecked, and so are those beyond the most frequent :data:`PHYSICS_MIN_CHECKS`
+        (or one per :data:`PHYSICS_PIXELS_PER_CHECK` pixels where that is more): each says so, and
+        :meth:`PigmentMaps.check_pattern` checks one on demand. Not on the dask path.
 
     Returns
     -------
@@ -211,6 +239,10 @@ def map_pigments(
         if callable(progress):
             progress(rows * cols, rows * cols)
         sink: MemorySink | PartialSink | None = None
+        tally: CallPatterns | None = None
+        pattern_map: np.ndarray | None = None
+        if check_physics:
+            metadata["physics_check"] = {"note": "not run on the dask path (its spectra stay on the workers)"}
     else:
         step = scan.block_rows(chunk_pixels)
         slices = [slice(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
@@ -237,7 +269,43 @@ def map_pigments(
         else:
             _check_memory(rows * cols * ((2 * k + 1) * 4 + 2), rows, cols, k)
             sink = MemorySink(rows, cols, k)
-        metadata["timing_s"] = _stream(scan, model, sink, slices, saturation_counts, batch_pixels, progress)
+        tally = _pattern_tally(scan, model) if check_physics else None
+        pattern_map = np.full((rows, cols), -1, np.int32) if tally is not None else None
+        if check_physics and tally is None:
+            metadata["physics_check"] = {"note": "the model names no key elements per class: not checked"}
+        metadata["timing_s"] = _stream(
+            scan, model, sink, slices, saturation_counts, batch_pixels, progress, tally, pattern_map
+        )
+
+    patterns: tuple[CallPattern, ...] = ()
+    if tally is not None:
+        t_check = time.perf_counter()
+        if progress is True and len(tally):
+            _note(f"physics check: {len(tally)} call patterns, the most frequent fitted once each ...")
+        inst = resolve_instrument(instrument, scan.metadata).with_(
+            calibration=scan.calibration, n_channels=int(scan.shape[2])
+        )
+        max_checks = max(PHYSICS_MIN_CHECKS, rows * cols // PHYSICS_PIXELS_PER_CHECK)
+        patterns = tally.check(
+            inst,
+            model.class_elements,
+            min_pixels=PHYSICS_MIN_PIXELS,
+            max_checks=max_checks,
+            margin=DEFAULT_MARGIN,
+            check=physics_check.check_calls,
+        )
+        metadata["physics_check"] = {
+            "criterion": CRITERION,
+            "margin": DEFAULT_MARGIN,
+            "patterns": len(patterns),
+            "checked": sum(p.check is not None for p in patterns),
+            "max_checks": max_checks,
+            "changed": sum(p.changed for p in patterns),
+            "pixels_changed": sum(p.n_pixels for p in patterns if p.changed),
+            "seconds": round(time.perf_counter() - t_check, 3),
+            "instrument": inst.to_dict(),
+            "class_elements": {c: list(v) for c, v in model.class_elements.items()},
+        }
 
     elapsed = time.perf_counter() - t0
     em = None
@@ -259,6 +327,8 @@ def map_pigments(
         masked = _count_reasons_blocks(sink, slices)
         metadata["masked"] = masked
         sink.assemble(classes, model.colors, model.thresholds, model.ood_threshold, metadata, slices, em)
+        if pattern_map is not None:
+            _add_call_patterns(out_path, pattern_map, patterns)
         maps = PigmentMaps.from_hdf5(out_path, lazy=True)
         return dataclasses.replace(maps, element_maps=em) if em is not None else maps
     if isinstance(sink, MemorySink):
@@ -276,10 +346,31 @@ def map_pigments(
         element_maps=em,
         metadata=metadata,
         mask_reason=reason,
+        pattern=pattern_map,
+        patterns=patterns,
     )
     if out_path is not None:
         maps.to_hdf5(out_path)
     return maps
+
+
+def _pattern_tally(scan: Scan, model: PigmentModel) -> CallPatterns | None:
+    """The call-pattern gatherer of a run, or None for a model without key elements per class."""
+    if not isinstance(getattr(model, "class_elements", None), dict):
+        return None
+    return CallPatterns(model.classes, model.thresholds, model.ood_threshold, int(scan.shape[2]))
+
+
+def _add_call_patterns(path: Path, pattern_map: np.ndarray, patterns: tuple[CallPattern, ...]) -> None:
+    """Add the pattern map and the checks to a maps file just assembled (a few bytes per pixel)."""
+    import h5py
+
+    check_free_space(path.parent, pattern_map.nbytes + (1 << 20), path)
+    try:
+        with h5py.File(path, "r+") as f:
+            write_call_patterns(f, pattern_map, patterns)
+    except OSError as exc:
+        raise FormatError(f"{path}: could not add the call patterns ({exc})") from None
 
 
 def _check_output(out: Path, scan: Scan) -> None:
@@ -352,15 +443,19 @@ def _stream(
     saturation_counts: float | None,
     batch_pixels: int,
     progress: bool | Callable[[int, int], object],
+    tally: CallPatterns | None = None,
+    pattern_map: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Read -> identify -> write over the row blocks; returns seconds spent per stage.
 
     ``read`` is the time spent reading blocks (in the background thread), ``wait`` the part of it the
-    main thread waited for, ``identify`` masking plus the model, ``write`` the sink.
+    main thread waited for, ``identify`` masking plus the model, ``write`` the sink, ``patterns`` the
+    call patterns gathered into ``tally`` and ``pattern_map`` (blocks done by an interrupted run that is
+    resumed are read again for them).
     """
     from tqdm.auto import tqdm
 
-    timing = {"read": 0.0, "wait": 0.0, "identify": 0.0, "write": 0.0}
+    timing = {"read": 0.0, "wait": 0.0, "identify": 0.0, "write": 0.0, "patterns": 0.0}
     rows, cols, _ = scan.shape
     todo = [sl for sl in slices if not sink.done(sl)]
     lt_all = scan.live_time_s
@@ -373,6 +468,24 @@ def _stream(
         block = fast.read_rows(sl.start, sl.stop) if fast is not None else np.asarray(scan.counts[sl])
         timing["read"] += time.perf_counter() - t
         return block
+
+    def gather(sl: slice, block: np.ndarray, prob: np.ndarray, bur: np.ndarray, ood: np.ndarray,
+               reason: np.ndarray) -> None:
+        if tally is None or pattern_map is None:
+            return
+        t = time.perf_counter()
+        n, k = block.shape[0] * block.shape[1], prob.shape[-1]
+        ids = tally.add(block.reshape(n, -1), prob.reshape(n, k), bur.reshape(n, k), ood.reshape(n),
+                        reason.reshape(n) == MASK_OK)
+        pattern_map[sl] = ids.reshape(block.shape[:2])
+        timing["patterns"] += time.perf_counter() - t
+
+    if tally is not None and isinstance(sink, PartialSink):  # blocks of the interrupted run: their patterns
+        for sl in slices:
+            if sink.done(sl) and sl not in todo:
+                z = sink.read(sl)
+                gather(sl, read(sl), z["probability"], z["buried_probability"], z["ood_score"],
+                       z["mask_reason"])
 
     with (
         tqdm(
@@ -401,13 +514,15 @@ def _stream(
             prob, bur, ood, reason = process_block(
                 block, model, scan.calibration, lt, saturation_counts, batch_pixels
             )
-            del block
             t2 = time.perf_counter()
+            gather(sl, block, prob, bur, ood, reason)  # timed as "patterns"
+            del block
+            t2b = time.perf_counter()
             sink.write(sl, prob, bur, ood, reason)
             t3 = time.perf_counter()
             timing["wait"] += t1 - t0
             timing["identify"] += t2 - t1
-            timing["write"] += t3 - t2
+            timing["write"] += t3 - t2b
             bar.update((sl.stop - sl.start) * cols)
             done_px += (sl.stop - sl.start) * cols
             if report is not None:

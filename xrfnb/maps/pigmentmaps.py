@@ -24,6 +24,8 @@ from ..core.calls import is_buried, is_present
 from ..fitting.elements import ElementMaps
 from ..io.atomic import atomic_path
 from ..io.hdf5 import check_self_contained, preflight
+from ..model.physics_check import DEFAULT_MARGIN, CallPattern
+from ..physics.instrument import Instrument
 from .storage import (
     MAPS_FORMAT,
     check_free_space,
@@ -49,6 +51,8 @@ __all__ = [
     "MapSummary",
     "PigmentMaps",
     "PixelCall",
+    "read_call_patterns",
+    "write_call_patterns",
 ]
 
 #: reasons a pixel is masked (values of :attr:`PigmentMaps.mask_reason`)
@@ -217,6 +221,14 @@ class PigmentMaps:
         Source, model, timing and the masked-pixel counts.
     mask_reason : array, shape (rows, cols), uint8, optional
         0 valid, 1 dead (all channels zero), 2 saturated, 3 invalid (NaN, inf or negative counts).
+    pattern : array, shape (rows, cols), int32, optional
+        Each pixel's call pattern: its index in ``patterns``; -1 where masked, out of distribution or
+        nothing called. None when the calls were not checked by physics.
+    patterns : tuple of CallPattern
+        The call patterns (called set and count level) of the map, each checked once by physics
+        (:class:`xrfnb.model.physics_check.CallPatterns`): its alternatives, the physics-checked best, and
+        why it was not checked where it was not. See :meth:`pattern_at`, :meth:`patterns_in` and
+        :meth:`checked_binary`.
     """
 
     classes: tuple[str, ...]
@@ -230,6 +242,8 @@ class PigmentMaps:
     element_maps: ElementMaps | None = None
     metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
     mask_reason: np.ndarray | h5py.Dataset | None = None
+    pattern: np.ndarray | h5py.Dataset | None = None
+    patterns: tuple[CallPattern, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "classes", tuple(str(c) for c in self.classes))
@@ -253,6 +267,9 @@ class PigmentMaps:
         if self.mask_reason is None:
             object.__setattr__(self, "mask_reason", None)
         object.__setattr__(self, "metadata", dict(self.metadata))
+        object.__setattr__(self, "patterns", tuple(self.patterns))
+        if self.pattern is not None and tuple(self.pattern.shape) != shape[:2]:
+            raise DataError(f"pattern has shape {self.pattern.shape}, expected {shape[:2]}")
 
     # -- shape ---------------------------------------------------------------------------------------
     @property
@@ -377,6 +394,101 @@ class PigmentMaps:
         ]
         return sorted(calls, key=lambda c: -c.probability if np.isfinite(c.probability) else 1.0)
 
+    def pattern_at(self, row: int, col: int) -> CallPattern | None:
+        """The call pattern of one pixel, with its physics check (None where there is none: masked, out of
+        distribution, nothing called, or maps made without the check).
+
+        Its ``alternatives`` are the explanations of the pixel's spectra within the check's margin, best
+        first, each with an ``evidence`` line; ``best_classes`` is the physics-checked call.
+        """
+        rows, cols = self.shape
+        if not (0 <= row < rows and 0 <= col < cols):
+            raise DataError(f"pixel ({row}, {col}) is outside the {rows} x {cols} maps")
+        if self.pattern is None:
+            return None
+        i = int(self.pattern[row, col])
+        return self.patterns[i] if 0 <= i < len(self.patterns) else None
+
+    def patterns_in(self, region: np.ndarray) -> list[tuple[CallPattern, int]]:
+        """The call patterns of a region and how many of its pixels have each, most pixels first.
+
+        Parameters
+        ----------
+        region : numpy.ndarray, shape (rows, cols), bool
+            The region's pixels.
+
+        Returns
+        -------
+        list of (CallPattern, int)
+            Empty for maps made without the physics check.
+        """
+        region = np.asarray(region, dtype=bool)
+        if region.shape != self.shape:
+            raise DataError(f"region has shape {region.shape}, expected {self.shape}")
+        if self.pattern is None or not self.patterns:
+            return []
+        counts = np.zeros(len(self.patterns) + 1, dtype=np.int64)
+        for sl in self._blocks():
+            p = _rows_of(self.pattern, sl)[region[sl]].astype(np.int64)
+            counts += np.bincount(p + 1, minlength=counts.size)[: counts.size]
+        found = [(self.patterns[i], int(counts[i + 1])) for i in range(len(self.patterns)) if counts[i + 1]]
+        return sorted(found, key=lambda t: -t[1])
+
+    def check_pattern(self, index: int, instrument: Instrument | None = None) -> CallPattern:
+        """Check a call pattern now that mapping left unchecked (beyond its budget of fits), on the mean
+        spectrum kept for it; the result replaces it in ``patterns`` (in memory: a maps file is not
+        rewritten). A pattern already checked, or without a mean spectrum, is returned as it is.
+
+        Parameters
+        ----------
+        index : int
+            The pattern (``pattern_at(row, col).index``).
+        instrument : Instrument, optional
+            Default: the instrument the maps were checked with (``metadata["physics_check"]``).
+
+        Returns
+        -------
+        CallPattern
+        """
+        if not 0 <= index < len(self.patterns):
+            raise DataError(f"no call pattern {index}: these maps have {len(self.patterns)}")
+        info = self.metadata.get("physics_check", {})
+        if instrument is None:
+            if "instrument" not in info:
+                raise DataError("these maps do not say which instrument their calls were checked with: "
+                                "pass instrument=")
+            instrument = Instrument.from_dict(info["instrument"])
+        elements = info.get("class_elements")
+        if not isinstance(elements, Mapping):
+            raise DataError("these maps do not carry the classes' key elements: map them again")
+        margin = float(info.get("margin", DEFAULT_MARGIN))
+        done = self.patterns[index].checked_now(instrument, elements, margin=margin)
+        patterns = list(self.patterns)
+        patterns[index] = done
+        object.__setattr__(self, "patterns", tuple(patterns))  # a cache of the frozen maps: same content
+        return done
+
+    def checked_binary(self) -> np.ndarray:
+        """Presence maps that follow the physics check: at the model's thresholds, each pixel of a
+        checked pattern gets its best explanation's classes (the network's calls elsewhere); shape
+        (rows, cols, K), bool. Equal to :meth:`binary` for maps made without the check."""
+        out = self.binary()
+        if self.pattern is None or not any(p.changed for p in self.patterns):
+            return out
+        index = {c: k for k, c in enumerate(self.classes)}
+        table = np.zeros((len(self.patterns), len(self.classes)), dtype=bool)
+        changed = np.zeros(len(self.patterns), dtype=bool)
+        for p in self.patterns:
+            changed[p.index] = p.changed
+            for c in p.best_classes:
+                table[p.index, index[c]] = True
+        for sl in self._blocks():
+            pat = _rows_of(self.pattern, sl)
+            hit = pat >= 0
+            hit[hit] = changed[pat[hit]]
+            out[sl][hit] = table[pat[hit]]
+        return out
+
     def ood(self) -> np.ndarray:
         """Pixels unlike the training data (``ood_score > ood_threshold``), shape (rows, cols), bool."""
         with np.errstate(invalid="ignore"):
@@ -473,6 +585,8 @@ class PigmentMaps:
                     dsets["mask_reason"][sl] = _rows_of(self.mask, sl).astype(np.uint8) * MASK_INVALID
             if self.element_maps is not None and not failed():
                 write_element_maps(f, self.element_maps)
+            if self.pattern is not None and not failed():
+                write_call_patterns(f, self.pattern, self.patterns)
         return path
 
     @classmethod
@@ -516,6 +630,9 @@ class PigmentMaps:
             if not lazy:
                 arrays = {n: d[()] for n, d in arrays.items()}
             element_maps = read_element_maps(f, path) if "element_maps" in f else None
+            pattern, patterns = read_call_patterns(f, path)
+            if pattern is not None and not lazy:
+                pattern = pattern[()]
             maps = cls(
                 classes=classes,
                 probability=arrays["probability"],
@@ -528,6 +645,8 @@ class PigmentMaps:
                 element_maps=element_maps,
                 metadata={**metadata, "file": str(path)},
                 mask_reason=arrays["mask_reason"],
+                pattern=pattern,
+                patterns=patterns,
             )
         except BaseException:
             f.close()
@@ -547,6 +666,7 @@ class PigmentMaps:
             ood_score=self.ood_score[()],
             mask=self.mask[()],
             mask_reason=None if self.mask_reason is None else self.mask_reason[()],
+            pattern=None if self.pattern is None else self.pattern[()],
         )
 
     def to_tiff(self, folder: str | os.PathLike) -> list[Path]:
@@ -614,6 +734,38 @@ class PigmentMaps:
         rows, cols = self.shape
         lazy = ", lazy" if self.is_lazy else ""
         return f"PigmentMaps({rows} x {cols} pixels, {len(self.classes)} classes{lazy})"
+
+
+def write_call_patterns(f: h5py.File, pattern: np.ndarray, patterns: tuple[CallPattern, ...]) -> None:
+    """Write the pattern map (dataset ``pattern``, (rows, cols) int32, gzip) and the call patterns with
+    their physics checks (dataset ``call_patterns``: UTF-8 JSON bytes, uint8) into an open maps file."""
+    rows, cols = pattern.shape
+    opts = {"compression": "gzip", "compression_opts": 1, "shuffle": True}
+    d = f.create_dataset("pattern", (rows, cols), np.int32, chunks=(min(rows, 64), min(cols, 64)), **opts)
+    for sl in _row_blocks(rows, cols):
+        d[sl] = np.asarray(pattern[sl], dtype=np.int32)
+    d.attrs["long_name"] = "call pattern of the pixel (index into call_patterns; -1: none)"
+    text = json.dumps([p.to_dict() for p in patterns], ensure_ascii=False).encode("utf-8")
+    f.create_dataset("call_patterns", data=np.frombuffer(text, dtype=np.uint8), **opts)
+    if patterns and all(p.mean_spectrum is not None for p in patterns):
+        spectra = np.stack([np.asarray(p.mean_spectrum, dtype=np.float32) for p in patterns])
+        f.create_dataset("call_pattern_spectra", data=spectra, **opts)
+
+
+def read_call_patterns(
+    f: h5py.File, path: str | os.PathLike
+) -> tuple[h5py.Dataset | None, tuple[CallPattern, ...]]:
+    """The pattern map (a dataset, or None in files without it) and the call patterns of a maps file."""
+    if "pattern" not in f:
+        return None, ()
+    try:
+        raw = bytes(np.asarray(f["call_patterns"][()], dtype=np.uint8))
+        dicts = json.loads(raw.decode("utf-8"))
+        spectra = f["call_pattern_spectra"][()] if "call_pattern_spectra" in f else [None] * len(dicts)
+        patterns = tuple(CallPattern.from_dict(d, s) for d, s in zip(dicts, spectra, strict=True))
+    except (KeyError, ValueError, TypeError) as exc:
+        raise FormatError(f"{path}: unreadable call patterns ({exc})") from None
+    return f["pattern"], patterns
 
 
 def _hex_to_rgb(color: str) -> tuple[int, int, int]:

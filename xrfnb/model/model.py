@@ -69,13 +69,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .._errors import CalibrationError, DataError, ModelError
+from .._errors import CalibrationError, DataError, InstrumentError, ModelError, PigmentError, SimulationError
 from ..core.calibration import EnergyCalibration
 from ..core.calls import is_buried, is_present
 from ..core.lines import element_lines
 from ..core.spectrum import Spectrum, check_counts
 from ..physics.detector import si_ka_keV
+from ..physics.instrument import Instrument, resolve_instrument
 from .nn import PigmentNet, energy_grid_edges_keV, features_from_binned, rebin_counts
+from .physics_check import DEFAULT_MARGIN, Explanation, PhysicsCheck, check_calls
 
 __all__ = [
     "BatchIdentification",
@@ -241,6 +243,16 @@ class Identification:
         explains.
     class_pigments : dict of str to tuple of str
         The library pigments each class stands for.
+    network_present : tuple of str
+        The network's own calls (``probability >= thresholds``), most probable first; ``present`` differs
+        from them only where the physics check found a better explanation.
+    alternatives : tuple of Explanation
+        The explanations of the spectrum within the physics check's margin, best first (the first is what
+        ``present`` follows): each with its classes, BIC difference and a readable ``evidence`` line
+        (:mod:`xrfnb.model.physics_check`). Empty when the check was off or could not run.
+    physics_check : PhysicsCheck or None
+        The whole check (every explanation fitted, the margin, a note when it could not run); None when
+        ``identify(..., check_physics=False)``.
     """
 
     classes: tuple[str, ...]
@@ -255,6 +267,9 @@ class Identification:
     ood_threshold: float
     unexplained_fraction: float
     class_pigments: dict[str, tuple[str, ...]]
+    network_present: tuple[str, ...] = ()
+    alternatives: tuple[Explanation, ...] = ()
+    physics_check: PhysicsCheck | None = None
 
     @property
     def ood(self) -> bool:
@@ -285,6 +300,8 @@ class Identification:
                 f"{name}: p={self.probability[i]:.2f} ({self.layer[name]}, "
                 f"p_buried={self.buried_probability[i]:.2f}); elements: {ev}"
             )
+        if self.physics_check is not None:
+            lines.append("physics check: " + self.physics_check.summary())
         return "\n".join(lines)
 
     def __repr__(self) -> str:
@@ -775,7 +792,13 @@ class PigmentModel:
         )
 
     def identify(
-        self, spectrum: Spectrum | np.ndarray, calibration: EnergyCalibration | None = None
+        self,
+        spectrum: Spectrum | np.ndarray,
+        calibration: EnergyCalibration | None = None,
+        *,
+        check_physics: bool = True,
+        instrument: Instrument | str | None = None,
+        margin: float = DEFAULT_MARGIN,
     ) -> Identification:
         """Identify the pigments in one spectrum.
 
@@ -786,31 +809,65 @@ class PigmentModel:
         calibration : EnergyCalibration, optional
             Overrides the spectrum's calibration; needed for a bare array whose length differs from the
             model's default input.
+        check_physics : bool
+            Check the network's called set against its merge, split, drop and swap alternatives by paint
+            stack fits (:func:`xrfnb.model.physics_check.check_calls`, BIC): ``present`` then follows the
+            best explanation and ``alternatives`` lists those within ``margin``. Costs about a second per
+            spectrum (the network alone: milliseconds); off, ``present`` is the network's call. Not checked
+            (``physics_check.note`` says why) when the spectrum is out of distribution.
+        instrument : Instrument or str, optional
+            The instrument of the stack fits (default: the spectrum's ``metadata["instrument"]``, else
+            :data:`xrfnb.physics.instrument.DEFAULT_INSTRUMENT`), with the spectrum's calibration and
+            channel count.
+        margin : float
+            BIC difference within which alternatives are listed.
 
         Returns
         -------
         Identification
-            Probabilities, calls with surface/buried, supporting elements and the OOD flag.
+            Probabilities, calls with surface/buried, supporting elements, the OOD flag and, with
+            ``check_physics``, the physics-checked alternatives.
         """
         if isinstance(spectrum, Spectrum):
             counts = spectrum.counts
             cal = calibration or spectrum.calibration
             lt = spectrum.live_time_s
+            meta = spectrum.metadata
         else:
             counts = np.asarray(spectrum)
             if counts.ndim != 1:
                 raise DataError(f"identify takes one spectrum of shape (channels,), got {counts.shape}")
-            cal, lt = calibration, None
+            cal, lt, meta = calibration, None, {}
         batch = self.identify_batch(counts[None], cal, lt)
         prob, buried = batch.probability[0], batch.buried_probability[0]
         present_mask = batch.present[0]
         order = [int(i) for i in np.argsort(-prob) if present_mask[i]]
-        present = tuple(self.classes[i] for i in order)
+        network_present = tuple(self.classes[i] for i in order)
         layer = {
             self.classes[i]: ("buried" if is_buried(prob[i], buried[i]) else "surface") for i in order
         }
         counts2 = np.asarray(counts)[None]
         cal2 = self._resolve_calibration(counts2.shape[1], cal)
+        check: PhysicsCheck | None = None
+        present = network_present
+        if check_physics:
+            if bool(batch.ood[0]):
+                check = PhysicsCheck(network_present, (), margin, note="out of distribution: not checked")
+            else:
+                try:
+                    inst = resolve_instrument(instrument, meta).with_(
+                        calibration=cal2, n_channels=int(counts2.shape[1])
+                    )
+                    check = check_calls(
+                        counts2[0], inst, network_present, layer, self.class_elements, margin=margin
+                    )
+                except (DataError, InstrumentError, PigmentError, SimulationError) as exc:
+                    check = PhysicsCheck(network_present, (), margin, note=f"the stack fit failed: {exc}")
+            if check.checked and check.changed:
+                best = check.explanations[0]
+                index = {c: i for i, c in enumerate(self.classes)}
+                present = tuple(sorted(best.classes, key=lambda c: -float(prob[index[c]])))
+                layer = {c: best.layer[c] for c in present}
         b = torch.from_numpy(rebin_counts(counts2, cal2, self.energy_edges_keV))
         sig = self.element_significance(b)[0]
         evidence = {
@@ -829,6 +886,9 @@ class PigmentModel:
             ood_threshold=self.ood_threshold,
             unexplained_fraction=float(batch.unexplained_fraction[0]),
             class_pigments=dict(self.class_pigments),
+            network_present=network_present,
+            alternatives=check.alternatives if check is not None else (),
+            physics_check=check,
         )
 
     @torch.inference_mode()
