@@ -334,3 +334,17 @@ def test_simulated_instruments_meet_the_targets(anode, kv, n_ch, gain, inc, out,
     assert p["fwhm_mnka_eV"].value == pytest.approx(145.0, rel=0.10)
     assert abs(_e10_error_eV(fit, inst.calibration)) <= 15.0
     assert math.isfinite(fit.seconds)
+
+
+def test_cli_info_prints_the_fitted_instrument(tmp_path, capsys, mo_fit):
+    from xrfnb.ui import cli
+
+    inst, _, _ = mo_fit
+    stack = Stack([Layer({"yellow ochre": 0.6}, thickness_um=30)], substrate=CHALK)
+    spectrum = xrfnb.simulate(stack, inst, counts=2e6, live_time_s=100.0, rng=18209)
+    path = tmp_path / "spectrum.h5"
+    xrfnb.save(xrfnb.Spectrum(spectrum.counts, spectrum.calibration, live_time_s=100.0), path)
+    assert cli.main(["info", str(path), "--fit-instrument", "--no-elements"]) == 0
+    out = capsys.readouterr().out
+    assert "fitted instrument (xrfnb.fit_instrument):" in out
+    assert "tube anode" in out and "Mo" in out and "not determined" in out
