@@ -1001,6 +1001,7 @@ class _ScatterEvidence(NamedTuple):
     rayleigh_counts: float
     compton_counts: float
     chi2_dof: float
+    dof: int
 
 
 def _pileup_template(y: np.ndarray, energy_keV: np.ndarray, min_energy_keV: float = 1.0) -> np.ndarray:
@@ -1130,7 +1131,7 @@ def _scatter_evidence(
     r_sum, c_sum = float(coef[r_idx].sum()), float(coef[c_idx].sum())
     sd_r = math.sqrt(max(float(cov[np.ix_(r_idx, r_idx)].sum()), 1e-300)) * scale
     sd_c = math.sqrt(max(float(cov[np.ix_(c_idx, c_idx)].sum()), 1e-300)) * scale
-    return _ScatterEvidence(lines, float(th), r_sum / sd_r, c_sum / sd_c, r_sum, c_sum, chi2 / dof)
+    return _ScatterEvidence(lines, float(th), r_sum / sd_r, c_sum / sd_c, r_sum, c_sum, chi2 / dof, dof)
 
 
 # ------------------------------------------------------------------------------------------ geometry
@@ -2792,21 +2793,22 @@ def _refine_angle(
     theta0: float,
 ) -> tuple[float, float | None]:
     """The scattering angle of a monochromatic beam's Compton peak: the local scatter fit's chi-square on a
-    1 degree grid around ``theta0``, a parabola through its minimum; sigma where chi-square rises by one
-    reduced chi-square."""
+    1 degree grid around ``theta0``, a parabola through its minimum; sigma where the chi-square rises by
+    one (times the reduced chi-square where that exceeds one)."""
     ts = np.arange(max(30.0, theta0 - 8.0), min(180.0, theta0 + 8.0) + 0.5, 1.0)
     chi = []
     for t in ts:
         ev = _scatter_evidence(y, energy, fwhm, lines, peaks_e, np.array([t]), pileup)
-        chi.append(np.inf if ev is None else ev.chi2_dof)
+        chi.append(np.inf if ev is None else ev.chi2_dof * ev.dof)
     chi_arr = np.array(chi)
     i = int(np.argmin(chi_arr))
     sel = slice(max(0, i - 2), i + 3)
     pm = _parabola_min(ts[sel], chi_arr[sel])
     if pm is None:
         return float(ts[i]), None
-    # chi2_dof is chi-square over dof: one sigma where the total rises by the reduced chi-square
-    return float(np.clip(pm[0], 30.0, 180.0)), None if pm[1] <= 0 else float(math.sqrt(2.0 / pm[1]) * 0.1)
+    ev = _scatter_evidence(y, energy, fwhm, lines, peaks_e, np.array([pm[0]]), pileup)
+    over = max(1.0, ev.chi2_dof) if ev is not None else 1.0
+    return float(np.clip(pm[0], 30.0, 180.0)), float(math.sqrt(2.0 / pm[1] * over))
 
 
 def _air_path_of(inst: Instrument) -> float:
