@@ -193,8 +193,7 @@ def test_map_checks_each_call_pattern_once(model, m6, monkeypatch, tmp_path):
         return check_calls(counts, instrument, called, layer, class_elements, **kw)
 
     monkeypatch.setattr(physics_check, "check_calls", counting)
-    monkeypatch.setattr(mapping, "PHYSICS_MIN_CHECKS", 48)  # every pattern with enough pixels, here
-    maps = xrfnb.map_pigments(scan, model, progress=False, out=tmp_path / "maps.h5")
+    maps = xrfnb.map_pigments(scan, model, progress=False, out=tmp_path / "maps.h5", check_physics=48)
     meta = maps.metadata["physics_check"]
     pattern = np.asarray(maps.pattern[()])
     # the patterns are the distinct (called set, count level) of the pixels, as the network called them
@@ -254,13 +253,12 @@ def test_map_checks_each_call_pattern_once(model, m6, monkeypatch, tmp_path):
         [x.evidence for x in maps.patterns[0].alternatives]
 
 
-def test_patterns_beyond_the_budget_are_checked_on_demand(model, m6, monkeypatch, tmp_path):
+def test_patterns_beyond_the_budget_are_checked_on_demand(model, m6, tmp_path):
     """With one fit allowed while mapping, the most frequent pattern with alternatives is checked and the
     next waits, with its mean spectrum; checked on demand (also from the file) it gets the same answer
     as a check while mapping."""
     scan, _ = _scan(m6)
-    monkeypatch.setattr(mapping, "PHYSICS_MIN_CHECKS", 1)
-    maps = xrfnb.map_pigments(scan, model, progress=False, out=tmp_path / "one.h5")
+    maps = xrfnb.map_pigments(scan, model, progress=False, out=tmp_path / "one.h5", check_physics=1)
     assert maps.metadata["physics_check"]["checked"] == 1
     waiting = [p for p in maps.patterns if "on demand" in p.note]
     assert waiting, [p.note for p in maps.patterns]

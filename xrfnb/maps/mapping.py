@@ -74,10 +74,11 @@ _DEFAULT_CHUNK_PIXELS = 8192
 _DEFAULT_BATCH_PIXELS = 4096
 #: patterns with fewer pixels are not checked by physics while mapping
 PHYSICS_MIN_PIXELS = 16
-#: patterns fitted while mapping: this many, or one per this many pixels where that is more (the others
-#: keep their mean spectrum, for PigmentMaps.check_pattern on demand)
-PHYSICS_MIN_CHECKS = 4
-PHYSICS_PIXELS_PER_CHECK = 65_536
+#: patterns fitted while mapping by default: this many, or one per this many pixels where that is more (the
+#: others keep their mean spectrum, for PigmentMaps.check_pattern on demand); a fit costs 0.1-0.4 s, the
+#: first about 0.3 s more (the simulator's set-up), against about 10 s of mapping per 131,072 pixels
+PHYSICS_MIN_CHECKS = 2
+PHYSICS_PIXELS_PER_CHECK = 131_072
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -144,7 +145,7 @@ def map_pigments(
     resume: bool = False,
     saturation_counts: float | None = None,
     use_dask: bool | None = None,
-    check_physics: bool = True,
+    check_physics: bool | int = True,
 ) -> PigmentMaps:
     """Pigment maps of a whole scan, streamed block by block with bounded memory.
 
@@ -190,14 +191,16 @@ def map_pigments(
         is wrapped in a dask array whose tasks open the file by path (see :func:`dask_scan`), so workers of
         a cluster that share the file system can read it. The dask path ignores ``resume``; with ``out``
         the maps are written (atomically) when the computation ends.
-    check_physics : bool
-        Check each call pattern (called set and count level) once by paint-stack fits against its merge,
-        split, drop and swap alternatives (see the module docstring): the maps then carry ``pattern`` and
-        ``patterns``, and ``metadata["physics_check"]`` says how many patterns there were, how many were
-        checked and changed, and the seconds it took. Patterns of fewer than :data:`PHYSICS_MIN_PIXELS`
-        pixels are left unchecked, and so are those beyond the most frequent :data:`PHYSICS_MIN_CHECKS`
-        (or one per :data:`PHYSICS_PIXELS_PER_CHECK` pixels where that is more): each says so, and
-        :meth:`PigmentMaps.check_pattern` checks one on demand. Not on the dask path.
+    check_physics : bool or int
+        Check call patterns (called set and count level) by paint-stack fits against their merge, split,
+        drop and swap alternatives (see the module docstring), each once: the maps then carry ``pattern``
+        and ``patterns``, and ``metadata["physics_check"]`` says how many patterns there were, how many
+        were checked and changed, and the seconds it took. True fits the most frequent
+        :data:`PHYSICS_MIN_CHECKS` patterns with alternatives (or one per :data:`PHYSICS_PIXELS_PER_CHECK`
+        pixels where that is more) while mapping; an int fits that many (0: none, every pattern waits);
+        the others keep their mean spectrum and say so, and :meth:`PigmentMaps.check_pattern` checks one
+        on demand (0.1-0.4 s). Patterns of fewer than :data:`PHYSICS_MIN_PIXELS` pixels are never
+        checked. False: no patterns at all. Not on the dask path.
 
     Returns
     -------
@@ -285,7 +288,10 @@ def map_pigments(
         inst = resolve_instrument(instrument, scan.metadata).with_(
             calibration=scan.calibration, n_channels=int(scan.shape[2])
         )
-        max_checks = max(PHYSICS_MIN_CHECKS, rows * cols // PHYSICS_PIXELS_PER_CHECK)
+        if check_physics is True:
+            max_checks = max(PHYSICS_MIN_CHECKS, rows * cols // PHYSICS_PIXELS_PER_CHECK)
+        else:
+            max_checks = max(0, int(check_physics))
         patterns = tally.check(
             inst,
             model.class_elements,

@@ -737,8 +737,10 @@ class PigmentMaps:
 
 
 def write_call_patterns(f: h5py.File, pattern: np.ndarray, patterns: tuple[CallPattern, ...]) -> None:
-    """Write the pattern map (dataset ``pattern``, (rows, cols) int32, gzip) and the call patterns with
-    their physics checks (dataset ``call_patterns``: UTF-8 JSON bytes, uint8) into an open maps file."""
+    """Write the pattern map (dataset ``pattern``, (rows, cols) int32, gzip), the call patterns with
+    their physics checks (dataset ``call_patterns``: UTF-8 JSON bytes, uint8) and the mean spectra kept
+    for checks on demand (``call_pattern_spectra`` (m, channels) float32, ``call_pattern_spectra_index``
+    (m,) int32: their pattern numbers) into an open maps file."""
     rows, cols = pattern.shape
     opts = {"compression": "gzip", "compression_opts": 1, "shuffle": True}
     d = f.create_dataset("pattern", (rows, cols), np.int32, chunks=(min(rows, 64), min(cols, 64)), **opts)
@@ -747,9 +749,11 @@ def write_call_patterns(f: h5py.File, pattern: np.ndarray, patterns: tuple[CallP
     d.attrs["long_name"] = "call pattern of the pixel (index into call_patterns; -1: none)"
     text = json.dumps([p.to_dict() for p in patterns], ensure_ascii=False).encode("utf-8")
     f.create_dataset("call_patterns", data=np.frombuffer(text, dtype=np.uint8), **opts)
-    if patterns and all(p.mean_spectrum is not None for p in patterns):
-        spectra = np.stack([np.asarray(p.mean_spectrum, dtype=np.float32) for p in patterns])
+    kept = [p for p in patterns if p.mean_spectrum is not None]
+    if kept:  # the mean spectra of the patterns that can be checked (on demand), and their numbers
+        spectra = np.stack([np.asarray(p.mean_spectrum, dtype=np.float32) for p in kept])
         f.create_dataset("call_pattern_spectra", data=spectra, **opts)
+        f.create_dataset("call_pattern_spectra_index", data=np.array([p.index for p in kept], np.int32))
 
 
 def read_call_patterns(
@@ -761,7 +765,11 @@ def read_call_patterns(
     try:
         raw = bytes(np.asarray(f["call_patterns"][()], dtype=np.uint8))
         dicts = json.loads(raw.decode("utf-8"))
-        spectra = f["call_pattern_spectra"][()] if "call_pattern_spectra" in f else [None] * len(dicts)
+        spectra: list[np.ndarray | None] = [None] * len(dicts)
+        if "call_pattern_spectra" in f:
+            rows = f["call_pattern_spectra"][()]
+            for i, row in zip(f["call_pattern_spectra_index"][()], rows, strict=True):
+                spectra[int(i)] = row
         patterns = tuple(CallPattern.from_dict(d, s) for d, s in zip(dicts, spectra, strict=True))
     except (KeyError, ValueError, TypeError) as exc:
         raise FormatError(f"{path}: unreadable call patterns ({exc})") from None

@@ -63,6 +63,7 @@ from typing import Any
 import numpy as np
 
 from .._errors import DataError, PigmentError, SimulationError
+from ..core.calibration import EnergyCalibration
 from ..core.calls import is_buried, is_present
 from ..fitting.stackfit import StackFit, fit_stack, poisson_deviance
 from ..physics.instrument import Instrument
@@ -77,6 +78,7 @@ __all__ = [
     "Candidate",
     "Explanation",
     "PhysicsCheck",
+    "bin_spectrum",
     "candidate_sets",
     "check_calls",
     "count_level",
@@ -90,6 +92,8 @@ __all__ = [
 DEFAULT_MARGIN = 6.0
 #: the criterion's name, as results and files record it
 CRITERION = "BIC = D + k ln N"
+#: the note of a pattern left for a check on demand
+BEYOND_BUDGET = "beyond the {} patterns fitted while mapping: check it on demand"
 #: the note of a check whose called set has no alternative (nothing is fitted)
 NO_ALTERNATIVE = "no alternative: no merge, split, drop or swap keeps these key elements"
 _BURIED_UM = 40.0  # fit_stack's default thickness of the buried layer (kept fixed, as there)
@@ -213,6 +217,50 @@ def fitted_range_keV(instrument: Instrument, low_keV: float = 1.0) -> tuple[floa
     mono = getattr(instrument, "monochromatic_keV", None)
     hi = float(mono) + 1.0 if mono else 0.95 * float(instrument.tube_voltage_kV)
     return float(low_keV), hi
+
+
+def bin_spectrum(counts: np.ndarray, instrument: Instrument, factor: int) -> tuple[np.ndarray, Instrument]:
+    """Sums of ``factor`` adjacent channels and the instrument whose channels they are.
+
+    Sums of Poisson counts are Poisson, so a fit to them is a fit to the same photons at a coarser energy
+    step. The simulator gives a channel the line shape's density at its centre times its width: at 40 eV
+    bins that is within about 4 % of the integral at the centre of a 2 keV line (FWHM 100 eV), less at
+    higher energies, and the same for every explanation compared. A last incomplete group is left out.
+
+    Parameters
+    ----------
+    counts : numpy.ndarray
+        Counts, shape (channels,) on ``instrument.calibration``.
+    instrument : Instrument
+        Their instrument.
+    factor : int
+        Channels per bin.
+
+    Returns
+    -------
+    (numpy.ndarray, Instrument)
+        The binned counts, shape (channels // factor,), float64, and the instrument with the bins' calibration
+        (centre of each group) and channel count.
+
+    Examples
+    --------
+    >>> import xrfnb
+    >>> inst = xrfnb.Instrument.preset("bruker-m6")
+    >>> y, coarse = bin_spectrum(np.ones(inst.n_channels), inst, 4)
+    >>> y.shape, coarse.n_channels, round(coarse.calibration.gain_keV, 3), float(y[0])
+    ((1024,), 1024, 0.04, 4.0)
+    """
+    f = int(factor)
+    y = np.asarray(counts, dtype=float)
+    n = y.size // f
+    cal = instrument.calibration
+    c = 0.5 * (f - 1)  # the centre of a group in channels of the original calibration
+    coarse = EnergyCalibration(
+        cal.offset_keV + c * cal.gain_keV + c * c * cal.quadratic_keV,
+        f * cal.gain_keV + 2 * f * c * cal.quadratic_keV,
+        f * f * cal.quadratic_keV,
+    )
+    return y[: n * f].reshape(n, f).sum(axis=1), instrument.with_(calibration=coarse, n_channels=n)
 
 
 def _stack_of(surface: Mapping[str, float], buried: Mapping[str, float], thickness_um: float,
@@ -592,6 +640,7 @@ def check_calls(
     max_rounds: int = 2,
     secondary: bool = True,
     max_candidates: int = 120,
+    bin_channels: int = 4,
 ) -> PhysicsCheck:
     """Check a spectrum's called set against its alternatives by paint-stack fits and BIC.
 
@@ -618,6 +667,9 @@ def check_calls(
         Secondary fluorescence in the refined fits (see :func:`refine_stack_fit`).
     max_candidates : int
         Grid stacks of each ``fit_stack`` search before refinement.
+    bin_channels : int
+        Fit sums of this many adjacent channels (:func:`bin_spectrum`): the simulator's cost grows with
+        the channels, and 40 eV bins still resolve the lines (FWHM 70-180 eV); 1 fits every channel.
 
     Returns
     -------
@@ -644,6 +696,8 @@ def check_calls(
     y = np.asarray(counts, dtype=float)
     if y.ndim != 1 or y.size != int(instrument.n_channels):
         raise DataError(f"check_calls needs counts of shape ({instrument.n_channels},), got {y.shape}")
+    if bin_channels > 1:
+        y, instrument = bin_spectrum(y, instrument, bin_channels)
     erange = fitted_range_keV(instrument)
     e = instrument.calibration.energies_keV(y.size)
     n_counts = float(y[(e >= erange[0]) & (e <= erange[1])].sum())
@@ -816,6 +870,15 @@ class CallPattern:
         )
 
 
+def _accumulator(dtype: np.dtype, n_terms: int) -> type:
+    """A fast exact sum type for ``n_terms`` values of ``dtype``: uint32 for 8- and 16-bit unsigned counts
+    that cannot overflow it (about twice as fast as int64), else int64 or float64."""
+    dtype = np.dtype(dtype)
+    if dtype.kind == "u" and dtype.itemsize <= 2 and n_terms * float(np.iinfo(dtype).max) < 2.0**32:
+        return np.uint32
+    return np.int64 if dtype.kind in "iub" else np.float64
+
+
 class CallPatterns:
     """The call patterns of many spectra, gathered block by block, each checked once by physics.
 
@@ -836,26 +899,42 @@ class CallPatterns:
         Channels of the spectra.
     max_pixels : int
         Spectra summed per pattern for its mean spectrum.
+    max_spectra : int
+        Patterns with a mean spectrum (the first met; 16 kB each at 4,096 channels): a scan with more
+        distinct patterns leaves the later ones without, and so unchecked.
     """
 
     def __init__(self, classes: Sequence[str], thresholds: np.ndarray, ood_threshold: float,
-                 n_channels: int, max_pixels: int = 256) -> None:
+                 n_channels: int, max_pixels: int = 256, max_spectra: int = 4096) -> None:
         self.classes = tuple(classes)
         self.thresholds = np.asarray(thresholds, dtype=np.float32).reshape(-1)
         self.ood_threshold = float(ood_threshold)
         self.n_channels = int(n_channels)
         self.max_pixels = int(max_pixels)
+        self.max_spectra = int(max_spectra)
         self._ids: dict[bytes, int] = {}
         self._keys: list[tuple[tuple[int, ...], int]] = []
-        self._n: list[int] = []
-        self._n_summed: list[int] = []
-        self._sum: list[np.ndarray] = []
-        self._buried: list[np.ndarray] = []
-        self._total: list[float] = []
+        k = len(self.classes)
+        self._n = np.zeros(0, np.int64)
+        self._n_summed = np.zeros(0, np.int64)
+        self._total = np.zeros(0, np.float64)
+        self._buried = np.zeros((0, k), np.int64)
+        self._sum: list[np.ndarray | None] = []
         self.checks_run = 0
 
     def __len__(self) -> int:
         return len(self._keys)
+
+    def _grow(self, size: int) -> None:
+        """Room for ``size`` patterns in the per-pattern arrays (doubling)."""
+        if size <= self._n.size:
+            return
+        new = max(size, 2 * self._n.size, 64)
+        for name in ("_n", "_n_summed", "_total", "_buried"):
+            old = getattr(self, name)
+            grown = np.zeros((new, *old.shape[1:]), old.dtype)
+            grown[: old.shape[0]] = old
+            setattr(self, name, grown)
 
     def add(self, counts: np.ndarray, probability: np.ndarray, buried_probability: np.ndarray,
             ood_score: np.ndarray, valid: np.ndarray) -> np.ndarray:
@@ -885,43 +964,47 @@ class CallPatterns:
         idx = np.flatnonzero(keep)
         if idx.size == 0:
             return out
-        sub = counts if idx.size == n else counts[idx]  # most blocks: every pixel, no copy
-        totals = sub.sum(axis=1, dtype=np.int64 if sub.dtype.kind in "iub" else np.float64).astype(np.float64)
+        whole = idx.size == n
+        acc = _accumulator(counts.dtype, max(counts.shape[1], self.max_pixels))
+        totals = counts.sum(axis=1, dtype=acc).astype(np.float64)  # all rows: no copy of the block
+        totals = totals if whole else totals[idx]
         level = count_level(totals)
-        bits = np.packbits(present[idx], axis=1)
+        pres = present if whole else present[idx]
+        bits = np.packbits(pres, axis=1)
         key = np.concatenate([bits, level.astype("<i2").view(np.uint8).reshape(-1, 2)], axis=1)
         key = np.ascontiguousarray(key).view(np.dtype((np.void, key.shape[1]))).ravel()
-        uniq, inverse = np.unique(key, return_inverse=True)
+        uniq, first, inverse = np.unique(key, return_index=True, return_inverse=True)
         inverse = inverse.reshape(-1)
         order = np.argsort(inverse, kind="stable")
         starts = np.searchsorted(inverse[order], np.arange(uniq.size + 1))
-        with np.errstate(invalid="ignore"):
-            bur = is_buried(probability[idx], buried_probability[idx]) & present[idx]
-        local = np.empty(uniq.size, dtype=np.int32)
-        for u in range(uniq.size):
-            members = order[starts[u] : starts[u + 1]]
+        sizes = np.diff(starts)
+        pids = np.empty(uniq.size, dtype=np.int64)
+        for u in range(uniq.size):  # one dictionary look-up per distinct pattern of the block
             kb = uniq[u].tobytes()
             pid = self._ids.get(kb)
             if pid is None:
-                pid = len(self._keys)
-                self._ids[kb] = pid
-                first = members[0]
-                self._keys.append((tuple(np.flatnonzero(present[idx[first]]).tolist()), int(level[first])))
-                self._n.append(0)
-                self._n_summed.append(0)
-                self._sum.append(np.zeros(self.n_channels, np.float64))
-                self._buried.append(np.zeros(len(self.classes), np.int64))
-                self._total.append(0.0)
-            local[u] = pid
-            self._n[pid] += members.size
-            self._total[pid] += float(totals[members].sum())
-            self._buried[pid] += bur[members].sum(axis=0)
-            need = self.max_pixels - self._n_summed[pid]
-            if need > 0:
-                take = idx[members[:need]]
-                self._sum[pid] += counts[take].sum(axis=0, dtype=np.float64)
-                self._n_summed[pid] += take.size
-        out[idx] = local[inverse]
+                pid = self._ids[kb] = len(self._keys)
+                f0 = int(first[u])
+                self._keys.append((tuple(np.flatnonzero(pres[f0]).tolist()), int(level[f0])))
+                self._sum.append(np.zeros(self.n_channels, np.float32) if pid < self.max_spectra else None)
+            pids[u] = pid
+        self._grow(len(self._keys))
+        with np.errstate(invalid="ignore"):
+            prob = probability if whole else probability[idx]
+            bprob = buried_probability if whole else buried_probability[idx]
+            bur = (is_buried(prob, bprob) & pres).astype(np.int64)
+        head = starts[:-1]
+        self._n[pids] += sizes
+        self._total[pids] += np.add.reduceat(totals[order], head)
+        self._buried[pids] += np.add.reduceat(bur[order], head, axis=0)
+        # the first spectra of each pattern still short of max_pixels (and with room for a spectrum)
+        take = np.minimum(np.maximum(self.max_pixels - self._n_summed[pids], 0), sizes)
+        take[[self._sum[p] is None for p in pids]] = 0
+        for u in np.flatnonzero(take):
+            rows = idx[order[head[u] : head[u] + take[u]]]
+            self._sum[pids[u]] += counts[rows].sum(axis=0, dtype=acc).astype(np.float32)
+        self._n_summed[pids] += take
+        out[idx] = pids[inverse].astype(np.int32)
         return out
 
     def check(
@@ -967,12 +1050,21 @@ class CallPatterns:
             if self._n[i] < min_pixels:
                 checked[i] = (None, f"fewer than {min_pixels} pixels")
                 continue
-            if n_checked >= max_checks:
-                note = f"not checked while mapping (only the {max_checks} most frequent are): check on demand"
-                checked[i] = (None, note)
-                continue
             classes, layer = self._pattern(i)
-            mean = self._sum[i] / max(1, self._n_summed[i])
+            if n_checked >= max_checks or self._sum[i] is None:
+                try:
+                    alone = len(candidate_sets(classes, layer, class_elements)) == 1
+                except DataError as exc:
+                    checked[i] = (None, str(exc))
+                    continue
+                if alone:
+                    checked[i] = (None, NO_ALTERNATIVE)
+                elif self._sum[i] is None:
+                    checked[i] = (None, f"no mean spectrum (kept for the first {self.max_spectra} patterns)")
+                else:
+                    checked[i] = (None, BEYOND_BUDGET.format(max_checks))
+                continue
+            mean = self._sum[i] / max(1, int(self._n_summed[i]))
             try:
                 res = run(mean, instrument, classes, layer, class_elements, margin=margin)
             except (DataError, SimulationError, PigmentError) as exc:
@@ -986,9 +1078,12 @@ class CallPatterns:
         for i in range(len(self)):
             classes, layer = self._pattern(i)
             res, note = checked.get(i, (None, ""))
-            mean = (self._sum[i] / max(1, self._n_summed[i])).astype(np.float32)
-            out.append(CallPattern(i, classes, layer, self._keys[i][1], self._n[i],
-                                   self._total[i] / max(1, self._n[i]), res, note, mean))
+            s = self._sum[i]
+            keep = s is not None and self._n[i] >= min_pixels  # the others can never be checked
+            mean = (s / max(1, int(self._n_summed[i]))).astype(np.float32) if keep else None
+            n_i = int(self._n[i])
+            out.append(CallPattern(i, classes, layer, self._keys[i][1], n_i,
+                                   float(self._total[i]) / max(1, n_i), res, note, mean))
         return tuple(out)
 
     def _pattern(self, i: int) -> tuple[tuple[str, ...], dict[str, str]]:
