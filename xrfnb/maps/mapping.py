@@ -19,7 +19,7 @@ only the maps.
 Calls checked by physics
 ------------------------
 With ``check_physics`` (the default) the streaming path gathers each pixel's call pattern (the called set
-and the count level, ``floor(log2 counts)``) while it maps, with the mean spectrum of up to 256 pixels of
+and the count level, ``floor(log2 counts)``) while it maps, with the mean spectrum of up to 32 pixels of
 each pattern (:class:`~xrfnb.model.physics_check.CallPatterns`), and then checks each pattern once by
 paint-stack fits (:func:`~xrfnb.model.physics_check.check_calls`), the most frequent first: the cost grows
 with the number of patterns, not of pixels. The maps carry the pattern of every pixel and the checks

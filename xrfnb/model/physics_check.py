@@ -47,8 +47,8 @@ data; a real paint can differ from it (impurities, a ground, particle effects). 
 what the spectrum cannot tell apart, not as a ruling.
 
 Whole maps (:class:`CallPatterns`): the pixels of one call pattern (called set and count level, the
-level ``floor(log2 counts)``) are checked once, on the mean spectrum of up to ``max_pixels`` of them: the
-deviance differences of a typical pixel of that pattern, without its Poisson noise.
+level ``floor(log2 counts)``) are checked once, on the mean spectrum of up to ``max_pixels`` (32) of them:
+the deviance differences of a typical pixel of that pattern, its Poisson noise averaged down.
 """
 
 from __future__ import annotations
@@ -905,7 +905,7 @@ class CallPatterns:
     """
 
     def __init__(self, classes: Sequence[str], thresholds: np.ndarray, ood_threshold: float,
-                 n_channels: int, max_pixels: int = 256, max_spectra: int = 4096) -> None:
+                 n_channels: int, max_pixels: int = 32, max_spectra: int = 4096) -> None:
         self.classes = tuple(classes)
         self.thresholds = np.asarray(thresholds, dtype=np.float32).reshape(-1)
         self.ood_threshold = float(ood_threshold)
