@@ -475,14 +475,18 @@ def _stream(
         timing["read"] += time.perf_counter() - t
         return block
 
+    recorder = _TotalsRecorder(model) if tally is not None else model
+
     def gather(sl: slice, block: np.ndarray, prob: np.ndarray, bur: np.ndarray, ood: np.ndarray,
                reason: np.ndarray) -> None:
         if tally is None or pattern_map is None:
             return
         t = time.perf_counter()
         n, k = block.shape[0] * block.shape[1], prob.shape[-1]
-        ids = tally.add(block.reshape(n, -1), prob.reshape(n, k), bur.reshape(n, k), ood.reshape(n),
-                        reason.reshape(n) == MASK_OK)
+        valid = reason.reshape(n) == MASK_OK
+        totals = recorder.take(valid) if isinstance(recorder, _TotalsRecorder) else None
+        ids = tally.add(block.reshape(n, -1), prob.reshape(n, k), bur.reshape(n, k), ood.reshape(n), valid,
+                        totals)
         pattern_map[sl] = ids.reshape(block.shape[:2])
         timing["patterns"] += time.perf_counter() - t
 
@@ -518,7 +522,7 @@ def _stream(
             pending = pool.submit(read, todo[i + 1]) if i + 1 < len(todo) else None
             lt = lt_all[sl] if isinstance(lt_all, np.ndarray) else lt_all
             prob, bur, ood, reason = process_block(
-                block, model, scan.calibration, lt, saturation_counts, batch_pixels
+                block, recorder, scan.calibration, lt, saturation_counts, batch_pixels
             )
             t2 = time.perf_counter()
             gather(sl, block, prob, bur, ood, reason)  # timed as "patterns"
@@ -534,6 +538,35 @@ def _stream(
             if report is not None:
                 report(done_px, rows * cols)
     return {k: round(v, 3) for k, v in timing.items()}
+
+
+class _TotalsRecorder:
+    """The model as :func:`process_block` sees it, keeping the counts each ``identify_batch`` returns
+    (``BatchIdentification.total_counts``, the model's grid counts), so the call patterns' count levels
+    cost no second pass over the spectra."""
+
+    def __init__(self, model: PigmentModel) -> None:
+        self._model = model
+        self._totals: list[np.ndarray | None] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+    def identify_batch(self, counts: np.ndarray, calibration: Any = None, live_time_s: Any = None) -> Any:
+        res = self._model.identify_batch(counts, calibration, live_time_s=live_time_s)
+        self._totals.append(getattr(res, "total_counts", None))
+        return res
+
+    def take(self, valid: np.ndarray) -> np.ndarray | None:
+        """The block's counts per spectrum (0 where masked), in the order of its valid spectra; None when
+        the model returned none (the patterns then sum the counts)."""
+        parts, self._totals = self._totals, []
+        if any(p is None for p in parts) or sum(len(p) for p in parts) != int(valid.sum()):
+            return None
+        out = np.zeros(valid.size, np.float64)
+        if parts:
+            out[valid] = np.concatenate(parts)
+        return out
 
 
 def _note(message: str) -> None:

@@ -179,6 +179,9 @@ class BatchIdentification:
         Spectra with ``ood_score`` above it are flagged.
     unexplained_fraction : numpy.ndarray
         Fraction of significant peak area no predicted class explains, shape (n,), float32.
+    total_counts : numpy.ndarray or None
+        Counts of each spectrum on the model's energy grid, shape (n,), float32 (the count level of a
+        map's call patterns, :class:`xrfnb.model.physics_check.CallPatterns`).
     """
 
     classes: tuple[str, ...]
@@ -188,6 +191,7 @@ class BatchIdentification:
     thresholds: np.ndarray
     ood_threshold: float
     unexplained_fraction: np.ndarray
+    total_counts: np.ndarray | None = None
 
     @property
     def present(self) -> np.ndarray:
@@ -782,13 +786,15 @@ class PigmentModel:
         buried = np.empty((n, k), np.float32)
         score = np.empty(n, np.float32)
         unexpl = np.empty(n, np.float32)
+        total = np.empty(n, np.float32)
         for i0 in range(0, n, _INFER_CHUNK):
             sl = slice(i0, min(n, i0 + _INFER_CHUNK))
             b = torch.from_numpy(self._rebin_parallel(counts[sl], cal))
+            total[sl] = b.sum(dim=1).numpy()
             p, pb, s, u, _, _ = self._infer_binned(b)
             prob[sl], buried[sl], score[sl], unexpl[sl] = p.numpy(), pb.numpy(), s.numpy(), u.numpy()
         return BatchIdentification(
-            self.classes, prob, buried, score, self.thresholds.copy(), self.ood_threshold, unexpl
+            self.classes, prob, buried, score, self.thresholds.copy(), self.ood_threshold, unexpl, total
         )
 
     def identify(

@@ -937,7 +937,7 @@ class CallPatterns:
             setattr(self, name, grown)
 
     def add(self, counts: np.ndarray, probability: np.ndarray, buried_probability: np.ndarray,
-            ood_score: np.ndarray, valid: np.ndarray) -> np.ndarray:
+            ood_score: np.ndarray, valid: np.ndarray, totals: np.ndarray | None = None) -> np.ndarray:
         """Gather one block.
 
         Parameters
@@ -950,6 +950,9 @@ class CallPatterns:
             Out-of-distribution scores.
         valid : numpy.ndarray, shape (n,), bool
             Spectra that were identified (not masked).
+        totals : numpy.ndarray, shape (n,), optional
+            The spectra's counts for their count level (a map passes the model's, on its energy grid:
+            ``BatchIdentification.total_counts``, free); default the sum over all channels.
 
         Returns
         -------
@@ -966,7 +969,9 @@ class CallPatterns:
             return out
         whole = idx.size == n
         acc = _accumulator(counts.dtype, max(counts.shape[1], self.max_pixels))
-        totals = counts.sum(axis=1, dtype=acc).astype(np.float64)  # all rows: no copy of the block
+        if totals is None:
+            totals = counts.sum(axis=1, dtype=acc)  # all rows: no copy of the block
+        totals = np.asarray(totals, dtype=np.float64)
         totals = totals if whole else totals[idx]
         level = count_level(totals)
         pres = present if whole else present[idx]
