@@ -156,7 +156,7 @@ class ElementViews(pn.viewable.Viewer):
         finite = values[np.isfinite(values)]
         top = float(np.percentile(finite, MOSAIC_PERCENTILE)) if finite.size else 0.0
         return {
-            "values": block_mean(values, step),
+            "values": block_mean(values, step).astype(np.float32),  # half the bytes sent per session
             "step": step,
             "clim": (0.0, top if top > 0 else 1.0),
             "clabel": "log10(1 + counts)" if owner.log_scale else "counts",
@@ -188,6 +188,9 @@ class ElementViews(pn.viewable.Viewer):
                     clipping_colors={"NaN": INVALID_COLOR},
                     xaxis=None,
                     yaxis=None,
+                    # pan and zoom (shared with the other maps), a click, a value: no per-map box zoom or
+                    # save (a session holds every map's tools)
+                    default_tools=["pan", "wheel_zoom", "reset"],
                     tools=["tap", "hover"],
                     active_tools=["pan", "tap"],
                     hover_tooltips=[(what, "@image")],
