@@ -492,6 +492,9 @@ def test_xrfnb_serve_demo_in_chromium(tmp_path):
             assert page.locator(".noUi-handle >> visible=true").count() == 1  # only the global slider
             legend = page.locator(".xrfnb-legend").first
             legend.get_by_text("no pigment above its threshold").wait_for(timeout=20000)
+            # the selected pixel's call, as the physics check of the mapping sees it, beside its spectrum
+            physics = page.locator(".xrfnb-physics-pixel").first
+            physics.get_by_text("Checked by physics: pixel").wait_for(timeout=20000)
             page.wait_for_timeout(2000)
             OUTPUT.mkdir(exist_ok=True)
             page.screenshot(path=str(OUTPUT / "dashboard-demo.png"))  # the README's screenshot

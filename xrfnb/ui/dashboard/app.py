@@ -29,6 +29,7 @@ from .files import (
 from .gallery import Gallery
 from .info import SelectionInfo
 from .maps import MapPanel
+from .physics import PhysicsPanel
 from .regions import RegionPanel
 from .spectrum import SpectrumPanel
 from .state import DashboardState
@@ -72,7 +73,7 @@ class Dashboard(DashboardState):
     Attributes
     ----------
     map_panel, gallery, spectrum_panel, threshold_panel, export_panel, selection_info,
-    calibration_panel, element_views, region_panel
+    calibration_panel, element_views, region_panel, physics_panel
         The parts, one per panel of the page.
     """
 
@@ -170,6 +171,7 @@ class Dashboard(DashboardState):
         self.spectrum_panel = SpectrumPanel(self, taps)
         self.gallery = Gallery(self, taps)
         self.selection_info = SelectionInfo(self)
+        self.physics_panel = PhysicsPanel(self)
         self.region_panel = RegionPanel(self)
         self.param.watch(self._on_pixel_region, ["pixel", "region", "thresholds"])
 
@@ -216,7 +218,13 @@ class Dashboard(DashboardState):
             info.ood_alert,
             pn.Row(
                 self._map_column,
-                pn.Column(spectra.spectrum.pane, spectra.residual.pane, spectra.prob.pane, info.fractions),
+                pn.Column(
+                    spectra.spectrum.pane,
+                    spectra.residual.pane,
+                    spectra.prob.pane,
+                    info.fractions,
+                    self.physics_panel.section,
+                ),
                 info.calls,
             ),
             self.gallery.section,

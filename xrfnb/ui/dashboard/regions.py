@@ -1,6 +1,7 @@
 """The dashboard's kept regions: several regions of the map (box or lasso selections) kept side by side,
 their spectra overlaid in distinct colours (mean counts per pixel, or summed), listed with their pixel
-counts and bounds, removed one by one; their outlines are drawn on the main map (:mod:`.maps`) and the
+counts and bounds and, where the pigment maps were checked by physics, their call patterns with the checks
+(:mod:`.physics`), removed one by one; their outlines are drawn on the main map (:mod:`.maps`) and the
 export panel writes them all to one CSV (:mod:`.export`)."""
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ class RegionPanel(pn.viewable.Viewer):
             self.plot.pane,
             width=PLOT_WIDTH + 10,
         )
-        dash.param.watch(self._on_regions, ["kept_regions"])
+        dash.param.watch(self._on_regions, ["kept_regions", "data_version"])
         dash.param.watch(self._on_selection, ["region", "pixel"])
 
     def __panel__(self) -> pn.viewable.Viewable:
@@ -107,6 +108,12 @@ class RegionPanel(pn.viewable.Viewer):
         self.keep_w.disabled = region is None or any(np.array_equal(k.mask, region) for k in d.kept_regions)
 
     def _on_regions(self, *events: Event) -> None:
+        self.refresh_list()
+
+    def refresh_list(self) -> None:
+        """The list of kept regions: each with its pixels, bounds and remove button and, for maps checked
+        by physics, a card with its call patterns and their checks
+        (:meth:`~xrfnb.ui.dashboard.physics.PhysicsPanel.region_markdown`)."""
         d = self._dash
         self._on_selection()
         self.clear_w.disabled = not d.kept_regions
@@ -127,6 +134,21 @@ class RegionPanel(pn.viewable.Viewer):
                 margin=(2, 5),
             )
             rows.append(pn.Row(text, remove, sizing_mode="stretch_width"))
+            if d.maps is not None and d.maps.pattern is not None:
+                listing = pn.pane.Markdown(
+                    d.physics_panel.region_markdown(kept.mask, kept.name),
+                    sizing_mode="stretch_width",
+                    css_classes=["xrfnb-region-physics"],
+                )
+                rows.append(
+                    pn.Card(
+                        listing,
+                        title=f"{kept.name}: calls checked by physics",
+                        collapsed=True,
+                        sizing_mode="stretch_width",
+                        margin=(0, 5, 5, 5),
+                    )
+                )
         self.list.objects = rows
 
     # -- the plot ---------------------------------------------------------------------------------
