@@ -325,7 +325,7 @@ class PhysicsPanel(pn.viewable.Viewer):
             if view.action:
                 lines += [
                     "",
-                    f"'{CHECK_LABEL}' fits paint stacks to {_text(view.fitted_on)} (a few seconds).",
+                    f"'{CHECK_LABEL}' fits paint stacks to {_text(view.fitted_on)}; it takes seconds.",
                 ]
         d = self._dash
         maps = d.maps
