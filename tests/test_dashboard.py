@@ -797,8 +797,14 @@ def test_several_regions_are_kept_overlaid_removed_and_exported(dash, scene):
 def live_document(dash):
     from bokeh.document import Document
 
+    from panel.io.state import set_curdoc
+
     doc = Document()
-    doc.add_root(dash.__panel__().get_root(doc))
+    # rendered as a session renders it: with this document as Panel's current one, so Panel's per-document
+    # stylesheet cache is this document's (after an in-process server test the current document can be
+    # a finished session's, whose cached stylesheets cannot join another document)
+    with set_curdoc(doc):
+        doc.add_root(dash.__panel__().get_root(doc))
     return doc
 
 
