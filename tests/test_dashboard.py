@@ -796,7 +796,6 @@ def test_several_regions_are_kept_overlaid_removed_and_exported(dash, scene):
 
 def live_document(dash):
     from bokeh.document import Document
-
     from panel.io.state import set_curdoc
 
     doc = Document()
