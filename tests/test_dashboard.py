@@ -9,6 +9,7 @@ dashboard.
 from __future__ import annotations
 
 import csv
+import html
 import io
 import os
 import zipfile
@@ -1666,10 +1667,13 @@ def test_an_rgb_overlay_of_three_element_maps(dash, scene):
 
     # by default the three strongest elements (by total fitted counts), one per channel
     em = maps.element_maps
-    totals = {f"{e} {f}": float(np.nansum(em.intensity[..., i]))
-              for i, (e, f) in enumerate(zip(em.elements, em.families, strict=True))}
-    assert [views.red.value, views.green.value, views.blue.value] == sorted(totals, key=totals.get,
-                                                                              reverse=True)[:3]
+    totals = {
+        f"{e} {f}": float(np.nansum(em.intensity[..., i]))
+        for i, (e, f) in enumerate(zip(em.elements, em.families, strict=True))
+    }
+    assert [views.red.value, views.green.value, views.blue.value] == sorted(
+        totals, key=totals.get, reverse=True
+    )[:3]
     # RGB overlay: Pb red, Hg green, Fe blue, each channel scaled to its own 99th percentile (501 counts:
     # more than 1 % of the pixels hold each element), so full brightness inside its region, ~0 outside
     views.red.value, views.green.value, views.blue.value = "Pb L", "Hg L", "Fe K"
@@ -1847,8 +1851,12 @@ def test_served_session_documents_link_panel_stylesheets_locally_before_their_pa
             root = pane.get_root(doc)
             doc.add_root(root)  # a served session's models live in its document
             pane.object = "b"  # an update, as when a session's first maps arrive
-        return [str(s.url) for m in root.references() for s in (getattr(m, "stylesheets", None) or [])
-                if isinstance(s, ImportedStyleSheet)]
+        return [
+            str(s.url)
+            for m in root.references()
+            for s in (getattr(m, "stylesheets", None) or [])
+            if isinstance(s, ImportedStyleSheet)
+        ]
 
     assert any("cdn.holoviz.org" in u for u in urls(Document()))  # Panel's own fallback, without the pin
     doc = Document()
@@ -1863,3 +1871,146 @@ def test_model_selector_shows_the_model_in_use():
     model without events after the Select existed, so the served page showed an empty selector)."""
     dash = Dashboard()
     assert dash.data_panel.model_w.value == dash.model_name
+
+
+# ---------------------------------------------------------------------------------------------------
+# the instrument from the scan (issue #18 item 1, issue #14 deliverable 4)
+# ---------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def shifted_scan():
+    """(scan, true calibration): a simulated Bruker M6 scan (Rh tube) whose stated calibration is 40 eV
+    and 0.4 % off the one it was simulated with, as a drifted detector's file would be."""
+    scan, _ = xrfnb.render_scan("hidden-painting", shape=(16, 16), counts_per_pixel=20000, rng=1401)
+    true = scan.calibration
+    wrong = xrfnb.EnergyCalibration(true.offset_keV + 0.04, true.gain_keV * 1.004)
+    return scan.with_calibration(wrong, source="test: a drifted calibration"), true
+
+
+def _shown_number(text):
+    """The leading number of a value the card shows ("150.6 °" -> 150.6)."""
+    return float(text.split()[0])
+
+
+def test_the_instrument_fitted_from_the_scan_is_shown_and_its_calibration_applied(shifted_scan):
+    from xrfnb.ui.dashboard import calibration as _calibration
+
+    scan, true = shifted_scan
+    dash = Dashboard(scan=scan)
+    panel = dash.calibration_panel
+    assert panel.instrument_button.name == "Fit the instrument from this scan"
+    # before a fit, applying says what to do first, in words
+    panel.instrument_apply_button.clicks += 1
+    assert dash.last_message[0] == "error" and "Fit the instrument from this scan" in dash.last_message[1]
+    assert dash.scan is scan
+
+    panel.instrument_button.clicks += 1  # blocking outside a server: fitted here
+    shown = panel.instrument_fit
+    direct = xrfnb.fit_instrument(scan)  # the same call on the same data, outside the dashboard
+    assert shown is not None and shown.source == direct.source and shown.n_pixels == 16 * 16
+    # independent of the code: the preset's tube (Rh) and the calibration the scan was simulated with
+    assert shown["anode"].value == "Rh"
+    e10_eV = 1000 * (float(shown.instrument.calibration.energy_keV(true.channel(10.0))) - 10.0)
+    assert abs(e10_eV) <= 15.0
+    e10_before_eV = 1000 * (float(scan.calibration.energy_keV(true.channel(10.0))) - 10.0)
+    assert abs(e10_before_eV) > 60.0  # the stated calibration was clearly off
+
+    # the card shows every setting of the direct fit: its value, uncertainty, status and evidence
+    rows = {row["name"]: row for row in _calibration.instrument_rows(shown)}
+    assert list(rows) == list(direct.parameters)
+    page = panel.instrument_result.object
+    assert panel.instrument_result.visible
+    for name, p in direct.parameters.items():
+        row = rows[name]
+        assert row["status"].startswith(p.status if p.status != "start" else "not fitted")
+        assert row["evidence"] == p.evidence.replace(" um", " µm")
+        assert html.escape(row["setting"]) in page and html.escape(row["evidence"]) in page
+        if isinstance(p.value, str):
+            assert row["value"] == p.value.replace(" um", " µm")
+    for name, scale in (
+        ("offset_keV", 1.0),
+        ("gain_keV", 1e3),  # shown in eV per channel
+        ("fwhm_mnka_eV", 1.0),
+        ("scattering_angle_deg", 1.0),
+    ):
+        assert _shown_number(rows[name]["value"]) == pytest.approx(direct[name].value * scale, rel=1e-3)
+        if direct[name].sigma:
+            sigma = float(rows[name]["uncertainty"].split()[1])
+            assert sigma == pytest.approx(direct[name].sigma * scale, rel=0.06)
+    assert rows["scattering_angle_deg"]["value"].endswith("°")
+    assert rows["anode"]["value"] == "Rh" and rows["anode"]["status"] == "fitted"
+    assert "not determined" in rows["tube_voltage_kV"]["status"]  # the spectrum stops at 40 keV
+    assert "± " in page and "eV at 10 keV" in page
+    for bad in ("Traceback", "FittedParameter(", "InstrumentFit(", "EnergyCalibration("):
+        assert bad not in page
+
+    # applying gives the open scan the fitted calibration, as the manual apply does, and new maps
+    assert not panel.instrument_apply_button.disabled
+    maps_before = dash.maps
+    panel.instrument_apply_button.clicks += 1
+    assert dash.scan.calibration == shown.instrument.calibration
+    assert dash.scan.calibration.offset_keV == pytest.approx(direct.instrument.calibration.offset_keV)
+    assert dash.scan.calibration.gain_keV == pytest.approx(direct.instrument.calibration.gain_keV)
+    assert dash.scan.counts is scan.counts  # the counts are untouched
+    assert "fitted with the instrument in the dashboard" in dash.scan.metadata["calibration_source"]
+    assert dash.maps is not None and dash.maps is not maps_before
+    assert panel.instrument_apply_button.disabled and panel.instrument_result.visible
+    # another scan forgets the fit
+    other, _, _ = make_scene(rows=8, cols=8)
+    dash.set_scan(other, label="other")
+    assert panel.instrument_fit is None and not panel.instrument_result.visible
+
+
+def test_the_instrument_fit_runs_off_the_event_loop_with_a_progress_line(shifted_scan, monkeypatch):
+    from xrfnb.ui.dashboard import calibration as _calibration
+
+    scan, _ = shifted_scan
+    dash = Dashboard(scan=scan, maps=make_scene(16, 16, channels=scan.n_channels)[1], blocking=False)
+    panel = dash.calibration_panel
+    started = []
+    monkeypatch.setattr(panel.jobs, "start", lambda job, work: started.append((job, work)))
+    panel.instrument_button.clicks += 1
+    # handed to the job runner (a worker thread in a session), the card says it is working
+    ((job, work),) = started
+    assert isinstance(job, _calibration.InstrumentJob) and panel.instrument_fit is None
+    assert panel.instrument_progress.visible and panel.instrument_button.disabled
+    stages: list[tuple[str, bool, int]] = []
+
+    class Job(_calibration.InstrumentJob):
+        def __setattr__(self, key, value):
+            super().__setattr__(key, value)
+            if key == "done" and hasattr(self, "stage_started"):
+                stages.append((self.stage, self.determinate, self.done))
+
+    recorded = Job("instrument", label=job.label, scan=job.scan)
+    recorded.run(work)
+    assert recorded.error is None and recorded.fit is not None
+    names = list(dict.fromkeys(stage for stage, _, _ in stages))
+    assert names == [
+        "fitting the instrument: summing the spectra",
+        "fitting the instrument: peaks, calibration, resolution, tube, scatter and air",
+    ]
+    summed = [n for st, counted, n in stages if st == names[0] and counted]
+    assert summed[-1] == scan.shape[0] and summed == sorted(summed)
+    panel._on_instrument_progress(recorded)
+    assert panel.instrument_progress.object.startswith("fitting the instrument: peaks")
+    panel.finish_instrument_fit(recorded)
+    assert not panel.instrument_progress.visible and not panel.instrument_button.disabled
+    assert panel.instrument_fit is recorded.fit and not panel.instrument_apply_button.disabled
+
+
+def test_an_instrument_fit_that_cannot_be_made_is_said_in_words():
+    cal = xrfnb.EnergyCalibration(0.0, 0.01)
+    counts = np.random.default_rng(1402).poisson(0.002, size=(4, 4, 4096)).astype(np.uint16)
+    counts[0, 0, 100] = 3  # a few counts, no peak
+    scan = xrfnb.Scan(counts, cal, metadata={"source": "a nearly empty scan"})
+    maps = make_scene(4, 4, channels=4096)[1]
+    dash = Dashboard(scan=scan, maps=maps)
+    panel = dash.calibration_panel
+    panel.instrument_button.clicks += 1
+    level, text = dash.last_message
+    assert level == "error" and text.startswith("cannot fit the instrument from this scan")
+    assert "too few counts" in text
+    for bad in ("Traceback", "FitError", "Error("):
+        assert bad not in text
+    assert panel.instrument_fit is None and not panel.instrument_result.visible
+    assert not panel.instrument_button.disabled

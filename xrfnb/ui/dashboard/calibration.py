@@ -4,13 +4,19 @@ The card lets a user fit an energy calibration to peaks they recognise (``line=c
 picked by choosing a line and clicking its peak on the spectrum), read the fitted relation and each
 peak's residual in eV, and apply it: the scan is re-wrapped with the new calibration and its pigment
 maps recomputed (off the event loop in a server session, like loading).
+
+Or, with no peaks to name, the card fits the whole instrument from the scan (:func:`xrfnb.fit_instrument`
+on its sum spectrum, off the event loop with a progress line: it takes seconds), shows every fitted
+setting with its uncertainty, status and evidence, and applies the fitted energy calibration the same way.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import html
 import re
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import panel as pn
@@ -19,11 +25,67 @@ from ..._errors import CalibrationError, DataError, XRFNBError
 from ...core.calibration import EnergyCalibration
 from ...core.spectrum import Scan
 from ...fitting.calibration import CalibrationFit, calibrate
+from ...fitting.instrument_fit import FittedParameter, InstrumentFit, fit_instrument
+from .common import micro
+from .job import JobRunner, MappingJob, RowProgress, reraise_for_user
 
 if TYPE_CHECKING:  # pragma: no cover
     from .app import Dashboard
 
-__all__ = ["COMMON_LINES", "CalibrationPanel", "looks_uncalibrated", "parse_peaks"]
+__all__ = [
+    "APPLY_INSTRUMENT_LABEL",
+    "COMMON_LINES",
+    "FIT_INSTRUMENT_LABEL",
+    "CalibrationPanel",
+    "InstrumentJob",
+    "instrument_rows",
+    "looks_uncalibrated",
+    "parse_peaks",
+]
+
+#: the label of the button that fits the instrument from the open scan
+FIT_INSTRUMENT_LABEL = "Fit the instrument from this scan"
+#: the label of the button that applies the fitted instrument's energy calibration
+APPLY_INSTRUMENT_LABEL = "Apply the fitted calibration"
+#: what each fitted setting is called on the page (the names of :attr:`xrfnb.InstrumentFit.parameters`)
+INSTRUMENT_LABELS = {
+    "offset_keV": "calibration offset",
+    "gain_keV": "calibration gain",
+    "quadratic_keV": "calibration quadratic term",
+    "noise_keV": "electronic noise (FWHM)",
+    "fano": "Fano factor",
+    "fwhm_mnka_eV": "resolution (FWHM at Mn Ka)",
+    "anode": "tube anode",
+    "monochromatic_keV": "monochromatic beam",
+    "tube_voltage_kV": "tube voltage",
+    "scattering_angle_deg": "scattering angle",
+    "atmosphere": "atmosphere",
+    "air_path_mm": "air on the beam path (at 1 atm)",
+    "pileup_share": "pile-up (share of sum counts)",
+    "count_rate_cps": "count rate",
+    "pileup_time_s": "pulse-pair resolving time",
+    "detector_thickness_um": "detector thickness",
+    "detector_window": "detector window",
+}
+#: unit of a setting from the end of its name, for people
+_UNITS = (
+    ("_keV", "keV"),
+    ("_eV", "eV"),
+    ("_kV", "kV"),
+    ("_deg", "°"),
+    ("_mm", "mm"),
+    ("_cps", "counts/s"),
+    ("_um", "µm"),
+    ("_s", "s"),
+)
+#: a status as the card says it
+_STATUS_WORDS = {
+    "fitted": "fitted",
+    "derived": "derived",
+    "fixed": "fixed",
+    "start": "not fitted (the file's or the preset's value)",
+    "not determined": "not determined (the file's or the preset's value kept)",
+}
 
 #: lines a conservator meets most often in paintings (pigments, grounds, the tube's Rh and air's Ar)
 COMMON_LINES = (
@@ -75,6 +137,90 @@ def parse_peaks(text: str) -> dict[str, float]:
     return peaks
 
 
+def _number(value: float) -> str:
+    """A number to four significant digits, without exponent where that reads well."""
+    v = float(value)
+    if 1e4 <= abs(v) < 1e9:
+        return f"{v:,.0f}"
+    if v == 0 or 1e-3 <= abs(v) < 1e4:
+        return f"{v:.4g}" if abs(v) >= 1 or v == 0 else f"{v:.4f}".rstrip("0").rstrip(".")
+    return f"{v:.3e}"
+
+
+def instrument_rows(fit: InstrumentFit) -> list[dict[str, str]]:
+    """The fitted instrument as the card shows it: one row per setting, in words.
+
+    Parameters
+    ----------
+    fit : InstrumentFit
+        What :func:`xrfnb.fit_instrument` returned.
+
+    Returns
+    -------
+    list of dict
+        Per setting (in the order of ``fit.parameters``): ``name`` (the parameter's name), ``setting``
+        (its name for people), ``value`` and ``uncertainty`` (one sigma; "" where there is none), both
+        with their unit, ``status`` and ``evidence`` (what it was determined from, or why not).
+    """
+    rows = []
+    for name, p in fit.parameters.items():
+        rows.append(
+            {
+                "name": name,
+                "setting": INSTRUMENT_LABELS.get(name, name.replace("_", " ")),
+                "value": _value_text(name, p),
+                "uncertainty": _sigma_text(name, p),
+                "status": _STATUS_WORDS.get(p.status, p.status),
+                "evidence": micro(p.evidence),
+            }
+        )
+    return rows
+
+
+def _unit(name: str) -> str:
+    return next((unit for end, unit in _UNITS if name.endswith(end)), "")
+
+
+def _scaled(name: str, value: float) -> tuple[float, str]:
+    """Value and unit for people: a resolving time in ns, a gain in eV per channel."""
+    if name == "pileup_time_s":
+        return value * 1e9, "ns"
+    if name in ("gain_keV", "noise_keV"):
+        return value * 1e3, "eV per channel" if name == "gain_keV" else "eV"
+    if name == "quadratic_keV":
+        return value * 1e3, "eV per channel²"
+    return value, _unit(name)
+
+
+def _value_text(name: str, p: FittedParameter) -> str:
+    if p.value is None:
+        return "none"
+    if isinstance(p.value, str):
+        return micro(p.value)
+    value, unit = _scaled(name, float(p.value))
+    return f"{_number(value)} {unit}".strip()
+
+
+def _sigma_text(name: str, p: FittedParameter) -> str:
+    if p.sigma is None or not np.isfinite(p.sigma) or isinstance(p.value, str):
+        return ""
+    sigma, unit = _scaled(name, float(p.sigma))
+    return f"± {sigma:.2g} {unit}".strip()
+
+
+@dataclasses.dataclass(eq=False)
+class InstrumentJob(MappingJob):
+    """An instrument fit run off the event loop (:class:`~xrfnb.ui.dashboard.job.JobRunner`).
+
+    Attributes
+    ----------
+    fit : InstrumentFit or None
+        The result.
+    """
+
+    fit: InstrumentFit | None = None
+
+
 class CalibrationPanel(pn.viewable.Viewer):
     """The "Energy calibration" card of a :class:`~xrfnb.ui.dashboard.Dashboard`.
 
@@ -112,6 +258,27 @@ class CalibrationPanel(pn.viewable.Viewer):
         self.result = pn.pane.Markdown("", width=270, css_classes=["xrfnb-cal-result"])
         self.fit_button.on_click(lambda event: self._guarded(self.fit))
         self.apply_button.on_click(lambda event: self._guarded(self.apply))
+        #: the instrument fitted from the open scan, and that scan
+        self.instrument_fit: InstrumentFit | None = None
+        self._instrument_for: Scan | None = None
+        self.jobs = JobRunner(self._on_instrument_progress, self.finish_instrument_fit)
+        self.instrument_button = pn.widgets.Button(
+            label=FIT_INSTRUMENT_LABEL, width=270, css_classes=["xrfnb-cal-instrument"]
+        )
+        self.instrument_progress = pn.pane.HTML(
+            "", visible=False, width=270, styles={"font-size": "12px"},
+            css_classes=["xrfnb-cal-instrument-progress"],
+        )  # fmt: skip
+        self.instrument_result = pn.pane.HTML(
+            "", width=270, visible=False, css_classes=["xrfnb-cal-instrument-result"]
+        )
+        self.instrument_apply_button = pn.widgets.Button(
+            label=APPLY_INSTRUMENT_LABEL, width=270, disabled=True, visible=False,
+            css_classes=["xrfnb-cal-instrument-apply"],
+        )  # fmt: skip
+        self.instrument_button.on_click(lambda event: self._guarded(self.fit_instrument))
+        self.instrument_apply_button.on_click(lambda event: self._guarded(self.apply_instrument))
+        owner.param.watch(self._on_data, ["data_version"])
         self.card = pn.Card(
             pn.pane.Markdown(
                 "Type the peaks you recognise as *line=channel*, or choose a line and click its peak "
@@ -124,6 +291,15 @@ class CalibrationPanel(pn.viewable.Viewer):
             self.quadratic,
             pn.Row(self.fit_button, self.apply_button),
             self.result,
+            pn.pane.Markdown(
+                "Or let the scan tell: the instrument (calibration, resolution, tube, geometry, air) is "
+                "fitted to its sum spectrum, which takes seconds.",
+                width=270,
+            ),
+            self.instrument_button,
+            self.instrument_progress,
+            self.instrument_result,
+            self.instrument_apply_button,
             title="Energy calibration",
             collapsed=True,
             width=290,
@@ -203,10 +379,11 @@ class CalibrationPanel(pn.viewable.Viewer):
         )
 
     # -- applying -------------------------------------------------------------------------------
-    def apply(self, calibration: EnergyCalibration | None = None) -> None:
-        """Re-wrap the open scan with the fitted (or given) calibration and recompute its maps."""
+    def apply(self, calibration: EnergyCalibration | None = None, source: str | None = None) -> None:
+        """Re-wrap the open scan with the fitted (or given) calibration and recompute its maps;
+        ``source`` says where a given calibration came from (the scan's ``calibration_source``)."""
         scan = self._require_scan()
-        source = "given in the dashboard"
+        source = source or "given in the dashboard"
         if calibration is None:
             fit = self.fit_result
             if fit is None or self._fit_for is not scan:
@@ -223,3 +400,125 @@ class CalibrationPanel(pn.viewable.Viewer):
         self.apply_button.disabled = True
         self._owner.recalibrated(new)
         self.card.collapsed = True
+
+    # -- the instrument from the data ----------------------------------------------------------
+    def fit_instrument(self) -> None:
+        """Fit the instrument to the open scan's sum spectrum (:func:`xrfnb.fit_instrument`); in a
+        server session a worker thread fits it, with a progress line, and the card shows the result
+        when it is done (:meth:`finish_instrument_fit`)."""
+        scan = self._require_scan()
+        rows = scan.shape[0]
+        job = InstrumentJob("instrument", label=self._owner.label, scan=scan)
+
+        def work(job: InstrumentJob) -> None:
+            def on_rows(n: int) -> None:
+                job.report(min(job.done + n, rows), rows)
+                if job.done >= rows:  # the sum is complete: the fit itself follows, uncounted
+                    job.set_stage(
+                        "fitting the instrument: peaks, calibration, resolution, tube, scatter and air"
+                    )
+
+            job.set_stage("fitting the instrument: summing the spectra", total=rows)
+            counted = dataclasses.replace(scan, counts=RowProgress(scan.counts, on_rows))
+            job.fit = fit_instrument(counted)
+
+        self.instrument_apply_button.disabled = True
+        if self._owner.data_panel.is_blocking():
+            job.run(work)
+            self.finish_instrument_fit(job)
+            return
+        self.instrument_button.disabled = True
+        self.instrument_progress.object = html.escape(job.describe())
+        self.instrument_progress.visible = True
+        self.jobs.start(job, work)
+
+    def _forget_instrument(self) -> None:
+        self.instrument_fit = self._instrument_for = None
+        self.instrument_result.object = ""
+        self.instrument_result.visible = False
+        self.instrument_apply_button.visible = False
+        self.instrument_apply_button.disabled = True
+
+    def _on_data(self, *events: Any) -> None:
+        """Another scan (not the one fitted, re-wrapped with the fitted calibration) forgets the fit."""
+        if self.instrument_fit is None:
+            return
+        scan = self._owner.scan
+        fitted = self._instrument_for
+        if scan is fitted:
+            return
+        if scan is not None and fitted is not None and scan.counts is fitted.counts:
+            self._instrument_for = scan  # the same counts, recalibrated: the fit still describes them
+            return
+        self._forget_instrument()
+
+    def _on_instrument_progress(self, job: MappingJob) -> None:
+        text = html.escape(job.describe())
+        if self.instrument_progress.object != text:
+            self.instrument_progress.object = text
+
+    def finish_instrument_fit(self, job: InstrumentJob) -> None:
+        """Show a finished instrument fit (on the event loop); a fit of a scan no longer open is
+        forgotten, a failed one said in words."""
+        self.instrument_progress.visible = False
+        self.instrument_button.disabled = False
+        if job.cancelled or job.scan is not self._owner.scan:
+            return
+        try:
+            if job.error is not None:
+                reraise_for_user(job.error, "the instrument fit failed")
+        except (XRFNBError, MemoryError) as exc:
+            why = str(exc) if isinstance(exc, XRFNBError) else "not enough memory"
+            self._forget_instrument()
+            self._owner.notify(f"cannot fit the instrument from this scan: {why}", "error")
+            return
+        fit = job.fit
+        if fit is None:  # pragma: no cover - a worker that neither failed nor fitted
+            return
+        self.instrument_fit, self._instrument_for = fit, job.scan
+        self.instrument_result.object = self.describe_instrument(fit)
+        self.instrument_result.visible = True
+        self.instrument_apply_button.visible = True
+        self.instrument_apply_button.disabled = False
+
+    @staticmethod
+    def describe_instrument(fit: InstrumentFit) -> str:
+        """HTML: what was fitted, then each setting's value, uncertainty, status and evidence."""
+        cal = fit.instrument.calibration
+        head = (
+            f"<b>Instrument fitted to {html.escape(fit.source)}</b>: {fit.total_counts:,.0f} counts, "
+            f"{fit.instrument.n_channels:,} channels, {fit.seconds:.1f} s.<br>"
+            f"<b>Energy calibration</b>: {html.escape(str(cal))}, "
+            f"± {1000 * fit.energy_sigma_keV(10.0):.1f} eV at 10 keV."
+        )
+        items = []
+        for row in instrument_rows(fit):
+            value = html.escape(row["value"]) + (
+                f" {html.escape(row['uncertainty'])}" if row["uncertainty"] else ""
+            )
+            items.append(
+                f'<div class="xrfnb-instrument-row" style="margin-top:4px">'
+                f"<b>{html.escape(row['setting'])}</b>: {value} <i>({html.escape(row['status'])})</i>"
+                f'<br><span style="color:#555">{html.escape(row["evidence"])}</span></div>'
+            )
+        return (
+            '<div style="font-size:12px;max-height:360px;overflow-y:auto">' + head + "".join(items) + "</div>"
+        )
+
+    def apply_instrument(self) -> None:
+        """Apply the fitted instrument's energy calibration to the open scan, as a calibration fitted
+        to named peaks is applied (:meth:`apply`)."""
+        scan = self._require_scan()
+        fit = self.instrument_fit
+        if fit is None or self._instrument_for is not scan:
+            raise CalibrationError(
+                "no instrument fitted to this scan yet: click 'Fit the instrument from this scan' first"
+            )
+        p = fit.parameters.get("offset_keV")
+        how = p.evidence if p is not None else "the instrument fit"
+        source = (
+            f"fitted with the instrument in the dashboard ({how}; "
+            f"± {1000 * fit.energy_sigma_keV(10.0):.1f} eV at 10 keV)"
+        )
+        self.apply(fit.instrument.calibration, source=source)
+        self.instrument_apply_button.disabled = True
