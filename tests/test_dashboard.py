@@ -2014,3 +2014,46 @@ def test_an_instrument_fit_that_cannot_be_made_is_said_in_words():
         assert bad not in text
     assert panel.instrument_fit is None and not panel.instrument_result.visible
     assert not panel.instrument_button.disabled
+
+
+def test_element_maps_are_fitted_once_for_several_sessions_on_the_same_file(tmp_path, monkeypatch):
+    """Two sessions opening the same file share its pigment and element maps (read-only, cached per file
+    and model in ``files.MAPS``): the model and the element fit run once; a changed file is mapped anew."""
+    path = tmp_path / "scene.h5"
+    xrfnb.render_scan("hidden-painting", shape=(12, 12), counts_per_pixel=1500, rng=1403, path=path)
+    _files.MAPS.clear()
+    _files.SCANS.clear()
+    runs = {"fit_elements": 0, "map_pigments": 0}
+    real_fit, real_map = _job.fit_elements, _job.map_pigments
+
+    def counted_fit(*args, **kwargs):
+        runs["fit_elements"] += 1
+        return real_fit(*args, **kwargs)
+
+    def counted_map(*args, **kwargs):
+        runs["map_pigments"] += 1
+        return real_map(*args, **kwargs)
+
+    monkeypatch.setattr(_job, "fit_elements", counted_fit)
+    monkeypatch.setattr(_job, "map_pigments", counted_map)
+    first, second = Dashboard(tmp_path), Dashboard(tmp_path)
+    first.open("scene.h5")
+    assert runs == {"fit_elements": 1, "map_pigments": 1}
+    assert first.maps is not None and first.maps.element_maps is not None
+    second.open("scene.h5")
+    assert runs == {"fit_elements": 1, "map_pigments": 1}  # the second session fitted nothing
+    assert second.maps is first.maps and second.element_views.shown  # the same maps, element maps shown
+    # sharing does not couple the sessions: a threshold in one leaves the other and the maps alone
+    k = 0
+    cls = first.classes[k]
+    second.set_threshold(cls, 0.99)
+    assert first.thresholds[cls] == pytest.approx(float(first.maps.thresholds[k]))
+    assert float(second.maps.thresholds[k]) != 0.99
+    # the file changed on disk (new modification time): mapped anew
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    third = Dashboard(tmp_path)
+    third.open("scene.h5")
+    assert runs == {"fit_elements": 2, "map_pigments": 2}
+    _files.MAPS.clear()
+    _files.SCANS.clear()
