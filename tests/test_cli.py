@@ -905,3 +905,27 @@ def test_convert_a_detector_of_a_two_detector_bcf(tmp_path, capsys):
         assert back.metadata["bcf_detector"] == (1 if det == "1" else "sum")
     assert cli.main(["convert", str(src), str(tmp_path / "x.h5"), "--detector", "2", "-q"]) == 2
     assert "detector=2: the file holds detectors 0..1 or 'sum'" in capsys.readouterr().err
+
+
+def test_identify_elements_tiff_writes_element_maps_equal_to_those_in_the_output(tmp_path, test_model):
+    """``xrfnb identify SCAN OUT.h5 --elements --tiff DIR``: one 32-bit TIFF per fitted element line family
+    in DIR/elements, each equal to that element's map stored in OUT.h5; the zinc painted in the first row
+    only is there and nowhere else (the scene's truth, not the code's output)."""
+    tifffile = pytest.importorskip("tifffile")
+    from test_mapping import _element_scan
+
+    src = tmp_path / "scan.h5"
+    xrfnb.save(_element_scan(rows=4, cols=3), src)
+    out, tif = tmp_path / "maps.h5", tmp_path / "tif"
+    rc = cli.main(["identify", str(src), "-o", str(out), "--elements", "--tiff", str(tif), "-q"])
+    assert rc == 0
+    em = PigmentMaps.from_hdf5(out).element_maps
+    assert em is not None and {"Pb", "Fe", "Zn"} <= set(em.elements)
+    written = sorted(p.name for p in (tif / "elements").iterdir())
+    assert written == sorted(f"{e}_{f}.tif" for e, f in zip(em.elements, em.families, strict=True))
+    for i, (element, family) in enumerate(zip(em.elements, em.families, strict=True)):
+        image = tifffile.imread(tif / "elements" / f"{element}_{family}.tif")
+        assert image.dtype == np.float32 and image.shape == (4, 3)
+        np.testing.assert_array_equal(image, np.asarray(em.intensity[..., i], dtype=np.float32))
+    zn = tifffile.imread(tif / "elements" / f"Zn_{em.families[em.elements.index('Zn')]}.tif")
+    assert zn[0].min() > zn[1:].max()
