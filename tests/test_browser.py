@@ -498,10 +498,26 @@ def test_xrfnb_serve_demo_in_chromium(tmp_path):
             page.wait_for_timeout(2000)
             OUTPUT.mkdir(exist_ok=True)
             page.screenshot(path=str(OUTPUT / "dashboard-demo.png"))  # the README's screenshot
+            _assert_composite_hover_names_the_calls(page)
         finally:
             browser.close()
     hosts = {urlparse(u).hostname for u in requests if urlparse(u).scheme not in ("data", "blob")}
     assert hosts == {"127.0.0.1"}, f"requests left the local server: {sorted(hosts)}"
+
+
+def _assert_composite_hover_names_the_calls(page) -> None:
+    """Hovering the composite map shows the pigments at that pixel, never a packed RGBA number."""
+    frame = page.evaluate(_MAIN_FRAME_JS)
+    assert frame, "the main map is not drawn"
+    x, y = frame["left"] + frame["width"] * 0.3, frame["top"] + frame["height"] * 0.5
+    page.mouse.move(x, y)
+    page.mouse.move(x + 3, y + 3)
+    tip = page.locator(".bk-tooltip-content >> visible=true").first
+    tip.wait_for(timeout=10000)
+    text = tip.inner_text()
+    assert "pigments" in text and "most probable" in text, text
+    assert "RGBA" not in text and not re.search(r"\d{7,}", text), f"the hover shows a raw number: {text!r}"
+    page.mouse.move(0, 0)
 
 
 REAL_FILES = ("bruker_m6_jetstream_p059.spx", "xrf_spectra.mca", "Steel.spe")

@@ -2057,3 +2057,62 @@ def test_element_maps_are_fitted_once_for_several_sessions_on_the_same_file(tmp_
     assert runs == {"fit_elements": 2, "map_pigments": 2}
     _files.MAPS.clear()
     _files.SCANS.clear()
+
+
+def test_composite_hover_names_the_calls_at_the_pixel_not_an_rgba_number(dash, scene):
+    """The composite map's hover gives the pigments called at the pixel (buried ones marked) and the most
+    probable class with its probability -- not the image's packed RGBA value ("RGBA: 4284394386"); the
+    words follow the thresholds. Expected calls come from the scene's painted regions."""
+    from bokeh.models import CustomJSHover, HoverTool
+
+    _, maps, truth = scene
+    doc = live_document(dash)
+    main = plot_in(doc, "xrfnb-main")
+    (hover,) = [t for t in main.tools if isinstance(t, HoverTool)]
+    tips = dict(hover.tooltips)
+    assert "@image" not in str(hover.tooltips) and "RGBA" not in str(hover.tooltips)
+    assert tips["pigments"] == "@calls{custom}" and tips["most probable"].startswith("@top{custom}")
+    calls, top = hover.formatters["@calls"], hover.formatters["@top"]
+    assert isinstance(calls, CustomJSHover) and isinstance(top, CustomJSHover)
+    source = image_source(main).data_source
+    rgba = np.asarray(source.data["image"][0])
+    rgb = np.asarray(maps.composite_rgb(maps.thresholds), dtype=np.uint32)
+    packed = (
+        rgb[..., 0] | (rgb[..., 1] << 8) | (rgb[..., 2] << 16) | (255 << 24)
+    )  # Bokeh's RGBA, little-endian
+
+    def shown(r, c):
+        """What the hover says at map pixel (r, c): the columns at the image's index of that pixel."""
+        assert rgba[r, c] == packed[r, c]  # the hover columns are laid out as the image
+        code = int(source.data["calls"][0][r, c])
+        k = int(source.data["top"][0][r, c])
+        return calls.args["names"][code], top.args["classes"][k], float(source.data["p_top"][0][r, c])
+
+    def expected(r, c, absent=()):
+        names = [n for n in CLASSES if truth[n][r, c] and n not in absent]
+        return (
+            ", ".join(f"{n} (buried)" if n == "red ochre" else n for n in names) or "none above its threshold"
+        )
+
+    picks = {
+        "lead white only": truth["lead white"] & ~truth["vermilion"] & ~truth["red ochre"],
+        "lead white and vermilion": truth["lead white"] & truth["vermilion"],
+        "vermilion over red ochre": truth["vermilion"] & truth["red ochre"],
+        "nothing": ~truth["lead white"] & ~truth["vermilion"] & ~truth["red ochre"] & ~maps.mask,
+    }
+    for what, where in picks.items():
+        for r, c in np.argwhere(where)[:: max(1, int(where.sum()) // 5)]:
+            words, most, p = shown(r, c)
+            assert words == expected(r, c), what
+            present = [n for n in CLASSES if truth[n][r, c]]
+            if present:
+                assert most in present and 0.85 <= p <= 0.95, what  # the scene's 0.9 +- 0.04
+    r, c = DEAD
+    assert shown(r, c)[0] == "no spectrum (masked pixel)"
+    # a threshold change rewrites the words in the live document: vermilion no longer called
+    dash.set_threshold("vermilion", 0.99)
+    main = plot_in(doc, "xrfnb-main")
+    (hover,) = [t for t in main.tools if isinstance(t, HoverTool)]
+    calls, source = hover.formatters["@calls"], image_source(main).data_source
+    r, c = np.argwhere(picks["lead white and vermilion"])[0]
+    assert calls.args["names"][int(source.data["calls"][0][r, c])] == expected(r, c, absent=("vermilion",))

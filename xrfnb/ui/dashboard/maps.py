@@ -13,7 +13,16 @@ import holoviews as hv
 import numpy as np
 import panel as pn
 import param
-from bokeh.models import ColumnDataSource, GlyphRenderer, Rect, Scatter, Segment, Text
+from bokeh.models import (
+    ColumnDataSource,
+    CustomJSHover,
+    GlyphRenderer,
+    HoverTool,
+    Rect,
+    Scatter,
+    Segment,
+    Text,
+)
 from holoviews import streams
 
 from ..._errors import DataError, XRFNBError
@@ -42,7 +51,76 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from .app import Dashboard
 
-__all__ = ["MapPanel", "mask_outline", "polygon_mask"]
+__all__ = ["COMPOSITE_HOVER", "MapPanel", "composite_calls", "mask_outline", "polygon_mask"]
+
+#: the composite map's hover lines beside the position: the pigments called at the pixel (surface or
+#: buried) and the most probable class with its probability -- never the packed RGBA colour number
+COMPOSITE_HOVER = [
+    ("pigments", "@calls{custom}"),
+    ("most probable", "@top{custom} (@p_top{0.00})"),
+]
+#: what the hover says where a pixel has no spectrum, and where no class reaches its threshold
+_MASKED_WORDS = "no spectrum (masked pixel)"
+_NONE_WORDS = "none above its threshold"
+
+
+def composite_calls(
+    probability: np.ndarray,
+    buried_probability: np.ndarray,
+    thresholds: np.ndarray,
+    classes: Sequence[str],
+    valid: np.ndarray,
+) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray]:
+    """The calls behind each pixel of the composite map, for its hover.
+
+    Parameters
+    ----------
+    probability, buried_probability : numpy.ndarray
+        Per-class probabilities, shape (rows, cols, classes).
+    thresholds : numpy.ndarray
+        Per-class thresholds, shape (classes,).
+    classes : sequence of str
+        The class names.
+    valid : numpy.ndarray
+        Pixels with a spectrum, shape (rows, cols) bool.
+
+    Returns
+    -------
+    codes : numpy.ndarray
+        Index into ``patterns`` per pixel, shape (rows, cols) int32; -1 at masked pixels.
+    patterns : list of str
+        The distinct call patterns in words ("lead white, red ochre (buried)", "none above its
+        threshold"); pattern ``len(patterns) - 1`` is the masked pixels' words.
+    top : numpy.ndarray
+        Index of the most probable class per pixel, shape (rows, cols) int32; -1 at masked pixels.
+    p_top : numpy.ndarray
+        Its probability, shape (rows, cols) float32; NaN at masked pixels.
+    """
+    prob = np.asarray(probability, dtype=np.float32)
+    buried = np.asarray(buried_probability, dtype=np.float32)
+    valid = np.asarray(valid, dtype=bool)
+    rows, cols, k = prob.shape
+    with np.errstate(invalid="ignore"):
+        present = is_present(prob, np.asarray(thresholds, dtype=np.float32)) & valid[..., None]
+        below = present & is_buried(prob, buried)
+    # one key per pixel: which classes are present, and which of them lie below the surface
+    bits = np.packbits(np.concatenate([present, below], axis=-1), axis=-1).reshape(rows * cols, -1)
+    keys, inverse = np.unique(bits, axis=0, return_inverse=True)
+    patterns = []
+    for key in keys:
+        flags = np.unpackbits(key)[: 2 * k].astype(bool)
+        here, deep = flags[:k], flags[k:]
+        names = [f"{c} (buried)" if deep[i] else c for i, c in enumerate(classes) if here[i]]
+        patterns.append(", ".join(names) if names else _NONE_WORDS)
+    patterns.append(_MASKED_WORDS)
+    codes = np.asarray(inverse, dtype=np.int32).reshape(rows, cols)
+    codes[~valid] = len(patterns) - 1
+    filled = np.where(np.isfinite(prob), prob, -1.0)
+    top = np.argmax(filled, axis=-1).astype(np.int32)
+    p_top = np.take_along_axis(filled, top[..., None], axis=-1)[..., 0].astype(np.float32)
+    top[~valid] = -1
+    p_top[~valid] = np.nan
+    return codes, patterns, top, p_top
 
 
 def polygon_mask(xs: np.ndarray, ys: np.ndarray, rows: int, cols: int) -> np.ndarray:
@@ -278,9 +356,13 @@ class MapPanel(pn.viewable.Viewer):
         fmt = "{0.00}" if unit else "{0}"
         where = [(axes[0], f"$x{fmt}"), (axes[1], f"$y{fmt}")]
         if kind == "rgb":
-            # the composite's colours are mixtures: the legend beside the map names them; hover gives
-            # the position only (its raw value is a packed RGBA number)
-            return rgb_image(arr, mm, axes).opts(hover_tooltips=where, tools=["hover", *tools], **common)
+            # the composite's colours are mixtures: the legend beside the map names them; hover names
+            # the calls at the pixel (from columns the hook adds), never the raw packed RGBA number
+            return rgb_image(arr, mm, axes).opts(
+                hover_tooltips=[*where, *COMPOSITE_HOVER],
+                tools=["hover", *tools],
+                **{**common, "hooks": [*hooks, weak_hook(self._composite_hover_hook)]},
+            )
         if d.view == "Surface vs buried":
             return image(arr, "category", mm, axes).opts(
                 cmap=list(SURFACE_BURIED_COLORS),
@@ -359,6 +441,8 @@ class MapPanel(pn.viewable.Viewer):
         def write(plot: ElementPlot) -> None:
             if img is not None:
                 plot.handles["source"].data["image"] = [img]
+            if view == "Composite":
+                self._write_composite_hover(plot)
             if clim is not None:
                 plot.handles["color_mapper"].update(low=clim[0], high=clim[1])
             if plot.handles["plot"].title.text != title:
@@ -367,6 +451,48 @@ class MapPanel(pn.viewable.Viewer):
         for plot in plots:
             write_to_plot(plot, functools.partial(write, plot))
         return True
+
+    # -- the composite's hover ----------------------------------------------------------------------
+    def composite_hover_data(self) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray]:
+        """The composite map's hover data at the present thresholds (see :func:`composite_calls`)."""
+        d = self._dash
+        maps = d.maps
+        return composite_calls(
+            np.asarray(maps.probability), np.asarray(maps.buried_probability), d.threshold_array(),
+            d.classes, d.valid(),
+        )  # fmt: skip
+
+    def _write_composite_hover(self, plot: ElementPlot) -> None:
+        """Put the calls behind each pixel into a composite figure: three columns of its image source
+        (pattern, most probable class, its probability; same layout as the image) and the words the
+        hover's formatters turn them into."""
+        source, figure = plot.handles.get("source"), plot.handles.get("plot")
+        if source is None or figure is None or "image" not in source.data or self._dash.maps is None:
+            return
+        codes, patterns, top, p_top = self.composite_hover_data()
+        if np.asarray(source.data["image"][0]).shape != codes.shape:
+            return
+        source.data.update({"calls": [codes], "top": [top], "p_top": [p_top]})
+        for hover in (t for t in figure.tools if isinstance(t, HoverTool)):
+            formatters = dict(hover.formatters) if isinstance(hover.formatters, dict) else {}
+            calls, top_fmt = formatters.get("@calls"), formatters.get("@top")
+            if isinstance(calls, CustomJSHover) and isinstance(top_fmt, CustomJSHover):
+                calls.args = {"names": patterns}
+                top_fmt.args = {"classes": list(self._dash.classes)}
+                continue
+            formatters["@calls"] = CustomJSHover(
+                args={"names": patterns}, code="return names[value] ?? ''", name="xrfnb-hover-calls"
+            )
+            formatters["@top"] = CustomJSHover(
+                args={"classes": list(self._dash.classes)},
+                code="return value >= 0 ? (classes[value] ?? '') : ''",
+                name="xrfnb-hover-top",
+            )
+            hover.formatters = formatters
+
+    def _composite_hover_hook(self, plot: ElementPlot, element: hv.Element) -> None:
+        """Plot hook of the composite map: its hover data (refreshed whenever HoloViews redraws it)."""
+        self._write_composite_hover(plot)
 
     # -- the selected pixel -----------------------------------------------------------------------
     def pixel_marker(self) -> dict[str, list[float]]:
