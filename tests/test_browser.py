@@ -361,6 +361,61 @@ _FIGURES_JS = """() => {
   return n;
 }"""
 
+# every figure title with its measured width and the figure's width; the gallery's tile labels with theirs
+# and the tile pitch; the class-probability bars' class labels and row height (all in screen pixels; widths
+# measured with the canvas font Bokeh draws them in)
+_TEXT_FIT_JS = """() => {
+  if (!window.Bokeh || !Bokeh.index || !Bokeh.index.all_views) return null;
+  const ctx = document.createElement('canvas').getContext('2d');
+  const val = (p) => (p && typeof p === 'object' && 'value' in p) ? p.value : p;
+  const px = (s) => {
+    const m = /^([0-9.]+)(px|pt)$/.exec(String(val(s)));
+    return m ? parseFloat(m[1]) * (m[2] === 'pt' ? 4 / 3 : 1) : null;
+  };
+  const font = (m, p) =>
+    `${val(m[p + '_style']) || 'normal'} ${val(m[p + '_size'])} ${val(m[p]) || 'helvetica'}`;
+  const widest = (text) => Math.max(...String(text).split('\\n').map(l => ctx.measureText(l).width));
+  const out = {titles: [], labels: [], pitch: null, label_px: null, bars: []};
+  for (const v of Bokeh.index.all_views()) {
+    const m = v.model;
+    if (!m || !v.frame || !m.title) continue;
+    const box = v.el.getBoundingClientRect();
+    const t = m.title;
+    if (t.text) {
+      ctx.font = font(t, 'text_font');
+      out.titles.push({name: m.name, text: t.text, width: widest(t.text), figure: box.width});
+    }
+    if (m.name === 'xrfnb-gallery') {
+      const scale = v.frame.bbox.width / (m.x_range.end - m.x_range.start);
+      for (const r of m.renderers) {
+        const g = r.glyph;
+        if (!g || g.constructor.__name__ !== 'Text') continue;
+        const src = r.data_source.data;
+        const d = src instanceof Map ? Object.fromEntries(src) : src;
+        const key = (g.text && g.text.field) || 'text';
+        const xs = Array.from(d[g.x && g.x.field ? g.x.field : 'x']);
+        ctx.font = font(g, 'text_font');
+        out.label_px = px(g.text_font_size);
+        Array.from(d[key]).forEach((text, i) => out.labels.push({text, width: widest(text), x: xs[i]}));
+        const u = [...new Set(xs)].sort((a, b) => a - b);
+        let pitch = Infinity;
+        for (let i = 1; i < u.length; i++) pitch = Math.min(pitch, u[i] - u[i - 1]);
+        out.pitch = pitch * scale;
+      }
+    }
+    const factors = m.y_range && m.y_range.factors;
+    if (factors && factors.length > 1) {
+      const axis = m.left && m.left[0];
+      out.bars.push({
+        factors: Array.from(factors),
+        row: v.frame.bbox.height / factors.length,
+        label_px: axis ? px(axis.major_label_text_font_size) : null,
+      });
+    }
+  }
+  return out;
+}"""
+
 # every string held by the live document's models (texts, titles, options, notifications)
 _TEXTS_JS = """() => {
   const out = [];
@@ -498,11 +553,37 @@ def test_xrfnb_serve_demo_in_chromium(tmp_path):
             page.wait_for_timeout(2000)
             OUTPUT.mkdir(exist_ok=True)
             page.screenshot(path=str(OUTPUT / "dashboard-demo.png"))  # the README's screenshot
+            _assert_titles_and_class_labels_fit(page)
             _assert_composite_hover_names_the_calls(page)
         finally:
             browser.close()
     hosts = {urlparse(u).hostname for u in requests if urlparse(u).scheme not in ("data", "blob")}
     assert hosts == {"127.0.0.1"}, f"requests left the local server: {sorted(hosts)}"
+
+
+def _assert_titles_and_class_labels_fit(page) -> None:
+    """On a 1440 x 900 screen: no figure title is wider than its figure (once "red och", "per cha"); the
+    gallery's tile labels hold the full class names, each line narrower than a tile, in a legible size;
+    the probability bars name every class in full with a row per class at least as tall as its label."""
+    import xrfnb
+
+    classes = list(xrfnb.load_model("default").classes)  # the demo's model: the names to find in full
+    fit = page.evaluate(_TEXT_FIT_JS)
+    assert fit and fit["titles"], "no figure titles in the page"
+    for t in fit["titles"]:
+        assert t["width"] <= t["figure"], (
+            f"title {t['text']!r} ({t['width']:.0f} px) is cut at {t['figure']:.0f} px"
+        )
+    names = [re.sub(r" \(\d+%\)$", "", " ".join(lab["text"].split())) for lab in fit["labels"]]
+    assert names == classes, f"gallery labels {names} are not the class names {classes}"
+    for lab in fit["labels"]:
+        assert lab["width"] <= fit["pitch"], (
+            f"label {lab['text']!r} is wider than a tile ({fit['pitch']:.0f} px)"
+        )
+    assert fit["label_px"] >= 10.0, f"gallery labels at {fit['label_px']} px are too small to read"
+    (bars,) = [b for b in fit["bars"] if len(b["factors"]) == len(classes)]
+    assert sorted(bars["factors"]) == sorted(classes)
+    assert bars["label_px"] >= 10.0 and bars["row"] >= bars["label_px"], bars
 
 
 def _assert_composite_hover_names_the_calls(page) -> None:
