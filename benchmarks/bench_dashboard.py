@@ -16,15 +16,28 @@ mosaic's data source, exactly as many below-threshold ("absent") pixels as the t
 ``maps.probability`` have at the new thresholds. An update that has not reached the models by the time
 the action returns fails the benchmark instead of being timed short.
 
-The browser's drawing time and the websocket transfer are not included. Run:
+The browser's drawing time and the websocket transfer are not included in those. The cold start is
+measured end to end instead: ``xrfnb serve`` (what ``make serve`` runs, the shipped demo) is started, and a
+headless Chromium (``/usr/bin/chromium``, Playwright) opens its page as soon as the server listens; the
+script prints the seconds from the command's start until the server listens, until the page holds its first
+Figure models, and until the demo's maps are drawn (the main map's and the gallery's images in the page);
+then the seconds a second page takes from its opening to its maps (the demo's maps are cached by then).
+Run:
 ``.venv/bin/python benchmarks/bench_dashboard.py [--rows 512] [--cols 512] [--channels 4096] [--classes 20]``
+``[--only cold-start|responsiveness]``
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
+import socket
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 from bokeh.document import Document
@@ -78,8 +91,11 @@ def make_scan_and_maps(rows: int, cols: int, channels: int, k: int, seed: int = 
 
 def library_classes(k: int) -> tuple[str, ...]:
     """The first ``k`` ambiguity groups of the pigment library (so a tap fits real pigments' stacks)."""
-    groups = [g for g, members in xrfnb.pigments().groups().items()
-              if not all(xrfnb.pigments()[m].xrf_silent for m in members)]
+    groups = [
+        g
+        for g, members in xrfnb.pigments().groups().items()
+        if not all(xrfnb.pigments()[m].xrf_silent for m in members)
+    ]
     if k > len(groups):
         raise SystemExit(f"--classes {k}: the pigment library has only {len(groups)} XRF-visible groups")
     return tuple(groups[:k])
@@ -156,6 +172,111 @@ def report(name: str, ms: list[float]) -> None:
     )
 
 
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+# Figure models in the page, and image data sources holding an image (main map, gallery, element maps)
+_PAGE_JS = """() => {
+  const out = {figures: 0, images: 0};
+  if (!window.Bokeh || !Bokeh.documents.length) return out;
+  for (const m of Bokeh.documents[0].all_models) {
+    if (m.constructor && m.constructor.__name__ === 'Figure') out.figures++;
+    const src = m.data;
+    if (src && (src instanceof Map ? src.has('image') : 'image' in src)) out.images++;
+  }
+  return out;
+}"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cold_start(timeout_s: float = 180.0) -> None:
+    """Seconds from starting ``xrfnb serve`` (the demo) until it listens, until the first page holds its
+    Figure models, and until the demo's maps are drawn in it."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        print("cold start: skipped (playwright is not installed: pip install -e .[test])")
+        return
+    if not CHROMIUM.exists():
+        print(f"cold start: skipped (no Chromium at {CHROMIUM}: make browser-deps)")
+        return
+    exe = Path(sys.executable).with_name("xrfnb")
+    command = [str(exe)] if exe.exists() else [shutil.which("xrfnb") or "xrfnb"]
+    port = _free_port()
+    with tempfile.TemporaryFile("w+") as log:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(
+            [*command, "serve", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            while True:
+                if proc.poll() is not None:
+                    log.seek(0)
+                    raise SystemExit(f"xrfnb serve exited ({proc.returncode}):\n{log.read()}")
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    break
+                except OSError:
+                    if time.perf_counter() - t0 > timeout_s:
+                        raise SystemExit("xrfnb serve never listened") from None
+                    time.sleep(0.05)
+            t_listen = time.perf_counter() - t0
+            t_figures = t_maps = t_second = None
+            with sync_playwright() as p:
+                browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+                try:
+                    page = browser.new_page(viewport={"width": 1440, "height": 900})
+                    page.goto(f"http://127.0.0.1:{port}/", timeout=timeout_s * 1000)
+                    while time.perf_counter() - t0 < timeout_s:
+                        state = page.evaluate(_PAGE_JS)
+                        now = time.perf_counter() - t0
+                        if t_figures is None and state["figures"] > 0:
+                            t_figures = now
+                        if state["images"] >= 2:  # the main map's and the gallery's
+                            t_maps = now
+                            break
+                        page.wait_for_timeout(50)
+                    # a second session: the demo's scan and maps come from the server's cache
+                    t1 = time.perf_counter()
+                    second = browser.new_page(viewport={"width": 1440, "height": 900})
+                    second.goto(f"http://127.0.0.1:{port}/", timeout=timeout_s * 1000)
+                    while time.perf_counter() - t1 < timeout_s:
+                        if second.evaluate(_PAGE_JS)["images"] >= 2:
+                            t_second = time.perf_counter() - t1
+                            break
+                        second.wait_for_timeout(50)
+                finally:
+                    browser.close()
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def sec(t: float | None) -> str:
+        return f"{t:5.1f} s" if t is not None else f"not within {timeout_s:.0f} s"
+
+    print("cold start of `xrfnb serve` (the demo), from the command's start:")
+    print(f"  server listening                             {sec(t_listen)}")
+    print(f"  first page holds its Figure models           {sec(t_figures)}")
+    print(f"  demo's pigment maps drawn in the page        {sec(t_maps)}")
+    print(f"a second page, from its opening to its maps    {sec(t_second)}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=512)
@@ -163,7 +284,14 @@ def main() -> None:
     ap.add_argument("--channels", type=int, default=4096)
     ap.add_argument("--classes", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument(
+        "--only", choices=("cold-start", "responsiveness"), help="run only the cold start or only the timings"
+    )
     args = ap.parse_args()
+    if args.only != "responsiveness":
+        cold_start()
+    if args.only == "cold-start":
+        return
 
     t0 = time.perf_counter()
     scan, maps = make_scan_and_maps(args.rows, args.cols, args.channels, args.classes)
