@@ -74,6 +74,7 @@ import xraylib
 import xraylib_np
 
 from .._errors import SimulationError
+from .perturb import current_perturbation
 
 __all__ = [
     "ElementLines",
@@ -403,10 +404,13 @@ def build_tables(elements: tuple[int, ...], exc: Excitation, incidence_deg: floa
     """Precompute (and cache) every atomic quantity the FP computation needs (see :class:`Tables`).
 
     ``azimuth_deg``: angle around the sample normal between tube and detector (see
-    :func:`scattering_angle_rad`); it sets the scattering angle only.
+    :func:`scattering_angle_rad`); it sets the scattering angle only. Inside a
+    :func:`xrfnb.physics.perturb.atomic_perturbation` block every line's production cross-sections
+    (``tau`` and ``tau_at_line``) carry that perturbation's factor, cached under its key.
     """
+    perturbation = current_perturbation()
     key = (tuple(elements), exc.key, float(incidence_deg), float(takeoff_deg), float(azimuth_deg),
-           min_energy_keV)
+           min_energy_keV, perturbation.key if perturbation is not None else None)
     hit = _TABLES_CACHE.get(key)
     if hit is not None:
         return hit
@@ -428,6 +432,9 @@ def build_tables(elements: tuple[int, ...], exc: Excitation, incidence_deg: floa
     names = tuple(n for el in lines for n in el.names)
     tau = _bin_average(np.concatenate([el.tau_cm2_g for el in lines]), exc) if start \
         else np.zeros((0, exc.energy_keV.size))
+    if perturbation is not None and start:  # atomic parameters within their uncertainty (perturb.py)
+        scale = np.concatenate([perturbation.factors(el.z, el.names) for el in lines])
+        tau = tau * scale[:, None]
     mu_line = xraylib_np.CS_Total(zs, line_energy) if start else np.zeros((zs.size, 0))
     # production of line l (element z) by photons of every line energy (secondary fluorescence)
     tau_at_line = np.zeros((start, start))
@@ -441,6 +448,8 @@ def build_tables(elements: tuple[int, ...], exc: Excitation, incidence_deg: floa
             vals = xraylib_np.CS_FluorLine_Kissel_Cascade(
                 np.array([el.z]), np.array(ms, dtype=int), line_energy)[0].sum(axis=0)
             tau_at_line[slices[i].start + r] = vals
+    if perturbation is not None and start:
+        tau_at_line *= scale[:, None]
     # Secondary fluorescence is computed for the major lines only (>= 1 % of their element's strongest
     # line for this excitation), as exciting and as excited lines: the rest changes totals by < 0.3 %.
     strength = tau @ exc.weight if start else np.zeros(0)
