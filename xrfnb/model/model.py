@@ -556,6 +556,45 @@ class PigmentModel:
         names = ("feature_mean", "feature_whitening", "pca_mean", "pca_basis")
         return {k: getattr(self, f"_{k}") for k in names if getattr(self, f"_{k}") is not None}
 
+    def adapt(
+        self,
+        instrument_fit: Any,
+        out_dir: str | os.PathLike,
+        *,
+        minutes: float = 15.0,
+        resume: bool = False,
+        progress: bool = True,
+        **kwargs: Any,
+    ) -> PigmentModel:
+        """This model fine-tuned to one instrument (see :func:`xrfnb.model.adapt.adapt_model`).
+
+        Parameters
+        ----------
+        instrument_fit : InstrumentFit
+            From :func:`xrfnb.fit_instrument` on the user's own scan or spectrum.
+        out_dir : path
+            Folder of the adapted model (weights, ``model.json``, card, checkpoints).
+        minutes : float
+            Optimisation budget (default 15 minutes); calibration and validation add one to three.
+        resume : bool
+            Continue an interrupted adaptation in ``out_dir``.
+        progress : bool
+            Progress bars on stderr.
+        **kwargs
+            Passed to :func:`xrfnb.model.adapt.adapt_model` (``name``, ``seed``, ``n_val``,
+            ``validation_n_per_cell``).
+
+        Returns
+        -------
+        PigmentModel
+            The adapted model, saved in ``out_dir``.
+        """
+        # deferred: adapt imports this module (and the training loop)
+        from .adapt import adapt_model
+
+        return adapt_model(self, instrument_fit, out_dir, minutes=minutes, resume=resume, progress=progress,
+                           **kwargs)
+
     def _with_precision(self, precision: str) -> PigmentModel:
         """The same model (shared float32 network, metadata and folder) at another network precision."""
         other = PigmentModel(self.net, self.meta, self._ood_tensors(), precision=precision)

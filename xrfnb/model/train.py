@@ -395,7 +395,11 @@ class _BatchStream:
         if workers > 0:
             import multiprocessing as mp
 
-            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+            # not "fork": a process that has already run torch (a loaded model, PigmentModel.adapt, a
+            # notebook) holds an OpenMP thread pool, and a forked child's first parallel region then waits
+            # forever on it (GNU libgomp is not fork-safe). The fork server is a fresh process.
+            methods = mp.get_all_start_methods()
+            ctx = mp.get_context("forkserver" if "forkserver" in methods else "spawn")
             self.pool = ctx.Pool(workers, initializer=_worker_init, initargs=(data_cfg, grid))
 
     def start(self, step: int) -> None:

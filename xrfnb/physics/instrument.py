@@ -812,5 +812,14 @@ def resolve_instrument(
     if isinstance(instrument, Instrument):
         return instrument
     if instrument is None:
-        instrument = (metadata or {}).get("instrument") or DEFAULT_INSTRUMENT
+        named = (metadata or {}).get("instrument")
+        if named:
+            try:
+                return Instrument.preset(str(named))
+            except InstrumentError:
+                raise InstrumentError(
+                    f"the data's metadata names the instrument {named!r}, which is not a preset "
+                    f"({', '.join(instruments())}): give the instrument (instrument= an Instrument or a "
+                    "preset name; on the command line --instrument PRESET)") from None
+        instrument = DEFAULT_INSTRUMENT
     return Instrument.preset(str(instrument))

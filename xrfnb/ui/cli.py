@@ -62,6 +62,10 @@ def _heavy(name: str) -> Callable[..., Any]:
         from ..model.train import train_model
 
         return train_model
+    if name == "adapt_model":
+        from ..model.adapt import adapt_model
+
+        return adapt_model
     if name == "evaluate_model":
         from ..model.evaluate import evaluate_model
 
@@ -199,6 +203,8 @@ def _cmd_identify(args: argparse.Namespace) -> int:
     if not isinstance(data, Scan):
         raise DataError(f"{args.input}: expected a scan or a spectrum, got {type(data).__name__}")
     model = _load_model(args.model, args.precision)
+    if args.adapt:
+        model = _adapted_for(args, data, model, out)
     rows, cols, ch = data.shape
     _info(f"{args.input}: {rows} x {cols} pixels x {ch} channels -> {out}")
     maps = map_pigments(
@@ -218,10 +224,87 @@ def _cmd_identify(args: argparse.Namespace) -> int:
         _info(f"wrote {len(paths)} TIFF files to {args.tiff}")
     print(maps.summary().to_text())
     _info(f"wrote {out} ({maps.metadata.get('spectra_per_s', 0):.0f} spectra/s)")
+    share = _ood_share(maps)
+    if share > ADAPT_OOD_SHARE and not args.adapt:
+        _info(
+            f"{100 * share:.0f} % of the pixels are unlike anything the model was trained on (out of "
+            f"distribution): its calls there are not to be trusted. Adapt the model to this scanner "
+            f"(about 15 minutes): xrfnb adapt {args.input} --out MODEL_FOLDER, then xrfnb identify "
+            f"{args.input} -o {out} --model MODEL_FOLDER (or rerun with --adapt)."
+        )
     if args.report is not None:
 
         write_report(maps, args.report, scan=data, instrument=args.instrument)
         _info(f"wrote the report {args.report}")
+    return 0
+
+
+#: share of out-of-distribution pixels above which `xrfnb identify` advises adapting the model
+ADAPT_OOD_SHARE = 0.2
+
+
+def _ood_share(maps: PigmentMaps) -> float:
+    """Share of the valid pixels whose OOD score exceeds the model's threshold."""
+    score = np.asarray(maps.ood_score, dtype=float)
+    valid = ~np.asarray(maps.mask, dtype=bool) & np.isfinite(score)
+    if not valid.any():
+        return 0.0
+    return float((score[valid] > maps.ood_threshold).mean())
+
+
+def _fit_for_adapt(args: argparse.Namespace, data: Spectrum | Scan) -> Any:
+    fixed = {"anode": args.anode} if getattr(args, "anode", None) else None
+    _info("fitting the instrument from the data (xrfnb.fit_instrument) ...")
+    fit = fit_instrument(data, fixed=fixed)
+    print(fit.summary())
+    return fit
+
+
+def _adapt(args: argparse.Namespace, data: Spectrum | Scan, model: PigmentModel, folder: Path,
+           resume: bool) -> PigmentModel:
+    fit = _fit_for_adapt(args, data)
+    _info(f"adapting {model.name} to this instrument for {args.minutes:g} minutes -> {folder} "
+          "(Ctrl-C keeps a checkpoint: rerun with --resume)")
+    adapt_model = _heavy("adapt_model")
+    return adapt_model(model, fit, folder, minutes=args.minutes, resume=resume, progress=not args.quiet)
+
+
+def _adapted_for(
+    args: argparse.Namespace, data: Spectrum | Scan, model: PigmentModel, out: Path
+) -> PigmentModel:
+    """``identify --adapt``: the model adapted to this scan's instrument, in ``OUTPUT-model/`` beside the
+    output; a finished one there is used again, an interrupted one continued."""
+    folder = out.with_name(out.stem + "-model")
+    if (folder / "model.json").is_file():
+        adapted = _load_model(str(folder), args.precision)
+        record = adapted.meta.get("adapted")
+        if not isinstance(record, dict) or record.get("from_model") != model.name:
+            raise DataError(
+                f"{folder} holds a model that is not {model.name} adapted by xrfnb: move it away, or use "
+                f"it with --model {folder} instead of --adapt")
+        _info(f"using the adapted model in {folder} (made {record.get('created', '?')}); remove the folder "
+              "to adapt again")
+        return adapted
+    resume = (folder / "checkpoint" / "state.json").is_file()
+    return _adapt(args, data, model, folder, resume)._with_precision(args.precision)
+
+
+def _cmd_adapt(args: argparse.Namespace) -> int:
+    folder = Path(args.out)
+    if folder.exists() and not folder.is_dir():
+        raise DataError(f"--out {folder} exists and is not a folder")
+    if (folder / "model.json").is_file() and not args.resume:
+        raise DataError(f"{folder} already holds a model: choose another --out (nothing was changed)")
+    if folder.is_dir() and any(folder.iterdir()) and not args.resume:
+        raise DataError(f"{folder} is not empty: choose a new --out, or pass --resume to continue the "
+                        "adaptation it holds")
+    data = _load_calibrated(args, args.input)
+    model = _load_model(args.model)
+    adapted = _adapt(args, data, model, folder, args.resume)
+    record = adapted.meta.get("adapted", {})
+    _info(f"adapted model written to {folder} ({record.get('steps', 0):,} steps, "
+          f"{record.get('train_time_s', 0) / 60:.1f} minutes); its card: {folder / 'README.md'}")
+    _info(f"use it: xrfnb identify {args.input} -o MAPS.h5 --model {folder}")
     return 0
 
 
@@ -522,6 +605,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--resume", action="store_true", help="continue an interrupted run from OUTPUT.h5.partial")
     s.add_argument(
+        "--adapt",
+        action="store_true",
+        help="first fit the instrument from the scan and adapt the model to it (about --minutes; kept in "
+        "OUTPUT-model/ beside the output, used again or continued on the next run)",
+    )
+    s.add_argument("--minutes", type=_positive_float, default=15.0, help="--adapt: training minutes (15)")
+    s.add_argument("--anode", default=None, help="--adapt: the tube anode, if known (e.g. Rh)")
+    s.add_argument(
         "--chunk-pixels",
         type=_positive_int,
         default=8192,
@@ -603,6 +694,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_cmd_convert)
 
+    s = sub.add_parser(
+        "adapt",
+        help="adapt a pigment model to your own scanner: fit the instrument from a scan, fine-tune the "
+        "model on simulated spectra of it (about 15 minutes)",
+    )
+    s.add_argument("input", metavar="SCAN",
+                   help="a scan or spectrum from the scanner (any format xrfnb.load reads)")
+    s.add_argument("--out", required=True, metavar="MODEL_FOLDER", help="folder of the adapted model")
+    s.add_argument("--model", default=None, help="model to adapt (default: the shipped model)")
+    s.add_argument("--minutes", type=_positive_float, default=15.0, help="training minutes (default 15)")
+    s.add_argument("--anode", default=None, help="the tube anode, if known (e.g. Rh): fixed in the fit")
+    s.add_argument("--resume", action="store_true", help="continue an interrupted adaptation in --out")
+    _add_load_options(s)
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(func=_cmd_adapt)
+
     s = sub.add_parser("train", help="train a pigment model from a TOML config")
     s.add_argument("--config", required=True, metavar="CONFIG")
     s.add_argument("--out", required=True, metavar="DIR")
@@ -672,6 +779,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (value > 0 and np.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
     return value
 
 

@@ -1,0 +1,156 @@
+"""A model adapted to the user's own instrument (issue #18 item 2): ``PigmentModel.adapt``, ``xrfnb adapt``
+and ``xrfnb identify --adapt``.
+
+The instrument is one no preset describes (a W tube at 40 kV, 1,024 channels of 40 eV, 120 deg), simulated
+with a seed used nowhere else (18301); the fit must read it back and the adaptation must train on *that*
+instrument (its anode, calibration and channel count, compared with the simulation's truth), starting from
+the base model's weights and re-fitting thresholds and OOD statistics. The base is a tiny model trained
+here (the shipped one takes minutes to fine-tune); its simulation runs in a worker process started after
+torch has run in this process (the case that hung with forked workers).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import xrfnb
+from xrfnb import EnergyCalibration, Instrument, Layer, Stack
+from xrfnb.maps.pigmentmaps import PigmentMaps
+from xrfnb.model.adapt import adapt_model, adaptation_config
+from xrfnb.model.train import train_model
+from xrfnb.ui import cli
+
+TINY = {
+    "name": "tiny-base",
+    "model": {"hidden": [32, 16], "conv_channels": 2},
+    "data": {"instruments": ["bruker-m6"], "instrument_weights": [1.0], "n_instrument_variants": 1,
+             "variants_per_batch": 1},
+    "optim": {"batch_size": 32, "max_steps": 10, "time_budget_min": 10.0, "n_val": 192, "workers": 1,
+              "checkpoint_every": 5, "threads": 1, "seed": 3},
+}
+TRUTH = Instrument(
+    name="w-tube", anode="W", tube_voltage_kV=40.0, incidence_deg=60.0, takeoff_deg=60.0,
+    atmosphere="air", beam_path_mm=10.0, detector_path_mm=10.0, optics="none", source_solid_angle_sr=1e-4,
+    pileup_time_s=2e-7, calibration=EnergyCalibration(-0.05, 0.04), n_channels=1024,
+).with_(fwhm_mnka_eV=150.0)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> xrfnb.PigmentModel:
+    return train_model(TINY, tmp_path_factory.mktemp("base"), progress=False)
+
+
+@pytest.fixture(scope="module")
+def spectrum() -> xrfnb.Spectrum:
+    paint = Stack([Layer({"lead white": 0.5, "vermilion": 0.2}, thickness_um=20)],
+                  substrate=Layer({"chalk": 0.9}, thickness_um=500))
+    return xrfnb.simulate(paint, TRUTH, counts=5e6, live_time_s=100.0, rng=18301)
+
+
+@pytest.fixture(scope="module")
+def fit(spectrum) -> xrfnb.InstrumentFit:
+    return xrfnb.fit_instrument(spectrum)
+
+
+@pytest.fixture(scope="module")
+def adapted(base, fit, tmp_path_factory):
+    out = tmp_path_factory.mktemp("adapted")
+    torch.ones(64, 64) @ torch.ones(64, 64)  # torch's thread pool is running in this process
+    model = base.adapt(fit, out, minutes=0.05, progress=False, n_val=128, validation_n_per_cell=8)
+    return out, model
+
+
+def test_the_adaptation_trains_on_the_fitted_instrument(base, fit):
+    cfg = adaptation_config(base, fit, minutes=3.0)
+    (inst_d,) = cfg.data.instruments
+    inst = Instrument.from_dict(inst_d)
+    assert inst.anode == TRUTH.anode and inst.n_channels == TRUTH.n_channels
+    e10 = float(inst.calibration.energy_keV(TRUTH.calibration.channel(10.0)))
+    assert abs(e10 - 10.0) < 0.015
+    assert cfg.data.anodes == ()  # the fitted anode, not the base model's list
+    lo, hi = cfg.data.fwhm_scale
+    assert lo < 1.0 < hi and hi - lo <= 0.6
+    # the paint variation is the base model's own
+    base_data = base.meta["training"]["data"]
+    assert list(cfg.data.layer_probs) == list(base_data["layer_probs"])
+    assert cfg.optim.time_budget_min == 3.0 and cfg.model.hidden == (32, 16)
+
+
+def test_adapted_model_is_a_model_folder_with_its_record_and_card(base, adapted, fit):
+    out, model = adapted
+    again = xrfnb.load_model(out)
+    assert again.classes == base.classes
+    record = json.loads((out / "model.json").read_text())["adapted"]
+    assert record["from_model"] == "tiny-base" and record["steps"] >= 1
+    assert record["instrument"]["anode"] == "W" and record["instrument"]["n_channels"] == 1024
+    sets = {r["set"] for r in record["validation"]}
+    assert sets == {"single", "mixture", "buried", "low"}
+    # fine-tuned from the base weights: changed, but close to them (60 small steps, not a fresh net)
+    w0 = {k: p.detach() for k, p in base.net.named_parameters()}
+
+    def params(m: xrfnb.PigmentModel) -> dict[str, torch.Tensor]:
+        return {k: p.detach() for k, p in m.net.named_parameters()}
+
+    changed = [float((p - w0[k]).abs().max()) for k, p in params(model).items()]
+    assert max(changed) > 0
+    fresh = train_model({**TINY, "optim": {**TINY["optim"], "seed": 99, "max_steps": 1, "workers": 0}},
+                        out.parent / "fresh", progress=False)
+    to_base = sum(float((p - w0[k]).norm()) for k, p in params(model).items())
+    fresh_to_base = sum(float((p - w0[k]).norm()) for k, p in params(fresh).items())
+    assert to_base < 0.5 * fresh_to_base
+    # thresholds and OOD statistics re-fitted on the adapted distribution
+    assert not np.array_equal(model.thresholds, base.thresholds)
+    card = (out / "README.md").read_text()
+    assert "tube anode" in card and "W" in card and "| single | 1,000 |" in card
+    assert "Use it only for scans from this instrument" in card
+
+
+def test_adapting_into_a_used_folder_needs_resume(base, adapted, fit):
+    out, _ = adapted
+    with pytest.raises(xrfnb.XRFNBError, match="resume"):
+        adapt_model(base, fit, out, minutes=0.05, progress=False)
+    with pytest.raises(xrfnb.XRFNBError, match="positive"):
+        adapt_model(base, fit, out.parent / "x", minutes=0)
+    with pytest.raises(xrfnb.XRFNBError, match="InstrumentFit"):
+        adapt_model(base, TRUTH, out.parent / "y")  # type: ignore[arg-type]
+
+
+def test_an_instrument_named_by_metadata_but_no_preset_is_a_clear_error(spectrum):
+    with pytest.raises(xrfnb.XRFNBError, match="names the instrument 'w-tube', which is not a preset"):
+        xrfnb.physics.instrument.resolve_instrument(None, spectrum.metadata)
+
+
+def test_cli_adapt_and_identify_advice(base, spectrum, tmp_path, capsys, monkeypatch):
+    src = tmp_path / "w_tube.h5"
+    # as a user's file: counts, calibration and live time, no simulator metadata
+    plain = xrfnb.Spectrum(spectrum.counts, spectrum.calibration, live_time_s=spectrum.live_time_s)
+    xrfnb.save(xrfnb.Scan.from_spectrum(plain), src)
+    folder = tmp_path / "maps-model"  # where `identify -o maps.h5 --adapt` keeps its adapted model
+    rc = cli.main(["adapt", str(src), "--out", str(folder), "--model", str(base.path), "--minutes", "0.05",
+                   "--anode", "W", "-q"])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "adapted model written to" in err and f"--model {folder}" in err
+    assert json.loads((folder / "model.json").read_text())["adapted"]["instrument"]["anode"] == "W"
+    # an existing model is never overwritten
+    assert cli.main(["adapt", str(src), "--out", str(folder), "--model", str(base.path), "-q"]) != 0
+    assert "already holds a model" in capsys.readouterr().err
+    # identify says plainly when most pixels are out of distribution, and how to adapt
+    monkeypatch.setattr(cli, "_ood_share", lambda maps: 0.8)
+    rc = cli.main(["identify", str(src), "-o", str(tmp_path / "plain.h5"), "--model", str(base.path), "-q"])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "80 % of the pixels are unlike anything the model was trained on" in err
+    assert f"xrfnb adapt {src} --out MODEL_FOLDER" in err
+    # identify --adapt uses the adapted model kept beside its output (no second adaptation)
+    maps_h5 = tmp_path / "maps.h5"
+    rc = cli.main(["identify", str(src), "-o", str(maps_h5), "--model", str(base.path), "--adapt", "-q"])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert f"using the adapted model in {folder}" in err and "adapting" not in err
+    maps = PigmentMaps.from_hdf5(tmp_path / "maps.h5")
+    assert "tiny-base-adapted" in json.dumps(maps.metadata["model"])
