@@ -1306,6 +1306,9 @@ def test_out_of_distribution_banner(scene):
     assert dash.selection_info.ood_alert.visible
     assert f"{100 * ood.sum() / valid.sum():.1f} %" in dash.selection_info.ood_alert.object
     assert f"({int(ood.sum())} of {int(valid.sum())};" in dash.selection_info.ood_alert.object
+    # adapting the model is suggested exactly when more than a fifth of the pixels are unfamiliar
+    share = ood.sum() / valid.sum()
+    assert ("xrfnb adapt SCAN" in dash.selection_info.ood_alert.object) == (share > 0.2)
     r, c = map(int, np.argwhere(ood)[0])
     dash.select_pixel(r, c)
     assert "selected pixel is out of distribution" in dash.selection_info.ood_alert.object
@@ -1319,6 +1322,7 @@ def test_out_of_distribution_banner(scene):
     # every pixel unfamiliar (a real spectrum far from the training set): "All", in red
     dash.set_maps(dataclasses.replace(maps, ood_score=np.where(valid, 9.3, np.nan).astype(np.float32)))
     assert alert.visible and alert.object.count("All of this scan") == 1
+    assert "adapt the model to it" in alert.object and "xrfnb adapt SCAN --out FOLDER/NAME" in alert.object
     assert dash.selection_info.ood_alert.alert_type == "danger"
     dash.set_maps(dataclasses.replace(maps, ood_score=np.where(valid, 0.1, np.nan).astype(np.float32)))
     assert not dash.selection_info.ood_alert.visible

@@ -19,6 +19,11 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["SelectionInfo"]
 
 
+#: share of out-of-distribution pixels above which the banner suggests adapting the model (as
+#: ``xrfnb identify`` does)
+ADAPT_OOD_SHARE = 0.2
+
+
 class SelectionInfo(pn.viewable.Viewer):
     """Texts about the selection of a :class:`~xrfnb.ui.dashboard.Dashboard`.
 
@@ -98,6 +103,12 @@ class SelectionInfo(pn.viewable.Viewer):
             f"Out of distribution: {share} of this scan's pixels ({n_ood} of {n_valid}; OOD score above "
             f"{thr:.2f}). Pigment calls on those pixels are unreliable; the *OOD score* view shows where."
         )
+        if summary["fraction"] > ADAPT_OOD_SHARE:
+            parts.append(
+                "So many unfamiliar pixels usually mean a scanner unlike the model's training: adapt the "
+                "model to it (about 15 minutes, on the command line: `xrfnb adapt SCAN --out "
+                "FOLDER/NAME`; with `XRFNB_MODELS=FOLDER xrfnb serve` it is offered in the model list here)."
+            )
         self.ood_alert.object = " ".join(parts)
         self.ood_alert.alert_type = "danger" if summary.get("pixel_ood") or n_ood == n_valid else "warning"
         self.ood_alert.visible = True
