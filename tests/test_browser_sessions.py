@@ -163,25 +163,34 @@ def test_ten_concurrent_sessions_have_their_own_thresholds_and_bounded_memory(tm
             for page in pages:
                 page.on("request", lambda req: requests.append(req.url))
 
-            def ready(page) -> None:
-                _wait_for_figures(page, 4, timeout_s=120)
+            def ready(page, deadline: float) -> None:
+                """Figures, maps and sliders drawn before ``deadline`` (time.monotonic)."""
+
+                def left_ms() -> float:
+                    return max(5000.0, 1000.0 * (deadline - time.monotonic()))
+
+                _wait_for_figures(page, 4, timeout_s=left_ms() / 1000.0)
                 page.wait_for_function(
                     f"() => ({_PIXEL_COUNTS_JS})(['xrfnb-gallery', [0]]) !== null"
                     f" && ({_PIXEL_COUNTS_JS})(['xrfnb-main', [0]]) !== null",
-                    timeout=120000,
+                    timeout=left_ms(),
                 )
-                page.wait_for_function(f"() => ({_SLIDERS_JS})().classes.length > 0", timeout=60000)
+                page.wait_for_function(f"() => ({_SLIDERS_JS})().classes.length > 0", timeout=left_ms())
 
             # the first session loads the model and maps the demo (cached for the others)
             pages[0].goto(url)
-            ready(pages[0])
+            ready(pages[0], time.monotonic() + 240)
             times["first"] = time.monotonic() - t_start
             rss["one"] = _rss_mib(proc)
             # the other nine, all at once
+            # nine pages built and drawn at once share the two cores with the server: about 140 s on the
+            # 2-core project machine, so all nine get 420 s together (this test bounds memory and keeps
+            # sessions apart; the time is printed, not judged)
             for page in pages[1:]:
                 page.goto(url, wait_until="commit")
+            deadline = time.monotonic() + 420
             for page in pages[1:]:
-                ready(page)
+                ready(page, deadline)
             times["all"] = time.monotonic() - t_start
             rss["ten"] = _rss_mib(proc)
             assert len(set(re.findall(r"Session (\d+) created", log_path.read_text()))) == SESSIONS
