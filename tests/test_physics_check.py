@@ -10,6 +10,7 @@ pigment that is not there must not be needed.
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import pytest
@@ -204,6 +205,19 @@ def test_no_alternative_no_change(m6, elements):
     assert check_calls(spec.counts, m6, [], {}, elements).note == "no class called"
     unknown = check_calls(spec.counts, m6, ["mystery"], {}, {**elements, "mystery": ("Hg",)})
     assert not unknown.checked and "mystery" in unknown.note
+
+
+def test_more_classes_than_a_training_stack_holds_are_not_fitted(m6, elements):
+    """A called set larger than any training stack (3 layers x 3 pigments) is left unchecked at once, with
+    the reason, instead of minutes of stack fits; the largest such set is still checked."""
+    spec = _spectrum(m6, {"vermilion": 0.3, "lead white": 0.3}, 19_020_006)
+    many = [c for c in elements if elements[c]][: physics_check.MAX_CHECKED_CLASSES + 1]
+    assert len(many) == physics_check.MAX_CHECKED_CLASSES + 1 == 10
+    t0 = time.perf_counter()
+    res = _check(m6, elements, spec, many)
+    assert time.perf_counter() - t0 < 1.0
+    assert not res.checked and not res.changed and res.best_classes == tuple(many)
+    assert "10 classes called, more than the 9" in res.note
 
 
 # -- identify: present follows the check, the network's call stays ---------------------------------------

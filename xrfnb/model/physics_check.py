@@ -94,6 +94,7 @@ from ..physics.stack import Layer, Stack
 
 __all__ = [
     "DEFAULT_MARGIN",
+    "MAX_CHECKED_CLASSES",
     "SWITCH_MARGIN",
     "CallPattern",
     "CallPatterns",
@@ -112,6 +113,10 @@ __all__ = [
 
 #: explanations within this BIC difference of the best are listed (Kass & Raftery: > 6 is strong evidence)
 DEFAULT_MARGIN = 6.0
+#: the most classes a called set may hold to be checked: training stacks hold at most 3 paint layers of 1-3
+#: pigments (``xrfnb.model.trainingdata``), and a stack fit of more pigments takes minutes (18 classes
+#: called by an untrained network: 32 explanations, about 2 minutes) and says little
+MAX_CHECKED_CLASSES = 9
 #: the network's call gives way to a better explanation only when it is worse by more than this BIC
 #: difference (Kass & Raftery: above 10 is very strong evidence against it); see the module docstring
 SWITCH_MARGIN = 10.0
@@ -762,7 +767,8 @@ def check_calls(
     Returns
     -------
     PhysicsCheck
-        Not checked (``note`` says why, nothing is fitted) when nothing is called, the called set has no
+        Not checked (``note`` says why, nothing is fitted) when nothing is called, more than
+        :data:`MAX_CHECKED_CLASSES` classes are called, the called set has no
         alternative (:data:`NO_ALTERNATIVE`), a class has no library pigment, or the spectrum has no
         counts to fit; simulation errors propagate.
     """
@@ -770,6 +776,11 @@ def check_calls(
     called = tuple(dict.fromkeys(called))
     if not called:
         return PhysicsCheck(called, (), margin, note="no class called")
+    if len(called) > MAX_CHECKED_CLASSES:
+        return PhysicsCheck(
+            called, (), margin,
+            note=f"{len(called)} classes called, more than the {MAX_CHECKED_CLASSES} a paint stack of the "
+            "training holds: not checked by stack fits (treat the call with caution)")
     lib = library if library is not None else pigments()
     try:
         first = candidate_sets(called, layer, class_elements)
