@@ -244,12 +244,11 @@ ADAPT_OOD_SHARE = 0.2
 
 
 def _ood_share(maps: PigmentMaps) -> float:
-    """Share of the valid pixels whose OOD score exceeds the model's threshold."""
-    score = np.asarray(maps.ood_score, dtype=float)
-    valid = ~np.asarray(maps.mask, dtype=bool) & np.isfinite(score)
+    """Share of the valid pixels that are out of distribution (:meth:`PigmentMaps.ood`)."""
+    valid = ~np.asarray(maps.mask, dtype=bool)
     if not valid.any():
         return 0.0
-    return float((score[valid] > maps.ood_threshold).mean())
+    return float(maps.ood()[valid].mean())
 
 
 def _fit_for_adapt(args: argparse.Namespace, data: Spectrum | Scan) -> Any:
