@@ -47,6 +47,7 @@ import xrfnb
 from xrfnb.ui.dashboard import Dashboard
 from xrfnb.ui.dashboard.common import ABSENT_COLOR
 from xrfnb.ui.dashboard.gallery import THUMB_PX
+from xrfnb.ui.report import HEADLESS_CHROMIUM_ARGS
 
 TARGET_MS = 200.0
 
@@ -173,14 +174,7 @@ def report(name: str, ms: list[float]) -> None:
 
 
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
+CHROMIUM_ARGS = list(HEADLESS_CHROMIUM_ARGS)
 # Figure models in the page, and image data sources holding an image (main map, gallery, element maps)
 _PAGE_JS = """() => {
   const out = {figures: 0, images: 0};

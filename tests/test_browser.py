@@ -28,15 +28,10 @@ import numpy as np
 import pytest
 from test_dashboard import CLASSES, COLS, ROWS, make_scene
 
+from xrfnb.ui.report import HEADLESS_CHROMIUM_ARGS
+
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
+CHROMIUM_ARGS = list(HEADLESS_CHROMIUM_ARGS)
 OUTPUT = Path(__file__).resolve().parents[1] / "test-output"
 
 pytestmark = pytest.mark.browser

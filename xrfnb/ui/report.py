@@ -740,6 +740,18 @@ def render_report_html(
 # --------------------------------------------------------------------------------------------------
 # writing: HTML, PDF
 # --------------------------------------------------------------------------------------------------
+#: flags of a quiet headless Chromium (no sandbox, GPU, updates, sync or first-run work, nothing fetched in
+#: the background): the PDF printer's, and the browser tests' and benchmarks' (they import it)
+HEADLESS_CHROMIUM_ARGS = (
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+)
+
+
 def find_chromium() -> str | None:
     """Path of a Chromium (or Chrome) executable: ``$XRFNB_CHROMIUM``, then the usual names on PATH."""
     env = os.environ.get("XRFNB_CHROMIUM")
@@ -767,12 +779,7 @@ def _print_pdf(document: str, target: Path) -> None:
             cmd = [
                 exe,
                 "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
+                *HEADLESS_CHROMIUM_ARGS,
                 "--disable-extensions",
                 f"--user-data-dir={Path(work) / 'profile'}",
                 "--no-pdf-header-footer",
