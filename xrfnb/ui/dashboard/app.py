@@ -17,7 +17,7 @@ import param
 
 from ..._errors import DataError
 from ...core.spectrum import Scan
-from .bokeh import LinkedRanges, TapSubscriptions
+from .bokeh import LinkedRanges, TapSubscriptions, keep_session_until_connected
 from .calibration import CalibrationPanel
 from .common import DEMO_LABEL, MAIN_PX, ensure_extensions, size_text, toast_text
 from .data import DataPanel
@@ -497,7 +497,13 @@ class Dashboard(DashboardState):
 def make_app(
     data_dir: Path | None = None, initial: str | None = None, max_upload_mb: float = 256.0
 ) -> Dashboard:
-    """A new :class:`Dashboard` for one browser session (opens ``initial`` or the demo scene)."""
+    """A new :class:`Dashboard` for one browser session (opens ``initial`` or the demo scene).
+
+    In a server session, the session is kept until its page connects
+    (:func:`~xrfnb.ui.dashboard.bokeh.keep_session_until_connected`): Bokeh would otherwise discard it
+    after 15 s without a connection, which a page opened while others are being built can take.
+    """
+    keep_session_until_connected()
     dash = Dashboard(data_dir, max_upload_mb=max_upload_mb)
     if initial is not None:
         dash.source = initial

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
+import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -21,23 +23,33 @@ from bokeh import events
 from holoviews import streams
 
 if TYPE_CHECKING:
+    from bokeh.document import Document
     from bokeh.events import Tap
     from bokeh.model import Model
     from holoviews.plotting.bokeh.element import ElementPlot
     from param.parameterized import Event
 
 __all__ = [
+    "UNCONNECTED_SESSION_KEPT_S",
     "DocumentHold",
     "LinkedRanges",
     "Refresh",
     "SwitchingPlot",
     "TapSubscriptions",
+    "keep_session_until_connected",
     "name_hook",
     "rendered_plots",
     "rgba_u32",
     "weak_hook",
     "write_to_plot",
 ]
+
+log = logging.getLogger(__name__)
+
+#: how long a served session is kept for a page that has not connected to it yet, seconds: Bokeh's
+#: default session token lifetime (``session_token_expiration``), after which the page could not
+#: connect anyway
+UNCONNECTED_SESSION_KEPT_S = 300.0
 
 #: a stream whose only job is to make a DynamicMap call its callback again (``version`` bumped)
 Refresh = streams.Stream.define("Refresh", version=0)
@@ -81,6 +93,73 @@ def write_to_plot(plot: ElementPlot, write: Callable[[], None]) -> None:
     with pn.io.unlocked():
         write()
     plot.push()
+
+
+def keep_session_until_connected(
+    doc: Document | None = None, max_wait_s: float | None = None, check_ms: int = 500
+) -> bool:
+    """Keep a served session alive until its page has connected to it (at most ``max_wait_s``).
+
+    Bokeh makes a session when it serves the page (the HTTP request) and discards one that no browser
+    has connected to within ``unused_session_lifetime_milliseconds`` (15 s by default), checked every
+    17 s. The page connects its websocket only once the server's event loop gets to it; while other
+    sessions are being built (about 2.4 s each for the demo, several times that on a loaded machine,
+    with their scans opened and maps drawn) the wait easily passes 15 s. The session is then destroyed
+    and built again when the websocket arrives, which costs the loop another build and delays the
+    next pages in turn: with nine pages opened at once, 7 of 9 sessions were built twice and the last
+    pages took minutes. Here the session's expiration is blocked (Bokeh's
+    ``ServerSession.block_expiration``) from its first tick until a connection is subscribed, then
+    unblocked, so a closed page's session is still dropped as usual.
+
+    Parameters
+    ----------
+    doc : bokeh.document.Document, optional
+        The session's document (default: Panel's current one).
+    max_wait_s : float, optional
+        Unblock after this many seconds without a connection (default
+        :data:`UNCONNECTED_SESSION_KEPT_S`, read when called).
+    check_ms : int, optional
+        How often the connection is looked for, milliseconds.
+
+    Returns
+    -------
+    bool
+        Whether ``doc`` is a server session's (outside a server nothing is done).
+    """
+    doc = doc if doc is not None else pn.state.curdoc
+    if doc is None or doc.session_context is None:
+        return False
+    limit_s = UNCONNECTED_SESSION_KEPT_S if max_wait_s is None else float(max_wait_s)
+    started = time.monotonic()
+    held: list[Any] = []  # the ServerSession while its expiration is blocked
+    watcher: list[Any] = []
+
+    def release() -> None:
+        if held:
+            held.pop().unblock_expiration()
+        if watcher:
+            with contextlib.suppress(ValueError):  # already gone with the session
+                doc.remove_periodic_callback(watcher.pop())
+
+    def block() -> None:
+        # a next-tick callback runs once Bokeh has made the ServerSession, long before its 15 s
+        session = getattr(doc.session_context, "session", None)
+        if session is None or session.destroyed or session.connection_count > 0:
+            return
+        session.block_expiration()
+        held.append(session)
+        watcher.append(doc.add_periodic_callback(check, check_ms))
+
+    def check() -> None:
+        session = held[0] if held else None
+        if session is None or session.destroyed or session.connection_count > 0:
+            release()
+        elif time.monotonic() - started > limit_s:
+            log.info("no page connected to session %s within %.0f s: it may now expire", session.id, limit_s)
+            release()
+
+    doc.add_next_tick_callback(block)
+    return True
 
 
 def name_hook(name: str) -> Callable[[Any, Any], None]:

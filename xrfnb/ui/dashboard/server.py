@@ -12,7 +12,7 @@ import os
 import secrets
 import socket
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -170,12 +170,15 @@ def serve_app(
     show: bool = False,
     threaded: bool = False,
     basic_auth: str | dict[str, str] | None = None,
+    server_options: Mapping[str, Any] | None = None,
 ) -> Any:
     """Serve ``factory()`` (called once per browser session) with local resources and error notifications.
 
     ``factory`` must be a plain function or method: Panel renders any other callable as text.
     ``basic_auth`` (a password, a ``{user: password}`` mapping or a JSON file of one) turns on Panel's
     basic-auth provider: every page and websocket then needs the signed cookie ``/login`` sets.
+    ``server_options`` are further Bokeh server options (``unused_session_lifetime_milliseconds``,
+    ``check_unused_sessions_milliseconds``, ...), passed on as they are.
     """
     if not (inspect.isfunction(factory) or inspect.ismethod(factory)):
         raise TypeError(f"serve_app needs a plain function or method, not {type(factory).__name__}")
@@ -208,4 +211,5 @@ def serve_app(
         websocket_max_message_size=16 * 2**20,
         start=True,
         **auth,
+        **dict(server_options or {}),
     )
