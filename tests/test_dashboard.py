@@ -2168,6 +2168,165 @@ def test_element_maps_are_fitted_once_for_several_sessions_on_the_same_file(tmp_
     _files.SCANS.clear()
 
 
+def test_two_sessions_opening_the_same_file_at_once_fit_its_elements_once(tmp_path, monkeypatch):
+    """Session 2 opens a file while session 1 is still fitting its elements: it waits for session 1's
+    maps (``files.MAPS.get_or_make``) instead of running the model and the element fit a second time,
+    and both show the same maps."""
+    import threading
+    import time
+
+    path = tmp_path / "scene.h5"
+    xrfnb.render_scan("hidden-painting", shape=(12, 12), counts_per_pixel=1500, rng=1403, path=path)
+    _files.MAPS.clear()
+    _files.SCANS.clear()
+    runs = {"fit_elements": 0, "map_pigments": 0}
+    fitting, release = threading.Event(), threading.Event()
+    real_fit, real_map = _job.fit_elements, _job.map_pigments
+
+    def held_fit(*args, **kwargs):
+        runs["fit_elements"] += 1
+        fitting.set()
+        assert release.wait(120), "the test never let the element fit go on"
+        return real_fit(*args, **kwargs)
+
+    def counted_map(*args, **kwargs):
+        runs["map_pigments"] += 1
+        return real_map(*args, **kwargs)
+
+    monkeypatch.setattr(_job, "fit_elements", held_fit)
+    monkeypatch.setattr(_job, "map_pigments", counted_map)
+    first, second = Dashboard(tmp_path), Dashboard(tmp_path)
+    stat = path.stat()
+    key = ((str(path.resolve()), stat.st_mtime_ns, stat.st_size), first.model_name)
+    errors: list[BaseException] = []
+
+    def open_in(dash: Dashboard) -> None:
+        try:
+            dash.open("scene.h5")
+        except BaseException as exc:  # raised again below, in the test's thread
+            errors.append(exc)
+
+    one = threading.Thread(target=open_in, args=(first,), daemon=True)
+    two = threading.Thread(target=open_in, args=(second,), daemon=True)
+    try:
+        one.start()
+        assert fitting.wait(120), "session 1 never reached the element fit"
+        two.start()
+        # session 2 has reached the maps: waiting for session 1's, or (the bug) mapping them itself
+        deadline = time.monotonic() + 120
+        while not (runs["map_pigments"] > 1 or _files.MAPS.waiting(key)):
+            assert time.monotonic() < deadline and not errors, errors
+            time.sleep(0.05)
+    finally:
+        release.set()
+        one.join(120)
+        two.join(120)
+    assert not errors, errors
+    assert runs == {"fit_elements": 1, "map_pigments": 1}
+    assert first.maps is not None and first.maps.element_maps is not None
+    assert second.maps is first.maps and second.element_views.shown
+    assert not _files.MAPS.waiting(key)
+    _files.MAPS.clear()
+    _files.SCANS.clear()
+
+
+def test_a_cache_entry_being_made_is_waited_for_and_made_again_when_its_maker_gives_up():
+    """``LRUCache.get_or_make``: a second thread asking for an entry being made waits for it (seeing the
+    maker's object), gets the same value, and makes nothing; a maker cancelled (``retry_on``) lets the
+    waiting thread make the entry itself; a maker's other failure is the waiting thread's too; a waiting
+    thread that stops waiting (its ``on_wait`` raises) leaves the maker alone."""
+    import threading
+
+    cache: _files.LRUCache[object] = _files.LRUCache(2)
+    made: list[str] = []
+    started, release = threading.Event(), threading.Event()
+    results: dict[str, object] = {}
+
+    def slow(name, outcome):
+        def make():
+            made.append(name)
+            started.set()
+            assert release.wait(60)
+            if isinstance(outcome, BaseException):
+                raise outcome
+            return outcome
+
+        return make
+
+    def ask(name, key, make, **kw):
+        try:
+            results[name] = cache.get_or_make(key, make, maker=name, **kw)
+        except BaseException as exc:
+            results[name] = exc
+
+    def waiting_for(key, n=1):
+        for _ in range(1200):
+            if cache.waiting(key) == n:
+                return
+            threading.Event().wait(0.05)
+        raise AssertionError(f"nobody waits for {key}")
+
+    # made once, the second asker waits and sees who makes it
+    seen: list[object] = []
+    value = object()
+    maker = threading.Thread(target=ask, args=("maker", "a", slow("maker", value)))
+    maker.start()
+    assert started.wait(60)
+    waiter = threading.Thread(
+        target=ask, args=("waiter", "a", slow("waiter", None)), kwargs={"on_wait": seen.append}
+    )
+    waiter.start()
+    waiting_for("a")
+    release.set()
+    maker.join(60)
+    waiter.join(60)
+    assert results == {"maker": value, "waiter": value} and made == ["maker"] and set(seen) == {"maker"}
+    assert cache.get("a") is value and cache.waiting("a") == 0
+
+    # the maker is cancelled: the waiting thread makes it itself
+    for outcome, expected in ((_job.Cancelled(), "own"), (OSError("disk gone"), OSError)):
+        started.clear()
+        release.clear()
+        made.clear()
+        results.clear()
+        key = f"b-{expected}"
+        maker = threading.Thread(target=ask, args=("maker", key, slow("maker", outcome)))
+        maker.start()
+        assert started.wait(60)
+        waiter = threading.Thread(
+            target=ask,
+            args=("waiter", key, lambda: made.append("waiter") or "own"),
+            kwargs={"retry_on": (_job.Cancelled,)},
+        )
+        waiter.start()
+        waiting_for(key)
+        release.set()
+        maker.join(60)
+        waiter.join(60)
+        assert results["maker"] is outcome
+        if expected == "own":
+            assert results["waiter"] == "own" and made == ["maker", "waiter"] and cache.get(key) == "own"
+        else:  # the same failure, not made twice, nothing kept
+            assert results["waiter"] is outcome and made == ["maker"] and cache.get(key) is None
+
+    # a waiting thread that gives up (its job was dropped) raises its own Cancelled; the maker goes on
+    started.clear()
+    release.clear()
+    results.clear()
+    maker = threading.Thread(target=ask, args=("maker", "c", slow("maker", "c-value")))
+    maker.start()
+    assert started.wait(60)
+
+    def give_up(other):
+        raise _job.Cancelled
+
+    ask("quitter", "c", lambda: "never", on_wait=give_up, retry_on=(_job.Cancelled,))
+    assert isinstance(results["quitter"], _job.Cancelled)
+    release.set()
+    maker.join(60)
+    assert results["maker"] == "c-value" and cache.get("c") == "c-value" and cache.waiting("c") == 0
+
+
 def test_composite_hover_names_the_calls_at_the_pixel_not_an_rgba_number(dash, scene):
     """The composite map's hover gives the pigments called at the pixel (buried ones marked) and the most
     probable class with its probability -- not the image's packed RGBA value ("RGBA: 4284394386"); the

@@ -32,6 +32,7 @@ from .files import (
 from .job import Cancelled, JobRunner, MappingJob, map_with_progress, read_with_progress, reraise_for_user
 
 if TYPE_CHECKING:  # pragma: no cover
+    from ...maps.pigmentmaps import PigmentMaps
     from .app import Dashboard
 
 __all__ = ["DataPanel"]
@@ -147,21 +148,16 @@ class DataPanel(pn.viewable.Viewer):
         key = (str(path), stat.st_mtime_ns, stat.st_size)
 
         def read() -> Scan:
-            scan = SCANS.get(key) if cache else None
-            if scan is None:
-                scan = to_scan(load(path), label)
-                if cache:
-                    SCANS.put(key, scan)
-            return scan
+            # two sessions opening the file at once read it once (the second waits for the first)
+            if cache:
+                return SCANS.get_or_make(key, lambda: to_scan(load(path), label))
+            return to_scan(load(path), label)
 
         self.load_in_background(read, label, key if cache else None)
 
     def demo_scan(self) -> Scan:
-        scan = SCANS.get(("demo",))
-        if scan is None:
-            scan = to_scan(render_scan("hidden-painting"), DEMO_LABEL)
-            SCANS.put(("demo",), scan)
-        return scan
+        """The demo scene's scan, rendered once for all sessions."""
+        return SCANS.get_or_make(("demo",), lambda: to_scan(render_scan("hidden-painting"), DEMO_LABEL))
 
     def is_blocking(self) -> bool:
         """Whether work runs in the caller's thread (no server session: tests, notebooks)."""
@@ -248,10 +244,30 @@ class DataPanel(pn.viewable.Viewer):
             return
         job = MappingJob("map", label=d.label, scan=d.scan, key=key, stage="loading the model")
 
-        def work(job: MappingJob) -> None:
+        def make(job: MappingJob) -> PigmentMaps:
             job.set_stage("loading the model")
             model = given if given is not None else load_model_cached(name)
-            job.maps = map_with_progress(job.scan, model, job)
+            return map_with_progress(job.scan, model, job)
+
+        def work(job: MappingJob) -> None:
+            if key is None:
+                job.maps = make(job)
+                return
+            # a session opening the file while another maps it waits for those maps (one run of the
+            # model and of the element fit per file), showing the other's progress; should the other
+            # session drop its job (Cancelled), this one maps the file itself
+            followed: list[MappingJob] = []
+
+            def on_wait(other: object) -> None:
+                if isinstance(other, MappingJob):
+                    followed[:] = [other]
+                job.follow(followed[0] if followed else None, "another session maps this file")
+
+            job.maps = MAPS.get_or_make(
+                key, lambda: make(job), maker=job, on_wait=on_wait, retry_on=(Cancelled,)
+            )
+            if followed and followed[0].maps is job.maps and followed[0].warning:
+                job.warning = followed[0].warning
 
         d.show_status(f"Mapping pigments in {d.label} ...", visible=None)
         if self.is_blocking():
@@ -308,9 +324,7 @@ class DataPanel(pn.viewable.Viewer):
             return  # the user opened something else meanwhile
         if job.error is not None:
             reraise_for_user(job.error, "pigment mapping failed")
-        if job.key is not None:
-            MAPS.put(job.key, job.maps)
-        d.set_maps(job.maps)
+        d.set_maps(job.maps)  # kept in MAPS by the worker (get_or_make) when it has a key
         d.update_status()
         if job.warning:
             d.notify(job.warning, "warning")

@@ -11,6 +11,7 @@ import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Generic, TypeVar
 
@@ -194,7 +195,11 @@ def serve_target(path: str | os.PathLike[str] | None) -> tuple[Path | None, str 
 # caches shared by sessions (read-only data only; per-session state lives on the Dashboard)
 # --------------------------------------------------------------------------------------------------
 class LRUCache(Generic[V]):
-    """A small thread-safe least-recently-used cache.
+    """A small thread-safe least-recently-used cache whose entries are made once.
+
+    :meth:`get_or_make` makes a missing entry in the calling thread; another thread asking for the same
+    key meanwhile waits for that result instead of making it again (two sessions opening the same file
+    at the same moment read it, map it and fit its elements once).
 
     Parameters
     ----------
@@ -206,6 +211,9 @@ class LRUCache(Generic[V]):
         self.size = size
         self._d: OrderedDict[Hashable, V] = OrderedDict()
         self._lock = threading.Lock()
+        #: entries being made: key -> (the result to come, what the maker gave as ``maker``)
+        self._pending: dict[Hashable, tuple[Future[V], object]] = {}
+        self._waiting: dict[Hashable, int] = {}
 
     def get(self, key: Hashable) -> V | None:
         """The value under ``key``, or None."""
@@ -218,15 +226,119 @@ class LRUCache(Generic[V]):
     def put(self, key: Hashable, value: V) -> None:
         """Keep ``value`` under ``key``, dropping the least recently used entry when full."""
         with self._lock:
-            self._d[key] = value
-            self._d.move_to_end(key)
-            while len(self._d) > self.size:
-                self._d.popitem(last=False)
+            self._put(key, value)
+
+    def _put(self, key: Hashable, value: V) -> None:
+        self._d[key] = value
+        self._d.move_to_end(key)
+        while len(self._d) > self.size:
+            self._d.popitem(last=False)
 
     def clear(self) -> None:
-        """Forget every entry."""
+        """Forget every entry (entries being made are kept when they are done)."""
         with self._lock:
             self._d.clear()
+
+    def waiting(self, key: Hashable) -> int:
+        """How many threads are waiting now for another thread to make the entry ``key``."""
+        with self._lock:
+            return self._waiting.get(key, 0)
+
+    def get_or_make(
+        self,
+        key: Hashable,
+        make: Callable[[], V],
+        *,
+        maker: object = None,
+        on_wait: Callable[[object], None] | None = None,
+        retry_on: tuple[type[BaseException], ...] = (),
+        poll_s: float = 0.25,
+    ) -> V:
+        """The value under ``key``; made by ``make()`` here when missing, and kept.
+
+        When another thread is making it, this one waits for that thread's result rather than making
+        it a second time, calling ``on_wait(maker)`` (the other thread's ``maker``) every ``poll_s``
+        seconds: to show the other's progress, or to stop waiting by raising. Should the other thread
+        fail with one of ``retry_on`` (it was cancelled: its session no longer wants the result), the
+        entry is asked for again (made here, or waited for from a third thread); any other failure is
+        raised here too.
+
+        Parameters
+        ----------
+        key : hashable
+            The entry.
+        make : callable
+            Makes the value (in the calling thread); what it raises is raised, nothing is kept.
+        maker : object, optional
+            Given to the threads that wait for this one (e.g. the job whose progress they show).
+        on_wait : callable, optional
+            Called with the other thread's ``maker`` while waiting for it.
+        retry_on : tuple of exception types, optional
+            The other thread's failures after which the entry is asked for again.
+        poll_s : float, optional
+            Seconds between calls of ``on_wait``.
+
+        Returns
+        -------
+        object
+            The value.
+        """
+        while True:
+            with self._lock:
+                if key in self._d:
+                    self._d.move_to_end(key)
+                    return self._d[key]
+                entry = self._pending.get(key)
+                if entry is None:
+                    future: Future[V] = Future()
+                    self._pending[key] = (future, maker)
+                else:
+                    self._waiting[key] = self._waiting.get(key, 0) + 1
+            if entry is None:
+                return self._make(key, future, make)
+            try:
+                done, value = self._wait(entry, on_wait, retry_on, poll_s)
+            finally:
+                with self._lock:
+                    self._waiting[key] -= 1
+                    if not self._waiting[key]:
+                        del self._waiting[key]
+            if done:
+                return value
+
+    def _make(self, key: Hashable, future: Future[V], make: Callable[[], V]) -> V:
+        try:
+            value = make()
+        except BaseException as exc:
+            with self._lock:
+                del self._pending[key]
+            future.set_exception(exc)
+            raise
+        with self._lock:
+            del self._pending[key]
+            self._put(key, value)
+        future.set_result(value)
+        return value
+
+    @staticmethod
+    def _wait(
+        entry: tuple[Future[V], object],
+        on_wait: Callable[[object], None] | None,
+        retry_on: tuple[type[BaseException], ...],
+        poll_s: float,
+    ) -> tuple[bool, V | None]:
+        """``(True, value)`` when the other thread made it, ``(False, None)`` when it failed with one of
+        ``retry_on``; what ``on_wait`` raises, and the other's other failures, are raised."""
+        future, other = entry
+        while True:
+            if on_wait is not None:
+                on_wait(other)
+            try:
+                return True, future.result(timeout=poll_s)
+            except TimeoutError:
+                continue
+            except retry_on:
+                return False, None
 
 
 #: scans read, by (path, mtime, size) or ("demo",)
@@ -261,12 +373,9 @@ def available_models() -> list[str]:
 
 
 def load_model_cached(name: str) -> PigmentModel:
-    """The trained model ``name`` (:func:`xrfnb.load_model`), loaded once for all sessions."""
-    model = MODELS.get(name)
-    if model is None:
-        model = load_model(name)
-        MODELS.put(name, model)
-    return model
+    """The trained model ``name`` (:func:`xrfnb.load_model`), loaded once for all sessions (a session
+    asking while another loads it waits for that one)."""
+    return MODELS.get_or_make(name, lambda: load_model(name))
 
 
 class BoundedFileDropper(pn.widgets.FileDropper):

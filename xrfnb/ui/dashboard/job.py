@@ -140,7 +140,7 @@ class MappingJob:
     @property
     def unit(self) -> str:
         """What :attr:`done` counts: "pixels" (mapping) or "rows" (reading)."""
-        return "pixels" if self.stage == "pigment maps" else "rows"
+        return "pixels" if self.stage.endswith("pigment maps") else "rows"
 
     def report(self, done: int, total: int) -> None:
         """Progress callback (``map_pigments(progress=job.report)``): record ``done`` of ``total`` pixels.
@@ -153,6 +153,25 @@ class MappingJob:
         self.done, self.total = int(done), max(1, int(total))
         if self.cancelled:
             raise Cancelled
+
+    def follow(self, other: MappingJob | None, what: str) -> None:
+        """While waiting for ``other`` (another session's job making the result this one needs), show
+        its stage and progress, saying ``what`` it does ("another session maps this file").
+
+        Raises
+        ------
+        Cancelled
+            When this job was cancelled: it stops waiting.
+        """
+        if self.cancelled:
+            raise Cancelled
+        if other is None:
+            if not self.stage.startswith(what):
+                self.set_stage(what)
+            return
+        self.stage = f"{what}: {other.stage}" if other.stage else what
+        self.stage_started = other.stage_started
+        self.determinate, self.done, self.total = other.determinate, other.done, other.total
 
     def run(self, work: Callable[[MappingJob], None]) -> None:
         """Run ``work(self)``, keeping what it raises in :attr:`error`; :attr:`finished` at the end."""
