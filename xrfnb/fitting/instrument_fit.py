@@ -42,6 +42,7 @@ import dataclasses
 import functools
 import math
 import time
+import warnings
 from collections.abc import Mapping
 from typing import Any, Literal, NamedTuple
 
@@ -54,7 +55,7 @@ from .._errors import CalibrationError, FitError, InstrumentError, XRFNBError
 from ..core.calibration import EnergyCalibration
 from ..core.lines import LINE_GROUPS, atomic_number, line_energy_keV
 from ..core.spectrum import Scan, Spectrum
-from ..physics.detector import FWHM_PER_SIGMA, MN_KA_KEV, DetectorResponse
+from ..physics.detector import FWHM_PER_SIGMA, MN_KA_KEV, DetectorResponse, si_ka_keV
 from ..physics.fp import compton_energy_keV
 from ..physics.instrument import Instrument, resolve_instrument
 from ..physics.materials import STANDARD_PRESSURE_MBAR, composition
@@ -520,12 +521,38 @@ def _polyfit_robust(
     return coef, cov, keep
 
 
+class _BlindFamilies(NamedTuple):
+    """Line families for :func:`_blind_calibration` (F families, L lines of all families)."""
+
+    main_keV: np.ndarray  # (F,) the family's main line (Ka, La; 0 for the zero-energy peak)
+    weight: np.ndarray  # (F,) 1, or 0.5 for a family that no second line can confirm (K of Z < 19)
+    needs_confirm: np.ndarray  # (F,) bool: present only when a confirming line also sits on a peak
+    line_keV: np.ndarray  # (L,) every line of every family
+    line_family: np.ndarray  # (L,) int: its family
+    line_confirms: np.ndarray  # (L,) bool: a peak here confirms the family (Kb1, Lb1; anode Compton)
+
+
 @functools.cache
-def _families_for_blind_search() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Line families of the common elements for :func:`_blind_calibration`: per family (F) its main line,
-    the line that confirms it (nan: none) and a weight; per line of all families (L) its energy and family.
+def _families_for_blind_search() -> _BlindFamilies:
+    """Line families of the common elements and the tube anodes for :func:`_blind_calibration`.
+
+    A family is its element's K or L lines (M lines joined to L from Z = 72), confirmed by Kb1 or Lb1; a
+    tube anode's K family also holds its Ka and Kb Compton-scattered at 90-150 deg, and a Compton Ka peak
+    confirms it (a scatter-dominated spectrum, as a blank or a thin paint, shows the anode's Rayleigh Ka
+    and its Compton partner before its Kb). The zero-energy peak is a family of its own.
     """
-    mains, partners, weights, energies, family = [], [], [], [], []
+    mains: list[float] = []
+    weights: list[float] = []
+    needs: list[bool] = []
+    energies: list[float] = []
+    family: list[int] = []
+    confirms: list[bool] = []
+
+    def add(e_keV: float, f: int, confirm: bool) -> None:
+        energies.append(float(e_keV))
+        family.append(f)
+        confirms.append(confirm)
+
     for el in sorted({*COMMON_ELEMENTS, *ANODE_CANDIDATES}, key=atomic_number):
         z = atomic_number(el)
         l_groups = ("La", "Lb", "Lb2", "Lb3", "Lg", "Lg3", "Ll", "Ln", *(("Ma", "Mb") if z >= 72 else ()))
@@ -539,24 +566,89 @@ def _families_for_blind_search() -> tuple[np.ndarray, np.ndarray, np.ndarray, np
                 continue
             if not 1.0 <= main <= 45.0:
                 continue
-            if fam == "K" and z < 19:
-                partner = float("nan")
+            confirmable = not (fam == "K" and z < 19)
             f = len(mains)
             mains.append(main)
-            partners.append(partner)
-            weights.append(0.5 if np.isnan(partner) else 1.0)
+            weights.append(1.0 if confirmable else 0.5)
+            needs.append(confirmable)
             for g in groups:
                 try:
-                    energies.append(line_energy_keV(el, g))
-                    family.append(f)
+                    add(line_energy_keV(el, g), f, False)
                 except XRFNBError:
                     continue
-    return (
+            if fam == "K" and main > 3.0:
+                add(main - si_ka_keV(), f, False)  # its silicon escape peak
+            if confirmable:
+                add(partner, f, True)
+            if fam == "K" and el in ANODE_CANDIDATES:
+                for theta in _BLIND_COMPTON_ANGLES_DEG:
+                    for g in ("Ka", "Kb"):
+                        e_line = line_energy_keV(el, g)
+                        add(float(compton_energy_keV(e_line, math.radians(theta))), f, g == "Ka")
+    # the zero-energy peak (the pulse processor's strobe: Bruker Esprit spectra hold one at E = 0, by far
+    # the strongest feature of their first 100 channels)
+    mains.append(0.0)
+    weights.append(1.0)
+    needs.append(False)
+    add(0.0, len(mains) - 1, False)
+    return _BlindFamilies(
         np.array(mains),
-        np.array(partners),
         np.array(weights),
+        np.array(needs),
         np.array(energies),
         np.array(family, dtype=int),
+        np.array(confirms),
+    )
+
+
+def _blind_scores(
+    e_keV: np.ndarray, fwhm_keV: np.ndarray, sig: np.ndarray, offset_keV: np.ndarray
+) -> np.ndarray:
+    """How well each calibration hypothesis explains the strong peaks.
+
+    Parameters
+    ----------
+    e_keV, fwhm_keV : numpy.ndarray
+        The peaks' energies and widths under each hypothesis, keV, shape (H, P).
+    sig : numpy.ndarray
+        The peaks' weights (log significance), shape (P,).
+    offset_keV : numpy.ndarray
+        Each hypothesis' energy of channel 0, keV, shape (H,).
+
+    Returns
+    -------
+    numpy.ndarray
+        Shape (H,): a family is present when its main line and (where it has one) a confirming line sit
+        on peaks; each peak counts once, on the present family's line that explains it, times the
+        family's weight and the peak's; less a prior on the offset: channel 0 lies near 0 keV
+        (|offset| / 0.3 keV subtracted) unless a zero-energy peak pins E = 0 elsewhere (Bruker: -0.96 keV).
+    """
+    fam = _families_for_blind_search()
+    n_fam = fam.main_keV.size
+    onehot = np.zeros((fam.line_keV.size, n_fam))
+    onehot[np.arange(fam.line_keV.size), fam.line_family] = 1.0
+    tol = (0.35 * np.clip(fwhm_keV, 0.08, 0.5) + 0.01)[:, :, None]  # (H, P, 1)
+    hit_line = np.abs(e_keV[:, :, None] - fam.line_keV[None, None, :]) < tol  # (H, P, L)
+    any_line = hit_line.any(axis=1)  # (H, L)
+    main_line = fam.line_keV == fam.main_keV[fam.line_family]
+    hit_main = ((any_line & main_line[None, :]) @ onehot) > 0  # (H, F)
+    hit_confirm = ((any_line & fam.line_confirms[None, :]) @ onehot) > 0
+    present = hit_main & (hit_confirm | ~fam.needs_confirm[None, :])
+    w_line = (present * fam.weight[None, :])[:, fam.line_family]  # (H, L)
+    explained = (hit_line * w_line[:, None, :]).max(axis=2)  # (H, P): each peak once
+    zero_peak = present[:, -1]  # the last family: the zero-energy peak
+    prior = np.where(zero_peak, 0.0, np.abs(offset_keV) / _BLIND_OFFSET_SCALE_KEV)
+    return (explained * sig[None, :]).sum(axis=1) - prior
+
+
+def _strong_peaks(peaks: list[Peak]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The (at most 20) most significant peaks for a blind calibration: channels, FWHM in channels and
+    log significance, each shape (P,)."""
+    strong = sorted([p for p in peaks if p.significance > 8], key=lambda p: -p.significance)[:20]
+    return (
+        np.array([p.channel for p in strong]),
+        np.array([p.width_ch * FWHM_PER_SIGMA for p in strong]),
+        np.log1p(np.array([p.significance for p in strong])),
     )
 
 
@@ -574,41 +666,39 @@ def _blind_calibration(
     weighted by its significance. Returns the ``keep`` best distinct hypotheses, best first (the caller
     refines each and keeps the one that identifies the most).
     """
-    strong = sorted([p for p in peaks if p.significance > 8], key=lambda p: -p.significance)[:20]
-    if len(strong) < 3:
+    ch, wid, sig = _strong_peaks(peaks)
+    if ch.size < 3:
         return []
-    ch = np.array([p.channel for p in strong])
-    wid = np.array([p.width_ch * FWHM_PER_SIGMA for p in strong])
-    sig = np.log1p(np.array([p.significance for p in strong]))
     k = FWHM_PER_SIGMA**2 * fano * pair_eV * 1e-3
     g_lo, g_hi = 0.002, 0.2
     coef, cov, _ = _polyfit_robust(ch, wid**2, (0.1 * wid**2) ** 2, 1)
     if coef[1] > 3 * math.sqrt(cov[1, 1]):
         g0 = k / coef[1]
         g_lo, g_hi = max(g_lo, 0.6 * g0), min(g_hi, 1.6 * g0)
-    main, partner, weight, line_e, line_f = _families_for_blind_search()
-    i, j = np.triu_indices(ch.size, 1)
+    # every pair of peaks on every pair of main lines, in the same order (a calibration is monotonic):
+    # both sorted, the lower peak on the lower line
+    main = np.sort(np.unique(_families_for_blind_search().main_keV))
+    ch_sorted = np.sort(ch)
+    i, j = np.triu_indices(ch_sorted.size, 1)
     a, b = np.triu_indices(main.size, 1)
     with np.errstate(divide="ignore", invalid="ignore"):
-        gain = (main[b] - main[a])[None, :] / (ch[j] - ch[i])[:, None]
-    offset = main[a][None, :] - gain * ch[i][:, None]
+        gain = (main[b] - main[a])[None, :] / (ch_sorted[j] - ch_sorted[i])[:, None]
+    offset = main[a][None, :] - gain * ch_sorted[i][:, None]
     ok = (gain > g_lo) & (gain < g_hi) & (np.abs(offset) < 1.5)
     g, o = gain[ok], offset[ok]
+    # a hypothesis must give its peaks widths a silicon detector can have: no narrower than the Fano limit
+    # (FWHM^2 >= 8 ln 2 F w E with F >= 0.08; real SDDs and Si(Li)s measure 1.05-2.3 times the limit at
+    # F = 0.115 on the shared real spectra). Checked on the median of the peaks above 1 keV (blends of
+    # unresolved lines are wider, never narrower): a calibration squeezing the peaks into the dense L and M
+    # lines at 1-4 keV makes them too narrow (Steel at 3.1 instead of 11.9 eV per channel: 45 eV at 3 keV).
+    plausible = _widths_plausible(o, g, ch, wid, pair_eV)
+    g, o = g[plausible], o[plausible]
     if g.size == 0:
         return []
-    has_partner = np.isfinite(partner)
     scores = np.zeros(g.size)
-    for start in range(0, g.size, 512):
-        gg, oo = g[start : start + 512, None], o[start : start + 512, None]
-        e = oo + gg * ch[None, :]  # (H, P) peak energies under each hypothesis
-        tol = (0.35 * np.clip(gg * wid[None, :], 0.08, 0.5) + 0.01)[:, :, None]
-        hit_main = (np.abs(e[:, :, None] - main[None, None, :]) < tol).any(axis=1)  # (H, F)
-        hit_partner = (np.abs(e[:, :, None] - np.nan_to_num(partner)[None, None, :]) < tol).any(axis=1)
-        present = hit_main & np.where(has_partner[None, :], hit_partner, True)  # (H, F)
-        w_line = (present * weight[None, :])[:, line_f]  # (H, L)
-        hit_line = np.abs(e[:, :, None] - line_e[None, None, :]) < tol  # (H, P, L)
-        explained = (hit_line * w_line[:, None, :]).max(axis=2)  # (H, P): each peak once
-        scores[start : start + 512] = (explained * sig[None, :]).sum(axis=1)
+    for start in range(0, g.size, 256):
+        gg, oo = g[start : start + 256, None], o[start : start + 256, None]
+        scores[start : start + 256] = _blind_scores(oo + gg * ch[None, :], gg * wid[None, :], sig, oo[:, 0])
     out: list[EnergyCalibration] = []
     for k in np.argsort(-scores):
         cal = EnergyCalibration(float(o[k]), float(g[k]))
@@ -625,6 +715,33 @@ def _blind_calibration(
         if len(out) >= keep:
             break
     return out
+
+
+#: scale of the blind calibration's prior on the offset (channel 0 near 0 keV), keV
+_BLIND_OFFSET_SCALE_KEV = 0.3
+
+#: scattering angles at which a blind calibration looks for the anode's Compton peaks, deg
+_BLIND_COMPTON_ANGLES_DEG = (90.0, 100.0, 110.0, 120.0, 130.0, 140.0, 150.0)
+
+#: lowest Fano factor a blind calibration may imply for its peaks (silicon: 0.11-0.12 measured)
+_BLIND_MIN_FANO = 0.08
+
+
+def _widths_plausible(
+    offset_keV: np.ndarray, gain_keV: np.ndarray, ch: np.ndarray, wid_ch: np.ndarray, pair_eV: float
+) -> np.ndarray:
+    """Which calibration hypotheses (offset, gain: shape (H,)) give the peaks (channels, FWHM in channels:
+    shape (P,)) widths no narrower than a silicon detector's Fano limit (median over the peaks above 1 keV;
+    hypotheses placing fewer than two peaks there are kept). Returns a bool array, shape (H,)."""
+    e = offset_keV[:, None] + gain_keV[:, None] * ch[None, :]  # (H, P) keV
+    fwhm = gain_keV[:, None] * wid_ch[None, :]
+    limit = FWHM_PER_SIGMA * np.sqrt(_BLIND_MIN_FANO * pair_eV * 1e-3 * np.clip(e, 1e-6, None))
+    ratio = np.where(e > 1.0, fwhm / limit, np.nan)
+    counted = np.isfinite(ratio).sum(axis=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: too few peaks above 1 keV
+        med = np.nanmedian(ratio, axis=1)
+    return (counted < 2) | (med >= 1.0)
 
 
 class _Calibration(NamedTuple):
@@ -653,13 +770,19 @@ def _fit_calibration(
     # widths in channels are unknown: search with a guess, then refine the best hypotheses and keep the
     # one that identifies the most lines (weighted by their significance)
     peaks = find_peaks(y, np.full(n, max(3.0, n / 400.0)), first_channel=8)
+    ch, wid, sig = _strong_peaks(peaks)
     best, best_score = None, -1.0
     for cal0 in _blind_calibration(peaks, n, float(start.fano), float(start.pair_energy_eV)):
         try:
             c = _refine_calibration(y, cal0, start_cal, start, True, spectrum, fwhm_ch)
         except CalibrationError:
             continue
-        score = _blind_score(c)
+        # the strong peaks the refined calibration explains (zero peak and Compton peaks included), then
+        # the lines it identified in the whole spectrum
+        e = np.asarray(c.calibration.energy_keV(ch), dtype=float)[None, :]
+        gain = np.gradient(np.asarray(c.calibration.energies_keV(n)))[np.clip(ch.astype(int), 0, n - 1)]
+        off = np.array([c.calibration.offset_keV])
+        score = float(_blind_scores(e, (gain * wid)[None, :], sig, off)[0]) + _blind_score(c)
         if score > best_score:
             best, best_score = c, score
     if best is None or not best.lines:
@@ -958,6 +1081,8 @@ def _fit_pileup(
         sd = np.array([b for _, b, _ in est])
         keep = np.abs(v - np.median(v)) <= 3 * np.maximum(sd, 1e-6) + 0.1 * abs(float(np.median(v)))
         w = 1.0 / sd[keep] ** 2
+        if not np.isfinite(w).all() or w.sum() <= 0:
+            return None  # no consistent sum-peak estimate (e.g. a wrong calibration's energies)
         share = float(np.clip(np.sum(v[keep] * w) / np.sum(w), 0.0, 0.5))
     sigma = float(1.0 / math.sqrt(np.sum(w)))
     if keep.sum() > 1:
@@ -1892,6 +2017,10 @@ class InstrumentFit:
         The peaks identified for the calibration and the resolution.
     seconds : float
         Wall time of the fit, s.
+    calibration_blind : bool
+        Whether the energy calibration was found by a blind search (the data had none and none was given
+        or fixed). A blind calibration is often wrong on real spectra (the README gives the measured
+        share): check it against peaks you know before using it.
     """
 
     instrument: Instrument
@@ -1903,6 +2032,7 @@ class InstrumentFit:
     n_pixels: int
     lines: tuple[str, ...]
     seconds: float
+    calibration_blind: bool = False
 
     def __getitem__(self, name: str) -> FittedParameter:
         """``fit["tube_voltage_kV"]``: one parameter."""
@@ -2769,6 +2899,7 @@ def fit_instrument(
         n_pix,
         tuple(ip.line for ip in c.lines),
         time.perf_counter() - t0,
+        calibration_blind=c.blind,
     )
 
 
