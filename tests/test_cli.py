@@ -616,6 +616,58 @@ def test_identify_takes_a_calibration_or_says_how_to_give_one(tmp_path, capsys):
     assert maps.metadata["calibration"]["gain_keV"] == pytest.approx(0.011928)
 
 
+def _nist_steel_with_offset(tmp_path: Path, offset_keV: float) -> Path:
+    """NIST's Bruker M4 spectrum of steel (EMSA) with its header's OFFSET replaced: a file whose stated
+    calibration is wrong by a known amount (its own Esprit calibration, -0.9553045 keV + 9.999 eV/ch, is
+    the independent reference)."""
+    src = REAL / "bruker_m4_rh50kv" / "pure_elements" / "Steel_50kv_50_ma_Rh_vac_D1.msa"
+    if not src.exists():
+        pytest.skip(f"real spectra not found in {REAL} (../shared/data/real beside the checkout)")
+    text = src.read_text()
+    assert "#OFFSET      : -0.9553045" in text
+    target = tmp_path / "steel_shifted.msa"
+    target.write_text(text.replace("#OFFSET      : -0.9553045", f"#OFFSET      : {offset_keV:.7f}"))
+    return target
+
+
+def test_identify_calibration_fit_corrects_a_wrong_calibration_from_the_peaks(tmp_path):
+    steel = _nist_steel_with_offset(tmp_path, -0.8953045)  # 60 eV (6 channels) off
+    out = tmp_path / "maps.h5"
+    assert cli.main(["identify", str(steel), "-o", str(out), "-q"]) == 0
+    assert PigmentMaps.from_hdf5(out).metadata["calibration"]["offset_keV"] == pytest.approx(-0.8953045)
+    out.unlink()
+    assert cli.main(["identify", str(steel), "-o", str(out), "-q", "--calibration", "fit"]) == 0
+    cal = xrfnb.EnergyCalibration(**PigmentMaps.from_hdf5(out).metadata["calibration"])
+    for e_keV in (2.0, 6.4, 10.0, 17.5):  # the file's own calibration, within 10 eV over the Steel lines
+        ch = (e_keV + 0.9553045) / 0.0099990
+        assert float(cal.energy_keV(ch)) == pytest.approx(e_keV, abs=0.010)
+
+
+def test_identify_instrument_fit_uses_the_fitted_instrument_for_the_physics_check(tmp_path):
+    steel = _nist_steel_with_offset(tmp_path, -0.8953045)
+    out = tmp_path / "maps.h5"
+    rc = cli.main(["identify", str(steel), "-o", str(out), "-q", "--instrument", "fit", "--anode", "Rh"])
+    assert rc == 0
+    meta = PigmentMaps.from_hdf5(out).metadata
+    used = xrfnb.Instrument.from_dict(meta["physics_check"]["instrument"])
+    assert used.name.startswith("fitted to") and used.anode == "Rh"
+    assert used.calibration.offset_keV == pytest.approx(-0.9553, abs=0.01)
+    assert meta["calibration"]["offset_keV"] == pytest.approx(used.calibration.offset_keV)
+    # the resolution the header states (##MNFWHM 0.1439205 keV), read back from the peak widths
+    assert float(used.fwhm_keV(5.8988)) == pytest.approx(0.1439205, rel=0.10)
+
+
+def test_calibration_fit_refuses_to_apply_a_blind_calibration(tmp_path):
+    steel = _uncalibrated_steel(tmp_path)
+    out = tmp_path / "maps.h5"
+    r = _run("identify", str(steel), "-o", str(out), "-q", "--calibration", "fit")
+    assert r.returncode == 2 and not out.exists()
+    errors = [t for t in r.stderr.splitlines() if t.startswith("xrfnb: error:")]
+    assert len(errors) == 1 and "Traceback" not in r.stderr
+    assert "no energy calibration" in errors[0] and "blind" in errors[0]
+    assert "--calibration OFFSET_KEV,GAIN_KEV" in errors[0] and "--calibrate" in errors[0]
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -111,8 +111,14 @@ def _parse_peaks(text: str) -> dict[str, float]:
     return peaks
 
 
-def _load_calibrated(args: argparse.Namespace, path: str) -> Spectrum | Scan:
-    """Load ``path`` for a subcommand, applying ``--element``, ``--calibration`` or ``--calibrate``."""
+def _load_calibrated(
+    args: argparse.Namespace, path: str, *, fitted_instrument: bool = False
+) -> Spectrum | Scan:
+    """Load ``path`` for a subcommand, applying ``--element``, ``--calibration`` or ``--calibrate``.
+
+    ``--calibration fit`` (or ``fitted_instrument``: ``identify --instrument fit``) fits the instrument from
+    the data (:func:`_instrument_fit`) and loads the data again with the fitted energy calibration.
+    """
     p = Path(path)
     if not p.exists():
         raise DataError(f"{path}: no such file")
@@ -122,9 +128,23 @@ def _load_calibrated(args: argparse.Namespace, path: str) -> Spectrum | Scan:
     peaks = getattr(args, "calibrate", None)
     if calibration is not None and peaks is not None:
         raise CalibrationError("give either --calibration or --calibrate, not both")
-    if calibration is not None:
+    fitted = calibration == "fit" or fitted_instrument
+    if calibration is not None and calibration != "fit":
         return load(p, element=element, calibration=_parse_calibration(calibration), detector=detector)
     data = load(p, element=element, detector=detector)
+    if fitted and peaks is None:
+        fit = _instrument_fit(args, data, p)
+        cal = fit.instrument.calibration
+        if fit.calibration_blind:
+            raise CalibrationError(
+                f"{path} has no energy calibration, and the one the automatic fit found blind ({cal}, "
+                f"from {', '.join(fit.lines) or 'no identified lines'}) is not applied unchecked: blind "
+                "searches are often wrong on real spectra. Check it against peaks you recognise, then pass "
+                "it with --calibration OFFSET_KEV,GAIN_KEV, or fit one to your peaks with --calibrate "
+                '"Fe Ka=640,Pb La=1050"'
+            )
+        _info(f"applying the fitted calibration: {cal}")
+        return load(p, element=element, calibration=cal, detector=detector)
     if peaks is None:
         return data
 
@@ -143,7 +163,8 @@ def _add_load_options(s: argparse.ArgumentParser) -> None:
         metavar="OFFSET_KEV,GAIN_KEV",
         default=None,
         help="energy calibration to use instead of the file's: keV of channel 0 and keV per channel "
-        "(optionally a third, quadratic term), e.g. -0.96,0.01",
+        "(optionally a third, quadratic term), e.g. -0.96,0.01; or 'fit': the calibration the automatic "
+        "instrument fit (xrfnb.fit_instrument) reads from the data's peaks",
     )
     s.add_argument(
         "--calibrate",
@@ -197,7 +218,9 @@ def _cmd_identify(args: argparse.Namespace) -> int:
     check_input_outside_working_folder(out, args.input)
     if args.report is not None:
         _check_report_path(Path(args.report))
-    data = _load_calibrated(args, args.input)
+    if args.instrument not in (None, "fit"):
+        resolve_instrument(args.instrument)  # a bad name fails before the scan is read
+    data = _load_calibrated(args, args.input, fitted_instrument=args.instrument == "fit")
     if isinstance(data, Spectrum):
         data = Scan.from_spectrum(data)
     if not isinstance(data, Scan):
@@ -205,6 +228,7 @@ def _cmd_identify(args: argparse.Namespace) -> int:
     model = _load_model(args.model, args.precision)
     if args.adapt:
         model = _adapted_for(args, data, model, out)
+    instrument = args._instrument_fit.instrument if args.instrument == "fit" else args.instrument
     rows, cols, ch = data.shape
     _info(f"{args.input}: {rows} x {cols} pixels x {ch} channels -> {out}")
     maps = map_pigments(
@@ -213,7 +237,7 @@ def _cmd_identify(args: argparse.Namespace) -> int:
         chunk_pixels=args.chunk_pixels,
         progress=not args.quiet,
         element_maps=args.elements,
-        instrument=args.instrument,
+        instrument=instrument,
         out=out,
         resume=args.resume,
     )
@@ -234,7 +258,7 @@ def _cmd_identify(args: argparse.Namespace) -> int:
         )
     if args.report is not None:
 
-        write_report(maps, args.report, scan=data, instrument=args.instrument)
+        write_report(maps, args.report, scan=data, instrument=instrument)
         _info(f"wrote the report {args.report}")
     return 0
 
@@ -251,17 +275,39 @@ def _ood_share(maps: PigmentMaps) -> float:
     return float(maps.ood()[valid].mean())
 
 
-def _fit_for_adapt(args: argparse.Namespace, data: Spectrum | Scan) -> Any:
+def _start_instrument(args: argparse.Namespace, path: Path, meta: Mapping[str, Any]) -> Instrument | None:
+    """Where an instrument fit starts: the preset ``--instrument`` names, else the file's Bruker header
+    (``.spx``, ``.bcf``), else None (:func:`xrfnb.fit_instrument`'s default)."""
+    named = getattr(args, "instrument", None)
+    if named is not None and named != "fit":
+        return resolve_instrument(named, meta)
+    if path.suffix.lower() in (".spx", ".bcf"):
+        try:
+            return Instrument.from_file(path)
+        except XRFNBError:
+            return None
+    return None
+
+
+def _instrument_fit(args: argparse.Namespace, data: Spectrum | Scan, path: Path) -> Any:
+    """The instrument fitted from ``data`` read from ``path`` (``--calibration fit``, ``identify --instrument
+    fit``, ``--adapt``): fitted once per command, its summary printed once; ``--anode`` is fixed in the fit,
+    the start is :func:`_start_instrument`'s."""
+    fit = getattr(args, "_instrument_fit", None)
+    if fit is not None:
+        return fit
     fixed = {"anode": args.anode} if getattr(args, "anode", None) else None
     _info("fitting the instrument from the data (xrfnb.fit_instrument) ...")
-    fit = fit_instrument(data, fixed=fixed)
+    start = _start_instrument(args, path, dict(getattr(data, "metadata", {}) or {}))
+    fit = fit_instrument(data, fixed=fixed, start=start)
     print(fit.summary())
+    args._instrument_fit = fit
     return fit
 
 
 def _adapt(args: argparse.Namespace, data: Spectrum | Scan, model: PigmentModel, folder: Path,
            resume: bool) -> PigmentModel:
-    fit = _fit_for_adapt(args, data)
+    fit = _instrument_fit(args, data, Path(args.input))
     _info(f"adapting {model.name} to this instrument for {args.minutes:g} minutes -> {folder} "
           "(Ctrl-C keeps a checkpoint: rerun with --resume)")
     adapt_model = _heavy("adapt_model")
@@ -477,15 +523,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _print_instrument_fit(args: argparse.Namespace, path: Path, spectrum: Spectrum, meta: dict) -> None:
     """``info --fit-instrument``: the instrument fitted to the (sum) spectrum, started from the named
     preset, else the file's Bruker header, else the default preset."""
-    start = None
-    if args.instrument is not None:
-        start = resolve_instrument(args.instrument, meta)
-    elif path.suffix.lower() in (".spx", ".bcf"):
-        try:
-            start = Instrument.from_file(path)
-        except XRFNBError:
-            start = None
-    fit = fit_instrument(spectrum, start=start)
+    fit = fit_instrument(spectrum, start=_start_instrument(args, path, meta))
     print("fitted instrument (xrfnb.fit_instrument):")
     print("\n".join("  " + line for line in fit.summary().splitlines()))
 
@@ -600,7 +638,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--instrument",
         default=None,
-        help=f"instrument preset for --elements (default: the file's, else {DEFAULT_INSTRUMENT})",
+        help="instrument for --elements, the physics check and --report: a preset name (default: the "
+        f"file's, else {DEFAULT_INSTRUMENT}), or 'fit': the instrument fitted from the scan itself "
+        "(xrfnb.fit_instrument: calibration, resolution, anode, voltage, scattering angle, air, pile-up; "
+        "its calibration applied)",
     )
     s.add_argument("--resume", action="store_true", help="continue an interrupted run from OUTPUT.h5.partial")
     s.add_argument(
@@ -610,7 +651,8 @@ def build_parser() -> argparse.ArgumentParser:
         "OUTPUT-model/ beside the output, used again or continued on the next run)",
     )
     s.add_argument("--minutes", type=_positive_float, default=15.0, help="--adapt: training minutes (15)")
-    s.add_argument("--anode", default=None, help="--adapt: the tube anode, if known (e.g. Rh)")
+    s.add_argument("--anode", default=None,
+                   help="--adapt, --instrument fit, --calibration fit: the tube anode, if known (e.g. Rh)")
     s.add_argument(
         "--chunk-pixels",
         type=_positive_int,
