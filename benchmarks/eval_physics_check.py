@@ -19,15 +19,23 @@ micro-F1 (over classes and spectra of the cell; unchecked spectra keep the netwo
 of ``lowest`` and of ``switch``; then the same summed over all cells. About 10 minutes on two cores with
 the defaults.
 
+``--perturbed`` draws the spectra instead from ``benchmarks/eval_perturbed.py``'s first perturbed set
+(atomic parameters drawn with seed 9100, instruments and impurities outside the training ranges, stacks
+from ``EVAL_SEED + 7000``): physics nobody trained or fitted on. The spectra are simulated under the
+perturbation; the check itself fits with the unperturbed physics (xraylib's), as it would a user's data.
+
 Usage: python benchmarks/eval_physics_check.py [--n 30] [--counts 1000,3000]
-       [--sets single,mixture,buried,low] [--no-pileup] [--verbose] [--json out.json]
+       [--sets single,mixture,buried,low] [--no-pileup] [--perturbed] [--verbose] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -37,6 +45,14 @@ from xrfnb.model.model import load_model
 from xrfnb.model.physics_check import SWITCH_MARGIN, check_calls
 from xrfnb.model.train import config_from_table, n_groups
 from xrfnb.model.trainingdata import DataConfig, TrainingData
+from xrfnb.physics.perturb import AtomicPerturbation, atomic_perturbation
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from eval_perturbed import PARTS, perturbed_config
+
+#: eval_perturbed.py's first draw: its stack seed offset and its atomic-parameter seed
+PERTURBED_SEED_OFFSET = 7000
+PERTURBED_ATOMIC_SEED = 9100
 
 
 def _tallies(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
@@ -55,6 +71,9 @@ def main() -> None:
     ap.add_argument("--counts", default="1000,3000", help="count levels, comma-separated")
     ap.add_argument("--sets", default=",".join(EVAL_SETS), help="held-out sets, comma-separated")
     ap.add_argument("--no-pileup", action="store_true", help="fit without pile-up (check_calls pileup=False)")
+    ap.add_argument("--perturbed", action="store_true",
+                    help="spectra from eval_perturbed.py's first perturbed set (atomic parameters, "
+                         "instruments, impurities outside training; held-out seeds)")
     ap.add_argument("--verbose", action="store_true", help="print each call the switch changes")
     ap.add_argument("--json", default=None, help="also write the rows to this file")
     args = ap.parse_args()
@@ -64,6 +83,10 @@ def main() -> None:
     model = load_model("default", precision="float32")
     table = dict(model.meta.get("training", {}).get("data", {}))
     dcfg = config_from_table(DataConfig, table, "model.json training.data")
+    seed = EVAL_SEED
+    if args.perturbed:
+        dcfg = perturbed_config(model, PARTS)
+        seed = EVAL_SEED + PERTURBED_SEED_OFFSET
     grid = model.meta["energy_grid"]
     data = TrainingData(dcfg, n_bins=int(grid["n_bins"]), e_min_keV=float(grid["e_min_keV"]),
                         e_max_keV=float(grid["e_max_keV"]), grid_noise_keV=float(grid["noise_keV"]))
@@ -73,15 +96,18 @@ def main() -> None:
     total = {k: np.zeros(3, np.int64) for k in ("network", "lowest", "switch")}
     n_all = n_checked_all = changed_lowest_all = changed_switch_all = 0
     t_start = time.perf_counter()
-    print(f"switch = {SWITCH_MARGIN:g}; {args.n} spectra per cell; seed {EVAL_SEED}; "
-          f"pile-up {'not ' if args.no_pileup else ''}fitted")
+    print(f"switch = {SWITCH_MARGIN:g}; {args.n} spectra per cell; seed {seed}; "
+          f"pile-up {'not ' if args.no_pileup else ''}fitted; "
+          + ("perturbed physics (eval_perturbed.py's first set)" if args.perturbed else "training physics"))
     print(f"{'set':8s} {'counts':>6s} {'n':>4s} {'checked':>7s} {'chg lowest':>10s} {'chg switch':>10s} "
           f"{'F1 net':>7s} {'F1 lowest':>9s} {'F1 switch':>9s} {'s/check':>7s}")
     for s in sets:
         for c in counts:
-            rng = np.random.default_rng([EVAL_SEED, list(EVAL_SETS).index(s)])
-            _, labels, raws, _ = data.batch_raw(args.n, rng, kind=s, counts=float(c), wider=True,
-                                                n_groups=n_groups(args.n))
+            rng = np.random.default_rng([seed, list(EVAL_SETS).index(s)])
+            pert = AtomicPerturbation(seed=PERTURBED_ATOMIC_SEED) if args.perturbed else None
+            with atomic_perturbation(pert) if pert is not None else contextlib.nullcontext():
+                _, labels, raws, _ = data.batch_raw(args.n, rng, kind=s, counts=float(c), wider=True,
+                                                    n_groups=n_groups(args.n))
             truth = labels > 0
             pred = {k: np.zeros_like(truth) for k in total}
             n_checked = changed_lowest = changed_switch = 0
@@ -136,8 +162,8 @@ def main() -> None:
     print(f"wall time {time.perf_counter() - t_start:.0f} s")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump({"switch": SWITCH_MARGIN, "n": args.n, "seed": EVAL_SEED, "pileup": not args.no_pileup,
-                       "rows": rows}, fh, indent=1)
+            json.dump({"switch": SWITCH_MARGIN, "n": args.n, "seed": seed, "pileup": not args.no_pileup,
+                       "perturbed": args.perturbed, "rows": rows}, fh, indent=1)
 
 
 if __name__ == "__main__":
