@@ -9,6 +9,7 @@ dashboard.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import html
 import io
 import os
@@ -1094,7 +1095,7 @@ def test_a_failed_element_fit_is_said_in_words_for_the_page(scene, monkeypatch):
     scan, maps, _ = scene
     monkeypatch.setattr(_job, "map_pigments", lambda *args, **kwargs: maps)
 
-    def fail(scan, job):
+    def fail(scan, job, instrument=None):
         raise xrfnb.FitError(
             "no element was detected in the (sum) spectrum: pass elements=[...] to fit chosen elements"
         )
@@ -2123,6 +2124,155 @@ def test_an_instrument_fit_that_cannot_be_made_is_said_in_words():
         assert bad not in text
     assert panel.instrument_fit is None and not panel.instrument_result.visible
     assert not panel.instrument_button.disabled
+
+
+def _record_instruments(monkeypatch):
+    """{"elements": [...], "check": [...]}: the instrument each element fit and each physics check of the
+    dashboard receives (the real ones still run)."""
+    from xrfnb.maps.pigmentmaps import PigmentMaps
+    from xrfnb.model.model import PigmentModel
+
+    seen: dict[str, list] = {"elements": [], "check": []}
+    fit_elements, identify = _job.fit_elements, PigmentModel.identify
+    check_pattern = PigmentMaps.check_pattern
+
+    def recorded_fit(scan, instrument, **kw):
+        seen["elements"].append(instrument)
+        return fit_elements(scan, instrument, **kw)
+
+    def recorded_check(self, index, instrument=None):
+        seen["check"].append(instrument)
+        return check_pattern(self, index, instrument=instrument)
+
+    def recorded_identify(self, spectrum, *args, **kw):
+        if kw.get("check_physics"):
+            seen["check"].append(kw.get("instrument"))
+        return identify(self, spectrum, *args, **kw)
+
+    monkeypatch.setattr(_job, "fit_elements", recorded_fit)
+    monkeypatch.setattr(PigmentMaps, "check_pattern", recorded_check)
+    monkeypatch.setattr(PigmentModel, "identify", recorded_identify)
+    return seen
+
+
+def _check_a_call(dash):
+    """Check by physics the call of the first pixel whose call can be checked now; False if none can."""
+    rows, cols = dash.scan.shape[:2]
+    for r in range(rows):
+        for c in range(cols):
+            dash.pixel = (r, c)
+            view = dash.physics_panel.pixel_view()
+            if view is not None and view.action:
+                dash.physics_panel.check_selected()
+                return True
+    return False
+
+
+def test_the_fitted_instrument_is_used_for_the_element_fit_physics_check_and_report(
+    shifted_scan, monkeypatch
+):
+    from xrfnb.ui.dashboard import calibration as _calibration
+
+    scan, _ = shifted_scan
+    dash = Dashboard(scan=scan)
+    panel = dash.calibration_panel
+    preset = dash.spectrum_panel.instrument()
+    assert preset.name == "bruker-m6" and preset.calibration == scan.calibration
+    assert "**Instrument:** the file's or its preset (bruker-m6)." in dash.selection_info.scan_info.object
+    assert panel.use_instrument_button.name == _calibration.USE_INSTRUMENT_LABEL
+    assert _calibration.USE_INSTRUMENT_LABEL == "Use the fitted instrument"
+    assert not panel.use_instrument_button.visible and not panel.file_instrument_button.visible
+    # before a fit, using it says what to do first
+    panel.use_instrument_button.clicks += 1
+    assert dash.last_message[0] == "error" and "Fit the instrument from this scan" in dash.last_message[1]
+
+    panel.instrument_button.clicks += 1
+    fit = panel.instrument_fit
+    assert fit is not None and not fit.calibration_blind  # the file states a calibration: not blind
+    assert not panel.blind_warning.visible and not panel.blind_confirm.visible
+    assert panel.use_instrument_button.visible and not panel.use_instrument_button.disabled
+    # the fit differs from the preset beyond its calibration (else using it would show nothing)
+    assert dataclasses.replace(fit.instrument, calibration=preset.calibration) != preset
+
+    seen = _record_instruments(monkeypatch)
+    panel.use_instrument_button.clicks += 1
+    # the scan has the fitted calibration, its counts untouched, and new maps made with the fitted instrument
+    assert dash.scan.calibration == fit.instrument.calibration and dash.scan.counts is scan.counts
+    assert "fitted with the instrument in the dashboard" in dash.scan.metadata["calibration_source"]
+    assert dash.maps is not None and seen["elements"] == [fit.instrument]
+    assert xrfnb.Instrument.from_dict(dash.maps.metadata["physics_check"]["instrument"]) == fit.instrument
+    assert dash.spectrum_panel.instrument() == fit.instrument  # simulated spectrum, stack fits, report
+    info = dash.selection_info.scan_info.object
+    assert f"**Instrument:** fitted to {html.escape(fit.source, quote=False)} (from this scan)." in info
+    assert panel.use_instrument_button.disabled and panel.instrument_apply_button.disabled
+    assert panel.file_instrument_button.visible
+    # a check on demand fits its stacks with the fitted instrument
+    seen["check"].clear()
+    assert _check_a_call(dash)
+    assert seen["check"] and all(inst == fit.instrument for inst in seen["check"])
+    # the report names the fitted instrument
+    assert html.escape(fit.instrument.name) in dash.export_report().decode()
+
+    # a calibration applied afterwards replaces only the instrument's calibration
+    shifted = xrfnb.EnergyCalibration(
+        fit.instrument.calibration.offset_keV + 0.001, fit.instrument.calibration.gain_keV
+    )
+    panel.apply(shifted, source="test")
+    assert dash.spectrum_panel.instrument() == dataclasses.replace(fit.instrument, calibration=shifted)
+
+    # going back: the file's calibration and the preset, the maps made again with them
+    seen["elements"].clear()
+    panel.file_instrument_button.clicks += 1
+    assert dash.scan.calibration == scan.calibration and dash.scan.counts is scan.counts
+    assert dash.spectrum_panel.instrument() == preset
+    assert len(seen["elements"]) == 1 and seen["elements"][0].name == "bruker-m6"
+    assert seen["elements"][0] != fit.instrument
+    assert "the file's or its preset (bruker-m6)" in dash.selection_info.scan_info.object
+    assert not panel.file_instrument_button.visible and not panel.use_instrument_button.disabled
+    assert panel.instrument_fit is fit  # the fit is kept: it may be used again
+
+
+def test_a_blind_instrument_fit_is_said_and_applied_only_once_confirmed():
+    """A spectrum without a calibration (``calibrated`` False, as a reader that found none says) is
+    calibrated by a blind search: the card says it may be wrong and neither applies nor uses it before
+    the user confirms having checked it against known peaks."""
+    from xrfnb.ui.dashboard import calibration as _calibration
+
+    inst = xrfnb.Instrument.preset("bruker-m6")
+    stack = xrfnb.Stack([xrfnb.Layer({"yellow ochre": 0.5, "lead white": 0.2}, thickness_um=30)])
+    sim = xrfnb.simulate(stack, inst, counts=5e6, live_time_s=100.0, rng=14_004)
+    raw = xrfnb.Scan(
+        np.asarray(sim.counts, dtype=np.float64)[None, None, :],
+        xrfnb.EnergyCalibration(0.0, 1.0),
+        live_time_s=100.0,
+        metadata={"calibrated": False, "source": "uncalibrated"},
+    )
+    dash = Dashboard(scan=raw)
+    panel = dash.calibration_panel
+    panel.instrument_button.clicks += 1
+    fit = panel.instrument_fit
+    assert fit is not None and fit.calibration_blind
+    assert panel.blind_warning.visible and "found blind" in panel.blind_warning.object
+    assert "may be wrong" in panel.blind_warning.object or "often wrong" in panel.blind_warning.object
+    assert panel.blind_confirm.visible and not panel.blind_confirm.value
+    assert panel.blind_confirm.name == _calibration.BLIND_CONFIRM_LABEL
+    assert panel.instrument_apply_button.disabled and panel.use_instrument_button.disabled
+    # clicked anyway (or called from Python), nothing is applied, and the page says why
+    for button in (panel.instrument_apply_button, panel.use_instrument_button):
+        button.clicks += 1
+        level, text = dash.last_message
+        assert level == "error" and "blind" in text and _calibration.BLIND_CONFIRM_LABEL in text
+        assert dash.scan is raw and panel.instrument_in_use is None
+    # confirmed: both are offered, and using it gives the scan the blind calibration, said so
+    panel.blind_confirm.value = True
+    assert not panel.instrument_apply_button.disabled and not panel.use_instrument_button.disabled
+    panel.use_instrument_button.clicks += 1
+    assert dash.scan.calibration == fit.instrument.calibration
+    assert "found blind, checked by the user" in dash.scan.metadata["calibration_source"]
+    assert dash.spectrum_panel.instrument() == fit.instrument
+    # unticking does not undo it; going back restores the uncalibrated spectrum
+    panel.file_instrument_button.clicks += 1
+    assert dash.scan is raw
 
 
 def test_element_maps_are_fitted_once_for_several_sessions_on_the_same_file(tmp_path, monkeypatch):

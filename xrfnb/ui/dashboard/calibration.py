@@ -7,7 +7,11 @@ maps recomputed (off the event loop in a server session, like loading).
 
 Or, with no peaks to name, the card fits the whole instrument from the scan (:func:`xrfnb.fit_instrument`
 on its sum spectrum, off the event loop with a progress line: it takes seconds), shows every fitted
-setting with its uncertainty, status and evidence, and applies the fitted energy calibration the same way.
+setting with its uncertainty, status and evidence, and applies the fitted energy calibration the same way
+or makes the session use the whole fitted instrument (calibration, resolution, tube, geometry, air,
+pile-up) for its element fit, physics check, simulated spectrum and report, until the user goes back to
+the file's (or preset's) instrument. A calibration the fit found by a blind search (the file had none) is
+said to be possibly wrong, and neither is applied before the user confirms having checked it.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from ...core.calibration import EnergyCalibration
 from ...core.spectrum import Scan
 from ...fitting.calibration import CalibrationFit, calibrate
 from ...fitting.instrument_fit import FittedParameter, InstrumentFit, fit_instrument
+from ...physics.instrument import Instrument
 from .common import micro
 from .job import JobRunner, MappingJob, RowProgress, reraise_for_user
 
@@ -34,8 +39,11 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "APPLY_INSTRUMENT_LABEL",
+    "BLIND_CONFIRM_LABEL",
     "COMMON_LINES",
+    "FILE_INSTRUMENT_LABEL",
     "FIT_INSTRUMENT_LABEL",
+    "USE_INSTRUMENT_LABEL",
     "CalibrationPanel",
     "InstrumentJob",
     "instrument_rows",
@@ -47,6 +55,18 @@ __all__ = [
 FIT_INSTRUMENT_LABEL = "Fit the instrument from this scan"
 #: the label of the button that applies the fitted instrument's energy calibration
 APPLY_INSTRUMENT_LABEL = "Apply the fitted calibration"
+#: the label of the button that makes the session use the whole fitted instrument
+USE_INSTRUMENT_LABEL = "Use the fitted instrument"
+#: the label of the button that goes back to the file's (or preset's) instrument
+FILE_INSTRUMENT_LABEL = "Back to the file's instrument"
+#: the confirmation a blind calibration needs before it is applied or used
+BLIND_CONFIRM_LABEL = "I checked the blind calibration against peaks I know"
+#: what the card says of a calibration found by a blind search
+BLIND_WARNING = (
+    "<b>The energy calibration was found blind</b>: the file has none, so it was guessed from the peak "
+    "pattern alone, and such guesses are often wrong on real spectra. Check it against peaks you know "
+    "(choose a line above and compare its marker with its peak on the spectrum) before applying or using it."
+)
 #: what each fitted setting is called on the page (the names of :attr:`xrfnb.InstrumentFit.parameters`)
 INSTRUMENT_LABELS = {
     "offset_keV": "calibration offset",
@@ -276,8 +296,33 @@ class CalibrationPanel(pn.viewable.Viewer):
             label=APPLY_INSTRUMENT_LABEL, width=270, disabled=True, visible=False,
             css_classes=["xrfnb-cal-instrument-apply"],
         )  # fmt: skip
+        self.use_instrument_button = pn.widgets.Button(
+            label=USE_INSTRUMENT_LABEL, width=270, disabled=True, visible=False,
+            css_classes=["xrfnb-cal-instrument-use"],
+        )  # fmt: skip
+        self.file_instrument_button = pn.widgets.Button(
+            label=FILE_INSTRUMENT_LABEL, width=270, visible=False, css_classes=["xrfnb-cal-instrument-back"]
+        )
+        self.blind_warning = pn.pane.HTML(
+            BLIND_WARNING, width=270, visible=False,
+            styles={"font-size": "12px", "color": "#8a1c1c", "background": "#fdecea", "padding": "4px"},
+            css_classes=["xrfnb-cal-instrument-blind"],
+        )  # fmt: skip
+        self.blind_confirm = pn.widgets.Checkbox(
+            label=BLIND_CONFIRM_LABEL, value=False, width=270, visible=False,
+            css_classes=["xrfnb-cal-instrument-confirm"],
+        )  # fmt: skip
+        #: the fitted instrument the session uses (None: the file's or preset's), and the scan before it
+        #: was used (what going back restores)
+        self.instrument_in_use: Instrument | None = None
+        self._scan_before_use: Scan | None = None
+        self._instrument_applied = False
+        self._in_use_for: tuple[tuple[EnergyCalibration, int], Instrument] | None = None
         self.instrument_button.on_click(lambda event: self._guarded(self.fit_instrument))
         self.instrument_apply_button.on_click(lambda event: self._guarded(self.apply_instrument))
+        self.use_instrument_button.on_click(lambda event: self._guarded(self.use_instrument))
+        self.file_instrument_button.on_click(lambda event: self._guarded(self.use_file_instrument))
+        self.blind_confirm.param.watch(lambda event: self._sync_instrument_buttons(), ["value"])
         owner.param.watch(self._on_data, ["data_version"])
         self.card = pn.Card(
             pn.pane.Markdown(
@@ -299,7 +344,11 @@ class CalibrationPanel(pn.viewable.Viewer):
             self.instrument_button,
             self.instrument_progress,
             self.instrument_result,
+            self.blind_warning,
+            self.blind_confirm,
             self.instrument_apply_button,
+            self.use_instrument_button,
+            self.file_instrument_button,
             title="Energy calibration",
             collapsed=True,
             width=290,
@@ -422,7 +471,7 @@ class CalibrationPanel(pn.viewable.Viewer):
             counted = dataclasses.replace(scan, counts=RowProgress(scan.counts, on_rows))
             job.fit = fit_instrument(counted)
 
-        self.instrument_apply_button.disabled = True
+        self.instrument_apply_button.disabled = self.use_instrument_button.disabled = True
         if self._owner.data_panel.is_blocking():
             job.run(work)
             self.finish_instrument_fit(job)
@@ -434,10 +483,24 @@ class CalibrationPanel(pn.viewable.Viewer):
 
     def _forget_instrument(self) -> None:
         self.instrument_fit = self._instrument_for = None
+        self.instrument_in_use = self._scan_before_use = self._in_use_for = None
         self.instrument_result.object = ""
         self.instrument_result.visible = False
-        self.instrument_apply_button.visible = False
-        self.instrument_apply_button.disabled = True
+        self._sync_instrument_buttons()
+
+    def _sync_instrument_buttons(self) -> None:
+        """Show and enable the buttons of the instrument fit: apply and use need a fit (and, for a blind
+        calibration, the user's confirmation); going back is offered while the fitted instrument is used."""
+        fit = self.instrument_fit
+        shown = fit is not None
+        blind = shown and bool(fit.calibration_blind)
+        blocked = blind and not self.blind_confirm.value
+        in_use = self.instrument_in_use is not None
+        self.blind_warning.visible = self.blind_confirm.visible = blind
+        self.instrument_apply_button.visible = self.use_instrument_button.visible = shown
+        self.instrument_apply_button.disabled = not shown or blocked or in_use or self._instrument_applied
+        self.use_instrument_button.disabled = not shown or blocked or in_use
+        self.file_instrument_button.visible = in_use
 
     def _on_data(self, *events: Any) -> None:
         """Another scan (not the one fitted, re-wrapped with the fitted calibration) forgets the fit."""
@@ -475,11 +538,14 @@ class CalibrationPanel(pn.viewable.Viewer):
         fit = job.fit
         if fit is None:  # pragma: no cover - a worker that neither failed nor fitted
             return
-        self.instrument_fit, self._instrument_for = fit, job.scan
+        if self.instrument_in_use is not None:  # a new fit replaces the one in use: back to the file's
+            self.use_file_instrument()  # the same counts, with the calibration they had before
+        self.instrument_fit, self._instrument_for = fit, self._owner.scan
+        self._instrument_applied = False
+        self.blind_confirm.value = False
         self.instrument_result.object = self.describe_instrument(fit)
         self.instrument_result.visible = True
-        self.instrument_apply_button.visible = True
-        self.instrument_apply_button.disabled = False
+        self._sync_instrument_buttons()
 
     @staticmethod
     def describe_instrument(fit: InstrumentFit) -> str:
@@ -505,20 +571,101 @@ class CalibrationPanel(pn.viewable.Viewer):
             '<div style="font-size:12px;max-height:360px;overflow-y:auto">' + head + "".join(items) + "</div>"
         )
 
-    def apply_instrument(self) -> None:
-        """Apply the fitted instrument's energy calibration to the open scan, as a calibration fitted
-        to named peaks is applied (:meth:`apply`)."""
+    def _usable_fit(self) -> InstrumentFit:
+        """The instrument fitted to the open scan, once its calibration may be applied (a blind one only
+        after the user confirmed checking it)."""
         scan = self._require_scan()
         fit = self.instrument_fit
-        if fit is None or self._instrument_for is not scan:
+        if fit is None or not self._fitted_to(scan):
             raise CalibrationError(
                 "no instrument fitted to this scan yet: click 'Fit the instrument from this scan' first"
             )
+        if fit.calibration_blind and not self.blind_confirm.value:
+            raise CalibrationError(
+                "the fitted calibration was found blind and may be wrong: check it against peaks you know, "
+                f"then tick '{BLIND_CONFIRM_LABEL}'"
+            )
+        return fit
+
+    @staticmethod
+    def _calibration_source(fit: InstrumentFit) -> str:
         p = fit.parameters.get("offset_keV")
         how = p.evidence if p is not None else "the instrument fit"
-        source = (
+        blind = "; found blind, checked by the user" if fit.calibration_blind else ""
+        return (
             f"fitted with the instrument in the dashboard ({how}; "
-            f"± {1000 * fit.energy_sigma_keV(10.0):.1f} eV at 10 keV)"
+            f"± {1000 * fit.energy_sigma_keV(10.0):.1f} eV at 10 keV{blind})"
         )
-        self.apply(fit.instrument.calibration, source=source)
-        self.instrument_apply_button.disabled = True
+
+    def apply_instrument(self) -> None:
+        """Apply the fitted instrument's energy calibration to the open scan, as a calibration fitted
+        to named peaks is applied (:meth:`apply`); a blind calibration only once confirmed."""
+        fit = self._usable_fit()
+        self._instrument_applied = True
+        try:
+            self.apply(fit.instrument.calibration, source=self._calibration_source(fit))
+        finally:
+            self._sync_instrument_buttons()
+
+    def use_instrument(self) -> None:
+        """Make the session use the fitted instrument (:attr:`instrument_in_use`): its calibration is
+        applied to the scan as :meth:`apply_instrument` does, and its resolution, tube, geometry, air and
+        pile-up serve the element fit, the physics check, the simulated spectrum and the report (the maps
+        are made again with it). A blind calibration only once confirmed;
+        :meth:`use_file_instrument` goes back."""
+        fit = self._usable_fit()
+        scan = self._require_scan()
+        self._scan_before_use = scan
+        self.instrument_in_use = fit.instrument
+        self._in_use_for = None
+        try:
+            self.apply(fit.instrument.calibration, source=self._calibration_source(fit))
+        except BaseException:
+            self.instrument_in_use = self._scan_before_use = None
+            raise
+        finally:
+            self._sync_instrument_buttons()
+
+    def use_file_instrument(self) -> None:
+        """Go back to the file's (or preset's) instrument: the scan gets back the calibration it had before
+        :meth:`use_instrument` and its maps are made again with that instrument."""
+        if self.instrument_in_use is None:
+            raise CalibrationError("the session already uses the file's instrument")
+        before = self._scan_before_use
+        self.instrument_in_use = self._scan_before_use = self._in_use_for = None
+        scan = self._owner.scan
+        try:
+            if before is not None and scan is not None and before.counts is scan.counts:
+                self._owner.recalibrated(before)
+            else:  # pragma: no cover - another scan forgets the fit (and the instrument in use) first
+                self._owner.selection_info.update_scan_info()
+        finally:
+            self._sync_instrument_buttons()
+
+    def _fitted_to(self, scan: Scan | None) -> bool:
+        """Whether the instrument fit describes ``scan`` (the scan fitted, or its counts recalibrated)."""
+        fitted = self._instrument_for
+        return scan is not None and fitted is not None and (scan is fitted or scan.counts is fitted.counts)
+
+    def used_instrument(self) -> Instrument | None:
+        """The fitted instrument the session uses, with the open scan's calibration and channel count
+        (the scan may have been calibrated again since); None while the file's or preset's is used."""
+        inst = self.instrument_in_use
+        scan = self._owner.scan
+        if inst is None or scan is None or not self._fitted_to(scan):
+            return None
+        key = (scan.calibration, scan.n_channels)
+        if inst.calibration == key[0] and inst.n_channels == key[1]:
+            return inst
+        cached = self._in_use_for
+        if cached is None or cached[0] != key:
+            adapted = dataclasses.replace(inst, calibration=scan.calibration, n_channels=scan.n_channels)
+            cached = self._in_use_for = (key, adapted)
+        return cached[1]
+
+    def instrument_text(self) -> str:
+        """Which instrument the session uses, in words (for the file's description)."""
+        fit = self.instrument_fit
+        if self.instrument_in_use is None or fit is None or not self._fitted_to(self._owner.scan):
+            return ""
+        return f"fitted to {fit.source} (from this scan)"

@@ -236,6 +236,9 @@ class DataPanel(pn.viewable.Viewer):
             return
         name = d.model_name
         given = d.model_obj
+        instrument = d.calibration_panel.used_instrument()  # None: the scan's (file's or preset's)
+        if instrument is not None:  # maps made with this session's fitted instrument are its own
+            cache_key = None
         key = None if cache_key is None else (cache_key, name if given is None else id(given))
         cached = MAPS.get(key) if key is not None else None
         if cached is not None:
@@ -247,7 +250,7 @@ class DataPanel(pn.viewable.Viewer):
         def make(job: MappingJob) -> PigmentMaps:
             job.set_stage("loading the model")
             model = given if given is not None else load_model_cached(name)
-            return map_with_progress(job.scan, model, job)
+            return map_with_progress(job.scan, model, job, instrument=instrument)
 
         def work(job: MappingJob) -> None:
             if key is None:

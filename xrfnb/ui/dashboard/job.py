@@ -29,7 +29,7 @@ from ...core.spectrum import Scan, is_dask
 from ...fitting.elements import fit_elements
 from ...maps.mapping import map_pigments
 from ...maps.pigmentmaps import PigmentMaps
-from ...physics.instrument import resolve_instrument
+from ...physics.instrument import Instrument, resolve_instrument
 
 if TYPE_CHECKING:  # pragma: no cover
     from ...fitting.elements import ElementMaps
@@ -283,9 +283,11 @@ def read_with_progress(read: Callable[[], Scan], label: str, job: MappingJob) ->
     return scan, total
 
 
-def fit_elements_with_progress(scan: Scan, job: MappingJob) -> ElementMaps:
-    """Element maps of ``scan`` (:func:`xrfnb.fit_elements` with the scan's instrument), reporting in
-    ``job`` what the fit does.
+def fit_elements_with_progress(
+    scan: Scan, job: MappingJob, instrument: Instrument | None = None
+) -> ElementMaps:
+    """Element maps of ``scan`` (:func:`xrfnb.fit_elements` with ``instrument``, default the scan's),
+    reporting in ``job`` what the fit does.
 
     The fit reads the scan twice, block by block: once for the sum spectrum, once for the pixels; in
     between it detects the elements and builds its design matrix (seconds, with nothing to count). The
@@ -305,18 +307,26 @@ def fit_elements_with_progress(scan: Scan, job: MappingJob) -> ElementMaps:
 
     job.set_stage("element maps: summing the spectra", total=rows)
     counted = dataclasses.replace(scan, counts=RowProgress(scan.counts, on_rows))
-    return fit_elements(counted, resolve_instrument(None, scan.metadata), progress=False)
+    inst = instrument if instrument is not None else resolve_instrument(None, scan.metadata)
+    return fit_elements(counted, inst, progress=False)
 
 
 def map_with_progress(
-    scan: Scan, model: PigmentModel, job: MappingJob, *, chunk_pixels: int = 16384, element_maps: bool = True
+    scan: Scan,
+    model: PigmentModel,
+    job: MappingJob,
+    *,
+    chunk_pixels: int = 16384,
+    element_maps: bool = True,
+    instrument: Instrument | None = None,
 ) -> PigmentMaps:
     """Pigment maps of ``scan`` with :func:`xrfnb.map_pigments`, reporting progress in ``job``.
 
     ``job.done`` and ``job.total`` (pixels) follow map_pigments' progress callback, block by block;
     a cancelled job stops after the current block (:class:`Cancelled`). Element maps
     (:func:`fit_elements_with_progress`) follow in stages of their own (``job.stage``); a failing
-    element fit is reported in ``job.warning`` and leaves ``element_maps`` None.
+    element fit is reported in ``job.warning`` and leaves ``element_maps`` None. ``instrument`` (default:
+    the scan's, as :func:`xrfnb.map_pigments` resolves it) serves the physics check and the element fit.
     """
     rows, cols, _ = scan.shape
     job.set_stage("pigment maps", total=rows * cols)
@@ -326,11 +336,11 @@ def map_with_progress(
         if done >= total:  # every pixel identified: what map_pigments does next is not counted
             job.set_stage("pigment maps: finishing")
 
-    maps = map_pigments(scan, model, chunk_pixels=chunk_pixels, progress=on_pixels)
+    maps = map_pigments(scan, model, chunk_pixels=chunk_pixels, progress=on_pixels, instrument=instrument)
     if not element_maps:
         return maps
     try:
-        em = fit_elements_with_progress(scan, job)
+        em = fit_elements_with_progress(scan, job, instrument=instrument)
     except XRFNBError as exc:
         # the fit's advice to API users ("pass elements=[...]") means nothing on the page
         why = re.sub(r": pass elements=\[.*$", "", str(exc))

@@ -505,7 +505,11 @@ class PhysicsPanel(pn.viewable.Viewer):
         self.update()
 
     def _instrument(self) -> Instrument | None:
-        """The instrument the maps were checked with (None: the scan's, as identify resolves it)."""
+        """The instrument of the check: the one fitted to the scan when the session uses it, else the one
+        the maps were checked with (None: the scan's, as identify resolves it)."""
+        fitted = self._dash.calibration_panel.used_instrument()
+        if fitted is not None:
+            return fitted
         maps = self._dash.maps
         info = maps.metadata.get("physics_check", {}) if maps is not None else {}
         if isinstance(info, dict) and "instrument" in info:

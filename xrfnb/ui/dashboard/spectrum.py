@@ -263,8 +263,13 @@ class SpectrumPanel(pn.viewable.Viewer):
         return tuple(names[False]), tuple(names[True])
 
     def instrument(self) -> Instrument:
-        """The instrument the session simulates and fits with: the scan's preset (else the default one,
-        :func:`xrfnb.physics.instrument.resolve_instrument`) with the scan's calibration and channels."""
+        """The instrument the session simulates and fits with: the one fitted to the scan when the user
+        chose to use it (:meth:`~xrfnb.ui.dashboard.calibration.CalibrationPanel.used_instrument`), else
+        the scan's preset (else the default one, :func:`xrfnb.physics.instrument.resolve_instrument`), with
+        the scan's calibration and channels."""
+        fitted = self._dash.calibration_panel.used_instrument()
+        if fitted is not None:
+            return fitted
         scan = self._dash.scan
         name = scan.metadata.get("instrument")
         key = (name, scan.calibration, scan.n_channels)

@@ -395,7 +395,8 @@ class DashboardState(pn.viewable.Viewer):
 
     def scan_info_text(self) -> str:
         """Markdown about the open file: format, shape, pixel size, live time, energy calibration and
-        its source, and how the detector elements of a multi-element file were combined."""
+        its source, how the detector elements of a multi-element file were combined, and which instrument
+        the session uses (the file's or preset's, or the one fitted to the scan)."""
         scan = self._scan
         if scan is None:
             return ""
@@ -415,6 +416,12 @@ class DashboardState(pn.viewable.Viewer):
             cal += f" ({html.escape(str(meta['calibration_source']), quote=False)})"
         parts.append(cal)
         text = "; ".join(parts) + "."
+        fitted = self.calibration_panel.instrument_text()
+        if fitted:
+            text += f"\n\n**Instrument:** {html.escape(fitted, quote=False)}."
+        else:
+            name = html.escape(str(meta.get("instrument") or "bruker-m6"), quote=False)
+            text += f"\n\n**Instrument:** the file's or its preset ({name})."
         n_el = int(meta.get("n_elements") or 1)
         if n_el > 1:
             how = meta.get("sum_note") if meta.get("element") == "sum" else None
