@@ -142,6 +142,16 @@ _MARKER_JS = """() => {
   return null;
 }"""
 
+# the newest notification (toast): its message's computed font family and size, and its text; or null
+_TOAST_JS = """() => {
+  const toasts = document.querySelectorAll('.notyf__toast');
+  if (!toasts.length) return null;
+  const t = toasts[toasts.length - 1];
+  const msg = t.querySelector('.notyf__message') || t;
+  const s = getComputedStyle(msg);
+  return {font: s.fontFamily, size_px: parseFloat(s.fontSize), text: msg.innerText.trim()};
+}"""
+
 # the y scale type of the spectrum figure in the page
 _Y_SCALE_JS = """() => {
   if (!window.Bokeh || !Bokeh.documents.length) return null;
@@ -329,6 +339,21 @@ def test_dashboard_in_headless_chromium(server):
                 timeout=15000,
             )
             page.get_by_text("none above threshold").first.wait_for(timeout=15000)
+            # a notification (the calibration card's fit with no peaks: an error) is a small sans-serif
+            # toast of one short line, not the browser's default serif text (issue #14, "toasts")
+            page.evaluate("() => window.scrollTo(0, 0)")
+            card = page.locator(".xrfnb-calibration")
+            card.get_by_text("Energy calibration").first.click()
+            card.get_by_text("Fit calibration").first.click()
+            page.wait_for_function(f"() => ({_TOAST_JS})() !== null", timeout=15000)
+            toast = page.evaluate(_TOAST_JS)
+            first_face = toast["font"].split(",")[0].strip().strip("'\"").lower()
+            assert first_face not in ("serif", "times", "times new roman", "georgia"), toast
+            assert "sans-serif" in toast["font"].lower(), toast
+            assert toast["size_px"] <= 16, toast
+            assert toast["text"].startswith("no peaks given") and "\n" not in toast["text"], toast
+            assert len(toast["text"]) < 200 and ".spx" not in toast["text"], toast
+            assert sessions[-1].last_message[1].startswith(toast["text"])
             # "Report (HTML)" downloads the report with the session's thresholds (all moved to 1)
             with page.expect_download(timeout=30000) as download:
                 page.locator(".xrfnb-report").get_by_text("Report (HTML)").click()

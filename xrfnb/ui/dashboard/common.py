@@ -40,6 +40,7 @@ __all__ = [
     "NO_SCAN",
     "PALETTES",
     "SURFACE_BURIED_COLORS",
+    "TOAST_CSS",
     "VIEWS",
     "Notifier",
     "colorize",
@@ -93,6 +94,16 @@ NO_MODEL = "(no trained model found)"
 MAIN_PX = 460
 
 
+#: the notifications' style: Panel's toasts (notyf) sit outside the components' shadow DOM, in the page's
+#: body, which sets no font: without this they showed in the browser's default serif at 16 px
+TOAST_CSS = (
+    ".notyf{font-family:system-ui,-apple-system,'Segoe UI',Roboto,'Helvetica Neue',Arial,sans-serif;"
+    "font-size:13px}"
+    ".notyf__toast{max-width:420px}"
+    ".notyf__message{font-size:13px;line-height:1.35}"
+)
+
+
 class Notifier(Protocol):
     """Anything that tells the user a message: the Dashboard and each of its parts."""
 
@@ -120,6 +131,8 @@ def ensure_extensions() -> None:
         pin_local_dist_url(doc)
     pn.config.inline = True
     pn.config.notifications = True
+    if TOAST_CSS not in pn.config.raw_css:
+        pn.config.raw_css = [*pn.config.raw_css, TOAST_CSS]
 
 
 def pin_local_dist_url(doc: Document) -> None:
