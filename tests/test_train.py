@@ -360,6 +360,33 @@ def test_step_plan_comes_from_the_warmed_up_speed(tmp_path, monkeypatch):
     assert state["planned_steps"] == 1010 and state["step"] == 1010
 
 
+def test_a_slow_start_does_not_end_the_run_early(tmp_path, monkeypatch):
+    """The first steps of a new instrument are slow (its tables are built); a plan fixed from them ended
+    5-minute adaptations after 1.8 minutes. The run now uses its whole budget."""
+    import types
+
+    import xrfnb.model.train as tr
+
+    clock = {"t": 0.0}
+    monkeypatch.setattr(tr, "time", types.SimpleNamespace(
+        perf_counter=lambda: clock["t"], strftime=tr.time.strftime, gmtime=tr.time.gmtime))
+    original = _BatchStream.get
+
+    def timed_get(self, step):
+        clock["t"] += 1.0 if step < 40 else 1 / 16  # seconds per step: slow start, then steady
+        return original(self, step)
+
+    monkeypatch.setattr(_BatchStream, "get", timed_get)
+    cfg = {**TINY, "optim": {**TINY["optim"], "max_steps": 5000, "time_budget_min": 2.0, "reuse": 100,
+                             "checkpoint_every": 1000}}
+    model = train_model(cfg, tmp_path, progress=False)
+    # budget 120 s: the first 40 steps take 40 s; at step 400 the clock reads 40 + 360/16 = 62.5 s, and
+    # the remaining 57.5 s at 1/16 s per step make 920 more steps: 1,320 in all, 120 s. (Fixed at step 40
+    # from the speed of steps 20-40, 1 s per step, the plan was 120 steps: 43 s of the 120.)
+    assert model.meta["training"]["steps"] == 1320
+    assert model.meta["training"]["train_time_s"] == pytest.approx(120.0, abs=0.1)
+
+
 def test_pileup_option_adds_sum_peaks_to_training_spectra():
     """With [data] pileup on, training spectra carry Pb L + Pb L sum peaks (about 21.1 keV) at the drawn
     count rate; labels still follow the visibility rule. Off (the default) there are none."""

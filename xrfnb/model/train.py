@@ -11,9 +11,9 @@
 
 Training is reproducible: batch ``i`` is drawn from ``numpy.random.default_rng([seed, i])`` and torch is
 seeded, so a resumed run sees the same data as an uninterrupted one. The number of optimisation steps is
-``max_steps``, reduced so that the run fits ``time_budget_min``: planned from the speed of steps 20-40, then
-fixed from the speed of steps 100-400; the fixed number is stored in the checkpoint, so a resumed run keeps
-the same learning-rate schedule.
+``max_steps``, reduced so that the run fits ``time_budget_min``: planned again at every step from step 40
+(from the speed since step 20, then since step 100) and fixed at step 400; the fixed number is stored in the
+checkpoint, so a resumed run keeps the same learning-rate schedule.
 
 Checkpoints (``out_dir/checkpoint/state.safetensors`` + ``state.json``) hold the network, the optimiser
 state and the step, every ``checkpoint_every`` steps and on Ctrl-C; ``resume=True`` continues from them.
@@ -517,7 +517,7 @@ def train_model(
     bar = tqdm(total=planned, initial=step, disable=not progress, desc=f"training {cfg.name}", unit="step")
     loss_ema: float | None = state.get("loss_ema")
     t0 = time.perf_counter() - float(state["elapsed_s"])
-    t_mark: tuple[int, float] | None = None
+    t_marks: dict[int, float] = {}  # step -> elapsed s, the starts of the speed windows
     net.train()
     try:
         with open(log_path, "a", encoding="utf-8") as log:
@@ -536,19 +536,26 @@ def train_model(
                 lv = float(loss.detach())
                 loss_ema = lv if loss_ema is None else 0.98 * loss_ema + 0.02 * lv
                 elapsed = time.perf_counter() - t0
-                # fit the run into the time budget: a first plan from the speed of steps 20-40 (after
-                # start-up), refined once from steps 100-400 (worker processes warmed up, prefetch queue
-                # in its steady state); the plan is then fixed and kept in the checkpoint. A run resumed
-                # inside a timing window plans from its mean speed so far.
+                # fit the run into the time budget: planned again at every step from step 40 on, from
+                # the speed since step 20 (after start-up), from step 140 on from the speed since step 100
+                # (worker processes warmed up, prefetch queue in its steady state), and fixed at step 400
+                # (kept in the checkpoint: a resumed run keeps its learning-rate schedule). Not fixed
+                # earlier: the first steps of a new instrument are slow while the workers build its
+                # tables (about 1 s against 0.2 s later), and a plan fixed from them ended adaptations
+                # after a third of their budget. A run resumed inside a timing window plans from its
+                # mean speed so far.
                 if state["planned_steps"] is None and step in (20, 100):
-                    t_mark = (step, elapsed)
-                if state["planned_steps"] is None and (step == 40 or step >= 400):
-                    per_step = (elapsed - t_mark[1]) / (step - t_mark[0]) if t_mark else elapsed / step
+                    t_marks[step] = elapsed
+                if state["planned_steps"] is None and step >= 40:
+                    mark = 100 if step >= 140 and 100 in t_marks else 20 if 20 in t_marks else 0
+                    since = t_marks.get(mark, 0.0)
+                    per_step = (elapsed - since) / (step - mark)
                     planned = int(min(cfg.optim.max_steps, max(60, step + (budget_s - elapsed) / per_step)))
-                    if step >= 400 or planned <= 400:
+                    if step >= 400:
                         state["planned_steps"] = planned
-                    bar.total = planned
-                    bar.refresh()
+                    if bar.total != planned:
+                        bar.total = planned
+                        bar.refresh()
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_ema:.4f}", refresh=False)
                 if step % 25 == 0 or step == planned:
