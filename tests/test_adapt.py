@@ -12,6 +12,7 @@ torch has run in this process (the case that hung with forked workers).
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -66,8 +67,15 @@ def adapted(base, fit, tmp_path_factory):
 
 def test_the_adaptation_trains_on_the_fitted_instrument(base, fit):
     cfg = adaptation_config(base, fit, minutes=3.0)
-    (inst_d,) = cfg.data.instruments
-    inst = Instrument.from_dict(inst_d)
+    # the optics, which a sum spectrum does not tell, are drawn both ways, half the variants each
+    inst, twin = (Instrument.from_dict(d) for d in cfg.data.instruments)
+    assert {inst.optics, twin.optics} == {"polycapillary", "none"}
+    assert cfg.data.instrument_weights == (0.5, 0.5)
+    assert twin.with_(optics=inst.optics) == inst
+    if fit["atmosphere"].status in ("fitted", "derived", "fixed"):
+        assert cfg.data.atmosphere_probs is None  # the fitted one
+    else:
+        assert cfg.data.atmosphere_probs is not None and len(cfg.data.atmosphere_probs) == 3
     assert inst.anode == TRUTH.anode and inst.n_channels == TRUTH.n_channels
     e10 = float(inst.calibration.energy_keV(TRUTH.calibration.channel(10.0)))
     assert abs(e10 - 10.0) < 0.015
@@ -78,6 +86,20 @@ def test_the_adaptation_trains_on_the_fitted_instrument(base, fit):
     base_data = base.meta["training"]["data"]
     assert list(cfg.data.layer_probs) == list(base_data["layer_probs"])
     assert cfg.optim.time_budget_min == 3.0 and cfg.model.hidden == (32, 16)
+
+
+def test_optics_and_atmosphere_from_a_bruker_header_are_kept(base):
+    """Started from the M6 file's own XRF header (Instrument.from_file), the adaptation keeps the
+    header's lens and atmosphere instead of drawing them."""
+    path = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "bruker_m6_jetstream_p059.spx"
+    if not path.exists():
+        pytest.skip(f"the real M6 spectrum is not at {path} (../shared/data/real beside the checkout)")
+    header = Instrument.from_file(path)
+    fit = xrfnb.fit_instrument(xrfnb.load(path), start=header)
+    cfg = adaptation_config(base, fit, minutes=1.0)
+    (inst_d,) = cfg.data.instruments
+    assert Instrument.from_dict(inst_d).optics == header.optics == "polycapillary"
+    assert cfg.data.atmosphere_probs is None
 
 
 def test_adapted_model_is_a_model_folder_with_its_record_and_card(base, adapted, fit):

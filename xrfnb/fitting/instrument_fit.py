@@ -1260,13 +1260,19 @@ def _scatter_evidence(
 
 
 # ------------------------------------------------------------------------------------------ geometry
+#: the lowest take-off angle :func:`geometry_for_angle` moves a detector to before it changes the incidence
+#: too, degrees (scanners' take-offs lie at 30-65 deg; the training's at 35-65)
+_MIN_TAKEOFF_DEG = 20.0
+
+
 def geometry_for_angle(instrument: Instrument, scattering_angle_deg: float) -> dict[str, float]:
     """Settings that give an instrument a scattering angle, changing as little as possible.
 
     The incidence and take-off angles are kept and the detector azimuth solved from
     ``cos theta = -sin psi1 sin psi2 - cos psi1 cos psi2 cos(azimuth)`` where the angle lies in their range
     ``[psi1 + psi2, 180 - |psi1 - psi2|]``; otherwise the take-off angle moves (azimuth 180 deg below the
-    range, 0 deg above it), and where that is not enough both angles become half the scattering angle.
+    range, 0 deg above it); below the range, where the take-off would fall under 20 deg, both angles shrink
+    in proportion instead; where nothing else reaches it both angles become half the scattering angle.
 
     Parameters
     ----------
@@ -1297,8 +1303,16 @@ def geometry_for_angle(instrument: Instrument, scattering_angle_deg: float) -> d
         cos_az = -(math.cos(math.radians(theta)) + s1 * s2) / (c1 * c2)
         az = math.degrees(math.acos(float(np.clip(cos_az, -1.0, 1.0))))
         return {"incidence_deg": p1, "takeoff_deg": p2, "detector_azimuth_deg": az}
-    if theta < lo and 0.0 < theta - p1 <= 90.0:
+    if lo <= theta <= hi:  # a beam or detector normal to the surface: every azimuth gives this angle
+        az0 = float(getattr(instrument, "detector_azimuth_deg", 180.0))
+        return {"incidence_deg": p1, "takeoff_deg": p2, "detector_azimuth_deg": az0}
+    if theta < lo and _MIN_TAKEOFF_DEG <= theta - p1 <= 90.0:
         return {"incidence_deg": p1, "takeoff_deg": theta - p1, "detector_azimuth_deg": 180.0}
+    if theta < lo:
+        # the take-off alone would go below any scanner's (101 deg from 90/60 made an 11 deg take-off,
+        # its exit path 4.5 times longer): both angles shrink in proportion, in the plane of incidence
+        k = theta / lo
+        return {"incidence_deg": p1 * k, "takeoff_deg": p2 * k, "detector_azimuth_deg": 180.0}
     if theta > hi:
         for p2_new in (p1 - (180.0 - theta), p1 + (180.0 - theta)):
             if 0.0 < p2_new <= 90.0:

@@ -12,7 +12,7 @@ folder it writes is a model like any other (``xrfnb identify --model FOLDER``) w
 
 How the fitted instrument becomes a training distribution (:func:`adaptation_config`):
 
-- the fitted instrument is the one preset (its anode, voltage, geometry, atmosphere, calibration and
+- the fitted instrument is the preset (its anode, voltage, geometry, atmosphere, calibration and
   channel count); ``n_instrument_variants`` variants of it are drawn as in training:
 - FWHM at Mn Ka: within +/- 2 sigma of the fit (at least +/- 5 %);
 - tube voltage: within +/- 2 sigma where fitted, else the base model's range (the spectrum did not reach
@@ -23,6 +23,10 @@ How the fitted instrument becomes a training distribution (:func:`adaptation_con
 - calibration: the fit's, with gain and offset errors of its own uncertainty (at least the training's);
 - tube anode: the fitted one; where the data could not settle it, the base model's anodes;
 - count rate (pile-up): the fitted rate within a factor of two, with the fitted pulse-pair resolving time;
+- optics (polycapillary or none), which the fit does not determine: the fitted instrument with each, half
+  the variants each, unless the start instrument read them from the file's header;
+- atmosphere where the fit could not settle it (and no header gave it): the base model's air / helium /
+  vacuum mixture;
 - what the fit cannot determine (detector thickness and window, partial collection) keeps the base model's
   ranges.
 """
@@ -65,6 +69,12 @@ def _known(status: str) -> bool:
     return status in ("fitted", "derived", "fixed")
 
 
+def _from_header(fit: InstrumentFit, field: str) -> bool:
+    """Whether the fit's start instrument took ``field`` from a file's header (``Instrument.from_file``
+    lists each such field in its description as ``"  field: header ..."``)."""
+    return f"\n  {field}: header" in (getattr(fit.start, "description", "") or "")
+
+
 def adaptation_config(
     model: PigmentModel, fit: InstrumentFit, *, minutes: float = 15.0, name: str | None = None,
     seed: int = ADAPT_SEED, n_val: int = 2048,
@@ -98,11 +108,21 @@ def adaptation_config(
     bd = base.data
     assert bd is not None
     inst = fit.instrument
+    # what a sum spectrum cannot tell, unless the file's header said it: the optics (the fit does not
+    # fit them) and the atmosphere where not determined come from the base model's ranges, not from the
+    # fit's start preset (a polycapillary lens in air for a bare tube in vacuum raised the adapted model's
+    # OOD rate from 0.03 to 0.14 in benchmarks/eval_instruments.py)
+    variants = [inst]
+    if not _from_header(fit, "optics"):
+        other = "none" if inst.optics == "polycapillary" else "polycapillary"
+        variants.append(inst.with_(optics=other))
+    _, _, atm_status = _param(fit, "atmosphere")
+    atmosphere_known = _known(atm_status) or _from_header(fit, "atmosphere")
     changes: dict[str, Any] = {
-        "instruments": (inst.to_dict(),),
-        "instrument_weights": (1.0,),
+        "instruments": tuple(v.to_dict() for v in variants),
+        "instrument_weights": tuple(1.0 / len(variants) for _ in variants),
         "channel_gains_keV": (),
-        "atmosphere_probs": None,
+        "atmosphere_probs": None if atmosphere_known else (bd.atmosphere_probs or (1.0, 1.0, 1.0)),
         "beam_path_mm": None if bd.beam_path_mm is None else (
             max(0.0, inst.beam_path_mm * 0.5), inst.beam_path_mm * 1.5 + 1.0),
         "incidence_deg": None,
