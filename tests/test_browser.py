@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 import pytest
+from _net import free_port, wait_until_listening
 from test_dashboard import CLASSES, COLS, ROWS, make_scene
 
 from xrfnb.ui.report import HEADLESS_CHROMIUM_ARGS
@@ -168,12 +168,6 @@ def _rgba_number(rgb: tuple[int, int, int]) -> int:
     return int(np.array([[*rgb, 255]], dtype=np.uint8).view("<u4")[0, 0])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server():
     if not CHROMIUM.exists():
@@ -189,18 +183,10 @@ def server():
         sessions.append(dash)
         return dash
 
-    port = _free_port()
+    port = free_port()
     thread = serve_app(app, port=port, address="127.0.0.1", threaded=True)
     url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 30
-    while True:  # wait until the server listens (a GET would open a session)
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=2).close()
-            break
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
+    wait_until_listening(port)  # a bare connect: a GET would open a session
     yield url, sessions, scan, maps
     thread.stop()
 
@@ -474,7 +460,7 @@ def _xrfnb_command() -> str:
 @contextlib.contextmanager
 def _xrfnb_serve(args: list[str], log_path: Path):
     """Run ``xrfnb serve ARGS --port P`` as the README says; yield its URL; stop it afterwards."""
-    port = _free_port()
+    port = free_port()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             [_xrfnb_command(), "serve", *args, "--port", str(port)],
@@ -483,15 +469,11 @@ def _xrfnb_serve(args: list[str], log_path: Path):
             stdin=subprocess.DEVNULL,
         )
     try:
-        deadline = time.monotonic() + 60
-        while True:
+        def alive() -> None:
             assert proc.poll() is None, f"xrfnb serve exited ({proc.returncode}): {log_path.read_text()}"
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=2).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, f"xrfnb serve never listened: {log_path.read_text()}"
-                time.sleep(0.3)
+
+        wait_until_listening(port, 60, poll_s=0.3, alive=alive,
+                             why=lambda: f"(xrfnb serve never listened): {log_path.read_text()}")
         yield f"http://127.0.0.1:{port}/"
     finally:
         proc.terminate()
@@ -717,7 +699,7 @@ def test_spectrum_range_follows_the_pixel_and_a_gallery_click_enlarges(tmp_path)
         sessions.append(Dashboard(scan=scan, maps=maps))
         return sessions[-1]
 
-    port = _free_port()
+    port = free_port()
     thread = serve_app(app, port=port, address="127.0.0.1", threaded=True)
     try:
         with sync_playwright() as p:

@@ -19,6 +19,7 @@ from pathlib import Path
 import holoviews as hv
 import numpy as np
 import pytest
+from _net import free_port, wait_until_listening
 
 import xrfnb
 from xrfnb.physics.instrument import resolve_instrument
@@ -1162,24 +1163,13 @@ def test_served_dashboard_needs_the_token(tmp_path):
     """With a token, the real server answers the app only after a log-in with that token; the log-in
     page loads nothing from a CDN."""
     import http.client
-    import socket
-    import time
     import urllib.parse
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     # an empty data folder: the session opens nothing (no mapping thread left running at exit)
     server = _dashboard.serve(tmp_path, port=port, token="correct-horse", threaded=True)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=2).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline
-                time.sleep(0.2)
+        wait_until_listening(port)
 
         def request(method, path, body=None, cookie=None):
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
@@ -1216,7 +1206,6 @@ def test_a_slow_file_in_one_session_does_not_freeze_the_others(tmp_path, monkeyp
     2's page must still be served meanwhile (the read runs off the event loop), and session 1 shows the
     scan, with its total counts, once the read is released."""
     import http.client
-    import socket
     import threading
     import time
 
@@ -1239,9 +1228,7 @@ def test_a_slow_file_in_one_session_does_not_freeze_the_others(tmp_path, monkeyp
         sessions.append(dash)
         return dash
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = _dashboard.serve_app(app, port=port, threaded=True)
     pages = {}
 
@@ -1252,14 +1239,7 @@ def test_a_slow_file_in_one_session_does_not_freeze_the_others(tmp_path, monkeyp
         conn.close()
 
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=2).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline
-                time.sleep(0.2)
+        wait_until_listening(port)
         first = threading.Thread(target=get, args=(1,), daemon=True)
         first.start()
         assert started.wait(60), "session 1 never started reading the file"
@@ -1294,7 +1274,6 @@ def test_a_served_session_waits_for_its_page_to_connect(tmp_path, monkeypatch):
     its page connected and left, it is dropped after the usual lifetime."""
     import http.client
     import re
-    import socket
     import time
 
     from bokeh.client import pull_session
@@ -1314,9 +1293,7 @@ def test_a_served_session_waits_for_its_page_to_connect(tmp_path, monkeypatch):
 
     from panel import state as pn_state
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     # Bokeh drops a session 2 s after its last connection left (or after it was made, without one;
     # 15 s by default), looking every 0.2 s. Not less: the session is held from its first tick, after
     # its page has been written, which takes a loaded machine a good part of a second
@@ -1335,14 +1312,7 @@ def test_a_served_session_waits_for_its_page_to_connect(tmp_path, monkeypatch):
         return page, asked
 
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=2).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline
-                time.sleep(0.2)
+        wait_until_listening(port)
         # a page served, its websocket never opened: kept 8 s (here), not 2 s
         monkeypatch.setattr(_bokeh, "UNCONNECTED_SESSION_KEPT_S", 8.0)
         _, made = get_page()

@@ -19,7 +19,6 @@ import base64
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -42,6 +41,7 @@ from panel.viewable import Viewable  # noqa: E402
 from xrfnb.ui import notebook as _notebook  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _net import free_port  # noqa: E402
 from test_browser import CHROMIUM, CHROMIUM_ARGS  # noqa: E402
 from test_notebooks import write_kernel_spec  # noqa: E402
 
@@ -266,12 +266,6 @@ def test_every_notebook_uses_the_setup_helper():
 # --------------------------------------------------------------------------------------------------
 # JupyterLab in headless Chromium
 # --------------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 _CELLS_DONE_JS = """() => {
   const cells = [...document.querySelectorAll('.jp-Notebook .jp-CodeCell')];
   if (!cells.length) return false;
@@ -309,7 +303,7 @@ def test_quickstart_in_jupyterlab_requests_nothing_off_the_machine(tmp_path):
         XRFNB_NOTEBOOK_OUTPUT=str(root / "out"),
         MPLBACKEND="Agg",
     )
-    port, token = _free_port(), "xrfnb-offline-test"
+    port, token = free_port(), "xrfnb-offline-test"
     base = f"http://127.0.0.1:{port}"
     log_path = tmp_path / "lab.log"
     with open(log_path, "w", encoding="utf-8") as log:
