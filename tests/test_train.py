@@ -334,8 +334,9 @@ def test_recalibrating_a_trained_model_reproduces_its_calibration(tiny_run, tmp_
     assert (out / "model.json").read_text() != (tmp_path / "recal" / "model.json").read_text()
 
 
-def test_step_plan_comes_from_the_warmed_up_speed(tmp_path, monkeypatch):
-    """The run is fitted into its time budget from the speed of steps 100-400, not the faster start."""
+def _train_on_a_clock(tmp_path, monkeypatch, seconds_per_step, budget_min: float):
+    """Train TINY for up to 5,000 steps against a fake clock that advances ``seconds_per_step(step)`` per
+    batch fetched; returns the model."""
     import types
 
     import xrfnb.model.train as tr
@@ -346,13 +347,19 @@ def test_step_plan_comes_from_the_warmed_up_speed(tmp_path, monkeypatch):
     original = _BatchStream.get
 
     def timed_get(self, step):
-        clock["t"] += 1 / 128 if step < 100 else 1 / 64  # seconds per step (binary fractions: exact sums)
+        clock["t"] += seconds_per_step(step)
         return original(self, step)
 
     monkeypatch.setattr(_BatchStream, "get", timed_get)
-    cfg = {**TINY, "optim": {**TINY["optim"], "max_steps": 5000, "time_budget_min": 0.25, "reuse": 100,
+    cfg = {**TINY, "optim": {**TINY["optim"], "max_steps": 5000, "time_budget_min": budget_min, "reuse": 100,
                              "checkpoint_every": 1000}}
-    model = train_model(cfg, tmp_path, progress=False)
+    return train_model(cfg, tmp_path, progress=False)
+
+
+def test_step_plan_comes_from_the_warmed_up_speed(tmp_path, monkeypatch):
+    """The run is fitted into its time budget from the speed of steps 100-400, not the faster start."""
+    # seconds per step (binary fractions: exact sums)
+    model = _train_on_a_clock(tmp_path, monkeypatch, lambda step: 1 / 128 if step < 100 else 1 / 64, 0.25)
     # budget 15 s; at step 400 the clock reads 100/128 + 300/64 = 5.47 s, and the remaining 9.53 s at
     # 1/64 s per step make 610 more steps. (The step-40 speed, 1/128 s per step, would have planned 1,920.)
     assert model.meta["training"]["steps"] == 1010
@@ -363,23 +370,8 @@ def test_step_plan_comes_from_the_warmed_up_speed(tmp_path, monkeypatch):
 def test_a_slow_start_does_not_end_the_run_early(tmp_path, monkeypatch):
     """The first steps of a new instrument are slow (its tables are built); a plan fixed from them ended
     5-minute adaptations after 1.8 minutes. The run now uses its whole budget."""
-    import types
-
-    import xrfnb.model.train as tr
-
-    clock = {"t": 0.0}
-    monkeypatch.setattr(tr, "time", types.SimpleNamespace(
-        perf_counter=lambda: clock["t"], strftime=tr.time.strftime, gmtime=tr.time.gmtime))
-    original = _BatchStream.get
-
-    def timed_get(self, step):
-        clock["t"] += 1.0 if step < 40 else 1 / 16  # seconds per step: slow start, then steady
-        return original(self, step)
-
-    monkeypatch.setattr(_BatchStream, "get", timed_get)
-    cfg = {**TINY, "optim": {**TINY["optim"], "max_steps": 5000, "time_budget_min": 2.0, "reuse": 100,
-                             "checkpoint_every": 1000}}
-    model = train_model(cfg, tmp_path, progress=False)
+    # seconds per step: slow start, then steady
+    model = _train_on_a_clock(tmp_path, monkeypatch, lambda step: 1.0 if step < 40 else 1 / 16, 2.0)
     # budget 120 s: the first 40 steps take 40 s; at step 400 the clock reads 40 + 360/16 = 62.5 s, and
     # the remaining 57.5 s at 1/16 s per step make 920 more steps: 1,320 in all, 120 s. (Fixed at step 40
     # from the speed of steps 20-40, 1 s per step, the plan was 120 steps: 43 s of the 120.)
