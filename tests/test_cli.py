@@ -657,6 +657,21 @@ def test_identify_instrument_fit_uses_the_fitted_instrument_for_the_physics_chec
     assert float(used.fwhm_keV(5.8988)) == pytest.approx(0.1439205, rel=0.10)
 
 
+def test_identify_instrument_fit_after_calibrate_fits_once_on_the_named_peaks(tmp_path, capsys):
+    steel = _nist_steel_with_offset(tmp_path, -0.8953045)
+    out = tmp_path / "maps.h5"
+    # the peaks' channels under the file's own (Esprit) calibration
+    peaks = ",".join(f"{line}={(e + 0.9553045) / 0.0099990:.0f}"
+                     for line, e in (("Cr Ka", 5.4147), ("Fe Ka", 6.4038), ("Ni Ka", 7.4782)))
+    rc = cli.main(["identify", str(steel), "-o", str(out), "--calibrate", peaks, "--instrument", "fit"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert err.count("fitting the instrument from the data") == 1
+    meta = PigmentMaps.from_hdf5(out).metadata
+    assert meta["calibration"]["offset_keV"] == pytest.approx(-0.9553, abs=0.01)
+    assert xrfnb.Instrument.from_dict(meta["physics_check"]["instrument"]).name.startswith("fitted to")
+
+
 def test_calibration_fit_refuses_to_apply_a_blind_calibration(tmp_path):
     steel = _uncalibrated_steel(tmp_path)
     out = tmp_path / "maps.h5"

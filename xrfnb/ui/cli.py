@@ -117,7 +117,7 @@ def _load_calibrated(
     """Load ``path`` for a subcommand, applying ``--element``, ``--calibration`` or ``--calibrate``.
 
     ``--calibration fit`` (or ``fitted_instrument``: ``identify --instrument fit``) fits the instrument from
-    the data (:func:`_instrument_fit`) and loads the data again with the fitted energy calibration.
+    the data (:func:`_instrument_fit`) and gives the data the fitted energy calibration.
     """
     p = Path(path)
     if not p.exists():
@@ -144,7 +144,7 @@ def _load_calibrated(
                 '"Fe Ka=640,Pb La=1050"'
             )
         _info(f"applying the fitted calibration: {cal}")
-        return load(p, element=element, calibration=cal, detector=detector)
+        return data.with_calibration(cal, source="fitted by xrfnb.fit_instrument to " + ", ".join(fit.lines))
     if peaks is None:
         return data
 
@@ -154,7 +154,7 @@ def _load_calibrated(
     for line, ch, e, r in zip(fit.lines, fit.channels, fit.energies_keV, fit.residuals_keV, strict=True):
         _info(f"  {line:<8} channel {ch:8.2f}  {e:7.4f} keV  residual {r * 1e3:+6.1f} eV")
     _info(f"  rms residual {fit.rms_residual_keV * 1e3:.1f} eV")
-    return load(p, element=element, calibration=fit.calibration, detector=detector)
+    return data.with_calibration(fit.calibration, source="fitted to --calibrate " + ", ".join(fit.lines))
 
 
 def _add_load_options(s: argparse.ArgumentParser) -> None:
@@ -228,7 +228,9 @@ def _cmd_identify(args: argparse.Namespace) -> int:
     model = _load_model(args.model, args.precision)
     if args.adapt:
         model = _adapted_for(args, data, model, out)
-    instrument = args._instrument_fit.instrument if args.instrument == "fit" else args.instrument
+    instrument = args.instrument
+    if instrument == "fit":  # fitted once (with --calibrate, after that calibration)
+        instrument = _instrument_fit(args, data, Path(args.input)).instrument
     rows, cols, ch = data.shape
     _info(f"{args.input}: {rows} x {cols} pixels x {ch} channels -> {out}")
     maps = map_pigments(
