@@ -2504,3 +2504,84 @@ def test_composite_hover_names_the_calls_at_the_pixel_not_an_rgba_number(dash, s
     calls, source = hover.formatters["@calls"], image_source(main).data_source
     r, c = np.argwhere(picks["lead white and vermilion"])[0]
     assert calls.args["names"][int(source.data["calls"][0][r, c])] == expected(r, c, absent=("vermilion",))
+
+
+def test_refitting_the_instrument_while_the_fitted_one_is_in_use(shifted_scan, monkeypatch):
+    """A second 'Fit the instrument from this scan' while the first fit is in use: the session goes back
+    to the file's instrument (its calibration, not the first fit's), the new fit is shown, and using it
+    and going back again lead to the new fit's and then the file's calibration and instrument."""
+    scan, _ = shifted_scan
+    dash = Dashboard(scan=scan)
+    panel = dash.calibration_panel
+    preset = dash.spectrum_panel.instrument()
+    panel.instrument_button.clicks += 1
+    first = panel.instrument_fit
+    panel.use_instrument_button.clicks += 1
+    assert (
+        panel.instrument_in_use == first.instrument and dash.scan.calibration == first.instrument.calibration
+    )
+
+    seen = _record_instruments(monkeypatch)
+    panel.instrument_button.clicks += 1  # fitted again, from the scan with the first fit's calibration
+    second = panel.instrument_fit
+    assert getattr(dash, "last_message", ("none", ""))[0] != "error", dash.last_message
+    assert second is not None and second is not first and panel.instrument_result.visible
+    # back on the file's instrument: its calibration (not the first fit's) and the preset, maps made again
+    assert panel.instrument_in_use is None
+    assert dash.scan.calibration == scan.calibration and dash.scan.counts is scan.counts
+    assert dash.spectrum_panel.instrument() == preset
+    assert [inst.name for inst in seen["elements"]] == ["bruker-m6"] and dash.maps is not None
+    assert "the file's or its preset (bruker-m6)" in dash.selection_info.scan_info.object
+    assert not panel.file_instrument_button.visible
+    assert not panel.use_instrument_button.disabled and not panel.instrument_apply_button.disabled
+    # the new fit describes the same counts: fitted from another calibration, it finds the same one
+    e10 = [
+        float(f.instrument.calibration.energy_keV(scan.calibration.channel(10.0))) for f in (first, second)
+    ]
+    assert abs(e10[0] - e10[1]) < 0.005
+
+    # the new fit in use, then the file's again (its calibration, not either fit's)
+    seen["elements"].clear()
+    panel.use_instrument_button.clicks += 1
+    assert panel.instrument_in_use == second.instrument
+    assert dash.scan.calibration == second.instrument.calibration
+    assert dash.spectrum_panel.instrument() == second.instrument and seen["elements"] == [second.instrument]
+    panel.file_instrument_button.clicks += 1
+    assert dash.scan.calibration == scan.calibration and dash.spectrum_panel.instrument() == preset
+    assert panel.instrument_in_use is None and panel.instrument_fit is second
+
+
+def test_going_back_to_the_files_instrument_while_a_refit_runs_keeps_the_new_fit(shifted_scan):
+    """In a server session the fit runs in a worker: going back to the file's instrument meanwhile
+    changes the scan's calibration, not its counts, so the fit that arrives afterwards still describes
+    the open scan and is shown (it was dropped as a fit of another scan)."""
+    scan, _ = shifted_scan
+    dash = Dashboard(scan=scan)
+    panel = dash.calibration_panel
+    panel.instrument_button.clicks += 1
+    first = panel.instrument_fit
+    panel.use_instrument_button.clicks += 1
+    in_use = dash.scan
+
+    started = []
+    dash.data_panel._blocking = False  # as in a server session: the fit is handed to a worker
+    panel.jobs.start = lambda job, work: started.append((job, work))
+    panel.instrument_button.clicks += 1
+    dash.data_panel._blocking = True
+    ((job, work),) = started
+    assert job.scan is in_use and panel.instrument_button.disabled and panel.instrument_progress.visible
+    assert panel.use_instrument_button.disabled and panel.instrument_apply_button.disabled
+
+    panel.file_instrument_button.clicks += 1  # while the worker fits
+    assert dash.scan.calibration == scan.calibration and panel.instrument_in_use is None
+    job.run(work)
+    assert job.error is None and job.fit is not None
+    panel.finish_instrument_fit(job)
+    assert panel.instrument_fit is job.fit and panel.instrument_fit is not first
+    assert panel.instrument_result.visible and not panel.instrument_progress.visible
+    assert not panel.instrument_button.disabled and not panel.use_instrument_button.disabled
+    assert dash.scan.calibration == scan.calibration and dash.spectrum_panel.instrument().name == "bruker-m6"
+    panel.use_instrument_button.clicks += 1
+    assert dash.scan.calibration == job.fit.instrument.calibration
+    panel.file_instrument_button.clicks += 1
+    assert dash.scan.calibration == scan.calibration

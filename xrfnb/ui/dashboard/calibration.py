@@ -522,10 +522,14 @@ class CalibrationPanel(pn.viewable.Viewer):
 
     def finish_instrument_fit(self, job: InstrumentJob) -> None:
         """Show a finished instrument fit (on the event loop); a fit of a scan no longer open is
-        forgotten, a failed one said in words."""
+        forgotten, a failed one said in words. The open scan recalibrated while the worker fitted (the
+        user went back to the file's instrument, or applied a calibration) is the same scan: its fit is
+        shown."""
         self.instrument_progress.visible = False
         self.instrument_button.disabled = False
-        if job.cancelled or job.scan is not self._owner.scan:
+        scan = self._owner.scan
+        if job.cancelled or scan is None or job.scan is None or job.scan.counts is not scan.counts:
+            self._sync_instrument_buttons()  # the buttons of the fit shown before, if any
             return
         try:
             if job.error is not None:
