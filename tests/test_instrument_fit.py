@@ -273,6 +273,36 @@ def test_too_few_counts_leave_values_not_determined_rather_than_wrong():
         assert abs(p["tube_voltage_kV"].value - 40.0) <= 3 * max(p["tube_voltage_kV"].sigma or 0, 2.0)
 
 
+@pytest.mark.parametrize(
+    ("anode", "kv", "atmosphere", "sample", "seed"),
+    [("Rh", 20.0, "air", "yellow ochre", 18230), ("Pd", 22.0, "helium", "lead white", 18231)],
+)
+def test_a_tube_below_its_k_edge_is_named_by_its_l_lines(anode, kv, atmosphere, sample, seed):
+    """Rh at 20 kV (K edge 23.2 keV) and Pd at 22 kV (24.35 keV) emit no K lines; at 2.7-2.8 keV their
+    scattered L lines' Compton partners lie within the detector's width, so only the lines themselves
+    name the tube: neither element is in any pigment or ground. The voltage then comes from the
+    continuum's end; the angle is fitted within 15 deg or left not determined, never wrong."""
+    inst = _instrument(anode, kv, 2048, 0.015, 60.0, 50.0, atmosphere=atmosphere, fwhm_eV=140.0)
+    stack = Stack([Layer({sample: 0.6}, thickness_um=30)], substrate=CHALK)
+    fit = xrfnb.fit_instrument(xrfnb.simulate(stack, inst, counts=1e7, live_time_s=100.0, rng=seed))
+    p = fit.parameters
+    assert (p["anode"].value, p["anode"].status) == (anode, "fitted")
+    assert "La" in p["anode"].evidence
+    assert p["tube_voltage_kV"].status == "fitted"
+    assert abs(p["tube_voltage_kV"].value - kv) <= 5.0
+    th = p["scattering_angle_deg"]
+    assert th.status == "not determined" or abs(th.value - inst.scattering_angle_deg) <= 15.0
+
+
+def test_a_molybdenum_tube_below_its_k_edge_is_not_named_from_its_l_lines():
+    """Mo is in pigments (molybdate orange): Mo L lines alone do not say the tube is Mo, and no other
+    anode is named in its place."""
+    inst = _instrument("Mo", 15.0, 2048, 0.015, 60.0, 50.0, fwhm_eV=140.0)
+    stack = Stack([Layer({"yellow ochre": 0.6}, thickness_um=30)], substrate=CHALK)
+    fit = xrfnb.fit_instrument(xrfnb.simulate(stack, inst, counts=1e7, live_time_s=100.0, rng=18232))
+    assert fit.parameters["anode"].status == "not determined"
+
+
 # ---------------------------------------------------------------------------------------------- real
 @needs_real
 def test_real_m4_rh_blank_against_its_header():

@@ -1759,6 +1759,10 @@ class _AngleVoltage(NamedTuple):
     evaluations: int
 
 
+#: the scattering angles :func:`_fit_angle_voltage` searches, degrees
+_ANGLE_RANGE_DEG = (30.0, 180.0)
+
+
 def _fit_angle_voltage(
     sp: _ScatterPhysics,
     theta0: float,
@@ -1816,12 +1820,19 @@ def _fit_angle_voltage(
         if fixed_theta is None:
             kv_now = kv
             theta, curv_th = refine(
-                theta, np.array([-2, -1, 0, 1, 2]) * t_off, 30.0, 180.0, lambda v, k=kv_now: sp.deviance(v, k)
+                theta,
+                np.array([-2, -1, 0, 1, 2]) * t_off,
+                *_ANGLE_RANGE_DEG,
+                lambda v, k=kv_now: sp.deviance(v, k),
             )
     best = sp.fit(theta, kv)
     dof = max(1, sp.y.size - 40)
     over = max(1.0, best.deviance / dof)
     theta_sd = math.sqrt(2.0 / curv_th * over) if curv_th else None
+    if fixed_theta is None and not _ANGLE_RANGE_DEG[0] + 0.5 < theta < _ANGLE_RANGE_DEG[1] - 0.5:
+        # the deviance falls to the search's edge: no minimum inside it (180 deg, tube and detector on one
+        # axis, is no scanner's geometry), so the angle is not settled by the data
+        theta_sd = None
     kv_sd = math.sqrt(2.0 / curv_kv * over) if curv_kv else None
     return _AngleVoltage(theta, theta_sd, kv, kv_sd, kv_lo, best.deviance / dof, len(sp.cache))
 
@@ -2264,6 +2275,35 @@ def _choose_source(
     return best, found, mono
 
 
+#: anode materials that no pigment, ground or binder contains: their lines in a painting's spectrum come
+#: from the tube (Mo, Ag, W, Cu and Cr do occur in pigments and drawings: molybdate orange, silverpoint,
+#: tungstates, copper and chromium pigments)
+_TUBE_ONLY_ANODES = ("Rh", "Pd")
+
+
+def _tube_only_l_lines(peaks_keV: np.ndarray, fwhm_fn: Any) -> str | None:
+    """The tube-only anode (:data:`_TUBE_ONLY_ANODES`, in that order) whose La line sits on a peak (within
+    0.35 FWHM plus 20 eV) that no other element's Ka or La line explains, or None. Rh comes first: Rh Lb1
+    sits 5 eV from Pd La, so a Rh tube shows a "Pd La" peak, while a Pd tube shows none at Rh La."""
+    if not peaks_keV.size:
+        return None
+    for anode in _TUBE_ONLY_ANODES:
+        e_la = line_energy_keV(anode, "La")
+        tol = 0.35 * float(fwhm_fn(np.array([e_la]))[0]) + 0.02
+        near = np.abs(peaks_keV - e_la) <= tol
+        if not near.any():
+            continue
+        e_peak = float(peaks_keV[near][np.argmin(np.abs(peaks_keV[near] - e_la))])
+        if any(
+            r.element != anode and abs(r.energy_keV - e_peak) <= tol
+            for r in _reference_lines()
+            if r.group in ("Ka", "La")
+        ):
+            continue
+        return anode
+    return None
+
+
 def _continuum_above(
     y: np.ndarray,
     energy: np.ndarray,
@@ -2539,6 +2579,8 @@ def fit_instrument(
     )
     source_ev: _ScatterEvidence | None = None
     is_mono = False
+    l_tube = False  # the anode from the L lines of a tube-only element (no scatter evidence)
+    l_anode: str | None = None
     if anode_fixed:
         is_mono = inst.monochromatic_keV is not None and inst.anode is None
         put("anode", inst.anode, None, "fixed", "given in fixed=")
@@ -2621,6 +2663,20 @@ def fit_instrument(
                 f"(z = {best.z_rayleigh:.0f}) "
                 f"with Compton partners (z = {best.z_compton:.0f}){other}",
             )
+        elif (l_anode := _tube_only_l_lines(peaks_e, fwhm_fn)) is not None:
+            # no Compton partners (L lines at 2-3 keV are shifted by less than the detector's width), but
+            # the L lines of an element that only a tube brings
+            put(
+                "anode",
+                l_anode,
+                None,
+                "fitted",
+                f"{l_anode} La ({line_energy_keV(l_anode, 'La'):.3f} keV) on a peak no other element's Ka or "
+                f"La line explains, and no tube's K lines scattered: {l_anode} is an anode material no "
+                "pigment or ground contains (at 2-3 keV Compton partners cannot be told apart from the "
+                "Rayleigh peaks)",
+            )
+            l_tube = True
         else:
             put(
                 "anode",
@@ -2641,10 +2697,12 @@ def fit_instrument(
                 "monochromatic_keV",
                 None,
                 None,
-                "fitted" if best is not None else "start",
-                "a tube: the anode's line pattern" if best is not None else "start instrument",
+                "fitted" if best is not None or l_tube else "start",
+                "a tube: the anode's line pattern" if best is not None or l_tube else "start instrument",
             )
-            if best is not None:
+            if l_tube:
+                inst = inst.with_(anode=l_anode, monochromatic_keV=None)
+            elif best is not None:
                 inst = inst.with_(
                     anode=best.lines.anode,
                     monochromatic_keV=None,
@@ -2677,8 +2735,8 @@ def fit_instrument(
                 "deg on the 4 deg grid, refined)",
             )
             inst = inst.with_(**geometry_for_angle(inst, th))
-    elif inst.anode is not None and (source_ev is not None or anode_fixed):
-        lines = source_ev.lines if source_ev is not None else _tube_lines(inst.anode, "K")
+    elif inst.anode is not None and (source_ev is not None or anode_fixed or l_tube):
+        lines = source_ev.lines if source_ev is not None else _tube_lines(inst.anode, "L" if l_tube else "K")
         main = lines.energy_keV[lines.weight >= 0.2 * lines.weight.max()]
         lo = float(compton_energy_keV(main.min(), math.pi)) - 3 * float(np.interp(main.min(), energy, fwhm))
         e_c_hi = float(main.max())
@@ -2736,7 +2794,8 @@ def fit_instrument(
                 inst.scattering_angle_deg,
                 None,
                 "not determined",
-                f"the deviance has no minimum in the angle: {scat}",
+                "the deviance has no minimum in the angle inside "
+                f"{_ANGLE_RANGE_DEG[0]:.0f}-{_ANGLE_RANGE_DEG[1]:.0f} deg: {scat}",
             )
         if kv_fixed:
             put("tube_voltage_kV", inst.tube_voltage_kV, None, "fixed", "given in fixed=")
