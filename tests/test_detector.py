@@ -11,7 +11,14 @@ import xraylib
 from scipy.optimize import curve_fit
 
 from xrfnb import DataError, EnergyCalibration, InstrumentError
-from xrfnb.physics.detector import DetectorResponse, escape_fraction, icc_fraction, poisson_counts, si_ka_keV
+from xrfnb.physics.detector import (
+    DetectorResponse,
+    back_icc_fraction,
+    escape_fraction,
+    icc_fraction,
+    poisson_counts,
+    si_ka_keV,
+)
 from xrfnb.physics.instrument import Instrument
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
@@ -255,3 +262,41 @@ def test_fwhm_convention_matches_pymca_fit_of_real_steel_spectrum() -> None:
     for energy in (6.4038, 5.4147):  # Fe Ka, Cr Ka (rate-weighted, xraylib)
         _, fwhm = _fit_gaussian(x, counts, energy, 0.9 * float(inst.fwhm_keV(energy)))
         assert float(inst.fwhm_keV(energy)) == pytest.approx(fwhm, rel=0.1)
+
+
+def test_back_layer_share_is_beer_lambert_absorption_at_the_back() -> None:
+    """P_back(E): the share of absorbed photons absorbed in the last b um of a T um crystal, by direct
+    integration of the exponential depth distribution with Hubbell and Seltzer's Si attenuation (NIST
+    X-ray mass attenuation tables: 10.34 cm2/g at 15 keV, 4.464 at 20 keV, log-log interpolated to
+    17 keV); nil at 5 keV, rising towards b/T for photons that cross the crystal (absorbed evenly)."""
+    mu_rho = math.exp(
+        np.interp(math.log(17.0), [math.log(15.0), math.log(20.0)], [math.log(10.34), math.log(4.464)])
+    )
+    mu = mu_rho * 2.33e-4  # per um
+    depth = np.linspace(0.0, 450.0, 45001)
+    density = np.exp(-mu * depth)
+    expected = np.trapezoid(density[depth >= 440.0], depth[depth >= 440.0]) / np.trapezoid(density, depth)
+    f = back_icc_fraction(np.array([5.0, 10.0, 17.0, 40.0]), 10.0, 450.0)
+    assert f[2] == pytest.approx(expected, rel=0.05)
+    assert f[0] < 1e-10 and f[0] < f[1] < f[2] < f[3] < 10.0 / 450.0
+    assert f[3] == pytest.approx(10.0 / 450.0, rel=0.1)
+    assert np.all(back_icc_fraction(np.array([5.0, 17.0]), 0.0, 450.0) == 0.0)
+
+
+def test_back_layer_shelf_is_flat_and_taken_from_the_peak() -> None:
+    """A 17 keV photon absorbed in the back layer lands evenly between 0 and 17 keV: the row holds
+    P_back / 17 per keV at 2-14 keV and P_back less in the peak."""
+    base = Instrument.preset("bruker-m4").with_(
+        icc_layer_um=0.0, escape=False, partial_collection=0.0, back_icc_layer_um=0.0
+    )
+    e = base.channel_energy_keV
+    gain = base.calibration.gain_keV
+    plain = base.detector_response().matrix(np.array([17.0]), dtype=np.float64)[0]
+    back = (
+        base.with_(back_icc_layer_um=10.0).detector_response().matrix(np.array([17.0]), dtype=np.float64)[0]
+    )
+    p = float(back_icc_fraction(17.0, 10.0, base.detector_thickness_um))
+    band = (e > 2.0) & (e < 14.0)
+    assert np.allclose(back[band] / gain, p / 17.0, rtol=0.02)
+    peak = np.abs(e - 17.0) < 0.5
+    assert back[peak].sum() == pytest.approx(plain[peak].sum() - p * (1 - 0.5 / 17.0), rel=2e-3)

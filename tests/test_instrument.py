@@ -248,7 +248,7 @@ def test_mixture_materials() -> None:
         Absorber("C1:0.5, O1:0.5", 10.0)
 
 
-@pytest.mark.parametrize("preset", ["bruker-m6", "lab-mo", "synchrotron"])
+@pytest.mark.parametrize("preset", ["bruker-m6", "bruker-m4", "lab-mo", "synchrotron"])
 def test_to_toml_round_trip(tmp_path: Path, preset: str) -> None:
     inst = Instrument.preset(preset).with_(
         description='a "quoted"\nmulti-line note', tube_filters=[("C1:0.6, O1:0.4", 12.0, 1.3)]
@@ -263,3 +263,30 @@ def test_describe_summarises_the_instrument() -> None:
     assert "Rh tube 50 kV" in text and "142 eV at Mn Ka" in text and "4096 x 9.999 eV" in text
     assert "scattering angle 150 deg" in text
     assert "<pre>" in Instrument.preset("synchrotron")._repr_html_()
+
+
+def test_chamber_walls_and_back_layer_settings() -> None:
+    """chamber_walls_sr takes a mapping (TOML inline table) or pairs, is stored sorted by Z, survives
+    to_dict/from_dict and is checked; back_icc_layer_um lies within the crystal."""
+    m4 = Instrument.preset("bruker-m4")
+    assert [el for el, _ in m4.chamber_walls_sr] == ["Cr", "Fe", "Co", "Ni"]
+    assert m4.back_icc_layer_um > 0 and m4.partial_collection == 0.0
+    assert "Ni walls" in m4.describe()
+    inst = Instrument.preset("lab-mo").with_(chamber_walls_sr=[("Ni", 0.02), ("Cu", 0.01)])
+    assert inst.chamber_walls_sr == (("Ni", 0.02), ("Cu", 0.01))
+    assert Instrument.from_dict(inst.to_dict()) == inst
+    assert inst.to_dict()["chamber_walls_sr"] == {"Ni": 0.02, "Cu": 0.01}
+    for bad, match in (
+        ({"Xx": 0.1}, "unknown element"),
+        ({"Ni": -0.1}, "2 pi"),
+        ({"Ni": 7.0}, "2 pi"),
+        ([("Ni", 0.1), ("Ni", 0.2)], "twice"),
+        ("Ni", "element symbols"),
+    ):
+        with pytest.raises(InstrumentError, match=match):
+            Instrument.preset("lab-mo").with_(chamber_walls_sr=bad)
+    with pytest.raises(InstrumentError, match="back_icc_layer_um"):
+        Instrument.preset("lab-mo").with_(back_icc_layer_um=500.0)
+    for preset in ("bruker-m6", "lab-mo", "synchrotron"):  # existing presets keep their physics
+        assert Instrument.preset(preset).chamber_walls_sr == ()
+        assert Instrument.preset(preset).back_icc_layer_um == 0.0

@@ -11,7 +11,15 @@ import xraylib
 import xrfnb
 from xrfnb import InstrumentError, Layer, SimulationError, Stack
 from xrfnb.physics.fp import compton_energy_keV
-from xrfnb.physics.simulate import StackArrays, expected_spectrum, stack_arrays
+from xrfnb.physics.simulate import (
+    StackArrays,
+    _chamber_yield,
+    chamber_lines,
+    expected_spectrum,
+    simulate_batch,
+    simulation_setup,
+    stack_arrays,
+)
 
 
 @pytest.fixture(scope="module")
@@ -256,3 +264,68 @@ def test_batch_pile_up_matches_the_single_spectrum_model(m6) -> None:
     assert np.all(np.abs(b_mean - b_exp) < 5 * sigma + 2e-3 * b_exp.max())
     with pytest.raises(SimulationError, match="count_rate_cps"):
         xrfnb.simulate_batch([stack], inst, counts=4000, count_rate_cps=-1.0)
+
+
+# --- the instrument's own wall lines (Instrument.chamber_walls_sr) --------------------------------------
+
+PMMA_BLANK = Stack([], substrate=Layer({"C5H8O2": 1.0}, binder=None, thickness_um=10_000.0,
+                                       density_g_cm3=1.18))
+
+
+def test_no_walls_no_chamber_lines(m6) -> None:
+    """Presets without walls simulate exactly what they did before the walls existed."""
+    assert m6.chamber_walls_sr == ()
+    assert chamber_lines(PMMA_BLANK, m6) == {}
+    a = xrfnb.simulate(PMMA_BLANK, m6, noise=False).counts
+    b = xrfnb.simulate(PMMA_BLANK, m6, noise=False, chamber=False).counts
+    np.testing.assert_array_equal(a, b)
+
+
+def test_chamber_lines_are_linear_in_the_walls_and_agree_in_batches() -> None:
+    """Wall lines scale with each wall's solid angle; single spectra, batches (expected and event draws)
+    and chamber_lines() give the same amount."""
+    base = xrfnb.Instrument.preset("bruker-m4").with_(chamber_walls_sr={})
+    one = chamber_lines(PMMA_BLANK, base.with_(chamber_walls_sr={"Ni": 0.01}))
+    two = chamber_lines(PMMA_BLANK, base.with_(chamber_walls_sr={"Ni": 0.02, "Fe": 0.01}))
+    assert set(two) == {"Fe Ka", "Fe Kb", "Ni Ka", "Ni Kb"}
+    assert two["Ni Ka"] == pytest.approx(2 * one["Ni Ka"], rel=1e-9)
+    inst = base.with_(chamber_walls_sr={"Ni": 0.05})
+    lines = chamber_lines(PMMA_BLANK, inst)
+    total = sum(lines.values())
+    single = xrfnb.simulate(PMMA_BLANK, inst, noise=False, pileup=False).counts.sum() - xrfnb.simulate(
+        PMMA_BLANK, inst, noise=False, pileup=False, chamber=False).counts.sum()
+    batch = simulate_batch([PMMA_BLANK], inst, noise=False, secondary=True)[0].sum() - simulate_batch(
+        [PMMA_BLANK], inst, noise=False, secondary=True, chamber=False)[0].sum()
+    assert single == pytest.approx(total, rel=0.02)  # less what falls outside the channels
+    assert batch == pytest.approx(single, rel=1e-3)
+    events = simulate_batch([PMMA_BLANK] * 200, inst, live_time_s=0.01, method="events", rng=3)
+    expected = simulate_batch([PMMA_BLANK], inst, live_time_s=0.01, noise=False)[0]
+    e = inst.channel_energy_keV
+    ni = (e > 7.35) & (e < 7.6)
+    assert events[:, ni].sum(axis=1).mean() == pytest.approx(expected[ni].sum(), rel=0.05)
+
+
+@pytest.mark.parametrize(("beam_keV", "excited"), [(8.2, {"Fe"}), (8.5, {"Fe", "Ni"})])
+def test_walls_are_excited_only_above_their_k_edge(beam_keV, excited) -> None:
+    """A monochromatic beam scattered by the blank excites a wall only above its K edge (Ni 8.333 keV,
+    Fe 7.112 keV, xraylib)."""
+    inst = xrfnb.Instrument.preset("synchrotron").with_(monochromatic_keV=beam_keV, atmosphere="vacuum",
+                                                          chamber_walls_sr={"Fe": 0.01, "Ni": 0.01})
+    lines = chamber_lines(PMMA_BLANK, inst)
+    assert {k.split()[0] for k, v in lines.items() if v > 0} == excited
+
+
+def test_wall_yield_is_the_thick_target_primary_fluorescence() -> None:
+    """Per photon the sample sends out, a wall of Omega sr gives Omega * Omega_det * eff * y(E) detected
+    line photons, y the primary fluorescence per sr of a thick pure target at equal incidence and exit
+    angles: the same number the FP engine gives for a thick pure Ni sample at 45/45 deg."""
+    inst = xrfnb.Instrument.preset("synchrotron").with_(monochromatic_keV=17.4, atmosphere="vacuum",
+                                                          incidence_deg=45.0, takeoff_deg=45.0)
+    ni = Stack([Layer({"Ni": 1.0}, binder=None, thickness_um=5000.0)])
+    table = xrfnb.line_intensities(ni, inst, secondary=False)
+    setup = simulation_setup(inst)
+    fp_ka = table.total("Ni", "Ka") / (setup.exc.total_photons * setup.solid_angle_sr)  # incl. efficiency
+    walls = inst.with_(chamber_walls_sr={"Ni": 0.1})
+    _, y = _chamber_yield(walls, np.array([17.4]))
+    # _chamber_yield: per photon per sr from the sample, with the wall's 0.1 sr; Ka = Ka1 + Ka2 here
+    assert y[0, 0] / 0.1 == pytest.approx(fp_ka, rel=0.02)

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import xraylib
 
 from .._errors import CalibrationError, InstrumentError
 from ..core.calibration import EnergyCalibration
@@ -146,6 +147,16 @@ class Instrument:
     partial_collection : float
         Share of absorbed photons of any energy that lose a random part of their charge (flat shelf from
         0 to E; see :mod:`xrfnb.physics.detector`).
+    back_icc_layer_um : float
+        Effective thickness of the layer at the back of the crystal whose absorbed photons lose a random
+        part of their charge (flat shelf from 0 to E, from photons that reach the back: above about
+        10 keV in 450 um Si; see :func:`xrfnb.physics.detector.back_icc_fraction`), um; 0: none.
+    chamber_walls_sr : tuple of (str, float)
+        Fluorescence of the instrument itself (chamber, detector snout, lens tip) excited by the radiation
+        the sample sends out: for each wall element, the effective solid angle, sr, of a thick wall of
+        that element as seen from the beam spot (``{"Ni": 0.05}`` in ``from_dict`` and TOML; stored as
+        ``(("Ni", 0.05),)``). Empty (default): no instrument lines. See
+        :func:`xrfnb.physics.simulate.chamber_lines`.
     escape : bool
         Whether to model Si K escape peaks.
     pileup_time_s : float
@@ -194,6 +205,8 @@ class Instrument:
     shelf_share: float = 0.3
     tail_length_fwhm: float = 1.0
     partial_collection: float = 0.0
+    back_icc_layer_um: float = 0.0
+    chamber_walls_sr: tuple[tuple[str, float], ...] = ()
     escape: bool = True
     pileup_time_s: float = 5e-7
     calibration: EnergyCalibration = _DEFAULT_CALIBRATION
@@ -373,6 +386,7 @@ class Instrument:
         for key in ("tube_filters", "detector_filters"):
             d[key] = [a.to_dict() for a in d[key]]
         d["calibration"] = self.calibration.to_dict()
+        d["chamber_walls_sr"] = dict(self.chamber_walls_sr)
         return d
 
     def to_toml(self, path: str | Path | None = None) -> str:
@@ -422,6 +436,11 @@ class Instrument:
                 f"{1000 * float(self.fwhm_keV(MN_KA_KEV)):.0f} eV at Mn Ka",
                 f"  channels:  {self.n_channels} x {1000 * cal.gain_keV:g} eV from {cal.offset_keV:g} keV",
             ]
+            + (
+                ["  chamber:   " + ", ".join(f"{el} walls {sr:.3g} sr" for el, sr in self.chamber_walls_sr)]
+                if self.chamber_walls_sr
+                else []
+            )
         )
 
     def _repr_html_(self) -> str:
@@ -615,7 +634,7 @@ def _validate(inst: Instrument) -> None:
         "beam_path_mm", "detector_path_mm", "detector_area_mm2",
         "detector_thickness_um",
         "dead_layer_um", "noise_keV", "fano", "pair_energy_eV", "icc_layer_um", "shelf_share",
-        "tail_length_fwhm", "partial_collection", "pileup_time_s",
+        "tail_length_fwhm", "partial_collection", "back_icc_layer_um", "pileup_time_s",
     )  # fmt: skip
     for field in floats:
         value = getattr(inst, field)
@@ -718,6 +737,11 @@ def _validate(inst: Instrument) -> None:
         f"partial_collection must be in [0, 0.2], got {inst.partial_collection}",
     )
     need(inst.tail_length_fwhm > 0, f"tail_length_fwhm must be > 0, got {inst.tail_length_fwhm}")
+    need(
+        0.0 <= inst.back_icc_layer_um <= inst.detector_thickness_um,
+        f"back_icc_layer_um must be in [0, detector thickness], got {inst.back_icc_layer_um}",
+    )
+    put("chamber_walls_sr", _chamber_walls(inst.chamber_walls_sr, need))
     if not isinstance(inst.calibration, EnergyCalibration):
         try:
             put("calibration", EnergyCalibration.from_dict(inst.calibration))
@@ -737,6 +761,33 @@ def _validate(inst: Instrument) -> None:
     except CalibrationError as exc:
         raise InstrumentError(f"instrument {inst.name!r}: {exc}") from None
     put("escape", bool(inst.escape))
+
+
+def _chamber_walls(walls: Any, need: Any) -> tuple[tuple[str, float], ...]:
+    """``chamber_walls_sr`` as a tuple of (element symbol, solid angle in sr) sorted by atomic number,
+    from a mapping or pairs; each solid angle finite and in [0, 2 pi] sr."""
+    items = walls.items() if isinstance(walls, Mapping) else walls
+    try:
+        pairs = [(str(el).strip(), float(sr)) for el, sr in items]
+    except (TypeError, ValueError):
+        need(False, f"chamber_walls_sr must map element symbols to solid angles in sr, got {walls!r}")
+    out = {}
+    for el, sr in pairs:
+        z = _element_z(el)
+        need(z > 0, f"chamber_walls_sr: unknown element {el!r}")
+        need(math.isfinite(sr) and 0.0 <= sr <= 2 * math.pi,
+             f"chamber_walls_sr[{el!r}] must be in [0, 2 pi] sr, got {sr!r}")
+        need(el not in out, f"chamber_walls_sr names {el!r} twice")
+        out[el] = (z, sr)
+    return tuple((el, sr) for el, (z, sr) in sorted(out.items(), key=lambda kv: kv[1][0]))
+
+
+def _element_z(symbol: str) -> int:
+    """Atomic number of an element symbol, 0 if it is none."""
+    try:
+        return int(xraylib.SymbolToAtomicNumber(symbol))
+    except ValueError:
+        return 0
 
 
 def _noise_for_fwhm(fwhm_keV: float, fano: float, pair_energy_eV: float) -> float:

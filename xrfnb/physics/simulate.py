@@ -9,9 +9,10 @@ the incident spectrum come from the :class:`~xrfnb.Instrument`. A spectrum is::
 with ``I_l``, ``S_k`` the line and scatter intensities per incident photon and steradian, ``eff`` the
 detector efficiency (gas path, window, silicon), ``R`` the detector response (Gaussian, escape peaks,
 tailing) and ``F = flux * live time * detector solid angle``. In air, the argon of the irradiated air in
-front of the sample adds its K lines (:func:`argon_lines`). Noise is Poisson. A batch of spectra is an
-(intensities (B, R)) x (response rows (R, channels)) product, or, for low counts, a direct draw of the
-detected photons (see :func:`simulate_batch`).
+front of the sample adds its K lines (:func:`argon_lines`); an instrument with ``chamber_walls_sr`` adds
+the K lines of its own walls, excited by what the sample sends out (:func:`chamber_lines`). Noise is
+Poisson. A batch of spectra is an (intensities (B, R)) x (response rows (R, channels)) product, or, for
+low counts, a direct draw of the detected photons (see :func:`simulate_batch`).
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ from .materials import STANDARD_PRESSURE_MBAR, composition, mass_attenuation_cm2
 from .sampling import GuideSampler
 from .stack import Stack
 
-__all__ = ["LineRow", "LineTable", "SimulationSetup", "StackArrays", "argon_lines", "line_intensities",
-           "simulate", "simulate_batch", "simulation_setup", "stack_arrays", "tables_for"]
+__all__ = ["LineRow", "LineTable", "SimulationSetup", "StackArrays", "argon_lines", "chamber_lines",
+           "line_intensities", "simulate", "simulate_batch", "simulation_setup", "stack_arrays", "tables_for"]
 
 #: Half-width (1 sigma) of the electron momentum distribution used for Compton (Doppler) broadening,
 #: atomic units. Compton profiles of C, N, O (the bulk of paint binders) have a FWHM of about 2-2.5 a.u.
@@ -245,6 +246,13 @@ class SimulationSetup:
         (a,) their detected intensity per incident photon and sr of the detector.
     argon_rows : numpy.ndarray
         (a, C) float32 detector response rows of the argon lines.
+    chamber_keV : numpy.ndarray
+        (w,) energies of the K lines of the instrument's walls (``Instrument.chamber_walls_sr``), keV.
+    chamber_rayleigh, chamber_compton : numpy.ndarray
+        (n, w) detected wall-line photons per photon the sample sends towards the detector (per sr) in
+        each excitation bin's Rayleigh and Compton scatter (see :func:`chamber_lines`).
+    chamber_rows : numpy.ndarray
+        (w, C) float32 detector response rows of the wall lines.
     """
 
     exc: _fp.Excitation
@@ -261,6 +269,10 @@ class SimulationSetup:
     argon: np.ndarray  # (a,) their detected intensity per incident photon and sr of the detector
     argon_rows: np.ndarray  # (a, C) float32 detector response rows
     azimuth_deg: float = 180.0
+    chamber_keV: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))  # (w,)
+    chamber_rayleigh: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 0)))  # (n, w)
+    chamber_compton: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 0)))  # (n, w)
+    chamber_rows: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 0), np.float32))
 
 
 def _efficiency(instrument: Instrument, energy_keV: np.ndarray, what: str) -> np.ndarray:
@@ -313,8 +325,60 @@ def _setup_uncached(instrument: Instrument, max_bins: int) -> SimulationSetup:
     ar_keV, ar = _argon_intensity(instrument, exc)
     ar = ar * _efficiency(instrument, ar_keV, "argon fluorescence")
     ar_rows = response.matrix(ar_keV, dtype=np.float32) if ar_keV.size else np.zeros((0, n_ch), np.float32)
+    # the walls' lines, per photon scattered by the sample in each bin (averaged over its render energies)
+    w_keV, y_ray = _chamber_yield(instrument, e_r)
+    _, y_comp = _chamber_yield(instrument, _fp.compton_energy_keV(e_r, theta))
+
+    def average(y: np.ndarray) -> np.ndarray:
+        out = np.zeros((n, y.shape[1]))
+        np.add.at(out, exc.render_bin, y * exc.render_weight[:, None])
+        return out / exc.weight[:, None]
+
+    w_rows = response.matrix(w_keV, dtype=np.float32) if w_keV.size else np.zeros((0, n_ch), np.float32)
     return SimulationSetup(exc, incidence, takeoff, solid, response, n_ch, ray, comp, eff_r, eff_c,
-                  ar_keV, ar, ar_rows, azimuth)
+                  ar_keV, ar, ar_rows, azimuth, w_keV, average(y_ray), average(y_comp), w_rows)
+
+
+#: wall lines drawn (xraylib line macros): K-alpha and K-beta of each wall element
+_CHAMBER_LINES = (("Ka", xraylib.KA_LINE), ("Kb", xraylib.KB_LINE))
+
+
+@functools.lru_cache(maxsize=16)
+def _chamber_line_list(walls: tuple[tuple[str, float], ...]
+                       ) -> tuple[tuple[str, str, int, int, float, float], ...]:
+    """(element, line, Z, xraylib macro, energy keV, solid angle sr) of every wall line."""
+    out = []
+    for el, sr in walls:
+        z = int(xraylib.SymbolToAtomicNumber(el))
+        for name, macro in _CHAMBER_LINES:
+            try:
+                e_line = float(xraylib.LineEnergy(z, macro))
+            except ValueError:  # no K lines (H, He)
+                continue
+            if e_line > 0 and sr > 0:
+                out.append((el, name, z, macro, e_line, float(sr)))
+    return tuple(out)
+
+
+def _chamber_yield(instrument: Instrument, energy_keV: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Wall-line energies (w,) and the detected wall-line photons (E, w) per photon of ``energy_keV``
+    (E,) that the sample sends towards the detector, per sr (so the rows' units are those of the
+    sample's own intensities); see :func:`chamber_lines` for the physics."""
+    lines = _chamber_line_list(tuple(getattr(instrument, "chamber_walls_sr", ())))
+    e = np.atleast_1d(np.asarray(energy_keV, dtype=float))
+    if not lines:
+        return np.zeros(0), np.zeros((e.size, 0))
+    e_lines = np.array([ln[4] for ln in lines])
+    eff = _efficiency(instrument, e_lines, "chamber fluorescence")
+    y = np.zeros((e.size, len(lines)))
+    for j, (_, _, z, macro, e_line, sr) in enumerate(lines):
+        edge = float(xraylib.EdgeEnergy(z, xraylib.K_SHELL))
+        mu_line = float(xraylib.CS_Total(z, e_line))  # cm2/g, the line on its way out of the wall
+        for i in np.flatnonzero(e > edge):
+            sigma = float(xraylib.CS_FluorLine_Kissel_Cascade(z, macro, float(e[i])))  # cm2/g
+            y[i, j] = sigma / (float(xraylib.CS_Total(z, float(e[i]))) + mu_line)
+        y[:, j] *= sr / (4.0 * np.pi) * eff[j]
+    return e_lines, y
 
 
 #: argon lines drawn (xraylib line macros) and the quadrature points along the beam path
@@ -398,6 +462,85 @@ def argon_lines(instrument: Instrument) -> dict[str, float]:
     setup = simulation_setup(instrument)
     scale = setup.exc.total_photons * setup.solid_angle_sr
     return {name: float(v * scale) for (name, _), v in zip(_ARGON_LINES, setup.argon, strict=False)}
+
+
+def chamber_lines(stack: Stack, instrument: Instrument, *, secondary: bool = True) -> dict[str, float]:
+    """Detected intensity of the K lines of the instrument's own walls, photons/s of live time.
+
+    What the sample scatters and emits does not all reach the detector: part of it hits the chamber, the
+    detector snout and collimator and the lens tip, whose metals fluoresce, and the detector records those
+    lines whatever the sample. The NIST M4 blanks show it: Ni Ka at 7.48 keV (with weaker Fe, Co and Cr K
+    lines) in every acrylic spectrum, also behind 630 um of Al where the beam holds nothing below 9 keV,
+    in proportion to the scattered radiation above the Ni K edge (4.6-15.5 cps at 2,000-24,000 cps above
+    8.4 keV) and, in the pure-element spectra of another session, larger under samples that send out
+    more hard radiation (0.5-1 cps under S, Ti and Cr, 8-9.5 cps under acrylic and Zr), so the lines are
+    excited by the sample's radiation, not by the primary beam.
+
+    Each wall element ``X`` of ``Instrument.chamber_walls_sr`` is a thick flat wall that subtends
+    ``Omega_X`` sr from the beam spot and is seen by the detector with the detector's own solid angle
+    ``Omega_det``. The sample sends ``I(E)`` photons per sr towards the detector at energy ``E`` (its
+    lines and its Rayleigh and Compton scatter; the same towards the walls, an isotropy assumption), so
+    the wall receives ``I(E) Omega_X``, and per incident photon a thick wall emits, per sr, with equal
+    incidence and exit angles (the primary-fluorescence term of Sherman's equation, Sherman,
+    Spectrochim. Acta 7 (1955) 283; R. Jenkins, R.W. Gould, D. Gedcke, *Quantitative X-ray
+    Spectrometry*, 2nd ed., ch. 6)::
+
+        y_l(E) = sigma_l(E) / (4 pi (mu(E) + mu(E_l)))
+
+    with ``sigma_l`` the line's fluorescence production cross-section (xraylib
+    ``CS_FluorLine_Kissel_Cascade``: K-shell photo-absorption, fluorescence yield, line fraction,
+    cm2/g) and ``mu`` the wall's mass attenuation coefficient (``CS_Total``) at ``E`` and at the line
+    ``E_l``. The detected rate of line ``l`` is ``sum_E I(E) Omega_X y_l(E) Omega_det eff(E_l)``. Left
+    out: secondary fluorescence in the wall, wall lines excited by other wall lines or by argon, the
+    angular distribution of the scatter and the extra gas path (a thin path at the M4's 20 mbar).
+
+    Parameters
+    ----------
+    stack : Stack
+        The sample.
+    instrument : Instrument
+        With ``chamber_walls_sr`` (empty: no lines).
+    secondary : bool, optional
+        Include the sample's secondary fluorescence in the radiation that excites the walls.
+
+    Returns
+    -------
+    dict
+        ``{"Ni Ka": rate, "Ni Kb": rate, ...}``, detected photons/s with the instrument's flux and
+        detector solid angle, detector efficiency included; empty without walls.
+
+    Examples
+    --------
+    >>> import xrfnb
+    >>> from xrfnb.physics.simulate import chamber_lines
+    >>> pmma = xrfnb.Stack([], substrate=xrfnb.Layer({"C5H8O2": 1.0}, binder=None, thickness_um=1e4,
+    ...                                              density_g_cm3=1.18))
+    >>> lines = chamber_lines(pmma, xrfnb.Instrument.preset("bruker-m4"))
+    >>> lines["Ni Ka"] > lines["Ni Kb"] > 0
+    True
+    >>> chamber_lines(pmma, xrfnb.Instrument.preset("bruker-m6"))  # no walls given
+    {}
+    """
+    setup = simulation_setup(instrument)
+    if not setup.chamber_keV.size:
+        return {}
+    table = line_intensities(_check_stack(stack), instrument, secondary=secondary)
+    rates = _chamber_rates(stack, instrument, setup, table)
+    names = [f"{el} {line}" for el, line, *_ in _chamber_line_list(instrument.chamber_walls_sr)]
+    return {name: float(r) for name, r in zip(names, rates, strict=True)}
+
+
+def _chamber_rates(stack: Stack, instrument: Instrument, setup: SimulationSetup, table: LineTable
+                   ) -> np.ndarray:
+    """Detected wall-line rates (w,), photons/s, from the sample's line table and its scatter."""
+    pre = table.intensity / np.where(table.detector_efficiency > 0, table.detector_efficiency, np.inf)
+    rates = pre @ _chamber_yield(instrument, table.energy_keV)[1]
+    arr = stack_arrays([stack])
+    T = tables_for(arr.elements, setup)
+    ray, comp = _fp.scatter(arr.weight_fraction, arr.mass_thickness_g_cm2, T)
+    rates += (ray[0] @ setup.chamber_rayleigh + comp[0] @ setup.chamber_compton) \
+        * (setup.exc.total_photons * setup.solid_angle_sr)
+    return rates
 
 
 #: instrument set-ups kept: training draws up to 48 instrument variants (xrfnb.model.trainingdata), and
@@ -540,13 +683,13 @@ def _scatter_expected(W: np.ndarray, mt: np.ndarray, T: _fp.Tables, setup: Simul
 
 
 def expected_spectrum(stack: Stack, instrument: Instrument, *, secondary: bool = True,
-                      scatter: bool = True, argon: bool = True) -> np.ndarray:
+                      scatter: bool = True, argon: bool = True, chamber: bool = True) -> np.ndarray:
     """Expected detected counts per channel per second of live time (no pile-up, no noise), (channels,)."""
-    return _expected(stack, instrument, secondary, scatter, argon)[0]
+    return _expected(stack, instrument, secondary, scatter, argon, chamber)[0]
 
 
 def _expected(stack: Stack, instrument: Instrument, secondary: bool, scatter: bool,
-              argon: bool = True) -> tuple[np.ndarray, LineTable]:
+              argon: bool = True, chamber: bool = True) -> tuple[np.ndarray, LineTable]:
     stack = _check_stack(stack)
     setup = simulation_setup(instrument)
     table = line_intensities(stack, instrument, secondary=secondary)
@@ -560,13 +703,15 @@ def _expected(stack: Stack, instrument: Instrument, secondary: bool, scatter: bo
             * (setup.exc.total_photons * setup.solid_angle_sr)
     if argon and setup.argon.size:
         out += (setup.argon @ setup.argon_rows) * (setup.exc.total_photons * setup.solid_angle_sr)
+    if chamber and setup.chamber_keV.size:
+        out += _chamber_rates(stack, instrument, setup, table) @ setup.chamber_rows
     return out, table
 
 
 def simulate(stack: Stack, instrument: Instrument, *, counts: float | None = None,
              live_time_s: float | None = None, rng: np.random.Generator | int | None = None,
              noise: bool = True, secondary: bool = True, scatter: bool = True, pileup: bool = True,
-             argon: bool = True) -> Spectrum:
+             argon: bool = True, chamber: bool = True) -> Spectrum:
     """Simulate the measured spectrum of a stack.
 
     Parameters
@@ -592,6 +737,9 @@ def simulate(stack: Stack, instrument: Instrument, *, counts: float | None = Non
     argon : bool, optional
         Add the Ar K lines of the air the beam crosses (default; :func:`argon_lines`). Nothing to add
         with a helium or vacuum path.
+    chamber : bool, optional
+        Add the K lines of the instrument's walls excited by the sample's radiation (default;
+        :func:`chamber_lines`). Nothing to add without ``Instrument.chamber_walls_sr``.
 
     Returns
     -------
@@ -607,7 +755,7 @@ def simulate(stack: Stack, instrument: Instrument, *, counts: float | None = Non
     lt = 1.0 if live_time_s is None else float(live_time_s)
     if not np.isfinite(lt) or lt <= 0:
         raise SimulationError(f"live_time_s must be > 0, got {live_time_s!r}")
-    rate, table = _expected(stack, instrument, secondary, scatter, argon)
+    rate, table = _expected(stack, instrument, secondary, scatter, argon, chamber)
     count_rate = float(rate.sum())
     expected = rate * lt
     setup = simulation_setup(instrument)
@@ -643,6 +791,7 @@ def simulate_batch(
     count_rate_cps: float | np.ndarray | None = None,
     argon: bool = True,
     keep: dict[str, np.ndarray] | None = None,
+    chamber: bool = True,
 ) -> np.ndarray:
     """Simulate many spectra at once (the training-data path).
 
@@ -687,6 +836,9 @@ def simulate_batch(
     argon : bool, optional
         The Ar K lines of the air the beam crosses (default; :func:`argon_lines`; nothing with helium or
         vacuum). The same for every spectrum in absolute terms, so weak emitters show them most.
+    chamber : bool, optional
+        The K lines of the instrument's walls excited by each sample's radiation (default;
+        :func:`chamber_lines`; nothing without ``Instrument.chamber_walls_sr``).
     keep : dict, optional
         Filled with what the simulation computed on the way: ``"primary"`` (B, N, L) primary line
         intensities per layer per incident photon and sr (secondary fluorescence, if on, is not in it),
@@ -705,7 +857,7 @@ def simulate_batch(
     if method not in ("auto", "events", "poisson"):
         raise SimulationError(f"method must be 'auto', 'events' or 'poisson', got {method!r}")
     n = len(arr)
-    plan = _batch_plan(arr, instrument, scatter=scatter, argon=argon)
+    plan = _batch_plan(arr, instrument, scatter=scatter, argon=argon, chamber=chamber)
     targets = _batch_targets(n, counts, live_time_s, plan.setup)
     pile = _pileup_probability(n, count_rate_cps, instrument, plan.setup)
     gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
@@ -736,7 +888,8 @@ _BLOCK = 1024
 @dataclasses.dataclass(frozen=True, eq=False)
 class _BatchPlan:
     """What every block of a batch shares: the instrument's setup, the sample's line tables and the
-    detector response rows (sample lines, then Rayleigh and Compton bins, then the air's argon lines)."""
+    detector response rows (sample lines, then Rayleigh and Compton bins, then the air's argon lines,
+    then the lines of the instrument's walls)."""
 
     setup: SimulationSetup
     tables: _fp.Tables
@@ -746,6 +899,7 @@ class _BatchPlan:
     scatter: bool
     argon: bool
     owners: tuple  # what the cached rows and sampler belong to (kept alive so ids stay unique)
+    chamber_lines: np.ndarray | None = None  # (L, w) wall-line photons per sample-line photon; None: off
 
 
 @dataclasses.dataclass(frozen=True)
@@ -767,7 +921,8 @@ class _Targets:
     scale: np.ndarray | None
 
 
-def _batch_plan(arr: StackArrays, instrument: Instrument, *, scatter: bool, argon: bool) -> _BatchPlan:
+def _batch_plan(arr: StackArrays, instrument: Instrument, *, scatter: bool, argon: bool,
+                chamber: bool = True) -> _BatchPlan:
     """The shared part of a batch: setup, line tables, line efficiencies and the response rows (cached)."""
     setup = simulation_setup(instrument)
     T = tables_for(arr.elements, setup)
@@ -780,10 +935,14 @@ def _batch_plan(arr: StackArrays, instrument: Instrument, *, scatter: bool, argo
         row_blocks.append(setup.argon_rows)
     if not row_blocks:
         raise SimulationError("nothing to simulate: no lines and scatter switched off")
-    owners = (setup, T, scatter, argon)
+    chamber_y = None
+    if chamber and setup.chamber_keV.size:
+        row_blocks.append(setup.chamber_rows)
+        chamber_y = _chamber_yield(instrument, T.line_energy_keV)[1]
+    owners = (setup, T, scatter, argon, chamber_y is not None)
     rows = _concat_rows(row_blocks, owners)
     rowsum = rows.sum(axis=1, dtype=np.float64)
-    return _BatchPlan(setup, T, eff, rows, rowsum, scatter, argon, owners)
+    return _BatchPlan(setup, T, eff, rows, rowsum, scatter, argon, owners, chamber_y)
 
 
 def _batch_targets(n: int, counts: float | np.ndarray | None, live_time_s: float | np.ndarray | None,
@@ -841,6 +1000,11 @@ def _row_intensities(plan: _BatchPlan, W: np.ndarray, mt: np.ndarray, secondary:
         parts += [ray * setup.eff_rayleigh, comp * setup.eff_compton]
     if plan.argon:
         parts.append(np.broadcast_to(setup.argon, (W.shape[0], setup.argon.size)))
+    if plan.chamber_lines is not None:  # the walls, excited by the sample's lines and scatter
+        walls = inten @ plan.chamber_lines
+        if plan.scatter:
+            walls += ray @ setup.chamber_rayleigh + comp @ setup.chamber_compton
+        parts.append(walls)
     return per_layer, np.concatenate(parts, axis=1)
 
 
