@@ -27,9 +27,11 @@ Issue #17 item 3, the measuring half. Two sets of real spectra from ``../shared/
 3. ``bruker_m6_jetstream_p059.spx``: the header's scattering angle against the measured Compton peak,
    and the spread of its scatter windows under the lens carried over from the M4 and the lens before.
 
-``--fit`` refits the ``bruker-m4`` preset's lens transmission, source solid angle and partial
-collection to the Rh blanks f1-f3 (see :func:`fit_lens`); f4, f5, the pure elements and the M6 file
-stay out of the fit, as checks.
+``--fit`` refits the ``bruker-m4`` preset's lens transmission, source solid angle and back-layer shelf
+to the Rh blanks f1-f3 (see :func:`fit_lens`); ``--fit-floor`` fits the back-layer shelf and the
+instrument's own wall lines (``chamber_walls_sr``) to the floor behind Al 630 um (f3, see
+:func:`fit_floor`). f4, f5, the pure elements and the M6 file stay out of both fits, as checks (f1 and
+f2 also stay out of ``--fit-floor``).
 
 Everything uses the public API only (``xrfnb.load``, ``xrfnb.Instrument``, ``xrfnb.simulate``,
 ``xrfnb.line_intensities``, ``xrfnb.line_energy_keV``). Without ``../shared/data/real`` the benchmark
@@ -41,6 +43,7 @@ Usage::
     python benchmarks/bench_physics_real.py --quick    # two Rh blanks, one Mo blank, Fe and Cu
     python benchmarks/bench_physics_real.py --blanks-only   # or --elements-only
     python benchmarks/bench_physics_real.py --fit           # refit the bruker-m4 lens (about 4 minutes)
+    python benchmarks/bench_physics_real.py --fit-floor     # refit its shelf and wall lines (f3, 20 s)
 """
 
 from __future__ import annotations
@@ -238,8 +241,9 @@ def run_blanks(files: list[Path]) -> dict[str, list[tuple]]:
     print("   sample: infinitely thick PMMA (C5H8O2, 1.18 g/cm3, the Stack's substrate);")
     print(f"   instrument: Instrument.from_file(path, preset={PRESET!r}) (tube, filters, optics, angles,")
     print("   paths, 20 mbar air, detector, resolution and calibration from the header; lens transmission,")
-    print("   source solid angle, azimuth, partial collection, detector area and line shape from the")
-    print(f"   {PRESET} preset, fitted to the Rh blanks f1-f3 with --fit); the file's live time.")
+    print("   source solid angle, azimuth, detector area and line shape from the")
+    print(f"   {PRESET} preset, fitted to the Rh blanks f1-f3 with --fit; its back-layer shelf and wall")
+    print("   lines fitted to f3 with --fit-floor); the file's live time.")
     print(f"   'abs': the simulator's own absolute scale; 'scaled': after one factor fitted on "
           f"{SCALE_RANGE[0]:g}-{SCALE_RANGE[1]:g} keV.")
     print(f"   PASS/FAIL: ratio within [{BAND[0]}, {BAND[1]}] where measured >= {MIN_COUNTS:,.0f} "
@@ -461,11 +465,11 @@ FIT_SETS = (("20170510_D1_Rh_50kv_100mA_acryl__f1_0.spx", tuple((a, a + 1) for a
             ("20170510_D1_Rh_50kv_100mA_acryl_f3_0.spx",
              ((4, 5), (5, 6), (6, 7), *((a, a + 1) for a in range(9, 40)))))
 FIT_FIELDS = ("polycapillary_cutoff_keV", "polycapillary_slope", "polycapillary_floor",
-              "polycapillary_low_keV", "source_solid_angle_sr", "partial_collection")
+              "polycapillary_low_keV", "source_solid_angle_sr", "back_icc_layer_um")
 
 
 def fit_lens(data: Path) -> None:
-    """Least-squares fit of the lens transmission, source solid angle and partial collection.
+    """Least-squares fit of the lens transmission, source solid angle and back-layer shelf.
 
     Minimises the log of simulated/measured counts in the bins of :data:`FIT_SETS` (bins with > 400
     counts), starting from the preset; prints the fitted values for ``xrfnb/data/instruments.toml``.
@@ -492,12 +496,97 @@ def fit_lens(data: Path) -> None:
         return np.concatenate(out)
 
     x0 = np.array([getattr(insts[0], f) for f in FIT_FIELDS])
-    fit = least_squares(residuals, x0, x_scale=[1, 1, 0.003, 0.5, 3e-4, 0.003], diff_step=1e-3,
-                        bounds=([5, 1, 0, 0, 1e-5, 0], [30, 15, 0.2, 6, 1e-2, 0.1]))
+    fit = least_squares(residuals, x0, x_scale=[1, 1, 0.003, 0.5, 3e-4, 2.0], diff_step=1e-3,
+                        bounds=([5, 1, 0, 0, 1e-5, 0], [30, 15, 0.2, 6, 1e-2, 100.0]))
     r = np.exp(fit.fun)
     print(f"fit of {PRESET}: " + ", ".join(f"{f} = {v:.4g}" for f, v in zip(FIT_FIELDS, fit.x, strict=True)))
     print(f"  {r.size} bins: simulated/measured {r.min():.2f} .. {r.max():.2f}, rms log "
           f"{np.sqrt(np.mean(fit.fun ** 2)):.3f}")
+
+
+# ---------------------------------------------------------------------------------------------- --fit-chamber
+#: the blank the instrument's wall lines are fitted to: behind Al 630 um the beam holds nothing below
+#: 9 keV, so 5-8 keV holds only the detector's shelf and the walls' K lines (f1, f2, f4, f5 and the
+#: 2019 spectra are held out)
+CHAMBER_FIT_BLANK = "20170510_D1_Rh_50kv_100mA_acryl_f3_0.spx"
+#: the wall elements fitted (the K lines seen in the blanks: Cr, Fe, Co, Ni; no Cu or Zn) and the window
+CHAMBER_ELEMENTS = ("Cr", "Fe", "Co", "Ni")
+CHAMBER_WINDOW_KEV = (5.0, 8.0)
+#: the line-free part of the f3 floor (below Cr Ka, above Ca Kb), where only the detector's shelf lies
+FLOOR_WINDOW_KEV = (4.1, 5.3)
+
+
+def fit_floor(data: Path) -> tuple[float, dict[str, float]]:
+    """Fit the f3 blank's floor: the back-layer shelf, then the instrument's wall lines.
+
+    First ``back_icc_layer_um`` (with ``partial_collection`` 0) so that the simulated counts in the
+    line-free :data:`FLOOR_WINDOW_KEV` equal the measured ones (the shelf is linear in the thin layer;
+    two steps of the secant), then :func:`fit_chamber` with that layer. Prints both for
+    ``xrfnb/data/instruments.toml``.
+    """
+    path = data / "acrylic_blanks" / CHAMBER_FIT_BLANK
+    spec = xrfnb.load(path)
+    inst = xrfnb.Instrument.from_file(path, preset=PRESET).with_(partial_collection=0.0)
+    stack = xrfnb.Stack([], substrate=PMMA)
+    measured = window_sum(spec, *FLOOR_WINDOW_KEV)
+
+    def floor(b_um: float) -> float:
+        sim = xrfnb.simulate(stack, inst.with_(back_icc_layer_um=b_um), live_time_s=spec.live_time_s,
+                             noise=False)
+        return window_sum(sim, *FLOOR_WINDOW_KEV)
+
+    f0, b = floor(0.0), 10.0
+    for _ in range(2):
+        b = b * (measured - f0) / (floor(b) - f0)
+    print(f"fit of {PRESET} back_icc_layer_um on {path.name}, {FLOOR_WINDOW_KEV[0]:g}-"
+          f"{FLOOR_WINDOW_KEV[1]:g} keV ({measured:,.0f} counts; {f0:,.0f} without the shelf): {b:.3g} um")
+    return b, fit_chamber(data, back_icc_layer_um=b)
+
+
+def fit_chamber(data: Path, back_icc_layer_um: float | None = None) -> dict[str, float]:
+    """Least-squares fit of ``chamber_walls_sr`` (Cr, Fe, Co, Ni) to the f3 blank's 5-8 keV channels.
+
+    The walls' lines are linear in their solid angles: the measured counts minus the simulation without
+    walls are fitted, channel by channel in :data:`CHAMBER_WINDOW_KEV`, with one spectrum per element
+    (simulated with 1 sr of that element's wall, minus without) and a straight line (what is left of the
+    continuum and shelf, so that the solid angles follow the lines alone); weights 1/sqrt(counts),
+    solid angles >= 0. Prints the solid angles for ``xrfnb/data/instruments.toml`` and returns them.
+    """
+    from scipy.optimize import lsq_linear  # deferred: only this mode needs scipy
+
+    path = data / "acrylic_blanks" / CHAMBER_FIT_BLANK
+    spec = xrfnb.load(path)
+    inst = xrfnb.Instrument.from_file(path, preset=PRESET).with_(chamber_walls_sr={})
+    if back_icc_layer_um is not None:
+        inst = inst.with_(back_icc_layer_um=back_icc_layer_um, partial_collection=0.0)
+    stack = xrfnb.Stack([], substrate=PMMA)
+    lt = spec.live_time_s
+    base = xrfnb.simulate(stack, inst, live_time_s=lt, noise=False).counts
+    e = spec.energy_keV
+    win = (e >= CHAMBER_WINDOW_KEV[0]) & (e < CHAMBER_WINDOW_KEV[1])
+    cols = []
+    bare = xrfnb.simulate(stack, inst, live_time_s=lt, noise=False, pileup=False).counts
+    for el in CHAMBER_ELEMENTS:
+        unit = xrfnb.simulate(stack, inst.with_(chamber_walls_sr={el: 1.0}), live_time_s=lt, noise=False,
+                              pileup=False).counts
+        cols.append((unit - bare)[win])
+    x = (e[win] - e[win].mean()) / np.ptp(e[win])
+    a = np.column_stack([*cols, np.ones_like(x), x])
+    y = spec.counts[win] - base[win]
+    w = 1.0 / np.sqrt(np.maximum(spec.counts[win], 1.0))
+    n = len(CHAMBER_ELEMENTS)
+    bounds = ([0.0] * n + [-np.inf] * 2, [2 * np.pi] * n + [np.inf] * 2)
+    fit = lsq_linear(a * w[:, None], y * w, bounds=bounds)
+    cov = np.linalg.pinv((a * w[:, None]).T @ (a * w[:, None]))
+    sd = np.sqrt(np.diag(cov))
+    out = {el: float(v) for el, v in zip(CHAMBER_ELEMENTS, fit.x[:n], strict=True)}
+    print(f"fit of {PRESET} chamber_walls_sr on {path.name}, {CHAMBER_WINDOW_KEV[0]:g}-"
+          f"{CHAMBER_WINDOW_KEV[1]:g} keV ({int(win.sum())} channels): " + ", ".join(
+              f"{el} {v:.3g} +- {s:.2g} sr" for (el, v), s in zip(out.items(), sd[:n], strict=True)))
+    chi2 = float(np.sum((a @ fit.x - y) ** 2 * w**2))
+    print(f"  chi2/dof {chi2 / (win.sum() - a.shape[1]):.2f}; straight line left under the lines: "
+          f"{fit.x[n]:.3g} counts per channel, slope {fit.x[n + 1]:.3g}")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- M6
@@ -574,6 +663,9 @@ def main() -> None:
     ap.add_argument("--elements-only", action="store_true", help="only the pure elements")
     ap.add_argument("--fit", action="store_true",
                     help=f"refit the {PRESET} preset's lens, solid angle and partial collection (~4 min)")
+    ap.add_argument("--fit-floor", action="store_true",
+                    help=f"refit the {PRESET} preset's back-layer shelf and chamber walls (Cr, Fe, Co, "
+                    "Ni) to the f3 blank's floor")
     ap.add_argument("--data", type=Path, default=DATA,
                     help="folder holding acrylic_blanks/ and pure_elements/ (default: %(default)s)")
     args = ap.parse_args()
@@ -585,6 +677,9 @@ def main() -> None:
     t0 = time.perf_counter()
     if args.fit:
         fit_lens(data)
+        return
+    if args.fit_floor:
+        fit_floor(data)
         return
     rows: dict[str, list[tuple]] = {}
     results: list[dict] = []
