@@ -380,3 +380,80 @@ def test_representative_of_a_class(lib) -> None:
     assert lib.representative("vermilion") == "vermilion"
     assert lib.representative("Flake White") == lib["lead white"].name
     assert lib.representative("no such pigment") is None
+
+
+# ---------------------------------------------------------------- composition variants
+_VARIANT_ROW = """
+[[pigment]]
+name = "test earth"
+formula = "(FeOOH)3Al2Si2O5(OH)4"
+density_g_cm3 = 3.0
+elements = ["Fe"]
+variant_balance = "Al2Si2O5(OH)4"
+{extra}
+[[pigment.variant]]
+formula = "{formula}"
+wt = {wt}
+{source}
+"""
+
+
+def _variant_file(
+    tmp_path, *, formula="FeOOH", wt="[0.2, 0.7]", source='source = "a data sheet, p. 3"', extra=""
+):
+    path = tmp_path / "variants.toml"
+    path.write_text(_VARIANT_ROW.format(formula=formula, wt=wt, source=source, extra=extra), encoding="utf-8")
+    return path
+
+
+def test_user_variants_are_read_and_checked(lib, tmp_path) -> None:
+    ext = lib.with_file(_variant_file(tmp_path))
+    v = ext["test earth"].variants
+    assert v.balance == "Al2Si2O5(OH)4" and v.components[0].wt_range == (0.2, 0.7)
+    fe = composition_from_formula("FeOOH")["Fe"]
+    assert v.element_range("Fe") == pytest.approx((0.2 * fe, 0.7 * fe))
+    assert v.composition([0.5]) == pytest.approx(
+        {
+            el: 0.5 * composition_from_formula("FeOOH").get(el, 0.0)
+            + 0.5 * composition_from_formula("Al2Si2O5(OH)4").get(el, 0.0)
+            for el in ("H", "O", "Al", "Si", "Fe")
+        }
+    )
+    assert lib["vermilion"].variants is None
+    bad = [
+        ({"source": ""}, "needs a 'source'"),
+        ({"wt": "[0.5, 0.2]"}, "0 <= low <= high <= 1"),
+        ({"wt": "[0.2, 1.5]"}, "0 <= low <= high <= 1"),
+        ({"wt": "0.3"}, r"\[low, high\]"),
+        ({"formula": "Xq2O"}, "variant 1"),
+        ({"formula": "SiO2", "wt": "[0.0, 1.0]"}, "lose the key element 'Fe'"),
+        ({"extra": 'variant_balance = "SiO2"'}, "invalid TOML|Duplicate|duplicate"),
+    ]
+    for kwargs, message in bad:
+        with pytest.raises(PigmentError, match=message):
+            lib.with_file(_variant_file(tmp_path, **kwargs))
+
+
+def test_csv_rows_cannot_carry_variants(lib, tmp_path) -> None:
+    path = tmp_path / "v.csv"
+    path.write_text(
+        "name,formula,density_g_cm3,elements,variant_balance\nx earth,Fe2O3,5,Fe,SiO2\n", encoding="utf-8"
+    )
+    with pytest.raises(PigmentError, match="TOML only"):
+        lib.with_file(path)
+
+
+def test_shipped_variants_keep_the_nominal_formula(lib) -> None:
+    """Variants are an addition: each pigment's formula (its nominal composition, which the shipped model
+    was trained on) is unchanged, and a variant with the nominal's own constituent mix reproduces it where
+    the nominal is itself a mixture of the table's constituents."""
+    assert lib["lead white"].formula == "(PbCO3)2Pb(OH)2"
+    assert lib["cadmium red"].formula == "CdS0.5Se0.5"
+    v = lib["lead white"].variants
+    assert v.composition([0.0]) == pytest.approx(dict(lib["lead white"].composition))
+    cd = lib["cadmium red"].variants
+    # CdS0.5Se0.5 is equimolar CdS + CdSe: the CdSe weight fraction of that mix
+    m_cds = xraylib.CompoundParser("CdS")["molarMass"]
+    m_cdse = xraylib.CompoundParser("CdSe")["molarMass"]
+    w = m_cdse / (m_cds + m_cdse)
+    assert cd.composition([w]) == pytest.approx(dict(lib["cadmium red"].composition), abs=1e-9)

@@ -34,7 +34,15 @@ import xraylib
 
 from .._errors import PigmentError
 
-__all__ = ["Binder", "Pigment", "PigmentLibrary", "composition_from_formula", "pigments"]
+__all__ = [
+    "Binder",
+    "CompositionVariants",
+    "Pigment",
+    "PigmentLibrary",
+    "VariantComponent",
+    "composition_from_formula",
+    "pigments",
+]
 
 #: Group name of pigments XRF cannot see at all (no key elements).
 SILENT_GROUP = "XRF-silent"
@@ -55,6 +63,8 @@ _PIGMENT_FIELDS = frozenset(
         "notes",
         "xrf_silent",
         "group",
+        "variant",
+        "variant_balance",
     }
 )
 _BINDER_FIELDS = frozenset({"name", "aliases", "formula", "composition", "density_g_cm3", "notes"})
@@ -95,6 +105,10 @@ class Pigment:
         Elements often found with the pigment (impurities, substrates); not required for identification.
     source : str
         Where the row came from (``"xrfnb"`` or a user file path).
+    variants : CompositionVariants or None
+        The range of real compositions (natural earths, stoichiometries, impurities), each range with its
+        source; None: the formula only. Training data may draw from it
+        (:class:`xrfnb.model.trainingdata.DataConfig` ``composition_variant_prob``).
     """
 
     name: str
@@ -110,6 +124,7 @@ class Pigment:
     group: str
     associated: tuple[str, ...] = ()
     source: str = field(default="xrfnb", compare=False)
+    variants: CompositionVariants | None = None
 
     def __hash__(self) -> int:
         return hash((self.name, self.formula, self.elements, self.group))
@@ -117,6 +132,109 @@ class Pigment:
     def weight_fraction(self, element: str) -> float:
         """Weight fraction of ``element`` in the pigment (0.0 if absent)."""
         return float(self.composition.get(element, 0.0))
+
+
+@dataclass(frozen=True)
+class VariantComponent:
+    """One constituent of a pigment's composition variants, with its range and where the range comes from.
+
+    Attributes
+    ----------
+    formula : str
+        Chemical formula (xraylib ``CompoundParser`` syntax), e.g. ``"K2O"`` or ``"PbCO3"``.
+    composition : Mapping[str, float]
+        Element symbol -> weight fraction of the constituent (sums to 1).
+    wt_range : (float, float)
+        Range of the constituent's weight fraction in the pigment, drawn uniformly.
+    source : str
+        The data sheet or publication the range comes from.
+    """
+
+    formula: str
+    composition: Mapping[str, float]
+    wt_range: tuple[float, float]
+    source: str
+
+
+@dataclass(frozen=True)
+class CompositionVariants:
+    """The compositions a pigment takes in real paints: constituents in ranges, the balance the rest.
+
+    A variant is ``sum_i w_i * c_i + (1 - sum_i w_i) * c_balance`` with every ``w_i`` uniform in its
+    component's ``wt_range`` (drawn again while ``sum_i w_i > 1``), so its weight fractions sum to one and
+    every constituent stays within its stated range. The pigment's formula is its nominal composition;
+    variants replace it only where training asks for them.
+
+    Attributes
+    ----------
+    balance : str
+        Formula of the constituent that makes up the rest (e.g. kaolinite in an ochre, cerussite's partner
+        hydrocerussite in lead white).
+    balance_composition : Mapping[str, float]
+        Its weight fractions.
+    components : tuple of VariantComponent
+    """
+
+    balance: str
+    balance_composition: Mapping[str, float]
+    components: tuple[VariantComponent, ...]
+
+    #: redraws before the lower ends are taken (a table whose lower ends sum to <= 1 always has a draw)
+    MAX_TRIES = 100
+
+    @property
+    def elements(self) -> tuple[str, ...]:
+        """Every element of the balance and the components, in increasing atomic number."""
+        found = set(self.balance_composition)
+        for c in self.components:
+            found |= set(c.composition)
+        return tuple(sorted(found, key=_atomic_number))
+
+    def draw_weights(self, rng: Any) -> tuple[float, ...]:
+        """Weight fractions of the components (the balance is 1 minus their sum), drawn from ``rng``.
+
+        Parameters
+        ----------
+        rng : numpy.random.Generator
+
+        Returns
+        -------
+        tuple of float
+            One weight per component, each within its ``wt_range``, summing to at most 1.
+        """
+        lo = [c.wt_range[0] for c in self.components]
+        hi = [c.wt_range[1] for c in self.components]
+        for _ in range(self.MAX_TRIES):
+            w = tuple(float(x) for x in rng.uniform(lo, hi))
+            if math.fsum(w) <= 1.0:
+                return w
+        return tuple(lo)
+
+    def composition(self, weights: Sequence[float]) -> dict[str, float]:
+        """Element weight fractions of the variant with component weights ``weights`` (sums to 1)."""
+        if len(weights) != len(self.components):
+            raise PigmentError(f"expected {len(self.components)} component weights, got {len(weights)}")
+        rest = 1.0 - math.fsum(weights)
+        if rest < -1e-12:
+            raise PigmentError(f"component weights sum to {1 - rest:.4f} > 1")
+        out: dict[str, float] = {}
+        for el, f in self.balance_composition.items():
+            out[el] = out.get(el, 0.0) + max(rest, 0.0) * f
+        for c, w in zip(self.components, weights, strict=True):
+            for el, f in c.composition.items():
+                out[el] = out.get(el, 0.0) + w * f
+        return out
+
+    def element_range(self, element: str) -> tuple[float, float]:
+        """Least and most weight fraction of ``element`` over all variants (bounds of the linear map over
+        the box of component ranges, the balance taking the rest)."""
+        b = float(self.balance_composition.get(element, 0.0))
+        lo = hi = b
+        for c in self.components:
+            d = float(c.composition.get(element, 0.0)) - b  # per unit weight moved from the balance to c
+            lo += min(d * c.wt_range[0], d * c.wt_range[1])
+            hi += max(d * c.wt_range[0], d * c.wt_range[1])
+        return max(lo, 0.0), min(hi, 1.0)
 
 
 @dataclass(frozen=True)
@@ -332,6 +450,54 @@ def _check_unknown_fields(raw: Mapping[str, Any], allowed: frozenset[str], row: 
         raise row.error(f"unknown field(s) {unknown}; allowed: {sorted(allowed)}")
 
 
+def _parse_variants(
+    raw: Mapping[str, Any], row: _Row, elements: tuple[str, ...]
+) -> CompositionVariants | None:
+    """The ``variant_balance`` and ``[[pigment.variant]]`` tables of a row (None: the row has none)."""
+    items = raw.get("variant")
+    balance = raw.get("variant_balance")
+    if items in (None, "", []) and balance in (None, ""):
+        return None
+    if not isinstance(items, list) or not items or not all(isinstance(i, Mapping) for i in items):
+        raise row.error("'variant' must be a list of [[pigment.variant]] tables (TOML only)")
+    if not isinstance(balance, str) or not balance.strip():
+        raise row.error("composition variants need 'variant_balance', the formula that makes up the rest")
+    try:
+        balance_comp = composition_from_formula(balance)
+    except PigmentError as exc:
+        raise row.error(f"variant_balance: {exc}") from None
+    components = []
+    for i, item in enumerate(items, start=1):
+        where = f"variant {i}"
+        unknown = sorted(set(item) - {"formula", "wt", "source"})
+        if unknown:
+            raise row.error(f"{where}: unknown field(s) {unknown}; allowed: formula, wt, source")
+        formula = item.get("formula")
+        if not isinstance(formula, str) or not formula.strip():
+            raise row.error(f"{where}: missing 'formula'")
+        try:
+            comp = composition_from_formula(formula)
+        except PigmentError as exc:
+            raise row.error(f"{where}: {exc}") from None
+        wt = item.get("wt")
+        if not isinstance(wt, Sequence) or isinstance(wt, str) or len(wt) != 2:
+            raise row.error(f"{where} ({formula}): 'wt' must be [low, high] weight fractions, got {wt!r}")
+        lo, hi = (_as_float(v, row, f"{where} wt") for v in wt)
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise row.error(f"{where} ({formula}): 'wt' must satisfy 0 <= low <= high <= 1, got {list(wt)}")
+        source = item.get("source")
+        if not isinstance(source, str) or not source.strip():
+            raise row.error(f"{where} ({formula}): every range needs a 'source' (data sheet or publication)")
+        components.append(VariantComponent(formula.strip(), MappingProxyType(comp), (lo, hi), source.strip()))
+    variants = CompositionVariants(balance.strip(), MappingProxyType(balance_comp), tuple(components))
+    if math.fsum(c.wt_range[0] for c in components) > 1.0:
+        raise row.error("the variants' lower weight fractions sum to more than 1")
+    for el in elements:
+        if variants.element_range(el)[0] <= 0.0:
+            raise row.error(f"a composition variant can lose the key element {el!r}")
+    return variants
+
+
 def _pigment_from_row(raw: Mapping[str, Any], row: _Row, *, strict: bool) -> Pigment:
     _check_unknown_fields(raw, _PIGMENT_FIELDS, row)
     required = _PIGMENT_REQUIRED
@@ -387,6 +553,7 @@ def _pigment_from_row(raw: Mapping[str, Any], row: _Row, *, strict: bool) -> Pig
         group=(group or "").strip(),
         associated=associated,
         source=row.source,
+        variants=_parse_variants(raw, row, elements),
     )
 
 
