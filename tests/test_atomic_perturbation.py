@@ -98,3 +98,18 @@ def test_line_shells_and_bad_input():
     with pytest.raises(xrfnb.XRFNBError, match="AtomicPerturbation or None"):
         with atomic_perturbation(0.1):  # type: ignore[arg-type]
             pass
+
+
+def test_training_draws_scale_the_default_spreads():
+    from xrfnb.physics.perturb import TRAINING_SEED_BASE, training_perturbation
+
+    p = training_perturbation(5, 1.5)
+    assert p.seed == TRAINING_SEED_BASE + 5
+    assert (p.k_shell_rel, p.l_shell_rel, p.m_line_rel) == pytest.approx((0.06, 0.15, 0.15))
+    assert training_perturbation(5) == AtomicPerturbation(seed=TRAINING_SEED_BASE + 5)
+    zero = training_perturbation(5, 0.0)
+    assert zero.factor(82, "L3M5") == 1.0 and zero.key != training_perturbation(6, 0.0).key
+    with pytest.raises(xrfnb.XRFNBError, match="m_shell_rel"):
+        training_perturbation(0, 6.0)  # M shells 20 % x 6 > 100 %
+    with pytest.raises(xrfnb.XRFNBError, match="spread_scale"):
+        training_perturbation(0, float("nan"))

@@ -24,7 +24,12 @@ The perturbation acts on :func:`xrfnb.physics.fp.build_tables` (hence on :func:`
 ``with atomic_perturbation(p):`` block is active in the current thread or task (a
 :class:`contextvars.ContextVar`); tables computed under it are cached under its key and never mix with
 the unperturbed ones. It is meant for evaluation (``benchmarks/eval_perturbed.py``) and for training
-with atomic-parameter randomisation.
+with atomic-parameter randomisation (:func:`training_perturbation`).
+
+Seeds: training draws its perturbations from seeds at and above :data:`TRAINING_SEED_BASE` (10^12), the
+evaluation sets from seeds below :data:`EVALUATION_SEED_LIMIT` (``benchmarks/eval_perturbed.py``: 9100 +
+draw; ``benchmarks/eval_physics_check.py --perturbed``: 9100), so no training spectrum is simulated with an
+evaluation set's atomic parameters; :func:`training_perturbation` refuses anything else.
 
 References
 ----------
@@ -49,7 +54,20 @@ import numpy as np
 
 from .._errors import SimulationError
 
-__all__ = ["AtomicPerturbation", "atomic_perturbation", "current_perturbation", "line_shell"]
+__all__ = [
+    "EVALUATION_SEED_LIMIT",
+    "TRAINING_SEED_BASE",
+    "AtomicPerturbation",
+    "atomic_perturbation",
+    "current_perturbation",
+    "line_shell",
+    "training_perturbation",
+]
+
+#: the first seed of the atomic draws used in training (:func:`training_perturbation`)
+TRAINING_SEED_BASE = 10**12
+#: evaluation sets draw their atomic parameters from seeds below this (9100 + draw in eval_perturbed.py)
+EVALUATION_SEED_LIMIT = 10**9
 
 _ACTIVE: contextvars.ContextVar[AtomicPerturbation | None] = contextvars.ContextVar(
     "xrfnb_atomic_perturbation", default=None
@@ -155,3 +173,37 @@ def atomic_perturbation(perturbation: AtomicPerturbation | None) -> Iterator[Ato
         yield perturbation
     finally:
         _ACTIVE.reset(token)
+
+
+def training_perturbation(index: int, spread_scale: float = 1.0) -> AtomicPerturbation:
+    """The ``index``-th atomic draw of training data: seed ``TRAINING_SEED_BASE + index``, spreads the
+    defaults times ``spread_scale``.
+
+    Seeds from :data:`TRAINING_SEED_BASE` up never meet the evaluation sets' (below
+    :data:`EVALUATION_SEED_LIMIT`), so a model is never scored on atomic parameters it was trained on.
+
+    Parameters
+    ----------
+    index : int
+        0 <= index < TRAINING_SEED_BASE (in training: the instrument variant's index).
+    spread_scale : float
+        Factor on every default standard deviation (1: the compilations' spread; each stays <= 1).
+
+    Returns
+    -------
+    AtomicPerturbation
+
+    Examples
+    --------
+    >>> training_perturbation(3).seed - TRAINING_SEED_BASE
+    3
+    """
+    index = int(index)
+    if not 0 <= index < TRAINING_SEED_BASE:
+        raise SimulationError(
+            f"training_perturbation index must be in [0, {TRAINING_SEED_BASE}), got {index}"
+        )
+    if not (math.isfinite(spread_scale) and spread_scale >= 0):
+        raise SimulationError(f"spread_scale must be a finite number >= 0, got {spread_scale!r}")
+    spreads = {f.name: f.default * spread_scale for f in dataclasses.fields(AtomicPerturbation)[1:]}
+    return AtomicPerturbation(seed=TRAINING_SEED_BASE + index, **spreads)
