@@ -13,7 +13,12 @@ Each training spectrum is a random stack of 1-3 paint layers over a ground (or n
   ``lower_thickness_um``;
 * grounds: chalk, gypsum or lead white in animal glue / oil, 50-300 um, or none;
 * trace impurities that are not pigments (Si, K, Ca, Fe from grounds and dirt), 0.01-0.3 wt% of the
-  element in a random layer.
+  element in a random layer;
+* with ``composition_variant_prob`` > 0, a pigment that has composition variants in the library
+  (natural earths with their K, Al, Si, Ca, Ti, Mn; lead white's hydrocerussite/cerussite ratio; cadmium
+  red's Se fraction; smalt's Co, K, As; each range with its source in ``xrfnb/data/pigments.toml``) takes
+  a variant drawn from those ranges instead of its formula with that probability, each time it is drawn.
+  Its label stays its class.
 
 Domain randomisation: instrument preset (Rh-tube macro-XRF, Mo-tube lab micro-XRF, monochromatic
 synchrotron), tube voltage, detector air path (its attenuation), detector resolution (FWHM at Mn Ka
@@ -24,9 +29,13 @@ sees spectra whose calibration is slightly wrong, as real ones are).
 Pile-up sum peaks are added when ``pileup`` is on (count rate log-uniform over ``count_rate_cps``), and
 the argon K lines of the irradiated air when ``argon`` is on (:func:`xrfnb.argon_lines`; the beam path
 through air drawn from ``beam_path_mm`` when given). Both are off by default, so a config without them
-reproduces weights trained before they existed. Not in training spectra: secondary fluorescence
-(``secondary`` adds it, at about 100 times the cost per spectrum, for evaluation sets). The
-out-of-distribution score explains argon lines away.
+reproduces weights trained before they existed. With ``atomic_perturbation`` every instrument variant
+of the training distribution simulates under its own draw of the atomic parameters
+(:func:`xrfnb.physics.perturb.training_perturbation`: fluorescence and Coster-Kronig yields, jump and line
+ratios within the spread between compilations; seeds never used by the evaluation sets); the widened
+evaluation envelope and a caller's own ``atomic_perturbation`` block are left alone. Not in training
+spectra: secondary fluorescence (``secondary`` adds it, at about 100 times the cost per spectrum, for
+evaluation sets). The out-of-distribution score explains argon lines away.
 
 Labels
 ------
@@ -60,6 +69,12 @@ from ..core.calibration import EnergyCalibration
 from ..core.lines import atomic_number, element_symbol
 from ..physics.instrument import Instrument
 from ..physics.materials import Absorber
+from ..physics.perturb import (
+    AtomicPerturbation,
+    atomic_perturbation,
+    current_perturbation,
+    training_perturbation,
+)
 from ..physics.pigments import pigments
 from ..physics.simulate import StackArrays, simulate_batch, simulation_setup, tables_for
 from ..physics.tube import anode_z
@@ -146,6 +161,17 @@ class DataConfig:
         Probability that a spectrum has trace impurities.
     impurity_wt : (float, float)
         Range of the impurity weight fraction (element), log-uniform.
+    composition_variant_prob : float
+        Probability that a drawn pigment with composition variants in the library (natural earths, lead
+        white, cadmium red, smalt: :class:`xrfnb.physics.pigments.CompositionVariants`) takes a variant
+        drawn within the table's ranges instead of its formula. 0 (the default): formulas only, the
+        stacks of configs written before variants existed.
+    atomic_perturbation : bool
+        Simulate each instrument variant of the training distribution (not the widened evaluation
+        envelope) under its own atomic-parameter draw (:func:`xrfnb.physics.perturb.training_perturbation`,
+        index = the variant's). Off by default: older configs keep their spectra.
+    atomic_spread_scale : float
+        Factor on the default spreads of those draws (1: K 4-10 %, L 10 %, M 20 % on the shells).
     """
 
     instruments: tuple[str, ...] = ("bruker-m6", "lab-mo", "synchrotron")
@@ -185,6 +211,9 @@ class DataConfig:
     silent_prob: float = 0.08
     impurity_prob: float = 0.7
     impurity_wt: tuple[float, float] = (1e-4, 3e-3)
+    composition_variant_prob: float = 0.0
+    atomic_perturbation: bool = False
+    atomic_spread_scale: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("instrument_weights", "layer_probs", "pigments_per_layer_probs", "ground_probs"):
@@ -207,6 +236,11 @@ class DataConfig:
         lo, hi = self.counts
         if not 0 < lo <= hi:
             raise ModelError(f"[data] counts range must be positive and increasing, got {self.counts}")
+        if not 0.0 <= self.composition_variant_prob <= 1.0:
+            raise ModelError(
+                f"[data] composition_variant_prob must be in [0, 1], got {self.composition_variant_prob}")
+        if not (math.isfinite(self.atomic_spread_scale) and 0.0 <= self.atomic_spread_scale <= 5.0):
+            raise ModelError(f"[data] atomic_spread_scale must be in [0, 5], got {self.atomic_spread_scale}")
 
 
 def _instrument_of(entry: str | Mapping[str, Any]) -> Instrument:
@@ -237,6 +271,14 @@ class PigmentTable:
     binder_density: np.ndarray
     glue_composition: np.ndarray  # (E,)
     glue_density: float
+    #: per pigment with composition variants: (members (1 + C, E): balance then components, low (C,),
+    #: high (C,)) over the table's elements
+    variants: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = dataclasses.field(default_factory=dict)
+
+    @property
+    def max_key(self) -> int:
+        """Most key elements of one pigment."""
+        return max((len(k) for k in self.key_elements), default=0)
 
     def index(self, name: str) -> int:
         return self.names.index(name)
@@ -262,6 +304,9 @@ def pigment_table() -> PigmentTable:
         elements |= set(p.composition)
     for b in binders:
         elements |= set(b.composition)
+    for p in lib:
+        if p.variants is not None:
+            elements |= set(p.variants.elements)
     elements_t = tuple(sorted(elements, key=atomic_number))
     eidx = {e: i for i, e in enumerate(elements_t)}
     comp = np.zeros((len(names), len(elements_t)))
@@ -280,6 +325,17 @@ def pigment_table() -> PigmentTable:
     }
     colors = tuple(lib[groups[c][0]].color for c in classes)
     key = tuple(tuple(eidx[e] for e in p.elements if e in eidx) for p in lib)
+    variants = {}
+    for i, p in enumerate(lib):
+        v = p.variants
+        if v is None:
+            continue
+        members = np.zeros((1 + len(v.components), len(elements_t)))
+        for r, c in enumerate((v.balance_composition, *(m.composition for m in v.components))):
+            for e, w in c.items():
+                members[r, eidx[e]] = w
+        variants[i] = (members, np.array([m.wt_range[0] for m in v.components]),
+                       np.array([m.wt_range[1] for m in v.components]))
     return PigmentTable(
         names=names,
         pigment_class=pclass,
@@ -295,6 +351,7 @@ def pigment_table() -> PigmentTable:
         binder_density=np.array([b.density_g_cm3 for b in binders[: len(BINDERS)]]),
         glue_composition=bcomp[-1],
         glue_density=float(binders[-1].density_g_cm3),
+        variants=variants,
     )
 
 
@@ -319,12 +376,22 @@ class StackBatch:
         (B, 4, P) weight fraction of every library pigment in every layer.
     n_paint : numpy.ndarray
         (B,) number of paint layers.
+    key_wt : numpy.ndarray or None
+        (B, 4, P, K) weight fraction of each pigment's k-th key element (``PigmentTable.key_elements``)
+        that the pigment brings to each layer; given when pigments may take composition variants (their
+        key-element content then differs from the formula's), None: ``pigment_wt`` times the formula's.
     """
 
     W: np.ndarray
     mt: np.ndarray
     pigment_wt: np.ndarray
     n_paint: np.ndarray
+    key_wt: np.ndarray | None = None
+
+    def subset(self, idx: np.ndarray) -> StackBatch:
+        """The stacks ``idx``."""
+        key = self.key_wt[idx] if self.key_wt is not None else None
+        return StackBatch(self.W[idx], self.mt[idx], self.pigment_wt[idx], self.n_paint[idx], key)
 
     def __len__(self) -> int:
         return int(self.W.shape[0])
@@ -364,6 +431,20 @@ def _draw_pigments(rng: np.random.Generator, k: int, silent_prob: float) -> list
     return chosen
 
 
+def draw_variant(rng: np.random.Generator, pigment: int) -> np.ndarray:
+    """A composition variant of pigment ``pigment`` (index into the pigment table) over the table's
+    elements, shape (E,): component weights uniform within their ranges (redrawn while they sum to more
+    than 1, as :meth:`xrfnb.physics.pigments.CompositionVariants.draw_weights`), the balance the rest."""
+    members, lo, hi = pigment_table().variants[pigment]
+    for _ in range(100):
+        w = rng.uniform(lo, hi)
+        if w.sum() <= 1.0:
+            break
+    else:
+        w = lo
+    return (1.0 - w.sum()) * members[0] + w @ members[1:]
+
+
 def sample_stacks(
     n: int,
     rng: np.random.Generator,
@@ -388,12 +469,16 @@ def sample_stacks(
     Returns
     -------
     StackBatch
+        With ``key_wt`` when ``cfg.composition_variant_prob`` > 0.
     """
     tab = pigment_table()
     n_el, n_pig = len(tab.elements), len(tab.names)
     W = np.zeros((n, N_LAYERS, n_el))
     mt = np.zeros((n, N_LAYERS))
     pw = np.zeros((n, N_LAYERS, n_pig))
+    vprob = float(cfg.composition_variant_prob)
+    key_wt = np.zeros((n, N_LAYERS, n_pig, tab.max_key)) if vprob > 0 else None
+    key_el = [np.asarray(k, dtype=np.intp) for k in tab.key_elements]
     n_paint = np.zeros(n, dtype=np.int64)
     lp = np.cumsum(cfg.layer_probs, dtype=float).tolist()
     kp = np.cumsum(cfg.pigments_per_layer_probs, dtype=float).tolist()
@@ -435,10 +520,19 @@ def sample_stacks(
                 fr = np.maximum(fr, cfg.min_weight_fraction)
             bi = _pick(rng, bp)
             binder_w = max(0.0, 1.0 - fr.sum())
-            comp = fr @ tab.composition[pigs] + binder_w * tab.binder_composition[bi]
+            pig_comp = tab.composition[pigs]
+            if vprob > 0:  # drawn only when asked: configs without variants keep their stacks
+                pig_comp = pig_comp.copy()
+                for i, p in enumerate(pigs):
+                    if p in tab.variants and rng.random() < vprob:
+                        pig_comp[i] = draw_variant(rng, p)
+            comp = fr @ pig_comp + binder_w * tab.binder_composition[bi]
             inv_rho = float(np.sum(fr / tab.density[pigs]) + binder_w / tab.binder_density[bi])
             W[b, j] = comp / comp.sum()
             pw[b, j, pigs] = fr / comp.sum()
+            if key_wt is not None:
+                for i, p in enumerate(pigs):
+                    key_wt[b, j, p, : key_el[p].size] = fr[i] * pig_comp[i, key_el[p]] / comp.sum()
             if j == 0:
                 lo, hi = (5.0, 40.0) if kind == "buried" else cfg.top_thickness_um
             else:
@@ -448,14 +542,19 @@ def sample_stacks(
         if g < 3:
             gi = tab.index(ground_pigments[g])
             frac = rng.uniform(0.8, 0.95)
+            g_comp = tab.composition[gi]
+            if vprob > 0 and gi in tab.variants and rng.random() < vprob:
+                g_comp = draw_variant(rng, gi)
             if ground_pigments[g] == "lead white":
-                comp = frac * tab.composition[gi] + (1 - frac) * tab.binder_composition[0]
+                comp = frac * g_comp + (1 - frac) * tab.binder_composition[0]
                 inv_rho = frac / tab.density[gi] + (1 - frac) / tab.binder_density[0]
             else:
-                comp = frac * tab.composition[gi] + (1 - frac) * tab.glue_composition
+                comp = frac * g_comp + (1 - frac) * tab.glue_composition
                 inv_rho = frac / tab.density[gi] + (1 - frac) / tab.glue_density
             W[b, MAX_PAINT_LAYERS] = comp
             pw[b, MAX_PAINT_LAYERS, gi] = frac
+            if key_wt is not None:
+                key_wt[b, MAX_PAINT_LAYERS, gi, : key_el[gi].size] = frac * g_comp[key_el[gi]]
             mt[b, MAX_PAINT_LAYERS] = _loguniform(rng, *cfg.ground_thickness_um) * 1e-4 / inv_rho
         if rng.random() < cfg.impurity_prob:
             layers = [*range(nl), *([MAX_PAINT_LAYERS] if g < 3 else [])]
@@ -465,8 +564,10 @@ def sample_stacks(
                     w = math.exp(rng.uniform(*log_imp))
                     W[b, j] *= 1.0 - w
                     pw[b, j] *= 1.0 - w
+                    if key_wt is not None:
+                        key_wt[b, j] *= 1.0 - w
                     W[b, j, ei] += w
-    return StackBatch(W, mt, pw, n_paint)
+    return StackBatch(W, mt, pw, n_paint, key_wt)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -540,7 +641,11 @@ def visibility_labels(
         if not has.any():
             continue
         # share of each line's element in the layer that comes from this pigment
-        share = wp[:, :, None] * tab.composition[p, tab_el_of_line[lines]][None, None, :]
+        if batch.key_wt is not None:  # composition variants: the pigment's own key-element content
+            k_of_line = [tab.key_elements[p].index(int(e)) for e in tab_el_of_line[lines]]
+            share = batch.key_wt[:, :, p, :][:, :, k_of_line]
+        else:
+            share = wp[:, :, None] * tab.composition[p, tab_el_of_line[lines]][None, None, :]
         w_el = batch.W[:, :, tab_el_of_line[lines]]
         with np.errstate(invalid="ignore", divide="ignore"):
             share = np.where(w_el > 0, share / w_el, 0.0)
@@ -619,6 +724,11 @@ class TrainingData:
             "calibration_offset_jitter_keV": c.offset_jitter_keV,
             "top_thickness_um": list(c.top_thickness_um),
             "min_weight_fraction": c.min_weight_fraction,
+            # new options only when on: envelopes of configs without them stay as they were
+            **({"composition_variant_prob": c.composition_variant_prob}
+               if c.composition_variant_prob else {}),
+            **({"atomic_perturbation_spread_scale": c.atomic_spread_scale}
+               if c.atomic_perturbation else {}),
         }
 
     def label_definition(self) -> str:
@@ -681,8 +791,13 @@ class TrainingData:
             if idx.size == 0:
                 continue
             inst = self._instrument(rng, wider)
-            sub = StackBatch(stacks.W[idx], stacks.mt[idx], stacks.pigment_wt[idx], stacks.n_paint[idx])
-            raw, lab = self._simulate_group(sub, inst, total[idx], rng)
+            sub = stacks.subset(idx)
+            pert = self._perturbation(inst, wider)
+            if pert is not None and current_perturbation() is None:  # a caller's own block wins
+                with atomic_perturbation(pert):
+                    raw, lab = self._simulate_group(sub, inst, total[idx], rng)
+            else:
+                raw, lab = self._simulate_group(sub, inst, total[idx], rng)
             g = (2.0 if wider else 1.0)
             cal = inst.calibration
             true_cal = EnergyCalibration(
@@ -720,6 +835,17 @@ class TrainingData:
             ]
         variants = self._variants[key]
         return variants[int(rng.integers(len(variants)))]
+
+    def _perturbation(self, inst: Instrument, wider: bool) -> AtomicPerturbation | None:
+        """The atomic-parameter draw of a training instrument variant (``cfg.atomic_perturbation``): the
+        ``i``-th variant simulates under :func:`~xrfnb.physics.perturb.training_perturbation` ``(i)``, so
+        the draws are fixed per run like the variants (the simulator caches tables per instrument and
+        draw: as many as without it). None when off and for the widened evaluation envelope."""
+        if not self.cfg.atomic_perturbation or wider:
+            return None
+        variants = self._variants.get(0, [])
+        index = next((i for i, v in enumerate(variants) if v is inst), 0)
+        return training_perturbation(index, self.cfg.atomic_spread_scale)
 
     def _make_variant(self, preset: str, rng: np.random.Generator, wider: bool) -> Instrument:
         inst = _instrument_of(preset)
