@@ -1700,9 +1700,14 @@ class _ScatterPhysics:
             self.cache[key] = _ScatterFit(dev, model, share)
         return self.cache[key]
 
-    def deviance(self, theta_deg: float, kv: float) -> float:
-        """The (weighted) Poisson deviance of the fit at an angle and a voltage."""
-        return self.fit(theta_deg, kv).deviance
+    def deviance(self, theta_deg: float, kv: float, upto_keV: float | None = None) -> float:
+        """The (weighted) Poisson deviance of the fit at an angle and a voltage; with ``upto_keV`` only of
+        the channels up to that energy (the fit itself is always of the whole window)."""
+        fit = self.fit(theta_deg, kv)
+        if upto_keV is None:
+            return fit.deviance
+        m = self.energy <= upto_keV
+        return float(np.sum((self.weight * _deviance_terms(self.y, fit.model))[m]))
 
     def reweight(self, theta_deg: float, kv: float) -> None:
         """Weigh each channel's deviance by one over the local dispersion of the fit at (theta, kV): the
@@ -1761,6 +1766,8 @@ class _AngleVoltage(NamedTuple):
 
 #: the scattering angles :func:`_fit_angle_voltage` searches, degrees
 _ANGLE_RANGE_DEG = (30.0, 180.0)
+#: a fitted angle with a larger one-sigma uncertainty (degrees) is reported as not determined
+_MAX_ANGLE_SD_DEG = 30.0
 
 
 def _fit_angle_voltage(
@@ -1771,6 +1778,7 @@ def _fit_angle_voltage(
     fixed_theta: float | None,
     fixed_kv: float | None,
     scan_theta: bool = True,
+    angle_upto_keV: float | None = None,
 ) -> _AngleVoltage:
     """Minimise the scatter deviance over the scattering angle and the tube voltage (see
     :func:`fit_instrument`).
@@ -1783,7 +1791,17 @@ def _fit_angle_voltage(
     continuum's discretisation and the reweighting of the fit). Each parameter's sigma comes from the last
     parabola's curvature (``sqrt(2 / D'')``), scaled by the deviance per degree of freedom where the model
     misses the data by more than Poisson noise; the two are treated as uncorrelated.
+
+    ``angle_upto_keV``: the angle from the deviance of the channels up to that energy only (the tube lines
+    and their Compton partners), the voltage from all. Where the tube's lines lie below 15 keV the scattered
+    continuum's end would otherwise set the angle, and its Compton edge trades off against the voltage
+    (``kV / (1 + kV (1 - cos theta) / m_e c^2)``) and against the sample's unknown scatter: on simulated
+    W and Cu tubes the continuum alone put the angle 30-75 deg off where the lines put it within 15.
     """
+
+    def dev_theta(t: float, k: float) -> float:
+        return sp.deviance(t, k, angle_upto_keV)
+
     theta = float(fixed_theta if fixed_theta is not None else theta0)
     kv_hi = min(kv_hi, 100.0)
     kv_lo = min(max(kv_lo, 5.0), kv_hi - 1.0)
@@ -1799,7 +1817,7 @@ def _fit_angle_voltage(
         sp.reweight(theta, kv)
     if fixed_theta is None and scan_theta:
         ts = np.unique(np.concatenate([[theta], np.arange(60.0, 181.0, 15.0)]))
-        d = np.array([sp.deviance(t, kv) for t in ts])
+        d = np.array([dev_theta(t, kv) for t in ts])
         theta = float(ts[int(np.argmin(d))])
 
     def refine(x0: float, offsets: np.ndarray, lo: float, hi: float, dev: Any) -> tuple[float, float | None]:
@@ -1823,16 +1841,20 @@ def _fit_angle_voltage(
                 theta,
                 np.array([-2, -1, 0, 1, 2]) * t_off,
                 *_ANGLE_RANGE_DEG,
-                lambda v, k=kv_now: sp.deviance(v, k),
+                lambda v, k=kv_now: dev_theta(v, k),
             )
     best = sp.fit(theta, kv)
     dof = max(1, sp.y.size - 40)
     over = max(1.0, best.deviance / dof)
-    theta_sd = math.sqrt(2.0 / curv_th * over) if curv_th else None
+    n_th = int(np.sum(sp.energy <= angle_upto_keV)) if angle_upto_keV is not None else sp.y.size
+    over_th = max(1.0, dev_theta(theta, kv) / max(1, n_th - 20))
+    theta_sd = math.sqrt(2.0 / curv_th * over_th) if curv_th else None
     if fixed_theta is None and not _ANGLE_RANGE_DEG[0] + 0.5 < theta < _ANGLE_RANGE_DEG[1] - 0.5:
         # the deviance falls to the search's edge: no minimum inside it (180 deg, tube and detector on one
         # axis, is no scanner's geometry), so the angle is not settled by the data
         theta_sd = None
+    if theta_sd is not None and theta_sd > _MAX_ANGLE_SD_DEG:
+        theta_sd = None  # the deviance hardly changes with the angle: not settled by the data
     kv_sd = math.sqrt(2.0 / curv_kv * over) if curv_kv else None
     return _AngleVoltage(theta, theta_sd, kv, kv_sd, kv_lo, best.deviance / dof, len(sp.cache))
 
@@ -2772,6 +2794,11 @@ def fit_instrument(
             inst.scattering_angle_deg if theta_fixed else None,
             float(inst.tube_voltage_kV) if kv_fixed else None,
             scan_theta=float(main.max()) < 15.0 or source_ev is None,
+            angle_upto_keV=(
+                float(main.max()) + 3 * float(np.interp(main.max(), energy, fwhm))
+                if float(main.max()) < 15.0
+                else None
+            ),
         )
         scat = (
             f"simulated scatter of the tube spectrum against {sp.y.size} channels above {lo:.1f} keV "
