@@ -267,21 +267,20 @@ def _recording(monkeypatch) -> list[AtomicPerturbation | None]:
 
 def test_training_variants_simulate_under_their_own_atomic_draw(monkeypatch):
     seen = _recording(monkeypatch)
-    cfg = DataConfig(**ONE_M6, n_instrument_variants=3, variants_per_batch=3, atomic_perturbation=True)
+    cfg = DataConfig(**ONE_M6, n_instrument_variants=2, variants_per_batch=2, atomic_perturbation=True)
     data = TrainingData(cfg, n_bins=64)
-    for i in range(4):
-        data.batch(6, np.random.default_rng(i))
+    for i in range(3):
+        data.batch(4, np.random.default_rng(i))
     assert seen and all(p is not None for p in seen)
-    assert {p.seed for p in seen} <= {TRAINING_SEED_BASE + i for i in range(3)}
-    assert len({p.seed for p in seen}) >= 2
+    assert {p.seed for p in seen} == {TRAINING_SEED_BASE, TRAINING_SEED_BASE + 1}  # one per variant
     assert all(p == training_perturbation(p.seed - TRAINING_SEED_BASE) for p in seen)
     seen.clear()
-    data.batch(6, np.random.default_rng(0), wider=True)  # the evaluation envelope: xraylib's values
+    data.batch(4, np.random.default_rng(0), wider=True)  # the evaluation envelope: xraylib's values
     assert seen and all(p is None for p in seen)
     seen.clear()
     outer = AtomicPerturbation(seed=9100)
     with atomic_perturbation(outer):  # eval_perturbed's own draw wins
-        data.batch(6, np.random.default_rng(0))
+        data.batch(4, np.random.default_rng(0))
     assert seen and all(p is outer for p in seen)
     seen.clear()
     TrainingData(dataclasses.replace(cfg, atomic_perturbation=False), n_bins=64).batch(
