@@ -10,6 +10,7 @@ import importlib.util
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -62,6 +63,13 @@ def test_the_held_out_set_is_the_true_instrument(ei):
     case = ei.cases()[0]
     truth = case.instrument
     cfg = ei.true_instrument_config(model, truth)
+    assert not cfg.atomic_perturbation
+    # also where the model was trained with atomic-parameter randomisation
+    on = dict(model.meta)
+    on["training"] = {**on["training"], "data": {**on["training"]["data"], "atomic_perturbation": True}}
+    trained_perturbed = SimpleNamespace(meta=on)  # all true_instrument_config reads of a model
+    assert ei._training_data_table(trained_perturbed)["atomic_perturbation"] is True
+    assert not ei.true_instrument_config(trained_perturbed, truth).atomic_perturbation
     grid = model.meta["energy_grid"]
     kw = {"n_bins": int(grid["n_bins"]), "e_min_keV": float(grid["e_min_keV"]),
           "e_max_keV": float(grid["e_max_keV"]), "grid_noise_keV": float(grid["noise_keV"])}
