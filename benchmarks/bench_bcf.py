@@ -143,25 +143,26 @@ def encode_rows(block: np.ndarray) -> bytes:
     return out.tobytes()
 
 
-def generate(path: Path, n: int) -> dict:
-    counts = _SyntheticCounts(n, n)
+def generate(path: Path, n: int, cols: int | None = None) -> dict:
+    rows_n, cols_n = n, (cols or n)
+    counts = _SyntheticCounts(rows_n, cols_n)
     header = bcf_header(
-        n,
-        n,
+        rows_n,
+        cols_n,
         np.zeros(N_CHANNELS, np.int64),
         offset_keV=0.0,
         gain_keV=GAIN_keV,
         pixel_um=100.0,
-        live_time_s=0.02 * n * n,
-        real_time_s=0.021 * n * n,
+        live_time_s=0.02 * rows_n * cols_n,
+        real_time_s=0.021 * rows_n * cols_n,
     )
     check = counts[0:2]
 
     def rows():
-        for r0 in range(0, n, ROWS_PER_WRITE):
-            yield encode_rows(counts[r0 : min(n, r0 + ROWS_PER_WRITE)])
+        for r0 in range(0, rows_n, ROWS_PER_WRITE):
+            yield encode_rows(counts[r0 : min(rows_n, r0 + ROWS_PER_WRITE)])
 
-    write_bcf_streamed(path, header, n, n, rows(), chunk=0x1000)
+    write_bcf_streamed(path, header, rows_n, cols_n, rows(), chunk=0x1000)
     return {"ok": True, "check_sum": int(check.sum())}
 
 
@@ -236,10 +237,16 @@ def main() -> int:
     ap.add_argument("--chunk-pixels", type=int, default=8192)
     ap.add_argument("--worker", choices=["generate", "decode", "map"], help=argparse.SUPPRESS)
     ap.add_argument("--path", help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--shape",
+        default=None,
+        help="one map of ROWSxCOLS pixels instead of the two sizes (e.g. 1273x1662, a large M6 map)",
+    )
     ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--cols", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker == "generate":
-        print(json.dumps(generate(Path(args.path), args.n)))
+        print(json.dumps(generate(Path(args.path), args.n, args.cols)))
         return 0
     if args.worker == "decode":
         print(json.dumps(worker_decode(Path(args.path))))
@@ -248,22 +255,32 @@ def main() -> int:
         print(json.dumps(worker_map(Path(args.path), Path(args.path + ".maps.h5"), args.chunk_pixels)))
         return 0
 
-    sizes = (128, 256) if args.small else (512, 1024)
+    sizes: tuple[tuple[int, int], ...] = (
+        ((128, 128), (256, 256)) if args.small else ((512, 512), (1024, 1024))
+    )
+    if args.shape:
+        try:
+            r_s, c_s = (int(v) for v in args.shape.lower().split("x"))
+        except ValueError:
+            ap.error(f"--shape must be ROWSxCOLS, e.g. 1273x1662, not {args.shape!r}")
+        sizes = ((r_s, c_s),)
     work = Path(tempfile.mkdtemp(prefix="xrfnb-bench-bcf-", dir=args.tmpdir))
     print(f"bench_bcf: files in {work} (deleted afterwards); {os.cpu_count()} CPUs")
     results = []
     try:
-        for n in sizes:
-            path = work / f"map_{n}.bcf"
+        for n, cols in sizes:
+            path = work / f"map_{n}x{cols}.bcf"
             t0 = time.perf_counter()
-            gen = _subprocess(["--worker", "generate", "--path", str(path), "--n", str(n)], 3600)
+            gen = _subprocess(
+                ["--worker", "generate", "--path", str(path), "--n", str(n), "--cols", str(cols)], 3600
+            )
             if "error" in gen:
-                print(f"  generating {n}^2 failed: {gen['error']}")
+                print(f"  generating {n} x {cols} failed: {gen['error']}")
                 return 1
             print(
-                f"\n{n} x {n} x {N_CHANNELS}: .bcf of {path.stat().st_size / 2**20:.0f} MiB "
+                f"\n{n} x {cols} x {N_CHANNELS}: .bcf of {path.stat().st_size / 2**20:.0f} MiB "
                 f"(written in {time.perf_counter() - t0:.0f} s; "
-                f"decoded uint32 {n * n * N_CHANNELS * 4 / 2**20:.0f} MiB)"
+                f"decoded uint32 {n * cols * N_CHANNELS * 4 / 2**20:.0f} MiB)"
             )
             d = _subprocess(["--worker", "decode", "--path", str(path)], 3600)
             if "error" in d:
@@ -289,7 +306,7 @@ def main() -> int:
                     f"({m['elapsed_s']:.1f} s), peak RSS {m['peak_rss_mb']:.0f} MB "
                     f"(after imports and model {m['baseline_rss_mb']:.0f} MB); load average {m['load']:.1f}"
                 )
-            results.append((n, d, m))
+            results.append((f"{n} x {cols}", d, m))
             path.unlink(missing_ok=True)
             Path(str(path) + ".maps.h5").unlink(missing_ok=True)
     finally:
@@ -303,7 +320,7 @@ def main() -> int:
         rss_ok = rss < TARGET_RSS_MB
         ok &= speed_ok and rss_ok
         print(
-            f"  {n:>5}^2: decode {d['spectra_per_s']:>9,.0f} spectra/s, end to end "
+            f"  {n:>11}: decode {d['spectra_per_s']:>9,.0f} spectra/s, end to end "
             f"{end['spectra_per_s']:>9,.0f} spectra/s "
             f"[{'ok' if speed_ok else 'BELOW'} {TARGET_SPECTRA_PER_S:,}]"
             f"  peak RSS {rss:>6.0f} MB [{'ok' if rss_ok else 'ABOVE'} {TARGET_RSS_MB} MB]"
