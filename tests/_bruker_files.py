@@ -388,17 +388,23 @@ def write_bcf_streamed(
     with open(path, "wb") as fh:
         # chunks 0 (container header) and 1 (tree), then HeaderData (table + data), then the stream
         n_head = max(1, -(-len(header) // usable))
-        head_table = 2
-        head_data = list(range(3, 3 + n_head))
-        assert n_head * 4 <= usable
-        first = 3 + n_head
+        # the header's pointer table, a chain of chunks like the stream's (a big map's header holds its
+        # overview images: over 4 MB at 1273 x 1662)
+        n_head_table = -(-n_head * 4 // usable)
+        head_tables = list(range(2, 2 + n_head_table))
+        head_table = head_tables[0]
+        head_data = list(range(2 + n_head_table, 2 + n_head_table + n_head))
+        first = head_data[-1] + 1
         fh.truncate(0x118 + first * chunk)
 
         def put(n: int, payload: bytes, chunk_head: bytes = b"") -> None:
             fh.seek(0x118 + n * chunk)
             fh.write(chunk_head.ljust(32, b"\0") + payload.ljust(usable, b"\0"))
 
-        put(head_table, struct.pack(f"<{n_head}I", *head_data))
+        head_ptrs = struct.pack(f"<{n_head}I", *head_data)
+        for k, c in enumerate(head_tables):
+            link = struct.pack("<I", head_tables[k + 1]) if k + 1 < n_head_table else b""
+            put(c, head_ptrs[k * usable : (k + 1) * usable], link)
         for k, c in enumerate(head_data):
             put(c, header[k * usable : (k + 1) * usable])
         pending = bytearray(struct.pack("<ii", rows, cols).ljust(0x1A0, b"\0"))

@@ -141,6 +141,32 @@ def test_bcf_written_as_a_stream(tmp_path):
     np.testing.assert_array_equal(np.asarray(xrfnb.load(path).counts), cube)
 
 
+def test_bcf_header_over_several_pointer_chunks(tmp_path):
+    """A big map's header (its overview image: 5.6 MB at 1273 x 1662) needs more pointers than one chunk
+    holds: its pointer table is a chain too, read by xrfnb and by rosettasciio alike."""
+    rows, cols, n_ch = 400, 1000, 16
+    cube = np.zeros((rows, cols, n_ch), np.uint16)
+    cube[3, 5] = np.arange(n_ch)
+    cube[398, 999, 2] = 7
+    header = bcf_header(
+        rows, cols, cube.sum(axis=(0, 1)), offset_keV=0.0, gain_keV=0.01, pixel_um=5.0, live_time_s=1.0,
+        real_time_s=1.0,
+    )
+    usable = 0x800 - 32
+    assert -(-len(header) // usable) * 4 > usable  # more header chunks than one pointer chunk lists
+    empty_row = struct.pack("<i", 0)
+    stream = [
+        bcf_stream(cube[r : r + 1], "pulse16", skip_empty=True)[0x1A0:] if cube[r].any() else empty_row
+        for r in range(rows)
+    ]
+    path = write_bcf_streamed(tmp_path / "big_header.bcf", header, rows, cols, stream, chunk=0x800)
+    scan = xrfnb.load(path)
+    assert scan.shape == (rows, cols, n_ch)
+    np.testing.assert_array_equal(scan.counts[3, 5], cube[3, 5])
+    np.testing.assert_array_equal(scan.counts[398, 999], cube[398, 999])
+    assert np.array_equal(_rsciio_full(path, 0, cube.shape, np.uint16), cube)
+
+
 def test_bcf_damaged_bunch_names_the_row(tmp_path, monkeypatch):
     """A packed bunch that claims more bytes than its record: refused when its block is read, row named."""
     monkeypatch.setattr(bcf, "BLOCK_BYTES", 1)
