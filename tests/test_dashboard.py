@@ -2585,3 +2585,216 @@ def test_going_back_to_the_files_instrument_while_a_refit_runs_keeps_the_new_fit
     assert dash.scan.calibration == job.fit.instrument.calibration
     panel.file_instrument_button.clicks += 1
     assert dash.scan.calibration == scan.calibration
+
+
+# ---------------------------------------------------------------------------------------------------
+# the cold start (issue #14): the first scan prepared as the server starts, a page shown at once
+# ---------------------------------------------------------------------------------------------------
+def test_the_server_prepares_the_first_scan_and_a_session_shows_it_with_its_maps_in_one_update(
+    tmp_path, monkeypatch
+):
+    """``warm_up`` (started by ``serve``) reads and maps the file a session opens first, under the keys a
+    session uses: the session then maps nothing, and shows the scan with its maps in one update of the
+    page (the scan, then again for its maps, before)."""
+    path = tmp_path / "scene.h5"
+    xrfnb.render_scan("hidden-painting", shape=(12, 12), counts_per_pixel=1500, rng=1404, path=path)
+    _files.MAPS.clear()
+    _files.SCANS.clear()
+    runs = {"map_pigments": 0}
+    real_map = _job.map_pigments
+
+    def counted_map(*args, **kwargs):
+        runs["map_pigments"] += 1
+        return real_map(*args, **kwargs)
+
+    monkeypatch.setattr(_job, "map_pigments", counted_map)
+    _data.warm_up(tmp_path, "scene.h5").join(timeout=300)
+    assert runs == {"map_pigments": 1}
+    key = (_data.file_key(path), "default")
+    prepared = _files.MAPS.get(key)
+    assert prepared is not None and prepared.element_maps is not None
+
+    dash = Dashboard(tmp_path)
+    versions = []
+    dash.param.watch(lambda event: versions.append(event.new), "data_version")
+    dash.open("scene.h5")
+    assert runs == {"map_pigments": 1}  # nothing mapped again
+    assert dash.maps is prepared and dash.element_views.shown
+    assert len(versions) == 1  # one update of the page: the scan with its maps
+    assert dash.status_text.startswith("Showing scene.h5")
+    # a served folder without a file to open first: nothing to prepare
+    _files.MAPS.clear()
+    _data.warm_up(tmp_path, None).join(timeout=60)
+    assert runs == {"map_pigments": 1} and _files.MAPS.get(key) is None
+    _files.MAPS.clear()
+    _files.SCANS.clear()
+
+
+def test_a_session_waiting_for_the_servers_warm_up_says_so(tmp_path, monkeypatch):
+    """A session that opens the file while the warm-up still maps it waits for those maps and says that
+    the server maps it since it started (not 'another session')."""
+    import threading
+
+    path = tmp_path / "scene.h5"
+    xrfnb.render_scan("hidden-painting", shape=(12, 12), counts_per_pixel=1500, rng=1405, path=path)
+    _files.MAPS.clear()
+    _files.SCANS.clear()
+    release, mapping = threading.Event(), threading.Event()
+    real_map = _job.map_pigments
+
+    def held_map(*args, **kwargs):
+        mapping.set()
+        assert release.wait(120)
+        return real_map(*args, **kwargs)
+
+    monkeypatch.setattr(_job, "map_pigments", held_map)
+    warm = _data.warm_up(tmp_path, "scene.h5")
+    assert mapping.wait(120)
+    dash = Dashboard(tmp_path, blocking=False)
+    started = []
+    monkeypatch.setattr(dash.data_panel, "start_job", lambda job, work: started.append((job, work)))
+    dash.data_panel.open_path(path, label="scene.h5")
+    ((load, read),) = started
+    load.run(read)
+    dash.data_panel.finish_job(load)  # the scan is shown; its maps are not made yet: a mapping job
+    assert dash.scan is not None and dash.maps is None
+    ((_, _), (job, work)) = started
+    waiter = threading.Thread(target=job.run, args=(work,))
+    waiter.start()
+    deadline = 120.0
+    while "the server maps this file since it started" not in job.stage and deadline > 0:
+        waiter.join(0.1)
+        deadline -= 0.1
+    assert job.stage.startswith("the server maps this file since it started: pigment maps"), job.stage
+    release.set()
+    waiter.join(300)
+    warm.join(300)
+    assert job.error is None and job.maps is _files.MAPS.get((_data.file_key(path), "default"))
+    dash.data_panel.finish_job(job)
+    assert dash.maps is job.maps
+    _files.MAPS.clear()
+    _files.SCANS.clear()
+
+
+def test_serve_prepares_what_the_first_session_opens_and_serves_a_loading_page(tmp_path, monkeypatch):
+    """``serve`` starts the warm-up of the scan a session opens first (the demo without a path, the
+    file given), and each session's page is first the small loading page, which shows its dashboard once
+    built (at once outside a server)."""
+    calls, warmed = [], []
+    monkeypatch.setattr(_server, "serve_app", lambda app, **kw: calls.append(app))
+    monkeypatch.setattr(_server, "warm_up", lambda *args: warmed.append(args))
+    _dashboard.serve(None, port=5999)
+    (tmp_path / "a.h5").write_bytes(b"")
+    _dashboard.serve(tmp_path / "a.h5", port=5999)
+    _dashboard.serve(tmp_path, port=5999)
+    assert warmed == [(None, None), (tmp_path.resolve(), "a.h5"), (tmp_path.resolve(), None)]
+
+    built = []
+    page = _server.loading_page(lambda: built.append(Dashboard()) or built[-1])
+    (shown,) = page.objects
+    assert len(built) == 1 and shown is built[0].__panel__()  # no server session: built at once
+
+    def fails():
+        raise xrfnb.DataError("the served data folder is gone")
+
+    page = _server.loading_page(fails)
+    (alert,) = page.objects
+    assert "could not be built: the served data folder is gone" in alert.object
+
+
+def test_a_served_page_is_the_loading_page_until_it_connects(tmp_path, monkeypatch):
+    """The real server answers a page request with the small loading page: the dashboard (seconds of
+    building) is made only once the page has been drawn and connected, which a bare HTTP request never
+    does (the browser tests see it follow)."""
+    import http.client
+
+    pages, made = [], []
+    real_serve_app, real_make_app = _server.serve_app, _server.make_app
+
+    def serve_app(app, **kw):
+        def recorded():
+            pages.append(app())
+            return pages[-1]
+
+        return real_serve_app(recorded, **kw)
+
+    monkeypatch.setattr(_server, "serve_app", serve_app)
+    monkeypatch.setattr(_server, "make_app", lambda *args: made.append(args) or real_make_app(*args))
+    port = free_port()
+    server = _dashboard.serve(tmp_path, port=port, threaded=True)  # an empty folder: nothing to open
+    try:
+        wait_until_listening(port)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        conn.request("GET", "/")
+        status = conn.getresponse().status
+        conn.close()
+    finally:
+        server.stop()
+    assert status == 200 and len(pages) == 1 and made == []
+    _, text, progress = pages[0].objects
+    assert "xrfnb-starting" in text.object and _server.LOADING_TEXT in text.object
+    assert progress.value == -1 and progress.active  # a moving bar
+
+
+class _ServedContext:
+    """Stands for a served session's context: what a document of ``xrfnb serve`` has and others lack."""
+
+
+def test_element_maps_of_a_served_session_follow_on_the_next_tick(scene):
+    """In a server session the element maps are built in a callback of their own, after the update
+    that shows the pigment maps has been sent; outside one they are built at once."""
+    from bokeh.document import Document
+    from bokeh.io.doc import set_curdoc
+
+    scan, maps, _ = scene
+    dash = Dashboard(scan=scan, maps=maps)
+    assert dash.element_views.shown
+    dash.element_views.section.objects = []  # as before new maps
+    served = Document()
+    context = _ServedContext()
+    served._session_context = lambda: context  # what tells a served session's document (a weak reference)
+    dash.data_panel._blocking = False
+    set_curdoc(served)
+    try:
+        dash._refresh_element_views()
+        dash._refresh_element_views()  # a second request joins the pending one
+        assert not dash.element_views.shown
+        (callback,) = served.session_callbacks
+        callback.callback()
+    finally:
+        set_curdoc(Document())
+    assert dash.element_views.shown and not dash._element_refresh_pending
+
+
+def test_the_notebook_stylesheet_hook_leaves_served_documents_alone(scene):
+    """The hook that inlines Panel's stylesheets for notebooks is registered process-wide; a served
+    session's document (its stylesheets come from the server) is not walked or changed by it."""
+    from bokeh.document import Document
+    from bokeh.models import ImportedStyleSheet
+    from panel.io.resources import set_resource_mode
+    from panel.io.state import set_curdoc
+
+    from xrfnb.ui.notebook import localize_panel_stylesheets
+
+    def sheets(doc):
+        import panel as pn
+
+        pane = pn.pane.Markdown("a")
+        with set_resource_mode("server"), set_curdoc(doc):  # as Panel renders a session's page
+            root = pane.get_root(doc)
+        doc.add_root(root)
+        localize_panel_stylesheets(pane, root)
+        return [
+            str(s.url)
+            for m in root.references()
+            for s in (getattr(m, "stylesheets", None) or [])
+            if isinstance(s, ImportedStyleSheet)
+        ]
+
+    local = sheets(Document())
+    assert local and all(u.startswith("data:text/css") for u in local)
+    served = Document()
+    context = _ServedContext()
+    served._session_context = lambda: context
+    kept = sheets(served)
+    assert kept and not any(u.startswith("data:") for u in kept)

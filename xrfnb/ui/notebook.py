@@ -212,12 +212,20 @@ def localize_panel_stylesheets(
 
     Notes
     -----
+    A served session's document (one with a session context: ``xrfnb serve``, ``panel serve``) is left
+    alone: its page loads Panel's stylesheets from the server, and walking its models at every update cost
+    seconds when a served dashboard showed its first maps (the hook is registered once per process, by
+    whatever showed a dashboard first, so it also runs for served sessions).
+
     It walks the whole root each time (about 30 ms for the dashboard's 300 models): an update can give new
     stylesheets to models outside the object that changed (tests/test_notebook_offline.py finds a
     ``loading.css`` link left when only the changed object's models are walked). It also gives the root's
     document the cache :class:`_LocalStylesheetCache` (once; later calls keep it), so that the updates
     that do not run the hooks (a Markdown/HTML pane's new text) get local stylesheets too.
     """
+    doc = root.document if root.document is not None else state.curdoc
+    if doc is not None and doc.session_context is not None:
+        return  # a served page: its stylesheets come from the server's own static route
     sheets = list(root.select({"type": ImportedStyleSheet}))
     localize_stylesheets(sheets)
     if root.document is not None:

@@ -94,6 +94,7 @@ class Dashboard(DashboardState):
             raise DataError(f"the served data folder {data_dir} does not exist or is not a folder")
         self.max_upload_bytes = int(float(max_upload_mb) * 1024 * 1024)
         self._loading = False
+        self._element_refresh_pending = False
         super().__init__(model=model, **params)
         self.data_panel = DataPanel(self, self._data_dir, self.max_upload_bytes, blocking)
         self._build_parts()
@@ -340,12 +341,34 @@ class Dashboard(DashboardState):
 
     def _on_data_version(self, event: param.parameterized.Event) -> None:
         self.selection_info.update_scan_info()
-        self.element_views.refresh()
+        self._refresh_element_views()
         self.gallery.rebuild()
         self.update_status()
         self.selection_info.update_ood_alert()
         self.map_panel.update_legend()
         self._update_single_spectrum()
+
+    def _refresh_element_views(self) -> None:
+        """Rebuild the element maps for new data; in a server session on the next tick of its event loop.
+
+        A new scan's page update is sent when the callback that made it ends: the element maps (a figure
+        per element, a good part of the work) follow in a second update, so that the pigment maps above
+        them are drawn seconds earlier. Outside a session (tests, notebooks) they are rebuilt at once.
+        """
+        doc = pn.state.curdoc
+        if self.data_panel.is_blocking() or doc is None or doc.session_context is None:
+            self.element_views.refresh()
+            return
+        if self._element_refresh_pending:
+            return
+        self._element_refresh_pending = True
+
+        def refresh() -> None:
+            self._element_refresh_pending = False
+            with self.action():
+                self.element_views.refresh()
+
+        doc.add_next_tick_callback(refresh)
 
     def _on_pixel_region(self, *events: param.parameterized.Event) -> None:
         self.selection_info.update_ood_alert()

@@ -4,19 +4,23 @@ server session, :mod:`.job`)."""
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import panel as pn
 import param
 
-from ..._errors import DataError
+from ..._errors import DataError, XRFNBError
 from ...core.spectrum import Scan
 from ...io.load import load
 from ...physics.scenes import render_scan
+from .calibration import looks_uncalibrated
 from .common import DEMO_LABEL, NO_MODEL, NO_SCAN, escape_html, guarded, size_text
 from .files import (
     MAPS,
@@ -35,7 +39,78 @@ if TYPE_CHECKING:  # pragma: no cover
     from ...maps.pigmentmaps import PigmentMaps
     from .app import Dashboard
 
-__all__ = ["DataPanel"]
+__all__ = ["DataPanel", "demo_scan", "file_key", "warm_up"]
+
+log = logging.getLogger(__name__)
+
+#: what a session waiting for another's maps of the same file says, by the other job's kind
+_WAITING_FOR = {
+    "warm-up": "the server maps this file since it started",
+    "map": "another session maps this file",
+}
+
+
+def demo_scan() -> Scan:
+    """The demo scene's scan, rendered once for all sessions (kept in ``SCANS`` under ``("demo",)``)."""
+    return SCANS.get_or_make(("demo",), lambda: to_scan(render_scan("hidden-painting"), DEMO_LABEL))
+
+
+def file_key(path: Path) -> tuple[str, int, int]:
+    """The cache key of a file's scan: ``(path, mtime in ns, size in bytes)`` (a changed file is read
+    anew)."""
+    stat = path.stat()
+    return (str(path), stat.st_mtime_ns, stat.st_size)
+
+
+def warm_up(data_dir: Path | None, initial: str | None) -> threading.Thread:
+    """Read and map, in a daemon thread, the scan the first session will open, so that it finds them ready.
+
+    What a new session opens first (:func:`~xrfnb.ui.dashboard.app.make_app`): ``initial`` (a file in
+    ``data_dir``), or the demo scene when no folder is served, or nothing. The scan goes into ``SCANS`` and
+    its pigment and element maps, made with the first model offered (``"default"``), into ``MAPS``, under
+    the keys a session uses; a session that opens it while this thread is still at work waits for it and
+    shows its progress (:meth:`~.files.LRUCache.get_or_make`). Nothing is mapped without a model, or for a
+    scan without a usable energy calibration (the session leads the user to the calibration card). Failures
+    are logged: the session that opens the scan then meets them itself.
+
+    Returns
+    -------
+    threading.Thread
+        The started thread (``join()`` waits for the scan and its maps).
+    """
+
+    def work() -> None:
+        if initial is not None and data_dir is not None:
+            path = resolve_inside(data_dir, initial)
+            key: Hashable = file_key(path)
+            scan = SCANS.get_or_make(key, lambda: to_scan(load(path), initial))
+        elif data_dir is None:
+            key, scan = ("demo",), demo_scan()
+        else:
+            return
+        models = available_models()
+        if not models or looks_uncalibrated(scan):
+            return
+        job = MappingJob("warm-up", label=str(initial or DEMO_LABEL), scan=scan, stage="loading the model")
+
+        def make() -> PigmentMaps:
+            job.maps = map_with_progress(scan, load_model_cached(models[0]), job)
+            return job.maps
+
+        MAPS.get_or_make((key, models[0]), make, maker=job)
+
+    def run() -> None:
+        what = initial or DEMO_LABEL
+        try:
+            work()
+        except XRFNBError as exc:  # the session opening it meets the same failure, in its own words
+            log.warning("could not prepare %s at the server's start: %s", what, exc)
+        except Exception:
+            log.warning("could not prepare %s at the server's start", what, exc_info=True)
+
+    thread = threading.Thread(target=run, name="xrfnb-warm-up", daemon=True)
+    thread.start()
+    return thread
 
 
 class DataPanel(pn.viewable.Viewer):
@@ -134,7 +209,7 @@ class DataPanel(pn.viewable.Viewer):
         that one large file never stalls the other sessions; the scan is shown when it is ready.
         """
         if name == DEMO_LABEL:
-            self.load_in_background(self.demo_scan, DEMO_LABEL, ("demo",))
+            self.load_in_background(demo_scan, DEMO_LABEL, ("demo",))
             return
         if self._data_dir is None:
             raise DataError(
@@ -144,8 +219,7 @@ class DataPanel(pn.viewable.Viewer):
         self.open_path(path, label=name)
 
     def open_path(self, path: Path, label: str, cache: bool = True) -> None:
-        stat = path.stat()
-        key = (str(path), stat.st_mtime_ns, stat.st_size)
+        key = file_key(path)
 
         def read() -> Scan:
             # two sessions opening the file at once read it once (the second waits for the first)
@@ -154,10 +228,6 @@ class DataPanel(pn.viewable.Viewer):
             return to_scan(load(path), label)
 
         self.load_in_background(read, label, key if cache else None)
-
-    def demo_scan(self) -> Scan:
-        """The demo scene's scan, rendered once for all sessions."""
-        return SCANS.get_or_make(("demo",), lambda: to_scan(render_scan("hidden-painting"), DEMO_LABEL))
 
     def is_blocking(self) -> bool:
         """Whether work runs in the caller's thread (no server session: tests, notebooks)."""
@@ -178,8 +248,7 @@ class DataPanel(pn.viewable.Viewer):
 
         if self.is_blocking():
             scan = read()
-            d.set_scan(scan, label=label, total=scan.total_counts_image())
-            self.map_current(cache_key=cache_key)
+            self.show_loaded(scan, label, scan.total_counts_image(), cache_key)
             return
         d.show_status(f"Opening {label} ...")
         self.start_job(MappingJob("load", label=label, key=cache_key, stage=f"reading {label}"), work)
@@ -237,9 +306,7 @@ class DataPanel(pn.viewable.Viewer):
         name = d.model_name
         given = d.model_obj
         instrument = d.calibration_panel.used_instrument()  # None: the scan's (file's or preset's)
-        if instrument is not None:  # maps made with this session's fitted instrument are its own
-            cache_key = None
-        key = None if cache_key is None else (cache_key, name if given is None else id(given))
+        key = self.maps_key(cache_key)
         cached = MAPS.get(key) if key is not None else None
         if cached is not None:
             d.set_maps(cached)
@@ -264,7 +331,12 @@ class DataPanel(pn.viewable.Viewer):
             def on_wait(other: object) -> None:
                 if isinstance(other, MappingJob):
                     followed[:] = [other]
-                job.follow(followed[0] if followed else None, "another session maps this file")
+                what = (
+                    _WAITING_FOR.get(followed[0].kind, _WAITING_FOR["map"])
+                    if followed
+                    else _WAITING_FOR["map"]
+                )
+                job.follow(followed[0] if followed else None, what)
 
             job.maps = MAPS.get_or_make(
                 key, lambda: make(job), maker=job, on_wait=on_wait, retry_on=(Cancelled,)
@@ -283,6 +355,25 @@ class DataPanel(pn.viewable.Viewer):
             self.finish_job(job)
             return
         self.start_job(job, work)
+
+    def show_loaded(self, scan: Scan, label: str, total: np.ndarray, cache_key: Hashable | None) -> None:
+        """Show a scan just read (``total``: its total counts per pixel) and map it. Maps already made
+        (by another session, or at the server's start: :func:`warm_up`) come with the scan, so that the
+        page is updated once, not for the scan and then again for its maps."""
+        d = self._dash
+        key = self.maps_key(cache_key) if d.model_available() else None
+        cached = MAPS.get(key) if key is not None and not looks_uncalibrated(scan) else None
+        d.set_scan(scan, maps=cached, label=label, total=total)
+        self.map_current(cache_key=cache_key)
+
+    def maps_key(self, cache_key: Hashable | None) -> Hashable | None:
+        """The key of the open scan's maps in ``MAPS`` (shared by sessions): its scan's key and the model;
+        None when they are not shared (no scan key, or maps made with this session's fitted instrument)."""
+        d = self._dash
+        if cache_key is None or d.calibration_panel.used_instrument() is not None:
+            return None
+        given = d.model_obj
+        return (cache_key, d.model_name if given is None else id(given))
 
     def start_job(self, job: MappingJob, work: Callable[[MappingJob], None]) -> None:
         d = self._dash
@@ -320,8 +411,7 @@ class DataPanel(pn.viewable.Viewer):
                 d.update_status()
                 reraise_for_user(job.error, "opening the scan failed")
             scan, total = job.loaded
-            d.set_scan(scan, label=job.label, total=total)
-            self.map_current(cache_key=job.key)
+            self.show_loaded(scan, job.label, total, job.key)
             return
         if isinstance(job.error, Cancelled) or job.scan is not d.scan:
             return  # the user opened something else meanwhile

@@ -20,10 +20,20 @@ import panel as pn
 
 from ..._errors import DataError, XRFNBError
 from .app import Dashboard, make_app
+from .bokeh import keep_session_until_connected
 from .common import ensure_extensions
+from .data import warm_up
 from .files import serve_target
 
-__all__ = ["LOGIN_TEMPLATE", "auth_setting", "is_loopback", "serve", "serve_app"]
+__all__ = [
+    "LOADING_TEXT",
+    "LOGIN_TEMPLATE",
+    "auth_setting",
+    "is_loopback",
+    "loading_page",
+    "serve",
+    "serve_app",
+]
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +97,12 @@ def serve(
     object
         The Panel server (or its thread when ``threaded``).
 
+    Notes
+    -----
+    The scan a new session opens first (``path``'s file, or the demo) is read and mapped in a background
+    thread as the server starts (:func:`~xrfnb.ui.dashboard.data.warm_up`): the first page finds its maps
+    ready, or being made, instead of starting them.
+
     Raises
     ------
     DataError
@@ -106,12 +122,56 @@ def serve(
             " (a log-in is required)" if auth is not None else "; give a password or token for a log-in",
         )
 
-    def app() -> Dashboard:
+    def app() -> pn.viewable.Viewable:
         # a plain function: Panel calls functions and methods once per session, but renders any other
         # callable (a functools.partial) as its repr text
-        return make_app(data_dir, initial, max_upload_mb)
+        return loading_page(lambda: make_app(data_dir, initial, max_upload_mb))
 
+    # the first session finds the scan it opens, and its maps, made or being made
+    warm_up(data_dir, initial)
     return serve_app(app, port=port, address=address, show=show, threaded=threaded, basic_auth=auth)
+
+
+#: what a new page shows while its dashboard is being built
+LOADING_TEXT = (
+    "Loading the xrfnb dashboard: building the page, then opening the scan and its pigment maps "
+    "(the first page after the server started can take half a minute) ..."
+)
+
+
+def loading_page(make: Callable[[], Dashboard]) -> pn.viewable.Viewable:
+    """A session's page that shows :data:`LOADING_TEXT` at once and ``make()``'s dashboard once the page
+    is drawn.
+
+    The dashboard's own models (about 300) take seconds to build, and Bokeh sends a page only once its
+    document is built: the browser showed a blank page all that time. This page is small; the dashboard
+    is built when the browser has drawn it (``pn.state.onload``) and replaces the text in place. Outside a
+    server session the dashboard is built at once.
+    """
+    keep_session_until_connected()
+    text = pn.pane.HTML(
+        f'<div class="xrfnb-starting" style="font-size:15px;padding:12px">{LOADING_TEXT}</div>',
+        sizing_mode="stretch_width",
+    )
+    page = pn.Column(
+        pn.pane.Markdown("## xrfnb: pigment maps from XRF scans", sizing_mode="stretch_width"),
+        text,
+        pn.indicators.Progress(value=-1, active=True, width=300, bar_color="info"),
+        sizing_mode="stretch_width",
+    )
+
+    def build() -> None:
+        try:
+            dash = make()
+        except Exception as exc:  # said on the page, not left at "Loading"
+            log.error("building the dashboard failed", exc_info=exc)
+            msg = str(exc) if isinstance(exc, XRFNBError) else f"internal error ({type(exc).__name__})"
+            page.objects = [pn.pane.Alert(f"The dashboard could not be built: {msg}", alert_type="danger")]
+            return
+        page.objects = [dash]
+
+    pn.state.onload(build)
+    return page
 
 
 def auth_setting(
