@@ -14,6 +14,7 @@ from xrfnb import DataError, EnergyCalibration, InstrumentError
 from xrfnb.physics.detector import (
     DetectorResponse,
     back_icc_fraction,
+    compton_escape_ratio,
     escape_fraction,
     icc_fraction,
     poisson_counts,
@@ -300,3 +301,28 @@ def test_back_layer_shelf_is_flat_and_taken_from_the_peak() -> None:
     assert np.allclose(back[band] / gain, p / 17.0, rtol=0.02)
     peak = np.abs(e - 17.0) < 0.5
     assert back[peak].sum() == pytest.approx(plain[peak].sum() - p * (1 - 0.5 / 17.0), rel=2e-3)
+
+
+def test_detector_compton_events_lie_below_the_compton_edge() -> None:
+    """A 30 keV photon Compton-scattered in the crystal leaves at most the Compton edge
+    2 E^2 / (m c^2 + 2 E) = 3.03 keV (Compton 1923); those events are r(E) per photo-absorbed photon,
+    r growing with E as photo-absorption falls (sigma_C / tau of Si, xraylib); a thin crystal lets every
+    scattered photon out (r -> sigma_C / tau); the efficiency counts them and each row keeps summing to 1."""
+    edge = 2 * 30.0**2 / (510.99895 + 2 * 30.0)
+    base = Instrument.preset("bruker-m4").with_(detector_compton=False)
+    inst = base.with_(detector_compton=True)
+    e = inst.channel_energy_keV
+    row = inst.detector_response().matrix(np.array([30.0]), dtype=np.float64)[0]
+    plain = base.detector_response().matrix(np.array([30.0]), dtype=np.float64)[0]
+    r = float(compton_escape_ratio(30.0, inst.detector_thickness_um))
+    extra = row - plain / (1 + r)
+    fwhm = float(inst.fwhm_keV(edge))
+    assert extra[e > edge + 2 * fwhm].sum() == pytest.approx(0.0, abs=1e-3 * r)
+    assert extra[(e > 0.05) & (e < edge + 2 * fwhm)].sum() == pytest.approx(r / (1 + r), rel=0.02)
+    assert row.sum() == pytest.approx(plain.sum(), rel=1e-3)
+    ratios = compton_escape_ratio(np.array([10.0, 20.0, 30.0, 40.0]), 450.0)
+    assert np.all(np.diff(ratios) > 0)
+    thin = float(compton_escape_ratio(30.0, 1.0))
+    assert thin == pytest.approx(xraylib.CS_Compt(14, 30.0) / xraylib.CS_Photo(14, 30.0), rel=0.02)
+    eff = inst.detector_efficiency(np.array([30.0]))[0] / base.detector_efficiency(np.array([30.0]))[0]
+    assert eff == pytest.approx(1 + r, rel=1e-9)

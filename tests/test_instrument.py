@@ -290,3 +290,4 @@ def test_chamber_walls_and_back_layer_settings() -> None:
     for preset in ("bruker-m6", "lab-mo", "synchrotron"):  # existing presets keep their physics
         assert Instrument.preset(preset).chamber_walls_sr == ()
         assert Instrument.preset(preset).back_icc_layer_um == 0.0
+        assert not Instrument.preset(preset).detector_compton

@@ -34,7 +34,7 @@ import xraylib
 
 from .._errors import CalibrationError, InstrumentError
 from ..core.calibration import EnergyCalibration
-from .detector import FWHM_PER_SIGMA, MN_KA_KEV, DetectorResponse
+from .detector import FWHM_PER_SIGMA, MN_KA_KEV, DetectorResponse, compton_escape_ratio
 from .fp import scattering_angle_rad
 from .instrument_files import (
     bruker_header,
@@ -151,6 +151,9 @@ class Instrument:
         Effective thickness of the layer at the back of the crystal whose absorbed photons lose a random
         part of their charge (flat shelf from 0 to E, from photons that reach the back: above about
         10 keV in 450 um Si; see :func:`xrfnb.physics.detector.back_icc_fraction`), um; 0: none.
+    detector_compton : bool
+        Record Compton scattering in the crystal whose scattered photon escapes: the recoil energy, from 0
+        to the Compton edge (see :mod:`xrfnb.physics.detector`); off by default.
     chamber_walls_sr : tuple of (str, float)
         Fluorescence of the instrument itself (chamber, detector snout, lens tip) excited by the radiation
         the sample sends out: for each wall element, the effective solid angle, sr, of a thick wall of
@@ -206,6 +209,7 @@ class Instrument:
     tail_length_fwhm: float = 1.0
     partial_collection: float = 0.0
     back_icc_layer_um: float = 0.0
+    detector_compton: bool = False
     chamber_walls_sr: tuple[tuple[str, float], ...] = ()
     escape: bool = True
     pileup_time_s: float = 5e-7
@@ -586,7 +590,9 @@ class Instrument:
 
         ``T_gas * T_window * T_filters * T_dead * (tau/mu)(E) * (1 - exp(-mu rho t))`` with Si attenuation
         ``mu`` and photo-absorption ``tau`` from xraylib (photons Compton-scattered in the crystal are
-        counted as lost), at normal incidence on the detector.
+        counted as lost), at normal incidence on the detector. With ``detector_compton`` the Compton
+        events whose scattered photon escapes are recorded too: ``1 + r(E)`` times that
+        (:func:`xrfnb.physics.detector.compton_escape_ratio`).
 
         Parameters
         ----------
@@ -615,6 +621,8 @@ class Instrument:
             if self.dead_layer_um > 0:
                 t = t * np.exp(-mu * rho * self.dead_layer_um * 1e-4)
             out[ok] = t * (tau / mu) * -np.expm1(-mu * rho * self.detector_thickness_um * 1e-4)
+            if self.detector_compton:  # Compton events whose photon escapes are recorded too
+                out[ok] *= 1.0 + compton_escape_ratio(eo, self.detector_thickness_um)
         return out.reshape(e.shape)
 
     def detector_response(self, channel_energy_keV: np.ndarray | None = None) -> DetectorResponse:
@@ -761,6 +769,7 @@ def _validate(inst: Instrument) -> None:
     except CalibrationError as exc:
         raise InstrumentError(f"instrument {inst.name!r}: {exc}") from None
     put("escape", bool(inst.escape))
+    put("detector_compton", bool(inst.detector_compton))
 
 
 def _chamber_walls(walls: Any, need: Any) -> tuple[tuple[str, float], ...]:
