@@ -18,18 +18,28 @@ the action returns fails the benchmark instead of being timed short.
 
 The browser's drawing time and the websocket transfer are not included in those. The cold start is
 measured end to end instead: ``xrfnb serve`` (what ``make serve`` runs, the shipped demo) is started, and a
-headless Chromium (``/usr/bin/chromium``, Playwright) opens its page as soon as the server listens; the
-script prints the seconds from the command's start until the server listens, until the page holds its first
-Figure models, and until the demo's maps are drawn (the main map's and the gallery's images in the page);
-then the seconds a second page takes from its opening to its maps (the demo's maps are cached by then).
+headless Chromium (``/usr/bin/chromium``, Playwright) opens its page as soon as the server listens (or
+``--open-after S`` seconds later, as a person typing the address would); the script prints, on one clock
+from the command's start, when the server listens, when the page is opened, the browser's navigation
+timings, when the page first shows anything (a rendered root) and the loading state, when it holds its
+Figure models and when the demo's maps are drawn (the main map's and the gallery's images in the page);
+then the seconds a second page takes from its opening to its maps. Interleaved with these, the server's
+steps (``TRACE`` lines the server process prints: the same command line, ``xrfnb.ui.cli.main``, with the
+dashboard's steps wrapped): imports done, the warm-up started, each session's ``make_app``, its page's
+HTML, a page's websocket connecting, the reading and mapping workers, and each update of the page with
+the scan and its maps (``set_scan``, ``set_maps``). ``--no-trace`` runs the ``xrfnb`` script itself;
+``XRFNB_BENCH_PROFILE=FILE`` writes a cProfile of the first session's showing of its maps. Print
+``uptime`` with the figures: on a shared machine they follow its load.
 Run:
 ``.venv/bin/python benchmarks/bench_dashboard.py [--rows 512] [--cols 512] [--channels 4096] [--classes 20]``
-``[--only cold-start|responsiveness]``
+``[--only cold-start|responsiveness] [--open-after S] [--no-trace]``
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import shutil
 import socket
 import statistics
@@ -175,17 +185,90 @@ def report(name: str, ms: list[float]) -> None:
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = list(HEADLESS_CHROMIUM_ARGS)
-# Figure models in the page, and image data sources holding an image (main map, gallery, element maps)
+# what the page shows: a rendered Bokeh root (anything on screen), the loading state's text, Figure models,
+# and image data sources holding an image (main map, gallery, element maps)
 _PAGE_JS = """() => {
-  const out = {figures: 0, images: 0};
+  const out = {views: 0, figures: 0, images: 0, loading: false};
   if (!window.Bokeh || !Bokeh.documents.length) return out;
+  out.views = Bokeh.index ? Object.keys(Bokeh.index).length : 0;
   for (const m of Bokeh.documents[0].all_models) {
     if (m.constructor && m.constructor.__name__ === 'Figure') out.figures++;
     const src = m.data;
     if (src && (src instanceof Map ? src.has('image') : 'image' in src)) out.images++;
+    const text = typeof m.text === 'string' ? m.text : '';
+    if (text.includes('xrfnb-starting')) out.loading = true;
   }
   return out;
 }"""
+
+#: run by the server process in place of the ``xrfnb`` script: the same command line (``xrfnb.ui.cli.main``),
+#: with timestamps (seconds since the benchmark started the command) printed as ``TRACE <t> <what>`` on
+#: stderr around the server's steps; the functions are wrapped where their callers look them up
+_TRACED_SERVE = r"""
+import os, sys, time, functools, threading
+T0 = float(os.environ["XRFNB_BENCH_T0"])
+def trace(what):
+    print(f"TRACE {time.time() - T0:.3f} {what}", file=sys.stderr, flush=True)
+trace("python started")
+import xrfnb.ui.cli as cli
+from xrfnb.ui import dashboard as dmod
+from xrfnb.ui.dashboard import app, data, server, job, files
+import bokeh.server.views.ws as ws
+trace("dashboard modules imported")
+_n = [0]
+def wrap(owner, name, label, args_label=None):
+    fn = getattr(owner, name)
+    @functools.wraps(fn)
+    def inner(*a, **k):
+        what = label + (f" ({args_label(*a, **k)})" if args_label else "")
+        trace(f"{what} begins [{threading.current_thread().name}]")
+        try:
+            return fn(*a, **k)
+        finally:
+            trace(f"{what} ends")
+    setattr(owner, name, inner)
+wrap(server, "make_app", "session: make_app")
+import panel.io.server as pserver
+wrap(pserver, "server_html_page_for_session", "session: the page's HTML (its document serialised)")
+wrap(data, "read_with_progress", "worker: read the scan")
+wrap(data, "map_with_progress", "worker: map pigments and elements")
+wrap(data, "load_model_cached", "worker: load the model")
+wrap(data.DataPanel, "finish_job", "session: show the job's result", lambda self, job: job.kind)
+wrap(app.Dashboard, "set_scan", "session: set_scan")
+wrap(app.Dashboard, "set_maps", "session: set_maps", lambda s, m, *a, **k: "none" if m is None else "maps")
+if os.environ.get("XRFNB_BENCH_PROFILE"):  # profile the first session's showing of its maps
+    import cProfile
+    _finish = data.DataPanel.finish_job
+    def finish_profiled(self, job):
+        if job.kind != "map" or os.path.exists(os.environ["XRFNB_BENCH_PROFILE"]):
+            return _finish(self, job)
+        prof = cProfile.Profile()
+        try:
+            return prof.runcall(_finish, self, job)
+        finally:
+            prof.dump_stats(os.environ["XRFNB_BENCH_PROFILE"])
+    data.DataPanel.finish_job = finish_profiled
+_open = ws.WSHandler.open
+def ws_open(self, *a, **k):
+    trace("websocket: a page connects")
+    return _open(self, *a, **k)
+ws.WSHandler.open = ws_open
+if hasattr(server, "warm_up"):
+    wrap(server, "warm_up", "server: start the warm-up thread")
+if hasattr(data, "demo_scan"):
+    wrap(data, "demo_scan", "the demo scan (rendered once, then cached)")
+else:
+    wrap(data.DataPanel, "demo_scan", "the demo scan (rendered once, then cached)")
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+#: the browser's navigation timings reported (PerformanceNavigationTiming)
+_NAVIGATION = {
+    "responseEnd": "browser: the page's HTML received",
+    "domContentLoadedEventEnd": "browser: the page's scripts run (DOMContentLoaded)",
+    "loadEventEnd": "browser: the page loaded (load event)",
+}
 
 
 def _free_port() -> int:
@@ -194,9 +277,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def cold_start(timeout_s: float = 180.0) -> None:
-    """Seconds from starting ``xrfnb serve`` (the demo) until it listens, until the first page holds its
-    Figure models, and until the demo's maps are drawn in it."""
+def _load() -> str:
+    with contextlib.suppress(OSError):
+        return "load average " + ", ".join(Path("/proc/loadavg").read_text().split()[:3])
+    return "load average unknown"
+
+
+def cold_start(timeout_s: float = 180.0, trace: bool = True, open_after_s: float = 0.0) -> None:
+    """Seconds from starting ``xrfnb serve`` (the demo) until it listens, until the first page shows
+    anything (a rendered root), until it holds its Figure models, and until the demo's maps are drawn in it;
+    with ``trace``, the server's steps on the same clock (the command line run by :data:`_TRACED_SERVE`).
+    The first page is opened ``open_after_s`` seconds after the server listens (0: at once; a person
+    typing the address takes a few seconds)."""
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
@@ -206,13 +298,19 @@ def cold_start(timeout_s: float = 180.0) -> None:
         print(f"cold start: skipped (no Chromium at {CHROMIUM}: make browser-deps)")
         return
     exe = Path(sys.executable).with_name("xrfnb")
-    command = [str(exe)] if exe.exists() else [shutil.which("xrfnb") or "xrfnb"]
+    if trace:
+        command = [sys.executable, "-c", _TRACED_SERVE]
+    else:
+        command = [str(exe)] if exe.exists() else [shutil.which("xrfnb") or "xrfnb"]
     port = _free_port()
+    load_before = _load()
+    events: list[tuple[float, str]] = []
     with tempfile.TemporaryFile("w+") as log:
         t0 = time.perf_counter()
+        env = {**os.environ, "XRFNB_BENCH_T0": repr(time.time())}
         proc = subprocess.Popen(
             [*command, "serve", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL, env=env,
         )  # fmt: skip
         try:
             while True:
@@ -227,25 +325,36 @@ def cold_start(timeout_s: float = 180.0) -> None:
                         raise SystemExit("xrfnb serve never listened") from None
                     time.sleep(0.05)
             t_listen = time.perf_counter() - t0
-            t_figures = t_maps = t_second = None
+            time.sleep(open_after_s)
+            seen: dict[str, float] = {}
+            t_second = None
             with sync_playwright() as p:
                 browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
                 try:
                     page = browser.new_page(viewport={"width": 1440, "height": 900})
-                    page.goto(f"http://127.0.0.1:{port}/", timeout=timeout_s * 1000)
+                    seen["page opened"] = time.perf_counter() - t0
+                    page.goto(f"http://127.0.0.1:{port}/", timeout=timeout_s * 1000, wait_until="commit")
                     while time.perf_counter() - t0 < timeout_s:
                         state = page.evaluate(_PAGE_JS)
                         now = time.perf_counter() - t0
-                        if t_figures is None and state["figures"] > 0:
-                            t_figures = now
+                        if state["views"] > 0:
+                            seen.setdefault("first visible content (a rendered root)", now)
+                        if state["loading"]:
+                            seen.setdefault("the loading state is shown", now)
+                        if state["figures"] > 0:
+                            seen.setdefault("first page holds its Figure models", now)
                         if state["images"] >= 2:  # the main map's and the gallery's
-                            t_maps = now
+                            seen["demo's pigment maps drawn in the page"] = now
                             break
                         page.wait_for_timeout(50)
+                    nav = page.evaluate("performance.getEntriesByType('navigation')[0].toJSON()")
+                    for key, what in _NAVIGATION.items():  # ms after the navigation started (goto)
+                        if nav.get(key):
+                            seen[what] = seen["page opened"] + nav[key] / 1e3
                     # a second session: the demo's scan and maps come from the server's cache
                     t1 = time.perf_counter()
                     second = browser.new_page(viewport={"width": 1440, "height": 900})
-                    second.goto(f"http://127.0.0.1:{port}/", timeout=timeout_s * 1000)
+                    second.goto(f"http://127.0.0.1:{port}/", timeout=timeout_s * 1000, wait_until="commit")
                     while time.perf_counter() - t1 < timeout_s:
                         if second.evaluate(_PAGE_JS)["images"] >= 2:
                             t_second = time.perf_counter() - t1
@@ -260,15 +369,23 @@ def cold_start(timeout_s: float = 180.0) -> None:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+            log.seek(0)
+            for line in log:
+                if line.startswith("TRACE "):
+                    _, t, what = line.rstrip("\n").split(" ", 2)
+                    events.append((float(t), what))
 
     def sec(t: float | None) -> str:
-        return f"{t:5.1f} s" if t is not None else f"not within {timeout_s:.0f} s"
+        return f"{t:6.1f} s" if t is not None else f"not within {timeout_s:.0f} s"
 
-    print("cold start of `xrfnb serve` (the demo), from the command's start:")
-    print(f"  server listening                             {sec(t_listen)}")
-    print(f"  first page holds its Figure models           {sec(t_figures)}")
-    print(f"  demo's pigment maps drawn in the page        {sec(t_maps)}")
+    print(f"cold start of `xrfnb serve` (the demo), from the command's start ({load_before} before):")
+    browser_events = [(t_listen, "server listening"), *((t, what) for what, t in seen.items())]
+    for t, what in sorted(browser_events + [(t, "  server: " + what) for t, what in events]):
+        print(f"  {t:6.1f} s  {what}")
+    if "demo's pigment maps drawn in the page" not in seen:
+        print(f"  the demo's maps were not drawn within {timeout_s:.0f} s")
     print(f"a second page, from its opening to its maps    {sec(t_second)}")
+    print(f"({_load()} after)")
 
 
 def main() -> None:
@@ -281,9 +398,15 @@ def main() -> None:
     ap.add_argument(
         "--only", choices=("cold-start", "responsiveness"), help="run only the cold start or only the timings"
     )
+    ap.add_argument(
+        "--open-after", type=float, default=0.0, help="cold start: open the first page S s after it listens"
+    )
+    ap.add_argument(
+        "--no-trace", action="store_true", help="cold start: the xrfnb script without the server's steps"
+    )
     args = ap.parse_args()
     if args.only != "responsiveness":
-        cold_start()
+        cold_start(trace=not args.no_trace, open_after_s=args.open_after)
     if args.only == "cold-start":
         return
 
