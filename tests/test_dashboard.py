@@ -18,6 +18,7 @@ from pathlib import Path
 
 import holoviews as hv
 import numpy as np
+import panel as pn
 import pytest
 from _net import free_port, wait_until_listening
 
@@ -2735,6 +2736,52 @@ def test_a_served_page_is_the_loading_page_until_it_connects(tmp_path, monkeypat
     _, text, progress = pages[0].objects
     assert "xrfnb-starting" in text.object and _server.LOADING_TEXT in text.object
     assert progress.value == -1 and progress.active  # a moving bar
+
+
+def test_panel_serve_app_gets_the_loading_page_and_the_warm_up(tmp_path, monkeypatch):
+    """``panel serve dashboards/xrfnb_app.py``: Panel runs the script once per session; each gets the
+    loading page, and the first starts the warm-up of what a session opens first (once per target)."""
+    warmed = []
+    monkeypatch.setattr(_server, "warm_up", lambda *args: warmed.append(args))
+    monkeypatch.setattr(_server, "_WARMED", set())
+    (tmp_path / "a.h5").write_bytes(b"")
+    monkeypatch.setenv("XRFNB_DATA", str(tmp_path))
+    pages = [Dashboard.page_from_cli_args([]) for _ in range(2)]
+    Dashboard.page_from_cli_args([str(tmp_path / "a.h5")])
+    assert warmed == [(tmp_path.resolve(), None), (tmp_path.resolve(), "a.h5")]
+    (shown,) = pages[0].objects  # no server session: the dashboard is built at once
+    assert isinstance(shown, pn.viewable.Viewable) and shown is not pages[1].objects[0]
+
+
+def test_panel_serve_of_the_app_script_serves_the_loading_page(tmp_path):
+    """The README's second way to serve, run as written: the page a session gets is the loading page
+    (a Python client never draws the page, so the dashboard is never built), not an error or a repr."""
+    import subprocess
+    import sys
+
+    from bokeh.client import pull_session
+
+    port = free_port()
+    app = Path(__file__).resolve().parents[1] / "dashboards" / "xrfnb_app.py"
+    env = {**os.environ, "XRFNB_DATA": str(tmp_path)}  # an empty folder: nothing to open or map
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "panel", "serve", str(app), "--port", str(port), "--address", "127.0.0.1"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_until_listening(port, timeout_s=120)
+        with pull_session(url=f"http://127.0.0.1:{port}/xrfnb_app") as session:
+            texts = [
+                str(getattr(m, "text", "")) for m in session.document.models if hasattr(m, "text")
+            ]
+    finally:
+        proc.terminate()
+        log = proc.communicate(timeout=60)[0]
+    assert any(_server.LOADING_TEXT in t for t in texts), texts
+    assert "Traceback" not in log and "functools.partial" not in " ".join(texts), log
 
 
 class _ServedContext:

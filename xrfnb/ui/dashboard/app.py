@@ -127,6 +127,18 @@ class Dashboard(DashboardState):
         data_dir, initial = serve_target(target)
         return make_app(data_dir, initial)
 
+    @classmethod
+    def page_from_cli_args(cls, argv: Sequence[str] | None = None) -> pn.viewable.Viewable:
+        """What ``panel serve dashboards/xrfnb_app.py [--args FILE_OR_DIR]`` serves: the page of ``xrfnb
+        serve`` (first a small loading page, the dashboard once the browser has drawn it), and the scan a
+        session opens first read and mapped in the background from the first request on.
+
+        Arguments as :meth:`from_cli_args`; outside a server session the dashboard is built at once.
+        """
+        from .server import page_from_cli_args  # the server module builds on this one
+
+        return page_from_cli_args(argv)
+
     def __panel__(self) -> pn.viewable.Viewable:
         return self._layout
 

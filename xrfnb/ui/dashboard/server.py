@@ -11,8 +11,9 @@ import logging
 import os
 import secrets
 import socket
+import sys
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +131,27 @@ def serve(
     # the first session finds the scan it opens, and its maps, made or being made
     warm_up(data_dir, initial)
     return serve_app(app, port=port, address=address, show=show, threaded=threaded, basic_auth=auth)
+
+
+#: (data folder, first file) pairs whose warm-up ``page_from_cli_args`` started in this process
+_WARMED: set[tuple[Path | None, str | None]] = set()
+
+
+def page_from_cli_args(argv: Sequence[str] | None = None) -> pn.viewable.Viewable:
+    """The page ``panel serve dashboards/xrfnb_app.py [--args FILE_OR_DIR]`` serves, as :func:`serve`'s.
+
+    The data folder (or file) is the first argument after ``--args``, else ``$XRFNB_DATA``; with neither,
+    the demo scene. Panel runs the app script once per session: the first one starts the warm-up of the
+    scan a session opens first (:func:`~xrfnb.ui.dashboard.data.warm_up`; once per process and target),
+    and every session gets the small loading page (:func:`loading_page`) instead of seconds of blank page.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    target = args[0] if args else os.environ.get("XRFNB_DATA") or None
+    data_dir, initial = serve_target(target)
+    if (data_dir, initial) not in _WARMED:
+        _WARMED.add((data_dir, initial))
+        warm_up(data_dir, initial)
+    return loading_page(lambda: make_app(data_dir, initial))
 
 
 #: what a new page shows while its dashboard is being built
