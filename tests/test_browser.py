@@ -538,7 +538,13 @@ def test_xrfnb_serve_demo_in_chromium(tmp_path):
             # the RGB overlay starts on three different elements (it once showed Zn K in all three)
             rgb = [page.locator(f".xrfnb-rgb-{c} select").first for c in ("red", "green", "blue")]
             rgb[0].wait_for(state="attached", timeout=30000)
-            values = [s.input_value() for s in rgb]
+            # the element maps (and with them the overlay's choices) follow the pigment maps in a page
+            # update of their own: wait for them, up to a minute
+            for _ in range(120):
+                values = [s.input_value() for s in rgb]
+                if all(values):
+                    break
+                page.wait_for_timeout(500)
             assert len(set(values)) == 3 and all(values), f"RGB overlay channels: {values}"
             # a 1440 x 900 laptop screen: the exports are on the first screen, the 31 per-class sliders
             # wait in a collapsed card, and the composite map has its legend of class colours
