@@ -135,7 +135,8 @@ class Dashboard(DashboardState):
 
         Arguments as :meth:`from_cli_args`; outside a server session the dashboard is built at once.
         """
-        from .server import page_from_cli_args  # the server module builds on this one
+        # deferred: the server module imports this one
+        from .server import page_from_cli_args
 
         return page_from_cli_args(argv)
 
