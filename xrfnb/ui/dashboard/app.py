@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,7 +23,7 @@ from .data import DataPanel
 from .elements import ElementViews
 from .export import ExportPanel
 from .files import (
-    serve_target,
+    serve_target_from_args,
 )
 from .gallery import Gallery
 from .info import SelectionInfo
@@ -122,10 +121,7 @@ class Dashboard(DashboardState):
         The data folder (or file) is the first argument after ``--args``, else ``$XRFNB_DATA``; with
         neither, the demo scene opens when it is available.
         """
-        args = list(sys.argv[1:] if argv is None else argv)
-        target = args[0] if args else os.environ.get("XRFNB_DATA") or None
-        data_dir, initial = serve_target(target)
-        return make_app(data_dir, initial)
+        return make_app(*serve_target_from_args(argv))
 
     @classmethod
     def page_from_cli_args(cls, argv: Sequence[str] | None = None) -> pn.viewable.Viewable:

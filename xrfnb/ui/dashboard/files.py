@@ -8,9 +8,10 @@ import errno
 import logging
 import os
 import re
+import sys
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Generic, TypeVar
@@ -42,6 +43,7 @@ __all__ = [
     "resolve_inside",
     "safe_filename",
     "serve_target",
+    "serve_target_from_args",
     "to_scan",
 ]
 
@@ -189,6 +191,13 @@ def serve_target(path: str | os.PathLike[str] | None) -> tuple[Path | None, str 
     if p.is_file():
         return p.parent, p.name
     raise DataError(f"cannot serve {path}: no such file or folder")
+
+
+def serve_target_from_args(argv: Sequence[str] | None = None) -> tuple[Path | None, str | None]:
+    """:func:`serve_target` of ``panel serve dashboards/xrfnb_app.py [--args FILE_OR_DIR]``: the first
+    argument (``sys.argv[1:]`` by default), else ``$XRFNB_DATA``, else none (the demo scene)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    return serve_target(args[0] if args else os.environ.get("XRFNB_DATA") or None)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ import logging
 import os
 import secrets
 import socket
-import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -24,7 +23,7 @@ from .app import Dashboard, make_app
 from .bokeh import keep_session_until_connected
 from .common import ensure_extensions
 from .data import warm_up
-from .files import serve_target
+from .files import serve_target, serve_target_from_args
 
 __all__ = [
     "LOADING_TEXT",
@@ -145,9 +144,7 @@ def page_from_cli_args(argv: Sequence[str] | None = None) -> pn.viewable.Viewabl
     scan a session opens first (:func:`~xrfnb.ui.dashboard.data.warm_up`; once per process and target),
     and every session gets the small loading page (:func:`loading_page`) instead of seconds of blank page.
     """
-    args = list(sys.argv[1:] if argv is None else argv)
-    target = args[0] if args else os.environ.get("XRFNB_DATA") or None
-    data_dir, initial = serve_target(target)
+    data_dir, initial = serve_target_from_args(argv)
     if (data_dir, initial) not in _WARMED:
         _WARMED.add((data_dir, initial))
         warm_up(data_dir, initial)
