@@ -501,3 +501,56 @@ def test_envelope_options_are_checked_early():
         DataConfig(anodes=("Rh", "W"), anode_weights=(1.0,))
     with pytest.raises(xrfnb_errors.InstrumentError):
         DataConfig(anodes=("Xx",))
+
+
+def test_tube_filter_sets_are_drawn_per_tube_variant_after_every_other_option():
+    """Filter sets replace the preset's filters on tube variants, by weight; a zero weight is never drawn;
+    the monochromatic beam keeps its own; every other option draws as without filters (drawn last)."""
+    from xrfnb.model.trainingdata import filter_set
+
+    sets = ("none", "Al:630", "Al:100+Ti:50+Cu:25", "Cu:1000")
+    kw = dict(instruments=("bruker-m4", "synchrotron"), instrument_weights=(0.8, 0.2),
+              anodes=("Rh", "W"), tube_voltage_kV=(20.0, 50.0), channel_gains_keV=(0.01, 0.02))
+    with_filters = TrainingData(DataConfig(**kw, tube_filters=sets, tube_filter_weights=(1.0, 1.0, 2.0, 0.0)),
+                                n_bins=64)
+    without = TrainingData(DataConfig(**kw), n_bins=64)
+    seen = []
+    for seed in range(40):
+        for preset in ("bruker-m4", "synchrotron"):
+            a = with_filters._make_variant(preset, np.random.default_rng(seed), False)
+            b = without._make_variant(preset, np.random.default_rng(seed), False)
+            if preset == "synchrotron":
+                assert a == b
+                continue
+            assert a == b.with_(tube_filters=a.tube_filters)
+            seen.append(a.tube_filters)
+    assert filter_set("Cu:1000") not in seen
+    counted = {s: sum(f == filter_set(s) for f in seen) for s in sets[:3]}
+    assert all(n > 0 for n in counted.values()) and sum(counted.values()) == 40
+    assert counted["Al:100+Ti:50+Cu:25"] > max(counted["none"], counted["Al:630"])  # weight 2 of 4
+    layers = filter_set("Al:100+Ti:50+Cu:25")
+    assert [(x.material, x.thickness_um) for x in layers] == [("Al", 100.0), ("Ti", 50.0), ("Cu", 25.0)]
+
+
+def test_a_drawn_tube_filter_attenuates_the_beam_as_beer_lambert_says():
+    """Al 630 um drawn into a lab-mo variant: the beam reaching the sample is multiplied by the foil's
+    transmission and nothing else. Reference: NIST XCOM mu/rho of Al (Hubbell & Seltzer), 26.23 cm2/g at
+    10 keV and 3.441 cm2/g at 20 keV, density 2.699 g/cm3."""
+    import math
+
+    filt = TrainingData(DataConfig(tube_filters=("Al:630",)), n_bins=64)._make_variant(
+        "lab-mo", np.random.default_rng(0), False)
+    assert [(x.material, x.thickness_um) for x in filt.tube_filters] == [("Al", 630.0)]
+    e = np.array([10.0, 20.0])
+    ratio = filt.incident_transmission(e) / filt.with_(tube_filters=()).incident_transmission(e)
+    expected = [math.exp(-mu * 2.699 * 0.063) for mu in (26.23, 3.441)]
+    assert ratio == pytest.approx(expected, rel=0.03)
+
+
+def test_tube_filter_options_are_checked_early():
+    with pytest.raises(ModelError, match="tube_filters entry 'Al100'"):
+        DataConfig(tube_filters=("Al100",))
+    with pytest.raises(ModelError, match="unknown material"):
+        DataConfig(tube_filters=("none", "Xx:5"))
+    with pytest.raises(ModelError, match="tube_filter_weights"):
+        DataConfig(tube_filters=("none", "Al:12.5"), tube_filter_weights=(1.0,))

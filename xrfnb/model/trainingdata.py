@@ -64,7 +64,7 @@ from typing import Any
 
 import numpy as np
 
-from .._errors import ModelError
+from .._errors import ModelError, XRFNBError
 from ..core.calibration import EnergyCalibration
 from ..core.lines import atomic_number, element_symbol
 from ..physics.instrument import Instrument
@@ -172,6 +172,11 @@ class DataConfig:
         index = the variant's). Off by default: older configs keep their spectra.
     atomic_spread_scale : float
         Factor on the default spreads of those draws (1: K 4-10 %, L 10 %, M 20 % on the shells).
+    tube_filters, tube_filter_weights : tuple of str, tuple of float
+        Primary-beam filter sets drawn for the tube presets' variants, replacing the preset's own filters,
+        with their weights (empty: uniform). Each set is ``"none"`` or layers ``"material:thickness_um"``
+        joined by ``+`` (``"Al:100+Ti:25"``; materials as :class:`~xrfnb.Absorber` takes them). Empty (the
+        default): the presets' filters, and the variants of configs written before this option.
     """
 
     instruments: tuple[str, ...] = ("bruker-m6", "lab-mo", "synchrotron")
@@ -214,6 +219,8 @@ class DataConfig:
     composition_variant_prob: float = 0.0
     atomic_perturbation: bool = False
     atomic_spread_scale: float = 1.0
+    tube_filters: tuple[str, ...] = ()
+    tube_filter_weights: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("instrument_weights", "layer_probs", "pigments_per_layer_probs", "ground_probs"):
@@ -241,6 +248,48 @@ class DataConfig:
                 f"[data] composition_variant_prob must be in [0, 1], got {self.composition_variant_prob}")
         if not (math.isfinite(self.atomic_spread_scale) and 0.0 <= self.atomic_spread_scale <= 5.0):
             raise ModelError(f"[data] atomic_spread_scale must be in [0, 5], got {self.atomic_spread_scale}")
+        for text in self.tube_filters:
+            filter_set(text)  # a bad filter fails here, not in a training worker
+        w = np.asarray(self.tube_filter_weights, dtype=float)
+        if self.tube_filter_weights and (len(w) != len(self.tube_filters) or np.any(w < 0) or w.sum() <= 0):
+            raise ModelError("[data] tube_filter_weights needs one non-negative weight per tube_filters "
+                             f"entry, got {list(self.tube_filter_weights)} for {len(self.tube_filters)} sets")
+
+
+def filter_set(text: str) -> tuple[Absorber, ...]:
+    """The absorbers of a ``DataConfig.tube_filters`` entry.
+
+    Parameters
+    ----------
+    text : str
+        ``"none"`` or layers ``"material:thickness_um"`` joined by ``+``, e.g. ``"Al:100+Ti:50+Cu:25"``.
+
+    Returns
+    -------
+    tuple of Absorber
+        In beam order; empty for ``"none"``.
+
+    Raises
+    ------
+    ModelError
+        A layer without a ``:``, a thickness that is not a positive number, or an unknown material.
+    """
+    if not isinstance(text, str):
+        raise ModelError(
+            f"[data] tube_filters: expected strings such as 'Al:100+Ti:25' or 'none', got {text!r}")
+    if text.strip().lower() == "none":
+        return ()
+    layers = []
+    for part in text.split("+"):
+        material, sep, thickness = part.strip().partition(":")
+        try:
+            if not sep:
+                raise ValueError("no ':' between material and thickness")
+            layers.append(Absorber(material.strip(), float(thickness)))
+        except (ValueError, XRFNBError) as exc:
+            raise ModelError(f"[data] tube_filters entry {text!r}: layer {part.strip()!r} is not "
+                             f"'material:thickness_um' ({exc})") from None
+    return tuple(layers)
 
 
 def _instrument_of(entry: str | Mapping[str, Any]) -> Instrument:
@@ -729,6 +778,8 @@ class TrainingData:
                if c.composition_variant_prob else {}),
             **({"atomic_perturbation_spread_scale": c.atomic_spread_scale}
                if c.atomic_perturbation else {}),
+            **({"tube_filters": list(c.tube_filters),
+                "tube_filter_weights": list(c.tube_filter_weights) or None} if c.tube_filters else {}),
         }
 
     def label_definition(self) -> str:
@@ -883,6 +934,9 @@ class TrainingData:
             offset = float(rng.uniform(-0.1, 0.0)) if gain > 0.015 else inst.calibration.offset_keV
             changes["calibration"] = EnergyCalibration(offset, gain)
             changes["n_channels"] = math.ceil((41.0 - offset) / gain)
+        if tube and cfg.tube_filters:  # drawn last: configs without it keep their variants
+            w = np.asarray(cfg.tube_filter_weights or [1.0] * len(cfg.tube_filters), dtype=float)
+            changes["tube_filters"] = filter_set(cfg.tube_filters[int(rng.choice(len(w), p=w / w.sum()))])
         return inst.with_(**changes)
 
     # -- physics ----------------------------------------------------------------------------------------
