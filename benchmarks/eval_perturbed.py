@@ -23,6 +23,10 @@ spectrum).
 
 Usage: python benchmarks/eval_perturbed.py [--n-per-cell 150] [--draws 2] [--before-commit 9e93c22]
        [--no-before] [--baseline] [--parts atomic,instrument,impurities|none] [--json out.json]
+       [--model LABEL=DIR ...]
+
+``--model LABEL=DIR`` (repeatable) scores further model folders on the same spectra, e.g. a fine-tuning run
+and its control; the sets are always built from the shipped model's training distribution.
 """
 
 from __future__ import annotations
@@ -85,6 +89,8 @@ def main() -> None:
                     help="which perturbations, comma-separated from atomic,instrument,impurities "
                          "('none': the training distribution with held-out seeds)")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--model", action="append", default=[], metavar="LABEL=DIR",
+                    help="also score the model folder DIR as LABEL (repeatable)")
     args = ap.parse_args()
     parts = tuple(p for p in args.parts.split(",") if p and p != "none")
     if set(parts) - set(PARTS):
@@ -93,6 +99,13 @@ def main() -> None:
     after = xrfnb.load_model("default")
     data = perturbed_config(after, parts)
     models = {"after": after}
+    for spec in args.model:
+        label, sep, folder = spec.partition("=")
+        if not sep or not label or not folder:
+            ap.error(f"--model {spec!r}: expected LABEL=DIR")
+        if label in ("after", "before", "baseline") or label in models:
+            ap.error(f"--model {spec!r}: the label {label!r} is taken")
+        models[label] = xrfnb.load_model(Path(folder))
     tmp = tempfile.TemporaryDirectory()
     if not args.no_before:
         models["before"] = xrfnb.load_model(model_at_commit(args.before_commit, Path(tmp.name) / "before"))
