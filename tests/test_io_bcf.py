@@ -336,3 +336,85 @@ def test_convert_bcf_to_hdf5(tmp_path, monkeypatch, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["map.bcf", "map.h5"]  # no temporary left
     assert main(["convert", str(path), str(tmp_path / "map.mca"), "-q"]) == 2
     assert "should end in .h5" in capsys.readouterr().err
+
+
+# -- speed work (issue 21 item 4): decoding into reused arrays, reads without copies ----------------------
+@pytest.mark.parametrize("packing", ["pulse12", "instructed", "mixed"])
+@pytest.mark.parametrize("group_bytes", [1, 2 * 5 * 300 * 4, bcf.GROUP_BYTES])
+def test_bcf_rows_decoded_into_a_reused_array(tmp_path, monkeypatch, packing, group_bytes):
+    """``read_rows(a, b, out=)`` decodes a few rows at a time (one per group with group_bytes=1) into the
+    caller's array: the same counts as the whole-range decode and as rosettasciio's, every value of
+    ``out`` overwritten (skipped pixels are zeros, not what the array held)."""
+    monkeypatch.setattr(bcf, "GROUP_BYTES", group_bytes)
+    cube = _cube(11)
+    path = _write(tmp_path, cube, packing=packing, skip_empty=True)
+    counts = xrfnb.load(path).counts
+    full = _rsciio_full(path, 0, cube.shape, counts.dtype)
+    out = np.empty((4, *cube.shape[1:]), counts.dtype)
+    for a, b in [(0, 4), (3, 7), (5, 6), (1, 4)]:
+        out.fill(np.iinfo(out.dtype).max)  # what the last block left, and more
+        got = counts.read_rows(a, b, out=out[: b - a])
+        assert got.base is out or got is out
+        np.testing.assert_array_equal(got, cube[a:b])
+        np.testing.assert_array_equal(got, full[a:b])
+        np.testing.assert_array_equal(counts.decode_rows(a, b), cube[a:b])
+    with pytest.raises(ValueError, match="out has shape"):
+        counts.read_rows(0, 2, out=out[:3])
+
+
+def test_sfs_stream_reads_chunks_stored_out_of_order(tmp_path):
+    """``SfsStream.read`` / ``read_array`` gather a byte range through the chunk table when the chunks lie
+    anywhere in the container (runs of neighbours read at once, the others one by one), and a last chunk
+    cut short by the file's end reads as zeros."""
+    from types import SimpleNamespace
+
+    chunk, usable, n = 256, 224, 40
+    rng = np.random.default_rng(4)
+    content = rng.integers(0, 256, n * usable, dtype=np.uint8)
+    size = n * usable - 100  # the file's length: the last chunk is not full
+    # a run of ten, then scattered, the last chunk last in the file (which ends 100 bytes into it)
+    order = np.concatenate([np.arange(10), rng.permutation(np.arange(10, n - 1)), [n - 1]])
+    slots = np.empty(n, np.int64)
+    slots[order] = np.arange(n)
+    blob = np.zeros(n * chunk, np.uint8)
+    for k in range(n):
+        at = int(slots[k]) * chunk + 32  # each chunk: a 32-byte header, then its payload
+        blob[at : at + usable] = content[k * usable : (k + 1) * usable]
+    path = tmp_path / "chunks.bin"
+    path.write_bytes(blob[:-100].tobytes())
+    item = SimpleNamespace(
+        pointers=slots * chunk + 32,
+        size=size,
+        sfs=SimpleNamespace(usable_chunk=usable, chunksize=chunk, compression="none"),
+    )
+    stream = bcf.SfsStream(path, item)
+    for offset, length in [(0, size), (5, 2000), (usable * 9 - 3, 10), (3000, size - 3000), (size - 1, 5)]:
+        want = content[offset : min(size, offset + length)].tobytes()
+        assert stream.read(offset, length) == want
+        assert stream.read_array(offset, length).tobytes() == want
+    with pytest.raises(xrfnb.FormatError, match="outside"):
+        stream._read_raw(size - 10, 20)
+
+
+def test_map_pigments_from_a_bcf_equals_the_counts_in_memory(tmp_path, monkeypatch):
+    """``map_pigments`` straight from a ``.bcf`` (blocks decoded into two arrays used in turn, a few rows
+    per decoder call) gives the maps of the same counts in memory."""
+    monkeypatch.setattr(bcf, "GROUP_BYTES", 1)
+    monkeypatch.setattr(bcf, "BLOCK_BYTES", 2 * 6 * 4096 * 4)
+    rng = np.random.default_rng(8)
+    template = np.exp(-0.5 * ((np.arange(4096) - np.array([[640], [1055], [860]])) / 9.0) ** 2).sum(0) + 0.05
+    lam = template / template.sum() * rng.uniform(500, 3000, (9, 6, 1))
+    cube = rng.poisson(lam).astype(np.uint16)
+    cube[4, 2] = 0  # a dead pixel
+    path = write_bcf(tmp_path / "map.bcf", cube, offset_keV=0.0, gain_keV=0.01, pixel_um=50.0,
+                     live_time_s=1.0, real_time_s=1.2, packing="instructed", skip_empty=True)
+    scan = xrfnb.load(path)
+    assert isinstance(scan.counts, bcf.BcfRows)
+    model = xrfnb.load_model("default", precision="float32")
+    from_file = xrfnb.map_pigments(scan, model, chunk_pixels=12, progress=False, check_physics=False)
+    in_memory = xrfnb.map_pigments(xrfnb.Scan(cube.astype(scan.counts.dtype), scan.calibration), model,
+                                   chunk_pixels=12,
+                                   progress=False, check_physics=False)
+    for name in ("probability", "buried_probability", "ood_score"):
+        np.testing.assert_array_equal(getattr(from_file, name), getattr(in_memory, name), err_msg=name)
+    assert from_file.metadata["masked"] == in_memory.metadata["masked"]

@@ -32,6 +32,7 @@ times in the file are those of each hypermap's sum spectrum (``LifeTime``/``Real
 from __future__ import annotations
 
 import functools
+import itertools
 import struct
 import threading
 import zlib
@@ -66,6 +67,11 @@ _PAD = 1024
 _WINDOW = 8 << 20
 #: decoded bytes per block of rows (at least one row per block)
 BLOCK_BYTES = 48 << 20
+#: decoded bytes per call of the compiled decoder when rows are decoded into a given array: its own
+#: output array stays small enough for the C library to reuse its memory (an array above the allocator's
+#: mmap threshold, 32 MB at most with glibc, is fresh pages from the kernel on every call, which cost more
+#: CPU than the decoding)
+GROUP_BYTES = 8 << 20
 
 
 class SfsStream:
@@ -92,6 +98,7 @@ class SfsStream:
         self._usable = int(item.sfs.usable_chunk)
         self._chunk = int(item.sfs.chunksize)
         self._raw_size = int(item.size)
+        self._local = threading.local()  # per thread: reused buffers of read_array
         self.compressed = item.sfs.compression == "zlib"
         if self.compressed:
             self._block = int(item.uncompressed_blk_size)
@@ -101,42 +108,53 @@ class SfsStream:
             self.size = self._raw_size
 
     # -- the container's chunks ------------------------------------------------------------------
-    def _read_raw(self, offset: int, length: int) -> bytes:
-        """Bytes ``offset:offset+length`` of the file as stored (maybe compressed), via the chunk table."""
+    def _scratch(self, name: str, size: int) -> np.ndarray:
+        """A uint8 buffer of at least ``size`` bytes kept by this thread for reuse (grown when needed)."""
+        buf = getattr(self._local, name, None)
+        if buf is None or buf.size < size:
+            buf = np.empty(max(size, 0) + (size >> 3), np.uint8)
+            setattr(self._local, name, buf)
+        return buf
+
+    def _read_raw_into(self, offset: int, length: int, out: np.ndarray) -> None:
+        """Bytes ``offset:offset+length`` of the file as stored (maybe compressed) into ``out`` (uint8,
+        ``length`` bytes), via the chunk table: each run of chunks stored one after the other is one read
+        into a reused buffer, its chunks' payloads then copied out in one strided copy."""
         if offset < 0 or length < 0 or offset + length > self._raw_size:
             raise FormatError(
                 f"{self.path}: .bcf stream read of {length} bytes at {offset} outside its {self._raw_size} "
                 "bytes (truncated or corrupted)"
             )
         if length == 0:
-            return b""
+            return
         first, last = offset // self._usable, (offset + length - 1) // self._usable
         if last >= self._pointers.size:
             raise FormatError(f"{self.path}: .bcf chunk table is shorter than the stream (corrupted)")
         starts = self._pointers[first : last + 1]
-        skip = offset - first * self._usable
-        out = bytearray()
-        with open(self.path, "rb") as fh:
-            k = 0
-            n = starts.size
-            while k < n:
-                # a run of chunks stored one after the other: one read, the 32-byte headers cut out
-                j = k + 1
-                while j < n and starts[j] == starts[j - 1] + self._chunk:
-                    j += 1
+        # runs of chunks stored one after the other: where each begins in starts
+        breaks = np.flatnonzero(starts[1:] != starts[:-1] + self._chunk) + 1
+        bounds = [0, *breaks.tolist(), starts.size]
+        at = -(offset - first * self._usable)  # where the first chunk's payload lands in out
+        with open(self.path, "rb", buffering=0) as fh:
+            for k, j in itertools.pairwise(bounds):
+                want = (j - k - 1) * self._chunk + self._usable
+                raw = self._scratch("raw", (j - k) * self._chunk)
                 fh.seek(int(starts[k]))
-                raw = fh.read((j - k - 1) * self._chunk + self._usable)
-                if len(raw) < (j - k - 1) * self._chunk + self._usable and j == n:
-                    raw = raw + bytes((j - k - 1) * self._chunk + self._usable - len(raw))
-                elif len(raw) < (j - k - 1) * self._chunk + self._usable:
+                got = fh.readinto(memoryview(raw)[:want])
+                if got < want and j < starts.size:
                     raise FormatError(f"{self.path}: .bcf container is truncated (chunk at {int(starts[k])})")
-                view = np.frombuffer(raw + bytes(self._chunk - self._usable), np.uint8).reshape(j - k, -1)
-                out += view[:, : self._usable].tobytes()
-                k = j
-        piece = bytes(out[skip : skip + length])
-        if len(piece) < length:
-            raise FormatError(f"{self.path}: .bcf container is truncated (stream byte {offset + len(piece)})")
-        return piece
+                raw[got : (j - k) * self._chunk] = 0
+                payload = raw[: (j - k) * self._chunk].reshape(j - k, self._chunk)[:, : self._usable]
+                lo, hi = max(at, 0), min(at + (j - k) * self._usable, length)
+                if hi > lo:
+                    out[lo:hi] = payload.reshape(-1)[lo - at : hi - at]
+                at += (j - k) * self._usable
+
+    def _read_raw(self, offset: int, length: int) -> bytes:
+        """Bytes ``offset:offset+length`` of the file as stored (maybe compressed), via the chunk table."""
+        out = np.empty(max(0, length), np.uint8)
+        self._read_raw_into(offset, length, out)
+        return out.tobytes()
 
     def _compressed_blocks(self, n_blocks: int) -> np.ndarray:
         """(stored offset, stored size) of each zlib block: headers of 16 bytes from stored byte 0x80."""
@@ -155,6 +173,22 @@ class SfsStream:
         return (self._blocks.shape[0] - 1) * self._block + len(last)
 
     # -- the file's bytes ------------------------------------------------------------------------
+    def read_array(self, offset: int, length: int) -> np.ndarray:
+        """Bytes ``offset:offset+length`` of the (uncompressed) file as a uint8 array; fewer only at its
+        end. The array is a buffer this thread reuses: valid until its next ``read_array``.
+
+        Raises
+        ------
+        FormatError
+            The container is truncated or a compressed block does not decompress.
+        """
+        length = max(0, min(length, self.size - offset))
+        if self.compressed:
+            return np.frombuffer(self.read(offset, length), np.uint8)
+        out = self._scratch("data", length)[:length]
+        self._read_raw_into(offset, length, out)
+        return out
+
     def read(self, offset: int, length: int) -> bytes:
         """Bytes ``offset:offset+length`` of the (uncompressed) file; fewer only at its end.
 
@@ -191,7 +225,7 @@ class SfsStream:
 
 
 def _walk_row(
-    data: bytes, off: int, limit: int, cols: int, where: str, payloads: list[int] | None
+    data: bytes | memoryview, off: int, limit: int, cols: int, where: str, payloads: list[int] | None
 ) -> tuple[int, bool]:
     """Check one row's pixel records in ``data[off:limit]``.
 
@@ -305,8 +339,9 @@ def check_bcf_block(data: bytes, n_rows: int, cols: int, where: str, first_row: 
 
     Parameters
     ----------
-    data : bytes
-        The rows' bytes, from the start of the first row to the end of the last.
+    data : bytes or numpy.ndarray
+        The rows' bytes (or a uint8 array of them), from the start of the first row to the end of the
+        last.
     n_rows, cols : int
         Rows in ``data``; columns of the map.
     where : str
@@ -323,8 +358,9 @@ def check_bcf_block(data: bytes, n_rows: int, cols: int, where: str, first_row: 
     payloads: list[int] = []
     marks = [0]
     off = 0
+    view = memoryview(data)  # struct reads a memoryview faster than an array
     for r in range(n_rows):
-        off, _ = _walk_row(data, off, limit, cols, f"{where}: hypermap row {first_row + r}", payloads)
+        off, _ = _walk_row(view, off, limit, cols, f"{where}: hypermap row {first_row + r}", payloads)
         if off < 0:
             raise FormatError(
                 f"{where}: hypermap row {first_row + r} is truncated or corrupted (its records run past the "
@@ -340,17 +376,24 @@ def check_bcf_block(data: bytes, n_rows: int, cols: int, where: str, first_row: 
     spans = np.asarray(payloads, np.intp).reshape(-1, 2)
     pixel = np.flatnonzero(spans[:, 0] < spans[:, 1])  # the pixels still walked, their position and end
     p, end = spans[pixel, 0], spans[pixel, 1]
-    buf = np.frombuffer(data + bytes(2), np.uint8)
+    # every bunch walked starts before its payload's end, at least 4 bytes before the rows' end (the
+    # record's trailer), so both header bytes read lie inside data
+    buf = np.frombuffer(data, np.uint8)
+    after = buf[1:]  # after[p] is buf[p + 1]
     bound = limit + _PAD  # the decoder's buffer holds _PAD zero bytes after the rows
     need_of, step_of = _bunch_tables()
+    # a bunch starts at least 4 bytes before the rows' end, so one whose decoder reads reach at most
+    # _PAD + 4 bytes from its start (every bunch of the sizes Esprit writes: 0, 1, 2, 4) stays inside
+    far = need_of > _PAD + 4
     while p.size:
         code = buf[p].astype(np.intp)
         code <<= 8
-        code |= buf[p + 1]
-        reach = need_of[code]
-        reach += p
-        if reach.max() > bound:
-            raise _bunch_error(where, first_row, marks, int(pixel[reach > bound][0]))
+        code |= after[p]
+        if far[code].any():
+            reach = need_of[code]
+            reach += p
+            if reach.max() > bound:
+                raise _bunch_error(where, first_row, marks, int(pixel[reach > bound][0]))
         p += step_of[code]
         more = p < end
         if not more.all():
@@ -395,8 +438,8 @@ def decode_bcf_block(data: bytes, n_rows: int, cols: int, n_channels: int, dtype
 
     Parameters
     ----------
-    data : bytes
-        The rows' bytes (checked by :func:`check_bcf_block`).
+    data : bytes or numpy.ndarray
+        The rows' bytes (checked by :func:`check_bcf_block`), or a uint8 array of them.
     n_rows, cols, n_channels : int
         The block's shape.
     dtype : numpy.dtype
@@ -410,7 +453,7 @@ def decode_bcf_block(data: bytes, n_rows: int, cols: int, n_channels: int, dtype
     from rsciio.bruker import _api as bruker  # deferred: heavy (rosettasciio's Bruker reader)
 
     head = struct.pack("<ii", n_rows, cols) + bytes(STREAM_HEADER_BYTES - 8)
-    vfile = _OneChunk(head + data + bytes(_PAD))
+    vfile = _OneChunk(b"".join((head, data, bytes(_PAD))))  # one copy, whatever holds data
     shape = (n_rows, cols, n_channels)
     if bruker.fast_unbcf:
         return bruker.unbcf_fast.parse_to_numpy(vfile, shape, np.dtype(dtype))
@@ -489,8 +532,23 @@ class BcfRows:
             f"BcfRows({self.path.name}, shape={self.shape}, dtype={self.dtype}, block_rows={self.block_rows})"
         )
 
-    def decode_rows(self, start: int, stop: int) -> np.ndarray:
-        """Rows ``start:stop`` read, checked and decoded in one pass (a new, writable array).
+    def decode_rows(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows ``start:stop`` read, checked and decoded in one pass.
+
+        Parameters
+        ----------
+        start, stop : int
+            The rows.
+        out : numpy.ndarray, optional
+            An array of shape (stop - start, cols, channels) and this map's dtype to decode into (a
+            buffer the caller reuses): the rows are then decoded a few MB at a time
+            (:data:`GROUP_BYTES`) and copied into it, which costs less CPU than the decoder's output
+            array of the whole range in fresh memory.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``out``, or a new writable array.
 
         Raises
         ------
@@ -498,12 +556,23 @@ class BcfRows:
             The rows' records are damaged (the message names the file and row).
         """
         start, stop = int(start), int(stop)
+        rows, cols, n_ch = stop - start, self.shape[1], self.shape[2]
+        if out is not None and (out.shape != (rows, cols, n_ch) or out.dtype != self.dtype):
+            raise ValueError(f"out has shape {out.shape} and dtype {out.dtype}, not {(rows, cols, n_ch)} "
+                             f"and {self.dtype}")
         a, b = int(self._offsets[start]), int(self._offsets[stop])
-        data = self._stream.read(a, b - a)
-        if len(data) != b - a:
+        data = self._stream.read_array(a, b - a)
+        if data.size != b - a:
             raise FormatError(f"{self.path}: hypermap rows {start}-{stop - 1} are truncated")
-        check_bcf_block(data, stop - start, self.shape[1], str(self.path), first_row=start)
-        return decode_bcf_block(data, stop - start, self.shape[1], self.shape[2], self.dtype)
+        check_bcf_block(data, rows, cols, str(self.path), first_row=start)
+        if out is None:
+            return decode_bcf_block(data, rows, cols, n_ch, self.dtype)
+        group = max(1, GROUP_BYTES // max(1, cols * n_ch * self.dtype.itemsize))
+        for r0 in range(start, stop, group):
+            r1 = min(stop, r0 + group)
+            lo, hi = int(self._offsets[r0]) - a, int(self._offsets[r1]) - a
+            out[r0 - start : r1 - start] = decode_bcf_block(data[lo:hi], r1 - r0, cols, n_ch, self.dtype)
+        return out
 
     def read_block(self, k: int) -> np.ndarray:
         """Decoded block ``k`` (rows ``k * block_rows`` ...), read-only; the last one is cached.
@@ -523,8 +592,11 @@ class BcfRows:
             self._cache = (k, block)
         return block
 
-    def read_rows(self, start: int, stop: int) -> np.ndarray:
-        """Counts of rows ``start:stop`` (a new array)."""
+    def read_rows(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Counts of rows ``start:stop``: a new array, or decoded into ``out`` (see :meth:`decode_rows`)."""
+        if out is not None:
+            start, stop, _ = slice(start, stop).indices(self.shape[0])
+            return self.decode_rows(start, stop, out)
         return self[start:stop]
 
     def __getitem__(self, key: Any) -> np.ndarray:

@@ -48,6 +48,7 @@ import numpy as np
 from .._errors import DataError, FitError, FormatError, ModelError
 from ..core.spectrum import Scan, Spectrum, is_dask
 from ..fitting.elements import ElementMaps, fit_elements
+from ..io.bcf import BcfRows
 from ..io.chunks import ChunkReader
 from ..model import physics_check
 from ..model.physics_check import CRITERION, DEFAULT_MARGIN, CallPattern, CallPatterns
@@ -468,10 +469,23 @@ def _stream(
 
     fast = ChunkReader.maybe(scan.counts)
     done_px = rows * cols - sum((s.stop - s.start) * cols for s in todo)  # finished before (resume)
+    # a .bcf map decodes into two arrays used in turn (the block identified, the next one being read):
+    # fresh arrays of this size would be fresh pages from the kernel for every block
+    into = isinstance(scan.counts, BcfRows) and fast is None
+    buffers: list[np.ndarray] = []
 
-    def read(sl: slice) -> np.ndarray:
+    def read(sl: slice, turn: int | None = None) -> np.ndarray:
         t = time.perf_counter()
-        block = fast.read_rows(sl.start, sl.stop) if fast is not None else np.asarray(scan.counts[sl])
+        if fast is not None:
+            block = fast.read_rows(sl.start, sl.stop)
+        elif into and turn is not None:
+            if len(buffers) <= turn % 2:  # read in one thread, one block at a time
+                step = max(s.stop - s.start for s in todo)
+                buffers.append(np.empty((step, *scan.shape[1:]), scan.counts.dtype))
+            buf = buffers[turn % 2]
+            block = scan.counts.read_rows(sl.start, sl.stop, out=buf[: sl.stop - sl.start])
+        else:
+            block = np.asarray(scan.counts[sl])
         timing["read"] += time.perf_counter() - t
         return block
 
@@ -514,12 +528,12 @@ def _stream(
         if report is not None:
             report(done_px, rows * cols)
         # read the next block in a background thread while the model works on this one
-        pending = pool.submit(read, todo[0]) if todo else None
+        pending = pool.submit(read, todo[0], 0) if todo else None
         for i, sl in enumerate(todo):
             t0 = time.perf_counter()
             block = pending.result()
             t1 = time.perf_counter()
-            pending = pool.submit(read, todo[i + 1]) if i + 1 < len(todo) else None
+            pending = pool.submit(read, todo[i + 1], i + 1) if i + 1 < len(todo) else None
             lt = lt_all[sl] if isinstance(lt_all, np.ndarray) else lt_all
             prob, bur, ood, reason = process_block(
                 block, recorder, scan.calibration, lt, saturation_counts, batch_pixels
