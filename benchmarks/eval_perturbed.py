@@ -8,7 +8,10 @@ Held-out sets that the training simulator never made, in three ways at once:
 2. instruments outside the training envelope of the shipped model (``xrfnb/data/train_finetune.toml``):
    take-off angles 25-35 deg (training 35-65), 150-300 um Si (300-1000), 25-40 um Be windows (8-25), plus
    the evaluation's own widening (FWHM x0.8-1.3, doubled calibration errors);
-3. compositions: trace impurities (Si, K, Ca, Fe) at 0.3-1 wt% (training 0.01-0.3 wt%) in every spectrum.
+3. compositions: trace impurities (Si, K, Ca, Fe) at 0.3-1 wt% (training 0.01-0.3 wt%) in every spectrum;
+4. (only with ``--parts`` naming it) ``filters``: a primary-beam filter on every tube instrument, drawn from
+   Al 300 um, Ni 25 um, Cu 50 um, Mo 30 um and Al 200 + Cu 10 um (none of them the M4's filter sets that
+   ``tube_filters`` in a training config may hold).
 
 Seeds: the stacks from ``EVAL_SEED + 7000 + draw`` and the atomic draws from ``9100 + draw``, neither used
 in training or in the card's evaluation. Each set (single, mixture, buried, low) at 1,000 and 3,000 counts
@@ -51,6 +54,11 @@ TARGETS = {"single": 0.95, "mixture": 0.90, "buried": 0.85, "low": 0.85}
 
 
 PARTS = ("atomic", "instrument", "impurities")
+#: parts that run only when --parts names them
+EXTRA_PARTS = ("filters",)
+#: the filter sets of the "filters" part (outside the M4's set of none / Al 12.5 / Al 100 / Al 630 /
+#: Al 100 + Ti 25 / Al 100 + Ti 50 + Cu 25 um and PyMca's Al 1.1 mm)
+EVAL_FILTERS = ("Al:300", "Ni:25", "Cu:50", "Mo:30", "Al:200+Cu:10")
 
 
 def perturbed_config(model: xrfnb.PigmentModel, parts: tuple[str, ...] = PARTS) -> DataConfig:
@@ -62,6 +70,8 @@ def perturbed_config(model: xrfnb.PigmentModel, parts: tuple[str, ...] = PARTS) 
                                   detector_window_um=(25.0, 40.0))
     if "impurities" in parts:
         cfg = dataclasses.replace(cfg, impurity_prob=1.0, impurity_wt=(3e-3, 1e-2))
+    if "filters" in parts:
+        cfg = dataclasses.replace(cfg, tube_filters=EVAL_FILTERS, tube_filter_weights=())
     return cfg
 
 
@@ -87,14 +97,16 @@ def main() -> None:
                          "assign_pigments_by_elements, given the exact instrument) on the same spectra")
     ap.add_argument("--parts", default=",".join(PARTS),
                     help="which perturbations, comma-separated from atomic,instrument,impurities "
-                         "('none': the training distribution with held-out seeds)")
+                         "('none': the training distribution with held-out seeds); 'filters' adds a tube "
+                         "filter outside the training sets to every tube instrument")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--model", action="append", default=[], metavar="LABEL=DIR",
                     help="also score the model folder DIR as LABEL (repeatable)")
     args = ap.parse_args()
     parts = tuple(p for p in args.parts.split(",") if p and p != "none")
-    if set(parts) - set(PARTS):
-        ap.error(f"--parts: unknown {sorted(set(parts) - set(PARTS))}; choose from {PARTS} or none")
+    if set(parts) - set(PARTS + EXTRA_PARTS):
+        ap.error(f"--parts: unknown {sorted(set(parts) - set(PARTS + EXTRA_PARTS))}; choose from "
+                 f"{PARTS + EXTRA_PARTS} or none")
 
     after = xrfnb.load_model("default")
     data = perturbed_config(after, parts)
