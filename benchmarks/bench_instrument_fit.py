@@ -312,6 +312,46 @@ def run_blanks(quick: bool) -> list[Row]:
     return rows
 
 
+def run_blank_hardness(quick: bool) -> None:
+    """The primary filter, optics and detector thickness of each M4 blank, fitted from a start that knows
+    none of them (the ``bruker-m4`` preset: a lens, no filter, 450 um), against the file's header."""
+    files = sorted(glob.glob(str(M4 / "acrylic_blanks" / "*.spx")))
+    files = [f for f in files if "acryl__f1" not in f and "SPACE" not in f]  # two copies of f1
+    if quick:
+        files = files[:: max(1, len(files) // 3)]
+    start = Instrument.preset("bruker-m4")
+    print("\nHardness of the M4 blanks (start: bruker-m4, which has a lens and no filter; truth: the header)")
+    print(
+        f"{'blank':14s} {'header filter':24s} {'optics':14s} {'fitted filter':34s} {'optics':26s} "
+        f"{'detector um (450)':24s} {'T(15 keV) fit/header':>20s} {'T(25)':>6s}  s"
+    )
+    for f in files:
+        truth = Instrument.from_file(f, preset="bruker-m4")
+        fit = xrfnb.fit_instrument(xrfnb.load(f), start=start)
+        p = fit.parameters
+        tf = " + ".join(f"{a.material} {a.thickness_um:g}" for a in truth.tube_filters) or "none"
+        mat, t = p["tube_filter"], p["tube_filter_um"]
+        fil = f"{mat.value} {fmt(t.value, t.sigma, '.3g', t.status)}" + (
+            " n.d." if mat.status != "fitted" else ""
+        )
+        o, d = p["optics"], p["detector_thickness_um"]
+
+        def trans(inst: Instrument, e: float) -> float:
+            out = 1.0
+            for a in inst.tube_filters:
+                out *= float(a.transmission(np.array([e]))[0])
+            return out
+
+        ratio = [trans(fit.instrument, e) / max(trans(truth, e), 1e-300) for e in (15.0, 25.0)]
+        name = Path(f).stem.replace("20170510_", "").replace("_50kv_100mA_acryl", "").replace("_0", "")
+        print(
+            f"{name:14s} {tf:24s} {truth.optics:14s} {fil:34s} "
+            f"{o.value + ('' if o.status == 'fitted' else ' n.d.'):26s} "
+            f"{fmt(d.value, d.sigma, '.0f', d.status):24s} {ratio[0]:20.2f} {ratio[1]:6.2f} "
+            f"{fit.seconds:4.1f}"
+        )
+
+
 def run_elements() -> list[Row]:
     rows = []
     for f in sorted(glob.glob(str(M4 / "pure_elements" / "*.msa"))):
@@ -348,10 +388,84 @@ def fresco_scan(name: str, calibrated: bool) -> xrfnb.Scan:
     return xrfnb.Scan(cube.reshape(h, w, -1), cal, live_time_s=float(np.median(real)), metadata=meta)
 
 
+def continuum_ratios(counts: np.ndarray, energy_keV: np.ndarray) -> tuple[float, float]:
+    """Counts per keV at 26-30 keV over those at 14-16 keV and at 17-19 keV: how the spectrum's end stands
+    against its middle (14-16 keV holds Sr K and Pb Lg lines in a fresco; 17-19 keV is scatter continuum
+    below the Ag lines' Compton peaks)."""
+
+    def per_keV(a: float, b: float) -> float:
+        return float(counts[(energy_keV >= a) & (energy_keV < b)].sum()) / (b - a)
+
+    return per_keV(26, 30) / per_keV(14, 16), per_keV(26, 30) / per_keV(17, 19)
+
+
+def twin_ratios(fit: xrfnb.InstrumentFit, instrument: Instrument, energy_keV: np.ndarray) -> list[str]:
+    """The continuum ratios of spectra simulated with ``instrument`` (the fit's, or the fit's with the start's
+    filters, optics and detector) for four fresco-like samples, with the fit's pile-up at its count rate."""
+    ground = Layer({"chalk": 0.9}, thickness_um=500)
+    twins = {
+        "chalk": Stack([], substrate=ground),
+        "ochre": Stack([Layer({"yellow ochre": 0.5}, thickness_um=30)], substrate=ground),
+        "ochre + lead white": Stack(
+            [Layer({"yellow ochre": 0.3, "lead white": 0.2}, thickness_um=30)], substrate=ground
+        ),
+        "vermilion + red ochre": Stack(
+            [Layer({"vermilion": 0.2, "red ochre": 0.3}, thickness_um=20)], substrate=ground
+        ),
+    }
+    share = fit["pileup_share"].value or 0.0
+    rate = fit["count_rate_cps"].value
+    out = []
+    for label, stack in twins.items():
+        mu = np.asarray(
+            xrfnb.simulate(stack, instrument, noise=False, pileup=False, counts=1e8).counts, dtype=float
+        )
+        if rate and share:
+            mu = instrument.detector_response(energy_keV).pileup(
+                mu, rate, resolving_time_s=share / (2 * rate)
+            )
+        a, b = continuum_ratios(mu, energy_keV)
+        out.append(f"{label} {a:.2f} / {b:.2f}")
+    return out
+
+
 def run_fresco() -> None:
     print(
         "\nRoman fresco (roman_fresco_vinca; tube not stated; real time used as live time, the files hold 0)"
     )
+    for name in ("prova1_det19511", "prova1_det10264", "ruotato_det19511"):
+        scan = fresco_scan(name, True)
+        fit = xrfnb.fit_instrument(scan)
+        p = fit.parameters
+        total = scan.sum_spectrum(1024)
+        energy = fit.instrument.calibration.energies_keV(total.n_channels)
+        a, b = continuum_ratios(np.asarray(total.counts, dtype=float), energy)
+        f, t, o, d = (p[k] for k in ("tube_filter", "tube_filter_um", "optics", "detector_thickness_um"))
+        print(
+            f"  {name:18s} hardness: filter {f.value} {fmt(t.value, t.sigma, '.3g', t.status)} um "
+            f"({f.status}), optics {o.value} ({o.status}), detector "
+            f"{fmt(d.value, d.sigma, '.0f', d.status)} um; {fit.seconds:.1f} s"
+        )
+        print(f"    filter: {f.evidence}")
+        print(f"    optics: {o.evidence}")
+        print(f"    counts per keV at 26-30 keV over 14-16 / over 17-19 keV: data {a:.2f} / {b:.2f}")
+        before = fit.instrument.with_(
+            tube_filters=fit.start.tube_filters,
+            optics=fit.start.optics,
+            detector_thickness_um=fit.start.detector_thickness_um,
+            polycapillary_cutoff_keV=fit.start.polycapillary_cutoff_keV,
+            polycapillary_slope=fit.start.polycapillary_slope,
+            polycapillary_floor=fit.start.polycapillary_floor,
+            polycapillary_low_keV=fit.start.polycapillary_low_keV,
+        )
+        print(
+            "    simulated twins, the fitted instrument:                 "
+            + "; ".join(twin_ratios(fit, fit.instrument, energy))
+        )
+        print(
+            "    simulated twins, with the start's filters/optics/detector: "
+            + "; ".join(twin_ratios(fit, before, energy))
+        )
     for name in ("prova1_det19511", "prova1_det10264", "ruotato_det19511"):
         for calibrated in (True, False):
             scan = fresco_scan(name, calibrated)
@@ -467,6 +581,8 @@ def main(argv: list[str] | None = None) -> int:
                 run_blanks(args.quick),
             )
         )
+    if have_real and "real" in parts:
+        run_blank_hardness(args.quick)
     if have_real and "elements" in parts:
         tallies.append(
             print_table(

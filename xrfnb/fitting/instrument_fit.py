@@ -19,11 +19,15 @@ module reads them back, each from its own evidence:
 * **atmosphere** and **air path** from the argon K lines the irradiated air adds (simulated by
   :func:`xrfnb.argon_lines` for trial paths against the scatter of the same fit);
 * **pile-up** from the sum peaks: the self-convolution of the spectrum fitted above the highest line, which
-  with the count rate gives the pulse-pair resolving time.
+  with the count rate gives the pulse-pair resolving time;
+* the **hardness** of the beam and the detector -- primary filter (material and thickness), polycapillary
+  optics or none, silicon thickness -- from the scattered continuum's shape above 4 keV: the tube's
+  continuum through each candidate, scattered and detected, against the data (:func:`_fit_hardness`).
 
 Each value comes with a one-sigma uncertainty and a line saying how it was determined. What the data cannot
-settle (no continuum end below the spectrum's range, no argon line, a detector thickness the efficiency shape
-cannot separate from the unknown sample) is marked "not determined" and keeps the start instrument's value.
+settle (no continuum end below the spectrum's range, no argon line, filters that shape the beam alike) is
+marked "not determined" and keeps the start instrument's value -- except the filter, optics and detector
+thickness, where the instrument carries the best candidate (the ones that tie shape the spectrum alike).
 
 Example
 -------
@@ -58,7 +62,7 @@ from ..core.spectrum import Scan, Spectrum
 from ..physics.detector import FWHM_PER_SIGMA, MN_KA_KEV, DetectorResponse, si_ka_keV
 from ..physics.fp import compton_energy_keV
 from ..physics.instrument import Instrument, resolve_instrument
-from ..physics.materials import STANDARD_PRESSURE_MBAR, composition
+from ..physics.materials import STANDARD_PRESSURE_MBAR, Absorber, composition
 from ..physics.simulate import argon_lines
 from ..physics.tube import anode_lines, ebel_continuum
 from .calibration import calibrate
@@ -68,6 +72,8 @@ from .solvers import fit_one
 
 __all__ = [
     "ANODE_CANDIDATES",
+    "DETECTOR_THICKNESSES_UM",
+    "FILTER_CANDIDATES_UM",
     "FittedParameter",
     "InstrumentFit",
     "Peak",
@@ -1398,6 +1404,36 @@ def thick_scatter(
     return out_r, out_c
 
 
+def _thick_scatter_in_chalk(
+    element: str,
+    mass_fraction: float,
+    energy_keV: np.ndarray,
+    theta_deg: float,
+    incidence_deg: float,
+    takeoff_deg: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`thick_scatter` of chalk holding ``mass_fraction`` of an element (cross-sections and attenuation
+    mixed by mass)."""
+    t = float(np.clip(theta_deg, 0.0, 180.0))
+    t0 = math.floor(t / _XS_THETA_STEP_DEG) * _XS_THETA_STEP_DEG
+    t1 = min(t0 + _XS_THETA_STEP_DEG, 180.0)
+    f = 0.0 if t1 == t0 else (t - t0) / (t1 - t0)
+    e = np.asarray(energy_keV, dtype=float)
+    s1, s2 = math.sin(math.radians(incidence_deg)), math.sin(math.radians(takeoff_deg))
+    out_r, out_c = np.zeros_like(e), np.zeros_like(e)
+    for tt, ww in ((t0, 1.0 - f), (t1, f)):
+        if ww == 0.0:
+            continue
+        tabs = [
+            np.array([np.interp(e, _XS_ENERGY_KEV, a) for a in _scatter_table(m, tt)])
+            for m in ("CaCO3", element)
+        ]
+        dr, dc, mu, mu_c = (1.0 - mass_fraction) * tabs[0] + mass_fraction * tabs[1]
+        out_r += ww * dr / (mu / s1 + mu / s2) / s1
+        out_c += ww * dc / (mu / s1 + mu_c / s2) / s1
+    return out_r, out_c
+
+
 def _family_pieces(fm: FamilyModel) -> list[tuple[np.ndarray, np.ndarray]]:
     """A family cut into the parts whose ratios a thick, absorbing sample changes: Ka and Kb; per L
     subshell each line group (La, Lb2 and Ll of L3 apart: an absorption edge of the matrix between them,
@@ -1583,6 +1619,26 @@ class _ScatterPhysics:
         self.line_trans = np.asarray(base.incident_transmission(self.lines[0]), dtype=float)
         self.line_eff = np.asarray(base.detector_efficiency(self.lines[0]), dtype=float)
         self.compton_cache: dict[float, tuple[np.ndarray, np.ndarray]] = {}
+        self.tilts = _TILTS
+        self.ebel_cache: dict[float, np.ndarray] = {}
+
+    def _ebel(self, kv: float) -> np.ndarray:
+        """Ebel's continuum (photons per keV) on the fine grid at a voltage, zero above it (cached)."""
+        key = round(kv, 6)
+        if key not in self.ebel_cache:
+            if len(self.ebel_cache) > 24:
+                self.ebel_cache.clear()
+            below = self.grid < kv
+            out = np.zeros(self.grid.size)
+            out[below] = ebel_continuum(
+                self.base.anode,
+                kv,
+                self.grid[below],
+                electron_incidence_deg=self.base.electron_incidence_deg,
+                takeoff_deg=self.base.anode_takeoff_deg,
+            )
+            self.ebel_cache[key] = out
+        return self.ebel_cache[key]
 
     def set_pileup(self, share: float | None) -> None:
         """Pile-up: the share ``p`` of sum events (a fixed part of the model; see :func:`_pileup_column`),
@@ -1629,32 +1685,18 @@ class _ScatterPhysics:
             self.compton_cache[key] = (grid_rows, line_rows, eff_c)
         return self.compton_cache[key]
 
-    def columns(self, theta_deg: float, kv: float) -> np.ndarray:
-        """Physics columns in the window, shape (window channels, k)."""
-        inst = self.base.with_(tube_voltage_kV=float(kv))
-        below = self.grid < kv
-        cont = np.zeros(self.grid.size)
-        cont[below] = (
-            ebel_continuum(
-                inst.anode,
-                float(kv),
-                self.grid[below],
-                electron_incidence_deg=inst.electron_incidence_deg,
-                takeoff_deg=inst.anode_takeoff_deg,
-            )
-            * self.width[below]
-            * self.transmission[below]
-        )
+    def line_columns(self, theta_deg: float, kv: float) -> np.ndarray:
+        """Rayleigh and Compton columns of the anode's line groups in the window, shape (k, window
+        channels)."""
         _, l_e, l_photons = anode_lines(
-            inst.anode,
+            self.base.anode,
             float(kv),
-            electron_incidence_deg=inst.electron_incidence_deg,
-            takeoff_deg=inst.anode_takeoff_deg,
+            electron_incidence_deg=self.base.electron_incidence_deg,
+            takeoff_deg=self.base.anode_takeoff_deg,
             min_energy_keV=1.0,
         )
         geo = geometry_for_angle(self.base, theta_deg)
-        inc, out = geo["incidence_deg"], geo["takeoff_deg"]
-        c_grid, c_line, eff_c = self._compton(theta_deg)
+        _, c_line, _ = self._compton(theta_deg)
         le, lg, l_rows = self.lines
         cols = []
         if le.size:
@@ -1663,22 +1705,31 @@ class _ScatterPhysics:
                 hit = np.abs(l_e - e_i) < 1e-6
                 l_ph[i_l] = float(l_photons[hit].sum())
             l_ph *= self.line_trans
-            r_l, c_l = thick_scatter("CaCO3", le, theta_deg, inc, out)
+            r_l, c_l = thick_scatter("CaCO3", le, theta_deg, geo["incidence_deg"], geo["takeoff_deg"])
             for g in np.unique(lg):
                 sel = (lg == g) & (l_ph > 0)
                 if sel.any():
                     cols.append((l_ph[sel] * r_l[sel] * self.line_eff[sel]) @ l_rows[sel])
                     cols.append((l_ph[sel] * c_l[sel]) @ c_line[sel])
+        return np.array(cols).reshape(-1, self.y.size)
+
+    def columns(self, theta_deg: float, kv: float) -> np.ndarray:
+        """Physics columns in the window, shape (window channels, k)."""
+        below = self.grid < kv
+        cont = np.zeros(self.grid.size)
+        cont[below] = self._ebel(float(kv))[below] * self.width[below] * self.transmission[below]
+        geo = geometry_for_angle(self.base, theta_deg)
+        inc, out = geo["incidence_deg"], geo["takeoff_deg"]
+        c_grid, _, eff_c = self._compton(theta_deg)
         # the continuum's shape: the tube model's, tilted by powers of the energy, per scatterer
-        shapes = [(self.grid / max(kv, 1.0)) ** tilt for tilt in _TILTS]
-        S = np.stack(shapes)  # (s, n)
+        S = np.stack([(self.grid / max(kv, 1.0)) ** tilt for tilt in self.tilts])  # (s, n)
         W_r, W_c = [], []
         for mat in self.matrices:
             r, c = thick_scatter(mat, self.grid, theta_deg, inc, out)
             W_r.append(S * (cont * r * self.eff)[None, :])
             W_c.append(S * (cont * c * eff_c)[None, :])
         cont_cols = np.concatenate(W_r) @ self.rayleigh_rows + (np.concatenate(W_c) @ self.interp) @ c_grid
-        A = np.concatenate([np.array(cols).reshape(-1, self.y.size), cont_cols]).T
+        A = np.concatenate([self.line_columns(theta_deg, kv), cont_cols]).T
         return A[:, A.sum(axis=0) > 0]
 
     def fit(self, theta_deg: float, kv: float) -> _ScatterFit:
@@ -1859,6 +1910,348 @@ def _fit_angle_voltage(
     return _AngleVoltage(theta, theta_sd, kv, kv_sd, kv_lo, best.deviance / dof, len(sp.cache))
 
 
+# ------------------------------------------------------------------------------------------ hardness
+#: primary-filter materials the hardness search tries (none is always a candidate), with the range of
+#: thicknesses tried, um (log-spaced): the filters of heritage and micro-XRF scanners
+FILTER_CANDIDATES_UM: dict[str, tuple[float, float]] = {
+    "Al": (5.0, 3000.0),
+    "Ti": (3.0, 500.0),
+    "Ni": (2.0, 300.0),
+    "Cu": (2.0, 300.0),
+    "Mo": (2.0, 300.0),
+    "Ag": (2.0, 300.0),
+}
+#: silicon detector thicknesses the hardness search tries, um
+DETECTOR_THICKNESSES_UM = (300.0, 450.0, 700.0, 1000.0, 1500.0)
+#: thicknesses tried per filter material before the refinement
+_FILTER_STEPS = 7
+#: lowest energy of the hardness fit's window, keV (below, the detector's window and the air path, which
+#: the fit does not settle, shape the spectrum more than the beam's hardness)
+_HARDNESS_LOW_KEV = 4.0
+#: relative systematic uncertainty of the simulated scattered continuum in a 1 keV bin: the simulator
+#: against the Bruker M4 blanks reads 0.96-1.10 of the measured counts in 8-35 keV windows (README, "Against
+#: real Bruker spectra")
+_SHAPE_SYSTEMATIC = 0.05
+#: relative tilt of the simulated continuum across the hardness window that the tube's and the lens's models
+#: may be off by (the blanks' scaled simulated/measured ratios span 0.96-1.10 over 8-35 keV): the systematic
+#: floor of the filter's and the detector's thickness
+_SHAPE_TILT = 0.10
+#: deviance difference, in units of the fit's dispersion (deviance per degree of freedom, at least 1), by
+#: which the best of a discrete choice (a filter material, optics or none) must beat every other to count as
+#: determined: a likelihood ratio of e^-4.5, about three sigma
+_CHOICE_DELTA = 9.0
+
+
+class _HardnessModel:
+    """The scatter fit of a :class:`_ScatterPhysics` with the continuum's shape set by physics alone: for a
+    candidate incident transmission and detector efficiency, the Poisson deviance of the non-negative fit
+    (anode line groups, one continuum column per thick scatterer, the sample's families and other peaks,
+    the fixed pile-up).
+
+    For speed the continuum is carried on the physics' coarse grid (its density interpolated linearly onto
+    the fine grid: ``sum_j f(E_j) w_j R_j = f_coarse @ (P^T diag(w) R)``), so a candidate costs two small
+    matrix products and one NNLS; the rows, the scatterers' cross-sections and the anode lines are computed
+    once at the fitted angle and voltage."""
+
+    def __init__(self, sp: _ScatterPhysics, theta_deg: float, kv: float) -> None:
+        self.sp = sp
+        th = math.radians(theta_deg)
+        self.energy = sp.coarse
+        self.compton_energy = np.asarray(compton_energy_keV(sp.coarse, th), dtype=float)
+        P, w = sp.interp, sp.width
+        c_grid, _, _ = sp._compton(theta_deg)
+        self.rayleigh = P.T @ (w[:, None] * sp.rayleigh_rows)  # (coarse, channels)
+        self.compton = (P.T @ (w[:, None] * P)) @ c_grid  # (coarse, channels)
+        below = self.energy < kv
+        self.ebel = np.zeros(self.energy.size)
+        self.ebel[below] = ebel_continuum(
+            sp.base.anode,
+            float(kv),
+            self.energy[below],
+            electron_incidence_deg=sp.base.electron_incidence_deg,
+            takeoff_deg=sp.base.anode_takeoff_deg,
+        )
+        geo = geometry_for_angle(sp.base, theta_deg)
+        # binder, chalk and lead white, and for each other element whose edge lies in the window chalk with
+        # 10 % of it (its edge, at a painting's concentration): a thick pure element's scatter rises so
+        # steeply with energy between its edges that, free, it stands in for a hard beam
+        self.matrices = _SCATTER_MATRICES + tuple(m for m in sp.matrices if m not in _SCATTER_MATRICES)
+        inc, out = geo["incidence_deg"], geo["takeoff_deg"]
+        rc = [
+            thick_scatter(m, self.energy, theta_deg, inc, out)
+            if m in _SCATTER_MATRICES
+            else _thick_scatter_in_chalk(m, 0.1, self.energy, theta_deg, inc, out)
+            for m in self.matrices
+        ]
+        self.r = np.array([a for a, _ in rc])  # (scatterers, coarse)
+        self.c = np.array([b for _, b in rc])
+        self.fixed = np.concatenate([sp.line_columns(theta_deg, kv), sp.nuisance.T]).T
+        self.keep = (sp.weight > 0).astype(float)
+        self.bins = np.floor(sp.energy - sp.energy[0]).astype(int)
+        self.n_bins = int(self.bins.max()) + 1
+        filled = np.bincount(self.bins, self.keep, self.n_bins) > 0
+        #: degrees of freedom of the binned chi-square: bins less the continuum's scatterers (the line and
+        #: peak columns mostly sit inside single bins)
+        self.dof = max(1, int(filled.sum()) - len(self.matrices))
+
+    def fit(self, transmission: np.ndarray, eff: np.ndarray, eff_compton: np.ndarray) -> _ScatterFit:
+        """The fit for an incident transmission (at :attr:`energy`) and detector efficiencies (at
+        :attr:`energy` and at :attr:`compton_energy`)."""
+        base = self.ebel * transmission
+        cont = (self.r * (base * eff)) @ self.rayleigh + (self.c * (base * eff_compton)) @ self.compton
+        A = np.concatenate([self.fixed, cont.T], axis=1)
+        A = A[:, A.sum(axis=0) > 0]
+        scale = np.abs(A).sum(axis=0)
+        _, model = _nnls_poisson(A / scale, self.sp.y, self.sp.pileup_offset)
+        return _ScatterFit(float(np.sum(self.sp.weight * _deviance_terms(self.sp.y, model))), model, 0.0)
+
+    def deviance(self, transmission: np.ndarray, eff: np.ndarray, eff_compton: np.ndarray) -> float:
+        """The candidate's misfit: chi-square of the fitted counts in 1 keV bins (the channels the weights
+        keep) with the simulator's systematic shape uncertainty, :data:`_SHAPE_SYSTEMATIC` of each bin, beside
+        the counting noise. At the counts of a scan's sum spectrum the Poisson deviance per channel is set by
+        the physics' few-percent shape errors (the Compton profile, the detector's tails, the lens), and the
+        candidate that best hides them (a filter with an edge in the right place) would win by hundreds."""
+        model = self.fit(transmission, eff, eff_compton).model
+        ym = np.bincount(self.bins, self.sp.y * self.keep, self.n_bins)
+        mm = np.bincount(self.bins, model * self.keep, self.n_bins)
+        ok = ym > 0
+        var = mm[ok] + (_SHAPE_SYSTEMATIC * mm[ok]) ** 2
+        return float(np.sum((ym[ok] - mm[ok]) ** 2 / np.maximum(var, 1.0)))
+
+
+class _Hardness(NamedTuple):
+    material: str  # "none" or the filter's element
+    thickness_um: float  # 0 for none
+    thickness_sd_um: float | None  # None: not settled (at the range's edge, or a flat deviance)
+    material_settled: bool
+    optics: str
+    optics_settled: bool
+    detector_um: float
+    detector_sd_um: float | None  # None: not settled
+    ranking: tuple[tuple[str, str, float, float], ...]  # (optics, material, thickness um, delta), best first
+    dispersion: float
+    channels: int
+    window_keV: tuple[float, float]
+    evaluations: int
+    lens: Instrument  # the instrument whose lens shape the polycapillary candidate used
+
+
+def _filter_label(material: str, thickness_um: float) -> str:
+    return "none" if material == "none" else f"{material} {thickness_um:.3g} um"
+
+
+def _fit_hardness(
+    y: np.ndarray,
+    cal: EnergyCalibration,
+    inst: Instrument,
+    nuisance_keV: np.ndarray,
+    fwhm_fn: Any,
+    elements: tuple[str, ...],
+    pileup_share: float,
+    theta_deg: float,
+    kv: float,
+    fixed: Mapping[str, Any],
+) -> _Hardness | None:
+    """The primary filter, optics and detector thickness that make the scattered continuum's shape.
+
+    The scatter fit of :func:`_fit_angle_voltage` lets the continuum's shape free (five powers of the
+    energy). Here it is physics only: the tube's Ebel continuum times the candidate's incident transmission
+    (the start's window and gas path; no filter or one filter of :data:`FILTER_CANDIDATES_UM`; no optics or
+    the polycapillary lens of the start, else of ``bruker-m4``), scattered by the thick scatterers of the
+    fit at the fitted angle, times the candidate detector's efficiency (:data:`DETECTOR_THICKNESSES_UM`),
+    against the spectrum from :data:`_HARDNESS_LOW_KEV` up (the sample's line families, other peaks and
+    the fixed pile-up alongside, as in :class:`_ScatterPhysics`). Each material's thickness is scanned on a
+    log grid and refined by a parabola in ``ln t``; the detector's thickness likewise for the best filter.
+    Returns None where the window holds too few channels or counts.
+    """
+    e_top = float(cal.energy_keV(y.size - 1))
+    lo = max(_HARDNESS_LOW_KEV, float(cal.energy_keV(0)))
+    filters_fixed = "tube_filters" in fixed
+    bare = inst.with_(optics="none") if filters_fixed else inst.with_(tube_filters=(), optics="none")
+    lines = _tube_lines(str(inst.anode), "K")
+    if lines.energy_keV.size == 0 or lines.energy_keV.max() > min(e_top, kv):
+        lines = _tube_lines(str(inst.anode), "L")
+    main = (
+        lines.energy_keV[lines.weight >= 0.2 * lines.weight.max()]
+        if lines.energy_keV.size
+        else lines.energy_keV
+    )
+    th = math.radians(theta_deg)
+    if main.size:
+        # above twice the tube lines' Compton energy the sums of two scattered tube photons (pile-up) make the
+        # spectrum: left out
+        e_sum = 2.0 * float(compton_energy_keV(main.min(), math.pi))
+        e_top = min(e_top, e_sum - 3.0 * float(fwhm_fn(np.array([e_sum]))[0]))
+    if e_top - lo < 4.0 or float(y.sum()) < 1e4:
+        return None
+    sp = _ScatterPhysics(y, cal, bare, (lo, e_top), nuisance_keV, fwhm_fn, kv, elements)
+    if sp.y.sum() < 1e4:
+        return None
+    sp.set_pileup(pileup_share)
+    # the tube lines' Rayleigh and Compton peaks are left out of the deviance: their shapes (the Compton
+    # profile, the detector's line shape at 1e6 counts) decide it there, not the continuum's hardness
+    # (every line of 5 % of the strongest, from 5 sigma below the Compton peak, whose measured profile has
+    # longer tails than the model's Gaussian in momentum, to 3 sigma above the Rayleigh peak)
+    weight = np.ones(sp.y.size)
+    for e_l in lines.energy_keV[lines.weight >= 0.05 * lines.weight.max()] if main.size else main:
+        ec, sd_c = _compton_sigma_keV(np.array([e_l]), th)
+        s_r = float(fwhm_fn(np.array([e_l]))[0]) / FWHM_PER_SIGMA
+        s_c = math.hypot(float(fwhm_fn(ec)[0]) / FWHM_PER_SIGMA, float(sd_c[0]))
+        weight[(sp.energy > ec[0] - 5 * s_c) & (sp.energy < e_l + 3 * s_r)] = 0.0
+    sp.weight = weight
+    model = _HardnessModel(sp, theta_deg, kv)
+    e_c, e_cc = model.energy, model.compton_energy
+    t_bare = np.asarray(bare.incident_transmission(e_c), dtype=float)
+    lens = inst if inst.optics == "polycapillary" else Instrument.preset("bruker-m4")
+    optics_t = {"none": np.ones(e_c.size), "polycapillary": np.asarray(lens.optics_transmission(e_c), float)}
+    mu = {m: -np.log(np.maximum(Absorber(m, 1.0).transmission(e_c), 1e-300)) for m in FILTER_CANDIDATES_UM}
+    effs: dict[float, tuple[np.ndarray, np.ndarray]] = {}
+
+    def eff(det_um: float) -> tuple[np.ndarray, np.ndarray]:
+        key = round(det_um, 3)
+        if key not in effs:
+            d = bare.with_(detector_thickness_um=float(det_um))
+            effs[key] = (
+                np.asarray(d.detector_efficiency(e_c), dtype=float),
+                np.asarray(d.detector_efficiency(e_cc), dtype=float),
+            )
+        return effs[key]
+
+    memo: dict[tuple[str, str, float, float], float] = {}
+
+    def dev(optics: str, material: str, t_um: float, det_um: float) -> float:
+        key = (optics, material, round(t_um, 4), round(det_um, 3))
+        if key not in memo:
+            trans = t_bare * optics_t[optics]
+            if material != "none" and t_um > 0:
+                trans = trans * np.exp(-mu[material] * t_um)
+            memo[key] = model.deviance(trans, *eff(det_um))
+        return memo[key]
+
+    def best_thickness(
+        optics: str, material: str, det_um: float, around: float | None = None
+    ) -> tuple[float, float, float | None]:
+        """(thickness um, misfit, sd of ln t or None) of a material: a log grid (or three points around a
+        thickness), a halved step around the best, then a parabola in ln t through the five nearest."""
+        lo_t, hi_t = (math.log(v) for v in FILTER_CANDIDATES_UM[material])
+        if around is None:
+            lt = np.linspace(lo_t, hi_t, _FILTER_STEPS)
+        else:
+            lt = np.unique(np.clip(math.log(around) + np.array([-0.4, 0.0, 0.4]), lo_t, hi_t))
+        d = np.array([dev(optics, material, math.exp(v), det_um) for v in lt])
+        step = float(lt[1] - lt[0]) / 2.0 if lt.size > 1 else 0.2
+        i = int(np.argmin(d))
+        new = np.unique(np.clip(lt[i] + np.array([-step, step]), lo_t, hi_t))
+        lt = np.concatenate([lt, new])
+        d = np.concatenate([d, [dev(optics, material, math.exp(v), det_um) for v in new]])
+        order = np.argsort(lt)
+        lt, d = lt[order], d[order]
+        i = int(np.argmin(d))
+        near = np.sort(np.argsort(np.abs(lt - lt[i]))[:5])
+        pm = _parabola_min(lt[near], d[near])
+        x, curv = float(lt[i]), None
+        if pm is not None and lt[near].min() <= pm[0] <= lt[near].max():
+            curv = pm[1]  # the parabola's curvature measures the minimum's width even where its vertex
+            if dev(optics, material, math.exp(pm[0]), det_um) <= d[i]:  # does not beat the best point
+                x = pm[0]
+        edge = x <= lo_t + 1e-6 or x >= hi_t - 1e-6
+        sd = None if (curv is None or edge) else math.sqrt(2.0 / curv)
+        return math.exp(x), dev(optics, material, math.exp(x), det_um), sd
+
+    optics_list = [inst.optics] if "optics" in fixed else ["none", "polycapillary"]
+    # fixed filters stay in the bare path and only "none" (no further filter) is tried
+    materials = ["none"] if filters_fixed else ["none", *FILTER_CANDIDATES_UM]
+    det0 = float(inst.detector_thickness_um)
+
+    def scan(
+        det_um: float, which: list[tuple[str, str]]
+    ) -> dict[tuple[str, str], tuple[float, float, float | None]]:
+        return {
+            (o, m): (0.0, dev(o, m, 0.0, det_um), None) if m == "none" else best_thickness(o, m, det_um)
+            for o, m in which
+        }
+
+    results = scan(det0, [(o, m) for o in optics_list for m in materials])
+    (o_best, m_best), (t_best, d0, _) = min(results.items(), key=lambda kv_: kv_[1][1])
+    # the detector's thickness for the best filter and optics: five thicknesses (the filter re-fitted near
+    # its thickness), a parabola in ln t through the best and its neighbours
+    det_um, det_sd_ln = det0, None
+    if "detector_thickness_um" not in fixed:
+        dets = np.array(DETECTOR_THICKNESSES_UM)
+        d_det = np.array(
+            [
+                dev(o_best, m_best, 0.0, float(dt))
+                if m_best == "none"
+                else best_thickness(o_best, m_best, float(dt), around=t_best)[1]
+                for dt in dets
+            ]
+        )
+        i = int(np.argmin(d_det))
+        det_um = float(dets[i])
+        pm = (
+            _parabola_min(np.log(dets[i - 1 : i + 2]), d_det[i - 1 : i + 2])
+            if 0 < i < dets.size - 1
+            else None
+        )
+        if pm is not None:
+            det_um = float(np.clip(math.exp(pm[0]), dets[0], dets[-1]))
+            det_sd_ln = math.sqrt(2.0 / pm[1])
+        if abs(det_um - det0) > 1e-6:
+            # the candidates that stood near the best re-fitted with that detector
+            phi0 = max(1.0, d0 / model.dof)
+            near = [k for k, v in results.items() if (v[1] - d0) / phi0 < 4 * _CHOICE_DELTA]
+            results.update(scan(det_um, near))
+    ranked = sorted(results.items(), key=lambda kv_: kv_[1][1])
+    (o_best, m_best), (t_best, d_best, t_sd_ln) = ranked[0]
+    phi = max(1.0, d_best / model.dof)
+    if m_best != "none" and t_best <= FILTER_CANDIDATES_UM[m_best][0] * 1.001:
+        # the thinnest filter tried fits best: as thin as can be told, so no filter where none fits as well
+        bare_best = [r for r in ranked if r[0] == (o_best, "none")]
+        if bare_best and (bare_best[0][1][1] - d_best) / phi < _CHOICE_DELTA:
+            ranked.remove(bare_best[0])
+            ranked.insert(0, bare_best[0])
+            (o_best, m_best), (t_best, _, t_sd_ln) = ranked[0]
+    ranking = tuple((o, m, t, (d - d_best) / phi) for (o, m), (t, d, _) in ranked)
+    other_m = [r[3] for r in ranking[1:] if r[1] != m_best]
+    other_o = [r[3] for r in ranking if r[0] != o_best]
+    # systematic floors: a tilt of :data:`_SHAPE_TILT` across the window (the tube model and the lens) moves
+    # the filter's thickness by _SHAPE_TILT / (its log transmission's range there, where it passes > 1 %),
+    # the detector's by _SHAPE_TILT / (d ln(efficiency ratio of the window's ends) / d ln t)
+    kept = model.energy[(model.energy >= sp.energy[sp.weight > 0].min()) & (model.energy <= sp.energy[-1])]
+    t_sd = None
+    if t_sd_ln is not None and m_best != "none":
+        ln_t = -mu[m_best][np.searchsorted(model.energy, kept)] * t_best
+        span = float(ln_t.max() - max(ln_t.min(), math.log(0.01)))
+        sys_ln = _SHAPE_TILT / max(span, 1e-3)
+        t_sd = t_best * math.hypot(t_sd_ln * math.sqrt(phi), sys_ln)
+    d_sd = None
+    if det_sd_ln is not None:
+        ends = np.array([kept.min() if kept.size else lo, kept.max() if kept.size else e_top])
+        ends[0] = max(ends[0], 10.0) if ends[1] > 15.0 else ends[0]
+        r = [
+            np.log(bare.with_(detector_thickness_um=det_um * f).detector_efficiency(ends)) for f in (0.9, 1.1)
+        ]
+        slope = abs(float((r[1][1] - r[1][0]) - (r[0][1] - r[0][0]))) / (2 * math.log(1.1))
+        sys_ln = _SHAPE_TILT / max(slope, 1e-3)
+        d_sd = det_um * math.hypot(det_sd_ln * math.sqrt(phi), sys_ln)
+    return _Hardness(
+        m_best,
+        t_best,
+        t_sd,
+        all(v >= _CHOICE_DELTA for v in other_m),
+        o_best,
+        len(optics_list) > 1 and all(v >= _CHOICE_DELTA for v in other_o),
+        det_um,
+        d_sd,
+        ranking,
+        phi,
+        int(sp.y.size),
+        (float(sp.energy[0]), float(sp.energy[-1])),
+        len(memo),
+        lens,
+    )
+
+
 # ------------------------------------------------------------------------------------------ argon
 class _Argon(NamedTuple):
     counts: float  # net Ar K counts
@@ -2029,6 +2422,9 @@ _LABELS = {
     "pileup_share": "pile-up (share of sums)",
     "count_rate_cps": "count rate",
     "pileup_time_s": "pulse-pair resolving time",
+    "tube_filter": "tube filter",
+    "tube_filter_um": "tube filter thickness",
+    "optics": "optics",
     "detector_thickness_um": "detector thickness",
     "detector_window": "detector window",
 }
@@ -2048,8 +2444,10 @@ class InstrumentFit:
         Per setting (units in the names: ``offset_keV``, ``gain_keV``, ``quadratic_keV``, ``noise_keV``,
         ``fano``, ``fwhm_mnka_eV``, ``anode``, ``monochromatic_keV``, ``tube_voltage_kV``,
         ``scattering_angle_deg``, ``atmosphere``, ``air_path_mm``, ``pileup_share``, ``count_rate_cps``,
-        ``pileup_time_s``, ``detector_thickness_um``, ``detector_window``): value, one-sigma uncertainty,
-        status and evidence.
+        ``pileup_time_s``, ``tube_filter`` (element or ``"none"``), ``tube_filter_um``, ``optics``,
+        ``detector_thickness_um``, ``detector_window``): value, one-sigma uncertainty, status and evidence.
+        The filter, optics and detector thickness marked "not determined" are nevertheless the best
+        candidate's, put in :attr:`instrument` (the ties shape the spectrum alike; the evidence names them).
     calibration_cov : numpy.ndarray
         Covariance of (offset keV, gain keV/channel, quadratic keV/channel^2), shape (3, 3).
     start : Instrument
@@ -2404,8 +2802,19 @@ def fit_instrument(
       lines there: not determined.
     * **pile-up** (``pileup_share``; ``pileup_time_s`` from it and ``count_rate_cps`` where the live time
       is known): the sum peaks of the four strongest peaks, fitted with the spectrum's self-convolution.
-    * **detector thickness** and **window**: not determined: with the sample unknown, the efficiency's
-      shape cannot be told from the continuum's; the start's values are kept.
+    * **primary filter** (``tube_filter``, ``tube_filter_um``), **optics** and **detector thickness**: the
+      continuum's shape as physics (no free powers of the energy): the tube's Ebel continuum through the
+      start's window and gas and each candidate -- no filter or one of :data:`FILTER_CANDIDATES_UM` at a
+      log grid of thicknesses refined by a parabola, no optics or a polycapillary lens (the start's shape,
+      else ``bruker-m4``'s), a silicon detector of :data:`DETECTOR_THICKNESSES_UM` -- scattered at the
+      fitted angle by thick binder, chalk and lead white (and chalk with 10 % of each element whose edge
+      lies in the window) and fitted non-negatively beside the anode lines, the sample's lines and the
+      fixed pile-up, against the spectrum above 4 keV (the tube lines' Rayleigh and Compton peaks and the
+      tube lines' own sum peaks left out); candidates compared by the chi-square of 1 keV bins with a 5 %
+      systematic shape uncertainty per bin. A material (or the optics) is "fitted" where it beats every
+      other by 9 dispersions, else "not determined" with the ties named, and the instrument carries the
+      best; thicknesses carry the parabola's sigma and a floor for a 10 % tilt of the model's continuum;
+      a thickness at the edge of its range is not determined. The detector window is not determined.
 
     Uncertainties are one sigma: from the fits' covariances (scaled by the reduced chi-square or
     deviance where the model misses the data by more than counting noise), with floors for known
@@ -2732,6 +3141,7 @@ def fit_instrument(
                 )
 
     # 5. scattering angle and tube voltage -------------------------------------------------------------
+    hardness_context: tuple[np.ndarray, tuple[str, ...]] | None = None
     theta_fixed = "scattering_angle_deg" in fixed or any(
         k in fixed for k in ("incidence_deg", "takeoff_deg", "detector_azimuth_deg")
     )
@@ -2800,6 +3210,7 @@ def fit_instrument(
                 else None
             ),
         )
+        hardness_context = (nuisance, elements)
         scat = (
             f"simulated scatter of the tube spectrum against {sp.y.size} channels above {lo:.1f} keV "
             f"(deviance/dof {av.deviance_per_dof:.1f}, {av.evaluations} trials)"
@@ -2973,22 +3384,19 @@ def fit_instrument(
             "no live time (count rate)" if not rate else "no significant sum peaks",
         )
 
-    # 8. what the data cannot settle -------------------------------------------------------------------
-    for name, what in (
-        ("detector_thickness_um", inst.detector_thickness_um),
-        ("detector_window", _window_text(inst)),
-    ):
-        if name in fixed:
-            put(name, what, None, "fixed", "given in fixed=")
-        else:
-            put(
-                name,
-                what,
-                None,
-                "not determined",
-                "the efficiency's shape cannot be told from the unknown sample's and the tube's continuum "
-                "shape in one spectrum: the start's value",
-            )
+    # 8. the beam's and the detector's hardness: filter, optics, detector thickness ---------------------
+    inst = _put_hardness(y, cal, inst, fwhm_fn, share, fixed, hardness_context, put)
+    if "detector_window" in fixed:
+        put("detector_window", _window_text(inst), None, "fixed", "given in fixed=")
+    else:
+        put(
+            "detector_window",
+            _window_text(inst),
+            None,
+            "not determined",
+            "the window shapes the spectrum below 4 keV, where the air path, the sample's light elements and "
+            "the detector's tail do too: the start's value",
+        )
     return InstrumentFit(
         inst.with_(name=f"fitted to {source}"[:200]),
         params,
@@ -3001,6 +3409,180 @@ def fit_instrument(
         time.perf_counter() - t0,
         calibration_blind=c.blind,
     )
+
+
+def _put_hardness(
+    y: np.ndarray,
+    cal: EnergyCalibration,
+    inst: Instrument,
+    fwhm_fn: Any,
+    share: float,
+    fixed: Mapping[str, Any],
+    context: tuple[np.ndarray, tuple[str, ...]] | None,
+    put: Any,
+) -> Instrument:
+    """Fit the beam's and the detector's hardness (:func:`_fit_hardness`), record ``tube_filter``,
+    ``tube_filter_um``, ``optics`` and ``detector_thickness_um`` through ``put`` and return the instrument
+    with them put in."""
+    names = ("tube_filter", "tube_filter_um", "optics", "detector_thickness_um")
+    fixed_now = {
+        "tube_filter": "tube_filters" in fixed,
+        "tube_filter_um": "tube_filters" in fixed,
+        "optics": "optics" in fixed,
+        "detector_thickness_um": "detector_thickness_um" in fixed,
+    }
+    current = {
+        "tube_filter": " + ".join(a.material for a in inst.tube_filters) or "none",
+        "tube_filter_um": float(sum(a.thickness_um for a in inst.tube_filters)),
+        "optics": inst.optics,
+        "detector_thickness_um": float(inst.detector_thickness_um),
+    }
+    hard = None
+    if context is not None and inst.anode is not None and not all(fixed_now.values()):
+        hard = _fit_hardness(
+            y,
+            cal,
+            inst,
+            context[0],
+            fwhm_fn,
+            context[1],
+            share,
+            float(inst.scattering_angle_deg),
+            float(inst.tube_voltage_kV),
+            fixed,
+        )
+    if hard is None:
+        why = (
+            "no tube identified: no scattered tube continuum to read it from"
+            if context is None or inst.anode is None
+            else "too few counts or channels above 4 keV"
+        )
+        for name in names:
+            if fixed_now[name]:
+                put(name, current[name], None, "fixed", "given in fixed=")
+            else:
+                put(name, current[name], None, "not determined", f"{why}: the start's value")
+        return inst
+    rank = hard.ranking
+    where = (
+        f"Ebel continuum through each candidate, scattered at {inst.scattering_angle_deg:.0f} deg, against "
+        f"{hard.channels} channels at {hard.window_keV[0]:.1f}-{hard.window_keV[1]:.1f} keV (deviance/dof "
+        f"{hard.dispersion:.1f}, {hard.evaluations} trials)"
+    )
+    runner_m = next((r for r in rank[1:] if r[1] != hard.material), None)
+    alike = [
+        f"{_filter_label(m, t)}{' + lens' if o == 'polycapillary' else ''} (+{d:.1f})"
+        for o, m, t, d in rank[1:]
+        if d < _CHOICE_DELTA and m != hard.material
+    ][:4]
+    # filter: material and thickness
+    if fixed_now["tube_filter"]:
+        put("tube_filter", current["tube_filter"], None, "fixed", "given in fixed=")
+        put("tube_filter_um", current["tube_filter_um"], None, "fixed", "given in fixed=")
+    else:
+        label = _filter_label(hard.material, hard.thickness_um)
+        if hard.material_settled:
+            ev = f"{label} fits best: {where}" + (
+                f"; next best {_filter_label(runner_m[1], runner_m[2])} (deviance +{runner_m[3]:.0f} "
+                "dispersions)"
+                if runner_m
+                else ""
+            )
+            put("tube_filter", hard.material, None, "fitted", ev)
+        else:
+            ev = (
+                f"{label} fits best, but "
+                + ", ".join(alike)
+                + f" fit within {_CHOICE_DELTA:g} dispersions: the material is not settled; the instrument "
+                f"carries {label}, which shapes the spectrum as they do ({where})"
+            )
+            put("tube_filter", hard.material, None, "not determined", ev)
+        if hard.material == "none":
+            put(
+                "tube_filter_um",
+                0.0,
+                None,
+                "fitted" if hard.material_settled else "not determined",
+                "no filter"
+                if hard.material_settled
+                else "no filter fits best, but the choice is not settled",
+            )
+        elif hard.thickness_sd_um is not None:
+            put(
+                "tube_filter_um",
+                hard.thickness_um,
+                hard.thickness_sd_um,
+                "fitted",
+                f"thickness of {hard.material}: parabola of the deviance in ln(thickness)",
+            )
+        else:
+            put(
+                "tube_filter_um",
+                hard.thickness_um,
+                None,
+                "not determined",
+                f"the deviance of {hard.material} has no minimum inside "
+                f"{FILTER_CANDIDATES_UM[hard.material][0]:g}-{FILTER_CANDIDATES_UM[hard.material][1]:g} um",
+            )
+        inst = inst.with_(
+            tube_filters=() if hard.material == "none" else (Absorber(hard.material, hard.thickness_um),)
+        )
+    # optics
+    if fixed_now["optics"]:
+        put("optics", current["optics"], None, "fixed", "given in fixed=")
+    else:
+        other = next((r for r in rank if r[0] != hard.optics), None)
+        ev = f"{hard.optics} fits best" + (
+            f"; the best with{'out' if other[0] == 'none' else ''} a lens "
+            f"({_filter_label(other[1], other[2])}) {other[3]:.1f} dispersions worse"
+            if other
+            else ""
+        )
+        lens_from = "" if hard.optics == "none" else f" (lens shape of {hard.lens.name})"
+        put(
+            "optics",
+            hard.optics,
+            None,
+            "fitted" if hard.optics_settled else "not determined",
+            ev
+            + lens_from
+            + ("" if hard.optics_settled else ": not settled; the instrument carries the best"),
+        )
+        if hard.optics == "polycapillary" and inst.optics != "polycapillary":
+            lens = hard.lens
+            inst = inst.with_(
+                optics="polycapillary",
+                polycapillary_cutoff_keV=lens.polycapillary_cutoff_keV,
+                polycapillary_slope=lens.polycapillary_slope,
+                polycapillary_floor=lens.polycapillary_floor,
+                polycapillary_low_keV=lens.polycapillary_low_keV,
+            )
+        else:
+            inst = inst.with_(optics=hard.optics)
+    # detector thickness
+    if fixed_now["detector_thickness_um"]:
+        put("detector_thickness_um", current["detector_thickness_um"], None, "fixed", "given in fixed=")
+    elif hard.detector_sd_um is not None:
+        put(
+            "detector_thickness_um",
+            hard.detector_um,
+            hard.detector_sd_um,
+            "fitted",
+            f"the efficiency above 15 keV, with the best filter and optics: deviance at "
+            f"{', '.join(f'{t:g}' for t in DETECTOR_THICKNESSES_UM)} um, parabola in ln(thickness)",
+        )
+        inst = inst.with_(detector_thickness_um=hard.detector_um)
+    else:
+        put(
+            "detector_thickness_um",
+            current["detector_thickness_um"],
+            None,
+            "not determined",
+            f"the misfit is lowest at {hard.detector_um:g} um, the edge of the "
+            f"{DETECTOR_THICKNESSES_UM[0]:g}-{DETECTOR_THICKNESSES_UM[-1]:g} um tried (or flat): the start's "
+            f"{current['detector_thickness_um']:g} um kept",
+        )
+    return inst
 
 
 def _near_family(e: float, elements: tuple[str, ...], inst: Instrument) -> bool:
