@@ -149,3 +149,17 @@ def test_background_of_the_first_bins_equals_the_whole_grid_one(n_bins):
         assert s3.shape == (16, n_keep) and bg3.shape == (16, n_keep)
         assert torch.equal(s3, s3_all[:, :n_keep]), n_keep
         assert torch.equal(bg3, bg3_all[:, :n_keep]), n_keep
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint32, np.float32])
+def test_rebinning_in_pieces_on_threads_equals_one_call(model, spectra, dtype):
+    """``_rebin_parallel`` (rows split over threads, each rebinning 256 rows at a time) gives the bytes of
+    one ``rebin_counts`` call over all rows, also where some pieces hold counts too large for the exact
+    prefix sums (those pieces take the other path; both give the same bytes)."""
+    counts, cal = spectra
+    x = np.concatenate([counts, counts[:700]]).astype(dtype)
+    if dtype == np.uint32:
+        x[300:310] = 3_000_000  # bin sums beyond 2**24 in one piece only
+    got = model._rebin_parallel(x, cal)
+    want = rebin_counts(x, cal, model.energy_edges_keV)
+    assert got.dtype == np.float32 and got.tobytes() == want.tobytes()
