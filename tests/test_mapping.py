@@ -736,3 +736,47 @@ def test_calls_at_one_pixel_follow_the_one_rule():
     assert maps.calls_at(0, 1)[0].call == "buried"  # 0.41 > 0.8 / 2
     with pytest.raises(xrfnb.DataError, match="outside"):
         maps.calls_at(1, 0)
+
+
+@pytest.mark.parametrize("bad", ["dead", "saturated", "invalid", "many dead"])
+def test_blocks_with_few_masked_pixels_pass_them_to_the_model(counts_truth, monkeypatch, bad):
+    """A block with a few dead or saturated pixels is identified as slices of the block (the masked
+    pixels through the model too, their results dropped, no copy of the valid ones); the maps are those
+    of identifying the valid pixels alone, to float32 rounding; the counts the call patterns get from
+    the model are those of the valid pixels. Invalid pixels, or many masked ones, keep the selection."""
+    from xrfnb.maps import blocks
+
+    counts, _ = counts_truth
+    counts = counts.astype(np.float32 if bad == "invalid" else np.uint16).copy()
+    counts[1, 2] = 0 if bad != "saturated" else counts[1, 2]
+    if bad == "saturated":
+        counts[1, 2, 50] = 65535
+    elif bad == "invalid":
+        counts[3, 4, 7] = np.nan
+    elif bad == "many dead":
+        counts[:3] = 0
+    model = xrfnb.load_model("default", precision="float32")
+    cal = EnergyCalibration(-0.9555, 0.009999)  # the model's default axis, 4096 channels
+    scan = Scan(np.concatenate([counts] * 2, axis=2)[..., :4096].copy(), cal)
+    calls: list[int] = []
+    real = model.identify_batch
+
+    def spy(x, calibration=None, live_time_s=None):
+        calls.append(x.shape[0])
+        return real(x, calibration, live_time_s)
+
+    monkeypatch.setattr(model, "identify_batch", spy)
+    fast = map_pigments(scan, model, chunk_pixels=10_000, batch_pixels=16, progress=False)
+    n_fast = sum(calls)
+    monkeypatch.setattr(blocks, "_MAX_MASKED_SHARE", -1.0)  # always the selection of valid pixels
+    calls.clear()
+    ref = map_pigments(scan, model, chunk_pixels=10_000, batch_pixels=16, progress=False)
+    n_valid = int((~ref.mask).sum())
+    assert sum(calls) == n_valid
+    assert n_fast == (n_valid if bad in ("invalid", "many dead") else scan.shape[0] * scan.shape[1])
+    np.testing.assert_array_equal(fast.mask_reason, ref.mask_reason)
+    for name in ("probability", "buried_probability", "ood_score"):
+        a, b = getattr(fast, name), getattr(ref, name)
+        np.testing.assert_array_equal(np.isnan(a), np.isnan(b))
+        np.testing.assert_allclose(a, b, atol=1e-6, err_msg=name)
+    np.testing.assert_array_equal(fast.pattern, ref.pattern)

@@ -17,6 +17,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["classify_pixels", "default_saturation", "process_block"]
 
+#: blocks with at most this share of dead or saturated pixels pass them to the model with the others
+_MAX_MASKED_SHARE = 0.02
+
 
 def classify_pixels(counts: np.ndarray, saturation_counts: float | None) -> np.ndarray:
     """Mask reason per spectrum: 0 valid, 1 dead, 2 saturated, 3 invalid.
@@ -89,7 +92,9 @@ def process_block(
     Returns
     -------
     probability, buried_probability : numpy.ndarray, shape (r, c, K), float32
-        NaN at masked pixels.
+        NaN at masked pixels. A block with few dead or saturated pixels (at most 2 %) and no invalid one
+        passes them to the model with the others (``model.identify_batch`` then sees every pixel of the
+        block, in order) and drops their results.
     ood_score : numpy.ndarray, shape (r, c), float32
         NaN at masked pixels.
     reason : numpy.ndarray, shape (r, c), uint8
@@ -102,13 +107,19 @@ def process_block(
     prob = np.full((r * c, k), np.nan, dtype=np.float32)
     bur = np.full((r * c, k), np.nan, dtype=np.float32)
     ood = np.full(r * c, np.nan, dtype=np.float32)
-    valid_idx = np.flatnonzero(reason == MASK_OK)
-    all_valid = valid_idx.size == r * c
+    valid = reason == MASK_OK
+    valid_idx = np.flatnonzero(valid)
+    # a few dead or saturated pixels (and no invalid one) go through the model with the others and their
+    # results are dropped: batches are then slices of the block, where a selection of the valid pixels
+    # would copy every batch that holds one of them
+    n_masked = r * c - valid_idx.size
+    whole = n_masked <= _MAX_MASKED_SHARE * r * c and not (reason == MASK_INVALID).any()
+    n_model = r * c if whole else valid_idx.size
     lt_flat = (
         None if live_time_s is None or np.ndim(live_time_s) == 0 else np.asarray(live_time_s).reshape(-1)
     )
-    for s in range(0, valid_idx.size, batch_pixels):
-        if all_valid:
+    for s in range(0, n_model, batch_pixels):
+        if whole:
             sel: slice | np.ndarray = slice(s, min(s + batch_pixels, r * c))
         else:
             sel = valid_idx[s : s + batch_pixels]
@@ -125,4 +136,8 @@ def process_block(
                 f"and {k} classes"
             )
         prob[sel], bur[sel], ood[sel] = p, b, o
+    if whole and n_masked:
+        prob[~valid] = np.nan
+        bur[~valid] = np.nan
+        ood[~valid] = np.nan
     return prob.reshape(r, c, k), bur.reshape(r, c, k), ood.reshape(r, c), reason.reshape(r, c)

@@ -572,13 +572,18 @@ class _TotalsRecorder:
         return res
 
     def take(self, valid: np.ndarray) -> np.ndarray | None:
-        """The block's counts per spectrum (0 where masked), in the order of its valid spectra; None when
-        the model returned none (the patterns then sum the counts)."""
+        """The block's counts per spectrum (0 where masked); None when the model returned none (the
+        patterns then sum the counts). The model saw the valid spectra, or every spectrum of the block
+        (:func:`process_block` with few masked pixels)."""
         parts, self._totals = self._totals, []
-        if any(p is None for p in parts) or sum(len(p) for p in parts) != int(valid.sum()):
+        n = sum(len(p) for p in parts) if all(p is not None for p in parts) else -1
+        if n not in (int(valid.sum()), valid.size):
             return None
         out = np.zeros(valid.size, np.float64)
-        if parts:
+        if parts and n == valid.size:
+            out[:] = np.concatenate(parts)
+            out[~valid] = 0.0
+        elif parts:
             out[valid] = np.concatenate(parts)
         return out
 
