@@ -418,3 +418,69 @@ def test_map_pigments_from_a_bcf_equals_the_counts_in_memory(tmp_path, monkeypat
     for name in ("probability", "buried_probability", "ood_score"):
         np.testing.assert_array_equal(getattr(from_file, name), getattr(in_memory, name), err_msg=name)
     assert from_file.metadata["masked"] == in_memory.metadata["masked"]
+
+
+def _check_walking_every_bunch(data: bytes, n_rows: int, cols: int, where: str) -> None:
+    """``check_bcf_block`` as it was: every instructed bunch of every pixel walked (the reference)."""
+    limit = len(data)
+    payloads: list[int] = []
+    marks = [0]
+    off = 0
+    for r in range(n_rows):
+        off, _ = bcf._walk_row(data, off, limit, cols, f"{where}: hypermap row {r}", payloads)
+        if off < 0:
+            raise xrfnb.FormatError(f"{where}: hypermap row {r} is truncated or corrupted")
+        marks.append(len(payloads) // 2)
+    if off != limit:
+        raise xrfnb.FormatError(f"{where}: hypermap rows changed since indexing")
+    spans = np.asarray(payloads, np.intp).reshape(-1, 2)
+    pixel = np.flatnonzero(spans[:, 0] < spans[:, 1])
+    p, end = spans[pixel, 0], spans[pixel, 1]
+    buf = np.frombuffer(data + bytes(2), np.uint8)
+    need_of, step_of = bcf._bunch_tables()
+    while p.size:
+        code = buf[p].astype(np.intp) << 8 | buf[p + 1]
+        reach = need_of[code] + p
+        if reach.max() > limit + bcf._PAD:
+            raise bcf._bunch_error(where, 0, marks, int(pixel[reach > limit + bcf._PAD][0]))
+        p = p + step_of[code]
+        more = p < end
+        p, end, pixel = p[more], end[more], pixel[more]
+
+
+def test_bcf_block_check_walks_only_the_pixels_that_can_overrun():
+    """Walking the bunches of the last pixels only (those within the decoder's largest reach of the
+    block's end) refuses exactly the blocks the walk over every bunch refuses, with the same message:
+    over damaged bunch headers anywhere in a 200 KB block of instructed pixels."""
+    rng = np.random.default_rng(12)
+    cube = rng.poisson(2.0, (8, 40, 1024)).astype(np.uint16)
+    cube[:, :, 500:520] = rng.integers(0, 3000, (8, 40, 20))  # 16-bit bunches
+    rows = bcf_stream(cube, "instructed")[bcf.STREAM_HEADER_BYTES :]
+    assert len(rows) > 150_000
+    bcf.check_bcf_block(rows, 8, 40, "map.bcf")
+    payloads: list[int] = []
+    off = 0
+    for _ in range(8):
+        off, _ = bcf._walk_row(rows, off, len(rows), 40, "x", payloads)
+    starts = np.asarray(payloads).reshape(-1, 2)[:, 0]
+    outcomes = set()
+    for trial in range(400):
+        damaged = bytearray(rows)
+        # the first bunch header of a pixel (of the last 60, within 45 KB of the end, more often): a random
+        # size and channel count
+        k = len(starts) - 1 - int(rng.integers(0, 60)) if trial % 4 else int(rng.integers(0, len(starts)))
+        damaged[starts[k] : starts[k] + 2] = rng.integers(0, 256, 2, dtype=np.uint8).tobytes()
+        damaged = bytes(damaged)
+        try:
+            _check_walking_every_bunch(damaged, 8, 40, "map.bcf")
+            want = None
+        except xrfnb.FormatError as exc:
+            want = str(exc)
+        try:
+            bcf.check_bcf_block(damaged, 8, 40, "map.bcf")
+            got = None
+        except xrfnb.FormatError as exc:
+            got = str(exc)
+        assert got == want, (trial, k)
+        outcomes.add(want is None)
+    assert outcomes == {True, False}  # both refused and accepted blocks were met

@@ -334,8 +334,11 @@ def index_bcf_rows(stream: SfsStream, rows: int, cols: int, path: Path) -> tuple
 def check_bcf_block(data: bytes, n_rows: int, cols: int, where: str, first_row: int = 0) -> None:
     """Check the records of ``n_rows`` rows of a pulse stream so the compiled decoder stays inside them.
 
-    Every pixel header (column, record sizes) and every bunch of every instructed-packed pixel is
-    checked: the bunches are walked for all the block's pixels at once, one bunch per pixel per step.
+    Every pixel header (column, record sizes) is checked, and the instructed bunches of the pixels
+    whose bunches could make the decoder read past the rows' bytes and their padding: the decoder reads
+    at most ``max(need)`` bytes (:func:`_bunch_tables`) from the start of a bunch, which lies before its
+    payload's end, so only the pixels within that distance of the rows' end are walked (all at once, one
+    bunch per pixel per step).
 
     Parameters
     ----------
@@ -374,14 +377,18 @@ def check_bcf_block(data: bytes, n_rows: int, cols: int, where: str, first_row: 
     if not payloads:
         return
     spans = np.asarray(payloads, np.intp).reshape(-1, 2)
-    pixel = np.flatnonzero(spans[:, 0] < spans[:, 1])  # the pixels still walked, their position and end
+    bound = limit + _PAD  # the decoder's buffer holds _PAD zero bytes after the rows
+    need_of, step_of = _bunch_tables()
+    # a bunch starts before its payload's end, so only the pixels whose end lies within the largest
+    # reach of the rows' end (the last few of the block) can have a bunch whose reads leave the buffer:
+    # the others are not walked (the same errors, for the same first pixel, as walking all)
+    walked = (spans[:, 0] < spans[:, 1]) & (spans[:, 1] - 1 + int(need_of.max()) > bound)
+    pixel = np.flatnonzero(walked)  # the pixels still walked, their position and end
     p, end = spans[pixel, 0], spans[pixel, 1]
     # every bunch walked starts before its payload's end, at least 4 bytes before the rows' end (the
     # record's trailer), so both header bytes read lie inside data
     buf = np.frombuffer(data, np.uint8)
     after = buf[1:]  # after[p] is buf[p + 1]
-    bound = limit + _PAD  # the decoder's buffer holds _PAD zero bytes after the rows
-    need_of, step_of = _bunch_tables()
     # a bunch starts at least 4 bytes before the rows' end, so one whose decoder reads reach at most
     # _PAD + 4 bytes from its start (every bunch of the sizes Esprit writes: 0, 1, 2, 4) stays inside
     far = need_of > _PAD + 4
