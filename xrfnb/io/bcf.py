@@ -224,6 +224,12 @@ class SfsStream:
         return data[skip : skip + length]
 
 
+#: a row's pixel count; a pixel record's header (22 bytes): column, two channel counts and a constant
+#: (skipped), packing flag, a size (skipped), number of pulses, data size
+_ROW_HEADER = struct.Struct("<i")
+_PIXEL_HEADER = struct.Struct("<I8xH2xHI")
+
+
 def _walk_row(
     data: bytes | memoryview, off: int, limit: int, cols: int, where: str, payloads: list[int] | None
 ) -> tuple[int, bool]:
@@ -233,10 +239,10 @@ def _walk_row(
     instructed-packed pixel; ``payloads`` (when given) receives the (start, end) offsets of each
     instructed payload, the span the decoder walks.
     """
-    unpack = struct.unpack_from
+    unpack = _PIXEL_HEADER.unpack_from
     if off + 4 > limit:
         return -1, False
-    (n_pix,) = unpack("<i", data, off)
+    (n_pix,) = _ROW_HEADER.unpack_from(data, off)
     off += 4
     if not 0 <= n_pix <= cols:
         raise FormatError(f"{where}: the row holds {n_pix} pixels for {cols} columns (corrupted file)")
@@ -244,7 +250,7 @@ def _walk_row(
     for _ in range(n_pix):
         if off + 22 > limit:
             return -1, packed
-        x, _c1, _c2, _d, flag, _s1, n_pulses, size2 = unpack("<IHHIHHHI", data, off)
+        x, flag, n_pulses, size2 = unpack(data, off)
         off += 22
         if x >= cols:
             raise FormatError(f"{where}: pixel x={x} outside the {cols} columns (corrupted file)")
