@@ -16,6 +16,7 @@ import param
 
 from ..._errors import DataError
 from ...core.spectrum import Scan
+from .adaptation import AdaptationPanel
 from .bokeh import LinkedRanges, TapSubscriptions, keep_session_until_connected
 from .calibration import CalibrationPanel
 from .common import DEMO_LABEL, MAIN_PX, ensure_extensions, size_text, toast_text
@@ -72,7 +73,7 @@ class Dashboard(DashboardState):
     Attributes
     ----------
     map_panel, gallery, spectrum_panel, threshold_panel, export_panel, selection_info,
-    calibration_panel, element_views, region_panel, physics_panel
+    calibration_panel, element_views, region_panel, physics_panel, adaptation_panel
         The parts, one per panel of the page.
     """
 
@@ -176,6 +177,7 @@ class Dashboard(DashboardState):
         self.threshold_panel = ThresholdPanel(self)
         self.export_panel = ExportPanel(self)
         self.calibration_panel = CalibrationPanel(self)
+        self.adaptation_panel = AdaptationPanel(self)
         self.element_views = ElementViews(self, taps)
         self.map_panel = MapPanel(self)
         self.spectrum_panel = SpectrumPanel(self, taps)
@@ -196,6 +198,7 @@ class Dashboard(DashboardState):
             pn.pane.Markdown(f"or upload a scan (max {size_text(self.max_upload_bytes)}):"),
             data.upload,
             data.model_w,
+            self.adaptation_panel.controls,
             data.progress_bar,
             data.progress_text,
             self.calibration_panel.card,
@@ -226,6 +229,7 @@ class Dashboard(DashboardState):
         main = pn.Column(
             self._status,
             info.ood_alert,
+            self.adaptation_panel.section,
             pn.Row(
                 self._map_column,
                 pn.Column(
@@ -327,6 +331,21 @@ class Dashboard(DashboardState):
         self.kept_regions, self._region_number = kept, number
         self.data_panel.map_current(cache_key=None)
         self.update_status()
+
+    def use_model(self, name: str) -> None:
+        """Choose the listed model ``name`` (a model object given to the dashboard is dropped) and make the
+        open scan's maps again with it (in a worker thread in a server session)."""
+        self.forget_model_obj()
+        self.data_panel.refresh_choices()
+        if name not in self.param.model_name.objects:
+            raise DataError(
+                f"no model {name!r} in the model list: {', '.join(self.param.model_name.objects)}"
+            )
+        if self.model_name != name:
+            self.model_name = name  # the model chooser's watcher maps the scan again
+        elif self._scan is not None:  # the same name (a given model object was in use): map again here
+            self.set_maps(None)
+            self.data_panel.map_current(cache_key=None)
 
     # -- reactions --------------------------------------------------------------------------------
     def _on_global_threshold(self, event: param.parameterized.Event) -> None:

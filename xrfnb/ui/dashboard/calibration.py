@@ -651,6 +651,11 @@ class CalibrationPanel(pn.viewable.Viewer):
         fitted = self._instrument_for
         return scan is not None and fitted is not None and (scan is fitted or scan.counts is fitted.counts)
 
+    def fit_of_open_scan(self) -> InstrumentFit | None:
+        """The instrument fitted to the open scan (or to its counts before a new calibration), or None."""
+        fit = self.instrument_fit
+        return fit if fit is not None and self._fitted_to(self._owner.scan) else None
+
     def used_instrument(self) -> Instrument | None:
         """The fitted instrument the session uses, with the open scan's calibration and channel count
         (the scan may have been calibrated again since); None while the file's or preset's is used."""

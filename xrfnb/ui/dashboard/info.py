@@ -16,12 +16,14 @@ from ...physics.pigments import pigments
 if TYPE_CHECKING:  # pragma: no cover
     from .app import Dashboard
 
-__all__ = ["SelectionInfo"]
+__all__ = ["ADAPT_LABEL", "ADAPT_OOD_SHARE", "SelectionInfo"]
 
 
 #: share of out-of-distribution pixels above which the banner suggests adapting the model (as
 #: ``xrfnb identify`` does)
 ADAPT_OOD_SHARE = 0.2
+#: the label of the dashboard's buttons that adapt the model (:mod:`.adaptation`)
+ADAPT_LABEL = "Adapt the model to this scanner"
 
 
 class SelectionInfo(pn.viewable.Viewer):
@@ -106,8 +108,9 @@ class SelectionInfo(pn.viewable.Viewer):
         if summary["fraction"] > ADAPT_OOD_SHARE:
             parts.append(
                 "So many unfamiliar pixels usually mean a scanner unlike the model's training: adapt the "
-                "model to it (about 15 minutes, on the command line: `xrfnb adapt SCAN --out "
-                "FOLDER/NAME`; with `XRFNB_MODELS=FOLDER xrfnb serve` it is offered in the model list here)."
+                f"model to it with *{ADAPT_LABEL}* below (about 15 minutes; the page stays usable, and the "
+                "maps are made again with the adapted model), or on the command line: `xrfnb adapt SCAN "
+                "--out FOLDER/NAME`, then `XRFNB_MODELS=FOLDER xrfnb serve` lists it here."
             )
         self.ood_alert.object = " ".join(parts)
         self.ood_alert.alert_type = "danger" if summary.get("pixel_ood") or n_ood == n_valid else "warning"

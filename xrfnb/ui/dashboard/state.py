@@ -175,6 +175,10 @@ class DashboardState(pn.viewable.Viewer):
         """Whether the open scan is one spectrum (1 x 1): shown as a spectrum with its calls, no maps."""
         return self._scan is not None and tuple(self._scan.shape[:2]) == (1, 1)
 
+    def forget_model_obj(self) -> None:
+        """Drop the model object given to the dashboard: models are chosen by name from now on."""
+        self._model_obj = None
+
     def model_available(self) -> bool:
         """Whether pigment maps can be computed (a model object was given or one can be chosen)."""
         return self._model_obj is not None or self.model_name != NO_MODEL

@@ -1,0 +1,237 @@
+"""The dashboard's "Adapt the model to this scanner" action (issue #18 item 2), driven as an object.
+
+A tiny base model is trained here into a models folder named by ``$XRFNB_MODELS`` (the shipped one takes
+minutes to fine-tune); the scan is the simulated hidden-painting scene (Rh tube, the base model's
+instrument). The adaptation runs for a few seconds in the worker process the dashboard starts, as it would
+for 15 minutes; the session's polls (the server's periodic callbacks) are called by hand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pickle
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import xrfnb
+from xrfnb.model.train import train_model
+from xrfnb.ui.dashboard import Dashboard
+from xrfnb.ui.dashboard import adapt_worker as _worker
+from xrfnb.ui.dashboard import adaptation as _adaptation
+from xrfnb.ui.dashboard import files as _files
+
+TINY = {
+    "name": "tiny-base",
+    "model": {"hidden": [32, 16], "conv_channels": 2},
+    "data": {"instruments": ["bruker-m6"], "instrument_weights": [1.0], "n_instrument_variants": 1,
+             "variants_per_batch": 1},
+    "optim": {"batch_size": 32, "max_steps": 10, "time_budget_min": 10.0, "n_val": 96, "workers": 1,
+              "checkpoint_every": 5, "threads": 1, "seed": 3},
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """The models folder ($XRFNB_MODELS) with the tiny base model in it."""
+    folder = tmp_path_factory.mktemp("models")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XRFNB_MODELS", str(folder))
+        train_model(TINY, folder / "tiny-base", progress=False)
+        yield folder
+
+
+@pytest.fixture(scope="module")
+def scan():
+    scan, _ = xrfnb.render_scan("hidden-painting", shape=(8, 8), counts_per_pixel=20000, rng=1401)
+    return scan
+
+
+@pytest.fixture(scope="module")
+def base(models):
+    return _files.load_model_cached("tiny-base")
+
+
+@pytest.fixture(scope="module")
+def base_maps(scan, base):
+    return xrfnb.map_pigments(scan, base, progress=False)
+
+
+def folders(models: Path) -> list[str]:
+    return sorted(p.name for p in models.iterdir())
+
+
+def pump(*runners, until, timeout_s=300.0):
+    """Call the runners' polls (as the server's periodic callbacks would) until ``until()``."""
+    end = time.monotonic() + timeout_s
+    while not until():
+        assert time.monotonic() < end, "timed out"
+        for runner in runners:
+            runner.poll()
+        time.sleep(0.1)
+
+
+def small(panel, minutes):
+    panel.n_val, panel.validation_n_per_cell = 96, 4
+    panel.minutes.value = minutes
+
+
+def test_the_model_is_adapted_listed_and_used_for_the_maps(models, scan, base, base_maps):
+    dash = Dashboard(scan=scan, maps=base_maps, model=base, blocking=False)
+    panel, card = dash.adaptation_panel, dash.calibration_panel
+    small(panel, 0.05)
+    # the instrument fitted in the calibration card is the one adapted to (not fitted again)
+    card.instrument_button.clicks += 1
+    pump(card.jobs, until=lambda: card.instrument_fit is not None, timeout_s=120)
+    fit = card.instrument_fit
+    before = folders(models)
+    panel.adapt_button.clicks += 1
+    job = panel.job
+    assert job is not None and job.fit is fit and _adaptation.running_adaptation() is job
+    assert panel.progress_bar.visible and panel.cancel_button.visible and panel.adapt_button.disabled
+    # a second request while it runs is refused, from this page and from another session
+    other = Dashboard(scan=scan, maps=base_maps, model=base, blocking=False)
+    for d in (dash, other):
+        d.adaptation_panel.offer_button.clicks += 1
+        level, text = d.last_message
+        assert level == "error" and "already running on this server" in text
+    assert "this page" in dash.last_message[1] and "another page" in other.last_message[1]
+    assert panel.job is job and other.adaptation_panel.job is None
+    # the page follows the worker: its stages, from the instrument to the model's checks
+    seen = []
+
+    def done():
+        seen.append(panel.progress_text.object)
+        return panel.job is None
+
+    pump(panel.jobs, until=done)
+    assert job.error is None, job.error
+    stages = " | ".join(dict.fromkeys(seen))
+    assert "starting the adaptation" in stages
+    assert any(
+        s in stages for s in ("training the adapted model", "calibrating the adapted", "checking the")
+    ), stages
+    # the folder, complete, in $XRFNB_MODELS under a new name; nothing hidden left beside it
+    new = sorted(set(folders(models)) - set(before))
+    assert new == ["tiny-base-simulated-scene-hidden-painting-adapted"], folders(models)
+    folder = models / new[0]
+    meta = json.loads((folder / "model.json").read_text())
+    assert meta["adapted"]["from_model"] == "tiny-base" and (folder / "README.md").is_file()
+    assert not (folder / "checkpoint").exists()
+    assert meta["adapted"]["instrument_fit"] == fit.summary()
+    # listed and chosen; the maps made again with it (poll the session's mapping job)
+    assert new[0] in _files.available_models() and dash.model_name == new[0]
+    assert dash.model_obj is None and new[0] in dash.param.model_name.objects
+    pump(dash.data_panel.jobs, until=lambda: dash.maps is not None and not dash.busy, timeout_s=120)
+    assert dash.maps.metadata["model"] == meta["name"] == new[0]
+    assert not np.array_equal(dash.maps.probability, base_maps.probability, equal_nan=True)
+    # said plainly: what was done, where, its validation beside the original's, the OOD share before/after
+    text = panel.result.object
+    assert panel.result.visible and "Adapted tiny-base to this scanner" in text
+    assert new[0] in text and str(models) in text and "| original | adapted |" in text
+    ood = dash.ood_summary()["fraction"]
+    assert f"{100 * ood:.1f} % of this scan's pixels are out of distribution" in text
+    assert f"({100 * job.ood_before:.1f} % with tiny-base)" in text
+    assert "Traceback" not in text and _adaptation.running_adaptation() is None
+    # a page opened later lists it ($XRFNB_MODELS)
+    assert new[0] in Dashboard().param.model_name.objects
+
+
+def test_cancelling_leaves_no_model_folder(models, scan, base, base_maps):
+    dash = Dashboard(scan=scan, maps=base_maps, model=base, blocking=False)
+    panel = dash.adaptation_panel
+    small(panel, 5.0)
+    before = folders(models)
+    panel.adapt_button.clicks += 1
+    job = panel.job
+
+    # wait until the worker trains (it has written into its hidden folder), then cancel
+    def training():
+        hidden = [p for p in models.iterdir() if p.name.startswith(".")]
+        return bool(hidden) and (hidden[0] / "train_log.jsonl").exists() and job.steps > 0
+
+    pump(panel.jobs, until=training, timeout_s=180)
+    panel.jobs.poll()
+    assert "training the adapted model" in panel.progress_text.object
+    panel.cancel_button.clicks += 1
+    pump(panel.jobs, until=lambda: panel.job is None, timeout_s=60)
+    assert job.path is None
+    assert folders(models) == before  # nothing left, hidden or not
+    assert "Adaptation cancelled" in panel.result.object and dash.last_message[0] == "warning"
+    assert dash.model_obj is base and _adaptation.running_adaptation() is None
+
+
+def test_what_cannot_be_done_is_said_in_words(models, scan, base, base_maps, monkeypatch):
+    # no counts to fit an instrument from
+    cal = xrfnb.EnergyCalibration(0.0, 0.01)
+    counts = np.random.default_rng(1402).poisson(0.002, size=(4, 4, 4096)).astype(np.uint16)
+    empty = xrfnb.Scan(counts, cal, metadata={"source": "nearly empty"})
+    dash = Dashboard(scan=empty, model=base)
+    before = folders(models)
+    dash.adaptation_panel.adapt_button.clicks += 1
+    level, text = dash.last_message
+    assert level == "error" and text.startswith("The model could not be adapted:"), text
+    assert "too few counts to fit an instrument" in text  # the instrument fit's own words
+    assert "Traceback" not in dash.adaptation_panel.result.object and folders(models) == before
+    assert _adaptation.running_adaptation() is None
+    # a full disk is said before anything starts
+    dash = Dashboard(scan=scan, maps=base_maps, model=base)
+    usage = type("Usage", (), {"total": 10**9, "used": 10**9, "free": 1000})
+    monkeypatch.setattr(_adaptation.shutil, "disk_usage", lambda path: usage)
+    dash.adaptation_panel.offer_button.clicks += 1
+    level, text = dash.last_message
+    assert level == "error" and f"the disk holding {models} is full" in text
+    assert _adaptation.running_adaptation() is None and folders(models) == before
+
+
+def test_the_worker_says_why_it_failed(models, scan, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    request = {"base": str(tmp_path / "no-such-model"), "fit": None, "minutes": 0.05, "name": "x",
+               "staging": str(models / ".x.adapting-test"), "models": str(models), "n_val": 96,
+               "validation_n_per_cell": 0}  # fmt: skip
+    (run_dir / _worker.REQUEST_FILE).write_bytes(pickle.dumps(request))
+    assert _worker.main([str(run_dir)]) == 1
+    message = json.loads((run_dir / _worker.ERROR_FILE).read_text())["message"]
+    assert "InstrumentFit" in message and not (run_dir / _worker.RESULT_FILE).exists()
+
+
+def test_the_banner_offers_the_adaptation_only_above_the_share(models, scan, base, base_maps):
+    valid = ~np.asarray(base_maps.mask, dtype=bool)
+    dash = Dashboard(scan=scan, maps=base_maps, model=base)
+    panel, alert = dash.adaptation_panel, dash.selection_info.ood_alert
+    n = int(valid.sum())
+    for n_ood in (0, n // 10, n // 5, n // 5 + 1, n):
+        thr = float(base_maps.ood_threshold)
+        score = np.full(valid.shape, thr - abs(thr) - 1.0, dtype=np.float32)
+        score[tuple(np.argwhere(valid)[:n_ood].T)] = thr + abs(thr) + 1.0
+        dash.set_maps(dataclasses.replace(base_maps, ood_score=np.where(valid, score, np.nan)))
+        above = n_ood / n > 0.2
+        assert panel.offer_button.visible == above, n_ood
+        assert (_adaptation.ADAPT_LABEL in alert.object) == above
+    assert panel.offer_button.label.startswith(_adaptation.ADAPT_LABEL)
+    panel.minutes.value = 5
+    assert panel.offer_button.label == f"{_adaptation.ADAPT_LABEL} (5.0 minutes)"
+
+
+def test_progress_is_read_from_the_training_log(tmp_path):
+    job = _adaptation.AdaptJob("adapt", minutes=15.0)
+    (tmp_path / "train_log.jsonl").write_text(
+        json.dumps({"step": 25, "elapsed_s": 10.0})
+        + "\n"
+        + json.dumps({"step": 250, "elapsed_s": 180.0})
+        + "\n"
+    )
+    _adaptation._follow_training(job, tmp_path)
+    assert job.training and job.steps == 250 and job.determinate
+    assert job.total == 900 and 180 <= job.done < 200
+    text = job.describe()
+    assert text.startswith(
+        "training the adapted model: 250 steps, 3.0 of 15 minutes, about 12.0 minutes left"
+    )
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    _adaptation._follow_training(job, tmp_path)
+    assert not job.determinate and job.describe().startswith("checking the adapted model")

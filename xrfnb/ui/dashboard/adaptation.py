@@ -1,0 +1,646 @@
+"""The dashboard's "Adapt the model to this scanner" action (issue #18 item 2).
+
+When more than :data:`~.info.ADAPT_OOD_SHARE` of the open scan's pixels are out of distribution, a button
+under the banner offers to adapt the model to the scanner; the same action is always available under the
+model chooser. It fits the instrument from the scan (or takes the fit the calibration card has already
+made of it), then fine-tunes the model in use on simulated spectra of that instrument
+(:func:`xrfnb.model.adapt.adapt_model`, as ``xrfnb adapt``) in a separate process
+(:mod:`.adapt_worker`), so that the server's sessions keep their speed; the page shows the training's
+steps and the minutes left and can cancel it. The model is written under a hidden name beside its final
+place and renamed when complete, into :func:`~.files.adapted_models_folder` (``$XRFNB_MODELS``'s first
+folder, else the user's models folder), under a name no model has yet. When it is done it joins the model
+list, the maps are made again with it, and the page says what happened: the steps and minutes, where the
+model is, its validation on simulated spectra of the instrument beside the original model's, and the share
+of this scan's pixels out of distribution before and after.
+
+One adaptation runs at a time per server (:func:`running_adaptation`); a second request, from any
+session, is refused in words while it runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import json
+import logging
+import os
+import pickle
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import panel as pn
+import param
+
+from ..._errors import CalibrationError, DataError, ModelError, XRFNBError
+from ...fitting.instrument_fit import InstrumentFit, fit_instrument
+from .adapt_worker import ERROR_FILE, REQUEST_FILE, RESULT_FILE, final_folder
+from .common import escape_html, guarded
+from .files import adapted_models_folder, available_models, load_model_cached
+from .info import ADAPT_LABEL, ADAPT_OOD_SHARE
+from .job import Cancelled, JobRunner, MappingJob, RowProgress, reraise_for_user
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ...core.spectrum import Scan
+    from ...model.model import PigmentModel
+    from .app import Dashboard
+
+__all__ = [
+    "ADAPT_LABEL",
+    "CANCEL_LABEL",
+    "DEFAULT_MINUTES",
+    "AdaptJob",
+    "AdaptationPanel",
+    "running_adaptation",
+]
+
+log = logging.getLogger(__name__)
+
+#: the label of the button that stops it
+CANCEL_LABEL = "Cancel the adaptation"
+#: optimisation minutes offered (as ``xrfnb adapt``)
+DEFAULT_MINUTES = 15.0
+#: seconds a cancelled worker gets to save its checkpoint and stop before it is killed
+STOP_GRACE_S = 20.0
+#: what the worker needs on disk besides the base model's weights, bytes
+_DISK_MARGIN = 50 * 2**20
+
+#: the adaptation running on this server (one at a time), under its lock
+_SLOT_LOCK = threading.Lock()
+_SLOT: list[AdaptJob] = []
+
+
+def running_adaptation() -> AdaptJob | None:
+    """The adaptation this server runs now (from any session), or None."""
+    with _SLOT_LOCK:
+        return _SLOT[0] if _SLOT else None
+
+
+def _claim(job: AdaptJob) -> AdaptJob | None:
+    """Take the server's one adaptation slot for ``job``; the job holding it instead, if any."""
+    with _SLOT_LOCK:
+        if _SLOT:
+            return _SLOT[0]
+        _SLOT.append(job)
+        return None
+
+
+def _release(job: AdaptJob) -> None:
+    with _SLOT_LOCK:
+        if _SLOT and _SLOT[0] is job:
+            _SLOT.clear()
+
+
+def _minutes_text(minutes: float) -> str:
+    return f"{minutes:.1f} minutes" if minutes < 10 else f"{minutes:.0f} minutes"
+
+
+@dataclasses.dataclass(eq=False)
+class AdaptJob(MappingJob):
+    """An adaptation run off the event loop: the instrument fit (when the calibration card has none) and
+    the worker process's fine-tuning, followed through its training log.
+
+    Attributes
+    ----------
+    minutes : float
+        The optimisation budget.
+    fit : InstrumentFit or None
+        The instrument adapted to (given, or fitted by the job).
+    base_name : str
+        The model adapted.
+    name : str
+        The adapted model's name (its folder's name unless that was taken meanwhile).
+    models : pathlib.Path or None
+        The folder it goes into.
+    steps : int
+        Training steps done (from the training log, every 25 steps).
+    train_s : float
+        Training seconds so far.
+    path : pathlib.Path or None
+        The adapted model's folder, once in place.
+    ood_before : float or None
+        The scan's share of out-of-distribution pixels with the base model (None: no maps).
+    session : str
+        Which session started it (for the words of a refusal in another).
+    """
+
+    minutes: float = DEFAULT_MINUTES
+    fit: InstrumentFit | None = None
+    base_name: str = ""
+    name: str = ""
+    models: Path | None = None
+    steps: int = 0
+    train_s: float = 0.0
+    path: Path | None = None
+    ood_before: float | None = None
+    session: str = ""
+
+    @property
+    def training(self) -> bool:
+        """Whether the job is in its training stage (its progress counts seconds of the budget)."""
+        return self.stage == "training"
+
+    def describe(self, now: float | None = None) -> str:
+        """The progress line: the stage, and while training the steps, the minutes done and left."""
+        if not self.training:
+            return super().describe(now)
+        left = max(0.0, 60.0 * self.minutes - self.train_s) / 60.0
+        return (
+            f"training the adapted model: {self.steps:,} steps, {self.train_s / 60:.1f} of "
+            f"{_minutes_text(self.minutes)}, about {left:.1f} minutes left (then about a minute of "
+            "calibration and validation)"
+        )
+
+    @property
+    def unit(self) -> str:
+        """What :attr:`done` counts outside training: rows summed for the instrument fit."""
+        return "rows"
+
+
+def _follow_training(job: AdaptJob, staging: Path) -> None:
+    """Read where the worker is from what it has written in ``staging``: the training log (steps and
+    seconds, every 25 steps), then the model's weights (calibration done: the validation runs)."""
+    budget_s = 60.0 * job.minutes
+    if (staging / "model.safetensors").exists():
+        what = "checking the adapted model against the original on simulated spectra of this instrument"
+        if job.stage != what:
+            job.set_stage(what)
+        return
+    log_path = staging / "train_log.jsonl"
+    try:
+        lines = log_path.read_text(encoding="utf-8").splitlines()
+        last = json.loads(lines[-1]) if lines else None
+        since = time.time() - log_path.stat().st_mtime
+    except (OSError, ValueError):
+        last = None
+    if last is None:
+        return
+    job.steps = int(last.get("step", 0))
+    job.train_s = min(float(last.get("elapsed_s", 0.0)) + max(0.0, since), budget_s)
+    if job.train_s >= budget_s:
+        what = "calibrating the adapted model: temperature, thresholds, out-of-distribution statistics"
+        if job.stage != what:
+            job.set_stage(what)
+        return
+    if not job.training:
+        job.set_stage("training", total=int(budget_s))
+    job.done, job.total = int(job.train_s), max(1, int(budget_s))
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """Stop the worker as Ctrl-C would (it saves its checkpoint), killing it if it does not stop."""
+    try:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=STOP_GRACE_S)
+    except (subprocess.TimeoutExpired, OSError):
+        proc.kill()
+        proc.wait()
+
+
+def _worker_env() -> dict[str, str]:
+    """The worker's environment: this one, with this copy of xrfnb first on the import path."""
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[3])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def _log_tail(path: Path, n: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+def run_adaptation(
+    job: AdaptJob, scan: Scan, base_path: Path, n_val: int, validation_n_per_cell: int
+) -> None:
+    """The job's work (in a worker thread): fit the instrument unless given, then run the worker process
+    and follow it until the model is in place (:attr:`AdaptJob.path`); releases the server's slot.
+
+    Raises
+    ------
+    Cancelled
+        The job was cancelled: the worker was stopped and its hidden folder removed.
+    XRFNBError
+        The instrument could not be fitted or the adaptation failed (in words for the page).
+    """
+    staging: Path | None = None
+    run_dir: Path | None = None
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        if job.fit is None:
+            rows = scan.shape[0]
+
+            def on_rows(n: int) -> None:
+                job.report(min(job.done + n, rows), rows)
+                if job.done >= rows:
+                    job.set_stage(
+                        "fitting the instrument: peaks, calibration, resolution, tube, scatter, air"
+                    )
+
+            job.set_stage("fitting the instrument: summing the spectra", total=rows)
+            fit = fit_instrument(dataclasses.replace(scan, counts=RowProgress(scan.counts, on_rows)))
+            if fit.calibration_blind:
+                raise CalibrationError(
+                    "the instrument fit had to guess the energy calibration blind (the scan has none): "
+                    "calibrate the scan in the 'Energy calibration' card first"
+                )
+            job.fit = fit
+        job.set_stage("starting the adaptation: loading the model, simulating the first spectra")
+        assert job.models is not None
+        staging = Path(tempfile.mkdtemp(dir=job.models, prefix=f".{job.name}.adapting-"))
+        run_dir = Path(tempfile.mkdtemp(prefix="xrfnb-adapt-"))  # private (0700): the request's pickle
+        request = {
+            "base": str(base_path), "fit": job.fit, "minutes": job.minutes, "name": job.name,
+            "staging": str(staging), "models": str(job.models), "n_val": int(n_val),
+            "validation_n_per_cell": int(validation_n_per_cell),
+        }  # fmt: skip
+        (run_dir / REQUEST_FILE).write_bytes(pickle.dumps(request))
+        with open(run_dir / "worker.log", "wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "xrfnb.ui.dashboard.adapt_worker", str(run_dir)],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=_worker_env(),
+            )  # fmt: skip
+        while proc.poll() is None:
+            try:
+                if job.cancelled:
+                    raise Cancelled
+                _follow_training(job, staging)
+            except Cancelled:
+                _stop(proc)
+                break
+            time.sleep(0.25)
+        result = run_dir / RESULT_FILE
+        if result.exists():  # done, even when the cancel came too late to stop it
+            done = json.loads(result.read_text(encoding="utf-8"))
+            job.path, job.name = Path(done["path"]), str(done["name"])
+            return
+        if job.cancelled:
+            raise Cancelled
+        error = run_dir / ERROR_FILE
+        if error.exists():
+            raise ModelError(json.loads(error.read_text(encoding="utf-8"))["message"])
+        log.error("the adaptation worker stopped with status %s:\n%s", proc.returncode,
+                  _log_tail(run_dir / "worker.log"))  # fmt: skip
+        raise ModelError(
+            f"the adaptation stopped unexpectedly (status {proc.returncode}); see the server log"
+        )
+    except OSError as exc:  # the models folder or the private folder cannot be written
+        raise DataError(
+            f"cannot adapt the model: {exc.strerror or exc} ({exc.filename or job.models})"
+        ) from None
+    finally:
+        if proc is not None and proc.poll() is None:  # a failure here while it runs: stop it
+            proc.kill()
+            proc.wait()
+        if staging is not None:  # gone when the model was put in place; else half-written: removed
+            shutil.rmtree(staging, ignore_errors=True)
+        if run_dir is not None:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        _release(job)
+
+
+def validation_rows(meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """The adapted model's validation beside the original's, from its ``model.json`` (``adapted``).
+
+    Returns
+    -------
+    list of dict
+        Per set and count level: ``set``, ``counts``, ``before`` and ``after`` (macro F1 of the original
+        and the adapted model on the same simulated spectra of the instrument; None where undefined),
+        ``ood_rate`` (the adapted model's share of those spectra out of distribution).
+    """
+    record = meta.get("adapted") or {}
+    rows = []
+    for b, a in zip(record.get("validation_before", []), record.get("validation", []), strict=False):
+        rows.append({"set": a["set"], "counts": a["counts"], "before": b.get("macro_f1"),
+                     "after": a.get("macro_f1"), "ood_rate": a.get("ood_rate")})  # fmt: skip
+    return rows
+
+
+class AdaptationPanel(pn.viewable.Viewer):
+    """The adaptation action of a :class:`~xrfnb.ui.dashboard.Dashboard`: a button under the model
+    chooser, an offer under the out-of-distribution banner when more than
+    :data:`~.info.ADAPT_OOD_SHARE` of the pixels are unfamiliar, the progress of the running adaptation
+    with its cancel button, and what came of it.
+
+    Parameters
+    ----------
+    owner : Dashboard
+        The dashboard whose scan and model are adapted.
+
+    Attributes
+    ----------
+    n_val, validation_n_per_cell : int
+        As :func:`xrfnb.model.adapt.adapt_model` (the defaults of ``xrfnb adapt``; tests make them small).
+    job : AdaptJob or None
+        This session's running adaptation.
+    """
+
+    def __init__(self, owner: Dashboard) -> None:
+        super().__init__()
+        self._owner = owner
+        self.n_val = 2048
+        self.validation_n_per_cell = 100
+        self.job: AdaptJob | None = None
+        #: the adapted model whose maps, once made, get their out-of-distribution share said
+        self._awaiting: AdaptJob | None = None
+        self.jobs = JobRunner(self._on_progress, self.finish)
+        self.minutes = pn.widgets.FloatInput(
+            label="minutes", value=DEFAULT_MINUTES, start=0.01, end=600.0, step=1.0, width=80,
+            css_classes=["xrfnb-adapt-minutes"],
+        )  # fmt: skip
+        self.adapt_button = pn.widgets.Button(
+            label=ADAPT_LABEL, width=190, css_classes=["xrfnb-adapt"], align="end"
+        )
+        self.offer_button = pn.widgets.Button(
+            label=f"{ADAPT_LABEL} ({_minutes_text(DEFAULT_MINUTES)})", color="primary", visible=False,
+            css_classes=["xrfnb-adapt-offer"],
+        )  # fmt: skip
+        self.cancel_button = pn.widgets.Button(
+            label=CANCEL_LABEL, color="warning", visible=False, css_classes=["xrfnb-adapt-cancel"]
+        )
+        self.progress_bar = pn.indicators.Progress(
+            value=0, max=100, width=400, visible=False, bar_color="info"
+        )
+        self.progress_text = pn.pane.HTML(
+            "", visible=False, styles={"font-size": "12px"}, css_classes=["xrfnb-adapt-progress"]
+        )
+        self.result = pn.pane.Markdown(
+            "", visible=False, sizing_mode="stretch_width", css_classes=["xrfnb-adapt-result"]
+        )
+        self.adapt_button.on_click(lambda event: self._guarded(self.start))
+        self.offer_button.on_click(lambda event: self._guarded(self.start))
+        self.cancel_button.on_click(lambda event: self.cancel())
+        self.minutes.param.watch(self._on_minutes, ["value"])
+        owner.param.watch(self._on_data, ["data_version"])
+        #: under the model chooser
+        self.controls = pn.Row(self.minutes, self.adapt_button, width=290)
+        #: under the out-of-distribution banner
+        self.section = pn.Column(
+            self.offer_button, self.progress_bar, self.progress_text, self.cancel_button, self.result,
+            sizing_mode="stretch_width",
+        )  # fmt: skip
+
+    def __panel__(self) -> pn.viewable.Viewable:
+        return pn.Column(self.controls, self.section)
+
+    def notify(self, message: str, level: str = "error") -> None:
+        """Tell the user (the dashboard's status line and notifications)."""
+        self._owner.notify(message, level)
+
+    @guarded
+    def _guarded(self, fn: Any) -> Any:
+        return fn()
+
+    def _on_minutes(self, event: param.parameterized.Event) -> None:
+        value = event.new if event.new else DEFAULT_MINUTES
+        self.offer_button.label = f"{ADAPT_LABEL} ({_minutes_text(float(value))})"
+
+    # -- the offer --------------------------------------------------------------------------------
+    def offered(self) -> bool:
+        """Whether the page offers the adaptation under the banner: more than
+        :data:`~.info.ADAPT_OOD_SHARE` of the open scan's pixels out of distribution, and none running
+        in this session."""
+        summary = self._owner.ood_summary()
+        return bool(summary is not None and summary["fraction"] > ADAPT_OOD_SHARE and self.job is None)
+
+    def _on_data(self, *events: Any) -> None:
+        self.offer_button.visible = self.offered()
+        pending = self._awaiting
+        maps = self._owner.maps
+        if pending is not None and maps is not None and maps.metadata.get("model") == pending.name:
+            self._awaiting = None
+            self.say_done(pending, ood_after=float(self._owner.ood_summary()["fraction"]))
+
+    # -- starting and stopping --------------------------------------------------------------------
+    def _base_model(self) -> PigmentModel:
+        d = self._owner
+        if not d.model_available():
+            raise ModelError("no pigment model to adapt: none is shipped or in $XRFNB_MODELS")
+        return d.model_obj if d.model_obj is not None else load_model_cached(d.model_name)
+
+    def start(self, minutes: float | None = None) -> None:
+        """Adapt the model in use to the open scan's instrument for ``minutes`` (default: the minutes
+        field): in a server session in the background, with progress, until done or :meth:`cancel`.
+
+        Raises
+        ------
+        XRFNBError
+            No scan or model, a scan to calibrate first, a blind calibration not yet checked, another
+            adaptation running on this server, or a models folder that cannot take the model.
+        """
+        d = self._owner
+        scan = d.scan
+        if scan is None:
+            raise DataError("no scan open: open a scan of the scanner to adapt the model to")
+        if d.needs_calibration():
+            raise CalibrationError(
+                "the scan has no energy calibration: calibrate it in the 'Energy calibration' card first"
+            )
+        minutes = float(self.minutes.value if minutes is None else minutes)
+        if not minutes > 0:
+            raise ModelError(f"the adaptation needs a positive number of minutes, not {minutes:g}")
+        base = self._base_model()
+        base_path = getattr(base, "path", None)
+        if base_path is None or not (Path(base_path) / "model.json").is_file():
+            raise ModelError(f"the model {base.name} has no folder on this server: it cannot be adapted here")
+        if not isinstance(base.meta.get("training"), dict):
+            raise ModelError(
+                f"the model {base.name} has no training record in its model.json: it cannot be adapted"
+            )
+        fit = d.calibration_panel.fit_of_open_scan()
+        if fit is not None and fit.calibration_blind and not d.calibration_panel.blind_confirm.value:
+            raise CalibrationError(
+                "the instrument fitted to this scan has a calibration found blind: check it in the "
+                "'Energy calibration' card and tick the confirmation first"
+            )
+        models = adapted_models_folder()
+        self._check_folder(models, Path(base_path))
+        summary = d.ood_summary()
+        job = AdaptJob(
+            "adapt", label=d.label, scan=scan, stage="starting", minutes=minutes, fit=fit,
+            base_name=base.name, name=self._new_name(models, base.name), models=models,
+            ood_before=None if summary is None else float(summary["fraction"]),
+            session=str(id(d)),
+        )  # fmt: skip
+        running = _claim(job)
+        if running is not None:
+            who = "this page" if running.session == str(id(d)) else "another page"
+            raise ModelError(
+                f"an adaptation is already running on this server (started from {who}: "
+                f"{running.base_name} for {running.label}, {running.describe()}): one at a time; "
+                "wait for it or cancel it there"
+            )
+        n_val, n_cell = self.n_val, self.validation_n_per_cell
+
+        def work(job: AdaptJob) -> None:
+            run_adaptation(job, scan, Path(base_path), n_val, n_cell)
+
+        self.job = job
+        self.result.visible = False
+        self.offer_button.visible = False
+        self.adapt_button.disabled = True
+        self.progress_bar.visible = self.progress_text.visible = self.cancel_button.visible = True
+        self._on_progress(job)
+        d.notify(
+            f"Adapting {base.name} to this scanner for {_minutes_text(minutes)}: the instrument is "
+            + ("the one fitted in the calibration card" if fit is not None else "fitted from the scan first")
+            + f"; the model will be written to {models}. The page stays usable meanwhile.",
+            "info",
+        )
+        if d.data_panel.is_blocking():
+            job.run(work)
+            self.finish(job)
+            return
+        try:
+            self.jobs.start(job, work)
+        except BaseException:
+            _release(job)
+            self.job = None
+            raise
+
+    @staticmethod
+    def _check_folder(models: Path, base_path: Path) -> None:
+        """The models folder exists (made here) and has room for the run (weights, the optimiser's
+        checkpoint, the copy the validation loads, and a margin)."""
+        try:
+            models.mkdir(parents=True, exist_ok=True)
+            free = shutil.disk_usage(models).free
+        except OSError as exc:
+            raise DataError(
+                f"cannot write the adapted model into {models}: {exc.strerror or exc}; set XRFNB_MODELS to "
+                "a folder you can write"
+            ) from None
+        weights = base_path / "model.safetensors"
+        need = 4 * (weights.stat().st_size if weights.is_file() else 0) + _DISK_MARGIN
+        if free < need:
+            raise DataError(
+                f"the disk holding {models} is full ({free / 2**20:.0f} MiB free, the adaptation needs about "
+                f"{need / 2**20:.0f} MiB): free some space or set XRFNB_MODELS to another folder"
+            )
+
+    def _new_name(self, models: Path, base_name: str) -> str:
+        """``BASE-SCAN-adapted`` (the scan's name in letters, digits, dashes), unique in ``models``."""
+        label = Path(self._owner.label.replace("upload: ", "")).stem
+        word = re.sub(r"[^A-Za-z0-9]+", "-", label).strip("-")[:40].strip("-") or "scan"
+        return final_folder(models, f"{base_name}-{word}-adapted").name
+
+    def cancel(self) -> None:
+        """Stop this session's adaptation: the worker stops as at Ctrl-C and its hidden, half-written
+        folder is removed; the page says so when the worker has stopped."""
+        job = self.job
+        if job is None:
+            return
+        job.cancelled = True
+        self.cancel_button.disabled = True
+        self.progress_text.object = escape_html("cancelling: stopping the training ...")
+
+    # -- progress and the end -----------------------------------------------------------------------
+    def _on_progress(self, job: MappingJob) -> None:
+        value = job.percent if job.determinate else -1
+        if self.progress_bar.value != value:
+            self.progress_bar.value = value
+        if not job.cancelled:
+            text = escape_html(job.describe())
+            if self.progress_text.object != text:
+                self.progress_text.object = text
+
+    def finish(self, job: AdaptJob) -> None:
+        """Show how the adaptation ended (on the event loop): cancelled, failed (in words), or done: the
+        model listed, chosen and the maps made again with it (when the scan adapted to is still open)."""
+        d = self._owner
+        self.job = None
+        self.progress_bar.visible = self.progress_text.visible = self.cancel_button.visible = False
+        self.cancel_button.disabled = False
+        self.adapt_button.disabled = False
+        self.offer_button.visible = self.offered()
+        if job.path is None and (job.cancelled or isinstance(job.error, Cancelled)):
+            self._say(
+                "**Adaptation cancelled.** No model was written: the half-written folder was removed. "
+                f"{job.base_name} is still the model in use.",
+                "warning",
+            )
+            return
+        if job.error is not None:
+            try:
+                reraise_for_user(job.error, "the adaptation failed")
+            except (XRFNBError, MemoryError) as exc:
+                why = str(exc) if isinstance(exc, XRFNBError) else "not enough memory"
+                self._say(f"**The model could not be adapted:** {escape_html(why)}", "error")
+                return
+        assert job.path is not None
+        d.data_panel.refresh_choices()
+        same_scan = d.scan is not None and job.scan is not None and d.scan.counts is job.scan.counts
+        if job.path.name not in available_models():  # a folder no model list holds: say where
+            self._say(self.done_text(job) + f"\n\nChoose it with `--model {job.path}`.", "success")
+            return
+        if not same_scan:
+            self._say(self.done_text(job) + "\n\nAnother scan is open now: choose the model in the list "
+                      "for scans from that scanner.", "success")  # fmt: skip
+            return
+        self._awaiting = job
+        self.say_done(job, ood_after=None)
+        d.use_model(job.path.name)  # the maps are made again with it; _on_data says the OOD share
+
+    def done_text(self, job: AdaptJob) -> str:
+        """What the page says of a finished adaptation: what was done, where the model is, and its
+        validation beside the original's."""
+        try:
+            meta = json.loads((job.path / "model.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError, TypeError):
+            meta = {}
+        record = meta.get("adapted") or {}
+        steps = int(record.get("steps", job.steps))
+        train_min = float(record.get("train_time_s", job.train_s)) / 60.0
+        lines = [
+            f"**Adapted {job.base_name} to this scanner**: fine-tuned for {train_min:.1f} minutes ({steps:,} "
+            f"steps) on spectra simulated for the instrument fitted to {escape_html(job.label)}; saved as "
+            f"**{escape_html(job.path.name)}** in `{job.path.parent}`, listed under Model from now on.",
+        ]
+        rows = validation_rows(meta)
+        if rows:
+
+            def f1(x: Any) -> str:
+                return "-" if x is None else f"{x:.2f}"
+
+            lines += ["", "Validation on held-out simulated spectra of this instrument (macro F1):", "",
+                      "| spectra | counts | original | adapted |", "|---|---:|---:|---:|"]  # fmt: skip
+            lines += [
+                f"| {r['set']} | {r['counts']:,} | {f1(r['before'])} | {f1(r['after'])} |" for r in rows
+            ]
+            lines += ["", "These say the model learned the simulated instrument, not that the simulation "
+                      "matches the real scanner: check the calls against the element maps."]  # fmt: skip
+        return "\n".join(lines)
+
+    def say_done(self, job: AdaptJob, ood_after: float | None) -> None:
+        """Say the adaptation is done; with the scan's out-of-distribution share under the adapted model
+        once its maps are made (``ood_after``)."""
+        text = self.done_text(job)
+        before = "" if job.ood_before is None else f" ({100 * job.ood_before:.1f} % with {job.base_name})"
+        if ood_after is None:
+            text += "\n\nThe maps are being made again with the adapted model."
+        else:
+            text += (
+                f"\n\nThe maps now come from **{escape_html(job.path.name)}**: "
+                f"{100 * ood_after:.1f} % of this scan's pixels are out of distribution{before}."
+            )
+            if ood_after > ADAPT_OOD_SHARE:
+                text += (
+                    " **Still too many**: the adaptation did not make this scan familiar to the model, so "
+                    "treat its calls on those pixels as unreliable."
+                )
+        self._say(text, "success")
+
+    def _say(self, text: str, level: str) -> None:
+        self.result.object = text
+        self.result.visible = True
+        self._owner.notify(html.unescape(text.split("\n\n")[0].replace("**", "")), level)
