@@ -19,6 +19,8 @@ Its modules, along the page:
   and their spectra overlaid), :mod:`.info` (selection texts, calls of one spectrum), :mod:`.thresholds`,
   :mod:`.export`, :mod:`.calibration` and :mod:`.elements` (element maps side by side, RGB overlay): one
   viewer per panel;
+- :mod:`.adaptation`: adapting the model to the scan's scanner from the page, in the process of
+  :mod:`.adapt_worker`;
 - :mod:`.bokeh`: figure patching, document holds, hooks and tap subscriptions;
 - :mod:`.files`: the served folder, uploads and caches; :mod:`.server`: the server.
 """
