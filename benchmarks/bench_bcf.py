@@ -47,8 +47,10 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
+import resource
 import shutil
 import sys
 import tempfile
@@ -225,6 +227,102 @@ def worker_map(path: Path, out: Path, chunk_pixels: int) -> dict:
     }
 
 
+def _cpu_s() -> float:
+    """CPU seconds of this process so far (user + system, all threads)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def worker_stages(path: Path, n: int, repeats: int) -> dict:
+    """CPU per spectrum of each stage, from the first ``n`` pixels of the ``.bcf`` (the best of ``repeats``
+    runs of each): the index pass, reading, the block check and decoding; then the model's rebinning,
+    network input, network, the unexplained-peak, Mahalanobis and reconstruction terms of the OOD score,
+    all of ``_infer_binned`` and ``identify_batch`` (chunks of 2,048 spectra, as ``identify_batch``).
+    Works with the code before the speed work too (``PYTHONPATH`` of an older checkout)."""
+    import xrfnb
+    import xrfnb.model.model as model_module
+    from xrfnb.io import bcf
+    from xrfnb.model.nn import features_from_binned
+
+    torch = sys.modules["torch"]  # loaded by the model room, after it set OMP_WAIT_POLICY
+    # the network input as the model makes it: its own function where it has one (with the grid totals)
+    own = getattr(model_module, "_features", None)
+
+    def features(b):
+        return own(b, b.sum(dim=1, keepdim=True)) if own is not None else features_from_binned(b)
+
+    def best(fn) -> float:
+        times = []
+        for _ in range(repeats):
+            t0 = _cpu_s()
+            fn()
+            times.append(_cpu_s() - t0)
+        return min(times) / n * 1e6
+
+    out: dict = {"what": "stages", "code": str(Path(xrfnb.__file__).parent), "spectra": n}
+    t0 = _cpu_s()
+    scan = xrfnb.load(path)
+    rows, cols, n_ch = scan.shape
+    out["index pass (whole map)"] = (_cpu_s() - t0) / (rows * cols) * 1e6
+    counts = scan.counts
+    n_rows = max(1, n // cols)
+    step = max(1, counts.block_rows)
+    spans = [(r, min(n_rows, r + step)) for r in range(0, n_rows, step)]
+    stream = counts._stream
+    read = getattr(stream, "read_array", stream.read)
+    datas = []
+
+    def do_read():
+        datas.clear()
+        for a, b in spans:
+            lo, hi = int(counts._offsets[a]), int(counts._offsets[b])
+            datas.append(bytes(read(lo, hi - lo)))
+
+    out["read"] = best(do_read)
+    pieces = list(zip(datas, spans, strict=True))
+    out["check"] = best(lambda: [bcf.check_bcf_block(d, b - a, cols, "x", a) for d, (a, b) in pieces])
+    dtype = counts.dtype
+    out["decode"] = best(lambda: [bcf.decode_bcf_block(d, b - a, cols, n_ch, dtype) for d, (a, b) in pieces])
+    # read, check and decode as map_pigments does: into two arrays used in turn where the code can
+    bufs = [np.empty((step, cols, n_ch), dtype) for _ in range(2)]
+    into = "out" in inspect.signature(counts.read_rows).parameters
+
+    def blocks():
+        for i, (a, b) in enumerate(spans):
+            counts.read_rows(a, b, out=bufs[i % 2][: b - a]) if into else counts[a:b]
+
+    out["read+check+decode (mapping)"] = best(blocks)
+    block = np.concatenate(
+        [bcf.decode_bcf_block(d, b - a, cols, n_ch, counts.dtype) for d, (a, b) in pieces]
+    ).reshape(-1, n_ch)
+    model = xrfnb.load_model("default")
+    cal = scan.calibration
+    model.identify_batch(block[:64], cal)
+    chunks = [block[i : i + 2048] for i in range(0, block.shape[0], 2048)]
+    binned: list = []
+
+    def rebin():
+        binned[:] = [torch.from_numpy(model._rebin_parallel(c, cal)) for c in chunks]
+
+    out["rebin"] = best(rebin)
+    with torch.inference_mode():
+        feats = [features(b) for b in binned]
+        out["features"] = best(lambda: [features(b) for b in binned])
+        nets = [model.net(x, lc) for x, lc in feats]
+        out["network"] = best(lambda: [model.net(x, lc) for x, lc in feats])
+        present = [(torch.softmax(lg / model.temperature, dim=2)[..., 1:].sum(-1) >= 0.1).float()
+                   for lg, _ in nets]
+        pairs = list(zip(binned, present, strict=True))
+        out["unexplained"] = best(lambda: [model._unexplained_fraction(b, p) for b, p in pairs])
+        mean, white = model._feature_mean, model._feature_whitening
+        out["mahalanobis"] = best(lambda: [torch.sqrt((((f - mean) @ white) ** 2).mean(1)) for _, f in nets])
+        out["reconstruction"] = best(lambda: [model._reconstruction(b) for b in binned])
+        out["infer_binned"] = best(lambda: [model._infer_binned(b) for b in binned])
+    out["identify_batch"] = best(lambda: model.identify_batch(block, cal))
+    out["load"] = os.getloadavg()[0]
+    return out
+
+
 def _subprocess(args: list[str], timeout_s: float) -> dict:
     return _run_script(args, timeout_s, script=__file__)
 
@@ -235,7 +333,15 @@ def main() -> int:
     ap.add_argument("--tmpdir", default=None, help="where to write the files (default: system temp)")
     ap.add_argument("--no-map", action="store_true", help="decode only")
     ap.add_argument("--chunk-pixels", type=int, default=8192)
-    ap.add_argument("--worker", choices=["generate", "decode", "map"], help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--stages",
+        metavar="BCF",
+        help="CPU per spectrum of each stage on the first --stage-spectra pixels of this .bcf (e.g. one "
+        "written by a run with --keep), then exit",
+    )
+    ap.add_argument("--stage-spectra", type=int, default=8192)
+    ap.add_argument("--keep", action="store_true", help="keep the .bcf files (their folder is printed)")
+    ap.add_argument("--worker", choices=["generate", "decode", "map", "stages"], help=argparse.SUPPRESS)
     ap.add_argument("--path", help=argparse.SUPPRESS)
     ap.add_argument(
         "--shape",
@@ -253,6 +359,12 @@ def main() -> int:
         return 0
     if args.worker == "map":
         print(json.dumps(worker_map(Path(args.path), Path(args.path + ".maps.h5"), args.chunk_pixels)))
+        return 0
+    if args.worker == "stages" or args.stages:
+        res = worker_stages(Path(args.stages or args.path), args.stage_spectra, 5)
+        for k, v in res.items():
+            stage = isinstance(v, float) and k != "load"
+            print(f"  {k:24s} {v:8.2f} us CPU/spectrum" if stage else f"  {k}: {v}")
         return 0
 
     sizes: tuple[tuple[int, int], ...] = (
@@ -307,10 +419,12 @@ def main() -> int:
                     f"(after imports and model {m['baseline_rss_mb']:.0f} MB); load average {m['load']:.1f}"
                 )
             results.append((f"{n} x {cols}", d, m))
-            path.unlink(missing_ok=True)
+            if not args.keep:
+                path.unlink(missing_ok=True)
             Path(str(path) + ".maps.h5").unlink(missing_ok=True)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
     print("\nsummary")
     ok = True
     for n, d, m in results:
