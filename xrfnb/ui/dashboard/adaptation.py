@@ -199,7 +199,7 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
     try:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=STOP_GRACE_S)
-    except (subprocess.TimeoutExpired, OSError):
+    except (subprocess.TimeoutExpired, OSError, ValueError):  # ValueError: no SIGINT (Windows)
         proc.kill()
         proc.wait()
 
@@ -257,6 +257,7 @@ def run_adaptation(
         job.set_stage("starting the adaptation: loading the model, simulating the first spectra")
         assert job.models is not None
         staging = Path(tempfile.mkdtemp(dir=job.models, prefix=f".{job.name}.adapting-"))
+        staging.chmod(0o755)  # made 0700: the model folder it becomes is readable like any other
         run_dir = Path(tempfile.mkdtemp(prefix="xrfnb-adapt-"))  # private (0700): the request's pickle
         request = {
             "base": str(base_path), "fit": job.fit, "minutes": job.minutes, "name": job.name,
