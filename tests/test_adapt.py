@@ -67,11 +67,14 @@ def adapted(base, fit, tmp_path_factory):
 
 def test_the_adaptation_trains_on_the_fitted_instrument(base, fit):
     cfg = adaptation_config(base, fit, minutes=3.0)
-    # the optics, which a sum spectrum does not tell, are drawn both ways, half the variants each
-    inst, twin = (Instrument.from_dict(d) for d in cfg.data.instruments)
-    assert {inst.optics, twin.optics} == {"polycapillary", "none"}
-    assert cfg.data.instrument_weights == (0.5, 0.5)
-    assert twin.with_(optics=inst.optics) == inst
+    if fit["optics"].status == "fitted":  # the fit settled them: the fitted optics only
+        (inst,) = (Instrument.from_dict(d) for d in cfg.data.instruments)
+        assert inst.optics == TRUTH.optics
+    else:  # not settled by the sum spectrum: drawn both ways, half the variants each
+        inst, twin = (Instrument.from_dict(d) for d in cfg.data.instruments)
+        assert {inst.optics, twin.optics} == {"polycapillary", "none"}
+        assert cfg.data.instrument_weights == (0.5, 0.5)
+        assert twin.with_(optics=inst.optics) == inst
     if fit["atmosphere"].status in ("fitted", "derived", "fixed"):
         assert cfg.data.atmosphere_probs is None  # the fitted one
     else:
@@ -88,6 +91,48 @@ def test_the_adaptation_trains_on_the_fitted_instrument(base, fit):
     assert cfg.optim.time_budget_min == 3.0 and cfg.model.hidden == (32, 16)
 
 
+def test_the_fitted_hardness_is_what_the_adaptation_trains_on(base, fit):
+    """A settled lens, a fitted Cu filter and a fitted detector thickness: one optics, the filter's
+    thickness within +/- 2 sigma (the fitted instrument's own filter otherwise), the detector within
+    +/- 2 sigma; unsettled optics are drawn both ways."""
+    import dataclasses
+
+    from xrfnb.fitting.instrument_fit import FittedParameter
+    from xrfnb.model.trainingdata import TrainingData
+    from xrfnb.physics.materials import Absorber
+
+    params = dict(fit.parameters)
+    params["optics"] = FittedParameter("polycapillary", None, "fitted", "test")
+    params["tube_filter"] = FittedParameter("Cu", None, "fitted", "test")
+    params["tube_filter_um"] = FittedParameter(50.0, 3.0, "fitted", "test")
+    params["detector_thickness_um"] = FittedParameter(1000.0, 100.0, "fitted", "test")
+    hard = dataclasses.replace(fit, parameters=params, instrument=fit.instrument.with_(
+        optics="polycapillary", tube_filters=(Absorber("Cu", 50.0),), detector_thickness_um=1000.0))
+    cfg = adaptation_config(base, hard, minutes=1.0)
+    assert len(cfg.data.instruments) == 1
+    assert cfg.data.tube_filters == ("Cu:44", "Cu:47", "Cu:50", "Cu:53", "Cu:56")
+    assert cfg.data.detector_thickness_um == (800.0, 1200.0)
+    variant = TrainingData(cfg.data, n_bins=64)._make_variant(
+        cfg.data.instruments[0], np.random.default_rng(1), False)
+    assert variant.optics == "polycapillary" and 800.0 <= variant.detector_thickness_um <= 1200.0
+    assert [a.material for a in variant.tube_filters] == ["Cu"]
+    assert 44 <= variant.tube_filters[0].thickness_um <= 56
+    # the thickness not fitted: the fitted instrument's filter as it is; the optics not settled: both ways
+    params["tube_filter_um"] = FittedParameter(50.0, None, "not determined", "test")
+    params["optics"] = FittedParameter("polycapillary", None, "not determined", "test")
+    params["detector_thickness_um"] = FittedParameter(1000.0, None, "not determined", "test")
+    loose = adaptation_config(base, dataclasses.replace(hard, parameters=params), minutes=1.0)
+    assert loose.data.tube_filters == () and len(loose.data.instruments) == 2
+    assert loose.data.detector_thickness_um == cfg_base_detector(base)
+    kept = Instrument.from_dict(loose.data.instruments[0])
+    assert [(a.material, a.thickness_um) for a in kept.tube_filters] == [("Cu", 50.0)]
+
+
+def cfg_base_detector(base) -> tuple[float, float] | None:
+    value = base.meta["training"]["data"].get("detector_thickness_um")
+    return None if value is None else tuple(value)
+
+
 def test_optics_and_atmosphere_from_a_bruker_header_are_kept(base):
     """Started from the M6 file's own XRF header (Instrument.from_file), the adaptation keeps the
     header's lens and atmosphere instead of drawing them."""
@@ -100,6 +145,10 @@ def test_optics_and_atmosphere_from_a_bruker_header_are_kept(base):
     (inst_d,) = cfg.data.instruments
     assert Instrument.from_dict(inst_d).optics == header.optics == "polycapillary"
     assert cfg.data.atmosphere_probs is None
+    # the header's lens, filters and detector are not re-guessed from the continuum's shape
+    assert fit["optics"].status == "fixed" and "header" in fit["optics"].evidence
+    assert fit["detector_thickness_um"].value == header.detector_thickness_um
+    assert fit.instrument.tube_filters == header.tube_filters
 
 
 def test_adapted_model_is_a_model_folder_with_its_record_and_card(base, adapted, fit):

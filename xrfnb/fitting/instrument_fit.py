@@ -3425,6 +3425,17 @@ def _put_hardness(
     ``tube_filter_um``, ``optics`` and ``detector_thickness_um`` through ``put`` and return the instrument
     with them put in."""
     names = ("tube_filter", "tube_filter_um", "optics", "detector_thickness_um")
+    # what the file's own header gave (Instrument.from_file lists it as "  field: header ...") counts as
+    # fixed: a real M6 header's lens is not replaced by a guess from the continuum's shape
+    description = inst.description or ""
+    from_header = {f for f in ("tube_filters", "optics", "detector_thickness_um")
+                   if f"\n  {f}: header" in description and f not in fixed}
+    fixed = {**fixed, **{f: getattr(inst, f) for f in from_header}}
+    fixed_why = {
+        name: ("from the file's header" if field in from_header else "given in fixed=")
+        for name, field in (("tube_filter", "tube_filters"), ("tube_filter_um", "tube_filters"),
+                            ("optics", "optics"), ("detector_thickness_um", "detector_thickness_um"))
+    }
     fixed_now = {
         "tube_filter": "tube_filters" in fixed,
         "tube_filter_um": "tube_filters" in fixed,
@@ -3459,7 +3470,7 @@ def _put_hardness(
         )
         for name in names:
             if fixed_now[name]:
-                put(name, current[name], None, "fixed", "given in fixed=")
+                put(name, current[name], None, "fixed", fixed_why[name])
             else:
                 put(name, current[name], None, "not determined", f"{why}: the start's value")
         return inst
@@ -3477,8 +3488,8 @@ def _put_hardness(
     ][:4]
     # filter: material and thickness
     if fixed_now["tube_filter"]:
-        put("tube_filter", current["tube_filter"], None, "fixed", "given in fixed=")
-        put("tube_filter_um", current["tube_filter_um"], None, "fixed", "given in fixed=")
+        put("tube_filter", current["tube_filter"], None, "fixed", fixed_why["tube_filter"])
+        put("tube_filter_um", current["tube_filter_um"], None, "fixed", fixed_why["tube_filter_um"])
     else:
         label = _filter_label(hard.material, hard.thickness_um)
         if hard.material_settled:
@@ -3529,7 +3540,7 @@ def _put_hardness(
         )
     # optics
     if fixed_now["optics"]:
-        put("optics", current["optics"], None, "fixed", "given in fixed=")
+        put("optics", current["optics"], None, "fixed", fixed_why["optics"])
     else:
         other = next((r for r in rank if r[0] != hard.optics), None)
         ev = f"{hard.optics} fits best" + (
@@ -3561,7 +3572,8 @@ def _put_hardness(
             inst = inst.with_(optics=hard.optics)
     # detector thickness
     if fixed_now["detector_thickness_um"]:
-        put("detector_thickness_um", current["detector_thickness_um"], None, "fixed", "given in fixed=")
+        put("detector_thickness_um", current["detector_thickness_um"], None, "fixed",
+            fixed_why["detector_thickness_um"])
     elif hard.detector_sd_um is not None:
         put(
             "detector_thickness_um",

@@ -23,12 +23,14 @@ How the fitted instrument becomes a training distribution (:func:`adaptation_con
 - calibration: the fit's, with gain and offset errors of its own uncertainty (at least the training's);
 - tube anode: the fitted one; where the data could not settle it, the base model's anodes;
 - count rate (pile-up): the fitted rate within a factor of two, with the fitted pulse-pair resolving time;
-- optics (polycapillary or none), which the fit does not determine: the fitted instrument with each, half
-  the variants each, unless the start instrument read them from the file's header;
+- optics (polycapillary or none): the fitted ones where the fit settled them or the file's header gave
+  them; otherwise the fitted instrument with each, half the variants each;
+- primary tube filter: the fitted instrument's (the best candidate even where the material is not settled:
+  the ties shape the spectrum alike); where its thickness is fitted, drawn within +/- 2 sigma;
+- detector thickness: within +/- 2 sigma where fitted, else the base model's range;
 - atmosphere where the fit could not settle it (and no header gave it): the base model's air / helium /
   vacuum mixture;
-- what the fit cannot determine (detector thickness and window, partial collection) keeps the base model's
-  ranges.
+- what the fit cannot determine (detector window, partial collection) keeps the base model's ranges.
 """
 
 from __future__ import annotations
@@ -113,7 +115,8 @@ def adaptation_config(
     # fit's start preset (a polycapillary lens in air for a bare tube in vacuum raised the adapted model's
     # OOD rate from 0.03 to 0.14 in benchmarks/eval_instruments.py)
     variants = [inst]
-    if not _from_header(fit, "optics"):
+    _, _, optics_status = _param(fit, "optics")
+    if not (_from_header(fit, "optics") or _known(optics_status)):
         other = "none" if inst.optics == "polycapillary" else "polycapillary"
         variants.append(inst.with_(optics=other))
     _, _, atm_status = _param(fit, "atmosphere")
@@ -130,6 +133,22 @@ def adaptation_config(
         "detector_azimuth_deg": None,
         "n_instrument_variants": max(16, min(bd.n_instrument_variants, 40)),
     }
+    # primary filter: the fitted instrument's own (no drawn sets, which would replace it), its thickness
+    # within +/- 2 sigma where fitted (one material: the fit's candidates are single foils)
+    material, _, _ = _param(fit, "tube_filter")
+    t_um, t_s, st = _param(fit, "tube_filter_um")
+    changes["tube_filters"] = ()
+    changes["tube_filter_weights"] = ()
+    if (material not in (None, "none") and _known(st) and t_um and t_s
+            and len(inst.tube_filters) == 1 and inst.tube_filters[0].material == material):
+        t, ts = float(t_um), float(t_s)
+        changes["tube_filters"] = tuple(f"{material}:{max(t + k * ts, 0.25 * t):.4g}"
+                                        for k in (-2, -1, 0, 1, 2))
+    # detector thickness: within +/- 2 sigma where fitted, else the base model's range
+    d_um, d_s, st = _param(fit, "detector_thickness_um")
+    if _known(st) and d_um:  # fitted, fixed or from the header (the fit marks those fixed)
+        span = 2.0 * (d_s or 0.1 * float(d_um))
+        changes["detector_thickness_um"] = (max(50.0, float(d_um) - span), float(d_um) + span)
     # resolution
     fwhm, fwhm_s, st = _param(fit, "fwhm_mnka_eV")
     rel = 2.0 * fwhm_s / fwhm if (_known(st) and fwhm and fwhm_s) else 0.1
