@@ -222,6 +222,8 @@ def true_instrument_config(model: xrfnb.PigmentModel, inst: Instrument,
         # the held-out spectra follow the atomic data as they are (a model trained with atomic-parameter
         # randomisation would otherwise be scored on one of its own training draws)
         atomic_perturbation=False,
+        # and through the instrument's own filters, not the training's drawn filter sets
+        tube_filters=(), tube_filter_weights=(),
     )
 
 

@@ -70,6 +70,9 @@ def test_the_held_out_set_is_the_true_instrument(ei):
     trained_perturbed = SimpleNamespace(meta=on)  # all true_instrument_config reads of a model
     assert ei._training_data_table(trained_perturbed)["atomic_perturbation"] is True
     assert not ei.true_instrument_config(trained_perturbed, truth).atomic_perturbation
+    # and where it was trained with drawn tube filters: the held-out instrument keeps its own
+    on["training"]["data"] = {**on["training"]["data"], "tube_filters": ["Al:630"]}
+    assert ei.true_instrument_config(trained_perturbed, truth).tube_filters == ()
     grid = model.meta["energy_grid"]
     kw = {"n_bins": int(grid["n_bins"]), "e_min_keV": float(grid["e_min_keV"]),
           "e_max_keV": float(grid["e_max_keV"]), "grid_noise_keV": float(grid["noise_keV"])}
