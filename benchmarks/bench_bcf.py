@@ -23,7 +23,15 @@ figure):
   362 s of 371 s), peak RSS 956 / 1,030 MB;
 * after it (commit 9e93c22, load 6.3 rising to 8.5): decode 22,900 / 27,000 spectra/s; map_pigments
   6,130 / 5,179 spectra/s (identify 39 s of 43 s / 190 s of 203 s), peak RSS 897 / 909 MB (+12 MB for 4x
-  the pixels).
+  the pixels);
+* the second pass (commits e43cf6a..be26ede; ``--shape 512x512``, the code before it, fe789d9, run
+  alternately, in brackets): map_pigments 6,927 / 8,441 / 11,751 and 11,070 spectra/s at loads 7.6 / 5.9 /
+  1.8-2.0 (4,353 / 5,443 / 11,356), decode 38,168 / 52,016 / 44,179 and 60,724 spectra/s (27,367 / 31,999 /
+  36,393), peak RSS 705-714 MB (903-913). Whole-process CPU at load 3-4: 102-112 us per spectrum
+  (122-129). ``--stages`` at load 4.5 (best of 5): index 2.8-3.1 us (4.6-4.9), read 1.6 (4.1), check 1.2
+  (4.7-5.5), decode 8.1 (8.0-9.0), the three as mapped 10.1-10.7 (17.0-17.7), rebin 7.7-8.0 (8.4-9.2),
+  unexplained-peak term 3.7-4.0 (10.4-11.0), reconstruction 4.4-4.8 (4.6-4.7), network 39-43 either way;
+  ``identify_batch`` on a decoded 8,192-pixel block, medians of 7, four runs each at load 5: 67-78 (86-102).
 
 Where the time went: torch's OpenMP threads spin for about 300,000 turns whenever they wait; with the block
 decoder's thread and other processes on the same two cores they took the CPU the work needed
@@ -35,7 +43,12 @@ against 21 us of CPU per spectrum (whole-row slices decoded without the per-bloc
 to end: decoding ~21 (rosettasciio's decoder ~12, the record check ~6, reading ~2), rebinning ~10, the network
 and the out-of-distribution terms the rest. At ~110 us of CPU per spectrum two cores give at most ~18,000
 spectra/s with nothing else running: the 20,000 target needs fewer CPU-seconds per spectrum than the float32
-network leaves (a CPU with native bfloat16, or more cores), not a faster reader.
+network leaves (a CPU with native bfloat16, or more cores), not a faster reader. The second pass took what
+was not the network: fresh 100 MB arrays per block (kernel page faults: 15-40 us of system CPU per spectrum
+under load), seven copies of each block's bytes, the bunch walk over every pixel, the unexplained-peak
+background over the whole grid, per-batch copies of the valid pixels; about 100-110 us remain, the network
+~40 of them, and near an idle machine the pipeline does not keep both cores busy (the network's two threads
+scale imperfectly; the index pass and physics check run on one thread).
 
 Usage::
 
