@@ -71,7 +71,7 @@ def test_the_held_out_set_is_the_true_instrument(ei):
     assert ei._training_data_table(trained_perturbed)["atomic_perturbation"] is True
     assert not ei.true_instrument_config(trained_perturbed, truth).atomic_perturbation
     # and where it was trained with drawn tube filters: the held-out instrument keeps its own
-    on["training"]["data"] = {**on["training"]["data"], "tube_filters": ["Al:630"]}
+    on["training"]["data"] = {**on["training"]["data"], "tube_filters": ["Al:630"], "tube_filter_weights": []}
     assert ei.true_instrument_config(trained_perturbed, truth).tube_filters == ()
     grid = model.meta["energy_grid"]
     kw = {"n_bins": int(grid["n_bins"]), "e_min_keV": float(grid["e_min_keV"]),
