@@ -1356,6 +1356,16 @@ def _scatter_table(material: str, theta_deg: float) -> tuple[np.ndarray, np.ndar
     )
 
 
+def _theta_nodes(theta_deg: float) -> tuple[tuple[float, float], ...]:
+    """The tabulated scattering angles around ``theta_deg`` (deg, clipped to 0-180) with their linear
+    interpolation weights; nodes of zero weight are left out."""
+    t = float(np.clip(theta_deg, 0.0, 180.0))
+    t0 = math.floor(t / _XS_THETA_STEP_DEG) * _XS_THETA_STEP_DEG
+    t1 = min(t0 + _XS_THETA_STEP_DEG, 180.0)
+    f = 0.0 if t1 == t0 else (t - t0) / (t1 - t0)
+    return tuple((tt, ww) for tt, ww in ((t0, 1.0 - f), (t1, f)) if ww != 0.0)
+
+
 def thick_scatter(
     material: str, energy_keV: np.ndarray, theta_deg: float, incidence_deg: float, takeoff_deg: float
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -1388,16 +1398,10 @@ def thick_scatter(
     >>> bool(c[0] > r[0] > 0)
     True
     """
-    t = float(np.clip(theta_deg, 0.0, 180.0))
-    t0 = math.floor(t / _XS_THETA_STEP_DEG) * _XS_THETA_STEP_DEG
-    t1 = min(t0 + _XS_THETA_STEP_DEG, 180.0)
-    f = 0.0 if t1 == t0 else (t - t0) / (t1 - t0)
     e = np.asarray(energy_keV, dtype=float)
     s1, s2 = math.sin(math.radians(incidence_deg)), math.sin(math.radians(takeoff_deg))
     out_r, out_c = np.zeros_like(e), np.zeros_like(e)
-    for tt, ww in ((t0, 1.0 - f), (t1, f)):
-        if ww == 0.0:
-            continue
+    for tt, ww in _theta_nodes(theta_deg):
         dr, dc, mu, mu_c = (np.interp(e, _XS_ENERGY_KEV, a) for a in _scatter_table(material, tt))
         out_r += ww * dr / (mu / s1 + mu / s2) / s1
         out_c += ww * dc / (mu / s1 + mu_c / s2) / s1
@@ -1414,16 +1418,10 @@ def _thick_scatter_in_chalk(
 ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`thick_scatter` of chalk holding ``mass_fraction`` of an element (cross-sections and attenuation
     mixed by mass)."""
-    t = float(np.clip(theta_deg, 0.0, 180.0))
-    t0 = math.floor(t / _XS_THETA_STEP_DEG) * _XS_THETA_STEP_DEG
-    t1 = min(t0 + _XS_THETA_STEP_DEG, 180.0)
-    f = 0.0 if t1 == t0 else (t - t0) / (t1 - t0)
     e = np.asarray(energy_keV, dtype=float)
     s1, s2 = math.sin(math.radians(incidence_deg)), math.sin(math.radians(takeoff_deg))
     out_r, out_c = np.zeros_like(e), np.zeros_like(e)
-    for tt, ww in ((t0, 1.0 - f), (t1, f)):
-        if ww == 0.0:
-            continue
+    for tt, ww in _theta_nodes(theta_deg):
         tabs = [
             np.array([np.interp(e, _XS_ENERGY_KEV, a) for a in _scatter_table(m, tt)])
             for m in ("CaCO3", element)
