@@ -383,8 +383,7 @@ def adapted_models_folder() -> Path:
     """Where the dashboard writes the models it adapts: the first folder of ``$XRFNB_MODELS`` when it is
     set, else :func:`user_models_folder` (never the served data folder unless ``$XRFNB_MODELS`` names it).
     Not created here."""
-    named = [root for root in os.environ.get("XRFNB_MODELS", "").split(os.pathsep) if root]
-    return Path(named[0]).expanduser() if named else user_models_folder()
+    return model_folders()[0]
 
 
 def model_folders() -> list[Path]:
