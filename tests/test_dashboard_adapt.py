@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import pickle
+import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -234,3 +236,46 @@ def test_progress_is_read_from_the_training_log(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"")
     _adaptation._follow_training(job, tmp_path)
     assert not job.determinate and job.describe().startswith("checking the adapted model")
+
+
+@pytest.mark.skipif(sys.platform in ("win32", "darwin"), reason="$XDG_DATA_HOME names the user's data folder")
+def test_a_model_in_the_users_models_folder_is_found_by_name(tmp_path, monkeypatch):
+    # no $XRFNB_MODELS: the dashboard writes adapted models into the user's data folder, and every way of
+    # naming a model (load_model, `xrfnb identify --model`, the dashboard's list) must find them there
+    from xrfnb.maps.pigmentmaps import PigmentMaps
+    from xrfnb.model import folders as _folders
+    from xrfnb.model.model import DEFAULT_MODEL
+    from xrfnb.ui import cli
+
+    monkeypatch.delenv("XRFNB_MODELS", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    monkeypatch.chdir(tmp_path)  # nothing of that name in the working directory
+    user = tmp_path / "data" / "xrfnb" / "models"
+    name = "xrfnb-pigments-v1-fresco-adapted"
+    shutil.copytree(_folders.package_models_folder() / DEFAULT_MODEL, user / name)
+    meta = json.loads((user / name / "model.json").read_text())
+    (user / name / "model.json").write_text(json.dumps({**meta, "name": name}))
+    assert _files.adapted_models_folder() == user and _files.model_folders() == [user]
+    model = xrfnb.load_model(name)
+    assert Path(model.path).resolve() == (user / name).resolve() and model.name == name
+    assert name in _files.available_models() and name in _folders.model_names()
+    assert _files.load_model_cached(name) is model
+    # the command line, by name
+    src = tmp_path / "scan.h5"
+    scan, _ = xrfnb.render_scan("hidden-painting", shape=(2, 2), counts_per_pixel=5000, rng=1403)
+    xrfnb.save(scan, src)
+    assert cli.main(["identify", str(src), "-o", str(tmp_path / "maps.h5"), "--model", name, "-q"]) == 0
+    assert PigmentMaps.from_hdf5(tmp_path / "maps.h5").metadata["model"] == name
+    # $XRFNB_MODELS comes before the user's folder (the dashboard's order): the same name there wins
+    first = tmp_path / "first"
+    shutil.copytree(user / name, first / name)
+    monkeypatch.setenv("XRFNB_MODELS", str(first))
+    assert _files.model_folders() == [first, user] and _files.adapted_models_folder() == first
+    assert Path(xrfnb.load_model(name).path).resolve() == (first / name).resolve()
+    # an unknown name says where it was looked for and what is there
+    (user / "half-written").mkdir()
+    with pytest.raises(xrfnb.ModelError) as err:
+        xrfnb.load_model("half-written")
+    text = str(err.value)
+    assert str(_folders.package_models_folder()) in text and str(first) in text and str(user) in text
+    assert f"{user / 'half-written'} has no model.json" in text and name in text and DEFAULT_MODEL in text

@@ -56,7 +56,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import importlib.resources
 import json
 import math
 import os
@@ -76,6 +75,7 @@ from ..core.lines import element_lines
 from ..core.spectrum import Spectrum, check_counts
 from ..physics.detector import si_ka_keV
 from ..physics.instrument import Instrument, resolve_instrument
+from . import folders as _folders
 from .nn import PigmentNet, energy_grid_edges_keV, rebin_counts
 from .physics_check import DEFAULT_MARGIN, Explanation, PhysicsCheck, check_calls
 
@@ -91,7 +91,7 @@ DEFAULT_MODEL = "xrfnb-pigments-v1"
 FORMAT = "xrfnb-pigment-model"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
-META_FILE = "model.json"
+META_FILE = _folders.META_FILE
 _PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt")
 
 #: elements whose lines never count as unexplained: argon in air, ground/dirt impurities, tube anodes
@@ -1055,15 +1055,13 @@ class PigmentModel:
 # finding models
 # ---------------------------------------------------------------------------------------------------------
 def _package_models() -> Path:
-    return Path(str(importlib.resources.files("xrfnb").joinpath("data", "models")))
+    return _folders.package_models_folder()
 
 
 def available_models() -> tuple[str, ...]:
-    """Names of the models shipped with the package."""
-    root = _package_models()
-    if not root.is_dir():
-        return ()
-    return tuple(sorted(p.name for p in root.iterdir() if (p / META_FILE).is_file()))
+    """Names of the models shipped with the package (:func:`xrfnb.model.folders.model_names` lists every
+    name :func:`load_model` finds, those of ``$XRFNB_MODELS`` and the user's models folder included)."""
+    return tuple(_folders.listed_models(_package_models()))
 
 
 def load_model(name: str | os.PathLike = "default", *, precision: str = "auto") -> PigmentModel:
@@ -1072,8 +1070,12 @@ def load_model(name: str | os.PathLike = "default", *, precision: str = "auto") 
     Parameters
     ----------
     name : str or path-like
-        ``"default"`` (the shipped ``xrfnb-pigments-v1``), the name of a shipped model, the name of a folder
-        under ``$XRFNB_MODELS`` (a colon-separated list of folders), or a path to a model folder.
+        ``"default"`` (the shipped ``xrfnb-pigments-v1``), a model's name, or a path to a model folder. A
+        name is looked for (:mod:`xrfnb.model.folders`) among the shipped models, then in each folder of
+        ``$XRFNB_MODELS`` (``os.pathsep``-separated), then in the user's models folder
+        (``$XDG_DATA_HOME/xrfnb/models``, ``~/Library/Application Support/xrfnb/models`` on macOS,
+        ``%LOCALAPPDATA%\\xrfnb\\models`` on Windows: where the dashboard writes the models it adapts),
+        and last as a folder of that name in the working directory.
     precision : {"auto", "float32", "bfloat16"}
         Arithmetic of the network at inference: ``"auto"`` is bfloat16 where the CPU computes it natively
         (about five times faster, probabilities within about 0.02 of float32), else float32;
@@ -1087,7 +1089,8 @@ def load_model(name: str | os.PathLike = "default", *, precision: str = "auto") 
     Raises
     ------
     ModelError
-        Unknown name (the message lists the shipped models) or an invalid/unsafe model folder.
+        Unknown name (the message lists the folders searched and the models found there) or an
+        invalid/unsafe model folder.
     """
     resolved = resolve_precision(precision)
     if isinstance(name, PigmentModel):
@@ -1098,19 +1101,39 @@ def load_model(name: str | os.PathLike = "default", *, precision: str = "auto") 
     if text == "default":
         text = DEFAULT_MODEL
     candidates: list[Path] = []
-    if isinstance(name, os.PathLike) or os.sep in text or text.startswith("."):
+    if isinstance(name, os.PathLike) or os.sep in text or "/" in text or text.startswith("."):
         candidates.append(Path(text).expanduser())
     else:
-        candidates.append(_package_models() / text)
-        for root in filter(None, os.environ.get("XRFNB_MODELS", "").split(os.pathsep)):
-            candidates.append(Path(root) / text)
-        candidates.append(Path(text))
+        found = _folders.find_model(text)
+        if found is not None:
+            candidates.append(found)
+        candidates.append(Path(text))  # a folder of that name in the working directory
     for c in candidates:
         if c.is_dir():
             return _load_cached(str(c.resolve()), resolved)
-    raise ModelError(
-        f"unknown model {str(name)!r}: shipped models are {', '.join(available_models()) or 'none'}; "
-        "or give the path of a folder with model.safetensors and model.json"
+    raise ModelError(_unknown_model_text(str(name), text))
+
+
+def _unknown_model_text(name: str, text: str) -> str:
+    """What :func:`load_model` says of a name it did not find: the folders it searched, the names it found
+    there, and a folder of that name without a ``model.json``, if any."""
+    if os.sep in text or "/" in text or text.startswith("."):
+        return (
+            f"unknown model {name!r}: no such folder; give the path of a folder with model.safetensors and "
+            f"model.json, or a model's name ({', '.join(_folders.model_names()) or 'none found'})"
+        )
+    roots = [r for r in os.environ.get("XRFNB_MODELS", "").split(os.pathsep) if r]
+    env = ", ".join(str(Path(r).expanduser()) for r in roots) if roots else "not set"
+    searched = (
+        f"the shipped models ({_package_models()}), $XRFNB_MODELS ({env}), the user's models folder "
+        f"({_folders.user_models_folder()}) and the working directory"
+    )
+    empty = [str(folder / text) for folder in _folders.search_folders() if (folder / text).is_dir()]
+    hint = f" ({', '.join(empty)} has no {META_FILE})" if empty else ""
+    return (
+        f"unknown model {name!r}: no folder of that name with a {META_FILE} in {searched}{hint}; models "
+        f"found there: {', '.join(_folders.model_names()) or 'none'}. Give one of these names, or the path "
+        "of a folder with model.safetensors and model.json"
     )
 
 

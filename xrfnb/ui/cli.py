@@ -611,6 +611,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 # -- parser ---------------------------------------------------------------------------------------
+#: what --model takes (the names xrfnb.load_model finds: xrfnb.model.folders)
+_MODEL_HELP = (
+    "a model's name (shipped, in a folder of $XRFNB_MODELS, or in the user's models folder, where the "
+    "dashboard writes adapted models: ~/.local/share/xrfnb/models) or a model folder's path (default: the "
+    "shipped model)"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``xrfnb`` (exposed for documentation and tests)."""
     p = argparse.ArgumentParser(
@@ -623,7 +631,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("identify", help="pigment maps of a scan (or one spectrum) into an HDF5 file")
     s.add_argument("input", metavar="INPUT", help="scan or spectrum file (any format xrfnb.load reads)")
     s.add_argument("-o", "--output", required=True, metavar="OUTPUT.h5", help="pigment maps (HDF5)")
-    s.add_argument("--model", default=None, help="model name or folder (default: the shipped model)")
+    s.add_argument("--model", default=None, help=_MODEL_HELP)
     s.add_argument(
         "--precision",
         choices=("auto", "float32", "bfloat16"),
@@ -745,7 +753,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("input", metavar="SCAN",
                    help="a scan or spectrum from the scanner (any format xrfnb.load reads)")
     s.add_argument("--out", required=True, metavar="MODEL_FOLDER", help="folder of the adapted model")
-    s.add_argument("--model", default=None, help="model to adapt (default: the shipped model)")
+    s.add_argument("--model", default=None, help="model to adapt: " + _MODEL_HELP)
     s.add_argument("--minutes", type=_positive_float, default=15.0, help="training minutes (default 15)")
     s.add_argument("--anode", default=None, help="the tube anode, if known (e.g. Rh): fixed in the fit")
     s.add_argument("--resume", action="store_true", help="continue an interrupted adaptation in --out")
@@ -763,7 +771,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser(
         "evaluate", help="evaluate a model on held-out synthetic test sets beside the baseline"
     )
-    s.add_argument("--model", default=None, help="model name or folder (default: the shipped model)")
+    s.add_argument("--model", default=None, help=_MODEL_HELP)
     s.add_argument(
         "--n-per-cell", type=_positive_int, default=None, metavar="N", help="spectra per (set, count level)"
     )

@@ -23,8 +23,8 @@ from ...core.spectrum import Scan, Spectrum
 from ...fitting.stackfit import StackFit
 from ...io.detect import detect_format
 from ...maps.pigmentmaps import PigmentMaps
+from ...model.folders import model_folders, model_names, user_models_folder
 from ...model.model import DEFAULT_MODEL, PigmentModel, load_model
-from ...model.model import available_models as shipped_models
 from ...physics.instrument import Instrument
 
 __all__ = [
@@ -41,7 +41,6 @@ __all__ = [
     "list_data_files",
     "load_model_cached",
     "model_folders",
-    "model_location",
     "readable_format",
     "resolve_inside",
     "safe_filename",
@@ -366,81 +365,32 @@ INSTRUMENTS: LRUCache[Instrument] = LRUCache(4)
 FITS: LRUCache[StackFit] = LRUCache(256)
 
 
-def user_models_folder() -> Path:
-    """The models folder in the user's data folder: ``$XDG_DATA_HOME/xrfnb/models`` (default
-    ``~/.local/share/xrfnb/models``) on Linux, ``~/Library/Application Support/xrfnb/models`` on macOS,
-    ``%LOCALAPPDATA%\\xrfnb\\models`` on Windows. Not created here."""
-    if sys.platform == "win32":
-        base = Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
-    elif sys.platform == "darwin":
-        base = Path.home() / "Library" / "Application Support"
-    else:
-        base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
-    return base / "xrfnb" / "models"
-
-
 def adapted_models_folder() -> Path:
-    """Where the dashboard writes the models it adapts: the first folder of ``$XRFNB_MODELS`` when it is
-    set, else :func:`user_models_folder` (never the served data folder unless ``$XRFNB_MODELS`` names it).
-    Not created here."""
+    """Where the dashboard writes the models it adapts: the first of :func:`model_folders` (the first
+    folder of ``$XRFNB_MODELS`` when it is set, else :func:`user_models_folder`; never the served data
+    folder unless ``$XRFNB_MODELS`` names it), so that :func:`xrfnb.load_model` finds them by name. Not
+    created here."""
     return model_folders()[0]
 
 
-def model_folders() -> list[Path]:
-    """The folders whose model folders the dashboard offers: those of ``$XRFNB_MODELS``, then the user's
-    (:func:`user_models_folder`, where adapted models go when ``$XRFNB_MODELS`` is not set)."""
-    roots = [Path(root).expanduser() for root in os.environ.get("XRFNB_MODELS", "").split(os.pathsep) if root]
-    return list(dict.fromkeys([*roots, user_models_folder()]))
-
-
-def _listed_models(folder: Path) -> list[str]:
-    """The model folders directly under ``folder`` (with a ``model.json``); hidden ones (an adaptation
-    being written) are left out."""
-    if not folder.is_dir():
-        return []
-    return [
-        d.name
-        for d in sorted(folder.iterdir())
-        if not d.name.startswith(".") and (d / "model.json").is_file()
-    ]
-
-
 def available_models() -> list[str]:
-    """Names of the trained models that can be chosen (``"default"`` first when it exists).
-
-    The models shipped with the package (:func:`xrfnb.model.model.available_models`) and the model
-    folders under the folders listed in ``$XRFNB_MODELS`` and in the user's models folder
-    (:func:`user_models_folder`: models adapted in the dashboard without ``$XRFNB_MODELS``); an empty list
-    means no model has been trained or shipped. Hidden folders (an adaptation still being written) are
-    not listed.
+    """Names of the trained models that can be chosen (``"default"`` first when it exists): every name
+    :func:`xrfnb.load_model` finds (:func:`xrfnb.model.folders.model_names`: the shipped models, those in
+    the folders of ``$XRFNB_MODELS``, those in the user's models folder, where the dashboard writes the
+    models it adapts without ``$XRFNB_MODELS``); an empty list means no model has been trained or shipped.
+    Hidden folders (an adaptation being written, or kept to be resumed) are not listed.
     """
-    names = list(shipped_models())
-    for folder in model_folders():
-        names += _listed_models(folder)
-    names = list(dict.fromkeys(names))
+    names = model_names()
     if DEFAULT_MODEL in names:
         names.remove(DEFAULT_MODEL)
         names.insert(0, "default")
     return names
 
 
-def model_location(name: str) -> str:
-    """What :func:`xrfnb.load_model` is given for the listed model ``name``: the name itself, or the
-    folder's path for a model found only in the user's models folder (which ``load_model`` does not
-    search)."""
-    if name == "default" or name in shipped_models():
-        return name
-    for root in os.environ.get("XRFNB_MODELS", "").split(os.pathsep):
-        if root and (Path(root).expanduser() / name / "model.json").is_file():
-            return name
-    folder = user_models_folder() / name
-    return str(folder) if (folder / "model.json").is_file() else name
-
-
 def load_model_cached(name: str) -> PigmentModel:
-    """The trained model ``name`` (:func:`xrfnb.load_model`, or its folder: :func:`model_location`),
+    """The trained model ``name`` (:func:`xrfnb.load_model`, which finds every listed model by name),
     loaded once for all sessions (a session asking while another loads it waits for that one)."""
-    return MODELS.get_or_make(name, lambda: load_model(model_location(name)))
+    return MODELS.get_or_make(name, lambda: load_model(name))
 
 
 class BoundedFileDropper(pn.widgets.FileDropper):
