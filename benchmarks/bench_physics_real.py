@@ -27,7 +27,7 @@ Issue #17 item 3, the measuring half. Two sets of real spectra from ``../shared/
 3. ``bruker_m6_jetstream_p059.spx``: the header's scattering angle against the measured Compton peak,
    and the spread of its scatter windows under the lens carried over from the M4 and the lens before.
 
-``--fit`` refits the ``bruker-m4`` preset's lens transmission, source solid angle and back-layer shelf
+``--fit`` refits the ``bruker-m4`` preset's lens transmission and source solid angle (blanks by depth)
 to the Rh blanks f1-f3 (see :func:`fit_lens`); ``--fit-floor`` fits the back-layer shelf and the
 instrument's own wall lines (``chamber_walls_sr``) to the floor behind Al 630 um (f3, see
 :func:`fit_floor`). f4, f5, the pure elements and the M6 file stay out of both fits, as checks (f1 and
@@ -57,6 +57,7 @@ import numpy as np
 import xraylib
 
 import xrfnb
+from xrfnb.physics.depth import depth_weight, simulate_depth_weighted
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "real" / "bruker_m4_rh50kv"
@@ -141,6 +142,14 @@ def compton_keV(energy_keV: float, angle_deg: float) -> float:
     return energy_keV / (1.0 + energy_keV / ME_C2_KEV * (1.0 - np.cos(np.radians(angle_deg))))
 
 
+def simulate_blank(inst: xrfnb.Instrument, live_time_s: float) -> xrfnb.Spectrum:
+    """The expected spectrum of the infinitely thick PMMA blank, each depth seen under its own detector
+    solid angle (:func:`xrfnb.physics.depth.simulate_depth_weighted`: the blank's 20-40 keV scatter
+    comes from 5-20 mm deep, where the detector 18.9 mm away subtends 0.2-0.6 of its solid angle from
+    the spot). Without noise and pile-up."""
+    return simulate_depth_weighted(PMMA, inst, live_time_s=live_time_s)
+
+
 def verdict(ratio: float, measured: float) -> str:
     """``PASS``/``FAIL`` against :data:`BAND` where ``measured >= MIN_COUNTS``, otherwise ``-``."""
     if measured < MIN_COUNTS or not np.isfinite(ratio):
@@ -186,7 +195,7 @@ def compare_blank(label: str, spec: xrfnb.Spectrum, inst: xrfnb.Instrument, stac
                   rows: list[tuple], thickness_check: bool = False) -> None:
     """Print one blank's windows (measured, absolute and scaled sim/meas) and append them to ``rows``."""
     t0 = time.perf_counter()
-    sim = xrfnb.simulate(stack, inst, live_time_s=spec.live_time_s, noise=False)
+    sim = simulate_blank(inst, spec.live_time_s)
     dt = time.perf_counter() - t0
     scale = window_sum(spec, *SCALE_RANGE) / window_sum(sim, *SCALE_RANGE)
     rate_meas = window_sum(spec, ZERO_PEAK_KEV, 41.0) / spec.live_time_s
@@ -217,10 +226,12 @@ def compare_blank(label: str, spec: xrfnb.Spectrum, inst: xrfnb.Instrument, stac
         if not info:
             rows.append((label.split(":")[0], name, m, r_abs, r_sc))
     if thickness_check:
-        sim10 = xrfnb.simulate(xrfnb.Stack([PMMA]), inst, live_time_s=spec.live_time_s, noise=False)
-        parts = [f"{name}: {window_sum(sim10, lo, hi) / window_sum(sim, lo, hi):.2f}"
+        flat = xrfnb.simulate(stack, inst, live_time_s=spec.live_time_s, noise=False, pileup=False)
+        parts = [f"{name}: {window_sum(sim, lo, hi) / window_sum(flat, lo, hi):.2f}"
                  for name, lo, hi in wins[:7]]
-        print("  sensitivity, sim(10 mm PMMA plate)/sim(infinitely thick): " + ", ".join(parts))
+        print("  depth weighting, sim(solid angle by depth)/sim(the spot's solid angle at every depth): "
+              + ", ".join(parts) + f" (w = {depth_weight(inst, 5.0):.2f} at 5 mm, "
+              f"{depth_weight(inst, 10.0):.2f} at 10 mm)")
     cm, am = compton_centroid(spec, inst)
     cs, as_ = compton_centroid(sim, inst)
     print(f"  {inst.anode} Ka Compton peak centroid: measured {cm:.3f} keV (scattering angle "
@@ -277,8 +288,7 @@ def blank_escape_check(spec: xrfnb.Spectrum, sim: xrfnb.Spectrum, inst: xrfnb.In
     e_esc = xrfnb.line_energy_keV(inst.anode, "Ka") - SI_KA_KEV
     f = float(inst.fwhm_keV(e_esc))
     lo, hi = e_esc - f, e_esc + f
-    sim_off = xrfnb.simulate(stack, inst.with_(escape=False), live_time_s=spec.live_time_s,
-                             noise=False)
+    sim_off = simulate_blank(inst.with_(escape=False), spec.live_time_s)
     exact = (window_sum(sim, lo, hi) - window_sum(sim_off, lo, hi)) * scale
     noise = np.sqrt(window_sum(spec, lo, hi))
     print(f"  escape of the scattered {inst.anode} Ka at {e_esc:.2f} keV: simulated {exact:,.0f} counts "
@@ -465,7 +475,7 @@ FIT_SETS = (("20170510_D1_Rh_50kv_100mA_acryl__f1_0.spx", tuple((a, a + 1) for a
             ("20170510_D1_Rh_50kv_100mA_acryl_f3_0.spx",
              ((4, 5), (5, 6), (6, 7), *((a, a + 1) for a in range(9, 40)))))
 FIT_FIELDS = ("polycapillary_cutoff_keV", "polycapillary_slope", "polycapillary_floor",
-              "polycapillary_low_keV", "source_solid_angle_sr", "back_icc_layer_um")
+              "source_solid_angle_sr")
 
 
 def fit_lens(data: Path) -> None:
@@ -478,7 +488,6 @@ def fit_lens(data: Path) -> None:
     """
     from scipy.optimize import least_squares  # deferred: only this mode needs scipy
 
-    stack = xrfnb.Stack([], substrate=PMMA)
     blanks = data / "acrylic_blanks"
     specs = [xrfnb.load(blanks / f) for f, _ in FIT_SETS]
     insts = [xrfnb.Instrument.from_file(blanks / f, preset=PRESET) for f, _ in FIT_SETS]
@@ -488,16 +497,15 @@ def fit_lens(data: Path) -> None:
     def residuals(x: np.ndarray) -> np.ndarray:
         out = []
         for spec, inst, m, (_, bins) in zip(specs, insts, meas, FIT_SETS, strict=True):
-            sim = xrfnb.simulate(stack, inst.with_(**dict(zip(FIT_FIELDS, x, strict=True))),
-                                 live_time_s=spec.live_time_s, noise=False)
+            sim = simulate_blank(inst.with_(**dict(zip(FIT_FIELDS, x, strict=True))), spec.live_time_s)
             sm = np.array([window_sum(sim, a, b) for a, b in bins])
             ok = m > 400
             out.append(np.log(sm[ok] / m[ok]))
         return np.concatenate(out)
 
     x0 = np.array([getattr(insts[0], f) for f in FIT_FIELDS])
-    fit = least_squares(residuals, x0, x_scale=[1, 1, 0.003, 0.5, 3e-4, 2.0], diff_step=1e-3,
-                        bounds=([5, 1, 0, 0, 1e-5, 0], [30, 15, 0.2, 6, 1e-2, 100.0]))
+    fit = least_squares(residuals, x0, x_scale=[1, 1, 0.003, 3e-4], diff_step=1e-3,
+                        bounds=([5, 1, 0, 1e-5], [30, 15, 0.2, 1e-2]))
     r = np.exp(fit.fun)
     print(f"fit of {PRESET}: " + ", ".join(f"{f} = {v:.4g}" for f, v in zip(FIT_FIELDS, fit.x, strict=True)))
     print(f"  {r.size} bins: simulated/measured {r.min():.2f} .. {r.max():.2f}, rms log "
@@ -527,12 +535,10 @@ def fit_floor(data: Path) -> tuple[float, dict[str, float]]:
     path = data / "acrylic_blanks" / CHAMBER_FIT_BLANK
     spec = xrfnb.load(path)
     inst = xrfnb.Instrument.from_file(path, preset=PRESET).with_(partial_collection=0.0)
-    stack = xrfnb.Stack([], substrate=PMMA)
     measured = window_sum(spec, *FLOOR_WINDOW_KEV)
 
     def floor(b_um: float) -> float:
-        sim = xrfnb.simulate(stack, inst.with_(back_icc_layer_um=b_um), live_time_s=spec.live_time_s,
-                             noise=False)
+        sim = simulate_blank(inst.with_(back_icc_layer_um=b_um), spec.live_time_s)
         return window_sum(sim, *FLOOR_WINDOW_KEV)
 
     f0, b = floor(0.0), 10.0
@@ -559,16 +565,14 @@ def fit_chamber(data: Path, back_icc_layer_um: float | None = None) -> dict[str,
     inst = xrfnb.Instrument.from_file(path, preset=PRESET).with_(chamber_walls_sr={})
     if back_icc_layer_um is not None:
         inst = inst.with_(back_icc_layer_um=back_icc_layer_um, partial_collection=0.0)
-    stack = xrfnb.Stack([], substrate=PMMA)
     lt = spec.live_time_s
-    base = xrfnb.simulate(stack, inst, live_time_s=lt, noise=False).counts
+    base = simulate_blank(inst, lt).counts
     e = spec.energy_keV
     win = (e >= CHAMBER_WINDOW_KEV[0]) & (e < CHAMBER_WINDOW_KEV[1])
     cols = []
-    bare = xrfnb.simulate(stack, inst, live_time_s=lt, noise=False, pileup=False).counts
+    bare = base
     for el in CHAMBER_ELEMENTS:
-        unit = xrfnb.simulate(stack, inst.with_(chamber_walls_sr={el: 1.0}), live_time_s=lt, noise=False,
-                              pileup=False).counts
+        unit = simulate_blank(inst.with_(chamber_walls_sr={el: 1.0}), lt).counts
         cols.append((unit - bare)[win])
     x = (e[win] - e[win].mean()) / np.ptp(e[win])
     a = np.column_stack([*cols, np.ones_like(x), x])
