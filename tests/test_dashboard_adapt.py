@@ -14,6 +14,7 @@ import pickle
 import shutil
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -101,7 +102,11 @@ def test_the_model_is_adapted_listed_and_used_for_the_maps(models, scan, base, b
         level, text = d.last_message
         assert level == "error" and "already running on this server" in text
     assert "this page" in dash.last_message[1] and "another page" in other.last_message[1]
-    assert panel.job is job and other.adaptation_panel.job is None
+    # the other session shows the running one from then on (and can cancel it)
+    assert "its progress is shown here" in other.last_message[1]
+    assert panel.job is job and other.adaptation_panel.job is job
+    assert other.adaptation_panel.cancel_button.visible
+    assert job.watchers == {id(panel), id(other.adaptation_panel)}
     # the page follows the worker: its stages, from the instrument to the model's checks
     seen = []
 
@@ -142,27 +147,128 @@ def test_the_model_is_adapted_listed_and_used_for_the_maps(models, scan, base, b
     assert new[0] in Dashboard().param.model_name.objects
 
 
-def test_cancelling_leaves_no_model_folder(models, scan, base, base_maps):
+def hidden_folders(models: Path) -> list[Path]:
+    return sorted(p for p in models.iterdir() if p.name.startswith("."))
+
+
+def training_logged(models: Path) -> bool:
+    """Whether the worker trains: its hidden folder holds a checkpoint and a line of training log."""
+    hidden = hidden_folders(models)
+    if not hidden:
+        return False
+    log_path = hidden[0] / "train_log.jsonl"
+    checkpoint = hidden[0] / "checkpoint" / "state.json"
+    return checkpoint.exists() and log_path.exists() and bool(log_path.read_text())
+
+
+class _Session:
+    """Stands for the server's session context of a page (Bokeh holds it by a weak reference)."""
+
+    def __init__(self, name: str) -> None:
+        self.id = name
+
+
+def test_closing_the_last_page_that_shows_it_cancels_the_adaptation(models, scan, base, base_maps):
+    from bokeh.document import Document
+    from panel.io.state import set_curdoc
+
+    docs, sessions = [], []
+    for k in range(2):  # two pages of one server, each with its session
+        sessions.append(_Session(f"page-{k}"))
+        docs.append(Document())
+        docs[k]._session_context = weakref.ref(sessions[k])
+    dash_a = Dashboard(scan=scan, maps=base_maps, model=base, blocking=False)
+    dash_b = Dashboard(scan=scan, maps=base_maps, model=base, blocking=False)
+    a, b = dash_a.adaptation_panel, dash_b.adaptation_panel
+    small(a, 5.0)
+    before = folders(models)
+    with set_curdoc(docs[0]):  # the button's callback runs in its page's session
+        a.adapt_button.clicks += 1
+    job = a.job
+    with set_curdoc(docs[1]):  # refused on the other page, which shows it from then on
+        b.offer_button.clicks += 1
+    assert dash_b.last_message[0] == "error" and "its progress is shown here" in dash_b.last_message[1]
+    assert b.job is job and b.cancel_button.visible and job.watchers == {id(a), id(b)}
+
+    def close(k):
+        """What the server does when a page's session ends: its session-destroyed callbacks."""
+        callbacks = list(docs[k].callbacks.session_destroyed_callbacks)
+        assert callbacks, "the page registered nothing to do when its session ends"
+        for callback in callbacks:
+            callback(sessions[k])
+
+    pump(a.jobs, until=lambda: training_logged(models), timeout_s=180)
+    proc = job.proc
+    # the page that started it closes: the other page still shows it, so it goes on there
+    close(0)
+    assert not job.cancelled and a.job is None and job.watchers == {id(b)}
+    steps = job.steps
+    pump(b.jobs, until=lambda: job.steps > steps, timeout_s=120)
+    assert not job.finished and proc.poll() is None and _adaptation.running_adaptation() is job
+    # the last page showing it closes: cancelled as by the button, the worker stopping as at Ctrl-C
+    close(1)
+    assert job.cancelled and b.job is None
+    pump(until=lambda: job.finished, timeout_s=60)
+    assert proc.returncode == 130 and job.path is None and _adaptation.running_adaptation() is None
+    # no model; the checkpoint kept, in a hidden folder no model list shows
+    assert [n for n in folders(models) if not n.startswith(".")] == before
+    assert job.kept and (job.staging / "checkpoint" / "state.json").is_file()
+    assert not any(n.startswith(".") for n in _files.available_models())
+    # a page opened later offers to resume it, or to discard it
+    later = Dashboard(scan=scan, maps=base_maps, model=base).adaptation_panel
+    assert later.resume_button.visible and later.discard_button.visible
+    later.discard_button.clicks += 1
+    assert not job.staging.exists() and folders(models) == before and not later.resume_button.visible
+
+
+def test_a_cancelled_adaptation_is_resumed_from_its_checkpoint(models, scan, base, base_maps):
     dash = Dashboard(scan=scan, maps=base_maps, model=base, blocking=False)
     panel = dash.adaptation_panel
-    small(panel, 5.0)
+    small(panel, 0.6)
     before = folders(models)
+    assert not panel.resume_button.visible
     panel.adapt_button.clicks += 1
     job = panel.job
-
-    # wait until the worker trains: its hidden folder holds the training log and a first checkpoint
-    def training():
-        hidden = [p for p in models.iterdir() if p.name.startswith(".")]
-        return bool(hidden) and (hidden[0] / "checkpoint" / "state.json").exists()
-
-    pump(panel.jobs, until=training, timeout_s=180)
-    assert (next(p for p in models.iterdir() if p.name.startswith(".")) / "train_log.jsonl").exists()
+    pump(panel.jobs, until=lambda: training_logged(models), timeout_s=180)
     panel.cancel_button.clicks += 1
     pump(panel.jobs, until=lambda: panel.job is None, timeout_s=60)
-    assert job.path is None
-    assert folders(models) == before  # nothing left, hidden or not
-    assert "Adaptation cancelled" in panel.result.object and dash.last_message[0] == "warning"
-    assert dash.model_obj is base and _adaptation.running_adaptation() is None
+    hidden = job.staging
+    saved = json.loads((hidden / "checkpoint" / "state.json").read_text())["step"]
+    logged = [json.loads(line)["step"] for line in (hidden / "train_log.jsonl").read_text().splitlines()]
+    assert job.path is None and job.kept and saved >= logged[-1] >= 25
+    assert [n for n in folders(models) if not n.startswith(".")] == before  # no model written
+    text = panel.result.object
+    assert f"Adaptation cancelled** after {saved:,} training steps" in text and "checkpoint is kept" in text
+    # this page, and a page opened later on the same scan with the same model, offer to resume it
+    assert panel.resume_button.visible and panel.resume_button.label.startswith(
+        f"{_adaptation.RESUME_LABEL} ({saved:,} of "
+    )
+    later = Dashboard(scan=scan, maps=base_maps, model=base, blocking=False)
+    assert later.adaptation_panel.resume_button.label == panel.resume_button.label
+    # not for another scan
+    other, _ = xrfnb.render_scan("hidden-painting", shape=(4, 4), counts_per_pixel=20000, rng=1404)
+    assert not Dashboard(scan=other, model=base).adaptation_panel.resume_button.visible
+    p2 = later.adaptation_panel
+    small(p2, 5.0)  # the minutes field is not the kept run's: it goes on with its own minutes
+    p2.resume_button.clicks += 1
+    job2 = p2.job
+    assert job2 is not None and job2.staging == hidden and job2.resumed_from == saved
+    assert job2.minutes == 0.6 and job2.name == job.name and job2.fit is not None
+    dash.data_version += 1  # the first page: the run going on is not offered to be resumed
+    assert not panel.resume_button.visible
+    pump(p2.jobs, until=lambda: p2.job is None, timeout_s=300)
+    assert job2.error is None, job2.error
+    folder = job2.path
+    assert folder is not None and folder.name == job.name and not hidden.exists()
+    # the training went on from the saved step: its log continues without counting a step twice
+    steps = [json.loads(line)["step"] for line in (folder / "train_log.jsonl").read_text().splitlines()]
+    assert steps[: len(logged)] == logged and steps == sorted(set(steps)) and steps[len(logged)] > saved
+    meta = json.loads((folder / "model.json").read_text())
+    assert meta["training"]["steps"] > saved and meta["adapted"]["from_model"] == "tiny-base"
+    # a model like any other: no checkpoint or resume record left in it; loadable by name, chosen here
+    assert not (folder / "checkpoint").exists() and not (folder / _worker.RESUME_DIR).exists()
+    assert xrfnb.load_model(folder.name).name == folder.name == later.model_name
+    assert [n for n in folders(models) if n.startswith(".")] == [] and not p2.resume_button.visible
 
 
 def test_what_cannot_be_done_is_said_in_words(models, scan, base, base_maps, monkeypatch):

@@ -8,13 +8,15 @@ signal (SIGINT: the training loop saves its checkpoint and stops, as at Ctrl-C).
 ``FOLDER`` is the dashboard's private folder for this run (made by the server, readable by its user only).
 It holds the request, ``request.pkl``, a pickle the server wrote there: the base model's folder, the
 :class:`~xrfnb.fitting.instrument_fit.InstrumentFit`, the minutes, the adapted model's name, the hidden
-folder to write it in (``MODELS/.NAME.adapting-XXXX``, beside its final place) and the final folder. The
-process writes the model into the hidden folder, removes the training checkpoint and renames the folder to
-its final name (another name, ``NAME-2``, ..., should that exist by then: an existing model is never
-replaced), then writes ``result.json`` (``{"path": ..., "name": ...}``) into ``FOLDER``; a failure writes
-``error.json`` (``{"message": ...}``, in words for the page) and exits with status 1; SIGINT exits with 130
-and leaves the hidden folder to the dashboard, which removes it. A model folder therefore appears under
-its final name complete or not at all.
+folder to write it in (``MODELS/.NAME.adapting-XXXX``, beside its final place), the final folder and
+whether to resume the training checkpoint already in the hidden folder (an adaptation cancelled or
+interrupted before, :data:`RESUME_DIR`). The process writes the model into the hidden folder, removes the
+training checkpoint and the resume record and renames the folder to its final name (another name,
+``NAME-2``, ..., should that exist by then: an existing model is never replaced), then writes
+``result.json`` (``{"path": ..., "name": ...}``) into ``FOLDER``; a failure writes ``error.json``
+(``{"message": ...}``, in words for the page) and exits with status 1; SIGINT exits with 130 and leaves
+the hidden folder, with its checkpoint, to the dashboard, which keeps it to be resumed. A model folder
+therefore appears under its final name complete or not at all.
 """
 
 from __future__ import annotations
@@ -32,7 +34,18 @@ from typing import Any
 from ..._errors import XRFNBError
 from ...model.adapt import adapt_model
 
-__all__ = ["ERROR_FILE", "REQUEST_FILE", "RESULT_FILE", "final_folder", "main", "run_request"]
+__all__ = [
+    "ERROR_FILE",
+    "REQUEST_FILE",
+    "RESULT_FILE",
+    "RESUME_DIR",
+    "RESUME_FIT",
+    "RESUME_PID",
+    "RESUME_RECORD",
+    "final_folder",
+    "main",
+    "run_request",
+]
 
 #: the request, in the run's folder
 REQUEST_FILE = "request.pkl"
@@ -40,6 +53,16 @@ REQUEST_FILE = "request.pkl"
 RESULT_FILE = "result.json"
 #: written into the run's folder when the adaptation failed
 ERROR_FILE = "error.json"
+#: in the hidden folder, private to the server's user (0700): what a kept adaptation needs to be resumed
+RESUME_DIR = "resume"
+#: in :data:`RESUME_DIR`: what the page shows and matches (JSON: base model, scan, minutes, name, sizes)
+RESUME_RECORD = "adaptation.json"
+#: in :data:`RESUME_DIR`: the process id of the worker training in the folder (a folder whose worker still
+#: runs, left by a server that was killed, is not offered to be resumed)
+RESUME_PID = "worker.pid"
+#: in :data:`RESUME_DIR`: the instrument fit adapted to (a pickle, 0600, loaded only when owned by the
+#: server's user and writable by nobody else)
+RESUME_FIT = "instrument-fit.pkl"
 
 
 def final_folder(models: Path, name: str) -> Path:
@@ -79,7 +102,8 @@ def run_request(request: dict[str, Any]) -> dict[str, Any]:
     request : dict
         ``base`` (the base model's folder), ``fit`` (InstrumentFit), ``minutes``, ``name``, ``staging``
         (the hidden folder to write in), ``models`` (the folder the model goes into), ``n_val`` and
-        ``validation_n_per_cell`` (as :func:`xrfnb.model.adapt.adapt_model`).
+        ``validation_n_per_cell`` (as :func:`xrfnb.model.adapt.adapt_model`); ``resume`` (optional, default
+        False): continue from the training checkpoint in ``staging``.
 
     Returns
     -------
@@ -87,13 +111,17 @@ def run_request(request: dict[str, Any]) -> dict[str, Any]:
         ``{"path": final folder, "name": its name}``.
     """
     staging = Path(request["staging"])
+    if (staging / RESUME_DIR).is_dir():
+        _write_json(staging / RESUME_DIR / RESUME_PID, {"pid": os.getpid()})
     adapt_model(
         request["base"], request["fit"], staging, minutes=float(request["minutes"]), progress=False,
-        name=str(request["name"]), n_val=int(request["n_val"]),
+        name=str(request["name"]), n_val=int(request["n_val"]), resume=bool(request.get("resume", False)),
         validation_n_per_cell=int(request["validation_n_per_cell"]),
     )  # fmt: skip
-    # a finished model needs no checkpoint (three times the weights: the optimiser's state)
+    # a finished model needs no checkpoint (three times the weights: the optimiser's state) and nothing to
+    # resume it from (the record's pickle would make the folder a model that refuses to load)
     shutil.rmtree(staging / "checkpoint", ignore_errors=True)
+    shutil.rmtree(staging / RESUME_DIR, ignore_errors=True)
     final = _put_in_place(staging, Path(request["models"]), str(request["name"]))
     return {"path": str(final), "name": final.name}
 
