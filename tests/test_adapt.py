@@ -225,3 +225,18 @@ def test_cli_adapt_and_identify_advice(base, spectrum, tmp_path, capsys, monkeyp
     assert f"using the adapted model in {folder}" in err and "adapting" not in err
     maps = PigmentMaps.from_hdf5(tmp_path / "maps.h5")
     assert "tiny-base-adapted" in json.dumps(maps.metadata["model"])
+
+
+def test_a_factored_model_is_adapted_as_the_network_it_is(base, fit, tmp_path):
+    """A model factored after training (``factor_model``: a full layer in its training record, a factored
+    one in its weights) is fine-tuned with its factored layer, not rebuilt from the record."""
+    from xrfnb.model.train import factor_model
+
+    factored = factor_model(base, 8, tmp_path / "factored")
+    cfg = adaptation_config(factored, fit, minutes=0.05)
+    assert cfg.model.rank == 8 and factored.meta["training"]["model"]["rank"] == 0
+    assert adaptation_config(base, fit, minutes=0.05).model.rank == 0
+    adapted = factored.adapt(fit, tmp_path / "adapted", minutes=0.05, progress=False, n_val=128,
+                             validation_n_per_cell=8)
+    assert adapted.net.rank == 8
+    assert xrfnb.load_model(tmp_path / "adapted").meta["architecture"]["rank"] == 8

@@ -15,6 +15,7 @@ from xrfnb.model.model import PigmentModel
 from xrfnb.model.train import (
     GROUP_SIZE,
     _BatchStream,
+    _training_data,
     best_f1_thresholds,
     fit_temperature,
     load_config,
@@ -554,3 +555,97 @@ def test_tube_filter_options_are_checked_early():
         DataConfig(tube_filters=("none", "Xx:5"))
     with pytest.raises(ModelError, match="tube_filter_weights"):
         DataConfig(tube_filters=("none", "Al:12.5"), tube_filter_weights=(1.0,))
+
+
+# -- a factored first layer ---------------------------------------------------------------------------
+def _first_layer_error(net_full, net_small, binned):
+    """Mean squared change of the first layer's output (before the ReLU) over the spectra."""
+    import torch
+
+    from xrfnb.model.nn import features_from_binned
+
+    with torch.inference_mode():
+        x, lc = features_from_binned(torch.from_numpy(binned))
+        h = net_full.first_layer_inputs(x, lc)
+        full = net_full.mlp[0](h)
+        small = net_small.mlp[0](net_small.project(h)) if net_small.rank else net_small.mlp[0](h)
+    return float(((full - small) ** 2).mean())
+
+
+def test_a_factored_first_layer_is_the_best_of_its_rank_on_the_spectra_it_serves(tiny_run):
+    """Eckart-Young in the inputs' metric: the factors fitted to the spectra change the layer's output
+    on those spectra by no more than the plain truncated SVD of the weights at the same rank (which
+    ignores where the inputs lie), and at full rank not at all."""
+    import copy
+
+    import torch
+
+    from xrfnb.model.nn import factor_first_layer
+
+    net = tiny_run[1].net
+    binned, _ = validation_set(_training_data(load_config(TINY)), load_config(TINY))
+    width = net.mlp[0].out_features  # 32
+    exact = factor_first_layer(net, binned, width)
+    assert exact.rank == width and _first_layer_error(net, exact, binned) < 1e-8
+    for rank in (2, 4, 8):
+        fitted = factor_first_layer(net, binned, rank)
+        plain = copy.deepcopy(net)
+        u, s, vh = torch.linalg.svd(net.mlp[0].weight.detach().double(), full_matrices=False)
+        plain.mlp[0].weight.data = (u[:, :rank] * s[:rank] @ vh[:rank]).float()
+        err_fitted = _first_layer_error(net, fitted, binned)
+        err_plain = _first_layer_error(net, plain, binned)
+        assert err_fitted <= err_plain * 1.0001, (rank, err_fitted, err_plain)
+    assert err_fitted < err_plain  # at rank 8 of 32 the spectra's directions matter
+    with pytest.raises(ModelError, match="already factored"):
+        factor_first_layer(fitted, binned, 2)
+    with pytest.raises(ModelError, match="rank must be"):
+        factor_first_layer(net, binned, width + 1)
+
+
+def test_init_from_a_full_model_into_a_factored_one_and_back_from_disk(tiny_run, tmp_path):
+    """``[model] rank`` with ``init_from`` a full model factors it on the run's validation spectra; at the
+    layer's full width that changes no probability, and the saved folder loads as a factored model."""
+    import xrfnb
+
+    out = tiny_run[0]
+    cfg = {**TINY, "model": {**TINY["model"], "rank": 32},
+           "optim": {**TINY["optim"], "max_steps": 0, "init_from": str(out)}}
+    factored = train_model(cfg, tmp_path / "f", progress=False)
+    loaded = xrfnb.load_model(tmp_path / "f", precision="float32")
+    assert loaded.net.rank == 32 and loaded.meta["architecture"]["rank"] == 32
+    assert json.loads((tmp_path / "f" / "model.json").read_text())["training"]["model"]["rank"] == 32
+    import torch
+
+    binned = torch.from_numpy(validation_set(_training_data(load_config(TINY)), load_config(TINY))[0])
+    full = xrfnb.load_model(out, precision="float32")
+    np.testing.assert_allclose(loaded._infer_binned(binned)[0].numpy(), full._infer_binned(binned)[0].numpy(),
+                               atol=2e-4)
+    assert factored.net.rank == 32
+    # a rank wider than the layer is refused as the run starts, naming the config
+    with pytest.raises(ModelError, match="rank must be"):
+        train_model({**cfg, "model": {**cfg["model"], "rank": 33}}, tmp_path / "g", progress=False)
+
+
+def test_factor_model_keeps_the_training_record_and_the_calls(tiny_run, tmp_path):
+    """``factor_model`` at the first layer's full width changes no probability; its record keeps the
+    training run as it was (a full layer) and says how it was factored; at a low rank the kept share of
+    the layer's output is below one."""
+    import torch
+
+    import xrfnb
+    from xrfnb.model.train import factor_model
+
+    out, _ = tiny_run
+    full = xrfnb.load_model(out, precision="float32")
+    same = factor_model(out, 32, tmp_path / "r32")
+    assert same.net.rank == 32 and same.meta["architecture"]["rank"] == 32
+    record = json.loads((tmp_path / "r32" / "model.json").read_text())["training"]
+    assert record["model"]["rank"] == 0 and record["optim"] == full.meta["training"]["optim"]
+    assert record["factored"]["rank"] == 32 and record["factored"]["output_variance_kept"] > 0.999999
+    binned = torch.from_numpy(validation_set(_training_data(load_config(TINY)), load_config(TINY))[0])
+    loaded = xrfnb.load_model(tmp_path / "r32", precision="float32")
+    np.testing.assert_allclose(loaded._infer_binned(binned)[0].numpy(), full._infer_binned(binned)[0].numpy(),
+                               atol=2e-4)
+    np.testing.assert_allclose(loaded.thresholds, full.thresholds, atol=0.011)  # the threshold grid's step
+    low = factor_model(out, 2, tmp_path / "r2")
+    assert low.meta["training"]["factored"]["output_variance_kept"] < 0.999

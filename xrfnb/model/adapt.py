@@ -200,7 +200,10 @@ def adaptation_config(
         n_val=int(n_val),
         init_from="",
     )
-    return TrainingConfig(name=name or f"{model.name}-adapted", model=base.model, data=data, optim=optim)
+    # the network as it is, not as it was trained: a model factored after training (factor_model) keeps
+    # its rank 0 training record but carries a factored first layer
+    arch = dataclasses.replace(base.model, rank=int(model.meta.get("architecture", {}).get("rank", 0)))
+    return TrainingConfig(name=name or f"{model.name}-adapted", model=arch, data=data, optim=optim)
 
 
 def _validation(model: PigmentModel, data: DataConfig, n_per_cell: int) -> list[dict[str, Any]]:

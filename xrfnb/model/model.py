@@ -585,6 +585,7 @@ class PigmentModel:
                 conv_channels=int(arch["conv_channels"]),
                 kernel=int(arch["kernel"]),
                 hidden=tuple(arch["hidden"]),
+                rank=int(arch.get("rank", 0)),
             )
             state = {k[4:]: v for k, v in tensors.items() if k.startswith("net.")}
             net.load_state_dict(state, strict=True)

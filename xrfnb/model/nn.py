@@ -13,6 +13,12 @@ The network is deliberately small and GEMM-shaped (one strided convolution, then
 because whole-scan mapping needs tens of thousands of spectra per second on two CPU cores. Its output per
 pigment class is a three-way softmax: absent / present in the surface layer / present only below the
 surface layer (within the probed depth).
+
+The first fully connected layer holds most of the arithmetic (2,049 inputs to 512 outputs: 85 % of the
+multiply-adds). With ``rank`` it is factored into a projection onto ``rank`` directions followed by the
+layer from them (:func:`factor_first_layer` makes the factors from a trained full layer, keeping the
+directions that carry the layer's output on real inputs), which at rank 128 cuts the network's work to
+about 40 %.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from ..core.calibration import EnergyCalibration
 __all__ = [
     "PigmentNet",
     "energy_grid_edges_keV",
+    "factor_first_layer",
     "features_from_binned",
     "rebin_counts",
 ]
@@ -177,6 +184,9 @@ class PigmentNet(nn.Module):
         out-of-distribution distance.
     dropout : float
         Dropout after each hidden layer (training only).
+    rank : int
+        0: the first fully connected layer is a full matrix. Otherwise it is factored: a projection
+        (``project``, no bias) onto ``rank`` directions, then ``mlp[0]`` from those to ``hidden[0]``.
     """
 
     def __init__(
@@ -188,6 +198,7 @@ class PigmentNet(nn.Module):
         kernel: int = 7,
         hidden: Sequence[int] = (256, 128),
         dropout: float = 0.1,
+        rank: int = 0,
     ) -> None:
         super().__init__()
         self.n_bins = int(n_bins)
@@ -195,17 +206,23 @@ class PigmentNet(nn.Module):
         self.conv_channels = int(conv_channels)
         self.kernel = int(kernel)
         self.hidden = tuple(int(h) for h in hidden)
+        self.rank = int(rank)
         if not self.hidden:
             raise ModelError("PigmentNet needs at least one hidden layer")
+        if self.rank < 0:
+            raise ModelError(f"PigmentNet rank must be >= 0 (0: a full first layer), got {self.rank}")
         if self.conv_channels > 0:
             self.conv = nn.Conv1d(2, self.conv_channels, self.kernel, stride=2, padding=self.kernel // 2)
             n_in = self.conv_channels * ((self.n_bins + 2 * (self.kernel // 2) - self.kernel) // 2 + 1)
         else:
             self.conv = None
             n_in = 2 * self.n_bins
+        n_in += 1  # log10 of the counts joins the flattened convolution
+        self.project = nn.Linear(n_in, self.rank, bias=False) if self.rank else None
+        n_in = self.rank or n_in
         layers: list[nn.Module] = []
         for h in self.hidden:
-            layers += [nn.Linear(n_in + 1 if not layers else n_in, h), nn.ReLU(), nn.Dropout(dropout)]
+            layers += [nn.Linear(n_in, h), nn.ReLU(), nn.Dropout(dropout)]
             n_in = h
         self.mlp = nn.ModuleList(layers)
         self.head = nn.Linear(n_in, 3 * self.n_classes)
@@ -227,8 +244,9 @@ class PigmentNet(nn.Module):
         features : torch.Tensor
             Shape (n, hidden[-1]), the last hidden layer (after ReLU).
         """
-        h = torch.relu(self.conv(x)) if self.conv is not None else x
-        h = torch.cat((h.flatten(1), log_counts), dim=1)
+        h = self.first_layer_inputs(x, log_counts)
+        if self.project is not None:
+            h = self.project(h)
         for layer in self.mlp:
             h = layer(h)
         return self.head(h).view(-1, self.n_classes, 3), h
@@ -241,4 +259,72 @@ class PigmentNet(nn.Module):
             "conv_channels": self.conv_channels,
             "kernel": self.kernel,
             "hidden": list(self.hidden),
+            "rank": self.rank,
         }
+
+    def first_layer_inputs(self, x: torch.Tensor, log_counts: torch.Tensor) -> torch.Tensor:
+        """What the first fully connected layer (or the projection) receives, shape (n, inputs)."""
+        if self.conv is None:
+            return torch.cat((x.flatten(1), log_counts), dim=1)
+        # the convolution as a 2-D one over a height of 1: the same sums, two to three times faster on
+        # CPUs than torch's 1-D path for these few channels
+        h = torch.nn.functional.conv2d(
+            x.unsqueeze(2), self.conv.weight.unsqueeze(2), self.conv.bias, stride=(1, 2),
+            padding=(0, self.kernel // 2),
+        ).flatten(1)
+        if torch.is_grad_enabled():
+            return torch.cat((torch.relu(h), log_counts), dim=1)
+        # inference: the ReLU writes straight into the layer's input (no copy for the concatenation)
+        out = torch.empty((h.shape[0], h.shape[1] + 1), dtype=h.dtype)
+        torch.clamp(h, min=0.0, out=out[:, :-1])
+        out[:, -1:] = log_counts
+        return out
+
+
+def factor_first_layer(net: PigmentNet, binned: np.ndarray, rank: int) -> PigmentNet:
+    """A copy of a network whose full first layer is factored to ``rank``, fitted to real inputs.
+
+    The factors minimise the mean squared change of the layer's output over the inputs of ``binned``
+    (not of its weights): with ``C`` the second-moment matrix of the layer's inputs and ``W`` its weights,
+    the kept directions are the leading left singular vectors ``U_r`` of ``W C^(1/2)``, and the layer
+    becomes ``U_r (U_r^T W) x + b`` (projection ``U_r^T W``, then ``U_r``). Directions of the input that
+    the spectra never take cost no rank, which a plain SVD of ``W`` would spend rank on.
+
+    Parameters
+    ----------
+    net : PigmentNet
+        A trained network with a full first layer (``rank == 0``); left unchanged.
+    binned : numpy.ndarray
+        Spectra on the model grid, shape (n, n_bins), of the distribution the network is used on (e.g.
+        the validation set of its training run).
+    rank : int
+        Directions kept, 1 to the layer's output width.
+
+    Returns
+    -------
+    PigmentNet
+        The factored network (``rank`` set), in evaluation mode.
+    """
+    if net.rank:
+        raise ModelError(f"the network's first layer is already factored (rank {net.rank})")
+    first = net.mlp[0]
+    if not 1 <= int(rank) <= first.out_features:
+        raise ModelError(f"rank must be 1-{first.out_features} for this network, got {rank}")
+    with torch.inference_mode():
+        moment = torch.zeros((first.in_features, first.in_features), dtype=torch.float64)
+        for i in range(0, binned.shape[0], 4096):
+            x, lc = features_from_binned(torch.from_numpy(np.asarray(binned[i : i + 4096], np.float32)))
+            h = net.eval().first_layer_inputs(x, lc).double()
+            moment += h.T @ h
+        moment /= max(binned.shape[0], 1)
+        w = first.weight.detach().double()
+        evals, evecs = torch.linalg.eigh(moment)
+        root = (evecs * evals.clamp_min(0.0).sqrt()) @ evecs.T
+        u = torch.linalg.svd(w @ root, full_matrices=False)[0][:, : int(rank)]
+    out = PigmentNet(net.n_bins, net.n_classes, conv_channels=net.conv_channels, kernel=net.kernel,
+                     hidden=net.hidden, dropout=float(net.mlp[2].p), rank=int(rank))
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    state["project.weight"] = (u.T @ w).float().contiguous()
+    state["mlp.0.weight"] = u.float().contiguous()
+    out.load_state_dict(state, strict=True)
+    return out.eval()

@@ -29,7 +29,7 @@ import os
 import signal
 import time
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -41,7 +41,7 @@ from .. import __version__
 from .._errors import ModelError
 from ..core.calls import is_buried, is_present
 from .model import PigmentModel, load_model
-from .nn import PigmentNet, features_from_binned
+from .nn import PigmentNet, factor_first_layer, features_from_binned
 from .trainingdata import DataConfig, TrainingData
 
 if TYPE_CHECKING:
@@ -55,6 +55,7 @@ __all__ = [
     "best_f1_thresholds",
     "calibrate_model",
     "config_from_table",
+    "factor_model",
     "fit_temperature",
     "load_config",
     "n_groups",
@@ -77,6 +78,10 @@ class ModelConfig:
         The model's energy grid (see :func:`xrfnb.model.nn.energy_grid_edges_keV`).
     conv_channels, kernel, hidden, dropout
         :class:`xrfnb.model.nn.PigmentNet` arguments.
+    rank : int
+        0: a full first fully connected layer. Otherwise it is factored to this rank
+        (:class:`~xrfnb.model.nn.PigmentNet`); a full layer loaded by ``optim.init_from`` is factored
+        first, fitted to the run's validation spectra (:func:`~xrfnb.model.nn.factor_first_layer`).
     """
 
     n_bins: int = 512
@@ -87,6 +92,7 @@ class ModelConfig:
     kernel: int = 7
     hidden: tuple[int, ...] = (256, 128)
     dropout: float = 0.1
+    rank: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,8 +270,14 @@ def _save_checkpoint(folder: Path, net: PigmentNet, opt: torch.optim.Optimizer, 
     os.replace(folder / "state.json.tmp", folder / "state.json")
 
 
-def _init_weights(net: PigmentNet, source: str | os.PathLike) -> Path:
-    """Load the network weights of a model folder or checkpoint folder into ``net`` (strict)."""
+def _init_weights(
+    net: PigmentNet, source: str | os.PathLike, validation: Callable[[], np.ndarray] | None = None
+) -> Path:
+    """Load the network weights of a model folder or checkpoint folder into ``net`` (strict).
+
+    A full first layer loaded into a factored ``net`` (``net.rank``) is factored first
+    (:func:`~xrfnb.model.nn.factor_first_layer`), fitted to the spectra ``validation()`` returns.
+    """
     from safetensors.torch import load_file
 
     src = Path(source)
@@ -276,7 +288,13 @@ def _init_weights(net: PigmentNet, source: str | os.PathLike) -> Path:
         raise ModelError(f"init_from: no model.safetensors or checkpoint/state.safetensors in {src}")
     try:
         tensors = load_file(str(path))
-        net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")}, strict=True)
+        state = {k[4:]: v for k, v in tensors.items() if k.startswith("net.")}
+        if net.rank and "project.weight" not in state and validation is not None:
+            full = PigmentNet(net.n_bins, net.n_classes, conv_channels=net.conv_channels, kernel=net.kernel,
+                              hidden=net.hidden)
+            full.load_state_dict(state, strict=True)
+            state = factor_first_layer(full, validation(), net.rank).state_dict()
+        net.load_state_dict(state, strict=True)
     except (OSError, ValueError, RuntimeError) as exc:
         raise ModelError(f"init_from: cannot load the weights of {path} into this [model] ({exc})") from None
     return path
@@ -494,11 +512,13 @@ def train_model(
     data = _training_data(cfg)
     k = len(data.classes)
     net = PigmentNet(mc.n_bins, k, conv_channels=mc.conv_channels, kernel=mc.kernel, hidden=mc.hidden,
-                     dropout=mc.dropout)
+                     dropout=mc.dropout, rank=mc.rank)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     state: dict[str, Any] = {"step": 0, "planned_steps": None, "elapsed_s": 0.0, "config": cfg.to_dict()}
     if cfg.optim.init_from and not resume:
-        state["init_from"] = str(_init_weights(net, cfg.optim.init_from))
+        state["init_from"] = str(
+            _init_weights(net, cfg.optim.init_from, lambda: validation_set(data, cfg)[0])
+        )
     if resume:
         state = _load_checkpoint(ckpt_dir, net, opt)
         if state.get("config") != json.loads(json.dumps(cfg.to_dict())):
@@ -634,10 +654,18 @@ def validation_set(data: TrainingData, cfg: TrainingConfig) -> tuple[np.ndarray,
 
 
 def calibrate_model(
-    net: PigmentNet, data: TrainingData, cfg: TrainingConfig, *, progress: bool = False
+    net: PigmentNet,
+    data: TrainingData,
+    cfg: TrainingConfig,
+    *,
+    progress: bool = False,
+    validation: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> PigmentModel:
-    """Temperature, thresholds and OOD statistics on a validation set; returns the finished model."""
-    binned, labels = validation_set(data, cfg)
+    """Temperature, thresholds and OOD statistics on a validation set; returns the finished model.
+
+    ``validation`` is :func:`validation_set` ``(data, cfg)`` where the caller has it already.
+    """
+    binned, labels = validation if validation is not None else validation_set(data, cfg)
     logits, feats = _forward_all(net.eval(), binned)
     lab = torch.from_numpy(labels)
     temperature = fit_temperature(logits, lab)
@@ -739,17 +767,72 @@ def recalibrate_model(model: PigmentModel | str | os.PathLike[str],
     PigmentModel
         The recalibrated model at network precision "auto".
     """
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return _calibrated_copy(model, out_dir, lambda net, binned: (net, {"recalibrated": now}))
+
+
+def factor_model(model: PigmentModel | str | os.PathLike[str], rank: int,
+                 out_dir: str | os.PathLike) -> PigmentModel:
+    """A trained model with its first fully connected layer factored to ``rank``, calibrated and saved.
+
+    The factors are fitted to the spectra of the model's own validation set (its training config's
+    ``optim.val_seed`` and ``n_val``; :func:`~xrfnb.model.nn.factor_first_layer`), then temperature,
+    thresholds and OOD references are fitted afresh on that set, as :func:`train_model` does after its
+    last step. The training record is kept; ``training.factored`` says how the layer was factored and how
+    much of its output on those spectra the factors keep. Mapping speed: see ``benchmarks/bench_bcf.py``.
+
+    Parameters
+    ----------
+    model : PigmentModel, str or path
+        A model with a full first layer.
+    rank : int
+        Directions kept (the shipped model: 128 of 512).
+    out_dir : path
+        Where to save ``model.safetensors`` and ``model.json``.
+
+    Returns
+    -------
+    PigmentModel
+        The factored model at network precision "auto".
+    """
+    def factor(net: PigmentNet, binned: np.ndarray) -> tuple[PigmentNet, dict[str, Any]]:
+        small = factor_first_layer(net, binned, rank)
+        with torch.inference_mode():
+            x, lc = features_from_binned(torch.from_numpy(binned))
+            h = net.first_layer_inputs(x, lc)
+            full, approx = net.mlp[0](h), small.mlp[0](small.project(h))
+            kept = 1.0 - float(((full - approx) ** 2).sum() / ((full - full.mean(0)) ** 2).sum())
+        note = {
+            "rank": int(rank),
+            "fitted_on": f"the validation set ({binned.shape[0]} spectra)",
+            "output_variance_kept": round(kept, 6),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        return small, {"factored": note}
+
+    return _calibrated_copy(model, out_dir, factor)
+
+
+def _calibrated_copy(
+    model: PigmentModel | str | os.PathLike[str],
+    out_dir: str | os.PathLike,
+    change: Callable[[PigmentNet, np.ndarray], tuple[PigmentNet, dict[str, Any]]],
+) -> PigmentModel:
+    """The body of :func:`recalibrate_model` and :func:`factor_model`: the model's network, changed by
+    ``change(net, validation spectra)``, calibrated on its validation set and saved with its training
+    record and the change's notes."""
     model = load_model(model, precision="float32")
     record = dict(model.meta.get("training", {}))
     cfg = load_config({k: record[k] for k in ("name", "model", "data", "optim") if k in record})
     data = _training_data(cfg)
     if tuple(data.classes) != tuple(model.classes):
         raise ModelError("the model's classes differ from the current pigment library's groups: retrain it")
-    net = copy.deepcopy(model.net).float().eval()
-    new = calibrate_model(net, data, cfg)
+    validation = validation_set(data, cfg)
+    net, notes = change(copy.deepcopy(model.net).float().eval(), validation[0])
+    new = calibrate_model(net, data, cfg, validation=validation)
     for k, v in record.items():
         new.meta["training"].setdefault(k, v)
-    new.meta["training"]["recalibrated"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    new.meta["training"].update(notes)
     new.meta["created"] = model.meta.get("created", new.meta["created"])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
