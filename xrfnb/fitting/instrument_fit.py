@@ -59,6 +59,7 @@ from .._errors import CalibrationError, FitError, InstrumentError, XRFNBError
 from ..core.calibration import EnergyCalibration
 from ..core.lines import LINE_GROUPS, atomic_number, line_energy_keV
 from ..core.spectrum import Scan, Spectrum
+from ..physics.depth import depth_factor_at, detector_distance_mm
 from ..physics.detector import FWHM_PER_SIGMA, MN_KA_KEV, DetectorResponse, si_ka_keV
 from ..physics.fp import compton_energy_keV
 from ..physics.instrument import Instrument, resolve_instrument
@@ -1331,6 +1332,54 @@ def geometry_for_angle(instrument: Instrument, scattering_angle_deg: float) -> d
 #: thick scatterers whose Rayleigh-to-Compton ratios span a painting's: binder or wood (light), chalk and
 #: lead white; non-negative mixtures of their scatter stand for the unknown sample
 _SCATTER_MATRICES = ("C5H8O2", "CaCO3", "Pb3C2O8H2")
+#: their densities, g/cm3, for the depth of their scatter (:func:`xrfnb.physics.depth.depth_factor_at`):
+#: PMMA as NIST's acrylic blanks (tests/test_physics_real.py), calcite 2.71 and hydrocerussite 6.80
+#: (Anthony et al., Handbook of Mineralogy, measured densities)
+_SCATTERER_DENSITY = {"C5H8O2": 1.18, "CaCO3": 2.71, "Pb3C2O8H2": 6.80}
+
+
+@functools.lru_cache(maxsize=256)
+def _scatterer_density(material: str) -> float:
+    """Density (g/cm3) of a thick scatterer: :data:`_SCATTERER_DENSITY`; a mixture by mass (``"a:w, b:w"``)
+    with the volumes of its parts adding, ``1 / rho = sum w_i / rho_i``; an element at xraylib's density,
+    except a gas, whose thick pure scatter only stands for its absorption edge in a sample: calcite's."""
+    if material in _SCATTERER_DENSITY:
+        return _SCATTERER_DENSITY[material]
+    if ":" in material:
+        parts = [p.split(":") for p in material.split(",")]
+        w = np.array([float(f) for _, f in parts])
+        rho = np.array([_scatterer_density(m.strip()) for m, _ in parts])
+        return float(w.sum() / np.sum(w / rho))
+    density = composition(material)[2]
+    return float(density) if density is not None and density > 0.1 else _SCATTERER_DENSITY["CaCO3"]
+
+
+def _thick_yields(
+    dr: np.ndarray,
+    dc: np.ndarray,
+    mu: np.ndarray,
+    mu_c: np.ndarray,
+    incidence_deg: float,
+    takeoff_deg: float,
+    depth: tuple[float, float, float] | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Thick-layer Rayleigh and Compton yields per incident photon and sr from cross-sections (cm2/g/sr)
+    and attenuation at E and at the Compton energy (cm2/g); with ``depth = (detector distance mm, scattering
+    angle deg, density g/cm3)`` each times its depth factor (:func:`xrfnb.physics.depth.depth_factor_at`,
+    ``k = rho (mu(E) / sin psi1 + mu(E') / sin psi2)``)."""
+    s1, s2 = math.sin(math.radians(incidence_deg)), math.sin(math.radians(takeoff_deg))
+    att_r, att_c = mu / s1 + mu / s2, mu / s1 + mu_c / s2
+    r, c = dr / att_r / s1, dc / att_c / s1
+    if depth is not None:
+        dist, theta, rho = depth
+        f = depth_factor_at(
+            np.concatenate([att_r, att_c]) * (rho / 10.0),  # 1/cm -> 1/mm
+            distance_mm=dist,
+            incidence_deg=incidence_deg,
+            scattering_angle_deg=theta,
+        )
+        r, c = r * f[: r.size], c * f[r.size :]
+    return r, c
 
 
 #: energy grid (keV) and angle step (deg) on which the scatter cross-sections are tabulated
@@ -1367,14 +1416,21 @@ def _theta_nodes(theta_deg: float) -> tuple[tuple[float, float], ...]:
 
 
 def thick_scatter(
-    material: str, energy_keV: np.ndarray, theta_deg: float, incidence_deg: float, takeoff_deg: float
+    material: str,
+    energy_keV: np.ndarray,
+    theta_deg: float,
+    incidence_deg: float,
+    takeoff_deg: float,
+    detector_distance_mm: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Rayleigh and Compton scatter of an infinitely thick sample, per incident photon and steradian.
 
     ``dcs(E, theta) / (mu(E) / sin psi1 + mu(E') / sin psi2) / sin psi1`` with xraylib's differential
     cross-sections and attenuation of the material's elements (the thick-layer limit of
     :func:`xrfnb.physics.fp.scatter`), ``E'`` the Rayleigh (``E``) or Compton energy; tabulated every
-    0.25 keV and 2 degrees and interpolated.
+    0.25 keV and 2 degrees and interpolated. With ``detector_distance_mm`` each depth is seen under its
+    own detector solid angle: times the depth factor of :func:`xrfnb.physics.depth.depth_factor_at` (the
+    scatter of PMMA at 20-40 keV comes from 5-20 mm deep), the material at :func:`_scatterer_density`.
 
     Parameters
     ----------
@@ -1386,6 +1442,8 @@ def thick_scatter(
         Scattering angle, degrees.
     incidence_deg, takeoff_deg : float
         Angles of the incident and detected beams from the surface, degrees.
+    detector_distance_mm : float, optional
+        Spot-to-detector distance, mm; None (default): the spot's solid angle at every depth.
 
     Returns
     -------
@@ -1399,13 +1457,15 @@ def thick_scatter(
     True
     """
     e = np.asarray(energy_keV, dtype=float)
-    s1, s2 = math.sin(math.radians(incidence_deg)), math.sin(math.radians(takeoff_deg))
-    out_r, out_c = np.zeros_like(e), np.zeros_like(e)
+    tabs = np.zeros((4, e.size))
     for tt, ww in _theta_nodes(theta_deg):
-        dr, dc, mu, mu_c = (np.interp(e, _XS_ENERGY_KEV, a) for a in _scatter_table(material, tt))
-        out_r += ww * dr / (mu / s1 + mu / s2) / s1
-        out_c += ww * dc / (mu / s1 + mu_c / s2) / s1
-    return out_r, out_c
+        tabs += ww * np.array([np.interp(e, _XS_ENERGY_KEV, a) for a in _scatter_table(material, tt)])
+    depth = (
+        None
+        if detector_distance_mm is None
+        else (float(detector_distance_mm), float(theta_deg), _scatterer_density(material))
+    )
+    return _thick_yields(*tabs, incidence_deg, takeoff_deg, depth)
 
 
 def _thick_scatter_in_chalk(
@@ -1415,21 +1475,20 @@ def _thick_scatter_in_chalk(
     theta_deg: float,
     incidence_deg: float,
     takeoff_deg: float,
+    detector_distance_mm: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`thick_scatter` of chalk holding ``mass_fraction`` of an element (cross-sections and attenuation
-    mixed by mass)."""
+    mixed by mass; with ``detector_distance_mm`` seen by depth at the mixture's density)."""
     e = np.asarray(energy_keV, dtype=float)
-    s1, s2 = math.sin(math.radians(incidence_deg)), math.sin(math.radians(takeoff_deg))
-    out_r, out_c = np.zeros_like(e), np.zeros_like(e)
+    tabs = np.zeros((4, e.size))
     for tt, ww in _theta_nodes(theta_deg):
-        tabs = [
-            np.array([np.interp(e, _XS_ENERGY_KEV, a) for a in _scatter_table(m, tt)])
-            for m in ("CaCO3", element)
-        ]
-        dr, dc, mu, mu_c = (1.0 - mass_fraction) * tabs[0] + mass_fraction * tabs[1]
-        out_r += ww * dr / (mu / s1 + mu / s2) / s1
-        out_c += ww * dc / (mu / s1 + mu_c / s2) / s1
-    return out_r, out_c
+        for m, f in (("CaCO3", 1.0 - mass_fraction), (element, mass_fraction)):
+            tabs += ww * f * np.array([np.interp(e, _XS_ENERGY_KEV, a) for a in _scatter_table(m, tt)])
+    depth = None
+    if detector_distance_mm is not None:
+        mix = f"CaCO3:{1.0 - mass_fraction:.6g},{element}:{mass_fraction:.6g}"
+        depth = (float(detector_distance_mm), float(theta_deg), _scatterer_density(mix))
+    return _thick_yields(*tabs, incidence_deg, takeoff_deg, depth)
 
 
 def _family_pieces(fm: FamilyModel) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -1513,7 +1572,9 @@ class _ScatterPhysics:
     instrument's (:meth:`xrfnb.Instrument.tube_spectrum`, Ebel's model, times
     :meth:`~xrfnb.Instrument.incident_transmission`: window, filters, optics, gas) on a 0.2 keV grid plus
     the anode lines; each incident energy is scattered by three thick samples (:func:`thick_scatter`:
-    PMMA, chalk, lead white), Rayleigh at its own energy and Compton at its Compton energy with the
+    PMMA, chalk, lead white; each depth under its own detector solid angle, :mod:`xrfnb.physics.depth`:
+    19 mm from the detector PMMA's scatter is 0.65 of the spot's at 20 keV, 0.45 at 40 keV), Rayleigh at
+    its own energy and Compton at its Compton energy with the
     simulator's Doppler profile (a 1 a.u. Gaussian in electron momentum), weighted by the detector
     efficiency and drawn through the detector response (:class:`xrfnb.physics.detector.DetectorResponse`:
     Gaussian, escape, tail, shelf). The rows that do not depend on the trial values are computed once.
@@ -1555,6 +1616,8 @@ class _ScatterPhysics:
         self.y = yb[lo:hi]
         self.energy = energy[lo:hi]
         self.base = base
+        #: the detector's distance, for the depth of the thick scatterers' scatter
+        self.distance_mm = detector_distance_mm(base)
         self.response = DetectorResponse(base, channel_energy_keV=self.energy)
         # the sample's heavy elements found in the spectrum whose absorption edges fall in the window
         # scatter as well: their edges shape the scattered continuum
@@ -1703,7 +1766,9 @@ class _ScatterPhysics:
                 hit = np.abs(l_e - e_i) < 1e-6
                 l_ph[i_l] = float(l_photons[hit].sum())
             l_ph *= self.line_trans
-            r_l, c_l = thick_scatter("CaCO3", le, theta_deg, geo["incidence_deg"], geo["takeoff_deg"])
+            r_l, c_l = thick_scatter(
+                "CaCO3", le, theta_deg, geo["incidence_deg"], geo["takeoff_deg"], self.distance_mm
+            )
             for g in np.unique(lg):
                 sel = (lg == g) & (l_ph > 0)
                 if sel.any():
@@ -1723,7 +1788,7 @@ class _ScatterPhysics:
         S = np.stack([(self.grid / max(kv, 1.0)) ** tilt for tilt in self.tilts])  # (s, n)
         W_r, W_c = [], []
         for mat in self.matrices:
-            r, c = thick_scatter(mat, self.grid, theta_deg, inc, out)
+            r, c = thick_scatter(mat, self.grid, theta_deg, inc, out, self.distance_mm)
             W_r.append(S * (cont * r * self.eff)[None, :])
             W_c.append(S * (cont * c * eff_c)[None, :])
         cont_cols = np.concatenate(W_r) @ self.rayleigh_rows + (np.concatenate(W_c) @ self.interp) @ c_grid
@@ -1976,9 +2041,9 @@ class _HardnessModel:
         self.matrices = _SCATTER_MATRICES + tuple(m for m in sp.matrices if m not in _SCATTER_MATRICES)
         inc, out = geo["incidence_deg"], geo["takeoff_deg"]
         rc = [
-            thick_scatter(m, self.energy, theta_deg, inc, out)
+            thick_scatter(m, self.energy, theta_deg, inc, out, sp.distance_mm)
             if m in _SCATTER_MATRICES
-            else _thick_scatter_in_chalk(m, 0.1, self.energy, theta_deg, inc, out)
+            else _thick_scatter_in_chalk(m, 0.1, self.energy, theta_deg, inc, out, sp.distance_mm)
             for m in self.matrices
         ]
         self.r = np.array([a for a, _ in rc])  # (scatterers, coarse)
@@ -2360,7 +2425,9 @@ def _air_path(
     ts = np.linspace(0.0, 2.0, 21)
     ratio, yield_c = [], []
     for t in ts:
-        r, c = thick_scatter(_thick_mixture(t), e_l, th, inst.incidence_deg, inst.takeoff_deg)
+        r, c = thick_scatter(
+            _thick_mixture(t), e_l, th, inst.incidence_deg, inst.takeoff_deg, detector_distance_mm(inst)
+        )
         ratio.append(float(np.sum(ph * r * eff_r)) / max(float(np.sum(ph * c * eff_c)), 1e-300))
         yield_c.append(float(np.sum(ph * c * eff_c)))
     ratio_arr = np.array(ratio)
