@@ -48,6 +48,9 @@ import math
 
 import numpy as np
 
+from .simulate import simulate
+from .stack import Layer, Stack
+
 #: depth edges of the slices, mm below the surface; the last slice is the substrate (to infinity)
 DEPTH_EDGES_MM = (0.0, 0.01, 0.03, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0,
                   15.0, 20.0, 25.0, 30.0, 40.0, 60.0, 100.0)
@@ -231,8 +234,6 @@ def simulate_depth_weighted(layer, instrument, *, live_time_s: float,
     -------
     xrfnb.Spectrum
     """
-    from xrfnb.physics.simulate import simulate
-    from xrfnb.physics.stack import Layer, Stack
 
     edges = np.asarray(edges_mm, dtype=float)
     slices = [Layer(dict(layer.composition), binder=None, thickness_um=(b - a) * 1e3,
