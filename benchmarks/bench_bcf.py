@@ -210,13 +210,13 @@ def worker_decode(path: Path) -> dict:
     }
 
 
-def worker_map(path: Path, out: Path, chunk_pixels: int) -> dict:
+def worker_map(path: Path, out: Path, chunk_pixels: int, model_name: str = "default") -> dict:
     import xrfnb
     from xrfnb.maps.mapping import map_pigments
 
-    note = "shipped model"
+    note = "shipped model" if model_name == "default" else f"model {model_name}"
     try:
-        model = xrfnb.load_model("default")
+        model = xrfnb.load_model(model_name)
     except xrfnb.XRFNBError as exc:
         model, note = _fallback_model(), f"NO SHIPPED MODEL ({exc}); freshly initialised default architecture"
     model.identify_batch(np.asarray(_SyntheticCounts(1, 64)[0:1][0]), xrfnb.EnergyCalibration(0.0, GAIN_keV))
@@ -246,7 +246,7 @@ def _cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def worker_stages(path: Path, n: int, repeats: int) -> dict:
+def worker_stages(path: Path, n: int, repeats: int, model_name: str = "default") -> dict:
     """CPU per spectrum of each stage, from the first ``n`` pixels of the ``.bcf`` (the best of ``repeats``
     runs of each): the index pass, reading, the block check and decoding; then the model's rebinning,
     network input, network, the unexplained-peak, Mahalanobis and reconstruction terms of the OOD score,
@@ -308,7 +308,7 @@ def worker_stages(path: Path, n: int, repeats: int) -> dict:
     block = np.concatenate(
         [bcf.decode_bcf_block(d, b - a, cols, n_ch, counts.dtype) for d, (a, b) in pieces]
     ).reshape(-1, n_ch)
-    model = xrfnb.load_model("default")
+    model = xrfnb.load_model(model_name)
     cal = scan.calibration
     model.identify_batch(block[:64], cal)
     chunks = [block[i : i + 2048] for i in range(0, block.shape[0], 2048)]
@@ -353,6 +353,12 @@ def main() -> int:
         "written by a run with --keep), then exit",
     )
     ap.add_argument("--stage-spectra", type=int, default=8192)
+    ap.add_argument(
+        "--model",
+        default="default",
+        help="model name or folder to map with (default: the shipped one), e.g. the weights of an earlier "
+        "commit for a before/after figure",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the .bcf files (their folder is printed)")
     ap.add_argument("--worker", choices=["generate", "decode", "map", "stages"], help=argparse.SUPPRESS)
     ap.add_argument("--path", help=argparse.SUPPRESS)
@@ -371,10 +377,11 @@ def main() -> int:
         print(json.dumps(worker_decode(Path(args.path))))
         return 0
     if args.worker == "map":
-        print(json.dumps(worker_map(Path(args.path), Path(args.path + ".maps.h5"), args.chunk_pixels)))
+        print(json.dumps(worker_map(Path(args.path), Path(args.path + ".maps.h5"), args.chunk_pixels,
+                                    args.model)))
         return 0
     if args.worker == "stages" or args.stages:
-        res = worker_stages(Path(args.stages or args.path), args.stage_spectra, 5)
+        res = worker_stages(Path(args.stages or args.path), args.stage_spectra, 5, args.model)
         for k, v in res.items():
             stage = isinstance(v, float) and k != "load"
             print(f"  {k:24s} {v:8.2f} us CPU/spectrum" if stage else f"  {k}: {v}")
@@ -420,7 +427,9 @@ def main() -> int:
             m: dict = {"skipped": "--no-map"}
             if not args.no_map:
                 m = _subprocess(
-                    ["--worker", "map", "--path", str(path), "--chunk-pixels", str(args.chunk_pixels)], 3600
+                    ["--worker", "map", "--path", str(path), "--chunk-pixels", str(args.chunk_pixels),
+                     "--model", args.model],
+                    3600,
                 )
                 if "error" in m:
                     print(f"  map_pigments failed: {m['error']}")
