@@ -430,9 +430,9 @@ class Dashboard(DashboardState):
             )
         if not self.model_available() and self._maps is None:
             parts.append(
-                "No trained pigment model is available (none shipped with the package or in "
-                "$XRFNB_MODELS): pigment maps cannot be computed. Train one with `xrfnb train`; "
-                "total counts and spectra still work."
+                "No trained pigment model is available (none shipped with the package, in $XRFNB_MODELS "
+                "or in the user's models folder): pigment maps cannot be computed. Train one with "
+                "`xrfnb train`; total counts and spectra still work."
             )
         elif self._scan is not None and self._maps is None and self.needs_calibration():
             parts.append(

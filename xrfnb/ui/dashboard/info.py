@@ -12,6 +12,7 @@ import panel as pn
 from ..._errors import XRFNBError
 from ...core.calls import is_present
 from ...physics.pigments import pigments
+from .files import adapted_models_folder
 
 if TYPE_CHECKING:  # pragma: no cover
     from .app import Dashboard
@@ -110,7 +111,8 @@ class SelectionInfo(pn.viewable.Viewer):
                 "So many unfamiliar pixels usually mean a scanner unlike the model's training: adapt the "
                 f"model to it with *{ADAPT_LABEL}* below (about 15 minutes; the page stays usable, and the "
                 "maps are made again with the adapted model), or on the command line: `xrfnb adapt SCAN "
-                "--out FOLDER/NAME`, then `XRFNB_MODELS=FOLDER xrfnb serve` lists it here."
+                f"--out {adapted_models_folder() / 'NAME'}` puts it where this list, `xrfnb identify "
+                "--model NAME` and `xrfnb.load_model('NAME')` find it."
             )
         self.ood_alert.object = " ".join(parts)
         self.ood_alert.alert_type = "danger" if summary.get("pixel_ood") or n_ood == n_valid else "warning"
