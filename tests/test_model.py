@@ -368,4 +368,5 @@ def test_the_shipped_weights_are_the_fine_tuning_run_with_its_first_layer_factor
     assert record["model"]["rank"] == 0 and record["steps"] == 3051
     assert record["factored"]["rank"] == model.meta["architecture"]["rank"] == model.net.rank == 128
     assert tuple(model.net.project.weight.shape) == (128, 2049)
+    assert model.network_config == {**record["model"], "rank": 128}  # what fine-tuning from it needs
     assert 0.99 < record["factored"]["output_variance_kept"] < 1.0

@@ -649,3 +649,16 @@ def test_factor_model_keeps_the_training_record_and_the_calls(tiny_run, tmp_path
     np.testing.assert_allclose(loaded.thresholds, full.thresholds, atol=0.011)  # the threshold grid's step
     low = factor_model(out, 2, tmp_path / "r2")
     assert low.meta["training"]["factored"]["output_variance_kept"] < 0.999
+    # the network as it is: the record's [model] with the weights' rank, which a fine-tuning run needs
+    assert low.network_config == {**record["model"], "rank": 2}
+    # a factored start loaded into a full layer (the record's [model]) is the product of its factors: the
+    # same function
+    from xrfnb.model.nn import features_from_binned
+
+    start = {**TINY["optim"], "max_steps": 0, "init_from": str(tmp_path / "r2")}
+    full_again = train_model({**TINY, "optim": start}, tmp_path / "full", progress=False)
+    assert full_again.net.rank == 0
+    with torch.inference_mode():
+        x, lc = features_from_binned(binned)
+        torch.testing.assert_close(full_again.net.float()(x, lc)[0], low.net.float()(x, lc)[0], rtol=1e-4,
+                                   atol=1e-4)

@@ -200,9 +200,8 @@ def adaptation_config(
         n_val=int(n_val),
         init_from="",
     )
-    # the network as it is, not as it was trained: a model factored after training (factor_model) keeps
-    # its rank 0 training record but carries a factored first layer
-    arch = dataclasses.replace(base.model, rank=int(model.meta.get("architecture", {}).get("rank", 0)))
+    # the network as it is, not as it was trained (PigmentModel.network_config)
+    arch = dataclasses.replace(base.model, rank=int(model.network_config["rank"]))
     return TrainingConfig(name=name or f"{model.name}-adapted", model=arch, data=data, optim=optim)
 
 

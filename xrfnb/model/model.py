@@ -495,6 +495,17 @@ class PigmentModel:
         """Validation and evaluation metrics recorded at training time."""
         return dict(self.meta.get("metrics", {}))
 
+    @property
+    def network_config(self) -> dict:
+        """The ``[model]`` table of a training config that rebuilds this network as it is: the training
+        record's, with the first layer's rank the weights have (a model factored after training,
+        :func:`xrfnb.model.train.factor_model`, keeps the record of the full layer it was trained with).
+        Fine-tuning from this model (``optim.init_from``) needs it."""
+        record = self.meta.get("training", {}).get("model", {})
+        table = {k: list(v) if isinstance(v, tuple) else v for k, v in record.items()}  # as model.json has it
+        table["rank"] = int(self.net.rank)
+        return table
+
     def __repr__(self) -> str:
         return (
             f"PigmentModel({self.name!r}, {len(self.classes)} classes, grid {self.n_bins} bins "

@@ -276,7 +276,9 @@ def _init_weights(
     """Load the network weights of a model folder or checkpoint folder into ``net`` (strict).
 
     A full first layer loaded into a factored ``net`` (``net.rank``) is factored first
-    (:func:`~xrfnb.model.nn.factor_first_layer`), fitted to the spectra ``validation()`` returns.
+    (:func:`~xrfnb.model.nn.factor_first_layer`), fitted to the spectra ``validation()`` returns; a factored
+    one loaded into a full ``net`` becomes the product of its factors (the same function, and the full
+    layer's cost: use :attr:`PigmentModel.network_config` as ``[model]`` to keep the rank).
     """
     from safetensors.torch import load_file
 
@@ -294,6 +296,10 @@ def _init_weights(
                               hidden=net.hidden)
             full.load_state_dict(state, strict=True)
             state = factor_first_layer(full, validation(), net.rank).state_dict()
+        elif not net.rank and "project.weight" in state:
+            # a factored source into a full layer: the product of its factors is the same function
+            state = dict(state)
+            state["mlp.0.weight"] = state["mlp.0.weight"] @ state.pop("project.weight")
         net.load_state_dict(state, strict=True)
     except (OSError, ValueError, RuntimeError) as exc:
         raise ModelError(f"init_from: cannot load the weights of {path} into this [model] ({exc})") from None
