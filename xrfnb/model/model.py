@@ -1113,7 +1113,7 @@ def load_model(name: str | os.PathLike = "default", *, precision: str = "auto") 
     if text == "default":
         text = DEFAULT_MODEL
     candidates: list[Path] = []
-    if isinstance(name, os.PathLike) or os.sep in text or "/" in text or text.startswith("."):
+    if isinstance(name, os.PathLike) or _is_path(text):
         candidates.append(Path(text).expanduser())
     else:
         found = _folders.find_model(text)
@@ -1126,10 +1126,15 @@ def load_model(name: str | os.PathLike = "default", *, precision: str = "auto") 
     raise ModelError(_unknown_model_text(str(name), text))
 
 
+def _is_path(text: str) -> bool:
+    """Whether a model given as text is a path (a separator or a leading dot), not a name."""
+    return os.sep in text or "/" in text or text.startswith(".")
+
+
 def _unknown_model_text(name: str, text: str) -> str:
     """What :func:`load_model` says of a name it did not find: the folders it searched, the names it found
     there, and a folder of that name without a ``model.json``, if any."""
-    if os.sep in text or "/" in text or text.startswith("."):
+    if _is_path(text):
         return (
             f"unknown model {name!r}: no such folder; give the path of a folder with model.safetensors and "
             f"model.json, or a model's name ({', '.join(_folders.model_names()) or 'none found'})"

@@ -314,7 +314,7 @@ def factor_first_layer(net: PigmentNet, binned: np.ndarray, rank: int) -> Pigmen
         moment = torch.zeros((first.in_features, first.in_features), dtype=torch.float64)
         for i in range(0, binned.shape[0], 4096):
             x, lc = features_from_binned(torch.from_numpy(np.asarray(binned[i : i + 4096], np.float32)))
-            h = net.eval().first_layer_inputs(x, lc).double()
+            h = net.first_layer_inputs(x, lc).double()  # no dropout before the first layer
             moment += h.T @ h
         moment /= max(binned.shape[0], 1)
         w = first.weight.detach().double()
